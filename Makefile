@@ -1,0 +1,34 @@
+# scgpt-train: `make train` runs the embedded demo pretraining, `make test` runs the suite.
+PYTHON ?= python3.11
+VENV := .venv
+PY := $(VENV)/bin/python
+STAMP := $(VENV)/.installed
+
+export WANDB_MODE ?= offline
+export TORCHINDUCTOR_COMPILE_THREADS ?= 1
+
+.PHONY: setup train test bench clean
+
+setup: $(STAMP)
+
+$(STAMP): pyproject.toml
+	@test -x $(PY) || $(PYTHON) -m venv $(VENV) || python3 -m venv $(VENV)
+	$(PY) -m pip install -q --disable-pip-version-check --upgrade pip
+	$(PY) -m pip install -q --disable-pip-version-check -e ".[dev,census,metrics]"
+	@$(PY) -c "import scgpt_train, data_modules, torch, pytorch_lightning, hydra" 
+	@touch $(STAMP)
+
+train: setup
+	$(PY) train.py $(ARGS)
+
+test: setup
+	$(PY) -m pytest -q $(PYTEST_ARGS)
+
+bench: setup
+	$(PY) scripts/bench_loader.py
+	$(PY) scripts/bench_model.py
+	$(PY) scripts/bench_store.py
+
+clean:
+	rm -rf $(VENV) outputs logs .pytest_cache .cache/demo_corpus
+	find . -name __pycache__ -type d -prune -exec rm -rf {} +

@@ -1,0 +1,117 @@
+"""Gene vocabulary in the official scGPT format: a flat ``{token: index}`` JSON map.
+
+Indices are consecutive from 0: gene tokens first, then the special tokens
+``<pad>``, ``<cls>``, ``<eoc>`` (``<eoc>`` is unused but kept for compatibility with the
+released 60,697-token whole-human vocabulary).
+"""
+
+from __future__ import annotations
+
+import json
+import os
+from collections.abc import Iterable, Sequence
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+
+PAD_TOKEN = "<pad>"
+CLS_TOKEN = "<cls>"
+EOC_TOKEN = "<eoc>"
+SPECIAL_TOKENS = (PAD_TOKEN, CLS_TOKEN, EOC_TOKEN)
+
+
+class VocabError(ValueError):
+    """A vocabulary file or gene list that cannot be used as is."""
+
+
+@dataclass(frozen=True)
+class GeneMapping:
+    """Result of mapping a dataset's genes onto a vocabulary."""
+
+    ids: np.ndarray  # (n_genes,) int64 vocab id per input gene, -1 where unknown
+    n_known: int
+    n_unknown: int
+    unknown_genes: list[str]
+
+    @property
+    def known(self) -> np.ndarray:  # (n_genes,) bool
+        return self.ids >= 0
+
+
+class GeneVocab:
+    """Token <-> index map with the scGPT special tokens."""
+
+    def __init__(self, token_to_id: dict[str, int]):
+        ids = sorted(token_to_id.values())
+        if ids != list(range(len(ids))):
+            raise VocabError("vocabulary indices must be consecutive integers starting at 0")
+        missing = [t for t in SPECIAL_TOKENS[:2] if t not in token_to_id]
+        if missing:
+            raise VocabError(f"vocabulary lacks the special tokens {missing}; scGPT needs <pad> and <cls>")
+        self.token_to_id = dict(token_to_id)
+        self.id_to_token = [""] * len(ids)
+        for tok, i in token_to_id.items():
+            self.id_to_token[i] = tok
+
+    # construction -------------------------------------------------------------------
+    @classmethod
+    def from_genes(cls, genes: Iterable[str]) -> "GeneVocab":
+        """Sorted unique genes, then ``<pad>``, ``<cls>``, ``<eoc>``."""
+        uniq = sorted({g for g in genes if g not in SPECIAL_TOKENS})
+        tokens = uniq + list(SPECIAL_TOKENS)
+        return cls({t: i for i, t in enumerate(tokens)})
+
+    @classmethod
+    def from_json(cls, path: str | os.PathLike) -> "GeneVocab":
+        path = Path(path)
+        try:
+            data = json.loads(path.read_text())
+        except FileNotFoundError:
+            raise VocabError(f"vocabulary file {path} does not exist") from None
+        except json.JSONDecodeError as e:
+            raise VocabError(f"vocabulary file {path} is not valid JSON ({e})") from None
+        if not isinstance(data, dict) or not all(isinstance(v, int) for v in data.values()):
+            raise VocabError(f"vocabulary file {path} must be a flat {{token: index}} JSON object")
+        try:
+            return cls(data)
+        except VocabError as e:
+            raise VocabError(f"{path}: {e}") from None
+
+    def to_json(self, path: str | os.PathLike) -> None:
+        path = Path(path)
+        tmp = path.with_name(path.name + ".tmp")
+        tmp.write_text(json.dumps(self.token_to_id, indent=1))
+        os.replace(tmp, path)
+
+    # queries ------------------------------------------------------------------------
+    def __len__(self) -> int:
+        return len(self.id_to_token)
+
+    def __contains__(self, token: str) -> bool:
+        return token in self.token_to_id
+
+    def __getitem__(self, token: str) -> int:
+        return self.token_to_id[token]
+
+    @property
+    def pad_id(self) -> int:
+        return self.token_to_id[PAD_TOKEN]
+
+    @property
+    def cls_id(self) -> int:
+        return self.token_to_id[CLS_TOKEN]
+
+    @property
+    def genes(self) -> list[str]:
+        return [t for t in self.id_to_token if t not in SPECIAL_TOKENS]
+
+    def map_genes(self, genes: Sequence[str]) -> GeneMapping:
+        """Vocab id of every gene name; unknown genes (and special tokens) get -1."""
+        ids = np.fromiter(
+            (self.token_to_id.get(str(g), -1) if str(g) not in SPECIAL_TOKENS else -1 for g in genes),
+            dtype=np.int64,
+            count=len(genes),
+        )
+        unknown = [str(g) for g, i in zip(genes, ids) if i < 0]
+        return GeneMapping(ids=ids, n_known=int((ids >= 0).sum()), n_unknown=len(unknown), unknown_genes=unknown)
