@@ -9,7 +9,8 @@ from __future__ import annotations
 
 import json
 import os
-from collections.abc import Iterable, Sequence
+import re
+from collections.abc import Iterable, Mapping, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -106,12 +107,66 @@ class GeneVocab:
     def genes(self) -> list[str]:
         return [t for t in self.id_to_token if t not in SPECIAL_TOKENS]
 
-    def map_genes(self, genes: Sequence[str]) -> GeneMapping:
-        """Vocab id of every gene name; unknown genes (and special tokens) get -1."""
+    @property
+    def keyed_by(self) -> str:
+        """``"ensembl"`` when most gene tokens look like Ensembl ids, else ``"symbol"``."""
+        return guess_gene_key(self.genes)
+
+    def map_genes(self, genes: Sequence[str], id_table: Mapping[str, str] | None = None) -> GeneMapping:
+        """Vocab id of every gene; unknown genes (and special tokens) get -1.
+
+        ``id_table`` translates the given names first (e.g. Ensembl id -> symbol, see
+        :func:`load_gene_table`) so a dataset keyed by Ensembl ids maps onto a symbol vocab.
+        """
+        names = [str(g) for g in genes]
+        if id_table is not None:
+            names = [id_table.get(g) or id_table.get(g.split(".")[0], "") for g in names]
         ids = np.fromiter(
-            (self.token_to_id.get(str(g), -1) if str(g) not in SPECIAL_TOKENS else -1 for g in genes),
+            (self.token_to_id.get(g, -1) if g not in SPECIAL_TOKENS else -1 for g in names),
             dtype=np.int64,
-            count=len(genes),
+            count=len(names),
         )
         unknown = [str(g) for g, i in zip(genes, ids) if i < 0]
         return GeneMapping(ids=ids, n_known=int((ids >= 0).sum()), n_unknown=len(unknown), unknown_genes=unknown)
+
+
+_ENSEMBL_RE = re.compile(r"^ENS[A-Z]*G\d{6,}(\.\d+)?$")
+
+
+def is_ensembl_id(name: str) -> bool:
+    return bool(_ENSEMBL_RE.match(name))
+
+
+def guess_gene_key(genes: Sequence[str]) -> str:
+    """``"ensembl"`` if more than half of ``genes`` are Ensembl gene ids, else ``"symbol"``."""
+    genes = list(genes)
+    if not genes:
+        return "symbol"
+    n_ens = sum(is_ensembl_id(str(g)) for g in genes)
+    return "ensembl" if n_ens * 2 > len(genes) else "symbol"
+
+
+def load_gene_table(path: str | os.PathLike, key_column: str = "feature_id",
+                    token_column: str = "feature_name") -> dict[str, str]:
+    """Read a two-column gene table (CSV/TSV with a header) as ``{key: token}``.
+
+    Typical use: Ensembl id -> symbol, to map a dataset keyed by Ensembl ids onto a
+    symbol vocabulary (the CELLxGENE Census ``var`` has both as feature_id / feature_name).
+    """
+    import pandas as pd
+
+    path = Path(path)
+    if not path.exists():
+        raise VocabError(f"gene table {path} does not exist")
+    sep = "\t" if path.suffix in (".tsv", ".txt") else ","
+    table = pd.read_csv(path, sep=sep, dtype=str)
+    missing = [c for c in (key_column, token_column) if c not in table.columns]
+    if missing:
+        raise VocabError(
+            f"gene table {path} lacks the columns {missing} (it has {list(table.columns)}); "
+            f"it needs a header with {key_column!r} and {token_column!r}"
+        )
+    table = table.dropna(subset=[key_column, token_column])
+    return dict(zip(table[key_column].str.split(".").str[0], table[token_column])) | dict(
+        zip(table[key_column], table[token_column])
+    )

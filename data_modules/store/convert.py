@@ -1,19 +1,41 @@
-"""AnnData -> corpus conversion (first version: in-memory or backed AnnData, row chunks)."""
+"""Inputs -> corpus: chunked, validated, resumable conversion.
+
+Readers (``sources.py``, ``census.py``) yield row chunks over their own genes; this module
+maps genes onto the vocabulary, validates values, drops empty cells, keeps per-dataset
+statistics and feeds :class:`CorpusWriter`. A journal (``journal.py``) makes a killed run
+resumable; a bad input removes everything the run wrote.
+
+Memory bound: one input chunk (``chunk_size`` rows as read, plus ~3 int/float arrays of its
+nnz) + the writer's pending cells (< ``shard_size + chunk_size`` cells of ids and counts) +
+one shard being assembled. It does not depend on the number of input cells.
+"""
 
 from __future__ import annotations
 
 import os
-from collections.abc import Sequence
+import shutil
+import sys
+from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 
 import anndata as ad
 import numpy as np
-import scipy.sparse as sp
 
-from data_modules.store.format import CorpusFormatError
+from data_modules.store.format import (
+    JOURNAL_DIR,
+    MANIFEST_NAME,
+    SHARD_DIR,
+    VOCAB_NAME,
+    CorpusFormatError,
+    file_sha256,
+)
+from data_modules.store.journal import Journal, fingerprint, remove_unlisted_shards
+from data_modules.store.sources import AnnDataReader, H5adReader, RawChunk
 from data_modules.store.writer import CorpusWriter
-from data_modules.vocab import GeneVocab
+from data_modules.vocab import GeneVocab, guess_gene_key
+
+DEFAULT_OBS_COLUMNS = ("cell_type", "tissue", "assay", "disease", "donor_id")
 
 
 @dataclass
@@ -25,72 +47,382 @@ class Source:
     gene_column: str | None = None  # var column with gene symbols / ids; None = var_names
     use_raw: bool = False  # read .raw (X and var) instead of X
     obs_map: dict[str, str] | None = None  # corpus obs column -> this dataset's obs column
+    layer: str | None = None  # read layers[layer] instead of X (e.g. "counts")
 
 
-def _open(src: Source) -> ad.AnnData:
+def open_reader(src: Source) -> H5adReader | AnnDataReader:
+    kw = dict(gene_column=src.gene_column, use_raw=src.use_raw, layer=src.layer, obs_map=src.obs_map)
     if isinstance(src.adata, ad.AnnData):
-        return src.adata
-    path = Path(src.adata)
-    try:
-        return ad.read_h5ad(path, backed="r")
-    except Exception as e:  # truncated / corrupt files surface as many h5py error types
-        raise CorpusFormatError(f"cannot read {path} as h5ad ({type(e).__name__}: {e}); re-download or re-export it") from None
+        return AnnDataReader(src.adata, src.name, **kw)
+    return H5adReader(src.adata, src.name, **kw)
 
 
-def _genes(adata: ad.AnnData, src: Source) -> list[str]:
-    var = adata.raw.var if src.use_raw else adata.var
-    if src.gene_column is None:
-        return [str(g) for g in var.index]
-    if src.gene_column not in var.columns:
-        raise CorpusFormatError(
-            f"dataset {src.name!r}: var has no column {src.gene_column!r} (columns: {list(var.columns)}); "
-            "pass --gene-column with one of them, or omit it to use var_names"
-        )
-    return [str(g) for g in var[src.gene_column]]
+def _open(src: Source):
+    return open_reader(src)
 
 
 def gene_union(sources: Sequence[Source]) -> list[str]:
     genes: set[str] = set()
     for src in sources:
-        genes.update(_genes(_open(src), src))
+        r = open_reader(src)
+        genes.update(r.genes)
+        r.close()
     return sorted(genes)
+
+
+def sources_from_paths(paths: Sequence[str | os.PathLike], **kw) -> list[Source]:
+    """One Source per h5ad path, named by file stem (made unique)."""
+    sources, seen = [], {}
+    for p in paths:
+        stem = Path(p).name.removesuffix(".h5ad")
+        seen[stem] = seen.get(stem, 0) + 1
+        name = stem if seen[stem] == 1 else f"{stem}_{seen[stem]}"
+        sources.append(Source(name=name, adata=str(p), **kw))
+    return sources
+
+
+# ---------------------------------------------------------------------------------------
+# gene mapping
+
+
+@dataclass
+class GeneReport:
+    n_genes: int
+    n_genes_known: int
+    unknown_sample: list[str]
+    n_duplicates_dropped: int = 0
+
+    def as_dict(self) -> dict:
+        return {"n_genes": self.n_genes, "n_genes_known": self.n_genes_known,
+                "n_genes_unknown": self.n_genes - self.n_genes_known,
+                "unknown_genes_sample": self.unknown_sample, "n_duplicate_genes_dropped": self.n_duplicates_dropped}
+
+
+def map_reader_genes(reader, vocab: GeneVocab, gene_table: Mapping[str, str] | None = None,
+                     on_duplicate: str = "error") -> tuple[np.ndarray, GeneReport]:
+    """(n_input_genes,) int64 vocab id per input column (-1 = unknown) and a report."""
+    genes = reader.genes
+    mapping = vocab.map_genes(genes, gene_table)
+    where = getattr(reader, "path", reader.name)
+    if mapping.n_known == 0:
+        hint = (" (the input genes look like Ensembl ids and the vocab is keyed by symbols: pass --gene-table "
+                "with an id->symbol table, or --gene-column with the symbol column)"
+                if guess_gene_key(genes) == "ensembl" and vocab.keyed_by == "symbol" and gene_table is None else "")
+        raise CorpusFormatError(
+            f"{where}: none of its {len(genes)} genes (e.g. {genes[:3]}) is in the vocabulary "
+            f"(e.g. {vocab.genes[:3]}){hint}; choose the matching --gene-column or another --vocab"
+        )
+    ids = mapping.ids.copy()
+    known_pos = np.flatnonzero(ids >= 0)
+    order = np.argsort(ids[known_pos], kind="stable")
+    sorted_ids = ids[known_pos][order]
+    dup = np.flatnonzero(sorted_ids[1:] == sorted_ids[:-1]) + 1  # later occurrences of a repeated id
+    n_dup = 0
+    if len(dup):
+        dup_pos = known_pos[order][dup]
+        if on_duplicate == "error":
+            names = sorted({genes[i] for i in dup_pos})
+            raise CorpusFormatError(
+                f"{where}: duplicate gene names {names[:10]}{' ...' if len(names) > 10 else ''} "
+                f"({len(names)} names) in {getattr(reader, 'gene_source', 'the gene column')}; make them unique "
+                "(`adata.var_names_make_unique()`) or choose another --gene-column (e.g. gene_ids / feature_id)"
+            )
+        ids[dup_pos] = -1
+        n_dup = len(dup_pos)
+    unknown = [genes[i] for i in np.flatnonzero(mapping.ids < 0)[:20]]
+    return ids, GeneReport(len(genes), int((ids >= 0).sum()), unknown, n_dup)
+
+
+# ---------------------------------------------------------------------------------------
+# one chunk
+
+
+@dataclass
+class PreparedCells:
+    indptr: np.ndarray  # (n_kept+1,) int64
+    gene_ids: np.ndarray  # (nnz,) int32 vocab ids, ascending within each cell
+    counts: np.ndarray  # (nnz,) input dtype
+    keep: np.ndarray  # (n,) bool: cell kept
+    counts_total: np.ndarray  # (n,) float64 sum of all values of the cell
+    counts_lost: np.ndarray  # (n,) float64 sum of values in unknown genes
+    nnz_lost: np.ndarray  # (n,) int64 non-zeros in unknown genes
+
+
+def check_values(raw: RawChunk, reader, allow_float: bool) -> None:
+    """Raise naming file, cell and gene for NaN / inf / negative / non-integer values."""
+    data = raw.X.data
+    if data.dtype.kind in "ui" and (data.dtype.kind == "u" or data.size == 0 or data.min() >= 0):
+        return
+    problems = [
+        (~np.isfinite(data), "NaN or infinite value", "counts are never NaN/inf: fix the matrix upstream (e.g. "
+         "re-run the quantification) or drop the affected cells before converting"),
+        (data < 0, "negative value", "this looks like scaled or batch-corrected data; convert the raw counts instead "
+         "(--use-raw or --layer counts)"),
+    ]
+    if not allow_float:
+        problems.append((np.mod(data, 1) != 0, "non-integer value where raw counts are expected",
+                         "point the converter at raw counts (--use-raw or --layer counts), or pass "
+                         "--allow-normalized (allow_float=True) to store normalized values as float32"))
+    for mask, what, fix in problems:
+        if mask.any():
+            p = int(np.argmax(mask))
+            row = int(np.searchsorted(raw.X.indptr, p, side="right") - 1)
+            gene = reader.genes[int(raw.X.indices[p])]
+            raise CorpusFormatError(
+                f"{getattr(reader, 'path', reader.name)}: {what} {data[p]!r} in cell {raw.cell_names[row]!r} "
+                f"(row {int(raw.source_row[row])}), gene {gene!r} ({int(mask.sum())} such values in this chunk); {fix}"
+            )
+
+
+def prepare_chunk(raw: RawChunk, lut: np.ndarray, min_genes: int) -> PreparedCells:
+    """Map genes to vocab ids, drop unknown genes / explicit zeros / cells below ``min_genes``."""
+    X = raw.X
+    n = X.shape[0]
+    indptr = X.indptr.astype(np.int64)
+    row = np.repeat(np.arange(n, dtype=np.int64), np.diff(indptr))  # (nnz,) cell of each entry
+    gid = lut[X.indices]
+    nonzero = X.data != 0
+    keep_entry = (gid >= 0) & nonzero
+    lost = (gid < 0) & nonzero
+    counts_total = np.bincount(row, weights=X.data, minlength=n)
+    counts_lost = np.bincount(row[lost], weights=X.data[lost], minlength=n)
+    nnz_lost = np.bincount(row[lost], minlength=n)
+    n_genes = np.bincount(row[keep_entry], minlength=n)
+    keep_cell = n_genes >= max(int(min_genes), 1)
+    keep_entry &= keep_cell[row]
+    row_k, gid_k, data_k = row[keep_entry], gid[keep_entry], X.data[keep_entry]
+    if len(gid_k) > 1:
+        same_row = row_k[1:] == row_k[:-1]
+        if np.any(same_row & (gid_k[1:] <= gid_k[:-1])):  # not ascending within a cell: sort
+            order = np.argsort(row_k * (int(lut.max()) + 1) + gid_k, kind="stable")
+            row_k, gid_k, data_k = row_k[order], gid_k[order], data_k[order]
+            same_row = row_k[1:] == row_k[:-1]
+            if np.any(same_row & (gid_k[1:] == gid_k[:-1])):
+                raise CorpusFormatError(
+                    f"{raw.cell_names[0]!r}..: X holds the same gene twice in one cell (non-canonical sparse "
+                    "matrix); call `adata.X.sum_duplicates()` and re-save"
+                )
+    lengths = n_genes[keep_cell]
+    out_indptr = np.zeros(len(lengths) + 1, dtype=np.int64)
+    np.cumsum(lengths, out=out_indptr[1:])
+    return PreparedCells(out_indptr, gid_k.astype(np.int32), data_k, keep_cell, counts_total, counts_lost, nnz_lost)
+
+
+STAT_KEYS = ("n_cells", "n_cells_dropped", "counts_total", "counts_lost_unknown_genes", "nnz_lost_unknown_genes")
+
+
+def chunk_stats(cells: PreparedCells, dataset_codes: np.ndarray, n_datasets: int) -> dict[str, np.ndarray]:
+    """Per-dataset-code sums over one chunk."""
+    def by(weights=None, mask=None):
+        codes = dataset_codes if mask is None else dataset_codes[mask]
+        w = None if weights is None else (weights if mask is None else weights[mask])
+        return np.bincount(codes, weights=w, minlength=n_datasets)
+
+    return {"n_cells": by(mask=cells.keep), "n_cells_dropped": by(mask=~cells.keep),
+            "counts_total": by(cells.counts_total), "counts_lost_unknown_genes": by(cells.counts_lost),
+            "nnz_lost_unknown_genes": by(cells.nnz_lost.astype(np.float64))}
+
+
+def _merge_stats(stats: dict, labels: list[str], part: dict[str, np.ndarray]) -> None:
+    for code, label in enumerate(labels):
+        entry = stats.setdefault(label, {k: 0 for k in STAT_KEYS})
+        for k in STAT_KEYS:
+            v = part[k][code] if code < len(part[k]) else 0
+            entry[k] = entry[k] + (int(v) if k != "counts_total" and k != "counts_lost_unknown_genes" else float(v))
+
+
+# ---------------------------------------------------------------------------------------
+# the conversion loop
+
+
+def _clear_corpus_files(out: Path) -> None:
+    for name in (MANIFEST_NAME, VOCAB_NAME):
+        (out / name).unlink(missing_ok=True)
+    shutil.rmtree(out / SHARD_DIR, ignore_errors=True)
+    shutil.rmtree(out / JOURNAL_DIR, ignore_errors=True)
+
+
+def _check_existing(out: Path, fp: str, overwrite: bool) -> dict | None:
+    import json
+
+    manifest_path = out / MANIFEST_NAME
+    if not manifest_path.exists():
+        if overwrite:
+            _clear_corpus_files(out)
+        return None
+    manifest = json.loads(manifest_path.read_text())
+    if manifest.get("creation", {}).get("fingerprint") == fp and not overwrite:
+        return manifest
+    if not overwrite:
+        raise CorpusFormatError(
+            f"{out} already holds a corpus built with other arguments; choose another --out or pass "
+            "--overwrite (overwrite=True) to replace it"
+        )
+    _clear_corpus_files(out)
+    return None
+
+
+def run_conversion(readers: list, out: str | os.PathLike, vocab: GeneVocab, obs_columns: Sequence[str],
+                   params: dict, shard_size: int = 16384, chunk_size: int = 4096, allow_float: bool = False,
+                   min_genes: int = 1, split: dict | None = None, gene_table: Mapping[str, str] | None = None,
+                   on_duplicate: str = "error", overwrite: bool = False, resume: bool = True,
+                   log: Callable[[str], None] | None = None, extra_manifest: dict | None = None) -> dict:
+    """Convert ``readers`` into a corpus at ``out`` (see module docstring); returns the manifest."""
+    out = Path(out)
+    log = log or (lambda msg: None)
+    obs_columns = [c for c in obs_columns if c != "dataset"]
+    params = {**params, "vocab_sha256": _vocab_digest(vocab), "obs_columns": obs_columns, "shard_size": shard_size,
+              "allow_float": allow_float, "min_genes": min_genes, "split": split, "on_duplicate": on_duplicate}
+    fp = fingerprint(params)
+    created_dir = not out.exists()
+    done = _check_existing(out, fp, overwrite)
+    if done is not None:
+        log(f"{out}: already complete (same arguments), nothing to do")
+        for r in readers:
+            r.close()
+        return done
+    luts, reports = [], []
+    for r in readers:
+        lut, rep = map_reader_genes(r, vocab, gene_table, on_duplicate)
+        luts.append(lut)
+        reports.append(rep)
+    _check_split_request(split, readers)
+    journal = Journal(out)
+    if not resume:
+        journal.clear()
+    state = journal.load(fp, params)
+    writer = CorpusWriter(out, vocab, ["dataset", *obs_columns], shard_size=shard_size, allow_float=allow_float,
+                          creation={"fingerprint": fp, "params": params, "chunk_size": chunk_size})
+    stats: dict[str, dict] = {}
+    position = [0, 0]
+    if state is not None:
+        writer.restore(state["writer"], journal.pending_path(state))
+        stats, position = state["stats"], state["position"]
+        log(f"{out}: resuming at input {position[0]} row {position[1]} ({len(writer.shards)} shards done)")
+    remove_unlisted_shards(out, writer.shards)
+    journal.start(fp, params)
+    try:
+        for ri in range(position[0], len(readers)):
+            reader = readers[ri]
+            start = position[1] if ri == position[0] else 0
+            for lo in range(start, reader.n_rows, chunk_size):
+                hi = min(lo + chunk_size, reader.n_rows)
+                raw = reader.read_chunk(lo, hi, obs_columns)
+                check_values(raw, reader, allow_float)
+                cells = prepare_chunk(raw, luts[ri], min_genes)
+                ds_codes = writer.codes("dataset", raw.dataset)
+                labels = list(writer.categories["dataset"])
+                _merge_stats(stats, labels, chunk_stats(cells, ds_codes, len(labels)))
+                obs = {"dataset": ds_codes[cells.keep]}
+                for c in obs_columns:
+                    obs[c] = writer.codes(c, raw.obs[c][cells.keep])
+                flushed = writer.add_cells(cells.indptr, cells.gene_ids, cells.counts, obs,
+                                           source_row=raw.source_row[cells.keep], coded=True)
+                if flushed:
+                    journal.save(fp, params, [ri, hi], writer, stats)
+                    log(f"{len(writer.shards)} shards, {writer.n_cells_written} cells written "
+                        f"(input {ri + 1}/{len(readers)}, row {hi}/{reader.n_rows})")
+        writer.datasets = _dataset_entries(readers, reports, stats, obs_columns)
+        manifest = writer.finish(split, extra={"sources": [_source_entry(r, rep) for r, rep in zip(readers, reports)],
+                                               **(extra_manifest or {})})
+    except CorpusFormatError:
+        _clear_corpus_files(out)  # a bad input leaves nothing partial behind
+        if created_dir and out.exists() and not any(out.iterdir()):
+            out.rmdir()
+        raise
+    finally:
+        for r in readers:
+            r.close()
+    journal.clear()
+    log(f"{out}: {manifest['n_cells']} cells in {len(manifest['shards'])} shards")
+    return manifest
+
+
+def _vocab_digest(vocab: GeneVocab) -> str:
+    import hashlib
+    import json
+
+    return hashlib.sha256(json.dumps(vocab.token_to_id, sort_keys=True).encode()).hexdigest()
+
+
+def _table_digest(table: Mapping[str, str] | None) -> str | None:
+    import hashlib
+    import json
+
+    return None if table is None else hashlib.sha256(json.dumps(sorted(table.items())).encode()).hexdigest()
+
+
+def _check_split_request(split: dict | None, readers: list) -> None:
+    if not split or split.get("strategy") != "dataset":
+        return
+    known = set()
+    for r in readers:
+        known.update(getattr(r, "dataset_names", [r.name]))
+    missing = [d for d in split.get("val_datasets", []) if d not in known]
+    if missing or not split.get("val_datasets"):
+        raise CorpusFormatError(
+            f"--val-datasets {missing or '(none)'} name no input dataset; choose from {sorted(known)[:20]}"
+        )
+
+
+def _source_entry(reader, rep: GeneReport) -> dict:
+    return {"name": reader.name, "source": reader.source, "gene_source": getattr(reader, "gene_source", None),
+            "n_rows": reader.n_rows, **rep.as_dict()}
+
+
+def _dataset_entries(readers: list, reports: list[GeneReport], stats: dict, obs_columns: list[str]) -> list[dict]:
+    """One entry per dataset label: counts, losses to unknown genes, and the gene report of its input."""
+    entries = []
+    for r, rep in zip(readers, reports):
+        for name in getattr(r, "dataset_names", [r.name]):
+            s = stats.get(name, {k: 0 for k in STAT_KEYS})
+            total = s["counts_total"]
+            entries.append({
+                "name": name, "source": r.source, **{k: s[k] for k in STAT_KEYS},
+                "fraction_counts_lost": (s["counts_lost_unknown_genes"] / total) if total else 0.0,
+                "n_cells_dropped_empty": s["n_cells_dropped"],
+                "obs_missing": [c for c in obs_columns if not r.has_obs(c)],
+                **rep.as_dict(),
+            })
+    return entries
 
 
 def convert_sources(sources: Sequence[Source], out: str | os.PathLike, vocab: GeneVocab | None = None,
                     obs_columns: Sequence[str] = (), shard_size: int = 16384, chunk_size: int = 4096,
-                    allow_float: bool = False, min_genes: int = 1, split: dict | None = None) -> dict:
-    """Convert AnnData sources into a corpus at ``out``; returns the manifest."""
+                    allow_float: bool = False, min_genes: int = 1, split: dict | None = None, *,
+                    gene_table: Mapping[str, str] | None = None, overwrite: bool = False, resume: bool = True,
+                    require_obs: bool = True, on_duplicate: str = "error",
+                    log: Callable[[str], None] | None = None) -> dict:
+    """Convert AnnData sources (objects or .h5ad paths) into a corpus at ``out``; returns the manifest.
+
+    ``vocab=None`` builds the vocabulary from the union of the inputs' genes. ``require_obs``
+    raises when a requested obs column exists in no input (a likely typo).
+    """
+    names = [s.name for s in sources]
+    if len(set(names)) != len(names):
+        raise CorpusFormatError(f"source names must be unique, got {names}")
+    readers = [open_reader(s) for s in sources]
     if vocab is None:
-        vocab = GeneVocab.from_genes(gene_union(sources))
-    writer = CorpusWriter(out, vocab, ["dataset", *[c for c in obs_columns if c != "dataset"]],
-                          shard_size=shard_size, allow_float=allow_float,
-                          creation={"chunk_size": chunk_size, "min_genes": min_genes, "allow_float": allow_float})
-    for src in sources:
-        adata = _open(src)
-        genes = _genes(adata, src)
-        mapping = vocab.map_genes(genes)
-        if mapping.n_known == 0:
-            raise CorpusFormatError(f"dataset {src.name!r}: none of its {len(genes)} genes is in the vocabulary")
-        keep_cols = np.flatnonzero(mapping.known)
-        col_ids = mapping.ids[keep_cols].astype(np.int32)
-        X = adata.raw.X if src.use_raw else adata.X
-        n_written = n_dropped = 0
-        for lo in range(0, adata.n_obs, chunk_size):
-            hi = min(lo + chunk_size, adata.n_obs)
-            chunk = sp.csr_matrix(X[lo:hi])[:, keep_cols]
-            chunk.eliminate_zeros()
-            chunk.sort_indices()
-            keep_rows = np.diff(chunk.indptr) >= min_genes
-            chunk = chunk[keep_rows]
-            obs = {"dataset": np.full(chunk.shape[0], src.name)}
-            for col in writer.obs_columns[1:]:
-                source_col = (src.obs_map or {}).get(col, col)
-                vals = adata.obs[source_col].to_numpy()[lo:hi] if source_col in adata.obs else np.full(hi - lo, "unknown")
-                obs[col] = np.asarray(vals).astype(str)[keep_rows]
-            writer.add_cells(chunk.indptr, col_ids[chunk.indices], chunk.data, obs)
-            n_written += chunk.shape[0]
-            n_dropped += int((~keep_rows).sum())
-        writer.register_dataset({"name": src.name, "source": str(src.adata) if not isinstance(src.adata, ad.AnnData) else "<in-memory AnnData>",
-                                 "n_cells": n_written, "n_cells_dropped_empty": n_dropped,
-                                 "n_genes": len(genes), "n_genes_unknown": mapping.n_unknown})
-    return writer.finish(split)
+        vocab = GeneVocab.from_genes(sorted({g for r in readers for g in r.genes}))
+    if require_obs:
+        for c in obs_columns:
+            if c != "dataset" and not any(r.has_obs(c) for r in readers):
+                raise CorpusFormatError(
+                    f"obs column {c!r} exists in none of the inputs (e.g. {readers[0].path} has "
+                    f"{readers[0].obs_columns[:15]}); fix --obs-columns or map it with NAME=SOURCE_COLUMN"
+                )
+    params = {"kind": "anndata", "sources": [
+        {"name": s.name, "gene_column": s.gene_column, "use_raw": s.use_raw, "layer": s.layer,
+         "obs_map": s.obs_map, **r.fingerprint()} for s, r in zip(sources, readers)],
+        "gene_table": _table_digest(gene_table)}
+    return run_conversion(readers, out, vocab, list(obs_columns), params, shard_size=shard_size, chunk_size=chunk_size,
+                          allow_float=allow_float, min_genes=min_genes, split=split, gene_table=gene_table,
+                          on_duplicate=on_duplicate, overwrite=overwrite, resume=resume, log=log)
+
+
+def print_log(msg: str) -> None:
+    print(msg, file=sys.stderr, flush=True)
+
+
+__all__ = ["Source", "convert_sources", "run_conversion", "gene_union", "sources_from_paths", "map_reader_genes",
+           "DEFAULT_OBS_COLUMNS", "file_sha256"]

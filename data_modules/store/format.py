@@ -12,27 +12,43 @@ FORMAT_VERSION = 1
 MANIFEST_NAME = "manifest.json"
 VOCAB_NAME = "vocab.json"
 SHARD_DIR = "shards"
+JOURNAL_DIR = ".journal"  # progress of an unfinished conversion; removed when the manifest is written
+UNKNOWN_LABEL = "unknown"  # obs label of a cell whose dataset lacks the column (or has NaN there)
+
+# datasets inside every shard
+INDPTR = "indptr"  # (n_cells+1,) int64
+INDICES = "indices"  # (nnz,) vocab ids: uint16 when the vocab has <= 65,536 tokens, else int32
+DATA = "data"  # (nnz,) counts: uint16 / uint32 when integral, float32 (normalized input) / float64
+SOURCE_ROW = "source_row"  # (n_cells,) int64 row in the source file (h5ad row / Census soma_joinid)
+OBS_GROUP = "obs"  # obs/<column>: (n_cells,) int32 codes into manifest["obs_columns"][column]
 
 
 class CorpusFormatError(ValueError):
-    """A corpus directory or shard that does not follow the format."""
+    """A corpus directory, shard or input that does not follow the format."""
 
 
 def shard_name(index: int) -> str:
     return f"{SHARD_DIR}/shard-{index:06d}.h5"
 
 
+def index_dtype(vocab_size: int) -> np.dtype:
+    """Narrowest dtype for vocab ids."""
+    return np.dtype(np.uint16) if vocab_size <= 1 << 16 else np.dtype(np.int32)
+
+
 def narrowest_count_dtype(data: np.ndarray, allow_float: bool) -> np.dtype:
-    """Smallest dtype that holds every value exactly: uint16, uint32, else float32."""
+    """Smallest dtype that holds every value exactly: uint16, uint32, float64 (huge integers),
+    else float32 for non-integer (normalized) values when ``allow_float``."""
     if data.size == 0:
         return np.dtype(np.uint16)
-    is_int = np.all(np.mod(data, 1) == 0)
+    is_int = bool(np.all(np.mod(data, 1) == 0))
     if is_int and data.min() >= 0:
         hi = data.max()
         if hi <= np.iinfo(np.uint16).max:
             return np.dtype(np.uint16)
         if hi <= np.iinfo(np.uint32).max:
             return np.dtype(np.uint32)
+        return np.dtype(np.float64)
     if not allow_float and not is_int:
         raise CorpusFormatError("non-integer counts need allow_float")
     return np.dtype(np.float32)
@@ -49,3 +65,12 @@ def file_sha256(path: str | os.PathLike, chunk: int = 1 << 22) -> str:
 def atomic_tmp(path: Path) -> Path:
     """Temporary sibling path used for write-then-rename."""
     return path.with_name(f".{path.name}.tmp-{os.getpid()}")
+
+
+def write_text_atomic(path: Path, text: str) -> None:
+    tmp = atomic_tmp(path)
+    with open(tmp, "w") as f:
+        f.write(text)
+        f.flush()
+        os.fsync(f.fileno())
+    os.replace(tmp, path)

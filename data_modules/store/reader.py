@@ -21,7 +21,7 @@ class CellBlock:
 
     indptr: np.ndarray  # (n+1,) int64, starts at 0
     gene_ids: np.ndarray  # (nnz,) int32 vocab ids
-    counts: np.ndarray  # (nnz,) stored dtype (uint16 / uint32 / float32)
+    counts: np.ndarray  # (nnz,) stored dtype (uint16 / uint32 / float32 / float64); may differ per shard
     cell_index: np.ndarray  # (n,) int64 global cell ids
     obs: dict[str, np.ndarray] = field(default_factory=dict)  # column -> (n,) int32 codes
 
@@ -139,19 +139,28 @@ class Corpus:
     def read_block(self, shard: int, start: int, stop: int) -> CellBlock:
         """Cells ``start:stop`` (shard-local rows) of one shard: one contiguous read per array."""
         f = self._file(shard)
+        n = int(self.shards[shard]["n_cells"])
+        if not 0 <= start <= stop <= n:
+            raise IndexError(f"rows {start}:{stop} are outside shard {shard} (0:{n})")
         indptr = f["indptr"][start : stop + 1].astype(np.int64)
         lo, hi = int(indptr[0]), int(indptr[-1])
         obs = {k: f["obs"][k][start:stop] for k in f["obs"]} if "obs" in f else {}
         return CellBlock(
             indptr=indptr - lo,
-            gene_ids=f["indices"][lo:hi],
+            gene_ids=f["indices"][lo:hi].astype(np.int32, copy=False),  # stored uint16 when the vocab fits
             counts=f["data"][lo:hi],
             cell_index=np.arange(start, stop, dtype=np.int64) + self.shard_offsets[shard],
             obs=obs,
         )
 
+    def read_source_rows(self, shard: int, start: int, stop: int) -> np.ndarray:
+        """(stop-start,) int64 row of each cell in its input (h5ad row / Census soma_joinid)."""
+        return self._file(shard)["source_row"][start:stop]
+
     def read_cells(self, start: int, stop: int) -> CellBlock:
         """Global cell ids ``start:stop``, possibly spanning shards."""
+        if not 0 <= start < stop <= self.n_cells:
+            raise IndexError(f"cells {start}:{stop} are outside 0:{self.n_cells}")
         blocks = []
         first = int(np.searchsorted(self.shard_offsets, start, side="right") - 1)
         for shard in range(first, self.n_shards):

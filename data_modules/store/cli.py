@@ -1,0 +1,236 @@
+"""Command lines behind ``scripts/build_corpus.py`` and ``scripts/corpus.py`` (the scripts only call ``main``)."""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+from pathlib import Path
+
+from data_modules.store.census import CENSUS_OBS_COLUMNS, PAPER_CENSUS_VERSION, PAPER_FILTER, convert_census
+from data_modules.store.convert import DEFAULT_OBS_COLUMNS, convert_sources, print_log, sources_from_paths
+from data_modules.store.format import CorpusFormatError
+from data_modules.store.inspect import corpus_info, parse_cell_range, to_anndata, verify_corpus
+from data_modules.store.reader import Corpus
+from data_modules.vocab import GeneVocab, VocabError, load_gene_table
+
+EXIT_BAD_INPUT = 2
+EXIT_VERIFY_FAILED = 1
+
+
+# ---------------------------------------------------------------------------------------
+# build_corpus.py
+
+
+def _common_build_args(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--out", required=True, type=Path, help="corpus directory to create (or resume)")
+    p.add_argument("--vocab", type=Path, help="existing vocab.json (flat {token: index}); default: union of the inputs")
+    p.add_argument("--min-genes", type=int, default=1, help="drop cells with fewer known genes (default 1: empty cells)")
+    p.add_argument("--shard-size", type=int, default=16384, help="cells per shard (default 16384)")
+    p.add_argument("--chunk-size", type=int, default=4096, help="input rows read at a time (default 4096)")
+    g = p.add_mutually_exclusive_group()
+    g.add_argument("--val-fraction", type=float, default=None, help="validation fraction, split by cell (default 0.003)")
+    g.add_argument("--val-datasets", nargs="+", help="hold out these whole datasets for validation")
+    g.add_argument("--no-split", action="store_true", help="no validation split")
+    p.add_argument("--split-seed", type=int, default=0)
+    p.add_argument("--overwrite", action="store_true", help="replace an existing corpus / unfinished conversion in --out")
+    p.add_argument("--quiet", action="store_true")
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="build_corpus.py", description="Build a sharded corpus from h5ad files or the CELLxGENE Census.")
+    sub = parser.add_subparsers(dest="command", required=True)
+    h = sub.add_parser("h5ad", help="convert .h5ad files (or folders of them)")
+    h.add_argument("inputs", nargs="+", type=Path, help=".h5ad files or folders holding them")
+    h.add_argument("--gene-column", help="var column with the gene names to match (default: var_names)")
+    h.add_argument("--gene-table", type=Path, help="CSV/TSV translating --gene-column values (e.g. Ensembl ids) to vocab tokens")
+    h.add_argument("--gene-table-columns", nargs=2, default=["feature_id", "feature_name"], metavar=("KEY", "TOKEN"))
+    h.add_argument("--use-raw", action="store_true", help="read .raw.X / .raw.var instead of X / var")
+    h.add_argument("--layer", help="read layers[LAYER] (e.g. counts) instead of X")
+    h.add_argument("--obs-columns", nargs="*", default=None,
+                   help="obs columns to keep as codes, NAME or NAME=SOURCE_COLUMN "
+                        f"(default: {' '.join(DEFAULT_OBS_COLUMNS)}, 'unknown' where absent)")
+    h.add_argument("--allow-normalized", action="store_true", help="accept non-integer values (stored as float32)")
+    h.add_argument("--duplicate-genes", choices=["error", "first"], default="error",
+                   help="duplicate gene names: fail (default) or keep the first column")
+    _common_build_args(h)
+    c = sub.add_parser("census", help="query the CELLxGENE Census (paper's filter by default)")
+    c.add_argument("--census-version", default=PAPER_CENSUS_VERSION)
+    c.add_argument("--census-uri", help="open this SOMA collection instead of the released Census (tests, mirrors)")
+    c.add_argument("--organism", default="homo_sapiens")
+    c.add_argument("--value-filter", default=PAPER_FILTER, help=f"obs filter (default: {PAPER_FILTER!r})")
+    c.add_argument("--gene-column", default="feature_name", choices=["feature_name", "feature_id"])
+    c.add_argument("--obs-columns", nargs="*", default=list(CENSUS_OBS_COLUMNS))
+    _common_build_args(c)
+    return parser
+
+
+def _split(args) -> dict:
+    if args.no_split:
+        return {"strategy": "none"}
+    if args.val_datasets:
+        return {"strategy": "dataset", "val_datasets": list(args.val_datasets)}
+    return {"strategy": "cell", "seed": args.split_seed, "val_fraction": 0.003 if args.val_fraction is None else args.val_fraction}
+
+
+def _expand_inputs(paths: list[Path]) -> list[Path]:
+    files = []
+    for p in paths:
+        if p.is_dir():
+            found = sorted(p.glob("*.h5ad"))
+            if not found:
+                raise CorpusFormatError(f"{p}: folder holds no .h5ad file")
+            files.extend(found)
+        else:
+            files.append(p)
+    return files
+
+
+def _obs_columns(spec: list[str]) -> tuple[list[str], dict[str, str]]:
+    names, mapping = [], {}
+    for item in spec:
+        name, _, src = item.partition("=")
+        names.append(name)
+        if src:
+            mapping[name] = src
+    return names, mapping
+
+
+def build_main(argv: list[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    log = (lambda msg: None) if args.quiet else print_log
+    try:
+        vocab = GeneVocab.from_json(args.vocab) if args.vocab else None
+        common = dict(vocab=vocab, shard_size=args.shard_size, chunk_size=args.chunk_size, min_genes=args.min_genes,
+                      split=_split(args), overwrite=args.overwrite, log=log)
+        if args.command == "h5ad":
+            explicit = args.obs_columns is not None
+            names, obs_map = _obs_columns(args.obs_columns if explicit else list(DEFAULT_OBS_COLUMNS))
+            table = load_gene_table(args.gene_table, *args.gene_table_columns) if args.gene_table else None
+            sources = sources_from_paths(_expand_inputs(args.inputs), gene_column=args.gene_column,
+                                         use_raw=args.use_raw, layer=args.layer, obs_map=obs_map or None)
+            manifest = convert_sources(sources, args.out, obs_columns=names, allow_float=args.allow_normalized,
+                                       gene_table=table, require_obs=explicit,
+                                       on_duplicate=args.duplicate_genes, **common)
+        else:
+            manifest = convert_census(args.out, census_version=args.census_version, uri=args.census_uri,
+                                      organism=args.organism, value_filter=args.value_filter,
+                                      gene_column=args.gene_column, obs_columns=args.obs_columns, **common)
+    except (CorpusFormatError, VocabError) as e:
+        print(f"error: {e}", file=sys.stderr)
+        return EXIT_BAD_INPUT
+    if not args.quiet:
+        print_build_report(manifest, args.out)
+    return 0
+
+
+# ---------------------------------------------------------------------------------------
+# reports
+
+
+def _human_bytes(n: float) -> str:
+    for unit in ("B", "KiB", "MiB", "GiB", "TiB"):
+        if n < 1024 or unit == "TiB":
+            return f"{n:.1f} {unit}" if unit != "B" else f"{int(n)} B"
+        n /= 1024
+    return str(n)
+
+
+def _dataset_table(datasets: list[dict], title: str):
+    from rich.table import Table
+
+    t = Table(title=title)
+    for col in ("dataset", "cells", "dropped (empty/min-genes)", "genes known/total", "unknown genes (e.g.)",
+                "counts lost to unknown genes"):
+        t.add_column(col, overflow="fold")
+    for d in datasets:
+        t.add_row(str(d["name"]), f"{d['n_cells']:,}", f"{d['n_cells_dropped']:,}",
+                  f"{d['n_genes_known']:,}/{d['n_genes']:,}",
+                  f"{d['n_genes_unknown']:,} {d['unknown_genes_sample'][:3]}",
+                  f"{d['counts_lost_unknown_genes']:,.0f} ({100 * d['fraction_counts_lost']:.2f}%)")
+    return t
+
+
+def print_build_report(manifest: dict, out: Path) -> None:
+    from rich.console import Console
+
+    console = Console()
+    console.print(_dataset_table(manifest["datasets"], f"corpus {out}: {manifest['n_cells']:,} cells, "
+                                                      f"{len(manifest['shards'])} shards"))
+    for d in manifest["datasets"]:
+        if d.get("obs_missing"):
+            console.print(f"note: {d['name']}: obs lacks {d['obs_missing']} (stored as 'unknown')")
+
+
+def print_info(info: dict) -> None:
+    from rich.console import Console
+    from rich.table import Table
+
+    console = Console()
+    t = Table(title=f"corpus {info['root']}", show_header=False)
+    rows = [("format version", info["format_version"]), ("cells", f"{info['n_cells']:,}"),
+            ("genes (vocab size)", f"{info['n_genes']:,} ({info['vocab_size']:,})"), ("non-zeros", f"{info['nnz']:,}"),
+            ("mean genes per cell", f"{info['mean_nnz_per_cell']:.1f}"), ("shards", info["n_shards"]),
+            ("disk size", _human_bytes(info["disk_bytes"])), ("values", f"{info['counts']} {info['count_dtypes']}"),
+            ("split", json.dumps({k: v for k, v in info["split"].items() if k != "val_dataset_codes"})),
+            ("obs columns (categories)", ", ".join(f"{c} ({n})" for c, n in info["obs_columns"].items()))]
+    for k, v in rows:
+        t.add_row(k, str(v))
+    console.print(t)
+    console.print(_dataset_table(info["datasets"], "datasets"))
+
+
+# ---------------------------------------------------------------------------------------
+# corpus.py
+
+
+def corpus_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="corpus.py", description="Inspect, verify and export a corpus.")
+    sub = parser.add_subparsers(dest="command", required=True)
+    e = sub.add_parser("export", help="cells START:STOP as .h5ad")
+    e.add_argument("root", type=Path)
+    e.add_argument("--cells", default=":", help="global cell range START:STOP (default: all)")
+    e.add_argument("--out", required=True, type=Path)
+    e.add_argument("--genes", choices=["all", "present"], default="all", help="var = every vocab gene or only those present")
+    v = sub.add_parser("verify", help="check every shard against the manifest (structure + sha256)")
+    v.add_argument("root", type=Path)
+    v.add_argument("--no-checksums", action="store_true", help="structure and sizes only")
+    i = sub.add_parser("info", help="cells, genes, nnz, per-dataset counts, disk size")
+    i.add_argument("root", type=Path)
+    i.add_argument("--json", action="store_true", help="print JSON instead of tables")
+    return parser
+
+
+def corpus_main(argv: list[str] | None = None) -> int:
+    args = corpus_parser().parse_args(argv)
+    try:
+        if args.command == "verify":
+            report = verify_corpus(args.root, checksums=not args.no_checksums)
+            for w in report.warnings:
+                print(f"warning: {w}", file=sys.stderr)
+            for p in report.problems:
+                print(f"FAILED: {p}", file=sys.stderr)
+            if not report.ok:
+                print(f"{args.root}: {len(report.problems)} problem(s); rebuild the named shards "
+                      "(rerun build_corpus.py with --overwrite)", file=sys.stderr)
+                return EXIT_VERIFY_FAILED
+            print(f"{args.root}: OK ({report.n_shards_ok} shards verified)")
+            return 0
+        if args.command == "info":
+            info = corpus_info(args.root)
+            if args.json:
+                print(json.dumps(info, indent=1, default=str))
+            else:
+                print_info(info)
+            return 0
+        corpus = Corpus(args.root)
+        start, stop = parse_cell_range(args.cells, corpus.n_cells)
+        adata = to_anndata(corpus, start, stop, genes=args.genes)
+        tmp = args.out.with_name(f".{args.out.name}.tmp")
+        adata.write_h5ad(tmp)
+        tmp.replace(args.out)
+        print(f"wrote {args.out}: {adata.n_obs} cells x {adata.n_vars} genes")
+        return 0
+    except (CorpusFormatError, VocabError) as e:
+        print(f"error: {e}", file=sys.stderr)
+        return EXIT_BAD_INPUT

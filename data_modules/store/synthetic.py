@@ -1,0 +1,105 @@
+"""Synthetic inputs for tests and benchmarks: a large h5ad written in bounded memory, and a
+small SOMA experiment in the CELLxGENE Census layout."""
+
+from __future__ import annotations
+
+import os
+from pathlib import Path
+
+import anndata as ad
+import h5py
+import numpy as np
+import pandas as pd
+
+CELL_TYPES = np.array(["T cell", "B cell", "monocyte", "NK cell", "erythrocyte", "fibroblast"])
+TISSUES = np.array(["blood", "lung", "liver", "kidney"])
+ASSAYS = np.array(["10x 3' v3", "10x 3' v2", "Smart-seq2"])
+
+
+def synthetic_genes(n_genes: int) -> pd.DataFrame:
+    """var table with symbols as index and Ensembl-like ids in ``gene_ids``."""
+    return pd.DataFrame({"gene_ids": [f"ENSG{i:011d}" for i in range(n_genes)]},
+                        index=pd.Index([f"GENE{i}" for i in range(n_genes)]))
+
+
+def synthetic_counts(rng: np.random.Generator, n_cells: int, n_genes: int, nnz_per_cell: int,
+                     gene_mean: np.ndarray):
+    """CSR parts (indptr, indices, data float32) of ``n_cells`` cells with ~``nnz_per_cell`` genes each."""
+    p = min(nnz_per_cell / n_genes, 1.0)
+    mask = rng.random((n_cells, n_genes), dtype=np.float32) < p  # (n, G)
+    rows, cols = np.nonzero(mask)
+    data = (1 + rng.poisson(gene_mean[cols])).astype(np.float32)
+    indptr = np.zeros(n_cells + 1, dtype=np.int64)
+    np.cumsum(np.bincount(rows, minlength=n_cells), out=indptr[1:])
+    return indptr, cols.astype(np.int32), data
+
+
+def synthetic_obs(rng: np.random.Generator, n_cells: int, n_datasets: int) -> pd.DataFrame:
+    return pd.DataFrame({
+        "dataset": pd.Categorical(np.sort(rng.integers(0, n_datasets, n_cells)).astype(str)),
+        "cell_type": pd.Categorical(CELL_TYPES[rng.integers(0, len(CELL_TYPES), n_cells)]),
+        "tissue": pd.Categorical(TISSUES[rng.integers(0, len(TISSUES), n_cells)]),
+        "assay": pd.Categorical(ASSAYS[rng.integers(0, len(ASSAYS), n_cells)]),
+        "donor_id": pd.Categorical([f"donor{d}" for d in rng.integers(0, 8, n_cells)]),
+    }, index=pd.Index([f"cell{i}" for i in range(n_cells)]))
+
+
+def make_synthetic_h5ad(path: str | os.PathLike, n_cells: int = 1000, nnz_per_cell: int = 2000, n_genes: int = 20000,
+                        n_datasets: int = 1, seed: int = 0, chunk_cells: int = 2000) -> Path:
+    """Write a raw-count h5ad (CSR X, float32) chunk by chunk; memory is independent of ``n_cells``."""
+    path = Path(path)
+    rng = np.random.default_rng(seed)
+    gene_mean = rng.lognormal(mean=-0.5, sigma=1.0, size=n_genes)  # per-gene expression level
+    var = synthetic_genes(n_genes)
+    obs = synthetic_obs(rng, n_cells, n_datasets)
+    tmp = path.with_name(path.name + ".tmp")
+    with h5py.File(tmp, "w") as f:
+        f.attrs["encoding-type"] = "anndata"
+        f.attrs["encoding-version"] = "0.1.0"
+        ad.io.write_elem(f, "obs", obs)
+        ad.io.write_elem(f, "var", var)
+        g = f.create_group("X")
+        g.attrs["encoding-type"] = "csr_matrix"
+        g.attrs["encoding-version"] = "0.1.0"
+        g.attrs["shape"] = (n_cells, n_genes)
+        data = g.create_dataset("data", shape=(0,), maxshape=(None,), dtype=np.float32, chunks=(1 << 18,))
+        indices = g.create_dataset("indices", shape=(0,), maxshape=(None,), dtype=np.int32, chunks=(1 << 18,))
+        indptr_all = np.zeros(n_cells + 1, dtype=np.int64)
+        for lo in range(0, n_cells, chunk_cells):
+            hi = min(lo + chunk_cells, n_cells)
+            indptr, cols, vals = synthetic_counts(rng, hi - lo, n_genes, nnz_per_cell, gene_mean)
+            base = int(indptr_all[lo])
+            indptr_all[lo + 1 : hi + 1] = base + indptr[1:]
+            data.resize((base + len(vals),))
+            indices.resize((base + len(vals),))
+            data[base:] = vals
+            indices[base:] = cols
+        g.create_dataset("indptr", data=indptr_all)
+        for key in ("layers", "obsm", "varm", "obsp", "varp", "uns"):
+            ad.io.write_elem(f, key, {})
+    os.replace(tmp, path)
+    return path
+
+
+# ---------------------------------------------------------------------------------------
+# CELLxGENE Census layout
+
+
+def make_census_soma(uri: str | os.PathLike, adata: ad.AnnData, organism: str = "homo_sapiens") -> str:
+    """Write ``adata`` as ``<uri>/census_data/<organism>`` (obs, ms/RNA/var, ms/RNA/X/raw) like the Census.
+
+    ``adata.var`` needs ``feature_id`` and ``feature_name``; ``adata.obs`` the Census columns
+    used by the query (``dataset_id``, ``disease``, ``suspension_type``, ...).
+    """
+    import tiledbsoma
+    import tiledbsoma.io
+
+    uri = str(uri)
+    with tiledbsoma.Collection.create(uri) as root:
+        root.add_new_collection("census_data")
+    exp_uri = f"{uri}/census_data/{organism}"
+    tiledbsoma.io.from_anndata(exp_uri, adata, measurement_name="RNA", X_layer_name="raw")
+    with tiledbsoma.Collection.open(f"{uri}/census_data", "w") as census_data:
+        with tiledbsoma.Experiment.open(exp_uri) as exp:
+            census_data.set(organism, exp, use_relative_uri=True)
+    return uri

@@ -1,0 +1,164 @@
+"""Callbacks: throughput (cells/s, tokens/s, padding, MFU) and the end-of-run summary."""
+
+from __future__ import annotations
+
+import json
+import time
+from pathlib import Path
+
+import pytorch_lightning as pl
+import torch
+from pytorch_lightning.utilities import rank_zero_only
+
+from data_modules.batch import Batch
+
+# Dense bf16 tensor-core peaks (FLOP/s) by device-name fragment, for the MFU estimate.
+PEAK_BF16_FLOPS = {"H200": 989e12, "H100": 989e12, "A100": 312e12, "A10G": 125e12, "L40S": 362e12,
+                   "L4": 121e12, "V100": 125e12, "4090": 165e12, "3090": 71e12}
+
+
+def peak_flops(device: torch.device) -> float | None:
+    if device.type != "cuda":
+        return None
+    name = torch.cuda.get_device_name(device)
+    return next((v for k, v in PEAK_BF16_FLOPS.items() if k in name), None)
+
+
+def train_flops_per_cell(n_params_dense: int, n_layers: int, d_model: int, seq_len: float) -> float:
+    """Training FLOPs (fwd + bwd = 3 x fwd) for one cell of ``seq_len`` tokens.
+
+    Dense matmuls cost 2 FLOPs per parameter per token in the forward; attention adds
+    2 x 2 x L x d per token per layer (scores and weighted sum).
+    """
+    fwd = 2 * n_params_dense * seq_len + 4 * n_layers * d_model * seq_len * seq_len
+    return 3 * fwd
+
+
+class ThroughputLogger(pl.Callback):
+    """Logs cells/s, non-pad tokens/s, padding fraction and (on GPU) MFU, averaged over a window."""
+
+    def __init__(self, window: int = 10):
+        self.window = window
+        self._t0: float | None = None
+        self._cells = self._tokens = self._slots = 0
+        self._flops = 0.0
+        self._steps = 0
+
+    @staticmethod
+    def _dense_params(pl_module: pl.LightningModule) -> tuple[int, int, int]:
+        model = pl_module.model
+        embedding = sum(m.weight.numel() for m in model.modules() if isinstance(m, torch.nn.Embedding))
+        total = sum(p.numel() for p in model.parameters())
+        cfg = model.config() if hasattr(model, "config") else {}
+        return total - embedding, int(cfg.get("n_layers", 0)), int(cfg.get("d_model", 0))
+
+    def on_train_batch_start(self, trainer, pl_module, batch: Batch, batch_idx):
+        if self._t0 is None:
+            self._sync(pl_module)
+            self._t0 = time.perf_counter()
+
+    def on_train_batch_end(self, trainer, pl_module, outputs, batch: Batch, batch_idx):
+        n_tokens = batch.n_tokens
+        n_slots = batch.pad_mask.numel()
+        self._cells += batch.n_cells
+        self._tokens += n_tokens
+        self._slots += n_slots
+        dense, n_layers, d_model = self._dense_params(pl_module)
+        seq_len = batch.pad_mask.shape[1]
+        self._flops += batch.n_cells * train_flops_per_cell(dense, n_layers, d_model, seq_len)
+        self._steps += 1
+        if self._steps < self.window:
+            return
+        self._sync(pl_module)
+        dt = max(time.perf_counter() - self._t0, 1e-9)
+        world = trainer.world_size
+        metrics = {
+            "perf/cells_per_s": self._cells * world / dt,
+            "perf/tokens_per_s": self._tokens * world / dt,
+            "perf/pad_fraction": 1.0 - self._tokens / max(self._slots, 1),
+        }
+        peak = peak_flops(pl_module.device)
+        if peak:
+            metrics["perf/mfu"] = self._flops / dt / peak
+        pl_module.log_dict(metrics, on_step=True, on_epoch=False, rank_zero_only=True)
+        pl_module.log("cells/s", metrics["perf/cells_per_s"], prog_bar=True, on_step=True, on_epoch=False,
+                      logger=False, rank_zero_only=True)
+        self._t0 = time.perf_counter()
+        self._cells = self._tokens = self._slots = self._steps = 0
+        self._flops = 0.0
+
+    @staticmethod
+    def _sync(pl_module):
+        if pl_module.device.type == "cuda":
+            torch.cuda.synchronize(pl_module.device)
+
+
+class RunSummary(pl.Callback):
+    """Collects what a user wants to see at the end: steps, cells, speed, losses first -> last, paths.
+
+    ``summary`` is filled during the run; ``write(path)`` saves it as JSON.
+    """
+
+    def __init__(self):
+        self.train_losses: list[tuple[int, float]] = []
+        self.val_losses: list[tuple[int, float]] = []
+        self.cells_seen = 0
+        self._fit_start: float | None = None
+        self.fit_seconds = 0.0
+
+    def state_dict(self) -> dict:
+        return {"train_losses": self.train_losses, "val_losses": self.val_losses, "cells_seen": self.cells_seen}
+
+    def load_state_dict(self, state: dict) -> None:
+        self.train_losses = [tuple(x) for x in state.get("train_losses", [])]
+        self.val_losses = [tuple(x) for x in state.get("val_losses", [])]
+        self.cells_seen = int(state.get("cells_seen", 0))
+
+    def on_fit_start(self, trainer, pl_module):
+        self._fit_start = time.perf_counter()
+
+    def on_fit_end(self, trainer, pl_module):
+        if self._fit_start is not None:
+            self.fit_seconds = time.perf_counter() - self._fit_start
+
+    def on_train_batch_end(self, trainer, pl_module, outputs, batch: Batch, batch_idx):
+        self.cells_seen += batch.n_cells * trainer.world_size
+        loss = outputs["loss"] if isinstance(outputs, dict) else outputs
+        if loss is not None:
+            self.train_losses.append((trainer.global_step, float(loss.detach())))
+
+    def on_validation_epoch_end(self, trainer, pl_module):
+        if trainer.sanity_checking:
+            return
+        val = trainer.callback_metrics.get("val/loss")
+        if val is not None:
+            self.val_losses.append((trainer.global_step, float(val)))
+
+    def summary(self, trainer: pl.Trainer) -> dict:
+        ckpt = trainer.checkpoint_callback
+        first_last = lambda xs: (xs[0][1], xs[-1][1]) if xs else (None, None)  # noqa: E731
+        # smooth the noisy per-step train loss: mean of the first / last 10 steps
+        tl = [x[1] for x in self.train_losses]
+        k = min(10, max(1, len(tl) // 4)) if tl else 0
+        return {
+            "steps": trainer.global_step,
+            "cells_seen": self.cells_seen,
+            "fit_seconds": round(self.fit_seconds, 2),
+            "cells_per_s": round(self.cells_seen / self.fit_seconds, 1) if self.fit_seconds else None,
+            "train_loss_first": sum(tl[:k]) / k if k else None,
+            "train_loss_last": sum(tl[-k:]) / k if k else None,
+            "val_loss_first": first_last(self.val_losses)[0],
+            "val_loss_last": first_last(self.val_losses)[1],
+            "val_losses": self.val_losses,
+            "best_checkpoint": getattr(ckpt, "best_model_path", None) or None,
+            "last_checkpoint": getattr(ckpt, "last_model_path", None) or None,
+            "log_dir": trainer.log_dir,
+        }
+
+    @rank_zero_only
+    def write(self, trainer: pl.Trainer, path: str | Path) -> dict:
+        data = self.summary(trainer)
+        path = Path(path)
+        path.parent.mkdir(parents=True, exist_ok=True)
+        path.write_text(json.dumps(data, indent=1))
+        return data

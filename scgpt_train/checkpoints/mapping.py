@@ -1,0 +1,223 @@
+"""Pure state-dict mappings between the official scGPT layouts and ours, and args.json <-> config.
+
+Official attention comes in three layouts (all map to our ``layers.{i}.self_attn.qkv``):
+  "released": ``self_attn.Wqkv.*``            (flash-attn 1 names, the released whole-human file)
+  "impl":     ``self_attn._impl.Wqkv.*`` / ``self_attn._impl.out_proj.*``   (0.2.5 with flash-attn)
+  "torch":    ``self_attn.in_proj_weight`` / ``in_proj_bias`` / ``out_proj.*``   (nn.MultiheadAttention)
+"""
+
+from __future__ import annotations
+
+import re
+from dataclasses import dataclass, field
+
+import torch
+
+ATTENTION_LAYOUTS = ("released", "impl", "torch")
+
+# (official regex, our replacement); applied first match wins. Attention keys are handled separately.
+_OFFICIAL_TO_OURS = [
+    (r"^encoder\.embedding\.weight$", "gene_encoder.embedding.weight"),
+    (r"^encoder\.enc_norm\.(weight|bias)$", r"gene_encoder.norm.\1"),
+    (r"^flag_encoder\.weight$", "flag_encoder.weight"),
+    (r"^value_encoder\.(linear1|linear2|norm)\.(weight|bias)$", r"value_encoder.\1.\2"),
+    (r"^value_encoder\.embedding\.weight$", "value_encoder.embedding.weight"),
+    (r"^value_encoder\.enc_norm\.(weight|bias)$", r"value_encoder.norm.\1"),
+    (r"^batch_encoder\.embedding\.weight$", "batch_encoder.embedding.weight"),
+    (r"^batch_encoder\.enc_norm\.(weight|bias)$", r"batch_encoder.norm.\1"),
+    (r"^mod_encoder\.embedding\.weight$", "modality_encoder.embedding.weight"),
+    (r"^mod_encoder\.enc_norm\.(weight|bias)$", r"modality_encoder.norm.\1"),
+    (r"^pert_encoder\.weight$", "condition_encoder.weight"),
+    (r"^dsbn\.bns\.(\d+)\.(weight|bias|running_mean|running_var|num_batches_tracked)$", r"dsbn.bns.\1.\2"),
+    (r"^transformer_encoder\.layers\.(\d+)\.(linear1|linear2|norm1|norm2)\.(weight|bias)$", r"layers.\1.\2.\3"),
+    (r"^decoder\.(fc|zero_logit)\.(\d+)\.(weight|bias)$", r"expr_decoder.\1.\2.\3"),
+    (r"^decoder\.(coeff_decoder|bias_decoder)\.fc\.(\d+)\.(weight|bias)$", r"expr_decoder.\1.fc.\2.\3"),
+    (r"^mvc_decoder\.(gene2query|W|W_zero_logit)\.(weight|bias)$", r"mvc_decoder.\1.\2"),
+    (r"^cls_decoder\._decoder\.(\d+)\.(weight|bias)$", r"cls_decoder.hidden.\1.\2"),
+    (r"^cls_decoder\.out_layer\.(weight|bias)$", r"cls_decoder.out_layer.\1"),
+    (r"^grad_reverse_discriminator\._decoder\.(\d+)\.(weight|bias)$", r"dab_decoder.hidden.\1.\2"),
+    (r"^grad_reverse_discriminator\.out_layer\.(weight|bias)$", r"dab_decoder.out_layer.\1"),
+]
+_ATTN_OFFICIAL = re.compile(
+    r"^transformer_encoder\.layers\.(\d+)\.self_attn\."
+    r"(?:(?:_impl\.)?Wqkv\.(?P<wqkv>weight|bias)|in_proj_(?P<inproj>weight|bias)"
+    r"|(?:_impl\.)?out_proj\.(?P<out>weight|bias))$")
+
+_OURS_TO_OFFICIAL = [
+    (r"^gene_encoder\.embedding\.weight$", "encoder.embedding.weight"),
+    (r"^gene_encoder\.norm\.(weight|bias)$", r"encoder.enc_norm.\1"),
+    (r"^flag_encoder\.weight$", "flag_encoder.weight"),
+    (r"^value_encoder\.(linear1|linear2)\.(weight|bias)$", r"value_encoder.\1.\2"),
+    (r"^value_encoder\.embedding\.weight$", "value_encoder.embedding.weight"),
+    (r"^batch_encoder\.embedding\.weight$", "batch_encoder.embedding.weight"),
+    (r"^batch_encoder\.norm\.(weight|bias)$", r"batch_encoder.enc_norm.\1"),
+    (r"^modality_encoder\.embedding\.weight$", "mod_encoder.embedding.weight"),
+    (r"^modality_encoder\.norm\.(weight|bias)$", r"mod_encoder.enc_norm.\1"),
+    (r"^condition_encoder\.weight$", "pert_encoder.weight"),
+    (r"^dsbn\.bns\.(\d+)\.(.+)$", r"dsbn.bns.\1.\2"),
+    (r"^layers\.(\d+)\.(linear1|linear2|norm1|norm2)\.(weight|bias)$", r"transformer_encoder.layers.\1.\2.\3"),
+    (r"^expr_decoder\.(fc|zero_logit)\.(\d+)\.(weight|bias)$", r"decoder.\1.\2.\3"),
+    (r"^expr_decoder\.(coeff_decoder|bias_decoder)\.fc\.(\d+)\.(weight|bias)$", r"decoder.\1.fc.\2.\3"),
+    (r"^mvc_decoder\.(.+)$", r"mvc_decoder.\1"),
+    (r"^cls_decoder\.hidden\.(\d+)\.(weight|bias)$", r"cls_decoder._decoder.\1.\2"),
+    (r"^cls_decoder\.out_layer\.(weight|bias)$", r"cls_decoder.out_layer.\1"),
+    (r"^dab_decoder\.hidden\.(\d+)\.(weight|bias)$", r"grad_reverse_discriminator._decoder.\1.\2"),
+    (r"^dab_decoder\.out_layer\.(weight|bias)$", r"grad_reverse_discriminator.out_layer.\1"),
+]
+_ATTN_OURS = re.compile(r"^layers\.(\d+)\.self_attn\.(qkv|out_proj)\.(weight|bias)$")
+
+
+@dataclass
+class MappingReport:
+    ignored: list[str] = field(default_factory=list)  # source keys with no counterpart
+    missing: list[str] = field(default_factory=list)  # target keys not provided (filled by load_into)
+
+    def summary(self) -> str:
+        parts = []
+        if self.ignored:
+            parts.append(f"ignored {len(self.ignored)} key(s): {', '.join(self.ignored)}")
+        if self.missing:
+            parts.append(f"missing {len(self.missing)} key(s) (left at initialisation): {', '.join(self.missing)}")
+        return "; ".join(parts) or "all keys matched"
+
+
+def _rename(key: str, rules) -> str | None:
+    for pattern, repl in rules:
+        if re.match(pattern, key):
+            return re.sub(pattern, repl, key)
+    return None
+
+
+def detect_attention_layout(sd: dict) -> str:
+    """Which of the three official attention layouts a state dict uses."""
+    keys = [k for k in sd if ".self_attn." in k]
+    if any("._impl." in k for k in keys):
+        return "impl"
+    if any(".Wqkv." in k for k in keys):
+        return "released"
+    if any(".in_proj_" in k for k in keys):
+        return "torch"
+    raise ValueError("no attention weights found (expected transformer_encoder.layers.N.self_attn.*)")
+
+
+def official_state_dict_to_ours(sd: dict) -> tuple[dict, MappingReport]:
+    """Rename an official state dict (any attention layout) to our names. Values are not copied."""
+    out, report = {}, MappingReport()
+    for key, value in sd.items():
+        m = _ATTN_OFFICIAL.match(key)
+        if m:
+            layer = m.group(1)
+            if m.group("out"):
+                new = f"layers.{layer}.self_attn.out_proj.{m.group('out')}"
+            else:
+                new = f"layers.{layer}.self_attn.qkv.{m.group('wqkv') or m.group('inproj')}"
+        else:
+            new = _rename(key, _OFFICIAL_TO_OURS)
+        if new is None:
+            report.ignored.append(key)
+            continue
+        if new in out:
+            raise ValueError(f"official keys map twice onto {new!r} (mixed attention layouts?); last one: {key!r}")
+        out[new] = value
+    return out, report
+
+
+def ours_to_official(sd: dict, layout: str = "released") -> tuple[dict, MappingReport]:
+    """Rename our state dict to an official layout ("released", "impl" or "torch")."""
+    if layout not in ATTENTION_LAYOUTS:
+        raise ValueError(f"layout must be one of {ATTENTION_LAYOUTS}, got {layout!r}")
+    out, report = {}, MappingReport()
+    for key, value in sd.items():
+        if key.startswith("final_norm."):
+            report.ignored.append(key)  # pre-norm models have no official counterpart
+            continue
+        m = _ATTN_OURS.match(key)
+        if m:
+            layer, part, kind = m.groups()
+            base = f"transformer_encoder.layers.{layer}.self_attn."
+            if part == "out_proj":
+                new = base + ("_impl.out_proj." if layout == "impl" else "out_proj.") + kind
+            else:
+                new = base + {"released": f"Wqkv.{kind}", "impl": f"_impl.Wqkv.{kind}",
+                              "torch": f"in_proj_{kind}"}[layout]
+        elif key.startswith("value_encoder.norm."):  # continuous: norm; category: enc_norm
+            kind = key.rsplit(".", 1)[1]
+            new = f"value_encoder.{'enc_norm' if 'value_encoder.embedding.weight' in sd else 'norm'}.{kind}"
+        else:
+            new = _rename(key, _OURS_TO_OFFICIAL)
+        if new is None:
+            report.ignored.append(key)
+            continue
+        out[new] = value
+    return out, report
+
+
+# ---------------------------------------------------------------------------- args.json <-> config
+def _rows(sd: dict, key: str) -> int | None:
+    return int(sd[key].shape[0]) if key in sd else None
+
+
+def config_from_official(args: dict, vocab: dict, sd_ours: dict) -> dict:
+    """ScGPT kwargs from an official args.json + vocab + a state dict already renamed to our keys.
+
+    Architecture sizes come from args.json; which optional modules exist comes from the weights.
+    A config written by our exporter (``args["scgpt_train_config"]``) takes precedence.
+    """
+    if "scgpt_train_config" in args:
+        return dict(args["scgpt_train_config"])
+    pad_token = args.get("pad_token", "<pad>")
+    if pad_token not in vocab:
+        raise ValueError(f"pad token {pad_token!r} from args.json is not in vocab.json")
+    for name in ("embsize", "nheads", "d_hid", "nlayers"):
+        if name not in args:
+            raise ValueError(f"args.json lacks the architecture field {name!r}")
+    n_layers = int(args["nlayers"])
+    layers_in_sd = {int(k.split(".")[1]) for k in sd_ours if k.startswith("layers.")}
+    if layers_in_sd and max(layers_in_sd) + 1 != n_layers:
+        raise ValueError(f"args.json says nlayers={n_layers} but the weights have {max(layers_in_sd) + 1} layers")
+    input_style = args.get("input_emb_style", "continuous")
+    n_bins = int(args.get("n_bins", 51) or 51)
+    num_batch = (_rows(sd_ours, "batch_encoder.embedding.weight") or _rows(sd_ours, "dab_decoder.out_layer.weight")
+                 or len({k.split(".")[2] for k in sd_ours if k.startswith("dsbn.bns.")}) or 0)
+    n_mod = _rows(sd_ours, "modality_encoder.embedding.weight") or 0
+    cfg = dict(
+        vocab_size=len(vocab), pad_token_id=int(vocab[pad_token]),
+        d_model=int(args["embsize"]), n_heads=int(args["nheads"]), d_ff=int(args["d_hid"]), n_layers=n_layers,
+        dropout=float(args.get("dropout", 0.2)), n_bins=n_bins, input_emb_style=input_style,
+        pad_value=float(args.get("pad_value", n_bins if input_style == "category" else -2)),
+        mask_value=float(args.get("mask_value", n_bins + 1 if input_style == "category" else -1)),
+        cell_emb_style="cls", norm_scheme="pre" if "final_norm.weight" in sd_ours else "post",
+        use_generative="flag_encoder.weight" in sd_ours,
+        use_mvc="mvc_decoder.W.weight" in sd_ours,
+        explicit_zero_prob="expr_decoder.zero_logit.0.weight" in sd_ours,
+        n_cls=_rows(sd_ours, "cls_decoder.out_layer.weight") or 0,
+        n_layers_cls=int(args.get("n_layers_cls", 3)),
+        num_batch_labels=num_batch,
+        use_batch_labels="batch_encoder.embedding.weight" in sd_ours,
+        dsbn=any(k.startswith("dsbn.") for k in sd_ours),
+        dsbn_affine="dsbn.bns.0.weight" in sd_ours,
+        do_dab="dab_decoder.out_layer.weight" in sd_ours,
+        ecs_threshold=float(args.get("ecs_thres", args.get("ecs_threshold", 0.8))),
+        n_conditions=_rows(sd_ours, "condition_encoder.weight") or 0,
+        condition_pad_id=int(args.get("pert_pad_id", 0)),
+        n_modalities=n_mod, modality_style="concat" if n_mod else "encoder",
+        decoder_style="affine" if "expr_decoder.coeff_decoder.fc.0.weight" in sd_ours else "mlp",
+    )
+    return cfg
+
+
+def official_args_from_config(cfg: dict, vocab: dict, extra: dict | None = None) -> dict:
+    """args.json for an exported model: the official architecture fields + our full config."""
+    pad_token = next((t for t, i in vocab.items() if i == cfg["pad_token_id"]), "<pad>")
+    args = dict(extra or {})
+    args.update(
+        embsize=cfg["d_model"], nheads=cfg["n_heads"], d_hid=cfg["d_ff"], nlayers=cfg["n_layers"],
+        dropout=cfg["dropout"], n_bins=cfg["n_bins"], input_emb_style=cfg["input_emb_style"],
+        pad_value=cfg["pad_value"], mask_value=cfg["mask_value"], n_layers_cls=cfg["n_layers_cls"],
+        pad_token=pad_token, ecs_thres=cfg["ecs_threshold"], explicit_zero_prob=cfg["explicit_zero_prob"],
+        MVC=cfg["use_mvc"], DSBN=cfg["dsbn"], USE_GENERATIVE_TRAINING=cfg["use_generative"],
+        pre_norm=cfg["norm_scheme"] == "pre",
+    )
+    args.setdefault("max_seq_len", 1200)
+    args["scgpt_train_config"] = dict(cfg)
+    return args

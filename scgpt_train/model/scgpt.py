@@ -1,0 +1,208 @@
+"""The scGPT transformer: a cell is a set of (gene, value) tokens with <cls> at position 0."""
+
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+from torch.utils.checkpoint import checkpoint
+
+from scgpt_train.model.heads import (AdversarialDiscriminator, AffineExprDecoder, ExprDecoder, MLPClassifier,
+                                     MVCDecoder)
+from scgpt_train.model.layers import (CategoryValueEncoder, ContinuousValueEncoder, DomainSpecificBatchNorm,
+                                      EncoderLayer, GeneEncoder)
+
+INPUT_EMB_STYLES = ("continuous", "category", "scaling")
+CELL_EMB_STYLES = ("cls", "avg-pool", "w-pool")
+
+
+class ScGPT(nn.Module):
+    """scGPT encoder + heads. All constructor arguments are plain values (Hydra-instantiable).
+
+    Extra arguments beyond the official ones:
+      attn_dropout: dropout on attention probabilities (None = ``dropout``, as the official model).
+      decoder_style: "mlp" (official) or "affine" (perturbation: coeff(h) * value + bias(h)).
+      modality_style: "encoder" (modality embedding added to the token input) or "concat"
+        (official multi-omic model: modality + batch embedding concatenated before the decoders).
+      condition_pad_id: padding row of the condition (perturbation flag) embedding.
+    """
+
+    def __init__(self, vocab_size: int, pad_token_id: int, d_model: int = 512, n_heads: int = 8, d_ff: int = 512,
+                 n_layers: int = 12, dropout: float = 0.2, n_bins: int = 51, input_emb_style: str = "continuous",
+                 pad_value: float = -2.0, mask_value: float = -1.0, cell_emb_style: str = "cls",
+                 norm_scheme: str = "post", use_generative: bool = True, use_mvc: bool = True,
+                 explicit_zero_prob: bool = False, n_cls: int = 0, n_layers_cls: int = 3,
+                 num_batch_labels: int = 0, use_batch_labels: bool = False, dsbn: bool = False, do_dab: bool = False,
+                 ecs_threshold: float = 0.8, n_conditions: int = 0, n_modalities: int = 0,
+                 grad_checkpointing: bool = False, attn_dropout: float | None = None, max_value: float = 512.0,
+                 decoder_style: str = "mlp", modality_style: str = "encoder", condition_pad_id: int | None = 0,
+                 modality_pad_id: int | None = None, dab_lambda: float = 1.0, dsbn_affine: bool = False):
+        super().__init__()
+        self._config = {k: v for k, v in locals().items() if k not in ("self", "__class__")}
+        if input_emb_style not in INPUT_EMB_STYLES:
+            raise ValueError(f"input_emb_style must be one of {INPUT_EMB_STYLES}, got {input_emb_style!r}")
+        if cell_emb_style not in CELL_EMB_STYLES:
+            raise ValueError(f"cell_emb_style must be one of {CELL_EMB_STYLES}, got {cell_emb_style!r}")
+        if decoder_style not in ("mlp", "affine"):
+            raise ValueError(f"decoder_style must be 'mlp' or 'affine', got {decoder_style!r}")
+        if modality_style not in ("encoder", "concat"):
+            raise ValueError(f"modality_style must be 'encoder' or 'concat', got {modality_style!r}")
+        if (use_batch_labels or dsbn or do_dab) and num_batch_labels < 1:
+            raise ValueError("use_batch_labels / dsbn / do_dab need num_batch_labels >= 1")
+        if decoder_style == "affine" and explicit_zero_prob:
+            raise ValueError("decoder_style='affine' does not support explicit_zero_prob")
+        self.d_model = d_model
+        self.pad_token_id = pad_token_id
+        self.input_emb_style = input_emb_style
+        self.cell_emb_style = cell_emb_style
+        self.use_batch_labels = use_batch_labels
+        self.modality_concat = n_modalities > 0 and modality_style == "concat"
+        self.ecs_threshold = ecs_threshold
+        self.explicit_zero_prob = explicit_zero_prob
+        self.grad_checkpointing = grad_checkpointing
+        self.pad_value = pad_value
+        self.mask_value = mask_value
+
+        # ---- inputs
+        self.gene_encoder = GeneEncoder(vocab_size, d_model, padding_idx=pad_token_id)
+        if input_emb_style == "continuous":
+            self.value_encoder = ContinuousValueEncoder(d_model, dropout, max_value)
+        elif input_emb_style == "category":
+            self.value_encoder = CategoryValueEncoder(n_bins + 2, d_model, padding_idx=int(pad_value))
+        else:
+            self.value_encoder = None
+        self.flag_encoder = nn.Embedding(2, d_model) if use_generative else None  # row 1 = "unknown"
+        self.condition_encoder = (nn.Embedding(n_conditions, d_model, padding_idx=condition_pad_id)
+                                  if n_conditions > 0 else None)
+        self.modality_encoder = GeneEncoder(n_modalities, d_model, modality_pad_id) if n_modalities > 0 else None
+        self.batch_encoder = GeneEncoder(num_batch_labels, d_model) if use_batch_labels else None
+        self.dsbn = DomainSpecificBatchNorm(d_model, num_batch_labels, affine=dsbn_affine) if dsbn else None
+
+        # ---- encoder
+        attn_p = dropout if attn_dropout is None else attn_dropout
+        self.layers = nn.ModuleList(EncoderLayer(d_model, n_heads, d_ff, dropout, attn_p, norm_scheme)
+                                    for _ in range(n_layers))
+        self.final_norm = nn.LayerNorm(d_model) if norm_scheme == "pre" else None
+
+        # ---- heads
+        extra = self.modality_concat or use_batch_labels  # something concatenated to each token / the cell
+        d_token = 2 * d_model if extra else d_model
+        if decoder_style == "affine":
+            self.expr_decoder = AffineExprDecoder(d_token, d_model)
+        else:
+            self.expr_decoder = ExprDecoder(d_token, d_model, explicit_zero_prob)
+        d_gene = 2 * d_model if self.modality_concat else d_model
+        self.mvc_decoder = MVCDecoder(d_gene, d_token, explicit_zero_prob) if use_mvc else None
+        self.cls_decoder = MLPClassifier(d_model, n_cls, n_layers_cls) if n_cls > 0 else None
+        self.dab_decoder = (AdversarialDiscriminator(d_model, num_batch_labels, 3, dab_lambda)
+                            if do_dab else None)
+        self._init_weights()
+
+    def config(self) -> dict:
+        """The constructor kwargs (plain values)."""
+        return dict(self._config)
+
+    def _init_weights(self):
+        nn.init.uniform_(self.gene_encoder.embedding.weight, -0.1, 0.1)  # pad row too, like the official init
+        for layer in self.layers:
+            nn.init.xavier_uniform_(layer.self_attn.qkv.weight)
+            nn.init.zeros_(layer.self_attn.qkv.bias)
+            nn.init.zeros_(layer.self_attn.out_proj.bias)
+
+    # ------------------------------------------------------------------ pieces
+    def embed(self, gene_ids, values, pad_mask, gen_mask=None, batch_labels=None, condition_ids=None,
+              modality_ids=None, cell_prompt=None):
+        """Token input (B, L, d) and the gene embeddings (B, L, d) used by the MVC decoder."""
+        gene_embs = self.gene_encoder(gene_ids)  # (B, L, d)
+        if self.input_emb_style == "scaling":
+            x = gene_embs * values.unsqueeze(-1)
+        else:
+            x = gene_embs + self.value_encoder(values)
+        if gen_mask is not None:
+            if self.flag_encoder is None:
+                raise ValueError("gen_mask given but the model was built with use_generative=False")
+            unknown_x = gene_embs + self.flag_encoder.weight[1]  # gene + "unknown" flag, no value
+            x = torch.where(gen_mask.unsqueeze(-1), unknown_x, x)
+        if self.condition_encoder is not None and condition_ids is not None:
+            x = x + self.condition_encoder(condition_ids)
+        if self.modality_encoder is not None and not self.modality_concat and modality_ids is not None:
+            x = x + self.modality_encoder(modality_ids)
+        if cell_prompt is not None:  # (B, d) replaces the <cls> input
+            x = torch.cat([cell_prompt.unsqueeze(1).to(x.dtype), x[:, 1:]], dim=1)
+        if self.dsbn is not None:
+            if batch_labels is None:
+                raise ValueError("this model uses domain-specific batch norm: pass batch_labels")
+            x = self.dsbn(x, batch_labels, pad_mask)
+        return x, gene_embs
+
+    def encode(self, x, pad_mask, gen_mask=None):
+        """Run the transformer layers on the token input x (B, L, d)."""
+        use_ckpt = self.grad_checkpointing and self.training and torch.is_grad_enabled()
+        for layer in self.layers:
+            if use_ckpt:
+                x = checkpoint(layer, x, pad_mask, gen_mask, use_reentrant=False)
+            else:
+                x = layer(x, pad_mask, gen_mask)
+        return self.final_norm(x) if self.final_norm is not None else x
+
+    def cell_embedding(self, h, values, pad_mask, gen_mask=None):
+        """(B, L, d) -> (B, d) by cell_emb_style. Pools ignore pads (and unknown tokens)."""
+        if self.cell_emb_style == "cls":
+            return h[:, 0]
+        keep = ~pad_mask if gen_mask is None else ~pad_mask & ~gen_mask  # (B, L)
+        if self.cell_emb_style == "avg-pool":
+            w = keep.to(h.dtype)
+            return (h * w.unsqueeze(-1)).sum(1) / w.sum(1, keepdim=True).clamp(min=1)
+        w = torch.where(keep, values.clamp(min=0), torch.zeros_like(values)).to(h.dtype)  # w-pool: value weights
+        return F.normalize((h * w.unsqueeze(-1)).sum(1), p=2, dim=1)
+
+    # ------------------------------------------------------------------ forward
+    def forward(self, gene_ids, values, pad_mask, *, gen_mask=None, batch_labels=None, condition_ids=None,
+                modality_ids=None, cell_prompt=None) -> dict[str, torch.Tensor]:
+        """gene_ids (B, L) int64, values (B, L) float, pad_mask (B, L) True = pad,
+        gen_mask (B, L) True = unknown gene (generative attention). Returns a dict of outputs."""
+        if self.use_batch_labels and batch_labels is None:
+            raise ValueError("this model uses batch labels: pass batch_labels (B,) int64")
+        if gen_mask is not None:
+            gen_mask = gen_mask & ~pad_mask
+        x, gene_embs = self.embed(gene_ids, values, pad_mask, gen_mask, batch_labels, condition_ids, modality_ids,
+                                  cell_prompt)
+        h = self.encode(x, pad_mask, gen_mask)  # (B, L, d)
+        out: dict[str, torch.Tensor] = {"encoder_output": h}
+
+        token_extra = cell_extra = None  # what the official models concatenate before the decoders
+        if self.use_batch_labels:
+            batch_emb = self.batch_encoder(batch_labels)  # (B, d)
+            token_extra = batch_emb.unsqueeze(1).expand_as(h)
+            cell_extra = batch_emb
+        if self.modality_concat:
+            if modality_ids is None:
+                raise ValueError("modality_style='concat' needs modality_ids")
+            mod_emb = self.modality_encoder(modality_ids)  # (B, L, d)
+            token_extra = mod_emb if token_extra is None else token_extra + mod_emb
+            cell_extra = mod_emb[:, 0] if cell_extra is None else cell_extra + mod_emb[:, 0]
+            gene_embs = torch.cat([gene_embs, token_extra], dim=-1)
+        h_dec = h if token_extra is None else torch.cat([h, token_extra], dim=-1)
+
+        if isinstance(self.expr_decoder, AffineExprDecoder):
+            expr = self.expr_decoder(h_dec, values)
+            out["coeff"], out["bias"] = expr["coeff"], expr["bias"]
+        else:
+            expr = self.expr_decoder(h_dec)
+        out["mlm_output"] = expr["pred"]
+        if "zero_probs" in expr:
+            out["mlm_zero_probs"] = expr["zero_probs"]
+
+        cell_emb = self.cell_embedding(h, values, pad_mask, gen_mask)
+        out["cell_emb"] = cell_emb
+        if self.mvc_decoder is not None:
+            mvc = self.mvc_decoder(cell_emb if cell_extra is None else torch.cat([cell_emb, cell_extra], dim=1),
+                                   gene_embs)
+            out["mvc_output"] = mvc["pred"]
+            if "zero_probs" in mvc:
+                out["mvc_zero_probs"] = mvc["zero_probs"]
+        if self.cls_decoder is not None:
+            out["cls_output"] = self.cls_decoder(cell_emb)
+        if self.dab_decoder is not None:
+            out["dab_output"] = self.dab_decoder(cell_emb)
+        return out

@@ -1,0 +1,109 @@
+"""LightningModule: a weighted sum of swappable objectives around one ScGPT model.
+
+Knows no file formats: it receives ``Batch`` objects from whichever DataModule is configured.
+"""
+
+from __future__ import annotations
+
+import sys
+from collections.abc import Callable, Mapping
+
+import pytorch_lightning as pl
+import torch
+from torch import nn
+
+from data_modules.batch import Batch
+
+ALWAYS_ON_STEP = sys.maxsize  # objectives gated by step (e.g. the cell prompt) are fully on in validation
+
+
+class ScGPTLitModule(pl.LightningModule):
+    def __init__(
+        self,
+        net: nn.Module,
+        objectives: Mapping[str, nn.Module],
+        optimizer: Callable[..., torch.optim.Optimizer],
+        scheduler: Callable[..., torch.optim.lr_scheduler.LRScheduler] | None = None,
+        scheduler_total_steps: int | None = None,
+        lr: float | None = None,
+        compile: bool = False,
+    ):
+        super().__init__()
+        if not objectives:
+            raise ValueError("no objective configured: choose one with objective=generative (or mlm, cls, ...)")
+        self.model = net
+        self.objectives = nn.ModuleDict(dict(objectives))
+        self.optimizer_factory = optimizer
+        self.scheduler_factory = scheduler
+        self.scheduler_total_steps = scheduler_total_steps
+        self.lr = lr
+        self.compile = compile
+        # The ScGPT constructor kwargs travel with every checkpoint so a .ckpt alone rebuilds the model.
+        net_config = net.config() if hasattr(net, "config") else {}
+        self.save_hyperparameters({"model": net_config, "objectives": sorted(objectives)})
+
+    # forward --------------------------------------------------------------------------------
+    def forward(self, batch: Batch) -> dict[str, torch.Tensor]:
+        return self.model(
+            batch.gene_ids,
+            batch.values,
+            batch.pad_mask,
+            gen_mask=batch.gen_mask,
+            batch_labels=batch.batch_labels,
+            condition_ids=batch.condition_ids,
+            modality_ids=batch.modality_ids,
+        )
+
+    def compute_losses(self, batch: Batch, step: int) -> dict[str, torch.Tensor]:
+        """Every named loss term, plus ``loss``: the weighted sum that is optimized."""
+        outputs = self(batch)
+        terms: dict[str, torch.Tensor] = {}
+        total = torch.zeros((), device=batch.gene_ids.device)
+        for name, objective in self.objectives.items():
+            obj_terms = objective(self.model, batch, outputs, step)
+            for term, value in obj_terms.items():
+                terms[f"{name}/{term}"] = value
+                total = total + objective.weight * value
+        terms["loss"] = total
+        return terms
+
+    # steps ----------------------------------------------------------------------------------
+    def training_step(self, batch: Batch, batch_idx: int) -> torch.Tensor:
+        terms = self.compute_losses(batch, self.global_step)
+        n = batch.n_cells
+        self.log("train/loss", terms["loss"], prog_bar=True, batch_size=n)
+        self.log_dict({f"train/{k}": v for k, v in terms.items() if k != "loss"}, batch_size=n)
+        return terms["loss"]
+
+    def validation_step(self, batch: Batch, batch_idx: int) -> torch.Tensor:
+        terms = self.compute_losses(batch, ALWAYS_ON_STEP)
+        n = batch.n_cells
+        self.log("val/loss", terms["loss"], prog_bar=True, batch_size=n, sync_dist=True)
+        self.log_dict({f"val/{k}": v for k, v in terms.items() if k != "loss"}, batch_size=n, sync_dist=True)
+        return terms["loss"]
+
+    # optimization ---------------------------------------------------------------------------
+    def configure_model(self) -> None:
+        if self.compile and not getattr(self, "_compiled", False):
+            self.model.compile()  # in place: state_dict keys stay unprefixed
+            self._compiled = True
+
+    def configure_optimizers(self):
+        params = [p for p in self.parameters() if p.requires_grad]
+        optimizer = self.optimizer_factory(params=params)
+        if self.scheduler_factory is None:
+            return optimizer
+        total = self.scheduler_total_steps or self._estimated_total_steps()
+        scheduler = self.scheduler_factory(optimizer=optimizer, total_steps=total)
+        return {"optimizer": optimizer, "lr_scheduler": {"scheduler": scheduler, "interval": "step"}}
+
+    def _estimated_total_steps(self) -> int:
+        est = self.trainer.estimated_stepping_batches
+        if est is None or est == float("inf"):
+            if self.trainer.max_steps and self.trainer.max_steps > 0:
+                return int(self.trainer.max_steps)
+            raise ValueError(
+                "cannot size the lr schedule: the data stream has no length and trainer.max_steps is unset; "
+                "set model.scheduler_total_steps or trainer.max_steps"
+            )
+        return int(est)

@@ -1,0 +1,90 @@
+"""What ``train.py`` does, as a function tests and other entry points can call with a composed config."""
+
+from __future__ import annotations
+
+import logging
+from pathlib import Path
+
+import pytorch_lightning as pl
+import torch
+from hydra.utils import instantiate
+from omegaconf import DictConfig, OmegaConf
+from rich.console import Console
+from rich.table import Table
+
+from scgpt_train.callbacks import RunSummary
+
+log = logging.getLogger(__name__)
+
+
+def instantiate_group(cfg: DictConfig | None) -> list:
+    """Instantiate every entry of a config group that maps names to ``_target_`` configs."""
+    if not cfg:
+        return []
+    return [instantiate(c) for c in cfg.values() if c is not None and "_target_" in c]
+
+
+def build(cfg: DictConfig) -> tuple[pl.LightningDataModule, pl.LightningModule, pl.Trainer]:
+    """Data module (corpus prepared), Lightning module and trainer, all from ``_target_``."""
+    datamodule = instantiate(cfg.data)
+    datamodule.prepare_data()
+    datamodule.setup("fit")
+    objectives = {name: instantiate(c) for name, c in cfg.objective.items()}
+    module = instantiate(
+        cfg.model,
+        net={"vocab_size": datamodule.vocab_size, "pad_token_id": datamodule.pad_id},
+        objectives=objectives,
+    )
+    trainer = instantiate(cfg.trainer, callbacks=instantiate_group(cfg.get("callbacks")),
+                          logger=instantiate_group(cfg.get("logger")) or False)
+    return datamodule, module, trainer
+
+
+def resolve_ckpt_path(ckpt_path: str | None, output_dir: str) -> str | None:
+    """``last`` means ``<output_dir>/checkpoints/last.ckpt``; anything else must exist."""
+    if ckpt_path in (None, ""):
+        return None
+    path = Path(output_dir) / "checkpoints" / "last.ckpt" if ckpt_path == "last" else Path(ckpt_path)
+    if not path.exists():
+        raise FileNotFoundError(f"ckpt_path={ckpt_path!r}: no checkpoint at {path}")
+    return str(path)
+
+
+def run(cfg: DictConfig) -> dict[str, float]:
+    """Seed, build, (validate,) fit, print and save the summary; returns the final metrics."""
+    pl.seed_everything(cfg.seed, workers=True)
+    output_dir = Path(cfg.paths.output_dir)
+    output_dir.mkdir(parents=True, exist_ok=True)
+    OmegaConf.save(cfg, output_dir / "config.yaml", resolve=True)
+
+    datamodule, module, trainer = build(cfg)
+    ckpt_path = resolve_ckpt_path(cfg.get("ckpt_path"), str(output_dir))
+    if cfg.get("validate_before_fit") and ckpt_path is None:
+        trainer.validate(module, datamodule=datamodule, verbose=False)
+    trainer.fit(module, datamodule=datamodule, ckpt_path=ckpt_path)
+
+    metrics = {k: float(v) for k, v in trainer.callback_metrics.items() if torch.is_tensor(v) and v.numel() == 1}
+    summary_cb = next((c for c in trainer.callbacks if isinstance(c, RunSummary)), None)
+    if summary_cb is not None and trainer.is_global_zero:
+        summary = summary_cb.write(trainer, output_dir / "summary.json")
+        print_summary(summary, output_dir)
+    return metrics
+
+
+def _fmt(x) -> str:
+    if x is None:
+        return "-"
+    return f"{x:,.4f}" if isinstance(x, float) else f"{x:,}"
+
+
+def print_summary(s: dict, output_dir: Path) -> None:
+    table = Table(title="scgpt-train run summary", show_header=False)
+    table.add_row("steps", _fmt(s["steps"]))
+    table.add_row("cells seen", _fmt(s["cells_seen"]))
+    table.add_row("cells/s (fit wall time)", _fmt(s["cells_per_s"]))
+    table.add_row("train loss first -> last", f"{_fmt(s['train_loss_first'])} -> {_fmt(s['train_loss_last'])}")
+    table.add_row("val loss first -> last", f"{_fmt(s['val_loss_first'])} -> {_fmt(s['val_loss_last'])}")
+    table.add_row("checkpoint (last)", str(s["last_checkpoint"]))
+    table.add_row("checkpoint (best)", str(s["best_checkpoint"]))
+    table.add_row("logs", str(output_dir))
+    Console().print(table)

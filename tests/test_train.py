@@ -1,0 +1,85 @@
+"""End to end through `python train.py`: the demo (shortened), resume, and the paper preset smoke run."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import pytest
+import yaml
+
+from conftest import run_cmd
+
+
+@pytest.fixture(scope="module")
+def demo_run(demo_corpus, tmp_path_factory) -> Path:
+    run_dir = tmp_path_factory.mktemp("demo_run")
+    run_cmd(["train.py", f"paths.cache_dir={demo_corpus.parent}", f"hydra.run.dir={run_dir}",
+             "trainer.max_steps=60", "trainer.val_check_interval=30", "callbacks.periodic_checkpoint.every_n_train_steps=25"])
+    return run_dir
+
+
+def test_demo_trains_validates_checkpoints_and_summarizes(demo_run):
+    summary = json.loads((demo_run / "summary.json").read_text())
+    assert summary["steps"] == 60
+    assert summary["cells_seen"] == 60 * 16
+    assert summary["cells_per_s"] > 0
+    # validation before fit, then at steps 30 and 60: the model really learns
+    assert [s for s, _ in summary["val_losses"]] == [0, 30, 60]
+    assert summary["val_loss_last"] < 0.7 * summary["val_loss_first"], summary["val_losses"]
+    assert summary["train_loss_last"] < summary["train_loss_first"]
+    ckpts = {p.name for p in (demo_run / "checkpoints").glob("*.ckpt")}
+    assert "last.ckpt" in ckpts and any(n.startswith("periodic-step") for n in ckpts), ckpts
+    metrics = (demo_run / "csv" / "metrics.csv").read_text()
+    for column in ("train/loss", "val/loss", "perf/cells_per_s", "perf/pad_fraction", "perf/tokens_per_s"):
+        assert column in metrics, column
+    cfg = yaml.safe_load((demo_run / "config.yaml").read_text())
+    assert cfg["task_name"] == "demo"
+
+
+def test_resume_from_checkpoint_continues_the_step_count(demo_run, demo_corpus, tmp_path):
+    import torch
+
+    last = demo_run / "checkpoints" / "last.ckpt"
+    state = torch.load(last, map_location="cpu", weights_only=False)
+    assert state["global_step"] == 60
+    assert state["hyper_parameters"]["model"]["d_model"] == 128
+    run_cmd(["train.py", f"paths.cache_dir={demo_corpus.parent}", f"hydra.run.dir={tmp_path}",
+             "trainer.max_steps=70", "trainer.val_check_interval=10", f"ckpt_path={last}"])
+    summary = json.loads((tmp_path / "summary.json").read_text())
+    assert summary["steps"] == 70
+    resumed = torch.load(tmp_path / "checkpoints" / "last.ckpt", map_location="cpu", weights_only=False)
+    assert resumed["global_step"] == 70
+    # the optimizer state was restored and moved on: Adam's step counter continues from 60
+    adam_steps = {int(s["step"]) for s in resumed["optimizer_states"][0]["state"].values()}
+    assert adam_steps == {70}
+
+
+@pytest.fixture(scope="module")
+def short_corpus(tmp_path_factory) -> Path:
+    """A small real corpus with short cells (pbmc68k_reduced restricted to 150 genes)."""
+    from data_modules.demo import pbmc68k_adata
+    from data_modules.store.convert import Source, convert_sources
+
+    adata = pbmc68k_adata()[:200, :150].copy()
+    out = tmp_path_factory.mktemp("short") / "corpus"
+    convert_sources([Source("pbmc_short", adata)], out, obs_columns=["cell_type"], allow_float=True,
+                    shard_size=64, split={"strategy": "cell", "seed": 0, "val_fraction": 0.2})
+    return out
+
+
+def test_pretrain_33m_smoke_runs_with_the_paper_values(short_corpus, tmp_path):
+    run_cmd(["train.py", "experiment=pretrain_33m", f"paths.corpus={short_corpus}", "trainer=cpu",
+             "trainer.max_steps=2", "data.num_workers=0", "trainer.limit_val_batches=1",
+             f"hydra.run.dir={tmp_path}"], env={"WANDB_MODE": "offline"})
+    cfg = yaml.safe_load((tmp_path / "config.yaml").read_text())
+    net = cfg["model"]["net"]
+    assert (net["n_layers"], net["n_heads"], net["d_model"], net["d_ff"], net["dropout"]) == (12, 8, 512, 512, 0.2)
+    assert cfg["max_seq_len"] == 1201 and cfg["data"]["batch_size"] == 32
+    assert cfg["model"]["optimizer"]["lr"] == 1e-4 and cfg["model"]["scheduler"]["warmup_steps"] == 10000
+    assert cfg["trainer"]["accelerator"] == "cpu" and cfg["trainer"]["precision"] == "bf16-mixed"
+    summary = json.loads((tmp_path / "summary.json").read_text())
+    assert summary["steps"] == 2 and summary["cells_seen"] == 64
+    assert (tmp_path / "wandb").is_dir()  # the wandb logger ran (offline)
+    state = __import__("torch").load(tmp_path / "checkpoints" / "last.ckpt", map_location="cpu", weights_only=False)
+    assert sum(v.numel() for k, v in state["state_dict"].items() if "transformer" in k or "layers" in k) > 10_000_000
