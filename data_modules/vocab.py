@@ -148,10 +148,12 @@ def guess_gene_key(genes: Sequence[str]) -> str:
 
 def load_gene_table(path: str | os.PathLike, key_column: str = "feature_id",
                     token_column: str = "feature_name") -> dict[str, str]:
-    """Read a two-column gene table (CSV/TSV with a header) as ``{key: token}``.
+    """Read a gene table (CSV/TSV) as ``{key: token}``, keys also without Ensembl version suffix.
 
-    Typical use: Ensembl id -> symbol, to map a dataset keyed by Ensembl ids onto a
-    symbol vocabulary (the CELLxGENE Census ``var`` has both as feature_id / feature_name).
+    Typical use: Ensembl id -> symbol, to map a dataset keyed by Ensembl ids onto a symbol
+    vocabulary (the CELLxGENE Census ``var`` has both as feature_id / feature_name). With a
+    header the two named columns are used; a headerless file (first field an Ensembl id,
+    e.g. GENCODE ``id,name`` lists) is read as key, token.
     """
     import pandas as pd
 
@@ -159,14 +161,19 @@ def load_gene_table(path: str | os.PathLike, key_column: str = "feature_id",
     if not path.exists():
         raise VocabError(f"gene table {path} does not exist")
     sep = "\t" if path.suffix in (".tsv", ".txt") else ","
-    table = pd.read_csv(path, sep=sep, dtype=str)
+    with open(path) as f:
+        first = f.readline().split(sep)[0].strip()
+    if is_ensembl_id(first):
+        table = pd.read_csv(path, sep=sep, dtype=str, header=None).iloc[:, :2]
+        table.columns = [key_column, token_column]
+    else:
+        table = pd.read_csv(path, sep=sep, dtype=str)
     missing = [c for c in (key_column, token_column) if c not in table.columns]
     if missing:
         raise VocabError(
             f"gene table {path} lacks the columns {missing} (it has {list(table.columns)}); "
-            f"it needs a header with {key_column!r} and {token_column!r}"
+            f"give it a header with {key_column!r} and {token_column!r} or pass the column names"
         )
     table = table.dropna(subset=[key_column, token_column])
-    return dict(zip(table[key_column].str.split(".").str[0], table[token_column])) | dict(
-        zip(table[key_column], table[token_column])
-    )
+    keys, tokens = table[key_column].astype(str), table[token_column].astype(str)
+    return dict(zip(keys.str.split(".").str[0], tokens)) | dict(zip(keys, tokens))

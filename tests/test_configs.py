@@ -79,3 +79,16 @@ def test_pretrain_33m_has_the_paper_values():
     assert tr["num_nodes"] * tr["devices"] == 16 and cfg["data"]["batch_size"] == 32
     assert "wandb" in cfg["logger"]
     assert cfg["data"]["corpus_dir"] == "/tmp/corpus"
+
+
+def test_command_line_group_choice_beats_the_experiment_default():
+    cfg = resolved(compose_cfg(["experiment=pretrain_33m", "trainer=cpu"]))
+    assert cfg["trainer"]["accelerator"] == "cpu" and cfg["trainer"]["devices"] == 1
+    assert cfg["trainer"]["max_epochs"] == 6  # the experiment's values still apply on top
+
+
+@pytest.mark.parametrize("launcher", ["slurm", "local"])
+def test_sweep_launchers_compose(launcher):
+    cfg = compose_cfg([f"hydra/launcher={launcher}", "experiment=demo"])
+    target = cfg.hydra.launcher._target_
+    assert target.startswith("hydra_plugins.hydra_submitit_launcher"), target

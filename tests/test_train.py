@@ -82,4 +82,4 @@ def test_pretrain_33m_smoke_runs_with_the_paper_values(short_corpus, tmp_path):
     assert summary["steps"] == 2 and summary["cells_seen"] == 64
     assert (tmp_path / "wandb").is_dir()  # the wandb logger ran (offline)
     state = __import__("torch").load(tmp_path / "checkpoints" / "last.ckpt", map_location="cpu", weights_only=False)
-    assert sum(v.numel() for k, v in state["state_dict"].items() if "transformer" in k or "layers" in k) > 10_000_000
+    assert sum(v.numel() for k, v in state["state_dict"].items() if k.startswith("model.layers.")) > 10_000_000

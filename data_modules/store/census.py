@@ -112,7 +112,7 @@ class CensusReader:
 def convert_census(out: str | os.PathLike, census_version: str = PAPER_CENSUS_VERSION, uri: str | None = None,
                    organism: str = "homo_sapiens", value_filter: str = PAPER_FILTER, vocab: GeneVocab | None = None,
                    gene_column: str = "feature_name", obs_columns: Sequence[str] = CENSUS_OBS_COLUMNS,
-                   shard_size: int = 16384, chunk_size: int = 4096, min_genes: int = 1, split: dict | None = None,
+                   shard_size: int = 16384, chunk_size: int = 2048, min_genes: int = 1, split: dict | None = None,
                    on_duplicate: str = "first", overwrite: bool = False, resume: bool = True,
                    log: Callable[[str], None] | None = None) -> dict:
     """Build a corpus from the Census query (see module docstring); resumable like the h5ad path."""

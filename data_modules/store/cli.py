@@ -27,7 +27,7 @@ def _common_build_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--vocab", type=Path, help="existing vocab.json (flat {token: index}); default: union of the inputs")
     p.add_argument("--min-genes", type=int, default=1, help="drop cells with fewer known genes (default 1: empty cells)")
     p.add_argument("--shard-size", type=int, default=16384, help="cells per shard (default 16384)")
-    p.add_argument("--chunk-size", type=int, default=4096, help="input rows read at a time (default 4096)")
+    p.add_argument("--chunk-size", type=int, default=2048, help="input rows read at a time (default 2048)")
     g = p.add_mutually_exclusive_group()
     g.add_argument("--val-fraction", type=float, default=None, help="validation fraction, split by cell (default 0.003)")
     g.add_argument("--val-datasets", nargs="+", help="hold out these whole datasets for validation")

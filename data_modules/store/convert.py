@@ -29,6 +29,8 @@ from data_modules.store.format import (
     VOCAB_NAME,
     CorpusFormatError,
     file_sha256,
+    index_dtype,
+    narrowest_count_dtype,
 )
 from data_modules.store.journal import Journal, fingerprint, remove_unlisted_shards
 from data_modules.store.sources import AnnDataReader, H5adReader, RawChunk
@@ -154,16 +156,17 @@ def check_values(raw: RawChunk, reader, allow_float: bool) -> None:
     if data.dtype.kind in "ui" and (data.dtype.kind == "u" or data.size == 0 or data.min() >= 0):
         return
     problems = [
-        (~np.isfinite(data), "NaN or infinite value", "counts are never NaN/inf: fix the matrix upstream (e.g. "
+        (lambda: ~np.isfinite(data), "NaN or infinite value", "counts are never NaN/inf: fix the matrix upstream (e.g. "
          "re-run the quantification) or drop the affected cells before converting"),
-        (data < 0, "negative value", "this looks like scaled or batch-corrected data; convert the raw counts instead "
-         "(--use-raw or --layer counts)"),
+        (lambda: data < 0, "negative value", "this looks like scaled or batch-corrected data; convert the raw counts "
+         "instead (--use-raw or --layer counts)"),
     ]
     if not allow_float:
-        problems.append((np.mod(data, 1) != 0, "non-integer value where raw counts are expected",
+        problems.append((lambda: np.mod(data, 1) != 0, "non-integer value where raw counts are expected",
                          "point the converter at raw counts (--use-raw or --layer counts), or pass "
                          "--allow-normalized (allow_float=True) to store normalized values as float32"))
-    for mask, what, fix in problems:
+    for find, what, fix in problems:  # in order: later checks assume finite values
+        mask = find()
         if mask.any():
             p = int(np.argmax(mask))
             row = int(np.searchsorted(raw.X.indptr, p, side="right") - 1)
@@ -179,8 +182,8 @@ def prepare_chunk(raw: RawChunk, lut: np.ndarray, min_genes: int) -> PreparedCel
     X = raw.X
     n = X.shape[0]
     indptr = X.indptr.astype(np.int64)
-    row = np.repeat(np.arange(n, dtype=np.int64), np.diff(indptr))  # (nnz,) cell of each entry
-    gid = lut[X.indices]
+    row = np.repeat(np.arange(n, dtype=np.int32), np.diff(indptr))  # (nnz,) cell of each entry
+    gid = lut.astype(np.int32, copy=False)[X.indices]
     nonzero = X.data != 0
     keep_entry = (gid >= 0) & nonzero
     lost = (gid < 0) & nonzero
@@ -194,7 +197,7 @@ def prepare_chunk(raw: RawChunk, lut: np.ndarray, min_genes: int) -> PreparedCel
     if len(gid_k) > 1:
         same_row = row_k[1:] == row_k[:-1]
         if np.any(same_row & (gid_k[1:] <= gid_k[:-1])):  # not ascending within a cell: sort
-            order = np.argsort(row_k * (int(lut.max()) + 1) + gid_k, kind="stable")
+            order = np.argsort(row_k.astype(np.int64) * (int(lut.max()) + 1) + gid_k, kind="stable")
             row_k, gid_k, data_k = row_k[order], gid_k[order], data_k[order]
             same_row = row_k[1:] == row_k[:-1]
             if np.any(same_row & (gid_k[1:] == gid_k[:-1])):
@@ -205,7 +208,8 @@ def prepare_chunk(raw: RawChunk, lut: np.ndarray, min_genes: int) -> PreparedCel
     lengths = n_genes[keep_cell]
     out_indptr = np.zeros(len(lengths) + 1, dtype=np.int64)
     np.cumsum(lengths, out=out_indptr[1:])
-    return PreparedCells(out_indptr, gid_k.astype(np.int32), data_k, keep_cell, counts_total, counts_lost, nnz_lost)
+    data_k = data_k.astype(narrowest_count_dtype(data_k, allow_float=True), copy=False)  # exact; halves pending memory
+    return PreparedCells(out_indptr, gid_k, data_k, keep_cell, counts_total, counts_lost, nnz_lost)
 
 
 STAT_KEYS = ("n_cells", "n_cells_dropped", "counts_total", "counts_lost_unknown_genes", "nnz_lost_unknown_genes")
@@ -263,7 +267,7 @@ def _check_existing(out: Path, fp: str, overwrite: bool) -> dict | None:
 
 
 def run_conversion(readers: list, out: str | os.PathLike, vocab: GeneVocab, obs_columns: Sequence[str],
-                   params: dict, shard_size: int = 16384, chunk_size: int = 4096, allow_float: bool = False,
+                   params: dict, shard_size: int = 16384, chunk_size: int = 2048, allow_float: bool = False,
                    min_genes: int = 1, split: dict | None = None, gene_table: Mapping[str, str] | None = None,
                    on_duplicate: str = "error", overwrite: bool = False, resume: bool = True,
                    log: Callable[[str], None] | None = None, extra_manifest: dict | None = None) -> dict:
@@ -295,6 +299,7 @@ def run_conversion(readers: list, out: str | os.PathLike, vocab: GeneVocab, obs_
                           creation={"fingerprint": fp, "params": params, "chunk_size": chunk_size})
     stats: dict[str, dict] = {}
     position = [0, 0]
+    id_dtype = index_dtype(len(vocab))
     if state is not None:
         writer.restore(state["writer"], journal.pending_path(state))
         stats, position = state["stats"], state["position"]
@@ -316,10 +321,11 @@ def run_conversion(readers: list, out: str | os.PathLike, vocab: GeneVocab, obs_
                 obs = {"dataset": ds_codes[cells.keep]}
                 for c in obs_columns:
                     obs[c] = writer.codes(c, raw.obs[c][cells.keep])
-                flushed = writer.add_cells(cells.indptr, cells.gene_ids, cells.counts, obs,
+                flushed = writer.add_cells(cells.indptr, cells.gene_ids.astype(id_dtype), cells.counts, obs,
                                            source_row=raw.source_row[cells.keep], coded=True)
                 if flushed:
                     journal.save(fp, params, [ri, hi], writer, stats)
+                    _pause_for_crash_tests()
                     log(f"{len(writer.shards)} shards, {writer.n_cells_written} cells written "
                         f"(input {ri + 1}/{len(readers)}, row {hi}/{reader.n_rows})")
         writer.datasets = _dataset_entries(readers, reports, stats, obs_columns)
@@ -336,6 +342,15 @@ def run_conversion(readers: list, out: str | os.PathLike, vocab: GeneVocab, obs_
     journal.clear()
     log(f"{out}: {manifest['n_cells']} cells in {len(manifest['shards'])} shards")
     return manifest
+
+
+def _pause_for_crash_tests() -> None:
+    """Sleep ``$SCGPT_CORPUS_PAUSE_S`` seconds after each journal save (lets tests kill -9 a run mid-way)."""
+    delay = float(os.environ.get("SCGPT_CORPUS_PAUSE_S", "0") or 0)
+    if delay > 0:
+        import time
+
+        time.sleep(delay)
 
 
 def _vocab_digest(vocab: GeneVocab) -> str:
@@ -388,7 +403,7 @@ def _dataset_entries(readers: list, reports: list[GeneReport], stats: dict, obs_
 
 
 def convert_sources(sources: Sequence[Source], out: str | os.PathLike, vocab: GeneVocab | None = None,
-                    obs_columns: Sequence[str] = (), shard_size: int = 16384, chunk_size: int = 4096,
+                    obs_columns: Sequence[str] = (), shard_size: int = 16384, chunk_size: int = 2048,
                     allow_float: bool = False, min_genes: int = 1, split: dict | None = None, *,
                     gene_table: Mapping[str, str] | None = None, overwrite: bool = False, resume: bool = True,
                     require_obs: bool = True, on_duplicate: str = "error",

@@ -30,6 +30,7 @@ _OFFICIAL_TO_OURS = [
     (r"^pert_encoder\.weight$", "condition_encoder.weight"),
     (r"^dsbn\.bns\.(\d+)\.(weight|bias|running_mean|running_var|num_batches_tracked)$", r"dsbn.bns.\1.\2"),
     (r"^transformer_encoder\.layers\.(\d+)\.(linear1|linear2|norm1|norm2)\.(weight|bias)$", r"layers.\1.\2.\3"),
+    (r"^transformer_encoder\.norm\.(weight|bias)$", r"final_norm.\1"),  # nn.TransformerEncoder(norm=...)
     (r"^decoder\.(fc|zero_logit)\.(\d+)\.(weight|bias)$", r"expr_decoder.\1.\2.\3"),
     (r"^decoder\.(coeff_decoder|bias_decoder)\.fc\.(\d+)\.(weight|bias)$", r"expr_decoder.\1.fc.\2.\3"),
     (r"^mvc_decoder\.(gene2query|W|W_zero_logit)\.(weight|bias)$", r"mvc_decoder.\1.\2"),
@@ -56,6 +57,7 @@ _OURS_TO_OFFICIAL = [
     (r"^condition_encoder\.weight$", "pert_encoder.weight"),
     (r"^dsbn\.bns\.(\d+)\.(.+)$", r"dsbn.bns.\1.\2"),
     (r"^layers\.(\d+)\.(linear1|linear2|norm1|norm2)\.(weight|bias)$", r"transformer_encoder.layers.\1.\2.\3"),
+    (r"^final_norm\.(weight|bias)$", r"transformer_encoder.norm.\1"),  # pre-norm only (not in official files)
     (r"^expr_decoder\.(fc|zero_logit)\.(\d+)\.(weight|bias)$", r"decoder.\1.\2.\3"),
     (r"^expr_decoder\.(coeff_decoder|bias_decoder)\.fc\.(\d+)\.(weight|bias)$", r"decoder.\1.fc.\2.\3"),
     (r"^mvc_decoder\.(.+)$", r"mvc_decoder.\1"),
@@ -128,9 +130,6 @@ def ours_to_official(sd: dict, layout: str = "released") -> tuple[dict, MappingR
         raise ValueError(f"layout must be one of {ATTENTION_LAYOUTS}, got {layout!r}")
     out, report = {}, MappingReport()
     for key, value in sd.items():
-        if key.startswith("final_norm."):
-            report.ignored.append(key)  # pre-norm models have no official counterpart
-            continue
         m = _ATTN_OURS.match(key)
         if m:
             layer, part, kind = m.groups()

@@ -1,0 +1,114 @@
+"""LightningDataModule over a corpus directory: the pretraining train and validation streams."""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from pathlib import Path
+from typing import Any
+
+import pytorch_lightning as pl
+
+from data_modules.store.format import MANIFEST_NAME
+from data_modules.store.reader import Corpus
+from data_modules.stream import CellStream, StreamLoader
+from data_modules.tokenize import TokenizerConfig
+from data_modules.vocab import GeneVocab
+
+# batches Lightning's fit loop fetches ahead of the step it trains on: its prefetching fetcher
+# skips prefetching for loaders with a length (ours), so 0 (tests/test_datamodule.py checks it)
+LIGHTNING_PREFETCH = 0
+
+
+class CorpusDataModule(pl.LightningDataModule):
+    """Block-shuffled training stream and deterministic validation stream of ``Batch`` es.
+
+    Plain constructor values only (Hydra). ``tokenizer`` may be a TokenizerConfig, a dict or
+    a DictConfig. The train dataloader is stateful: Lightning stores its position in
+    checkpoints, and a resumed run (at any world size) continues the epoch exactly.
+    """
+
+    def __init__(self, corpus_dir: str, tokenizer: TokenizerConfig | dict | Any = None, batch_size: int = 32,
+                 val_batch_size: int | None = None, num_workers: int = 0, block_size: int = 256,
+                 buffer_blocks: int = 16, seed: int = 0, builder: Callable[[str], Any] | None = None,
+                 max_val_cells: int | None = None, lanes: int = 8, bucket_batches: int = 8,
+                 pin_memory: bool = False, prefetch_factor: int | None = None):
+        super().__init__()
+        self.corpus_dir = str(corpus_dir)
+        self.tokenizer_config = TokenizerConfig.from_any(tokenizer)
+        self.batch_size = int(batch_size)
+        self.val_batch_size = int(val_batch_size or batch_size)
+        self.num_workers = int(num_workers)
+        self.block_size, self.buffer_blocks, self.seed = int(block_size), int(buffer_blocks), int(seed)
+        self.builder = builder
+        self.max_val_cells = max_val_cells
+        self.lanes, self.bucket_batches = int(lanes), int(bucket_batches)
+        self.pin_memory, self.prefetch_factor = bool(pin_memory), prefetch_factor
+        self.corpus: Corpus | None = None
+        self.train_stream: CellStream | None = None
+        self.val_stream: CellStream | None = None
+
+    # lifecycle ------------------------------------------------------------------------
+    def prepare_data(self) -> None:
+        if (Path(self.corpus_dir) / MANIFEST_NAME).exists():
+            return
+        if self.builder is None:
+            raise FileNotFoundError(
+                f"{self.corpus_dir} has no {MANIFEST_NAME}: build the corpus first "
+                "(`python scripts/build_corpus.py ... --out DIR`) or give the data module a `builder`"
+            )
+        self.builder(self.corpus_dir)
+
+    def setup(self, stage: str | None = None) -> None:
+        if self.train_stream is not None:  # idempotent: train.py calls setup before the Trainer does
+            return
+        self.corpus = Corpus(self.corpus_dir)
+        common = dict(tokenizer=self.tokenizer_config, block_size=self.block_size, buffer_blocks=self.buffer_blocks,
+                      seed=self.seed, lanes=self.lanes, bucket_batches=self.bucket_batches)
+        self.train_stream = CellStream(self.corpus_dir, "train", self.batch_size, shuffle=True, **common)
+        self.val_stream = CellStream(self.corpus_dir, "val", self.val_batch_size, shuffle=False,
+                                     max_cells=self.max_val_cells, **common)
+
+    # what train.py reads --------------------------------------------------------------
+    @property
+    def vocab(self) -> GeneVocab:
+        return self._corpus().vocab
+
+    @property
+    def vocab_size(self) -> int:
+        return len(self.vocab)
+
+    @property
+    def pad_id(self) -> int:
+        return self.vocab.pad_id
+
+    @property
+    def cls_id(self) -> int:
+        return self.vocab.cls_id
+
+    @property
+    def n_train_cells(self) -> int:
+        self.setup()
+        return self.train_stream.n_cells
+
+    @property
+    def n_val_cells(self) -> int:
+        self.setup()
+        return self.val_stream.n_cells
+
+    def _corpus(self) -> Corpus:
+        if self.corpus is None:
+            self.setup()
+        return self.corpus
+
+    # loaders --------------------------------------------------------------------------
+    def _loader(self, stream: CellStream, lookahead: int) -> StreamLoader:
+        return StreamLoader(stream, num_workers=self.num_workers, consumer_lookahead=lookahead,
+                            pin_memory=self.pin_memory, prefetch_factor=self.prefetch_factor)
+
+    def train_dataloader(self) -> StreamLoader:
+        self.setup()
+        return self._loader(self.train_stream, LIGHTNING_PREFETCH)
+
+    def val_dataloader(self) -> StreamLoader:
+        self.setup()
+        return self._loader(self.val_stream, 0)
