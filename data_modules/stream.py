@@ -258,6 +258,17 @@ def _consumed(sizes: np.ndarray, n_slots: int, n_cells: int) -> int:
     return min(int(sizes[:n_slots].sum()), n_cells)
 
 
+def gather_rows(block: CellBlock, rows: np.ndarray) -> CellBlock:
+    """``block.take(rows)`` with one ``repeat`` per entry (the hot path of every batch)."""
+    starts = block.indptr[rows]
+    lengths = block.indptr[rows + 1] - starts
+    indptr = np.zeros(len(rows) + 1, dtype=np.int64)
+    np.cumsum(lengths, out=indptr[1:])
+    pos = np.arange(indptr[-1], dtype=np.int64) + np.repeat(starts - indptr[:-1], lengths)
+    return CellBlock(indptr=indptr, gene_ids=block.gene_ids[pos], counts=block.counts[pos],
+                     cell_index=block.cell_index[rows], obs={k: v[rows] for k, v in block.obs.items()})
+
+
 # ------------------------------------------------------------------------------------------
 # reading lanes
 # ------------------------------------------------------------------------------------------
@@ -267,26 +278,29 @@ class LaneReader:
     def __init__(self, corpus: Corpus, plan: EpochPlan, split: str, bucket_batches: int, max_len: int):
         self.corpus, self.plan, self.split = corpus, plan, split
         self.bucket_batches, self.max_len = bucket_batches, max_len
-        self._windows: dict[tuple[int, int], CellBlock] = {}
+        self._windows: dict[tuple[int, int], tuple[CellBlock, np.ndarray]] = {}
 
-    def _read_range(self, lo: int, hi: int) -> CellBlock:
-        """Split cells at epoch positions [lo, hi), in plan order."""
+    def _read_range(self, lo: int, hi: int) -> tuple[CellBlock, np.ndarray]:
+        """Raw rows of the blocks holding epoch positions [lo, hi) and the split's rows among them, in plan order."""
         plan, table = self.plan, self.plan.table
         first = int(np.searchsorted(plan.cum, lo, side="right")) - 1
         last = int(np.searchsorted(plan.cum, hi, side="left"))
-        parts = []
+        blocks, rows, offset = [], [], 0
         for i in range(first, last):
             b = int(plan.block_order[i])
             block = self.corpus.read_block(int(table.shard[b]), int(table.start[b]), int(table.stop[b]))
             in_val = self.corpus.in_validation(block)
-            rows = np.flatnonzero(in_val if self.split == "val" else ~in_val)[: table.n_selected[b]]
+            selected = np.flatnonzero(in_val if self.split == "val" else ~in_val)[: table.n_selected[b]]
             a, z = max(lo - int(plan.cum[i]), 0), min(hi, int(plan.cum[i + 1])) - int(plan.cum[i])
-            parts.append(block.take(rows[a:z]))
-        return CellBlock.concat(parts)
+            blocks.append(block)
+            rows.append(selected[a:z] + offset)
+            offset += len(block)
+        return CellBlock.concat(blocks), np.concatenate(rows)
 
-    def _window_order(self, window: CellBlock, lane: int, m: int) -> np.ndarray:
-        """Shuffle-buffer order of one window; with bucketing, each chunk of batches is length-sorted."""
-        n = len(window)
+    def _window_order(self, lengths: np.ndarray, lane: int, m: int) -> np.ndarray:
+        """Shuffle-buffer order of one window's cells (their ``lengths``); with bucketing, each chunk of
+        ``bucket_batches`` batches is sorted by length and its batches shuffled."""
+        n = len(lengths)
         if not self.plan.shuffle:
             return np.arange(n)
         rng = _rng(self.plan.seed, self.plan.epoch, _TAG_WINDOW, lane, m)
@@ -295,35 +309,37 @@ class LaneReader:
         if self.bucket_batches <= 1 or n <= bs:
             return order
         chunk = self.bucket_batches * bs
-        lengths = np.minimum(window.nnz_per_cell[order], self.max_len)
-        chunk_id = np.arange(n) // chunk
-        order = order[np.lexsort((lengths, chunk_id))]  # sort by length inside each chunk
+        capped = np.minimum(lengths[order], self.max_len)
+        order = order[np.lexsort((capped, np.arange(n) // chunk))]  # sort by length inside each chunk
         # shuffle the batches of each chunk, so that long and short batches alternate at random
         n_batches = math.ceil(n / bs)
-        batch_chunk = np.arange(n_batches) * bs // chunk
-        batch_perm = np.lexsort((rng.random(n_batches), batch_chunk))
-        full = n_batches * bs == n
-        if not full:  # keep the last (short) batch last
+        batch_perm = np.lexsort((rng.random(n_batches), np.arange(n_batches) * bs // chunk))
+        if n_batches * bs != n:  # keep the last (short) batch last
             batch_perm = np.concatenate([batch_perm[batch_perm != n_batches - 1], [n_batches - 1]])
         cell_pos = (batch_perm[:, None] * bs + np.arange(bs)[None, :]).ravel()
         return order[cell_pos[cell_pos < n]]
 
-    def window(self, lane: int, m: int) -> CellBlock:
+    def window(self, lane: int, m: int) -> tuple[CellBlock, np.ndarray]:
+        """(raw rows of the window's blocks, the window's cells as rows of it in shuffle-buffer order)."""
         key = (lane, m)
         if key not in self._windows:
             for old in [k for k in self._windows if k[0] == lane and k[1] < m]:
                 del self._windows[old]  # lanes advance monotonically: drop passed windows
             bounds = self.plan.windows[lane]
             base = int(self.plan.lane_start[lane])
-            block = self._read_range(base + int(bounds[m]), base + int(bounds[m + 1]))
-            self._windows[key] = block.take(self._window_order(block, lane, m))
+            raw, rows = self._read_range(base + int(bounds[m]), base + int(bounds[m + 1]))
+            lengths = raw.indptr[rows + 1] - raw.indptr[rows]
+            self._windows[key] = (raw, rows[self._window_order(lengths, lane, m)])
         return self._windows[key]
 
     def cells(self, lane: int, positions: np.ndarray) -> CellBlock:
         """Cells at lane-local ``positions`` (ascending)."""
         bounds = self.plan.windows[lane]
         win = np.searchsorted(bounds, positions, side="right") - 1
-        parts = [self.window(lane, int(m)).take(positions[win == m] - bounds[m]) for m in np.unique(win)]
+        parts = []
+        for m in np.unique(win):
+            raw, rows = self.window(lane, int(m))
+            parts.append(gather_rows(raw, rows[positions[win == m] - bounds[m]]))
         return CellBlock.concat(parts)
 
     def release(self) -> None:

@@ -6,10 +6,11 @@ method); a value ``x`` gets ``left = digitize(x, edges)`` when
 ``left - right <= 1`` with ``right = digitize(x, edges, right=True)``, otherwise a bin
 drawn uniformly from ``right + 1 .. left`` (``x`` equals several edges). Zeros get bin 0.
 
-Implementation: one per-cell sort of the values, the edges computed with exactly
-numpy's float arithmetic, each edge turned into an exact integer-valued threshold in
-the value domain, and ``left`` / ``right`` counted with one global ``searchsorted`` on
-``(cell, value)`` keys. No per-cell Python loop.
+Implementation: the edges are computed with exactly numpy's float arithmetic and each
+edge is turned into an exact threshold in the value domain (for integers: ``x >= e`` iff
+``x >= ceil(e)``). Integer counts (the pretraining case) use per-cell histograms and
+lookup tables, O(nnz) with no sort; other values use one per-cell sort and a global
+``searchsorted`` on ``(cell, value)`` keys. No per-cell Python loop either way.
 """
 
 from __future__ import annotations
@@ -19,10 +20,16 @@ import numpy as np
 _CELL_SHIFT = 34  # value keys occupy the low 34 bits of an int64 (cell, value) key
 
 
+def has_zeros(counts: np.ndarray) -> bool:
+    if counts.size == 0:
+        return False
+    return bool(counts.min() == 0) if counts.dtype.kind == "u" else bool((counts == 0).any())
+
+
 def cell_of_entry(indptr: np.ndarray) -> np.ndarray:
-    """(nnz,) int64 cell index of every CSR entry."""
+    """(nnz,) int32 cell index of every CSR entry."""
     lengths = np.diff(indptr)
-    return np.repeat(np.arange(len(lengths), dtype=np.int64), lengths)
+    return np.repeat(np.arange(len(lengths), dtype=np.int32), lengths)
 
 
 def sort_within_cells(indptr: np.ndarray, values: np.ndarray) -> np.ndarray:
@@ -64,46 +71,64 @@ def _thresholds(edges: np.ndarray, dtype: np.dtype) -> tuple[np.ndarray, np.ndar
     return t_le, t_lt
 
 
-def quantile_edges(sorted_values: np.ndarray, starts: np.ndarray, lengths: np.ndarray, n_bins: int) -> np.ndarray:
-    """(n_cells, n_bins - 1) float64 edges, bit-identical to ``np.quantile(cell_values, linspace(0, 1, n_bins - 1))``.
-
-    ``sorted_values`` holds every cell's values sorted ascending at ``starts[c]:starts[c]+lengths[c]``;
-    every cell must be non-empty.
-    """
+def quantile_positions(lengths: np.ndarray, n_bins: int) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """numpy's "linear" quantile bookkeeping per cell: (prev, next) order-statistic ranks and gamma, (C, E) each."""
     q = np.linspace(0, 1, n_bins - 1)  # (E,)
     virtual = (lengths - 1)[:, None].astype(np.float64) * q[None, :]  # (C, E)  numpy: (n - 1) * q
     prev = np.floor(virtual)
     above = virtual >= (lengths - 1)[:, None]
     prev_idx = np.where(above, lengths[:, None] - 1, prev).astype(np.int64)
     next_idx = np.where(above, lengths[:, None] - 1, prev + 1).astype(np.int64)
-    gamma = virtual - prev
+    return prev_idx, next_idx, virtual - prev
+
+
+def lerp_edges(a: np.ndarray, b: np.ndarray, gamma: np.ndarray) -> np.ndarray:
+    """numpy's ``_lerp``: float64 edges from order statistics ``a <= b`` (difference in their dtype)."""
+    diff = b - a
+    return np.where(gamma >= 0.5, b - diff * (1 - gamma), a + diff * gamma)
+
+
+def quantile_edges(sorted_values: np.ndarray, starts: np.ndarray, lengths: np.ndarray, n_bins: int) -> np.ndarray:
+    """(n_cells, n_bins - 1) float64 edges, bit-identical to ``np.quantile(cell_values, linspace(0, 1, n_bins - 1))``.
+
+    ``sorted_values`` holds every cell's values sorted ascending at ``starts[c]:starts[c]+lengths[c]``;
+    every cell must be non-empty.
+    """
+    prev_idx, next_idx, gamma = quantile_positions(lengths, n_bins)
     a = sorted_values[starts[:, None] + prev_idx]  # (C, E) value dtype
     b = sorted_values[starts[:, None] + next_idx]
-    diff = b - a  # in the value dtype, as numpy's _lerp does (b >= a)
-    low = a + diff * gamma  # float64
-    high = b - diff * (1 - gamma)
-    return np.where(gamma >= 0.5, high, low)
+    return lerp_edges(a, b, gamma)
 
 
-def bin_values(indptr: np.ndarray, counts: np.ndarray, n_bins: int, rng: np.random.Generator) -> np.ndarray:
-    """(nnz,) int64 bin of every CSR entry: 0 for zeros, 1..n_bins-1 for non-zeros, per cell.
+def _bin_small_integers(indptr: np.ndarray, counts: np.ndarray, cells: np.ndarray, n_bins: int,
+                        n_values: int) -> tuple[np.ndarray, np.ndarray]:
+    """(left, right) digits for integer counts < ``n_values`` with per-cell histograms: no sort.
 
-    Ties between several equal edges are broken with ``rng`` (uniform over the allowed bins).
+    Order statistics come from a cumulative (cell, value) histogram; ``left``/``right`` from
+    per-cell lookup tables of how many thresholds lie at or below each value.
     """
-    indptr = np.asarray(indptr, dtype=np.int64)
-    counts = np.asarray(counts)
-    if n_bins < 3:
-        raise ValueError(f"n_bins must be >= 3, got {n_bins}")
-    bins = np.zeros(len(counts), dtype=np.int64)
-    nonzero = counts != 0
-    if not nonzero.all():  # explicit zeros: bin the non-zeros of each cell only
-        kept = np.flatnonzero(nonzero)
-        new_indptr = np.zeros_like(indptr)
-        np.cumsum(np.add.reduceat(nonzero, indptr[:-1]) * (np.diff(indptr) > 0), out=new_indptr[1:])
-        bins[kept] = bin_values(new_indptr, counts[kept], n_bins, rng)
-        return bins
-    if counts.size == 0:
-        return bins
+    lengths = np.diff(indptr)
+    n_cells = len(lengths)
+    key = cells * n_values + counts.astype(cells.dtype)  # (nnz,) (cell, value) histogram slot
+    cum = np.cumsum(np.bincount(key, minlength=n_cells * n_values))  # entries at or below each slot
+    live = np.flatnonzero(lengths)
+    prev_idx, next_idx, gamma = quantile_positions(lengths[live], n_bins)
+    base = (live * n_values)[:, None]
+    a = np.searchsorted(cum, indptr[live][:, None] + prev_idx, side="right") - base  # (C, E) order statistics
+    b = np.searchsorted(cum, indptr[live][:, None] + next_idx, side="right") - base
+    edges = lerp_edges(a, b, gamma)
+
+    def table(thresholds: np.ndarray) -> np.ndarray:
+        """(n_cells * n_values,) number of the cell's thresholds <= each value."""
+        slots = live[:, None] * (n_values + 1) + np.clip(thresholds, 0, n_values).astype(np.int64)
+        per_value = np.bincount(slots.ravel(), minlength=n_cells * (n_values + 1)).reshape(n_cells, n_values + 1)
+        return np.cumsum(per_value, axis=1)[:, :n_values].ravel()
+
+    return table(np.ceil(edges))[key], table(np.floor(edges) + 1)[key]  # x >= e <=> x >= ceil(e)
+
+
+def _bin_sorted(indptr: np.ndarray, counts: np.ndarray, n_bins: int) -> tuple[np.ndarray, np.ndarray]:
+    """(left, right) digits for any counts: one per-cell sort and a global searchsorted."""
     lengths = np.diff(indptr)
     order = sort_within_cells(indptr, counts)
     sorted_values = counts[order]
@@ -129,15 +154,44 @@ def bin_values(indptr: np.ndarray, counts: np.ndarray, n_bins: int, rng: np.rand
         hits = np.bincount(first_at_or_above, minlength=len(entry_keys) + 1)
         return np.cumsum(hits)[:-1] - earlier
 
-    left = edges_at_or_below(t_le)  # digitize(x, edges): edges <= x
-    right = edges_at_or_below(t_lt)  # digitize(x, edges, right=True): edges < x
-    sorted_bins = left
-    tied = np.flatnonzero(left - right > 1)
-    if tied.size:
-        span = left[tied] - right[tied]
-        sorted_bins[tied] = right[tied] + 1 + np.floor(rng.random(tied.size) * span).astype(np.int64)
-    bins[order] = sorted_bins
-    return bins
+    left, right = np.empty(len(counts), np.int64), np.empty(len(counts), np.int64)
+    left[order] = edges_at_or_below(t_le)  # digitize(x, edges): edges <= x
+    right[order] = edges_at_or_below(t_lt)  # digitize(x, edges, right=True): edges < x
+    return left, right
+
+
+def bin_values(indptr: np.ndarray, counts: np.ndarray, n_bins: int, rng: np.random.Generator,
+               cells: np.ndarray | None = None) -> np.ndarray:
+    """(nnz,) int64 bin of every CSR entry: 0 for zeros, 1..n_bins-1 for non-zeros, per cell.
+
+    Ties between several equal edges are broken with ``rng`` (uniform over the allowed bins).
+    ``cells``: optional precomputed ``cell_of_entry(indptr)``.
+    """
+    indptr = np.asarray(indptr, dtype=np.int64)
+    counts = np.asarray(counts)
+    if n_bins < 3:
+        raise ValueError(f"n_bins must be >= 3, got {n_bins}")
+    if has_zeros(counts):  # explicit zeros: bin the non-zeros of each cell only
+        bins = np.zeros(len(counts), dtype=np.int64)
+        kept = np.flatnonzero(counts != 0)
+        new_indptr = np.zeros_like(indptr)
+        np.cumsum(np.bincount(cell_of_entry(indptr)[kept], minlength=len(indptr) - 1), out=new_indptr[1:])
+        bins[kept] = bin_values(new_indptr, counts[kept], n_bins, rng)
+        return bins
+    if counts.size == 0:
+        return np.zeros(0, dtype=np.int64)
+    n_values = int(counts.max()) + 1 if counts.dtype.kind in "ui" else 0
+    n_cells = len(indptr) - 1
+    if 0 < n_values and n_cells * (n_values + 1) <= max(8 * len(counts), 1 << 20):
+        cells = cell_of_entry(indptr) if cells is None else cells
+        left, right = _bin_small_integers(indptr, counts, cells, n_bins, n_values)
+    else:
+        left, right = _bin_sorted(indptr, counts, n_bins)
+    span = left - right  # > 1: the value equals several edges
+    tied = np.flatnonzero(span > 1)
+    if tied.size:  # uniform in right+1 .. left
+        left[tied] -= (rng.random(tied.size) * span[tied]).astype(left.dtype)
+    return left
 
 
 def digitize_reference(values: np.ndarray, n_bins: int) -> tuple[np.ndarray, np.ndarray, np.ndarray]:

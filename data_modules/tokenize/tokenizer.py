@@ -1,10 +1,11 @@
 """CellBlock -> Batch: binning, sampling to ``max_seq_len`` with ``<cls>`` first, padding,
 generative known/unknown split and MLM masking, vectorized over the whole batch.
 
-Token layout of one row: ``<cls>`` at 0, then the cell's kept genes in a random order,
-then ``<pad>`` up to L = the longest row of the batch. In generative mode the last
-``floor(ratio * n_genes)`` genes of each row are the unknown ones (the order is random,
-so this is a uniformly random subset).
+Token layout of one row: ``<cls>`` at 0, then the cell's genes in the store's order (a
+uniformly random subset of ``max_seq_len - 1`` of them for longer cells, drawn anew every
+time), then ``<pad>`` up to L = the longest row of the batch. In generative mode a uniformly
+random ``floor(ratio * n_genes)`` of each row's genes are unknown (``gen_mask``); the model
+has no positional encoding, so the order carries no information.
 """
 
 from __future__ import annotations
@@ -17,7 +18,7 @@ import torch
 
 from data_modules.batch import Batch
 from data_modules.store.reader import CellBlock
-from data_modules.tokenize.binning import bin_values, cell_of_entry
+from data_modules.tokenize.binning import bin_values, cell_of_entry, has_zeros
 
 VALUE_STYLES = ("continuous", "category")
 
@@ -73,14 +74,29 @@ def pad_fraction(batch: Batch) -> float:
     return float(batch.pad_mask.float().mean()) if batch.pad_mask.numel() else 0.0
 
 
-def random_order_within_cells(indptr: np.ndarray, rng: np.random.Generator) -> np.ndarray:
-    """(nnz,) permutation that shuffles the entries of every cell independently (cells stay in order)."""
-    nnz = int(indptr[-1])
-    cells = cell_of_entry(indptr)
-    shuffled = rng.permutation(nnz)  # one global shuffle, then a stable pass regroups by cell
-    if len(indptr) - 1 <= np.iinfo(np.uint16).max:
-        return shuffled[np.argsort(cells[shuffled].astype(np.uint16), kind="stable")]  # radix sort
-    return shuffled[np.argsort(cells[shuffled], kind="stable")]
+def select_per_cell(cells: np.ndarray, n_per_cell: np.ndarray, k_per_cell: np.ndarray,
+                    rng: np.random.Generator) -> np.ndarray:
+    """(nnz,) bool: for every cell, exactly ``k_per_cell[c]`` of its entries, uniformly at random.
+
+    ``cells`` is the (ascending) cell of each entry. Each entry draws an 8-bit key; a per-cell
+    histogram gives the bucket where the k smallest keys end, and only the few entries in
+    that bucket are ordered (by a second random draw). O(nnz), no full sort.
+    """
+    n_cells = len(n_per_cell)
+    keys = rng.integers(0, 256, size=len(cells), dtype=np.uint8)  # (nnz,)
+    hist = np.bincount(cells * 256 + keys, minlength=n_cells * 256).reshape(n_cells, 256)
+    cum = np.cumsum(hist, axis=1)  # (C, 256)
+    bucket = (cum < k_per_cell[:, None]).sum(axis=1)  # (C,) bucket holding the k-th smallest key
+    below = np.where(bucket > 0, cum[np.arange(n_cells), np.maximum(bucket - 1, 0)], 0)
+    entry_bucket = bucket[cells]
+    selected = keys < entry_bucket
+    edge = np.flatnonzero(keys == entry_bucket)  # entries in the boundary bucket: choose some at random
+    edge_cells = cells[edge]
+    order = np.lexsort((rng.random(len(edge)), edge_cells))
+    sorted_cells = edge_cells[order]
+    rank = np.arange(len(order)) - np.searchsorted(sorted_cells, sorted_cells, side="left")
+    selected[edge[order[rank < (k_per_cell - below)[sorted_cells]]]] = True
+    return selected
 
 
 class Tokenizer:
@@ -95,30 +111,29 @@ class Tokenizer:
         cfg = self.config
         indptr = np.asarray(block.indptr, dtype=np.int64)
         n_cells = len(indptr) - 1
-        bins = bin_values(indptr, block.counts, cfg.n_bins, rng)  # (nnz,) over all non-zeros
+        cells = cell_of_entry(indptr)  # (nnz,)
+        bins = bin_values(indptr, block.counts, cfg.n_bins, rng, cells=cells)  # (nnz,) over all non-zeros
         gene_ids = np.asarray(block.gene_ids)
-        if (bins == 0).any():  # explicit zeros in the store never enter the sequence
+        if has_zeros(block.counts):  # explicit zeros in the store never enter the sequence
             keep = bins != 0
-            kept_per_cell = np.bincount(cell_of_entry(indptr)[keep], minlength=n_cells)
-            indptr = np.zeros(n_cells + 1, dtype=np.int64)
-            np.cumsum(kept_per_cell, out=indptr[1:])
-            bins, gene_ids = bins[keep], gene_ids[keep]
+            bins, gene_ids, cells = bins[keep], gene_ids[keep], cells[keep]
 
-        # random order within each cell; keep the first max_seq_len - 1 genes
-        order = random_order_within_cells(indptr, rng)  # (nnz,)
-        n_genes = np.diff(indptr)  # (B,)
+        # sample max_seq_len - 1 genes of longer cells (uniform subset, kept in the store's gene order)
+        n_genes = np.bincount(cells, minlength=n_cells)  # (B,)
         kept = np.minimum(n_genes, cfg.max_seq_len - 1)  # (B,)
-        rank = np.arange(len(order), dtype=np.int64) - np.repeat(indptr[:-1], n_genes)  # rank within cell
-        take = rank < np.repeat(kept, n_genes)
-        rows = np.repeat(np.arange(n_cells), n_genes)[take]
-        cols = rank[take] + 1
+        if (n_genes > kept).any():
+            take = np.flatnonzero(select_per_cell(cells, n_genes, kept, rng))
+            bins, gene_ids, cells = bins[take], gene_ids[take], cells[take]
+        starts = np.zeros(n_cells, dtype=np.int64)
+        np.cumsum(kept[:-1], out=starts[1:])
         L = int(kept.max(initial=0)) + 1
+        flat = cells * L + (np.arange(len(cells), dtype=np.int64) - starts[cells]) + 1  # (n_kept,) slot in (B, L)
 
         token_ids = np.full((n_cells, L), self.pad_id, dtype=np.int64)  # (B, L)
         token_ids[:, 0] = self.cls_id
-        token_ids[rows, cols] = gene_ids[order[take]]
+        token_ids.ravel()[flat] = gene_ids
         true_bins = np.zeros((n_cells, L), dtype=np.int64)  # (B, L)
-        true_bins[rows, cols] = bins[order[take]]
+        true_bins.ravel()[flat] = bins
 
         positions = np.arange(L)[None, :]  # (1, L)
         pad_mask = positions > kept[:, None]  # (B, L)
@@ -128,7 +143,9 @@ class Tokenizer:
         if cfg.gen_ratios is not None:
             ratio = cfg.gen_ratios[int(rng.integers(len(cfg.gen_ratios)))]
             n_unknown = np.floor(ratio * kept).astype(np.int64)  # (B,)
-            gen_mask = is_gene & (positions > (kept - n_unknown)[:, None])  # (B, L): last n_unknown genes
+            unknown = ~select_per_cell(cells, kept, kept - n_unknown, rng)  # (n_kept,) uniform subset
+            gen_mask = np.zeros((n_cells, L), dtype=bool)  # (B, L)
+            gen_mask.ravel()[flat[unknown]] = True
         mlm_mask = None
         if cfg.mlm_prob is not None:
             mlm_mask = is_gene & (rng.random((n_cells, L), dtype=np.float32) < cfg.mlm_prob)

@@ -79,7 +79,9 @@ class SelfAttention(nn.Module):
     def forward(self, x, pad_mask, gen_mask=None):
         """x: (B, L, d); pad_mask (B, L) True = pad; gen_mask (B, L) True = unknown token or None."""
         B, L, d = x.shape
-        q, k, v = self.qkv(x).view(B, L, 3, self.n_heads, d // self.n_heads).permute(2, 0, 3, 1, 4)
+        # one copy into (3, B, H, L, Dh): SDPA's CPU math kernel is many times slower on strided q/k/v
+        q, k, v = self.qkv(x).view(B, L, 3, self.n_heads, d // self.n_heads).permute(2, 0, 3, 1, 4) \
+            .contiguous().unbind(0)
         p = self.dropout if self.training else 0.0
         if gen_mask is None:
             out = F.scaled_dot_product_attention(q, k, v, attn_mask=~pad_mask[:, None, None, :], dropout_p=p)

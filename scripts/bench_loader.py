@@ -1,0 +1,207 @@
+"""Benchmark the pretraining data pipeline against the usual anndata-backed loader.
+
+    python scripts/bench_loader.py [--cells 200000] [--json PATH] [--cache .cache/bench_loader]
+
+Builds (once; reused from the cache dir) a synthetic corpus of ``--cells`` cells with ~2,000
+non-zeros per cell: ``--datasets`` raw-count h5ad files converted by the real converter. Before
+every cold measurement the page cache of the files read is dropped (posix_fadvise DONTNEED).
+Measures (a) raw block-shuffled reads, (b) tokenized batches (binning + sampling to 1,200 +
+generative split + tensors) with 0 and 2 dataloader workers, (c) the baseline: the same h5ad
+files opened with anndata backed mode, random rows through a torch DataLoader, and the
+shuffle quality of the stream. Prints a table; ``--json`` writes the numbers.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import sys
+import time
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(ROOT))
+
+import anndata as ad  # noqa: E402
+import numpy as np  # noqa: E402
+import torch  # noqa: E402
+import torch.utils.data  # noqa: E402
+
+from data_modules.store.convert import Source, convert_sources  # noqa: E402
+from data_modules.store.reader import Corpus  # noqa: E402
+from data_modules.stream import CellStream, Cursor, LaneReader, StreamLoader  # noqa: E402
+from data_modules.tokenize import pad_fraction  # noqa: E402
+
+try:  # the store's generator (bounded memory); the benchmark needs nothing else from it
+    from data_modules.store.synthetic import make_synthetic_h5ad
+except ImportError:  # pragma: no cover
+    make_synthetic_h5ad = None
+
+
+def drop_page_cache(paths: list[Path]) -> None:
+    """Evict the files from the OS page cache so the next read is cold."""
+    for p in paths:
+        fd = os.open(p, os.O_RDONLY)
+        try:
+            os.posix_fadvise(fd, 0, 0, os.POSIX_FADV_DONTNEED)
+        finally:
+            os.close(fd)
+
+
+def build(cache: Path, n_cells: int, n_datasets: int, nnz: int, n_genes: int) -> tuple[Path, list[Path]]:
+    """Synthetic h5ad parts and the corpus converted from them (reused when present)."""
+    tag = f"c{n_cells}_d{n_datasets}_nnz{nnz}_g{n_genes}"
+    root = cache / tag
+    root.mkdir(parents=True, exist_ok=True)
+    per = [n_cells // n_datasets + (i < n_cells % n_datasets) for i in range(n_datasets)]
+    parts = [root / f"part{i}.h5ad" for i in range(n_datasets)]
+    for i, (path, n) in enumerate(zip(parts, per)):
+        if not path.exists():
+            print(f"writing {path} ({n:,} cells)", file=sys.stderr, flush=True)
+            make_synthetic_h5ad(path, n_cells=n, nnz_per_cell=nnz, n_genes=n_genes, seed=i)
+    corpus = root / "corpus"
+    if not (corpus / "manifest.json").exists():
+        print(f"converting into {corpus}", file=sys.stderr, flush=True)
+        t = time.perf_counter()
+        convert_sources([Source(f"ds{i}", str(p)) for i, p in enumerate(parts)], corpus, shard_size=16384,
+                        split={"strategy": "cell", "seed": 0, "val_fraction": 0.01})
+        print(f"converted in {time.perf_counter() - t:.0f}s", file=sys.stderr, flush=True)
+    return corpus, parts
+
+
+def shard_files(corpus: Path) -> list[Path]:
+    c = Corpus(corpus)
+    return [c.shard_path(i) for i in range(c.n_shards)]
+
+
+def bench_raw(corpus: Path, n_cells: int, block_size: int, buffer_blocks: int) -> float:
+    """Cells/s of block-shuffled reads (read + split filter + window shuffle), one process."""
+    drop_page_cache(shard_files(corpus))
+    stream = CellStream(str(corpus), "train", 256, block_size=block_size, buffer_blocks=buffer_blocks, lanes=1)
+    plan = stream.plan(0)
+    reader = LaneReader(stream.corpus, plan, "train", stream.bucket_batches, 1200)
+    t, done, m = time.perf_counter(), 0, 0
+    while done < n_cells and m < len(plan.windows[0]) - 1:
+        done += len(reader.window(0, m)[1])
+        m += 1
+    return done / (time.perf_counter() - t)
+
+
+def bench_tokenized(corpus: Path, n_cells: int, workers: int, batch_size: int, block_size: int,
+                    buffer_blocks: int) -> dict:
+    """Cells/s of tokenized Batches out of a DataLoader (startup included), plus shuffle stats."""
+    drop_page_cache(shard_files(corpus))
+    stream = CellStream(str(corpus), "train", batch_size, tokenizer={"max_seq_len": 1201},
+                        block_size=block_size, buffer_blocks=buffer_blocks, lanes=8)
+    stream.cursor = Cursor(epoch=0)
+    loader = StreamLoader(stream, num_workers=workers, prefetch_factor=4 if workers else None)
+    corpus_ = Corpus(corpus)
+    t, done, blocks, datasets, pads = time.perf_counter(), 0, [], [], []
+    for batch in loader:
+        done += batch.n_cells
+        ids = batch.cell_index.numpy()
+        shard = np.searchsorted(corpus_.shard_offsets, ids, side="right") - 1
+        blocks.append(len(np.unique(shard * 10**9 + (ids - corpus_.shard_offsets[shard]) // block_size)))
+        datasets.append(len(np.unique(batch.obs["dataset"].numpy())))
+        pads.append(pad_fraction(batch))
+        if done >= n_cells:
+            break
+    dt = time.perf_counter() - t
+    return {"cells_per_s": done / dt, "blocks_per_batch": float(np.mean(blocks)),
+            "datasets_per_batch": float(np.mean(datasets)), "pad_fraction": float(np.mean(pads)),
+            "batch_size": batch_size}
+
+
+class BackedRows(torch.utils.data.Dataset):
+    """The usual loader: random rows of backed h5ad files, one row read per item."""
+
+    def __init__(self, parts: list[Path]):
+        self.parts = [str(p) for p in parts]
+        self._adatas = None
+        n = [ad.read_h5ad(p, backed="r").n_obs for p in self.parts]
+        self.offsets = np.concatenate([[0], np.cumsum(n)])
+
+    def __len__(self) -> int:
+        return int(self.offsets[-1])
+
+    def __getitem__(self, i: int):
+        if self._adatas is None:  # open per worker
+            self._adatas = [ad.read_h5ad(p, backed="r") for p in self.parts]
+        part = int(np.searchsorted(self.offsets, i, side="right") - 1)
+        row = self._adatas[part].X[i - int(self.offsets[part])]  # (1, G) csr
+        return torch.from_numpy(row.indices.astype(np.int64)), torch.from_numpy(row.data)
+
+
+def bench_baseline(parts: list[Path], n_cells: int, workers: int, batch_size: int) -> float:
+    drop_page_cache(parts)
+    loader = torch.utils.data.DataLoader(BackedRows(parts), batch_size=batch_size, shuffle=True,
+                                         num_workers=workers, collate_fn=lambda items: items)
+    t, done = time.perf_counter(), 0
+    for items in loader:
+        done += len(items)
+        if done >= n_cells:
+            break
+    return done / (time.perf_counter() - t)
+
+
+def main(argv: list[str] | None = None) -> dict:
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--cells", type=int, default=200_000, help="corpus size (>= 200,000 for the issue's bar)")
+    ap.add_argument("--datasets", type=int, default=4)
+    ap.add_argument("--nnz", type=int, default=2000)
+    ap.add_argument("--genes", type=int, default=20000)
+    ap.add_argument("--cache", default=str(ROOT / ".cache" / "bench_loader"))
+    ap.add_argument("--measure-cells", type=int, default=50_000, help="cells read per stream measurement")
+    ap.add_argument("--baseline-cells", type=int, default=4_000, help="cells read by the slow baseline")
+    ap.add_argument("--batch-size", type=int, default=64)
+    ap.add_argument("--block-size", type=int, default=512)
+    ap.add_argument("--buffer-blocks", type=int, default=16)
+    ap.add_argument("--json", default=None)
+    args = ap.parse_args(argv)
+    if make_synthetic_h5ad is None:
+        raise SystemExit("data_modules.store.synthetic.make_synthetic_h5ad is missing")
+
+    corpus, parts = build(Path(args.cache), args.cells, args.datasets, args.nnz, args.genes)
+    n = min(args.measure_cells, args.cells)
+    layout = dict(block_size=args.block_size, buffer_blocks=args.buffer_blocks)
+    raw = bench_raw(corpus, n, **layout)
+    tok0 = bench_tokenized(corpus, n, 0, args.batch_size, **layout)
+    tok2 = bench_tokenized(corpus, n, 2, args.batch_size, **layout)
+    base = bench_baseline(parts, args.baseline_cells, 2, args.batch_size)
+    result = {
+        "n_cells": Corpus(corpus).n_cells, "nnz_per_cell": args.nnz, "cpu_count": os.cpu_count(),
+        "raw_cells_per_s": raw,
+        "tokenized_cells_per_s": tok2["cells_per_s"],
+        "tokenized_cells_per_s_0_workers": tok0["cells_per_s"],
+        "tokenized_cells_per_s_2_workers": tok2["cells_per_s"],
+        "baseline_cells_per_s": base,
+        "ratio_raw_vs_baseline": raw / base,
+        "ratio_tokenized_vs_baseline": tok2["cells_per_s"] / base,
+        "blocks_per_batch": tok2["blocks_per_batch"], "datasets_per_batch": tok2["datasets_per_batch"],
+        "n_datasets": args.datasets, "pad_fraction": tok2["pad_fraction"], "batch_size": args.batch_size,
+        "block_size": args.block_size, "buffer_blocks": args.buffer_blocks,
+    }
+    rows = [
+        ("(a) raw block-shuffled reads, 1 process", f"{raw:,.0f} cells/s"),
+        ("(b) tokenized, 0 workers", f"{tok0['cells_per_s']:,.0f} cells/s"),
+        ("(b) tokenized, 2 workers", f"{tok2['cells_per_s']:,.0f} cells/s"),
+        ("(c) anndata backed, random rows, 2 workers", f"{base:,.0f} cells/s"),
+        ("raw / baseline", f"{raw / base:,.1f}x"),
+        ("tokenized (2 workers) / baseline", f"{tok2['cells_per_s'] / base:,.1f}x"),
+        (f"distinct blocks per batch of {args.batch_size}", f"{tok2['blocks_per_batch']:.1f}"),
+        (f"distinct datasets per batch (of {args.datasets})", f"{tok2['datasets_per_batch']:.2f}"),
+        ("padding fraction of tokens", f"{tok2['pad_fraction']:.4f}"),
+    ]
+    width = max(len(r[0]) for r in rows)
+    print(f"corpus: {result['n_cells']:,} cells x ~{args.nnz:,} nnz, {os.cpu_count()} CPU cores, cold page cache")
+    print(f"{'measurement':<{width}} | value\n{'-' * width}-|-{'-' * 16}")
+    for name, value in rows:
+        print(f"{name:<{width}} | {value}")
+    if args.json:
+        Path(args.json).write_text(json.dumps(result, indent=2))
+    return result
+
+
+if __name__ == "__main__":
+    main()
