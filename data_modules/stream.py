@@ -278,24 +278,27 @@ class LaneReader:
     def __init__(self, corpus: Corpus, plan: EpochPlan, split: str, bucket_batches: int, max_len: int):
         self.corpus, self.plan, self.split = corpus, plan, split
         self.bucket_batches, self.max_len = bucket_batches, max_len
-        self._windows: dict[tuple[int, int], tuple[CellBlock, np.ndarray]] = {}
+        self._windows: dict[tuple[int, int], tuple[list[CellBlock], np.ndarray, np.ndarray]] = {}
 
-    def _read_range(self, lo: int, hi: int) -> tuple[CellBlock, np.ndarray]:
-        """Raw rows of the blocks holding epoch positions [lo, hi) and the split's rows among them, in plan order."""
+    def _read_range(self, lo: int, hi: int) -> tuple[list[CellBlock], np.ndarray, np.ndarray]:
+        """Blocks holding epoch positions [lo, hi), the split's cells there as (block, row) pairs, in plan order.
+
+        Blocks stay separate arrays (no window-sized copy: fresh large allocations cost page faults).
+        """
         plan, table = self.plan, self.plan.table
         first = int(np.searchsorted(plan.cum, lo, side="right")) - 1
         last = int(np.searchsorted(plan.cum, hi, side="left"))
-        blocks, rows, offset = [], [], 0
+        blocks, block_of, rows = [], [], []
         for i in range(first, last):
             b = int(plan.block_order[i])
             block = self.corpus.read_block(int(table.shard[b]), int(table.start[b]), int(table.stop[b]))
             in_val = self.corpus.in_validation(block)
             selected = np.flatnonzero(in_val if self.split == "val" else ~in_val)[: table.n_selected[b]]
             a, z = max(lo - int(plan.cum[i]), 0), min(hi, int(plan.cum[i + 1])) - int(plan.cum[i])
+            rows.append(selected[a:z])
+            block_of.append(np.full(z - a, len(blocks), dtype=np.int64))
             blocks.append(block)
-            rows.append(selected[a:z] + offset)
-            offset += len(block)
-        return CellBlock.concat(blocks), np.concatenate(rows)
+        return blocks, np.concatenate(block_of), np.concatenate(rows)
 
     def _window_order(self, lengths: np.ndarray, lane: int, m: int) -> np.ndarray:
         """Shuffle-buffer order of one window's cells (their ``lengths``); with bucketing, each chunk of
@@ -319,27 +322,33 @@ class LaneReader:
         cell_pos = (batch_perm[:, None] * bs + np.arange(bs)[None, :]).ravel()
         return order[cell_pos[cell_pos < n]]
 
-    def window(self, lane: int, m: int) -> tuple[CellBlock, np.ndarray]:
-        """(raw rows of the window's blocks, the window's cells as rows of it in shuffle-buffer order)."""
+    def window(self, lane: int, m: int) -> tuple[list[CellBlock], np.ndarray, np.ndarray]:
+        """(blocks of the window, block and row of each of its cells in shuffle-buffer order)."""
         key = (lane, m)
         if key not in self._windows:
             for old in [k for k in self._windows if k[0] == lane and k[1] < m]:
                 del self._windows[old]  # lanes advance monotonically: drop passed windows
             bounds = self.plan.windows[lane]
             base = int(self.plan.lane_start[lane])
-            raw, rows = self._read_range(base + int(bounds[m]), base + int(bounds[m + 1]))
-            lengths = raw.indptr[rows + 1] - raw.indptr[rows]
-            self._windows[key] = (raw, rows[self._window_order(lengths, lane, m)])
+            blocks, block_of, rows = self._read_range(base + int(bounds[m]), base + int(bounds[m + 1]))
+            lengths = np.zeros(len(rows), dtype=np.int64)
+            for i, block in enumerate(blocks):
+                mine = block_of == i
+                lengths[mine] = np.diff(block.indptr)[rows[mine]]
+            order = self._window_order(lengths, lane, m)
+            self._windows[key] = (blocks, block_of[order], rows[order])
         return self._windows[key]
 
     def cells(self, lane: int, positions: np.ndarray) -> CellBlock:
-        """Cells at lane-local ``positions`` (ascending)."""
+        """Cells at lane-local ``positions`` (ascending), grouped by the block they come from."""
         bounds = self.plan.windows[lane]
         win = np.searchsorted(bounds, positions, side="right") - 1
         parts = []
         for m in np.unique(win):
-            raw, rows = self.window(lane, int(m))
-            parts.append(gather_rows(raw, rows[positions[win == m] - bounds[m]]))
+            blocks, block_of, rows = self.window(lane, int(m))
+            local = positions[win == m] - bounds[m]
+            for b in np.unique(block_of[local]):  # ascending block, then shuffle-buffer order
+                parts.append(gather_rows(blocks[b], rows[local[block_of[local] == b]]))
         return CellBlock.concat(parts)
 
     def release(self) -> None:

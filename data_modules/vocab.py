@@ -79,6 +79,25 @@ class GeneVocab:
         except VocabError as e:
             raise VocabError(f"{path}: {e}") from None
 
+    @classmethod
+    def from_checkpoint(cls, path: str | os.PathLike) -> "GeneVocab":
+        """The vocabulary a model was trained with: ``vocab.json``, a directory holding one (official
+        checkpoint layout), or a torch checkpoint with a ``"vocab"`` entry (ours and our Lightning .ckpt)."""
+        path = Path(path)
+        if path.is_dir():
+            return cls.from_json(path / "vocab.json")
+        if path.suffix == ".json":
+            return cls.from_json(path)
+        if not path.exists():
+            raise VocabError(f"checkpoint {path} does not exist")
+        import torch
+
+        obj = torch.load(path, map_location="cpu", weights_only=False)
+        vocab = obj.get("vocab") if isinstance(obj, dict) else None
+        if not vocab:
+            raise VocabError(f"checkpoint {path} carries no vocabulary; pass its vocab.json instead")
+        return cls(dict(vocab))
+
     def to_json(self, path: str | os.PathLike) -> None:
         path = Path(path)
         tmp = path.with_name(path.name + ".tmp")

@@ -27,6 +27,7 @@ class ScGPTLitModule(pl.LightningModule):
         scheduler_total_steps: int | None = None,
         lr: float | None = None,
         compile: bool = False,
+        vocab: Mapping[str, int] | None = None,
     ):
         super().__init__()
         if not objectives:
@@ -38,9 +39,18 @@ class ScGPTLitModule(pl.LightningModule):
         self.scheduler_total_steps = scheduler_total_steps
         self.lr = lr
         self.compile = compile
+        self.vocab = dict(vocab) if vocab is not None else None  # saved into every checkpoint
         # The ScGPT constructor kwargs travel with every checkpoint so a .ckpt alone rebuilds the model.
         net_config = net.config() if hasattr(net, "config") else {}
         self.save_hyperparameters({"model": net_config, "objectives": sorted(objectives)})
+
+    def on_save_checkpoint(self, checkpoint: dict) -> None:
+        if self.vocab is not None:
+            checkpoint["vocab"] = self.vocab
+
+    def on_load_checkpoint(self, checkpoint: dict) -> None:
+        if self.vocab is None and checkpoint.get("vocab") is not None:
+            self.vocab = dict(checkpoint["vocab"])
 
     # forward --------------------------------------------------------------------------------
     def forward(self, batch: Batch) -> dict[str, torch.Tensor]:

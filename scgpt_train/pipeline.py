@@ -24,17 +24,21 @@ def instantiate_group(cfg: DictConfig | None) -> list:
     return [instantiate(c) for c in cfg.values() if c is not None and "_target_" in c]
 
 
+def model_kwargs_from_data(datamodule) -> dict:
+    """Model arguments that the data decides (vocab size, <pad> id; class / batch counts for fine-tuning)."""
+    kwargs = {"vocab_size": datamodule.vocab_size, "pad_token_id": datamodule.pad_id}
+    kwargs.update(getattr(datamodule, "model_kwargs", None) or {})
+    return kwargs
+
+
 def build(cfg: DictConfig) -> tuple[pl.LightningDataModule, pl.LightningModule, pl.Trainer]:
     """Data module (corpus prepared), Lightning module and trainer, all from ``_target_``."""
     datamodule = instantiate(cfg.data)
     datamodule.prepare_data()
     datamodule.setup("fit")
     objectives = {name: instantiate(c) for name, c in cfg.objective.items()}
-    module = instantiate(
-        cfg.model,
-        net={"vocab_size": datamodule.vocab_size, "pad_token_id": datamodule.pad_id},
-        objectives=objectives,
-    )
+    module = instantiate(cfg.model, net=model_kwargs_from_data(datamodule), objectives=objectives,
+                         vocab=datamodule.vocab.token_to_id)
     trainer = instantiate(cfg.trainer, callbacks=instantiate_group(cfg.get("callbacks")),
                           logger=instantiate_group(cfg.get("logger")) or False)
     return datamodule, module, trainer
@@ -64,6 +68,9 @@ def run(cfg: DictConfig) -> dict[str, float]:
     trainer.fit(module, datamodule=datamodule, ckpt_path=ckpt_path)
 
     metrics = {k: float(v) for k, v in trainer.callback_metrics.items() if torch.is_tensor(v) and v.numel() == 1}
+    if cfg.get("task"):  # fine-tuning tasks evaluate after fit: predictions, metrics, figures
+        task = instantiate(cfg.task)
+        metrics.update(task.evaluate(trainer=trainer, module=module, datamodule=datamodule, output_dir=output_dir))
     summary_cb = next((c for c in trainer.callbacks if isinstance(c, RunSummary)), None)
     if summary_cb is not None and trainer.is_global_zero:
         summary = summary_cb.write(trainer, output_dir / "summary.json")

@@ -83,7 +83,7 @@ def bench_raw(corpus: Path, n_cells: int, block_size: int, buffer_blocks: int) -
     reader = LaneReader(stream.corpus, plan, "train", stream.bucket_batches, 1200)
     t, done, m = time.perf_counter(), 0, 0
     while done < n_cells and m < len(plan.windows[0]) - 1:
-        done += len(reader.window(0, m)[1])
+        done += len(reader.window(0, m)[2])
         m += 1
     return done / (time.perf_counter() - t)
 

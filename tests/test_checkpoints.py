@@ -124,11 +124,16 @@ def test_import_script_writes_a_checkpoint_load_checkpoint_reads(tmp_path):
 
 
 def test_save_and_load_our_checkpoint(tmp_path):
+    from scgpt_train.checkpoints import load_model
+
     model = ScGPT(vocab_size=20, pad_token_id=17, d_model=8, n_heads=2, d_ff=8, n_layers=1, n_cls=3)
     path = save_checkpoint(model, _vocab(20), tmp_path / "m.pt")
     again, vocab = load_checkpoint(path, dropout=0.0)
     assert vocab == _vocab(20) and again.config()["dropout"] == 0.0
     _assert_same_weights(again.state_dict(), model.state_dict())
+    _assert_same_weights(load_model(path, vocab_size=20, pad_token_id=17).state_dict(), model.state_dict())
+    with pytest.raises(ValueError, match="vocab_size=20 but the data module gives 25"):
+        load_model(path, vocab_size=25)
     assert not list(tmp_path.glob(".*tmp"))  # atomic write leaves no temp file
     with pytest.raises(ValueError, match="not a scgpt_train checkpoint"):
         torch.save({"weights": 1}, tmp_path / "other.pt")

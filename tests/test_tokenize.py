@@ -150,3 +150,16 @@ def test_config_from_dict_and_dictconfig():
         TokenizerConfig.from_any({"max_len": 3})
     with pytest.raises(ValueError, match="gen_ratios"):
         TokenizerConfig(gen_ratios=(1.5,))
+
+
+def test_select_per_cell_exact_nested_uniform():
+    from data_modules.tokenize.tokenizer import select_per_cell
+
+    n_cells, n = 4000, 10
+    cells = np.repeat(np.arange(n_cells, dtype=np.int32), n)
+    k_small, k_big = np.full(n_cells, 3), np.full(n_cells, 6)
+    small, big = select_per_cell(cells, np.full(n_cells, n), [k_small, k_big], np.random.default_rng(0))
+    assert (small.reshape(n_cells, n).sum(1) == 3).all() and (big.reshape(n_cells, n).sum(1) == 6).all()
+    assert not (small & ~big).any()  # nested: the known genes are a subset of the kept ones
+    freq = big.reshape(n_cells, n).mean(0)  # each position kept with probability 0.6
+    assert np.abs(freq - 0.6).max() < 0.04

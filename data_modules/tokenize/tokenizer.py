@@ -74,29 +74,39 @@ def pad_fraction(batch: Batch) -> float:
     return float(batch.pad_mask.float().mean()) if batch.pad_mask.numel() else 0.0
 
 
-def select_per_cell(cells: np.ndarray, n_per_cell: np.ndarray, k_per_cell: np.ndarray,
-                    rng: np.random.Generator) -> np.ndarray:
-    """(nnz,) bool: for every cell, exactly ``k_per_cell[c]`` of its entries, uniformly at random.
+def select_per_cell(cells: np.ndarray, n_per_cell: np.ndarray, ks: list[np.ndarray],
+                    rng: np.random.Generator) -> list[np.ndarray]:
+    """For each ``k`` in ``ks``: (nnz,) bool, exactly ``k[c]`` entries of every cell c, uniformly at random.
 
-    ``cells`` is the (ascending) cell of each entry. Each entry draws an 8-bit key; a per-cell
-    histogram gives the bucket where the k smallest keys end, and only the few entries in
-    that bucket are ordered (by a second random draw). O(nnz), no full sort.
+    All thresholds rank the entries by the same random order, so for ``k1 <= k2`` the first
+    selection is a uniform subset of the second. ``cells`` is the (ascending) cell of each
+    entry. Each entry draws an 8-bit key; a per-cell histogram gives the bucket where the k
+    smallest keys end, and only the few entries in that bucket are ordered (by a second
+    random draw). O(nnz), no full sort.
     """
     n_cells = len(n_per_cell)
     keys = rng.integers(0, 256, size=len(cells), dtype=np.uint8)  # (nnz,)
     hist = np.bincount(cells * 256 + keys, minlength=n_cells * 256).reshape(n_cells, 256)
-    cum = np.cumsum(hist, axis=1)  # (C, 256)
-    bucket = (cum < k_per_cell[:, None]).sum(axis=1)  # (C,) bucket holding the k-th smallest key
-    below = np.where(bucket > 0, cum[np.arange(n_cells), np.maximum(bucket - 1, 0)], 0)
-    entry_bucket = bucket[cells]
-    selected = keys < entry_bucket
-    edge = np.flatnonzero(keys == entry_bucket)  # entries in the boundary bucket: choose some at random
-    edge_cells = cells[edge]
-    order = np.lexsort((rng.random(len(edge)), edge_cells))
-    sorted_cells = edge_cells[order]
-    rank = np.arange(len(order)) - np.searchsorted(sorted_cells, sorted_cells, side="left")
-    selected[edge[order[rank < (k_per_cell - below)[sorted_cells]]]] = True
-    return selected
+    cum = np.cumsum(hist, axis=1)  # (C, 256) entries with key <= b
+    buckets = [(cum < k[:, None]).sum(axis=1) for k in ks]  # (C,) bucket holding each k-th smallest key
+    on_edge = np.zeros(len(cells), dtype=bool)
+    for bucket in buckets:
+        on_edge |= keys == bucket[cells]
+    edge_all = np.flatnonzero(on_edge)
+    u_all = rng.random(len(edge_all))  # one tie-break draw per boundary entry, shared by all thresholds
+    masks = []
+    for k, bucket in zip(ks, buckets):
+        below = np.where(bucket > 0, cum[np.arange(n_cells), np.maximum(bucket - 1, 0)], 0)
+        entry_bucket = bucket[cells]
+        selected = keys < entry_bucket
+        edge = np.flatnonzero(keys == entry_bucket)  # entries in the boundary bucket: take some at random
+        edge_cells = cells[edge]
+        order = np.lexsort((u_all[np.searchsorted(edge_all, edge)], edge_cells))
+        sorted_cells = edge_cells[order]
+        rank = np.arange(len(order)) - np.searchsorted(sorted_cells, sorted_cells, side="left")
+        selected[edge[order[rank < (k - below)[sorted_cells]]]] = True
+        masks.append(selected)
+    return masks
 
 
 class Tokenizer:
@@ -118,12 +128,20 @@ class Tokenizer:
             keep = bins != 0
             bins, gene_ids, cells = bins[keep], gene_ids[keep], cells[keep]
 
-        # sample max_seq_len - 1 genes of longer cells (uniform subset, kept in the store's gene order)
+        # one random ranking of each cell's genes: the first max_seq_len - 1 are kept (uniform subset,
+        # in the store's gene order), the first kept - n_unknown of those are the known genes
         n_genes = np.bincount(cells, minlength=n_cells)  # (B,)
         kept = np.minimum(n_genes, cfg.max_seq_len - 1)  # (B,)
-        if (n_genes > kept).any():
-            take = np.flatnonzero(select_per_cell(cells, n_genes, kept, rng))
-            bins, gene_ids, cells = bins[take], gene_ids[take], cells[take]
+        n_unknown = np.zeros(n_cells, dtype=np.int64)
+        if cfg.gen_ratios is not None:
+            ratio = cfg.gen_ratios[int(rng.integers(len(cfg.gen_ratios)))]
+            n_unknown = np.floor(ratio * kept).astype(np.int64)  # (B,)
+        sample = bool((n_genes > kept).any())
+        if sample or cfg.gen_ratios is not None:
+            is_kept, is_known = select_per_cell(cells, n_genes, [kept, kept - n_unknown], rng)
+            if sample:
+                take = np.flatnonzero(is_kept)
+                bins, gene_ids, cells, is_known = bins[take], gene_ids[take], cells[take], is_known[take]
         starts = np.zeros(n_cells, dtype=np.int64)
         np.cumsum(kept[:-1], out=starts[1:])
         L = int(kept.max(initial=0)) + 1
@@ -132,34 +150,28 @@ class Tokenizer:
         token_ids = np.full((n_cells, L), self.pad_id, dtype=np.int64)  # (B, L)
         token_ids[:, 0] = self.cls_id
         token_ids.ravel()[flat] = gene_ids
-        true_bins = np.zeros((n_cells, L), dtype=np.int64)  # (B, L)
-        true_bins.ravel()[flat] = bins
+        target_values = np.full((n_cells, L), cfg.pad_value, dtype=np.float32)  # (B, L) true bins
+        target_values[:, 0] = cfg.cls_value
+        target_values.ravel()[flat] = bins
 
         positions = np.arange(L)[None, :]  # (1, L)
         pad_mask = positions > kept[:, None]  # (B, L)
-        is_gene = ~pad_mask
-        is_gene[:, 0] = False
         gen_mask = None
         if cfg.gen_ratios is not None:
-            ratio = cfg.gen_ratios[int(rng.integers(len(cfg.gen_ratios)))]
-            n_unknown = np.floor(ratio * kept).astype(np.int64)  # (B,)
-            unknown = ~select_per_cell(cells, kept, kept - n_unknown, rng)  # (n_kept,) uniform subset
             gen_mask = np.zeros((n_cells, L), dtype=bool)  # (B, L)
-            gen_mask.ravel()[flat[unknown]] = True
+            gen_mask.ravel()[flat[~is_known]] = True
         mlm_mask = None
         if cfg.mlm_prob is not None:
-            mlm_mask = is_gene & (rng.random((n_cells, L), dtype=np.float32) < cfg.mlm_prob)
+            mlm_mask = ~pad_mask & (rng.random((n_cells, L), dtype=np.float32) < cfg.mlm_prob)
+            mlm_mask[:, 0] = False
         hidden = mlm_mask if gen_mask is None else (gen_mask if mlm_mask is None else gen_mask | mlm_mask)
 
-        target_values = true_bins.astype(np.float32)  # (B, L)
-        target_values[pad_mask] = cfg.pad_value
-        target_values[:, 0] = cfg.cls_value
         if cfg.value_style == "continuous":
             values = target_values.copy()
             if hidden is not None:
                 values[hidden] = cfg.mask_value  # no input ever carries the value of a hidden gene
         else:
-            values = true_bins  # (B, L) int64 categories
+            values = target_values.astype(np.int64)  # (B, L) categories
             values[pad_mask] = cfg.n_bins
             values[:, 0] = cfg.n_bins  # <cls> gets the pad category, as <cls> gets pad_value when continuous
             if hidden is not None:

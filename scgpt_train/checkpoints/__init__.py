@@ -23,7 +23,7 @@ log = logging.getLogger(__name__)
 FORMAT = "scgpt_train/model-v1"
 
 __all__ = ["ATTENTION_LAYOUTS", "FORMAT", "MappingReport", "detect_attention_layout", "export_official",
-           "load_checkpoint", "load_into", "load_official", "official_state_dict_to_ours", "ours_to_official",
+           "load_checkpoint", "load_model", "load_into", "load_official", "official_state_dict_to_ours", "ours_to_official",
            "read_official", "save_checkpoint"]
 
 
@@ -156,3 +156,15 @@ def load_checkpoint(path, **overrides) -> tuple[ScGPT, dict | None]:
         log.warning("load_checkpoint(%s): %s", path, report.summary())
     model.load_report = report
     return model, (dict(vocab) if vocab is not None else None)
+
+
+def load_model(path, vocab_size: int | None = None, pad_token_id: int | None = None, **overrides) -> ScGPT:
+    """Just the model from ``load_checkpoint`` (a Hydra ``_target_`` for ``net``); checks that the data's
+    vocabulary size / pad id, when given, are the checkpoint's."""
+    model, _ = load_checkpoint(path, **overrides)
+    cfg = model.config()
+    for name, given in (("vocab_size", vocab_size), ("pad_token_id", pad_token_id)):
+        if given is not None and int(given) != cfg[name]:
+            raise ValueError(f"{path}: the checkpoint has {name}={cfg[name]} but the data module gives {given}; "
+                             f"tokenize the data with the checkpoint's vocab.json")
+    return model

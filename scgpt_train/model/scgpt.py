@@ -114,6 +114,8 @@ class ScGPT(nn.Module):
               modality_ids=None, cell_prompt=None):
         """Token input (B, L, d) and the gene embeddings (B, L, d) used by the MVC decoder."""
         gene_embs = self.gene_encoder(gene_ids)  # (B, L, d)
+        if gen_mask is not None:  # unknown values are never read: make them a valid input (category ids)
+            values = values.masked_fill(gen_mask, self.pad_value)
         if self.input_emb_style == "scaling":
             x = gene_embs * values.unsqueeze(-1)
         else:
