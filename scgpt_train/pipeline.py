@@ -12,7 +12,10 @@ from omegaconf import DictConfig, OmegaConf
 from rich.console import Console
 from rich.table import Table
 
+from lightning_fabric.plugins.io.torch_io import TorchCheckpointIO
+
 from scgpt_train.callbacks import RunSummary
+from scgpt_train.fault_tolerance import AtomicCheckpointIO, find_resume_checkpoint
 
 log = logging.getLogger(__name__)
 
@@ -40,14 +43,33 @@ def build(cfg: DictConfig) -> tuple[pl.LightningDataModule, pl.LightningModule, 
     module = instantiate(cfg.model, net=model_kwargs_from_data(datamodule), objectives=objectives,
                          vocab=datamodule.vocab.token_to_id)
     trainer = instantiate(cfg.trainer, callbacks=instantiate_group(cfg.get("callbacks")),
-                          logger=instantiate_group(cfg.get("logger")) or False)
+                          logger=instantiate_group(cfg.get("logger")) or False, plugins=trainer_plugins(cfg.trainer))
     return datamodule, module, trainer
 
 
-def resolve_ckpt_path(ckpt_path: str | None, output_dir: str) -> str | None:
-    """``last`` means ``<output_dir>/checkpoints/last.ckpt``; anything else must exist."""
+def trainer_plugins(trainer_cfg: DictConfig) -> list:
+    """The configured plugins, plus atomic checkpoint writes where the strategy uses plain torch files."""
+    plugins = [instantiate(p) for p in (trainer_cfg.get("plugins") or [])]
+    strategy = trainer_cfg.get("strategy")
+    target = strategy.get("_target_", "") if isinstance(strategy, DictConfig) else str(strategy or "")
+    sharded = any(s in target.lower() for s in ("deepspeed", "fsdp"))
+    if not sharded and not any(isinstance(p, TorchCheckpointIO) for p in plugins):
+        plugins.append(AtomicCheckpointIO())
+    return plugins
+
+
+def resolve_ckpt_path(ckpt_path: str | None, output_dir: str, auto_resume: bool = False) -> str | None:
+    """Which checkpoint ``fit`` resumes from.
+
+    ``null``: the newest valid checkpoint in this run dir when ``auto_resume`` (a restarted or requeued
+    job picks up where it stopped), else a fresh start. ``last``: ``<run dir>/checkpoints/last.ckpt``.
+    Anything else: that file, which must exist.
+    """
     if ckpt_path in (None, ""):
-        return None
+        found = find_resume_checkpoint(output_dir) if auto_resume else None
+        if found is not None:
+            log.warning("auto-resume: continuing from %s", found)
+        return None if found is None else str(found)
     path = Path(output_dir) / "checkpoints" / "last.ckpt" if ckpt_path == "last" else Path(ckpt_path)
     if not path.exists():
         raise FileNotFoundError(f"ckpt_path={ckpt_path!r}: no checkpoint at {path}")
@@ -62,7 +84,7 @@ def run(cfg: DictConfig) -> dict[str, float]:
     OmegaConf.save(cfg, output_dir / "config.yaml", resolve=True)
 
     datamodule, module, trainer = build(cfg)
-    ckpt_path = resolve_ckpt_path(cfg.get("ckpt_path"), str(output_dir))
+    ckpt_path = resolve_ckpt_path(cfg.get("ckpt_path"), str(output_dir), bool(cfg.get("auto_resume", False)))
     if cfg.get("validate_before_fit") and ckpt_path is None:
         trainer.validate(module, datamodule=datamodule, verbose=False)
     trainer.fit(module, datamodule=datamodule, ckpt_path=ckpt_path)

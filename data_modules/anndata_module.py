@@ -1,0 +1,477 @@
+"""Fine-tuning from AnnData: preprocessing, vocab mapping, labels, batches, splits -> ``Batch``.
+
+One DataModule for annotation (reference -> query) and integration (all cells). Cells are held as
+one CSR matrix over the vocab-mapped genes (in memory), or read per batch from the h5ad (``backed``).
+Every batch goes through the project tokenizer (official binning, ``<cls>`` first, sampling to
+``max_seq_len``, optional MLM masking), or, with ``include_zero_genes``, through the same binning with
+zero-expressed genes kept as bin 0.
+
+Splits (``obs["split"]`` of :attr:`AnnDataModule.adata`): ``train`` / ``val`` (stratified by label,
+``val_fraction`` of the training pool) and ``query`` (``query_path``, an obs column value, or a stratified
+``query_fraction`` hold-out). Integration trains on all cells (``train_on: all``) and evaluates on all.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import os
+import tempfile
+from collections.abc import Callable
+from pathlib import Path
+from typing import Any
+
+import anndata as ad
+import numpy as np
+import pandas as pd
+import pytorch_lightning as pl
+import scipy.sparse as sp
+import torch
+from torch.utils.data import DataLoader
+
+from data_modules.batch import Batch
+from data_modules.preprocess import (GeneReport, PreprocessConfig, encode_categories, map_genes,
+                                     normalize_and_select, stratified_split)
+from data_modules.store.reader import CellBlock
+from data_modules.tokenize import Tokenizer, TokenizerConfig, bin_values
+from data_modules.tokenize.binning import cell_of_entry
+from data_modules.vocab import GeneVocab
+
+log = logging.getLogger(__name__)
+SPLITS = ("train", "val", "query")
+
+
+# tokenization ------------------------------------------------------------------------------
+def tokenize_with_zeros(x: sp.csr_matrix, gene_ids: np.ndarray, cfg: TokenizerConfig, pad_id: int, cls_id: int,
+                        rng: np.random.Generator) -> Batch:
+    """Every gene of every cell (zeros as bin 0), a random ``max_seq_len - 1`` of them if there are more."""
+    n_cells, n_genes = x.shape
+    bins = np.zeros((n_cells, n_genes), dtype=np.float32)  # (B, G)
+    nz = bin_values(x.indptr, x.data, cfg.n_bins, rng, cells=cell_of_entry(x.indptr))
+    bins[cell_of_entry(x.indptr), x.indices] = nz
+    k = min(n_genes, cfg.max_seq_len - 1)
+    if k < n_genes:  # uniform subset per cell, kept in gene order
+        cols = np.sort(np.argsort(rng.random((n_cells, n_genes)), axis=1)[:, :k], axis=1)  # (B, k)
+    else:
+        cols = np.broadcast_to(np.arange(n_genes), (n_cells, n_genes))
+    L = k + 1
+    token_ids = np.empty((n_cells, L), dtype=np.int64)
+    token_ids[:, 0] = cls_id
+    token_ids[:, 1:] = gene_ids[cols]
+    target = np.empty((n_cells, L), dtype=np.float32)
+    target[:, 0] = cfg.cls_value
+    target[:, 1:] = np.take_along_axis(bins, cols, axis=1)
+    pad_mask = np.zeros((n_cells, L), dtype=bool)
+    mlm_mask = None
+    if cfg.mlm_prob is not None:
+        mlm_mask = rng.random((n_cells, L), dtype=np.float32) < cfg.mlm_prob
+        mlm_mask[:, 0] = False
+    if cfg.value_style == "continuous":
+        values = target.copy()
+        if mlm_mask is not None:
+            values[mlm_mask] = cfg.mask_value
+    else:
+        values = target.astype(np.int64)
+        values[:, 0] = cfg.n_bins
+        if mlm_mask is not None:
+            values[mlm_mask] = cfg.n_bins + 1
+    return Batch(gene_ids=torch.from_numpy(token_ids), values=torch.from_numpy(values),
+                 pad_mask=torch.from_numpy(pad_mask), target_values=torch.from_numpy(target),
+                 mlm_mask=None if mlm_mask is None else torch.from_numpy(mlm_mask))
+
+
+class RowStore:
+    """Rows of a CSR matrix over the model's genes, in memory or read from backed h5ad parts."""
+
+    def __init__(self, parts: list[tuple[Any, np.ndarray]], n_genes: int):
+        """``parts``: (matrix-like with row indexing, (n_cols,) int64 column -> model gene position or -1)."""
+        self.parts = parts
+        self.n_genes = n_genes
+        sizes = [m.shape[0] for m, _ in parts]
+        self.offsets = np.concatenate([[0], np.cumsum(sizes)]).astype(np.int64)
+
+    def __len__(self) -> int:
+        return int(self.offsets[-1])
+
+    def rows(self, idx: np.ndarray) -> sp.csr_matrix:
+        """(len(idx), n_genes) float32 CSR for ascending global row indices ``idx``."""
+        blocks = []
+        for p, (matrix, colmap) in enumerate(self.parts):
+            local = idx[(idx >= self.offsets[p]) & (idx < self.offsets[p + 1])] - self.offsets[p]
+            if len(local) == 0:
+                continue
+            sub = sp.csr_matrix(matrix[local], dtype=np.float32)
+            sub.eliminate_zeros()
+            coo = sub.tocoo()
+            cols = colmap[coo.col]
+            keep = cols >= 0
+            blocks.append(sp.csr_matrix((coo.data[keep], (coo.row[keep], cols[keep])),
+                                        shape=(len(local), self.n_genes), dtype=np.float32))
+        out = sp.vstack(blocks, format="csr") if len(blocks) > 1 else blocks[0]
+        out.sort_indices()
+        return out
+
+
+class CellCollate:
+    """DataLoader collate: a list of cell indices -> ``Batch`` (picklable for worker processes)."""
+
+    def __init__(self, store: RowStore, gene_ids: np.ndarray, labels: np.ndarray | None,
+                 batch_labels: np.ndarray | None, tokenizer_cfg: TokenizerConfig, pad_id: int, cls_id: int,
+                 include_zero_genes: bool, deterministic_seed: int | None):
+        self.store, self.gene_ids = store, gene_ids
+        self.labels, self.batch_labels = labels, batch_labels
+        self.cfg, self.pad_id, self.cls_id = tokenizer_cfg, pad_id, cls_id
+        self.include_zero_genes = include_zero_genes
+        self.deterministic_seed = deterministic_seed  # None = random (training); int = same bins every epoch
+        self.tokenizer = Tokenizer(tokenizer_cfg, pad_id, cls_id)
+
+    def __call__(self, indices: list[int]) -> Batch:
+        idx = np.sort(np.asarray(indices, dtype=np.int64))
+        if self.deterministic_seed is None:
+            rng = np.random.default_rng(int(torch.randint(0, 2**62, ()).item()))
+        else:
+            rng = np.random.default_rng([self.deterministic_seed, int(idx[0]), len(idx)])
+        x = self.store.rows(idx)  # (B, G)
+        if self.include_zero_genes:
+            batch = tokenize_with_zeros(x, self.gene_ids, self.cfg, self.pad_id, self.cls_id, rng)
+        else:
+            block = CellBlock(indptr=x.indptr.astype(np.int64), gene_ids=self.gene_ids[x.indices].astype(np.int32),
+                              counts=x.data.astype(np.float32), cell_index=idx)
+            batch = self.tokenizer(block, rng)
+        batch.cell_index = torch.from_numpy(idx)
+        if self.labels is not None:
+            batch.labels = torch.from_numpy(self.labels[idx])
+        if self.batch_labels is not None:
+            batch.batch_labels = torch.from_numpy(self.batch_labels[idx])
+        return batch
+
+
+# the data module ---------------------------------------------------------------------------
+class AnnDataModule(pl.LightningDataModule):
+    """Fine-tuning data from one h5ad (optionally + a query h5ad). Plain constructor values (Hydra).
+
+    Args (main ones):
+      path / query_path: reference (or all cells) and optional query h5ad.
+      builder: callable(path) that writes ``path`` when it does not exist (the demos).
+      label_key / batch_key: obs columns with cell types / batches (either may be None).
+      vocab: vocab.json, official checkpoint dir, imported .pt or Lightning .ckpt; None = the dataset's genes.
+      preprocess: PreprocessConfig fields (normalize_total, log1p, n_hvg, hvg_flavor, use_raw, gene_column...).
+      tokenizer: TokenizerConfig fields (max_seq_len, n_bins, value_style, pad/mask/cls value, mlm_prob).
+      query_key + query_values / query_fraction: the query split when there is no query file.
+      train_on: "reference" (annotation) or "all" (integration: every cell, query included, is trained on).
+      model_outputs: which data-decided model kwargs to expose: "n_cls", "num_batch_labels".
+    """
+
+    def __init__(self, path: str, query_path: str | None = None, builder: Callable[[str], Any] | None = None,
+                 label_key: str | None = None, batch_key: str | None = None, vocab: str | None = None,
+                 preprocess: Any = None, tokenizer: Any = None, include_zero_genes: bool = False,
+                 query_key: str | None = None, query_values: list | None = None, query_fraction: float | None = None,
+                 train_on: str = "reference", val_fraction: float = 0.1, batch_size: int = 32,
+                 val_batch_size: int | None = None, num_workers: int = 0, seed: int = 0, backed: bool = False,
+                 model_outputs: list[str] | tuple[str, ...] = ("n_cls",), report_path: str | None = None):
+        super().__init__()
+        if train_on not in ("reference", "all"):
+            raise ValueError(f"train_on must be 'reference' or 'all', got {train_on!r}")
+        self.path, self.query_path, self.builder = str(path), query_path, builder
+        self.label_key, self.batch_key, self.vocab_path = label_key, batch_key, vocab
+        self.preprocess_cfg = PreprocessConfig.from_any(preprocess)
+        tok = TokenizerConfig.from_any(tokenizer).to_dict()
+        tok["gen_ratios"] = None  # fine-tuning: no generative split
+        self.tokenizer_cfg = TokenizerConfig(**tok)
+        self.include_zero_genes = bool(include_zero_genes)
+        self.query_key, self.query_values, self.query_fraction = query_key, query_values, query_fraction
+        self.train_on, self.val_fraction = train_on, float(val_fraction)
+        self.batch_size, self.val_batch_size = int(batch_size), int(val_batch_size or batch_size)
+        self.num_workers, self.seed, self.backed = int(num_workers), int(seed), bool(backed)
+        self.model_outputs = tuple(model_outputs or ())
+        unknown = set(self.model_outputs) - {"n_cls", "num_batch_labels"}
+        if unknown:
+            raise ValueError(f"model_outputs may hold 'n_cls' and 'num_batch_labels', got {sorted(unknown)}")
+        self.report_path = report_path
+        self._vocab: GeneVocab | None = None
+        self.adata: ad.AnnData | None = None  # all cells, model genes; obs: split, label / batch codes
+
+    # lifecycle ------------------------------------------------------------------------
+    def prepare_data(self) -> None:
+        if Path(self.path).exists():
+            return
+        if self.builder is None:
+            raise FileNotFoundError(f"{self.path} does not exist: download it (python scripts/download_benchmarks.py "
+                                    f"NAME) or point data.path at your h5ad")
+        Path(self.path).parent.mkdir(parents=True, exist_ok=True)
+        self.builder(self.path)
+
+    def setup(self, stage: str | None = None) -> None:
+        if self.adata is not None:
+            return
+        cfg = self.preprocess_cfg
+        if self.backed and (cfg.n_hvg is not None or cfg.use_raw):
+            raise ValueError("backed=true reads X row by row: HVG selection and use_raw need the whole matrix in "
+                             "memory; select the genes beforehand or set data.backed=false")
+        ref, ref_x, ref_genes = self._load(self.path, None)
+        parts = [(ref_x, ref_genes, ref.obs)]
+        if self.query_path is not None:
+            q, q_x, q_genes = self._load(self.query_path, list(ref_genes))
+            parts.append((q_x, q_genes, q.obs))
+        self._vocab = GeneVocab.from_checkpoint(self.vocab_path) if self.vocab_path else GeneVocab.from_genes(
+            sorted(set().union(*(set(g) for _, g, _ in parts))))
+        self._build(parts)
+
+    def _load(self, path: str, genes: list[str] | None):
+        """(obs-carrying AnnData, row-indexable X, gene names) of one file, preprocessed."""
+        if not Path(path).exists():
+            raise FileNotFoundError(f"h5ad {path} does not exist")
+        if self.backed:
+            data = ad.read_h5ad(path, backed="r")
+            names = (data.var[self.preprocess_cfg.gene_column] if self.preprocess_cfg.gene_column
+                     else data.var_names).astype(str).to_numpy()
+            return data, data.X, names
+        data, flavor = normalize_and_select(ad.read_h5ad(path), self.preprocess_cfg, genes)
+        self.hvg_flavor = flavor if genes is None else getattr(self, "hvg_flavor", None)
+        return data, data.X, data.var_names.to_numpy()
+
+    def _build(self, parts) -> None:
+        vocab = self._vocab
+        union_ids = np.unique(np.concatenate([vocab.map_genes(list(g)).ids for _, g, _ in parts]))
+        union_ids = union_ids[union_ids >= 0]
+        if len(union_ids) == 0:
+            raise ValueError(f"none of the genes of {self.path} is in the vocabulary {self.vocab_path}; use matching "
+                             f"gene symbols (data.preprocess.gene_column)")
+        pos_of_id = {int(i): p for p, i in enumerate(union_ids)}
+        store_parts, reports, obs_frames = [], [], []
+        for x, genes, obs in parts:
+            ids, report = map_genes(genes, vocab, None if self.backed else x)
+            colmap = np.array([pos_of_id.get(int(i), -1) for i in ids], dtype=np.int64)
+            store_parts.append((x, colmap))
+            reports.append(report)
+            obs_frames.append(obs.copy())
+        self.gene_ids = union_ids.astype(np.int64)  # (G,) vocab id of each model gene column
+        self.gene_report = reports[0]
+        self.gene_reports = reports
+        for name, r in zip(("reference", "query"), reports):
+            log.info("%s: %s", name, r.summary())
+        self.store = RowStore(store_parts, len(union_ids))
+        obs = pd.concat(obs_frames, axis=0)
+        obs.index = obs.index.astype(str)
+        if not obs.index.is_unique:
+            obs.index = pd.Index([f"{i}-{k}" for i, k in zip(obs.index, range(len(obs)))])
+        n_ref = store_parts[0][0].shape[0]
+        is_query = np.zeros(len(obs), dtype=bool)
+        is_query[n_ref:] = True
+        self._encode_obs(obs, is_query)
+
+    def _query_mask(self, obs: pd.DataFrame, is_query: np.ndarray) -> np.ndarray:
+        if self.query_path is not None:
+            return is_query
+        if self.query_key is not None:
+            if self.query_key not in obs.columns:
+                raise KeyError(f"data.query_key={self.query_key!r} is not an obs column of {self.path} "
+                               f"(columns: {list(obs.columns)})")
+            values = [str(v) for v in (self.query_values or [])]
+            mask = obs[self.query_key].astype(str).isin(values).to_numpy()
+            if not mask.any():
+                raise ValueError(f"no cell of {self.path} has obs[{self.query_key!r}] in {values}")
+            return mask
+        if self.query_fraction:
+            strat = (obs[self.label_key].astype(str).to_numpy() if self.label_key else np.zeros(len(obs), dtype=int))
+            _, held = stratified_split(strat, self.query_fraction, self.seed + 1)
+            mask = np.zeros(len(obs), dtype=bool)
+            mask[held] = True
+            return mask
+        return np.zeros(len(obs), dtype=bool)
+
+    def _encode_obs(self, obs: pd.DataFrame, is_query: np.ndarray) -> None:
+        for key, what in ((self.label_key, "label_key"), (self.batch_key, "batch_key")):
+            if key is not None and key not in obs.columns:
+                raise KeyError(f"data.{what}={key!r} is not an obs column of {self.path} (columns: {list(obs.columns)})")
+        query = self._query_mask(obs, is_query)
+        n = len(obs)
+        self.labels = self.batch_labels = None
+        self.label_names, self.batch_names, self.query_only_labels = [], [], []
+        if self.label_key is not None:
+            raw = obs[self.label_key].astype(str).to_numpy()
+            pool = ~query if self.train_on == "reference" else np.ones(n, dtype=bool)
+            _, self.label_names = encode_categories(raw[pool])
+            self.labels, _ = encode_categories(raw, self.label_names)  # query-only labels -> -1
+            self.query_only_labels = sorted(set(raw[self.labels < 0]))
+            if self.query_only_labels:
+                log.warning("labels only in the query (not learnable; counted as errors): %s", self.query_only_labels)
+        if self.batch_key is not None:
+            self.batch_labels, self.batch_names = encode_categories(obs[self.batch_key].astype(str).to_numpy())
+        pool_idx = np.flatnonzero(~query) if self.train_on == "reference" else np.arange(n)
+        strat = self.labels[pool_idx] if self.labels is not None else np.zeros(len(pool_idx), dtype=np.int64)
+        tr, va = stratified_split(strat, self.val_fraction, self.seed)
+        split = np.full(n, "query", dtype=object)
+        split[pool_idx[tr]] = "train"
+        split[pool_idx[va]] = "val"
+        self.split = split
+        self.is_query = query
+        obs = obs.copy()
+        obs["split"] = pd.Categorical(split, categories=list(SPLITS))
+        self.obs = obs
+        self.adata = ad.AnnData(obs=obs, var=pd.DataFrame(
+            {"vocab_id": self.gene_ids}, index=[self._vocab.id_to_token[i] for i in self.gene_ids]))
+        if self.report_path:
+            self.write_report(self.report_path)
+
+    # reports ------------------------------------------------------------------------------
+    def report(self) -> dict:
+        counts = pd.Series(self.split).value_counts().to_dict()
+        return {"path": self.path, "query_path": self.query_path, "n_cells": int(len(self.split)),
+                "cells_per_split": {k: int(counts.get(k, 0)) for k in SPLITS},
+                "genes": [r.as_dict() for r in self.gene_reports], "n_model_genes": int(len(self.gene_ids)),
+                "hvg_flavor": getattr(self, "hvg_flavor", None), "labels": self.label_names,
+                "query_only_labels": self.query_only_labels, "batches": self.batch_names}
+
+    def write_report(self, path: str | os.PathLike) -> Path:
+        path = Path(path)
+        path.parent.mkdir(parents=True, exist_ok=True)
+        fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.")
+        with os.fdopen(fd, "w") as f:
+            json.dump(self.report(), f, indent=2)
+        os.replace(tmp, path)
+        return path
+
+    # what train.py reads ------------------------------------------------------------------
+    @property
+    def vocab(self) -> GeneVocab:
+        self.setup()
+        return self._vocab
+
+    @property
+    def vocab_size(self) -> int:
+        return len(self.vocab)
+
+    @property
+    def pad_id(self) -> int:
+        return self.vocab.pad_id
+
+    @property
+    def cls_id(self) -> int:
+        return self.vocab.cls_id
+
+    @property
+    def n_cls(self) -> int:
+        self.setup()
+        return len(self.label_names)
+
+    @property
+    def num_batch_labels(self) -> int:
+        self.setup()
+        return len(self.batch_names)
+
+    @property
+    def model_kwargs(self) -> dict:
+        kw = {}
+        if "n_cls" in self.model_outputs and self.n_cls > 0:
+            kw["n_cls"] = self.n_cls
+        if "num_batch_labels" in self.model_outputs and self.num_batch_labels > 0:
+            kw["num_batch_labels"] = self.num_batch_labels
+        return kw
+
+    def indices(self, split: str) -> np.ndarray:
+        """Cell indices of ``split``: train / val / query / reference (train + val) / all / eval (query, else all)."""
+        self.setup()
+        if split == "all":
+            return np.arange(len(self.split))
+        if split == "reference":
+            return np.flatnonzero(~self.is_query)
+        if split == "eval":
+            return np.flatnonzero(self.is_query) if self.is_query.any() else np.arange(len(self.split))
+        if split not in SPLITS:
+            raise ValueError(f"split must be one of {SPLITS + ('reference', 'all', 'eval')}, got {split!r}")
+        return np.flatnonzero(self.split == split)
+
+    def expression(self, split: str = "all") -> sp.csr_matrix:
+        """(cells, model genes) preprocessed expression of ``split`` (for baselines and outputs)."""
+        return self.store.rows(self.indices(split))
+
+    # loaders --------------------------------------------------------------------------
+    def _collate(self, deterministic: bool) -> CellCollate:
+        return CellCollate(self.store, self.gene_ids, self.labels, self.batch_labels, self.tokenizer_cfg,
+                           self.pad_id, self.cls_id, self.include_zero_genes, self.seed if deterministic else None)
+
+    def loader(self, split: str, shuffle: bool = False, batch_size: int | None = None,
+               deterministic: bool = True) -> DataLoader:
+        idx = self.indices(split)
+        if len(idx) == 0:
+            raise ValueError(f"split {split!r} of {self.path} has no cells")
+        return DataLoader(idx.tolist(), batch_size=batch_size or self.val_batch_size, shuffle=shuffle,
+                          collate_fn=self._collate(deterministic), num_workers=self.num_workers,
+                          persistent_workers=self.num_workers > 0)
+
+    def train_dataloader(self) -> DataLoader:
+        return self.loader("train", shuffle=True, batch_size=self.batch_size, deterministic=False)
+
+    def val_dataloader(self) -> DataLoader:
+        return self.loader("val")
+
+    def predict_dataloader(self) -> DataLoader:
+        return self.loader("eval")
+
+
+# demo datasets (real cells shipped with scanpy) ---------------------------------------------
+def _atomic_write_h5ad(adata: ad.AnnData, path: str | os.PathLike) -> Path:
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".h5ad")
+    os.close(fd)
+    try:
+        adata.write_h5ad(tmp)
+        os.replace(tmp, path)
+    finally:
+        Path(tmp).unlink(missing_ok=True)
+    return path
+
+
+def pbmc68k_log_normalized() -> ad.AnnData:
+    """scanpy's pbmc68k_reduced: 700 PBMCs x 765 genes, log-normalized (``.raw``), obs ``cell_type``."""
+    import scanpy as sc
+
+    src = sc.datasets.pbmc68k_reduced()
+    x = sp.csr_matrix(src.raw.X, dtype=np.float32)
+    obs = pd.DataFrame({"cell_type": src.obs["bulk_labels"].astype(str).to_numpy()}, index=src.obs_names.astype(str))
+    return ad.AnnData(X=x, obs=obs, var=pd.DataFrame(index=src.raw.var_names.astype(str)))
+
+
+def build_annotation_demo(path: str | os.PathLike) -> Path:
+    """pbmc68k_reduced as is (already log-normalized, like the paper's annotation files)."""
+    return _atomic_write_h5ad(pbmc68k_log_normalized(), path)
+
+
+BATCH_EFFECT = {"seed": 0, "gene_log_sd": 1.0, "dropped_gene_fraction": 0.1, "depth_factor": 0.5}
+
+
+def make_two_batch(adata: ad.AnnData, seed: int = 0, gene_log_sd: float = 1.0, dropped_gene_fraction: float = 0.1,
+                   depth_factor: float = 0.5) -> ad.AnnData:
+    """Two batches from real cells with a known batch effect.
+
+    Cells are assigned to batch "A" or "B" at random (stratified by cell type, half each). Counts are
+    recovered as expm1 of the log-normalized values; batch B then gets (1) a per-gene multiplicative
+    factor exp(N(0, gene_log_sd)) - a gene-specific capture efficiency, which changes each cell's gene
+    ranks and hence its bins - (2) ``dropped_gene_fraction`` of genes not measured at all (zero), and
+    (3) ``depth_factor`` x sequencing depth (rounding to counts is not applied: values stay continuous).
+    Both batches keep their cell types, so a good integration mixes A and B within each cell type.
+    """
+    rng = np.random.default_rng(seed)
+    x = sp.csr_matrix(adata.X, dtype=np.float64)
+    x.data = np.expm1(x.data)
+    labels = adata.obs["cell_type"].astype(str).to_numpy()
+    _, in_b = stratified_split(labels, 0.5, seed)
+    n_genes = adata.n_vars
+    factor = np.exp(rng.normal(0.0, gene_log_sd, n_genes)) * depth_factor  # (G,)
+    factor[rng.random(n_genes) < dropped_gene_fraction] = 0.0
+    scale = sp.diags(factor)
+    is_b = np.zeros(adata.n_obs, dtype=bool)
+    is_b[in_b] = True
+    xb = (x[is_b] @ scale).tocsr()
+    out = sp.vstack([x[~is_b], xb], format="csr").astype(np.float32)
+    out.eliminate_zeros()
+    obs = pd.concat([adata.obs[~is_b], adata.obs[is_b]]).copy()
+    obs["batch"] = ["A"] * int((~is_b).sum()) + ["B"] * int(is_b.sum())
+    return ad.AnnData(X=out, obs=obs, var=adata.var.copy())
+
+
+def build_integration_demo(path: str | os.PathLike) -> Path:
+    """pbmc68k_reduced split into two batches with the documented batch effect (:func:`make_two_batch`)."""
+    return _atomic_write_h5ad(make_two_batch(pbmc68k_log_normalized(), **BATCH_EFFECT), path)

@@ -1,0 +1,192 @@
+"""Per-task preprocessing of an AnnData for fine-tuning: the paper's recipes as small pure functions.
+
+- annotation: the benchmark files are already log-normalized (3,000 genes); optionally normalize_total
+  + log1p raw counts; genes mapped to the vocabulary.
+- integration: normalize_total 1e4, log1p, 1,200 highly variable genes (seurat_v3 on raw counts when
+  scikit-misc is installed, else scanpy's "seurat" flavor on the log data; the report says which).
+
+Binning happens later, per batch (``data_modules.tokenize.bin_values``); bins are per-cell ranks, so
+normalize_total / log1p change the baselines and the HVG choice, not the model's input bins.
+"""
+
+from __future__ import annotations
+
+import logging
+from dataclasses import asdict, dataclass, field
+
+import anndata as ad
+import numpy as np
+import pandas as pd
+import scipy.sparse as sp
+
+from data_modules.vocab import GeneVocab
+
+log = logging.getLogger(__name__)
+UNKNOWN_LABEL = -1
+
+
+@dataclass
+class PreprocessConfig:
+    normalize_total: float | None = None  # e.g. 1e4; None = values are used as stored
+    log1p: bool = False
+    n_hvg: int | None = None  # keep this many highly variable genes (None = all genes)
+    hvg_flavor: str = "seurat_v3"  # seurat_v3 needs raw counts and scikit-misc; falls back to "seurat"
+    counts_layer: str | None = None  # layer holding raw counts (for seurat_v3); None = X before normalization
+    use_raw: bool = False  # read .raw (X and var) instead of X
+    gene_column: str | None = None  # var column with gene symbols; None = var_names
+    min_genes: int = 1  # drop cells with fewer non-zero vocab genes (after mapping)
+
+    @classmethod
+    def from_any(cls, cfg) -> "PreprocessConfig":
+        if cfg is None:
+            return cls()
+        if isinstance(cfg, cls):
+            return cfg
+        if not isinstance(cfg, dict):
+            from omegaconf import OmegaConf
+
+            cfg = OmegaConf.to_container(cfg, resolve=True)
+        unknown = sorted(set(cfg) - set(cls.__dataclass_fields__))
+        if unknown:
+            raise ValueError(f"unknown preprocess option(s) {unknown}; valid: {sorted(cls.__dataclass_fields__)}")
+        return cls(**cfg)
+
+
+@dataclass
+class GeneReport:
+    """What mapping the dataset's genes onto the vocabulary kept and lost."""
+
+    n_genes: int
+    n_in_vocab: int
+    n_lost: int
+    lost_examples: list[str] = field(default_factory=list)  # up to 20 lost gene names
+    lost_expression_fraction: float = 0.0  # share of the total (preprocessed) expression in lost genes
+    hvg_flavor: str | None = None  # the HVG flavor actually used, if any
+
+    def as_dict(self) -> dict:
+        return asdict(self)
+
+    def summary(self) -> str:
+        return (f"{self.n_in_vocab}/{self.n_genes} genes in the vocabulary, {self.n_lost} lost "
+                f"({100 * self.lost_expression_fraction:.1f}% of expression)"
+                + (f", e.g. {', '.join(self.lost_examples[:5])}" if self.lost_examples else ""))
+
+
+def as_csr32(x) -> sp.csr_matrix:
+    """float32 CSR copy (sorted indices, no explicit zeros)."""
+    m = sp.csr_matrix(x, dtype=np.float32, copy=True)
+    m.eliminate_zeros()
+    m.sort_indices()
+    return m
+
+
+def read_input(adata: ad.AnnData, cfg: PreprocessConfig) -> ad.AnnData:
+    """In-memory copy with float32 CSR ``X`` (from ``.raw`` when asked) and the gene names as var_names."""
+    if cfg.use_raw:
+        if adata.raw is None:
+            raise ValueError("preprocess.use_raw=true but the AnnData has no .raw; set use_raw=false")
+        out = ad.AnnData(X=as_csr32(adata.raw.X), obs=adata.obs.copy(), var=adata.raw.var.copy())
+    else:
+        out = ad.AnnData(X=as_csr32(adata.X), obs=adata.obs.copy(), var=adata.var.copy(),
+                         layers={k: as_csr32(v) for k, v in adata.layers.items()})
+    if cfg.gene_column is not None:
+        if cfg.gene_column not in out.var.columns:
+            raise KeyError(f"preprocess.gene_column={cfg.gene_column!r} is not a var column "
+                           f"(columns: {list(out.var.columns)})")
+        out.var_names = out.var[cfg.gene_column].astype(str).to_numpy()
+    out.var_names = out.var_names.astype(str)
+    out.obs_names = out.obs_names.astype(str)
+    if not out.var_names.is_unique:
+        out.var_names_make_unique()
+    return out
+
+
+def normalize_log1p(adata: ad.AnnData, target_sum: float | None, log1p: bool) -> None:
+    """Row-wise normalize_total to ``target_sum`` then log1p, in place on the CSR ``X``."""
+    x = adata.X
+    if target_sum is not None:
+        totals = np.asarray(x.sum(axis=1)).ravel()  # (N,)
+        scale = np.divide(target_sum, totals, out=np.zeros_like(totals), where=totals > 0)
+        x.data *= np.repeat(scale, np.diff(x.indptr)).astype(np.float32)
+    if log1p:
+        np.log1p(x.data, out=x.data)
+
+
+def select_hvg(adata: ad.AnnData, n_top: int, flavor: str, counts) -> tuple[np.ndarray, str]:
+    """(n_genes,) bool mask of the ``n_top`` highly variable genes and the flavor used."""
+    import scanpy as sc
+
+    if n_top >= adata.n_vars:
+        return np.ones(adata.n_vars, dtype=bool), "all"
+    if flavor == "seurat_v3":
+        try:
+            import skmisc  # noqa: F401
+        except ImportError:
+            log.warning("HVG flavor seurat_v3 needs scikit-misc (not installed); using flavor 'seurat' on log data")
+            flavor = "seurat"
+    probe = ad.AnnData(X=counts if flavor == "seurat_v3" else adata.X, var=pd.DataFrame(index=adata.var_names))
+    table = sc.pp.highly_variable_genes(probe, n_top_genes=n_top, flavor=flavor, inplace=False)
+    return np.asarray(table["highly_variable"], dtype=bool), flavor
+
+
+def map_genes(var_names, vocab: GeneVocab, x: sp.csr_matrix | None = None) -> tuple[np.ndarray, GeneReport]:
+    """(n_genes,) vocab id per gene (-1 = unknown) and the report of what was lost."""
+    mapping = vocab.map_genes(list(var_names))
+    lost_frac = 0.0
+    if x is not None and x.nnz:
+        per_gene = np.asarray(x.sum(axis=0)).ravel()
+        total = per_gene.sum()
+        lost_frac = float(per_gene[~mapping.known].sum() / total) if total > 0 else 0.0
+    report = GeneReport(n_genes=len(mapping.ids), n_in_vocab=mapping.n_known, n_lost=mapping.n_unknown,
+                        lost_examples=mapping.unknown_genes[:20], lost_expression_fraction=lost_frac)
+    if mapping.n_known == 0:
+        raise ValueError(f"none of the {len(mapping.ids)} genes is in the vocabulary (e.g. "
+                         f"{', '.join(map(str, list(var_names)[:5]))}); use the checkpoint's vocab.json and a var "
+                         f"column with matching gene symbols (data.preprocess.gene_column)")
+    return mapping.ids, report
+
+
+def normalize_and_select(adata: ad.AnnData, cfg: PreprocessConfig,
+                         genes: list[str] | None = None) -> tuple[ad.AnnData, str | None]:
+    """Read, normalize, log1p and keep the HVGs (or the given ``genes``, e.g. the reference's selection for
+    a query: genes it lacks are simply absent). Returns (AnnData, HVG flavor used or None)."""
+    data = read_input(adata, cfg)
+    if cfg.counts_layer and cfg.counts_layer not in data.layers:
+        raise KeyError(f"preprocess.counts_layer={cfg.counts_layer!r} is not a layer (layers: {list(data.layers)})")
+    counts = data.layers[cfg.counts_layer] if cfg.counts_layer else data.X.copy()
+    normalize_log1p(data, cfg.normalize_total, cfg.log1p)
+    flavor = None
+    if genes is not None:
+        data = data[:, data.var_names.isin(genes)].copy()
+    elif cfg.n_hvg is not None:
+        mask, flavor = select_hvg(data, cfg.n_hvg, cfg.hvg_flavor, counts)
+        data = data[:, mask].copy()
+    data.layers.clear()
+    return data, flavor
+
+
+# labels, batches, splits -------------------------------------------------------------------
+def encode_categories(values, categories: list[str] | None = None) -> tuple[np.ndarray, list[str]]:
+    """(N,) int64 codes; values outside ``categories`` (when given) get -1. Categories sorted if new."""
+    values = pd.Series(np.asarray(values)).astype(str)
+    if categories is None:
+        categories = sorted(values.unique())
+    codes = pd.Categorical(values, categories=categories).codes.astype(np.int64)
+    return codes, list(categories)
+
+
+def stratified_split(labels: np.ndarray, val_fraction: float, seed: int) -> tuple[np.ndarray, np.ndarray]:
+    """(train_idx, val_idx): ``val_fraction`` of every class (rounded) goes to validation, at least one cell
+    per class stays in training; classes with one cell are train-only."""
+    if not 0.0 <= val_fraction < 1.0:
+        raise ValueError(f"val_fraction must lie in [0, 1), got {val_fraction}")
+    rng = np.random.default_rng(seed)
+    order = rng.permutation(len(labels))
+    labels_perm = np.asarray(labels)[order]
+    sort = np.argsort(labels_perm, kind="stable")  # shuffled within each class
+    grouped = order[sort]
+    classes, starts, counts = np.unique(labels_perm[sort], return_index=True, return_counts=True)
+    n_val = np.minimum(np.round(counts * val_fraction).astype(np.int64), counts - 1)  # (C,)
+    rank = np.arange(len(grouped)) - np.repeat(starts, counts)
+    is_val = rank < np.repeat(n_val, counts)
+    return np.sort(grouped[~is_val]), np.sort(grouped[is_val])

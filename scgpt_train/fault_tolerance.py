@@ -1,0 +1,172 @@
+"""Long jobs never lose finished work: atomic checkpoints, preemption, auto-resume, step-keyed RNG,
+non-finite loss guards.
+
+- ``AtomicCheckpointIO``: every checkpoint is written to a temp file, fsynced, then renamed.
+- ``PreemptionCheckpoint``: SIGTERM (and SIGUSR1, SLURM's pre-timeout warning, where Lightning's
+  SLURM requeue does not already own it) stops after the current step and saves a checkpoint.
+- ``find_resume_checkpoint``: the newest checkpoint of a run dir that loads; a corrupt newest one
+  falls back to the previous with a warning.
+- ``StepSeed``: torch's RNG (dropout) is re-seeded from (seed, step, rank) before every step, so a
+  resumed run draws the same dropout masks as an uninterrupted one whatever else consumed the RNG.
+- ``GradientGuard``: logs the gradient norm; on a non-finite loss or gradient, skips the update or
+  stops with a message naming the step and the loss term.
+"""
+
+from __future__ import annotations
+
+import logging
+import math
+import os
+import signal
+from pathlib import Path
+from typing import Any
+
+import pytorch_lightning as pl
+import torch
+from lightning_fabric.plugins.io.torch_io import TorchCheckpointIO
+from pytorch_lightning.utilities.exceptions import SIGTERMException
+
+log = logging.getLogger(__name__)
+
+PREEMPT_PREFIX = "preempted-step"
+
+
+class AtomicCheckpointIO(TorchCheckpointIO):
+    """``torch.save`` to ``.<name>.tmp-<pid>``, fsync, ``os.replace``: a crash never leaves a half file."""
+
+    def save_checkpoint(self, checkpoint: dict[str, Any], path, storage_options: Any | None = None) -> None:
+        path = Path(path)
+        path.parent.mkdir(parents=True, exist_ok=True)
+        tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}")
+        try:
+            with open(tmp, "wb") as f:
+                torch.save(checkpoint, f)
+                f.flush()
+                os.fsync(f.fileno())
+            os.replace(tmp, path)
+        finally:
+            if tmp.exists():
+                tmp.unlink()
+
+
+def checkpoint_is_valid(path: Path) -> bool:
+    try:
+        ckpt = torch.load(path, map_location="cpu", weights_only=False, mmap=True)
+        return isinstance(ckpt, dict) and "state_dict" in ckpt and "global_step" in ckpt
+    except Exception as e:  # truncated zip, bad pickle, ...
+        log.warning("checkpoint %s is unreadable (%s: %s); skipping it", path, type(e).__name__, e)
+        return False
+
+
+def find_resume_checkpoint(output_dir: str | os.PathLike) -> Path | None:
+    """Newest loadable checkpoint of a run dir (``checkpoints/*.ckpt`` and Lightning's ``hpc_ckpt_*.ckpt``)."""
+    output_dir = Path(output_dir)
+    candidates = list((output_dir / "checkpoints").glob("*.ckpt")) + list(output_dir.glob("hpc_ckpt_*.ckpt"))
+    candidates = [p for p in candidates if not p.is_symlink() and p.is_file()]
+    for path in sorted(candidates, key=lambda p: p.stat().st_mtime_ns, reverse=True):
+        if checkpoint_is_valid(path):
+            return path
+        log.warning("newest checkpoint %s is corrupt; falling back to the previous one", path)
+    return None
+
+
+class PreemptionCheckpoint(pl.Callback):
+    """Save ``checkpoints/preempted-step<N>.ckpt`` when the run is stopped by SIGTERM / SIGUSR1."""
+
+    def __init__(self, dirpath: str, signals: tuple[str, ...] = ("SIGTERM", "SIGUSR1")):
+        self.dirpath = Path(dirpath)
+        self.signals = tuple(signals)
+        self._previous: dict[int, Any] = {}
+        self.saved_path: Path | None = None
+
+    def on_fit_start(self, trainer, pl_module):
+        # Lightning turns SIGTERM into a clean SIGTERMException after the current step; give other
+        # requested signals the same meaning unless something (SLURM auto-requeue) already owns them.
+        for name in self.signals:
+            signum = getattr(signal, name)
+            if signum == signal.SIGTERM:
+                continue
+            current = signal.getsignal(signum)
+            if current in (signal.SIG_DFL, signal.SIG_IGN, None):
+                self._previous[signum] = current
+                signal.signal(signum, lambda *_: setattr(trainer._signal_connector, "received_sigterm", True))
+
+    def on_fit_end(self, trainer, pl_module):
+        for signum, handler in self._previous.items():
+            signal.signal(signum, handler)
+        self._previous = {}
+
+    def on_exception(self, trainer, pl_module, exception):
+        if not isinstance(exception, SIGTERMException):
+            return
+        path = self.dirpath / f"{PREEMPT_PREFIX}{trainer.global_step:07d}.ckpt"
+        trainer.save_checkpoint(path)
+        self.saved_path = path
+        log.warning("preempted at step %d: saved %s; rerun the same command to resume", trainer.global_step, path)
+
+
+def step_seed(seed: int, step: int, rank: int) -> int:
+    """A 63-bit seed from (seed, step, rank) (splitmix-style mixing)."""
+    z = (seed * 0x9E3779B97F4A7C15 + step * 0xBF58476D1CE4E5B9 + rank * 0x94D049BB133111EB) & (2**64 - 1)
+    z = ((z ^ (z >> 30)) * 0xBF58476D1CE4E5B9) & (2**64 - 1)
+    z = ((z ^ (z >> 27)) * 0x94D049BB133111EB) & (2**64 - 1)
+    return (z ^ (z >> 31)) & (2**63 - 1)
+
+
+class StepSeed(pl.Callback):
+    """Re-seed torch's RNG before every training step from (seed, global_step, rank)."""
+
+    def __init__(self, seed: int = 0):
+        self.seed = int(seed)
+
+    def on_train_batch_start(self, trainer, pl_module, batch, batch_idx):
+        torch.manual_seed(step_seed(self.seed, trainer.global_step, trainer.global_rank))
+
+
+class GradientGuard(pl.Callback):
+    """Log ``train/grad_norm``; on a non-finite loss or gradient skip the update or stop.
+
+    ``action="skip"`` drops this step's gradients (the optimizer leaves every parameter and its
+    state untouched) and counts ``train/skipped_steps``; ``action="stop"`` raises an error that
+    names the step and the loss terms that were not finite.
+    """
+
+    def __init__(self, action: str = "skip", log_norm: bool = True, max_skips: int = 100):
+        if action not in ("skip", "stop"):
+            raise ValueError(f"GradientGuard action must be 'skip' or 'stop', not {action!r}")
+        self.action = action
+        self.log_norm = log_norm
+        self.max_skips = max_skips
+        self.skipped = 0
+
+    def state_dict(self) -> dict:
+        return {"skipped": self.skipped}
+
+    def load_state_dict(self, state: dict) -> None:
+        self.skipped = int(state.get("skipped", 0))
+
+    @staticmethod
+    def _bad_terms(trainer) -> list[str]:
+        return [k for k, v in trainer.callback_metrics.items()
+                if k.startswith("train/") and torch.is_tensor(v) and v.numel() == 1 and not torch.isfinite(v)]
+
+    def on_before_optimizer_step(self, trainer, pl_module, optimizer):
+        grads = [p.grad for p in pl_module.parameters() if p.grad is not None]
+        if not grads:
+            return
+        norm = torch.linalg.vector_norm(torch.stack([torch.linalg.vector_norm(g.detach().float()) for g in grads]))
+        if math.isfinite(float(norm)):
+            if self.log_norm:
+                pl_module.log("train/grad_norm", norm, on_step=True, on_epoch=False)
+            return
+        terms = self._bad_terms(trainer) or ["(loss finite; gradient not finite)"]
+        message = f"non-finite loss/gradient at step {trainer.global_step}: {', '.join(terms)}"
+        if self.action == "stop":
+            raise FloatingPointError(message + " (set callbacks.gradient_guard.action=skip to skip such steps)")
+        self.skipped += 1
+        log.warning("%s; skipping the update (%d skipped so far)", message, self.skipped)
+        if self.skipped > self.max_skips:
+            raise FloatingPointError(f"{message}; more than {self.max_skips} steps skipped, stopping")
+        for p in pl_module.parameters():
+            p.grad = None
+        pl_module.log("train/skipped_steps", float(self.skipped), on_step=True, on_epoch=False)
