@@ -387,17 +387,19 @@ class AnnDataModule(pl.LightningDataModule):
         return self.store.rows(self.indices(split))
 
     # loaders --------------------------------------------------------------------------
-    def _collate(self, deterministic: bool) -> CellCollate:
-        return CellCollate(self.store, self.gene_ids, self.labels, self.batch_labels, self.tokenizer_cfg,
+    def _collate(self, deterministic: bool, masked: bool) -> CellCollate:
+        cfg = self.tokenizer_cfg if masked else TokenizerConfig(**{**self.tokenizer_cfg.to_dict(), "mlm_prob": None})
+        return CellCollate(self.store, self.gene_ids, self.labels, self.batch_labels, cfg,
                            self.pad_id, self.cls_id, self.include_zero_genes, self.seed if deterministic else None)
 
     def loader(self, split: str, shuffle: bool = False, batch_size: int | None = None,
-               deterministic: bool = True) -> DataLoader:
+               deterministic: bool = True, masked: bool = True) -> DataLoader:
+        """Cells of ``split`` as ``Batch`` es; ``masked=False`` turns MLM masking off (embeddings, predictions)."""
         idx = self.indices(split)
         if len(idx) == 0:
             raise ValueError(f"split {split!r} of {self.path} has no cells")
         return DataLoader(idx.tolist(), batch_size=batch_size or self.val_batch_size, shuffle=shuffle,
-                          collate_fn=self._collate(deterministic), num_workers=self.num_workers,
+                          collate_fn=self._collate(deterministic, masked), num_workers=self.num_workers,
                           persistent_workers=self.num_workers > 0)
 
     def train_dataloader(self) -> DataLoader:
@@ -407,7 +409,7 @@ class AnnDataModule(pl.LightningDataModule):
         return self.loader("val")
 
     def predict_dataloader(self) -> DataLoader:
-        return self.loader("eval")
+        return self.loader("eval", masked=False)
 
 
 # demo datasets (real cells shipped with scanpy) ---------------------------------------------

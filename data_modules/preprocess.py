@@ -34,7 +34,6 @@ class PreprocessConfig:
     counts_layer: str | None = None  # layer holding raw counts (for seurat_v3); None = X before normalization
     use_raw: bool = False  # read .raw (X and var) instead of X
     gene_column: str | None = None  # var column with gene symbols; None = var_names
-    min_genes: int = 1  # drop cells with fewer non-zero vocab genes (after mapping)
 
     @classmethod
     def from_any(cls, cfg) -> "PreprocessConfig":

@@ -134,7 +134,7 @@ class RunSummary(pl.Callback):
         if val is not None:
             self.val_losses.append((trainer.global_step, float(val)))
 
-    def summary(self, trainer: pl.Trainer) -> dict:
+    def summary(self, trainer: pl.Trainer, output_dir: str | Path | None = None) -> dict:
         ckpt = trainer.checkpoint_callback
         first_last = lambda xs: (xs[0][1], xs[-1][1]) if xs else (None, None)  # noqa: E731
         # smooth the noisy per-step train loss: mean of the first / last 10 steps
@@ -152,13 +152,14 @@ class RunSummary(pl.Callback):
             "val_losses": self.val_losses,
             "best_checkpoint": getattr(ckpt, "best_model_path", None) or None,
             "last_checkpoint": getattr(ckpt, "last_model_path", None) or None,
-            "log_dir": trainer.log_dir,
+            "log_dir": str(output_dir or trainer.default_root_dir),  # no trainer.log_dir: it broadcasts
+            "train_losses": self.train_losses,
         }
 
     @rank_zero_only
     def write(self, trainer: pl.Trainer, path: str | Path) -> dict:
-        data = self.summary(trainer)
         path = Path(path)
+        data = self.summary(trainer, path.parent)
         path.parent.mkdir(parents=True, exist_ok=True)
         path.write_text(json.dumps(data, indent=1))
         return data

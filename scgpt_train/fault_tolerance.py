@@ -50,6 +50,8 @@ class AtomicCheckpointIO(TorchCheckpointIO):
 
 
 def checkpoint_is_valid(path: Path) -> bool:
+    if path.is_dir():  # sharded (DeepSpeed / FSDP) checkpoint: a directory per checkpoint
+        return sharded_checkpoint_is_complete(path)
     try:
         ckpt = torch.load(path, map_location="cpu", weights_only=False, mmap=True)
         return isinstance(ckpt, dict) and "state_dict" in ckpt and "global_step" in ckpt
@@ -58,11 +60,24 @@ def checkpoint_is_valid(path: Path) -> bool:
         return False
 
 
+def sharded_checkpoint_is_complete(path: Path) -> bool:
+    """A DeepSpeed checkpoint dir holds ``checkpoint/*model_states.pt`` (and its optimizer shards);
+    a torch.distributed.checkpoint (FSDP) dir holds ``.metadata``."""
+    if (path / ".metadata").exists():
+        return True
+    model_states = list((path / "checkpoint").glob("*model_states.pt"))
+    optim_states = list((path / "checkpoint").glob("*optim_states.pt"))
+    if not model_states or not optim_states:
+        log.warning("sharded checkpoint %s is incomplete (model or optimizer states missing)", path)
+        return False
+    return True
+
+
 def find_resume_checkpoint(output_dir: str | os.PathLike) -> Path | None:
     """Newest loadable checkpoint of a run dir (``checkpoints/*.ckpt`` and Lightning's ``hpc_ckpt_*.ckpt``)."""
     output_dir = Path(output_dir)
     candidates = list((output_dir / "checkpoints").glob("*.ckpt")) + list(output_dir.glob("hpc_ckpt_*.ckpt"))
-    candidates = [p for p in candidates if not p.is_symlink() and p.is_file()]
+    candidates = [p for p in candidates if not p.is_symlink() and not p.name.startswith(".")]
     for path in sorted(candidates, key=lambda p: p.stat().st_mtime_ns, reverse=True):
         if checkpoint_is_valid(path):
             return path

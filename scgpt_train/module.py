@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import sys
 from collections.abc import Callable, Mapping
+from typing import Any
 
 import pytorch_lightning as pl
 import torch
@@ -15,6 +16,28 @@ from torch import nn
 from data_modules.batch import Batch
 
 ALWAYS_ON_STEP = sys.maxsize  # objectives gated by step (e.g. the cell prompt) are fully on in validation
+
+
+FREEZE_OPTIONS = ("embeddings", "layers")
+
+
+def freeze_parameters(net: nn.Module, embeddings: bool = False, layers: int = 0) -> list[str]:
+    """Fine-tuning freeze: the input embeddings (gene, value, flag encoders) and/or the first ``layers``
+    transformer layers get ``requires_grad=False``. Returns the frozen parameter names."""
+    if layers < 0:
+        raise ValueError(f"freeze.layers must be >= 0, got {layers}")
+    n_layers = len(getattr(net, "layers", []))
+    if layers > n_layers:
+        raise ValueError(f"freeze.layers={layers} but the model has {n_layers} transformer layers")
+    prefixes = [f"layers.{i}." for i in range(layers)]
+    if embeddings:
+        prefixes += ["gene_encoder.", "value_encoder.", "flag_encoder."]
+    frozen = []
+    for name, p in net.named_parameters():
+        if any(name.startswith(pre) for pre in prefixes):
+            p.requires_grad_(False)
+            frozen.append(name)
+    return frozen
 
 
 class ScGPTLitModule(pl.LightningModule):
@@ -28,6 +51,7 @@ class ScGPTLitModule(pl.LightningModule):
         lr: float | None = None,
         compile: bool = False,
         vocab: Mapping[str, int] | None = None,
+        freeze: Mapping[str, Any] | None = None,
     ):
         super().__init__()
         if not objectives:
@@ -40,6 +64,7 @@ class ScGPTLitModule(pl.LightningModule):
         self.lr = lr
         self.compile = compile
         self.vocab = dict(vocab) if vocab is not None else None  # saved into every checkpoint
+        self.frozen = freeze_parameters(net, **dict(freeze or {}))
         # The ScGPT constructor kwargs travel with every checkpoint so a .ckpt alone rebuilds the model.
         net_config = net.config() if hasattr(net, "config") else {}
         self.save_hyperparameters({"model": net_config, "objectives": sorted(objectives)})
@@ -66,7 +91,9 @@ class ScGPTLitModule(pl.LightningModule):
 
     def compute_losses(self, batch: Batch, step: int) -> dict[str, torch.Tensor]:
         """Every named loss term, plus ``loss``: the weighted sum that is optimized."""
-        outputs = self(batch)
+        return self._terms(batch, self(batch), step)
+
+    def _terms(self, batch: Batch, outputs: dict, step: int) -> dict[str, torch.Tensor]:
         terms: dict[str, torch.Tensor] = {}
         total = torch.zeros((), device=batch.gene_ids.device)
         for name, objective in self.objectives.items():
@@ -86,11 +113,28 @@ class ScGPTLitModule(pl.LightningModule):
         return terms["loss"]
 
     def validation_step(self, batch: Batch, batch_idx: int) -> torch.Tensor:
-        terms = self.compute_losses(batch, ALWAYS_ON_STEP)
+        outputs = self(batch)
+        terms = self._terms(batch, outputs, ALWAYS_ON_STEP)
         n = batch.n_cells
         self.log("val/loss", terms["loss"], prog_bar=True, batch_size=n, sync_dist=True)
         self.log_dict({f"val/{k}": v for k, v in terms.items() if k != "loss"}, batch_size=n, sync_dist=True)
+        if "cls_output" in outputs and batch.labels is not None:  # annotation: held-out accuracy
+            known = batch.labels >= 0
+            if bool(known.any()):
+                acc = (outputs["cls_output"].argmax(-1)[known] == batch.labels[known]).float().mean()
+                self.log("val/accuracy", acc, batch_size=int(known.sum()), sync_dist=True)
         return terms["loss"]
+
+    def predict_step(self, batch: Batch, batch_idx: int = 0, dataloader_idx: int = 0) -> dict[str, torch.Tensor]:
+        """Per cell: ``cell_index``, ``cell_emb`` (B, d); with a classifier also ``probs`` (B, C), ``pred`` (B,)."""
+        outputs = self(batch)
+        out = {"cell_emb": outputs["cell_emb"].float()}
+        if batch.cell_index is not None:
+            out["cell_index"] = batch.cell_index
+        if "cls_output" in outputs:
+            probs = outputs["cls_output"].float().softmax(-1)
+            out["probs"], out["pred"] = probs, probs.argmax(-1)
+        return out
 
     # optimization ---------------------------------------------------------------------------
     def configure_model(self) -> None:

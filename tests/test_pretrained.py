@@ -61,6 +61,6 @@ def test_finetune_from_imported_checkpoint(imported, corpus_with_fixture_vocab, 
 
 
 def test_vocab_mismatch_is_refused_with_a_clear_message(imported, demo_corpus, tmp_path):
-    with pytest.raises(AssertionError, match="build the data with the checkpoint's vocabulary"):
+    with pytest.raises(AssertionError, match="with the checkpoint's vocabulary"):
         run_cmd(["train.py", "model=from_official", f"pretrained={imported}", f"paths.cache_dir={demo_corpus.parent}",
                  "trainer.max_steps=1", f"hydra.run.dir={tmp_path}"])

@@ -11,7 +11,7 @@ from omegaconf import OmegaConf
 
 from data_modules.store.reader import CellBlock
 from data_modules.tokenize import Tokenizer, TokenizerConfig, bin_values, pad_fraction
-from data_modules.tokenize.binning import quantile_edges, sort_within_cells
+from data_modules.tokenize.binning import bin_edges
 
 FIXTURE = Path(__file__).resolve().parents[2] / "shared" / "fixtures" / "scgpt_official_tiny"
 PAD, CLS = 1000, 1001
@@ -32,8 +32,7 @@ def test_binning_matches_official_fixture():
         assert tied.sum() > 10  # the fixture really has ties
         assert ((dense[tied] >= right[tied] + 1) & (dense[tied] <= left[tied])).all()
         assert (dense[raw == 0] == 0).all()
-    order = sort_within_cells(csr.indptr, csr.data)
-    edges = quantile_edges(csr.data[order], csr.indptr[:-1], np.diff(csr.indptr), 51)
+    edges = bin_edges(csr.indptr, csr.data, 51)
     np.testing.assert_array_equal(edges, details["bin_edges"][:, 1:])  # stored with a leading 0
 
 
@@ -49,9 +48,11 @@ def test_binning_agrees_with_numpy_on_many_cells_at_once(kind):
               "few_values": lambda: rng.integers(1, 3, n).astype(np.uint16)}[kind]()
     indptr = np.concatenate([[0], np.cumsum(lengths)])
     bins = bin_values(indptr, values, 51, rng)
+    kernel_edges = bin_edges(indptr, values, 51)
     for c in range(len(lengths)):
         v, b = values[indptr[c]:indptr[c + 1]], bins[indptr[c]:indptr[c + 1]]
         edges = np.quantile(v, np.linspace(0, 1, 50))
+        np.testing.assert_array_equal(kernel_edges[c], edges)  # bit-identical, histogram and sort paths
         left, right = np.digitize(v, edges), np.digitize(v, edges, right=True)
         exact = left - right <= 1
         np.testing.assert_array_equal(b[exact], left[exact])
@@ -152,14 +153,23 @@ def test_config_from_dict_and_dictconfig():
         TokenizerConfig(gen_ratios=(1.5,))
 
 
-def test_select_per_cell_exact_nested_uniform():
-    from data_modules.tokenize.tokenizer import select_per_cell
-
+def test_sampling_and_unknown_genes_exact_nested_uniform():
+    """Kept genes: exactly max_seq_len - 1 per cell, uniform; unknown: exactly floor(ratio * kept), uniform among kept."""
     n_cells, n = 4000, 10
-    cells = np.repeat(np.arange(n_cells, dtype=np.int32), n)
-    k_small, k_big = np.full(n_cells, 3), np.full(n_cells, 6)
-    small, big = select_per_cell(cells, np.full(n_cells, n), [k_small, k_big], np.random.default_rng(0))
-    assert (small.reshape(n_cells, n).sum(1) == 3).all() and (big.reshape(n_cells, n).sum(1) == 6).all()
-    assert not (small & ~big).any()  # nested: the known genes are a subset of the kept ones
-    freq = big.reshape(n_cells, n).mean(0)  # each position kept with probability 0.6
-    assert np.abs(freq - 0.6).max() < 0.04
+    indptr = np.arange(n_cells + 1, dtype=np.int64) * n
+    genes = np.tile(np.arange(n, dtype=np.int32), n_cells)  # gene g at position g of every cell
+    block = CellBlock(indptr, genes, np.ones(n * n_cells, np.uint16), np.arange(n_cells), {})
+    cfg = TokenizerConfig(max_seq_len=7, gen_ratios=(0.5,))  # keep 6 of 10, 3 of them unknown
+    batch = Tokenizer(cfg, PAD, CLS)(block, np.random.default_rng(0))
+    gene_ids, gen = batch.gene_ids[:, 1:].numpy(), batch.gen_mask[:, 1:].numpy()
+    assert not batch.pad_mask.any() and (np.diff(gene_ids, axis=1) > 0).all()  # store order, no repeats
+    kept = np.zeros((n_cells, n), bool)
+    np.put_along_axis(kept, gene_ids, True, axis=1)
+    unknown = np.zeros((n_cells, n), bool)
+    np.put_along_axis(unknown, gene_ids, gen, axis=1)
+    assert (gen.sum(1) == 3).all() and not (unknown & ~kept).any()
+    assert np.abs(kept.mean(0) - 0.6).max() < 0.04  # each gene kept with probability 6/10
+    assert np.abs(unknown.mean(0) - 0.3).max() < 0.04  # and unknown with probability 3/10
+    pairs = np.bincount((gene_ids[:, :, None] * n + gene_ids[:, None, :]).ravel(), minlength=n * n)
+    both = pairs.reshape(n, n)[~np.eye(n, dtype=bool)] / n_cells  # any two genes kept together: 6/10 * 5/9
+    assert np.abs(both - 6 / 10 * 5 / 9).max() < 0.05

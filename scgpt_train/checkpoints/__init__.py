@@ -165,6 +165,8 @@ def load_model(path, vocab_size: int | None = None, pad_token_id: int | None = N
     cfg = model.config()
     for name, given in (("vocab_size", vocab_size), ("pad_token_id", pad_token_id)):
         if given is not None and int(given) != cfg[name]:
-            raise ValueError(f"{path}: the checkpoint has {name}={cfg[name]} but the data module gives {given}; "
-                             f"tokenize the data with the checkpoint's vocab.json")
+            raise ValueError(
+                f"{path}: the checkpoint has {name}={cfg[name]} but the data module gives {given}; build the data "
+                f"with the checkpoint's vocabulary (scripts/build_corpus.py ... --vocab <checkpoint>/vocab.json, "
+                f"or data.vocab={path} for AnnData fine-tuning)")
     return model

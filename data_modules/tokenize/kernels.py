@@ -1,0 +1,342 @@
+"""Compiled (numba) per-batch kernels: binning, gene sampling, generative split, padded rows.
+
+One call handles a whole batch; the loop over its cells runs compiled (no per-cell Python
+work). Random draws come from a splitmix64 stream seeded once per call from the caller's
+``numpy.random.Generator``, so results are a pure function of that generator.
+
+Binning rule (``shared/reference/scgpt_model.md``), per cell over its non-zero values:
+``edges = quantile(values, linspace(0, 1, n_bins - 1))`` with numpy's "linear" arithmetic,
+reproduced operation by operation (edges are bit-identical to ``np.quantile``);
+``left`` = number of edges <= x, ``right`` = number of edges < x (``np.digitize``); the bin
+is ``left`` unless ``left - right > 1`` (x equals several edges), then uniform in
+``right + 1 .. left``. Zeros get bin 0 and never enter a row. Integer counts below
+``max(1024, 4 n)`` use a per-cell histogram and lookup tables (O(n), no sort); other values
+(floats, large integers) one per-cell sort and a binary search over the edges.
+"""
+
+from __future__ import annotations
+
+import numba
+import numpy as np
+
+_GOLDEN = np.uint64(0x9E3779B97F4A7C15)
+_MIX1 = np.uint64(0xBF58476D1CE4E5B9)
+_MIX2 = np.uint64(0x94D049BB133111EB)
+_LUT_MIN = 1024  # integer cells with all values < max(_LUT_MIN, 4 * n_values) take the histogram path
+
+# flags of a cell's entries while its row is built
+_DROPPED, _KNOWN, _UNKNOWN = 0, 1, 2
+
+
+def kernel_seed(rng: np.random.Generator) -> np.uint64:
+    """The 64-bit seed of one kernel call's random stream, drawn from ``rng``."""
+    return rng.integers(0, np.iinfo(np.uint64).max, dtype=np.uint64, endpoint=True)
+
+
+# ------------------------------------------------------------------------------------------
+# random stream (splitmix64; state is a (1,) uint64 array)
+# ------------------------------------------------------------------------------------------
+@numba.njit(cache=True)
+def _next_u64(state):
+    z = state[0] + _GOLDEN
+    state[0] = z
+    z = (z ^ (z >> np.uint64(30))) * _MIX1
+    z = (z ^ (z >> np.uint64(27))) * _MIX2
+    return z ^ (z >> np.uint64(31))
+
+
+@numba.njit(cache=True)
+def _rand32(state):
+    """uint64 holding 32 random bits."""
+    return _next_u64(state) >> np.uint64(32)
+
+
+@numba.njit(cache=True)
+def _below(state, n):
+    """Integer uniform in [0, n) for 0 <= n < 2**32 (multiply-shift; bias below n / 2**32); 0 when n <= 1."""
+    return np.int64((_rand32(state) * np.uint64(n)) >> np.uint64(32))
+
+
+# ------------------------------------------------------------------------------------------
+# binning one cell
+# ------------------------------------------------------------------------------------------
+@numba.njit(cache=True)
+def _lerp(a, b, gamma):
+    """numpy's ``_lerp``: the difference in the value dtype, the rest in float64."""
+    diff = b - a
+    if gamma >= 0.5:
+        return b - diff * (1.0 - gamma)
+    return a + diff * gamma
+
+
+@numba.njit(cache=True)
+def _ranks(n, qj):
+    """numpy's "linear" quantile bookkeeping: (previous rank, next rank, gamma)."""
+    virtual = (n - 1) * qj
+    prev = np.floor(virtual)
+    gamma = virtual - prev
+    if virtual >= n - 1:
+        return n - 1, n - 1, gamma
+    return np.int64(prev), np.int64(prev) + 1, gamma
+
+
+@numba.njit(cache=True)
+def _edges_sorted(sorted_vals, n, q, edges):
+    """(E,) edges of one cell from its ascending values."""
+    for j in range(len(q)):
+        lo, hi, gamma = _ranks(n, q[j])
+        edges[j] = _lerp(sorted_vals[lo], sorted_vals[hi], gamma)
+
+
+@numba.njit(cache=True)
+def _edges_hist(cum, n, q, edges):
+    """(E,) edges of one cell of integers from ``cum[v]`` = number of its values <= v."""
+    v = 0
+    for j in range(len(q)):
+        lo, hi, gamma = _ranks(n, q[j])
+        while cum[v] <= lo:  # value of rank lo: the smallest v with more than lo values <= v
+            v += 1
+        a = v
+        while cum[v] <= hi:
+            v += 1
+        edges[j] = _lerp(np.float64(a), np.float64(v), gamma)  # integer differences are exact in float64
+        v = a  # the next edge's ranks are >= these
+
+
+@numba.njit(cache=True)
+def _tie_draw(left, right, state):
+    """``left``, or uniform in ``right + 1 .. left`` when the value equals several edges (span > 1).
+
+    Branch-free: a draw below span 1 is always 0, so every entry takes one draw.
+    """
+    return left - _below(state, left - right)
+
+
+@numba.njit(cache=True)
+def _cell_edges(vals, n, integer, q, edges, hist):
+    """(E,) edges of the ``n`` non-zero values ``vals[:n]`` of one cell into ``edges``.
+
+    Returns ``top`` > 0 when the histogram path was taken (``hist[:top]`` then holds the
+    cumulative counts of the values 0..top-1), else 0. ``hist``: (>= max(_LUT_MIN, 4 n),) int64.
+    """
+    vmax = vals[0]
+    for i in range(1, n):
+        if vals[i] > vmax:
+            vmax = vals[i]
+    if integer and vmax < max(_LUT_MIN, 4 * n):
+        top = np.int64(vmax) + 1
+        cum = hist[:top]
+        cum[:] = 0
+        for i in range(n):
+            cum[np.int64(vals[i])] += 1
+        for v in range(1, top):
+            cum[v] += cum[v - 1]
+        _edges_hist(cum, n, q, edges)
+        return top
+    _edges_sorted(np.sort(vals[:n]), n, q, edges)
+    return 0
+
+
+@numba.njit(cache=True)
+def _bin_cell(vals, n, integer, q, state, edges, hist, lut_left, lut_right, out):
+    """Bins (1..n_bins-1) of the ``n`` non-zero values ``vals[:n]`` of one cell into ``out[:n]``.
+
+    Scratch: ``edges`` (E,) float64; ``hist``, ``lut_left``, ``lut_right`` (>= max(_LUT_MIN, 4 n),) int64.
+    """
+    n_edges = len(q)
+    top = _cell_edges(vals, n, integer, q, edges, hist)
+    if top > 0:
+        jl, jr = 0, 0  # lookup tables: edges <= v and edges < v, for every v < top
+        for v in range(top):
+            while jl < n_edges and edges[jl] <= v:
+                jl += 1
+            while jr < n_edges and edges[jr] < v:
+                jr += 1
+            lut_left[v] = jl
+            lut_right[v] = jr
+        for i in range(n):
+            v = np.int64(vals[i])
+            out[i] = _tie_draw(lut_left[v], lut_right[v], state)
+        return
+    for i in range(n):
+        x = np.float64(vals[i])
+        left = np.searchsorted(edges, x, side="right")  # edges <= x
+        right = np.searchsorted(edges, x, side="left")  # edges < x
+        out[i] = _tie_draw(np.int64(left), np.int64(right), state)
+
+
+@numba.njit(cache=True)
+def _max_cell_length(indptr):
+    longest = 0
+    for c in range(len(indptr) - 1):
+        longest = max(longest, indptr[c + 1] - indptr[c])
+    return longest
+
+
+# ------------------------------------------------------------------------------------------
+# batch kernels
+# ------------------------------------------------------------------------------------------
+@numba.njit(cache=True)
+def bin_batch(indptr, counts, integer, q, seed, out):
+    """``out`` (nnz,) int64: the bin of every CSR entry (0 for explicit zeros)."""
+    state = np.full(1, seed, dtype=np.uint64)
+    n_nonzero = nonzero_lengths(indptr, counts)
+    max_n = _max_cell_length(indptr)
+    vals_buf = np.empty(max_n, dtype=counts.dtype)
+    slots = np.arange(len(counts))  # stands in for gene ids: where each non-zero entry sits
+    slots_buf = np.empty(max_n, dtype=slots.dtype)
+    bins = np.empty(max_n, dtype=np.int64)
+    edges = np.empty(len(q), dtype=np.float64)
+    cap = max(_LUT_MIN, 4 * max_n) + 1
+    hist, lut_left, lut_right = np.empty(cap, np.int64), np.empty(cap, np.int64), np.empty(cap, np.int64)
+    out[:] = 0
+    for c in range(len(indptr) - 1):
+        vals, where = _cell_entries(indptr, counts, slots, n_nonzero, c, vals_buf, slots_buf)
+        n = len(vals)
+        if n > 0:
+            _bin_cell(vals, n, integer, q, state, edges, hist, lut_left, lut_right, bins)
+            for t in range(n):
+                out[where[t]] = bins[t]
+
+
+@numba.njit(cache=True)
+def edges_batch(indptr, counts, integer, q, out):
+    """``out`` (n_cells, E) float64: every cell's edges over its non-zero values (NaN for empty cells)."""
+    n_nonzero = nonzero_lengths(indptr, counts)
+    max_n = _max_cell_length(indptr)
+    vals_buf = np.empty(max_n, dtype=counts.dtype)
+    slots = np.arange(len(counts))
+    slots_buf = np.empty(max_n, dtype=slots.dtype)
+    hist = np.empty(max(_LUT_MIN, 4 * max_n) + 1, np.int64)
+    for c in range(len(indptr) - 1):
+        vals, _ = _cell_entries(indptr, counts, slots, n_nonzero, c, vals_buf, slots_buf)
+        if len(vals) > 0:
+            _cell_edges(vals, len(vals), integer, q, out[c], hist)
+        else:
+            out[c, :] = np.nan
+
+
+@numba.njit(cache=True)
+def nonzero_lengths(indptr, counts):
+    """(n_cells,) int64 number of non-zero entries of every cell."""
+    n_cells = len(indptr) - 1
+    lengths = np.zeros(n_cells, dtype=np.int64)
+    for c in range(n_cells):
+        n = 0
+        for i in range(indptr[c], indptr[c + 1]):
+            n += counts[i] != 0
+        lengths[c] = n
+    return lengths
+
+
+@numba.njit(cache=True)
+def _choose(flags, perm, n, k, n_unknown, state):
+    """Flags of a cell's ``n`` entries: a uniform ``k``-subset kept, a uniform ``n_unknown``-subset of it unknown.
+
+    A partial Fisher-Yates shuffle: its first ``k`` picks are a uniformly random ordered
+    subset, so the last ``n_unknown`` of them are a uniform subset of the kept ones.
+    """
+    for i in range(n):
+        perm[i] = i
+    picks = k if n > k else n_unknown
+    for t in range(picks):
+        j = t + _below(state, n - t)
+        perm[t], perm[j] = perm[j], perm[t]
+    if n > k:
+        flags[:n] = _DROPPED
+        for t in range(k - n_unknown):
+            flags[perm[t]] = _KNOWN
+    else:
+        flags[:n] = _KNOWN
+        k = n_unknown  # the first n_unknown picks are the unknown genes
+    for t in range(k - n_unknown, k):
+        flags[perm[t]] = _UNKNOWN
+
+
+@numba.njit(cache=True)
+def _cell_entries(indptr, counts, gene_ids, n_nonzero, c, vals_buf, genes_buf):
+    """(values, genes) of cell ``c``'s non-zero entries: views of the batch arrays when it has no zeros."""
+    start, stop = indptr[c], indptr[c + 1]
+    n = n_nonzero[c]
+    if n == stop - start:
+        return counts[start:stop], gene_ids[start:stop]
+    m = 0
+    for i in range(start, stop):
+        if counts[i] != 0:
+            vals_buf[m] = counts[i]
+            genes_buf[m] = gene_ids[i]
+            m += 1
+    return vals_buf[:n], genes_buf[:n]
+
+
+@numba.njit(cache=True)
+def tokenize_batch(indptr, counts, gene_ids, n_nonzero, integer, q, max_genes, gen_ratio, mlm_prob, seed,
+                   pad_id, cls_id, pad_value, mask_value, cls_value,
+                   token_ids, values, target_values, pad_mask, gen_mask, mlm_mask):
+    """Fill the padded (B, L) rows of a batch in place.
+
+    Per cell: bin its ``n_nonzero[c]`` non-zero values, keep a uniform subset of
+    ``max_genes`` of them (in store order), mark ``floor(gen_ratio * kept)`` of the kept
+    ones unknown (``gen_ratio < 0``: no generative split, ``gen_mask`` untouched), draw MLM
+    masks with ``mlm_prob`` (< 0: none, ``mlm_mask`` untouched), and write ``<cls>``, the
+    genes and ``<pad>`` up to L. Hidden (unknown or MLM-masked) genes get ``mask_value`` as
+    input value; ``target_values`` holds every true bin.
+    """
+    state = np.full(1, seed, dtype=np.uint64)
+    use_gen, use_mlm = gen_ratio >= 0.0, mlm_prob >= 0.0
+    mlm_threshold = np.uint64(min(max(mlm_prob, 0.0), 1.0) * 4294967296.0)  # rand32 < threshold: P = mlm_prob
+    n_rows, L = token_ids.shape
+    max_n = _max_cell_length(indptr)
+    vals_buf = np.empty(max_n, dtype=counts.dtype)
+    genes_buf = np.empty(max_n, dtype=gene_ids.dtype)
+    bins = np.empty(max_n, dtype=np.int64)
+    perm = np.empty(max_n, dtype=np.int32)
+    flags = np.empty(max_n, dtype=np.uint8)
+    edges = np.empty(len(q), dtype=np.float64)
+    cap = max(_LUT_MIN, 4 * max_n) + 1
+    hist, lut_left, lut_right = np.empty(cap, np.int64), np.empty(cap, np.int64), np.empty(cap, np.int64)
+    pad_v, mask_v, cls_v = np.float32(pad_value), np.float32(mask_value), np.float32(cls_value)
+    for c in range(n_rows):
+        vals, genes = _cell_entries(indptr, counts, gene_ids, n_nonzero, c, vals_buf, genes_buf)
+        n = len(vals)
+        if n > 0:
+            _bin_cell(vals, n, integer, q, state, edges, hist, lut_left, lut_right, bins)
+        k = min(n, max_genes)
+        n_unknown = np.int64(np.floor(gen_ratio * k)) if use_gen else 0
+        _choose(flags, perm, n, k, n_unknown, state)
+
+        tok_row, val_row, tgt_row, pad_row = token_ids[c], values[c], target_values[c], pad_mask[c]
+        gen_row = gen_mask[c] if use_gen else gen_mask[0:0].ravel()
+        mlm_row = mlm_mask[c] if use_mlm else mlm_mask[0:0].ravel()
+        tok_row[0], val_row[0], tgt_row[0], pad_row[0] = cls_id, cls_v, cls_v, False
+        if use_gen:
+            gen_row[0] = False
+        if use_mlm:
+            mlm_row[0] = False
+        # branch-free over entries: write at slot p, advance p only for kept entries (a dropped
+        # entry is overwritten by the next one); stop once all k are written, so p <= k < L
+        p = 1
+        for t in range(n):
+            if p > k:
+                break
+            flag = flags[t]
+            b = np.float32(bins[t])
+            unknown = flag == _UNKNOWN
+            hidden = unknown
+            if use_mlm:
+                masked = _rand32(state) < mlm_threshold
+                mlm_row[p] = masked
+                hidden = unknown | masked
+            if use_gen:
+                gen_row[p] = unknown
+            tok_row[p] = genes[t]
+            tgt_row[p] = b
+            val_row[p] = mask_v if hidden else b
+            pad_row[p] = False
+            p += flag != _DROPPED
+        for p in range(k + 1, L):
+            tok_row[p], val_row[p], tgt_row[p], pad_row[p] = pad_id, pad_v, pad_v, True
+            if use_gen:
+                gen_row[p] = False
+            if use_mlm:
+                mlm_row[p] = False

@@ -1,0 +1,60 @@
+"""What every fine-tuning task does after fit: best weights, inference over all cells, outputs."""
+
+from __future__ import annotations
+
+import logging
+from pathlib import Path
+
+import anndata as ad
+import numpy as np
+import torch
+
+from scgpt_train.tasks.embedding import load_best_weights, predict_cells
+from scgpt_train.tasks.report import plot_umap, umap_coordinates, write_h5ad, write_json
+
+log = logging.getLogger(__name__)
+
+
+class FineTuneTask:
+    """Base: ``evaluate(trainer, module, datamodule, output_dir) -> metrics`` (rank zero only).
+
+    use_best: reload the best checkpoint (lowest monitored validation metric) before evaluating.
+    baselines: names of baselines to run on the same data and split (task specific).
+    umap: write UMAP figures; write_h5ad: write ``predictions.h5ad`` (obs ``scgpt_pred``, obsm ``X_scgpt``).
+    """
+
+    name = "task"
+
+    def __init__(self, use_best: bool = True, baselines: list[str] | tuple[str, ...] = (), umap: bool = True,
+                 write_h5ad: bool = True, progress: bool = True, seed: int = 0, batch_size: int | None = None):
+        self.use_best, self.baselines = use_best, list(baselines or [])
+        self.umap, self.write_h5ad, self.progress = umap, write_h5ad, progress
+        self.seed, self.batch_size = int(seed), batch_size
+
+    def evaluate(self, trainer, module, datamodule, output_dir) -> dict[str, float]:
+        if trainer is not None and not trainer.is_global_zero:
+            return {}
+        output_dir = Path(output_dir)
+        best = load_best_weights(module, trainer) if (self.use_best and trainer is not None) else None
+        device = trainer.strategy.root_device if trainer is not None else torch.device("cpu")
+        module.to(device)
+        outputs = predict_cells(module, datamodule.loader("all", masked=False, batch_size=self.batch_size),
+                                len(datamodule.split), device=device, progress=self.progress,
+                                description=f"{self.name}: predicting")
+        metrics, obs, extra = self.score(datamodule, outputs, output_dir)
+        metrics = {k: float(v) for k, v in metrics.items()}
+        write_json({"task": self.name, "best_checkpoint": best, "metrics": metrics, "data": datamodule.report(),
+                    **extra}, output_dir / "metrics.json")
+        if self.write_h5ad:
+            adata = ad.AnnData(X=datamodule.expression("all"), obs=obs, var=datamodule.adata.var.copy())
+            adata.obsm["X_scgpt"] = outputs["cell_emb"]
+            write_h5ad(adata, output_dir / "predictions.h5ad")
+        return metrics
+
+    def score(self, datamodule, outputs: dict[str, np.ndarray], output_dir: Path):
+        raise NotImplementedError
+
+    def umap_figure(self, embedding: np.ndarray, colors: dict, path: Path, title: str) -> Path | None:
+        if not self.umap or len(embedding) < 5:
+            return None
+        return plot_umap(umap_coordinates(embedding, seed=self.seed), colors, path, title)

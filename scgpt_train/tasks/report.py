@@ -1,0 +1,134 @@
+"""Outputs of a fine-tuning task: JSON, h5ad, confusion-matrix and UMAP figures, markdown tables.
+Every file is written to a temporary name and renamed into place."""
+
+from __future__ import annotations
+
+import json
+import os
+import tempfile
+from collections.abc import Sequence
+from pathlib import Path
+
+import numpy as np
+
+
+def _tmp_for(path: Path, suffix: str = "") -> str:
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=suffix)
+    os.close(fd)
+    return tmp
+
+
+def write_json(obj, path) -> Path:
+    path = Path(path)
+    tmp = _tmp_for(path)
+    with open(tmp, "w") as f:
+        json.dump(obj, f, indent=2, default=float)
+    os.replace(tmp, path)
+    return path
+
+
+def write_text(text: str, path) -> Path:
+    path = Path(path)
+    tmp = _tmp_for(path)
+    Path(tmp).write_text(text)
+    os.replace(tmp, path)
+    return path
+
+
+def write_h5ad(adata, path) -> Path:
+    path = Path(path)
+    tmp = _tmp_for(path, ".h5ad")
+    try:
+        adata.write_h5ad(tmp)
+        os.replace(tmp, path)
+    finally:
+        Path(tmp).unlink(missing_ok=True)
+    return path
+
+
+def _save_fig(fig, path: Path) -> Path:
+    import matplotlib.pyplot as plt
+
+    tmp = _tmp_for(path, ".png")
+    try:
+        fig.savefig(tmp, dpi=110, bbox_inches="tight", format="png")
+        os.replace(tmp, path)
+    finally:
+        plt.close(fig)
+        Path(tmp).unlink(missing_ok=True)
+    return path
+
+
+def plot_confusion(cm: np.ndarray, classes: Sequence[str], path, title: str = "confusion matrix") -> Path:
+    """Row-normalized confusion matrix (true x predicted) with counts in the cells."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    frac = cm / np.maximum(cm.sum(1, keepdims=True), 1)
+    size = max(4.0, 0.45 * len(classes) + 2)
+    fig, ax = plt.subplots(figsize=(size + 1, size))
+    im = ax.imshow(frac, cmap="Blues", vmin=0, vmax=1)
+    ax.set_xticks(range(len(classes)), classes, rotation=90, fontsize=7)
+    ax.set_yticks(range(len(classes)), classes, fontsize=7)
+    ax.set_xlabel("predicted")
+    ax.set_ylabel("true")
+    ax.set_title(title)
+    for i, j in zip(*np.nonzero(cm)):
+        ax.text(j, i, str(cm[i, j]), ha="center", va="center", fontsize=6,
+                color="white" if frac[i, j] > 0.5 else "black")
+    fig.colorbar(im, ax=ax, fraction=0.046)
+    return _save_fig(fig, Path(path))
+
+
+def umap_coordinates(embedding: np.ndarray, seed: int = 0, n_neighbors: int = 15) -> np.ndarray:
+    """(N, 2) UMAP of an embedding (scanpy neighbors + umap)."""
+    import anndata as ad
+    import scanpy as sc
+
+    a = ad.AnnData(X=np.asarray(embedding, dtype=np.float32))
+    sc.pp.neighbors(a, n_neighbors=min(n_neighbors, max(2, a.n_obs - 1)), use_rep="X", random_state=seed)
+    sc.tl.umap(a, random_state=seed)
+    return a.obsm["X_umap"]
+
+
+def plot_umap(coords: np.ndarray, colors: dict[str, Sequence], path, title: str = "") -> Path:
+    """One panel per entry of ``colors`` (name -> per-cell category), side by side."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig, axes = plt.subplots(1, len(colors), figsize=(5.5 * len(colors), 4.5), squeeze=False)
+    for ax, (name, values) in zip(axes[0], colors.items()):
+        values = np.asarray(values).astype(str)
+        cats = sorted(set(values))
+        cmap = plt.get_cmap("tab20" if len(cats) > 10 else "tab10")
+        for k, cat in enumerate(cats):
+            sel = values == cat
+            ax.scatter(coords[sel, 0], coords[sel, 1], s=4, color=cmap(k % cmap.N), label=cat, linewidths=0)
+        ax.set_title(f"{title} {name}".strip())
+        ax.set_xticks([])
+        ax.set_yticks([])
+        ax.legend(fontsize=6, markerscale=2, loc="center left", bbox_to_anchor=(1, 0.5), frameon=False)
+    fig.tight_layout()
+    return _save_fig(fig, Path(path))
+
+
+def markdown_table(header: Sequence[str], rows: Sequence[Sequence]) -> str:
+    def fmt(v):
+        return f"{v:.3f}" if isinstance(v, float) else ("-" if v is None else str(v))
+
+    lines = ["| " + " | ".join(header) + " |", "|" + "|".join("---" for _ in header) + "|"]
+    lines += ["| " + " | ".join(fmt(v) for v in row) + " |" for row in rows]
+    return "\n".join(lines) + "\n"
+
+
+def mean_std(values: Sequence[float]) -> str:
+    """"0.812 ± 0.010" (sample std; just the mean for one value)."""
+    v = np.asarray([x for x in values if x is not None and np.isfinite(x)], dtype=np.float64)
+    if len(v) == 0:
+        return "-"
+    return f"{v.mean():.3f}" if len(v) == 1 else f"{v.mean():.3f} ± {v.std(ddof=1):.3f}"
