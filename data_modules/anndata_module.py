@@ -34,7 +34,6 @@ from data_modules.preprocess import (GeneReport, PreprocessConfig, encode_catego
                                      normalize_and_select, stratified_split)
 from data_modules.store.reader import CellBlock
 from data_modules.tokenize import Tokenizer, TokenizerConfig, bin_values
-from data_modules.tokenize.binning import cell_of_entry
 from data_modules.vocab import GeneVocab
 
 log = logging.getLogger(__name__)
@@ -42,12 +41,17 @@ SPLITS = ("train", "val", "query")
 
 
 # tokenization ------------------------------------------------------------------------------
+def cell_of_entry(indptr: np.ndarray) -> np.ndarray:
+    """(nnz,) row index of every CSR entry."""
+    return np.repeat(np.arange(len(indptr) - 1), np.diff(indptr))
+
+
 def tokenize_with_zeros(x: sp.csr_matrix, gene_ids: np.ndarray, cfg: TokenizerConfig, pad_id: int, cls_id: int,
                         rng: np.random.Generator) -> Batch:
     """Every gene of every cell (zeros as bin 0), a random ``max_seq_len - 1`` of them if there are more."""
     n_cells, n_genes = x.shape
     bins = np.zeros((n_cells, n_genes), dtype=np.float32)  # (B, G)
-    nz = bin_values(x.indptr, x.data, cfg.n_bins, rng, cells=cell_of_entry(x.indptr))
+    nz = bin_values(x.indptr.astype(np.int64), x.data, cfg.n_bins, rng)
     bins[cell_of_entry(x.indptr), x.indices] = nz
     k = min(n_genes, cfg.max_seq_len - 1)
     if k < n_genes:  # uniform subset per cell, kept in gene order

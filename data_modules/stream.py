@@ -32,9 +32,10 @@ from __future__ import annotations
 
 import math
 import os
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, fields
 
 import h5py
+import numba
 import numpy as np
 import torch
 import torch.utils.data
@@ -258,15 +259,39 @@ def _consumed(sizes: np.ndarray, n_slots: int, n_cells: int) -> int:
     return min(int(sizes[:n_slots].sum()), n_cells)
 
 
-def gather_rows(block: CellBlock, rows: np.ndarray) -> CellBlock:
-    """``block.take(rows)`` with one ``repeat`` per entry (the hot path of every batch)."""
-    starts = block.indptr[rows]
-    lengths = block.indptr[rows + 1] - starts
-    indptr = np.zeros(len(rows) + 1, dtype=np.int64)
+@numba.njit(cache=True)
+def _copy_rows(src_indptr, src_genes, src_counts, rows, dst_indptr, dst_genes, dst_counts, first):
+    """Copy CSR rows ``rows`` of a source block into rows ``first, first + 1, ...`` of the destination
+    (whose ``dst_indptr`` is already filled)."""
+    for r in range(len(rows)):
+        start, stop = src_indptr[rows[r]], src_indptr[rows[r] + 1]
+        to = dst_indptr[first + r]
+        dst_genes[to:to + stop - start] = src_genes[start:stop]
+        dst_counts[to:to + stop - start] = src_counts[start:stop]
+
+
+def gather_parts(parts: list[tuple[CellBlock, np.ndarray]]) -> CellBlock:
+    """The cells ``rows`` of each ``(block, rows)`` part, in order, as one CellBlock (the hot path of every batch).
+
+    One allocation per array and one compiled copy per part; parts whose dtypes differ are
+    merged with numpy's type promotion instead.
+    """
+    lengths = np.concatenate([np.diff(b.indptr)[rows] for b, rows in parts])
+    indptr = np.zeros(len(lengths) + 1, dtype=np.int64)
     np.cumsum(lengths, out=indptr[1:])
-    pos = np.arange(indptr[-1], dtype=np.int64) + np.repeat(starts - indptr[:-1], lengths)
-    return CellBlock(indptr=indptr, gene_ids=block.gene_ids[pos], counts=block.counts[pos],
-                     cell_index=block.cell_index[rows], obs={k: v[rows] for k, v in block.obs.items()})
+    first = parts[0][0]
+    same = all(b.gene_ids.dtype == first.gene_ids.dtype and b.counts.dtype == first.counts.dtype for b, _ in parts)
+    if not same:
+        return CellBlock.concat([b.take(rows) for b, rows in parts])
+    gene_ids = np.empty(int(indptr[-1]), dtype=first.gene_ids.dtype)
+    counts = np.empty(int(indptr[-1]), dtype=first.counts.dtype)
+    row0 = 0
+    for block, rows in parts:
+        _copy_rows(block.indptr, block.gene_ids, block.counts, rows, indptr, gene_ids, counts, row0)
+        row0 += len(rows)
+    return CellBlock(indptr=indptr, gene_ids=gene_ids, counts=counts,
+                     cell_index=np.concatenate([b.cell_index[rows] for b, rows in parts]),
+                     obs={k: np.concatenate([b.obs[k][rows] for b, rows in parts]) for k in first.obs})
 
 
 # ------------------------------------------------------------------------------------------
@@ -339,8 +364,8 @@ class LaneReader:
             self._windows[key] = (blocks, block_of[order], rows[order])
         return self._windows[key]
 
-    def cells(self, lane: int, positions: np.ndarray) -> CellBlock:
-        """Cells at lane-local ``positions`` (ascending), grouped by the block they come from."""
+    def cells(self, lane: int, positions: np.ndarray) -> list[tuple[CellBlock, np.ndarray]]:
+        """Cells at lane-local ``positions`` (ascending) as ``(block, rows)`` parts, grouped by block."""
         bounds = self.plan.windows[lane]
         win = np.searchsorted(bounds, positions, side="right") - 1
         parts = []
@@ -348,8 +373,8 @@ class LaneReader:
             blocks, block_of, rows = self.window(lane, int(m))
             local = positions[win == m] - bounds[m]
             for b in np.unique(block_of[local]):  # ascending block, then shuffle-buffer order
-                parts.append(gather_rows(blocks[b], rows[local[block_of[local] == b]]))
-        return CellBlock.concat(parts)
+                parts.append((blocks[b], rows[local[block_of[local] == b]]))
+        return parts
 
     def release(self) -> None:
         self._windows.clear()
@@ -387,6 +412,17 @@ class CellStream(torch.utils.data.IterableDataset):
         self.rank, self.world_size = rank, world_size
         self.table = build_block_table(self.corpus, split, self.block_size, max_cells)
         self.cursor = Cursor()  # where the next iteration starts
+        self._emit_encoded = False  # StreamLoader: yield EncodedCells, padded in the main process
+        self._warm_up()
+
+    def _warm_up(self) -> None:
+        """Load the compiled kernels (gather, tokenizer) for the store's dtypes now (from numba's cache;
+        compiled on first use), so forked dataloader workers inherit them instead of each loading them."""
+        if self.corpus.n_cells == 0:
+            return
+        with Corpus(self.corpus_dir) as corpus:  # a private handle: none stays open across a fork
+            block = corpus.read_cells(0, 1)
+        self.tokenizer(gather_parts([(block, np.zeros(1, dtype=np.int64))]), np.random.default_rng(0))
 
     # plan -----------------------------------------------------------------------------
     @property
@@ -450,7 +486,7 @@ class CellStream(torch.utils.data.IterableDataset):
                             self.tokenizer_config.max_seq_len - 1)
         for i in range(worker, len(sched), n_workers):
             block, rng = self._batch_cells(sched, reader, i)
-            yield self.tokenizer(block, rng)
+            yield self.tokenizer.encode(block, rng) if self._emit_encoded else self.tokenizer(block, rng)
         reader.release()
 
     def _batch_cells(self, sched: RankSchedule, reader: LaneReader, i: int) -> tuple[CellBlock, np.random.Generator]:
@@ -459,7 +495,7 @@ class CellStream(torch.utils.data.IterableDataset):
         if i < sched.n_rr_steps:
             k = c.rr_done + i * sched.world_size + sched.rank
             lane, positions = plan.rr_positions(k)
-            return reader.cells(lane, positions), _rng(plan.seed, plan.epoch, _TAG_BATCH, k)
+            return gather_parts(reader.cells(lane, positions)), _rng(plan.seed, plan.epoch, _TAG_BATCH, k)
         slot = (sched.split_steps_before + i - sched.n_rr_steps) * sched.world_size + sched.rank
         pool_lane, pool_pos = plan.pool(sched.pool_start)
         remaining = len(pool_lane) - sched.split_from
@@ -467,14 +503,27 @@ class CellStream(torch.utils.data.IterableDataset):
         lo = sched.split_from + int(sched.sizes[:slot].sum())
         idx = np.arange(lo, lo + size) if size else np.array([sched.split_from + slot % remaining])
         lanes, pos = pool_lane[idx], pool_pos[idx]
-        parts = [reader.cells(int(lane), pos[lanes == lane]) for lane in np.unique(lanes)]
+        parts = [part for lane in np.unique(lanes) for part in reader.cells(int(lane), pos[lanes == lane])]
         rng = _rng(plan.seed, plan.epoch, _TAG_FINAL, sched.pool_start, sched.split_from, sched.world_size, slot)
-        return CellBlock.concat(parts), rng
+        return gather_parts(parts), rng
 
 
 # ------------------------------------------------------------------------------------------
 # the loader: a DataLoader whose state is the stream's cursor (Lightning saves it)
 # ------------------------------------------------------------------------------------------
+def pin_batch(batch: Batch) -> Batch:
+    """The batch with every tensor in page-locked memory (fast, asynchronous copies to the GPU)."""
+    pinned = {}
+    for f in fields(batch):
+        v = getattr(batch, f.name)
+        if isinstance(v, torch.Tensor):
+            v = v.pin_memory()
+        elif isinstance(v, dict):
+            v = {k: t.pin_memory() for k, t in v.items()}
+        pinned[f.name] = v
+    return Batch(**pinned)
+
+
 class StreamLoader(torch.utils.data.DataLoader):
     """DataLoader over a ``CellStream`` with ``state_dict``/``load_state_dict``.
 
@@ -489,8 +538,11 @@ class StreamLoader(torch.utils.data.DataLoader):
     def __init__(self, stream: CellStream, num_workers: int = 0, consumer_lookahead: int = 0,
                  pin_memory: bool = False, prefetch_factor: int | None = None):
         kwargs = {"prefetch_factor": prefetch_factor} if num_workers > 0 and prefetch_factor else {}
-        super().__init__(stream, batch_size=None, num_workers=num_workers, pin_memory=pin_memory,
+        # workers send compact EncodedCells (pickled, ~6 bytes a token) and this process pads them:
+        # a third of the bytes of a padded batch and no shared-memory segment or fd per tensor
+        super().__init__(stream, batch_size=None, num_workers=num_workers, pin_memory=False,
                          persistent_workers=False, **kwargs)
+        self.pin_batches = bool(pin_memory) and torch.cuda.is_available()
         self.consumer_lookahead = int(consumer_lookahead)
         self._sched: RankSchedule | None = None
         self._yielded = 0
@@ -504,9 +556,14 @@ class StreamLoader(torch.utils.data.DataLoader):
         stream._pinned_rank_world = stream.rank_world()  # workers may not see torch.distributed
         self._sched = stream.schedule()
         self._yielded, self._exhausted = 0, False
-        for batch in super().__iter__():
-            self._yielded += 1
-            yield batch
+        stream._emit_encoded = True  # read by the workers' copies (and by the stream itself with 0 workers)
+        try:
+            for encoded in super().__iter__():
+                batch = stream.tokenizer.pad(encoded)
+                self._yielded += 1
+                yield pin_batch(batch) if self.pin_batches else batch
+        finally:
+            stream._emit_encoded = False
         self._exhausted = True
 
     def consumed(self) -> int:

@@ -2,7 +2,10 @@
 
 from __future__ import annotations
 
+import json
 import logging
+import os
+import sys
 from pathlib import Path
 
 import pytorch_lightning as pl
@@ -76,13 +79,82 @@ def resolve_ckpt_path(ckpt_path: str | None, output_dir: str, auto_resume: bool 
     return str(path)
 
 
+_DDP_LAUNCH_ENV = ("MASTER_ADDR", "MASTER_PORT", "NODE_RANK", "LOCAL_RANK", "WORLD_SIZE")
+
+
+def _is_launching_process() -> bool:
+    """True in the process a user started (not in DDP ranks that Lightning spawned from it)."""
+    return "LOCAL_RANK" not in os.environ or os.environ.get("LOCAL_RANK") == "0"
+
+
+def _job_subprocess_cmd(local_rank: int) -> tuple[list[str], str]:
+    """Command for DDP rank ``local_rank`` of the current Hydra job: rerun *this job's* composed config.
+
+    Lightning's default reruns ``sys.argv``, which inside a ``--multirun`` sweep (basic or submitit
+    launcher) re-executes the whole sweep in every child rank. Hydra saved the job's config under
+    ``<job dir>/.hydra``; the child composes exactly that, in the same output dir.
+    """
+    from hydra.core.hydra_config import HydraConfig
+
+    hc = HydraConfig.get()
+    job_dir = Path(hc.runtime.output_dir)
+    script = Path(__file__).resolve().parents[1] / "train.py"
+    command = [sys.executable, str(script), "-cp", str(job_dir / hc.output_subdir), "-cn", "config",
+               f"hydra.run.dir={job_dir}", "hydra.output_subdir=null", f"hydra.job.name=ddp_rank_{local_rank}"]
+    return command, str(Path.cwd())
+
+
+def use_job_config_for_ddp_children() -> None:
+    """Inside a Hydra multirun job, make Lightning's DDP children rerun only this job."""
+    from hydra.core.hydra_config import HydraConfig
+    from hydra.types import RunMode
+    from lightning_fabric.strategies.launchers import subprocess_script as fabric_launcher
+    from pytorch_lightning.strategies.launchers import subprocess_script as pl_launcher
+
+    if HydraConfig.initialized() and HydraConfig.get().mode == RunMode.MULTIRUN and HydraConfig.get().output_subdir:
+        fabric_launcher._hydra_subprocess_cmd = _job_subprocess_cmd
+        pl_launcher._hydra_subprocess_cmd = _job_subprocess_cmd  # imported by name there
+
+
+def write_result(output_dir: Path, cfg: DictConfig, metrics: dict[str, float], summary: dict | None) -> None:
+    """One result row per run (``result.json``): the command-line overrides and the final metrics.
+    ``scripts/collect_sweep.py`` gathers these into a table."""
+    from hydra.core.hydra_config import HydraConfig
+
+    overrides = list(HydraConfig.get().overrides.task) if HydraConfig.initialized() else []
+    row = {"task_name": cfg.get("task_name"), "seed": cfg.get("seed"), "overrides": overrides,
+           "metrics": metrics, "steps": (summary or {}).get("steps"), "cells_per_s": (summary or {}).get("cells_per_s"),
+           "output_dir": str(output_dir)}
+    tmp = output_dir / ".result.json.tmp"
+    tmp.write_text(json.dumps(row, indent=1))
+    os.replace(tmp, output_dir / "result.json")
+
+
 def run(cfg: DictConfig) -> dict[str, float]:
     """Seed, build, (validate,) fit, print and save the summary; returns the final metrics."""
     pl.seed_everything(cfg.seed, workers=True)
+    use_job_config_for_ddp_children()
     output_dir = Path(cfg.paths.output_dir)
     output_dir.mkdir(parents=True, exist_ok=True)
-    OmegaConf.save(cfg, output_dir / "config.yaml", resolve=True)
+    if _is_launching_process():
+        OmegaConf.save(cfg, output_dir / "config.yaml", resolve=True)
 
+    launch_env = {k: os.environ.get(k) for k in _DDP_LAUNCH_ENV}
+    try:
+        return _fit_and_report(cfg, output_dir)
+    finally:
+        # A sweep runs several jobs in one process: each job's DDP group, and the environment that
+        # Lightning's launcher set for it (which would make the next job think its ranks exist), go with it.
+        if torch.distributed.is_available() and torch.distributed.is_initialized():
+            torch.distributed.destroy_process_group()
+        for key, value in launch_env.items():
+            if value is None:
+                os.environ.pop(key, None)
+            else:
+                os.environ[key] = value
+
+
+def _fit_and_report(cfg: DictConfig, output_dir: Path) -> dict[str, float]:
     datamodule, module, trainer = build(cfg)
     ckpt_path = resolve_ckpt_path(cfg.get("ckpt_path"), str(output_dir), bool(cfg.get("auto_resume", False)))
     if cfg.get("validate_before_fit") and ckpt_path is None:
@@ -94,9 +166,11 @@ def run(cfg: DictConfig) -> dict[str, float]:
         task = instantiate(cfg.task)
         metrics.update(task.evaluate(trainer=trainer, module=module, datamodule=datamodule, output_dir=output_dir))
     summary_cb = next((c for c in trainer.callbacks if isinstance(c, RunSummary)), None)
-    if summary_cb is not None and trainer.is_global_zero:
-        summary = summary_cb.write(trainer, output_dir / "summary.json")
-        print_summary(summary, output_dir)
+    if trainer.is_global_zero:
+        summary = summary_cb.write(trainer, output_dir / "summary.json") if summary_cb is not None else None
+        write_result(output_dir, cfg, metrics, summary)
+        if summary is not None:
+            print_summary(summary, output_dir)
     return metrics
 
 

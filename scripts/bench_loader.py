@@ -163,12 +163,14 @@ def main(argv: list[str] | None = None) -> dict:
         raise SystemExit("data_modules.store.synthetic.make_synthetic_h5ad is missing")
 
     corpus, parts = build(Path(args.cache), args.cells, args.datasets, args.nnz, args.genes)
+    load_before = os.getloadavg()[0]  # the machine may be shared: report how busy it was
     n = min(args.measure_cells, args.cells)
     layout = dict(block_size=args.block_size, buffer_blocks=args.buffer_blocks)
     raw = bench_raw(corpus, n, **layout)
     tok0 = bench_tokenized(corpus, n, 0, args.batch_size, **layout)
     tok2 = bench_tokenized(corpus, n, 2, args.batch_size, **layout)
     base = bench_baseline(parts, args.baseline_cells, 2, args.batch_size)
+    load_after = os.getloadavg()[0]
     result = {
         "n_cells": Corpus(corpus).n_cells, "nnz_per_cell": args.nnz, "cpu_count": os.cpu_count(),
         "raw_cells_per_s": raw,
@@ -181,6 +183,7 @@ def main(argv: list[str] | None = None) -> dict:
         "blocks_per_batch": tok2["blocks_per_batch"], "datasets_per_batch": tok2["datasets_per_batch"],
         "n_datasets": args.datasets, "pad_fraction": tok2["pad_fraction"], "batch_size": args.batch_size,
         "block_size": args.block_size, "buffer_blocks": args.buffer_blocks,
+        "load_avg_1min_before": load_before, "load_avg_1min_after": load_after,
     }
     rows = [
         ("(a) raw block-shuffled reads, 1 process", f"{raw:,.0f} cells/s"),
@@ -194,7 +197,8 @@ def main(argv: list[str] | None = None) -> dict:
         ("padding fraction of tokens", f"{tok2['pad_fraction']:.4f}"),
     ]
     width = max(len(r[0]) for r in rows)
-    print(f"corpus: {result['n_cells']:,} cells x ~{args.nnz:,} nnz, {os.cpu_count()} CPU cores, cold page cache")
+    print(f"corpus: {result['n_cells']:,} cells x ~{args.nnz:,} nnz, {os.cpu_count()} CPU cores, cold page cache, "
+          f"1-min load average {load_before:.2f} before / {load_after:.2f} after")
     print(f"{'measurement':<{width}} | value\n{'-' * width}-|-{'-' * 16}")
     for name, value in rows:
         print(f"{name:<{width}} | {value}")

@@ -22,6 +22,7 @@ import numpy as np
 _GOLDEN = np.uint64(0x9E3779B97F4A7C15)
 _MIX1 = np.uint64(0xBF58476D1CE4E5B9)
 _MIX2 = np.uint64(0x94D049BB133111EB)
+_LOW32 = np.uint64(0xFFFFFFFF)
 _LUT_MIN = 1024  # integer cells with all values < max(_LUT_MIN, 4 * n_values) take the histogram path
 
 # flags of a cell's entries while its row is built
@@ -154,9 +155,17 @@ def _bin_cell(vals, n, integer, q, state, edges, hist, lut_left, lut_right, out)
                 jr += 1
             lut_left[v] = jl
             lut_right[v] = jr
-        for i in range(n):
-            v = np.int64(vals[i])
-            out[i] = _tie_draw(lut_left[v], lut_right[v], state)
+        for v in range(top):
+            lut_right[v] = lut_left[v] - lut_right[v]  # now the span: > 1 where the value equals several edges
+        # tie draws two at a time from one 64-bit output (multiply-shift of 32 bits each, 0 for span <= 1)
+        for i in range(0, n - 1, 2):
+            r = _next_u64(state)
+            v0, v1 = np.int64(vals[i]), np.int64(vals[i + 1])
+            out[i] = lut_left[v0] - np.int64(((r & _LOW32) * np.uint64(lut_right[v0])) >> np.uint64(32))
+            out[i + 1] = lut_left[v1] - np.int64(((r >> np.uint64(32)) * np.uint64(lut_right[v1])) >> np.uint64(32))
+        if n % 2:
+            v = np.int64(vals[n - 1])
+            out[n - 1] = lut_left[v] - _below(state, lut_right[v])
         return
     for i in range(n):
         x = np.float64(vals[i])
@@ -269,23 +278,19 @@ def _cell_entries(indptr, counts, gene_ids, n_nonzero, c, vals_buf, genes_buf):
     return vals_buf[:n], genes_buf[:n]
 
 
-@numba.njit(cache=True)
-def tokenize_batch(indptr, counts, gene_ids, n_nonzero, integer, q, max_genes, gen_ratio, mlm_prob, seed,
-                   pad_id, cls_id, pad_value, mask_value, cls_value,
-                   token_ids, values, target_values, pad_mask, gen_mask, mlm_mask):
-    """Fill the padded (B, L) rows of a batch in place.
+@numba.njit(cache=True, nogil=True)
+def encode_batch(indptr, counts, gene_ids, n_nonzero, integer, q, max_genes, gen_ratio, mlm_prob, seed,
+                 offsets, out_genes, out_bins, out_flags):
+    """The kept tokens of every cell, compact: ``out_*[offsets[c]:offsets[c + 1]]`` for cell c.
 
-    Per cell: bin its ``n_nonzero[c]`` non-zero values, keep a uniform subset of
-    ``max_genes`` of them (in store order), mark ``floor(gen_ratio * kept)`` of the kept
-    ones unknown (``gen_ratio < 0``: no generative split, ``gen_mask`` untouched), draw MLM
-    masks with ``mlm_prob`` (< 0: none, ``mlm_mask`` untouched), and write ``<cls>``, the
-    genes and ``<pad>`` up to L. Hidden (unknown or MLM-masked) genes get ``mask_value`` as
-    input value; ``target_values`` holds every true bin.
+    Per cell: bin its ``n_nonzero[c]`` non-zero values, keep a uniform subset of ``max_genes``
+    of them (``offsets`` holds the kept counts' cumulative sum; store order is kept), mark
+    ``floor(gen_ratio * kept)`` of the kept ones unknown (flag bit 0; ``gen_ratio < 0``:
+    none) and draw MLM masks with ``mlm_prob`` (flag bit 1; ``mlm_prob < 0``: none).
     """
     state = np.full(1, seed, dtype=np.uint64)
     use_gen, use_mlm = gen_ratio >= 0.0, mlm_prob >= 0.0
     mlm_threshold = np.uint64(min(max(mlm_prob, 0.0), 1.0) * 4294967296.0)  # rand32 < threshold: P = mlm_prob
-    n_rows, L = token_ids.shape
     max_n = _max_cell_length(indptr)
     vals_buf = np.empty(max_n, dtype=counts.dtype)
     genes_buf = np.empty(max_n, dtype=gene_ids.dtype)
@@ -295,48 +300,63 @@ def tokenize_batch(indptr, counts, gene_ids, n_nonzero, integer, q, max_genes, g
     edges = np.empty(len(q), dtype=np.float64)
     cap = max(_LUT_MIN, 4 * max_n) + 1
     hist, lut_left, lut_right = np.empty(cap, np.int64), np.empty(cap, np.int64), np.empty(cap, np.int64)
-    pad_v, mask_v, cls_v = np.float32(pad_value), np.float32(mask_value), np.float32(cls_value)
-    for c in range(n_rows):
+    for c in range(len(indptr) - 1):
         vals, genes = _cell_entries(indptr, counts, gene_ids, n_nonzero, c, vals_buf, genes_buf)
         n = len(vals)
         if n > 0:
             _bin_cell(vals, n, integer, q, state, edges, hist, lut_left, lut_right, bins)
-        k = min(n, max_genes)
+        k = offsets[c + 1] - offsets[c]
         n_unknown = np.int64(np.floor(gen_ratio * k)) if use_gen else 0
         _choose(flags, perm, n, k, n_unknown, state)
-
-        tok_row, val_row, tgt_row, pad_row = token_ids[c], values[c], target_values[c], pad_mask[c]
-        gen_row = gen_mask[c] if use_gen else gen_mask[0:0].ravel()
-        mlm_row = mlm_mask[c] if use_mlm else mlm_mask[0:0].ravel()
-        tok_row[0], val_row[0], tgt_row[0], pad_row[0] = cls_id, cls_v, cls_v, False
-        if use_gen:
-            gen_row[0] = False
-        if use_mlm:
-            mlm_row[0] = False
         # branch-free over entries: write at slot p, advance p only for kept entries (a dropped
-        # entry is overwritten by the next one); stop once all k are written, so p <= k < L
-        p = 1
+        # entry is overwritten by the next one); stop once all k are written
+        row = offsets[c]
+        p = 0
         for t in range(n):
-            if p > k:
+            if p >= k:
                 break
             flag = flags[t]
-            b = np.float32(bins[t])
-            unknown = flag == _UNKNOWN
-            hidden = unknown
+            hidden = np.uint8(flag == _UNKNOWN)
             if use_mlm:
-                masked = _rand32(state) < mlm_threshold
-                mlm_row[p] = masked
-                hidden = unknown | masked
-            if use_gen:
-                gen_row[p] = unknown
-            tok_row[p] = genes[t]
-            tgt_row[p] = b
-            val_row[p] = mask_v if hidden else b
-            pad_row[p] = False
+                hidden |= np.uint8(_rand32(state) < mlm_threshold) << np.uint8(1)
+            out_genes[row + p] = genes[t]
+            out_bins[row + p] = bins[t]
+            out_flags[row + p] = hidden
             p += flag != _DROPPED
+
+
+@numba.njit(cache=True, nogil=True)
+def pad_batch(offsets, genes, bins, flags, use_gen, use_mlm, pad_id, cls_id, pad_value, mask_value, cls_value,
+              token_ids, values, target_values, pad_mask, gen_mask, mlm_mask):
+    """Fill the padded (B, L) rows from compact tokens: ``<cls>``, the cell's genes, ``<pad>`` up to L.
+
+    ``flags`` bit 0 = unknown (generative), bit 1 = MLM-masked; hidden genes get
+    ``mask_value`` as input value, ``target_values`` every true bin. ``gen_mask`` /
+    ``mlm_mask`` are untouched unless ``use_gen`` / ``use_mlm``.
+    """
+    n_rows, L = token_ids.shape
+    pad_v, mask_v, cls_v = np.float32(pad_value), np.float32(mask_value), np.float32(cls_value)
+    for c in range(n_rows):
+        row, k = offsets[c], offsets[c + 1] - offsets[c]
+        tok_row, val_row, tgt_row, pad_row = token_ids[c], values[c], target_values[c], pad_mask[c]
+        tok_row[0], val_row[0], tgt_row[0], pad_row[0] = cls_id, cls_v, cls_v, False
+        for p in range(1, k + 1):
+            b = np.float32(bins[row + p - 1])
+            tok_row[p] = genes[row + p - 1]
+            tgt_row[p] = b
+            val_row[p] = mask_v if flags[row + p - 1] != 0 else b
+            pad_row[p] = False
         for p in range(k + 1, L):
             tok_row[p], val_row[p], tgt_row[p], pad_row[p] = pad_id, pad_v, pad_v, True
-            if use_gen:
-                gen_row[p] = False
-            if use_mlm:
-                mlm_row[p] = False
+        if use_gen:
+            gen_row = gen_mask[c]
+            gen_row[0] = False
+            for p in range(1, k + 1):
+                gen_row[p] = (flags[row + p - 1] & 1) != 0
+            gen_row[k + 1:] = False
+        if use_mlm:
+            mlm_row = mlm_mask[c]
+            mlm_row[0] = False
+            for p in range(1, k + 1):
+                mlm_row[p] = (flags[row + p - 1] & 2) != 0
+            mlm_row[k + 1:] = False

@@ -73,46 +73,85 @@ class TokenizerConfig:
 
 def pad_fraction(batch: Batch) -> float:
     """Fraction of the batch's (B, L) token slots that are padding."""
-    return float(batch.pad_mask.float().mean()) if batch.pad_mask.numel() else 0.0
+    pad_mask = batch.pad_mask
+    if not pad_mask.numel():
+        return 0.0
+    if pad_mask.device.type == "cpu":  # numpy: no torch intra-op threads (slow on a busy machine)
+        return np.count_nonzero(pad_mask.numpy()) / pad_mask.numel()
+    return float(pad_mask.float().mean())
+
+
+@dataclass
+class EncodedCells:
+    """A tokenized batch before padding: the kept tokens of every cell, compact (~6 bytes a token).
+
+    This is what dataloader workers send to the main process (pickled through the result
+    pipe; a third of the padded batch's bytes and no shared-memory segments), where
+    ``Tokenizer.pad`` builds the (B, L) ``Batch``.
+    """
+
+    offsets: np.ndarray  # (B+1,) int64: cell c's tokens are [offsets[c], offsets[c+1])
+    genes: np.ndarray  # (T,) vocab ids
+    bins: np.ndarray  # (T,) uint8 / uint16 true bins
+    flags: np.ndarray  # (T,) uint8: bit 0 unknown (generative), bit 1 MLM-masked
+    gen_ratio: float | None  # the batch's unknown ratio (None: no generative split)
+    cell_index: np.ndarray  # (B,) int64
+    obs: dict[str, np.ndarray]  # column -> (B,) codes
 
 
 class Tokenizer:
-    """Turns a ``CellBlock`` (one batch of cells) into a padded ``Batch``."""
+    """Turns a ``CellBlock`` (one batch of cells) into a padded ``Batch``: ``pad(encode(block, rng))``."""
 
     def __init__(self, config: TokenizerConfig | dict, pad_id: int, cls_id: int):
         self.config = TokenizerConfig.from_any(config)
         self.pad_id = int(pad_id)
         self.cls_id = int(cls_id)
         self._levels = quantile_levels(self.config.n_bins)  # (n_bins - 1,) edge quantiles
+        self._bin_dtype = np.uint8 if self.config.n_bins <= 256 else np.uint16
 
     def __call__(self, block: CellBlock, rng: np.random.Generator) -> Batch:
+        return self.pad(self.encode(block, rng))
+
+    def encode(self, block: CellBlock, rng: np.random.Generator) -> EncodedCells:
+        """Bin, sample and mask every cell (one compiled call); all draws come from ``rng``."""
         cfg = self.config
         indptr = np.ascontiguousarray(block.indptr, dtype=np.int64)
         counts, integer = kernel_counts(block.counts)
         gene_ids = np.ascontiguousarray(block.gene_ids)
-        n_cells = len(indptr) - 1
         n_genes = kernels.nonzero_lengths(indptr, counts)  # (B,) explicit zeros never enter a row
         kept = np.minimum(n_genes, cfg.max_seq_len - 1)  # (B,)
-        L = int(kept.max(initial=0)) + 1
-        gen_ratio = -1.0 if cfg.gen_ratios is None else cfg.gen_ratios[int(rng.integers(len(cfg.gen_ratios)))]
+        offsets = np.zeros(len(kept) + 1, dtype=np.int64)
+        np.cumsum(kept, out=offsets[1:])
+        gen_ratio = None if cfg.gen_ratios is None else cfg.gen_ratios[int(rng.integers(len(cfg.gen_ratios)))]
+        n_tokens = int(offsets[-1])
+        genes = np.empty(n_tokens, dtype=gene_ids.dtype)
+        bins = np.empty(n_tokens, dtype=self._bin_dtype)
+        flags = np.empty(n_tokens, dtype=np.uint8)
+        kernels.encode_batch(indptr, counts, gene_ids, n_genes, integer, self._levels, cfg.max_seq_len - 1,
+                             -1.0 if gen_ratio is None else gen_ratio,
+                             -1.0 if cfg.mlm_prob is None else float(cfg.mlm_prob), kernels.kernel_seed(rng),
+                             offsets, genes, bins, flags)
+        return EncodedCells(offsets, genes, bins, flags, gen_ratio, np.asarray(block.cell_index, dtype=np.int64),
+                            dict(block.obs))
 
+    def pad(self, enc: EncodedCells) -> Batch:
+        """(B, L) tensors from encoded cells, L = the longest row (<cls> included)."""
+        cfg = self.config
+        n_cells = len(enc.offsets) - 1
+        L = int(np.diff(enc.offsets).max(initial=0)) + 1
         token_ids = np.empty((n_cells, L), dtype=np.int64)  # (B, L)
         values = np.empty((n_cells, L), dtype=np.float32)  # (B, L) model inputs
         target_values = np.empty((n_cells, L), dtype=np.float32)  # (B, L) true bins
         pad_mask = np.empty((n_cells, L), dtype=bool)  # (B, L)
         gen_mask = np.empty((n_cells, L) if cfg.gen_ratios is not None else (0, 0), dtype=bool)  # (B, L)
         mlm_mask = np.empty((n_cells, L) if cfg.mlm_prob is not None else (0, 0), dtype=bool)  # (B, L)
-        kernels.tokenize_batch(
-            indptr, counts, gene_ids, n_genes, integer, self._levels, cfg.max_seq_len - 1, gen_ratio,
-            -1.0 if cfg.mlm_prob is None else float(cfg.mlm_prob), kernels.kernel_seed(rng),
-            self.pad_id, self.cls_id, cfg.pad_value, cfg.mask_value, cfg.cls_value,
-            token_ids, values, target_values, pad_mask, gen_mask, mlm_mask,
-        )
+        kernels.pad_batch(enc.offsets, enc.genes, enc.bins, enc.flags, cfg.gen_ratios is not None,
+                          cfg.mlm_prob is not None, self.pad_id, self.cls_id, cfg.pad_value, cfg.mask_value,
+                          cfg.cls_value, token_ids, values, target_values, pad_mask, gen_mask, mlm_mask)
         gen = None if cfg.gen_ratios is None else gen_mask
         mlm = None if cfg.mlm_prob is None else mlm_mask
         if cfg.value_style == "category":
             values = category_values(target_values, pad_mask, gen, mlm, cfg.n_bins)
-
         return Batch(
             gene_ids=torch.from_numpy(token_ids),
             values=torch.from_numpy(values),
@@ -120,8 +159,8 @@ class Tokenizer:
             target_values=torch.from_numpy(target_values),
             gen_mask=None if gen is None else torch.from_numpy(gen),
             mlm_mask=None if mlm is None else torch.from_numpy(mlm),
-            cell_index=torch.from_numpy(np.asarray(block.cell_index, dtype=np.int64)),
-            obs={k: torch.from_numpy(np.asarray(v, dtype=np.int64)) for k, v in block.obs.items()},
+            cell_index=torch.from_numpy(enc.cell_index),
+            obs={k: torch.from_numpy(np.asarray(v, dtype=np.int64)) for k, v in enc.obs.items()},
         )
 
 

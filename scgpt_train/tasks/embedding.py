@@ -59,3 +59,50 @@ def load_best_weights(module, trainer) -> str | None:
     state = torch.load(path, map_location=module.device, weights_only=False)["state_dict"]
     module.load_state_dict(state, strict=False)
     return str(Path(path))
+
+
+def embed_h5ad(checkpoint, input_path, output_path, key: str = "X_scgpt", batch_size: int = 64,
+               max_seq_len: int = 1201, include_zero_genes: bool = False, gene_column: str | None = None,
+               use_raw: bool = False, batch_key: str | None = None, cls_value: float | None = None,
+               normalize: bool = True, device: str | None = None, seed: int = 0, progress: bool = True) -> Path:
+    """Embed every cell of ``input_path`` with ``checkpoint``; write the input AnnData + ``obsm[key]``."""
+    import logging
+
+    import anndata as ad
+
+    from data_modules.anndata_module import AnnDataModule
+    from scgpt_train.checkpoints import load_checkpoint
+    from scgpt_train.tasks.report import write_h5ad
+
+    model, _ = load_checkpoint(checkpoint)
+    cfg = model.config()
+    if (cfg.get("dsbn") or cfg.get("use_batch_labels")) and batch_key is None:
+        raise ValueError(f"{checkpoint} uses batch labels (DSBN / batch embedding): pass --batch-key")
+    pad_value = float(cfg.get("pad_value", -2.0))
+    tokenizer = {"max_seq_len": max_seq_len, "n_bins": int(cfg.get("n_bins", 51)), "pad_value": pad_value,
+                 "mask_value": float(cfg.get("mask_value", -1.0)),
+                 "cls_value": pad_value if cls_value is None else float(cls_value),
+                 "value_style": "category" if cfg.get("input_emb_style") == "category" else "continuous"}
+    dm = AnnDataModule(str(input_path), vocab=str(checkpoint), batch_key=batch_key, tokenizer=tokenizer,
+                       preprocess={"gene_column": gene_column, "use_raw": use_raw},
+                       include_zero_genes=include_zero_genes, val_fraction=0.0, batch_size=batch_size, seed=seed,
+                       model_outputs=())
+    dm.setup()
+    logging.getLogger(__name__).info("genes: %s", dm.gene_report.summary())
+    if progress:
+        print(f"genes: {dm.gene_report.summary()}")
+    if device is None:
+        device = "cuda" if torch.cuda.is_available() else "cpu"
+    model.to(device)
+    out = predict_cells(model, dm.loader("all", masked=False, batch_size=batch_size), len(dm.split), device=device,
+                        progress=progress)
+    emb = out["cell_emb"]
+    if normalize:
+        emb = emb / np.maximum(np.linalg.norm(emb, axis=1, keepdims=True), 1e-12)
+    adata = ad.read_h5ad(input_path)
+    adata.obsm[key] = emb.astype(np.float32)
+    if "pred" in out:
+        adata.obs["scgpt_pred"] = out["pred"]
+        adata.obs["scgpt_pred_prob"] = out["probs"].max(1)
+    adata.uns[f"{key}_gene_report"] = {k: v for k, v in dm.gene_report.as_dict().items() if v is not None}
+    return write_h5ad(adata, output_path)

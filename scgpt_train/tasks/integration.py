@@ -16,7 +16,8 @@ INTEGRATION_BASELINES = ("hvg_pca", "harmony", "scvi")
 class IntegrationTask(FineTuneTask):
     """Metrics on all cells (``test/avg_bio``, ``test/avg_batch``, ``test/overall`` and the parts; baselines
     under ``baseline/<name>/...``), ``umap.png`` (by cell type and batch; ``umap_hvg_pca.png`` for the
-    baseline), ``predictions.h5ad`` with ``obsm["X_scgpt"]``. Harmony / scVI are skipped (and reported) when
+    baseline), ``predictions.h5ad`` with ``obsm["X_scgpt"]`` (L2-normalized cell embeddings, as the official
+    tutorials evaluate them). Harmony / scVI are skipped (and reported) when
     their packages are not installed."""
 
     name = "integration"
@@ -34,6 +35,7 @@ class IntegrationTask(FineTuneTask):
         idx = dm.indices("eval")
         labels = dm.obs[dm.label_key].astype(str).to_numpy()
         batches = dm.obs[dm.batch_key].astype(str).to_numpy()
+        outputs["cell_emb"] = l2_normalize(outputs["cell_emb"])  # as the official tutorials evaluate
         emb = outputs["cell_emb"][idx]
         scores = integration_metrics(emb, labels[idx], batches[idx], self.n_neighbors, self.seed)
         metrics = {f"test/{k}": v for k, v in scores.items()}
@@ -54,6 +56,10 @@ class IntegrationTask(FineTuneTask):
             self.umap_figure(base, colors, output_dir / f"umap_{name}.png", name)
         obs = dm.obs.copy()
         return metrics, obs, extra
+
+
+def l2_normalize(x: np.ndarray) -> np.ndarray:
+    return x / np.maximum(np.linalg.norm(x, axis=1, keepdims=True), 1e-12)
 
 
 def run_optional_baseline(name: str, dm, idx: np.ndarray, seed: int) -> np.ndarray:

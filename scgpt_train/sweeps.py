@@ -1,0 +1,62 @@
+"""Gather the ``result.json`` rows of a sweep (one per job) into one table."""
+
+from __future__ import annotations
+
+import json
+import os
+from pathlib import Path
+
+import pandas as pd
+
+
+def _override_items(overrides: list[str]) -> dict[str, str]:
+    items = {}
+    for o in overrides:
+        key, sep, value = o.partition("=")
+        if sep and not key.startswith("hydra"):
+            items[key.lstrip("+~")] = value
+    return items
+
+
+def collect_sweep(sweep_dir: str | os.PathLike, metrics: list[str] | None = None) -> pd.DataFrame:
+    """One row per job under ``sweep_dir``: its overrides, steps, cells/s and metrics (all, or ``metrics``)."""
+    sweep_dir = Path(sweep_dir)
+    paths = sorted(sweep_dir.rglob("result.json"))
+    if not paths:
+        raise FileNotFoundError(f"no result.json under {sweep_dir}: is it a sweep dir (outputs/<task>/multiruns/<time>)?")
+    rows = []
+    for path in paths:
+        result = json.loads(path.read_text())
+        row = {"job": str(path.parent.relative_to(sweep_dir))}
+        row.update(_override_items(result.get("overrides", [])))
+        row["steps"] = result.get("steps")
+        row["cells_per_s"] = result.get("cells_per_s")
+        for name, value in sorted(result.get("metrics", {}).items()):
+            if metrics is None or name in metrics:
+                row[name] = value
+        rows.append(row)
+    return pd.DataFrame(rows)
+
+
+def write_sweep_tables(table: pd.DataFrame, out_prefix: str | os.PathLike) -> tuple[Path, Path]:
+    """``<prefix>.csv`` and ``<prefix>.md`` (written atomically)."""
+    out_prefix = Path(out_prefix)
+    out_prefix.parent.mkdir(parents=True, exist_ok=True)
+    csv_path, md_path = out_prefix.with_suffix(".csv"), out_prefix.with_suffix(".md")
+    for path, text in ((csv_path, table.to_csv(index=False)), (md_path, to_markdown(table))):
+        tmp = path.with_name(f".{path.name}.tmp")
+        tmp.write_text(text)
+        os.replace(tmp, path)
+    return csv_path, md_path
+
+
+def to_markdown(table: pd.DataFrame) -> str:
+    def fmt(v) -> str:
+        if isinstance(v, float):
+            return f"{v:.4g}"
+        return "" if v is None else str(v)
+
+    cols = list(table.columns)
+    lines = ["| " + " | ".join(cols) + " |", "|" + "---|" * len(cols)]
+    lines += ["| " + " | ".join(fmt(v) for v in row) + " |" for row in table.itertuples(index=False)]
+    return "\n".join(lines) + "\n"

@@ -1,0 +1,294 @@
+"""Download the paper's benchmark datasets and the whole-human checkpoint: resumable, sha256-recorded.
+
+Each download goes to ``<file>.part`` and resumes with an HTTP ``Range`` request (a server answering 200
+instead of 206 restarts it); a finished file is renamed into place and its sha256 recorded in
+``<root>/checksums.json``. Later runs re-hash existing files and refuse a mismatch. Google Drive folders
+are listed through their ``embeddedfolderview`` page; Drive's "can't scan for viruses" page is followed
+through its confirm form. A mirror (``--mirror`` / ``$SCGPT_DOWNLOAD_MIRROR``) serves ``<mirror>/<name>/<file>``
+instead of the public locations.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import html
+import json
+import os
+import re
+import tempfile
+import time
+import urllib.parse
+import urllib.request
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from pathlib import Path
+
+CHUNK = 1 << 20
+MANIFEST = "checksums.json"
+GDRIVE_FILE_URL = "https://drive.usercontent.google.com/download?id={id}&export=download&confirm=t"
+GDRIVE_FOLDER_URL = "https://drive.google.com/embeddedfolderview?id={id}"
+FIGSHARE_URL = "https://figshare.com/ndownloader/files/{id}"
+
+
+class DownloadError(RuntimeError):
+    pass
+
+
+class ChecksumMismatch(DownloadError):
+    pass
+
+
+@dataclass(frozen=True)
+class Entry:
+    """One downloadable item: a set of files from one public location."""
+
+    name: str
+    kind: str  # gdrive_folder | gdrive_file | figshare | scvi_pbmc
+    id: str | None
+    files: tuple[str, ...]
+    description: str = ""
+    notes: dict = field(default_factory=dict)
+
+
+REGISTRY: dict[str, Entry] = {e.name: e for e in [
+    Entry("scgpt_human", "gdrive_folder", "1oWh_-ZRdhtoGQ2Fw24HP41FgLoomVo-y",
+          ("best_model.pt", "args.json", "vocab.json"),
+          "whole-human scGPT checkpoint (33M cells); mirror: Hugging Face u-cellm/scGPT-whole-human"),
+    Entry("ms", "gdrive_folder", "1Qd42YNabzyr2pWt9xoY4cVMTAxsNBt4v", ("c_data.h5ad", "filtered_ms_adata.h5ad"),
+          "annotation: multiple sclerosis (reference c_data, query filtered_ms_adata)"),
+    Entry("myeloid", "gdrive_folder", "1VbpApQufZq8efFGakW3y8QDDpY9MBoDS",
+          ("reference_adata.h5ad", "query_adata.h5ad"), "annotation: myeloid (tumour-infiltrating)"),
+    Entry("hpancreas", "gdrive_folder", "1s9XjcSiPC-FYV3VeHrEa7SeZetrthQVV", ("demo_train.h5ad", "demo_test.h5ad"),
+          "annotation: human pancreas"),
+    Entry("covid19", "gdrive_file", "1eD9LbxNJ35YUde3VtdVcjkwm-f4iyJ6x", ("covid19.h5ad",),
+          "integration: COVID-19 (18 batches)"),
+    Entry("perirhinal", "gdrive_file", "1rDAxDtvWx1GpJaNhlKBi71f8-psUNppE", ("perirhinal.h5ad",),
+          "integration: perirhinal cortex (2 batches)"),
+    Entry("immune_human", "figshare", "25717328", ("immune_human.h5ad",), "GRN: Immune Human (scIB)"),
+    Entry("pbmc10k", "scvi_pbmc", None, ("pbmc10k.h5ad",),
+          "integration: PBMC 10K via scvi-tools pbmc_dataset() (needs scvi-tools)"),
+]}
+
+
+# pure helpers (tested offline) ----------------------------------------------------------------
+def file_sha256(path: str | os.PathLike) -> str:
+    h = hashlib.sha256()
+    with open(path, "rb") as f:
+        for block in iter(lambda: f.read(CHUNK), b""):
+            h.update(block)
+    return h.hexdigest()
+
+
+def parse_gdrive_folder(page: str) -> dict[str, str]:
+    """{file name: file id} from a Drive ``embeddedfolderview`` page."""
+    entries = re.findall(r'id="entry-([\w-]+)".*?class="flip-entry-title">([^<]*)<', page, flags=re.S)
+    return {html.unescape(name).strip(): fid for fid, name in entries}
+
+
+def parse_gdrive_confirm(page: str, base_url: str) -> str | None:
+    """The real download URL behind Drive's virus-scan warning page (its form action + hidden inputs)."""
+    form = re.search(r'<form[^>]*id="download-form"[^>]*action="([^"]+)"(.*?)</form>', page, flags=re.S)
+    if form is None:
+        form = re.search(r'<form[^>]*action="([^"]+)"(.*?)</form>', page, flags=re.S)
+    if form is None:
+        link = re.search(r'href="(/uc\?export=download[^"]+)"', page)
+        return urllib.parse.urljoin(base_url, html.unescape(link.group(1))) if link else None
+    action = urllib.parse.urljoin(base_url, html.unescape(form.group(1)))
+    fields = re.findall(r'<input[^>]*type="hidden"[^>]*name="([^"]+)"[^>]*value="([^"]*)"', form.group(2))
+    return action + ("&" if "?" in action else "?") + urllib.parse.urlencode([(k, html.unescape(v)) for k, v in fields])
+
+
+def parse_content_range_total(value: str | None) -> int | None:
+    """Total size from a ``Content-Range: bytes a-b/total`` header."""
+    m = re.match(r"bytes\s+(\d+)-(\d+)/(\d+|\*)", value or "")
+    return int(m.group(3)) if m and m.group(3) != "*" else None
+
+
+class Manifest:
+    """``checksums.json``: {relative path: {sha256, size, url, recorded}}; atomic writes."""
+
+    def __init__(self, root: Path):
+        self.root = Path(root)
+        self.path = self.root / MANIFEST
+        self.entries: dict[str, dict] = json.loads(self.path.read_text()) if self.path.exists() else {}
+
+    def save(self) -> None:
+        self.root.mkdir(parents=True, exist_ok=True)
+        fd, tmp = tempfile.mkstemp(dir=self.root, prefix=f".{MANIFEST}.")
+        with os.fdopen(fd, "w") as f:
+            json.dump(self.entries, f, indent=2, sort_keys=True)
+        os.replace(tmp, self.path)
+
+    def key(self, path: Path) -> str:
+        return str(Path(path).resolve().relative_to(self.root.resolve()))
+
+    def record(self, path: Path, url: str) -> str:
+        digest = file_sha256(path)
+        self.entries[self.key(path)] = {"sha256": digest, "size": Path(path).stat().st_size, "url": url,
+                                        "recorded": time.strftime("%Y-%m-%dT%H:%M:%S")}
+        self.save()
+        return digest
+
+    def verify(self, path: Path) -> str:
+        """'ok' (hash matches the record) or 'recorded' (first sight: hash recorded); raises on mismatch."""
+        rec = self.entries.get(self.key(path))
+        if rec is None:
+            self.record(path, "local (found on disk)")
+            return "recorded"
+        digest = file_sha256(path)
+        if digest != rec["sha256"]:
+            raise ChecksumMismatch(f"{path}: sha256 {digest} differs from the recorded {rec['sha256']} "
+                                   f"({self.path}); the file changed or is corrupt: delete it (or pass --force) "
+                                   f"to download it again")
+        return "ok"
+
+
+# transfer --------------------------------------------------------------------------------------
+def _open(url: str, start: int, timeout: float):
+    headers = {"User-Agent": "scgpt-train-downloader"}
+    if start > 0:
+        headers["Range"] = f"bytes={start}-"
+    return urllib.request.urlopen(urllib.request.Request(url, headers=headers), timeout=timeout)
+
+
+def fetch(url: str, dest: str | os.PathLike, progress: bool = True, timeout: float = 60.0,
+          html_handler: Callable[[str, str], str | None] | None = None, _depth: int = 0) -> Path:
+    """Download ``url`` to ``dest`` through ``dest.part`` (resumed with a Range request when present).
+
+    ``html_handler(page, url)`` may turn an unexpected HTML answer into the real URL (Drive's warning page)."""
+    from tqdm.auto import tqdm
+
+    dest = Path(dest)
+    dest.parent.mkdir(parents=True, exist_ok=True)
+    part = dest.with_name(dest.name + ".part")
+    start = part.stat().st_size if part.exists() else 0
+    if urllib.parse.urlparse(url).scheme in ("", "file"):
+        return _fetch_local(url, dest, part, start)
+    try:
+        resp = _open(url, start, timeout)
+    except urllib.error.HTTPError as e:
+        if e.code == 416 and start > 0:  # the part already holds the whole file
+            os.replace(part, dest)
+            return dest
+        raise DownloadError(f"{url}: HTTP {e.code} {e.reason}") from None
+    except urllib.error.URLError as e:
+        raise DownloadError(f"{url}: {e.reason} (no network? use --mirror or copy the file to {dest})") from None
+    with resp:
+        status = getattr(resp, "status", 200)
+        ctype = resp.headers.get("Content-Type", "")
+        if "text/html" in ctype and html_handler is not None and _depth < 3:
+            page = resp.read(2 << 20).decode("utf-8", "replace")
+            nxt = html_handler(page, url)
+            if nxt is None:
+                raise DownloadError(f"{url} answered an HTML page, not the file (quota exceeded or access denied?)")
+            return fetch(nxt, dest, progress, timeout, html_handler, _depth + 1)
+        resumed = status == 206 and start > 0
+        total = parse_content_range_total(resp.headers.get("Content-Range")) if resumed else None
+        if total is None:
+            length = resp.headers.get("Content-Length")
+            total = (int(length) + (start if resumed else 0)) if length else None
+        mode = "ab" if resumed else "wb"
+        with open(part, mode) as f, tqdm(total=total, initial=start if resumed else 0, unit="B", unit_scale=True,
+                                         desc=dest.name, disable=not progress) as bar:
+            for block in iter(lambda: resp.read(CHUNK), b""):
+                f.write(block)
+                bar.update(len(block))
+    if total is not None and part.stat().st_size != total:
+        raise DownloadError(f"{url}: got {part.stat().st_size} of {total} bytes; run again to resume")
+    os.replace(part, dest)
+    return dest
+
+
+def _fetch_local(url: str, dest: Path, part: Path, start: int) -> Path:
+    src = Path(urllib.parse.unquote(urllib.parse.urlparse(url).path)) if url.startswith("file:") else Path(url)
+    if not src.exists():
+        raise DownloadError(f"{src} does not exist")
+    with open(src, "rb") as fin, open(part, "ab" if start else "wb") as fout:
+        fin.seek(start)
+        for block in iter(lambda: fin.read(CHUNK), b""):
+            fout.write(block)
+    os.replace(part, dest)
+    return dest
+
+
+# entries ---------------------------------------------------------------------------------------
+def gdrive_html_handler(page: str, url: str) -> str | None:
+    return parse_gdrive_confirm(page, url)
+
+
+def file_urls(entry: Entry, mirror: str | None = None, timeout: float = 60.0) -> dict[str, str]:
+    """{file name: URL} of an entry (listing a Drive folder needs the network)."""
+    if mirror:
+        base = mirror.rstrip("/")
+        return {f: f"{base}/{entry.name}/{f}" for f in entry.files}
+    if entry.kind == "gdrive_file":
+        return {entry.files[0]: GDRIVE_FILE_URL.format(id=entry.id)}
+    if entry.kind == "figshare":
+        return {entry.files[0]: FIGSHARE_URL.format(id=entry.id)}
+    if entry.kind == "gdrive_folder":
+        url = GDRIVE_FOLDER_URL.format(id=entry.id)
+        try:
+            with _open(url, 0, timeout) as resp:
+                listing = parse_gdrive_folder(resp.read().decode("utf-8", "replace"))
+        except urllib.error.URLError as e:
+            raise DownloadError(f"cannot list Google Drive folder {entry.id} ({e}); no network? use --mirror") from None
+        missing = [f for f in entry.files if f not in listing]
+        if missing:
+            raise DownloadError(f"Google Drive folder {entry.id} lists {sorted(listing)}, not {missing}")
+        return {f: GDRIVE_FILE_URL.format(id=listing[f]) for f in entry.files}
+    raise DownloadError(f"{entry.name}: no URL for kind {entry.kind!r}")
+
+
+def build_scvi_pbmc(dest: Path) -> Path:
+    """PBMC 10K from scvi-tools (``scvi.data.pbmc_dataset``), written as an h5ad."""
+    try:
+        import scvi
+    except ImportError:
+        raise DownloadError("pbmc10k comes from scvi-tools' pbmc_dataset(), and scvi-tools is not installed "
+                            "(pip install scvi-tools), or copy a pbmc10k.h5ad into place") from None
+    adata = scvi.data.pbmc_dataset(save_path=str(dest.parent / "scvi_raw"))
+    fd, tmp = tempfile.mkstemp(dir=dest.parent, prefix=f".{dest.name}.", suffix=".h5ad")
+    os.close(fd)
+    adata.write_h5ad(tmp)
+    os.replace(tmp, dest)
+    return dest
+
+
+def download(names: list[str], root: str | os.PathLike, mirror: str | None = None, force: bool = False,
+             verify_only: bool = False, progress: bool = True, log=print) -> dict[str, str]:
+    """Fetch (or verify) every file of the named entries under ``root/<name>/``; {relative path: status}."""
+    unknown = [n for n in names if n not in REGISTRY]
+    if unknown:
+        raise KeyError(f"unknown dataset(s) {unknown}; choose from {sorted(REGISTRY)}")
+    root = Path(root)
+    manifest = Manifest(root)
+    status: dict[str, str] = {}
+    for name in names:
+        entry = REGISTRY[name]
+        targets = {f: root / name / f for f in entry.files}
+        todo = {}
+        for fname, dest in targets.items():
+            if dest.exists() and not force:
+                status[manifest.key(dest)] = manifest.verify(dest)
+                log(f"{name}/{fname}: {status[manifest.key(dest)]} (sha256 {manifest.entries[manifest.key(dest)]['sha256'][:12]}…)")
+            elif verify_only:
+                status[f"{name}/{fname}"] = "missing"
+                log(f"{name}/{fname}: missing")
+            else:
+                todo[fname] = dest
+        if not todo:
+            continue
+        if entry.kind == "scvi_pbmc" and not mirror:
+            for dest in todo.values():
+                build_scvi_pbmc(dest)
+                status[manifest.key(dest)] = "downloaded"
+                manifest.record(dest, "scvi.data.pbmc_dataset()")
+            continue
+        urls = file_urls(entry, mirror)
+        for fname, dest in todo.items():
+            handler = gdrive_html_handler if entry.kind.startswith("gdrive") and not mirror else None
+            fetch(urls[fname], dest, progress=progress, html_handler=handler)
+            digest = manifest.record(dest, urls[fname])
+            status[manifest.key(dest)] = "downloaded"
+            log(f"{name}/{fname}: downloaded (sha256 {digest})")
+    return status

@@ -1,0 +1,52 @@
+#!/usr/bin/env python
+"""Zero-shot (or fine-tuned) cell embeddings of an h5ad with an scGPT checkpoint.
+
+    python scripts/embed.py --checkpoint CKPT --input in.h5ad --output out.h5ad
+
+CKPT: an official scGPT directory (best_model.pt + args.json + vocab.json), a file from
+scripts/import_scgpt.py, or a Lightning .ckpt of this project. Genes are matched to the checkpoint's
+vocabulary by var_names (or --gene-column); the lost ones are reported. The output is the input AnnData
+with obsm[--key] (L2-normalized cell embeddings, as the official tutorials use them; --no-normalize keeps
+them raw) and, when the checkpoint has a classifier, obs["scgpt_pred"] (class index) and obs["scgpt_pred_prob"].
+"""
+
+from __future__ import annotations
+
+import argparse
+import sys
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(ROOT))
+
+
+def main(argv=None) -> int:
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--checkpoint", required=True, type=Path)
+    p.add_argument("--input", required=True, type=Path)
+    p.add_argument("--output", required=True, type=Path)
+    p.add_argument("--key", default="X_scgpt", help="obsm key of the embedding (default X_scgpt)")
+    p.add_argument("--batch-size", type=int, default=64)
+    p.add_argument("--max-seq-len", type=int, default=1201, help="genes per cell + <cls> (default 1201)")
+    p.add_argument("--include-zero-genes", action="store_true", help="also feed zero-expressed genes (bin 0)")
+    p.add_argument("--gene-column", default=None, help="var column with gene symbols (default var_names)")
+    p.add_argument("--use-raw", action="store_true", help="read .raw instead of X")
+    p.add_argument("--batch-key", default=None, help="obs column with batches (models with DSBN / batch labels)")
+    p.add_argument("--cls-value", type=float, default=None, help="value at <cls> (default: the pad value, -2)")
+    p.add_argument("--no-normalize", action="store_true", help="write raw (not L2-normalized) embeddings")
+    p.add_argument("--device", default=None, help="cpu / cuda (default: cuda if available)")
+    p.add_argument("--seed", type=int, default=0, help="seed of the tie-breaking in binning and gene sampling")
+    args = p.parse_args(argv)
+
+    from scgpt_train.tasks.embedding import embed_h5ad
+
+    out = embed_h5ad(args.checkpoint, args.input, args.output, key=args.key, batch_size=args.batch_size,
+                     max_seq_len=args.max_seq_len, include_zero_genes=args.include_zero_genes,
+                     gene_column=args.gene_column, use_raw=args.use_raw, batch_key=args.batch_key,
+                     cls_value=args.cls_value, normalize=not args.no_normalize, device=args.device, seed=args.seed)
+    print(f"wrote {out}")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,150 @@
+"""Benchmark downloads, offline: a local HTTP server with Range support, file:// URLs, parsing, checksums."""
+
+from __future__ import annotations
+
+import hashlib
+import http.server
+import json
+import threading
+from pathlib import Path
+
+import pytest
+
+from conftest import run_cmd
+from scgpt_train.tasks import download as dl
+
+
+class RangeHandler(http.server.BaseHTTPRequestHandler):
+    """Serves ``server.files[path]``; honours ``Range: bytes=N-`` unless ``server.ignore_range``."""
+
+    def do_GET(self):  # noqa: N802
+        body = self.server.files.get(self.path)
+        self.server.requests.append((self.path, self.headers.get("Range")))
+        if body is None:
+            self.send_error(404)
+            return
+        rng = self.headers.get("Range")
+        start = int(rng.split("=")[1].rstrip("-")) if rng and not self.server.ignore_range else 0
+        if start >= len(body) and rng:
+            self.send_response(416)
+            self.end_headers()
+            return
+        chunk = body[start:]
+        self.send_response(206 if start else 200)
+        if start:
+            self.send_header("Content-Range", f"bytes {start}-{len(body) - 1}/{len(body)}")
+        self.send_header("Content-Type", self.server.content_types.get(self.path, "application/octet-stream"))
+        self.send_header("Content-Length", str(len(chunk)))
+        self.end_headers()
+        self.wfile.write(chunk)
+
+    def log_message(self, *args):
+        pass
+
+
+@pytest.fixture()
+def server():
+    srv = http.server.ThreadingHTTPServer(("127.0.0.1", 0), RangeHandler)
+    srv.files, srv.requests, srv.content_types, srv.ignore_range = {}, [], {}, False
+    threading.Thread(target=srv.serve_forever, daemon=True).start()
+    yield srv
+    srv.shutdown()
+    srv.server_close()
+
+
+def url(srv, path):
+    return f"http://127.0.0.1:{srv.server_address[1]}{path}"
+
+
+def test_resumes_a_partial_download_with_a_range_request(server, tmp_path):
+    body = bytes(range(256)) * 4000
+    server.files["/f.bin"] = body
+    dest = tmp_path / "f.bin"
+    (tmp_path / "f.bin.part").write_bytes(body[:300_000])  # an interrupted earlier run
+    dl.fetch(url(server, "/f.bin"), dest, progress=False)
+    assert dest.read_bytes() == body and not (tmp_path / "f.bin.part").exists()
+    assert server.requests[-1] == ("/f.bin", "bytes=300000-")
+
+
+def test_a_server_ignoring_range_restarts_the_file(server, tmp_path):
+    body = b"0123456789" * 1000
+    server.files["/f.bin"], server.ignore_range = body, True
+    (tmp_path / "f.bin.part").write_bytes(b"garbage")
+    dl.fetch(url(server, "/f.bin"), tmp_path / "f.bin", progress=False)
+    assert (tmp_path / "f.bin").read_bytes() == body
+
+
+def test_complete_part_answered_416_is_accepted(server, tmp_path):
+    body = b"abc" * 100
+    server.files["/f.bin"] = body
+    (tmp_path / "f.bin.part").write_bytes(body)
+    dl.fetch(url(server, "/f.bin"), tmp_path / "f.bin", progress=False)
+    assert (tmp_path / "f.bin").read_bytes() == body
+
+
+def test_file_urls_resume_too(tmp_path):
+    src = tmp_path / "src.bin"
+    src.write_bytes(b"x" * 5000 + b"y" * 5000)
+    (tmp_path / "out.bin.part").write_bytes(b"x" * 5000)
+    dl.fetch(src.as_uri(), tmp_path / "out.bin", progress=False)
+    assert (tmp_path / "out.bin").read_bytes() == src.read_bytes()
+
+
+def test_google_drive_warning_page_is_followed(server, tmp_path):
+    body = b"h5ad-bytes" * 500
+    server.files["/download?id=ABC&export=download&confirm=t&uuid=u-1"] = body
+    page = ('<html><body><form id="download-form" action="/download" method="get">'
+            '<input type="hidden" name="id" value="ABC"><input type="hidden" name="export" value="download">'
+            '<input type="hidden" name="confirm" value="t"><input type="hidden" name="uuid" value="u-1">'
+            '</form></body></html>').encode()
+    server.files["/start"] = page
+    server.content_types["/start"] = "text/html; charset=utf-8"
+    dl.fetch(url(server, "/start"), tmp_path / "x.h5ad", progress=False, html_handler=dl.gdrive_html_handler)
+    assert (tmp_path / "x.h5ad").read_bytes() == body
+
+
+def test_parse_google_drive_folder_listing():
+    page = ('<div class="flip-entry" id="entry-1AbC_d-9" tabindex="0"><a href="https://drive.google.com/file/d/'
+            '1AbC_d-9/view"><div class="flip-entry-title">c_data.h5ad</div></a></div>'
+            '<div class="flip-entry" id="entry-2XyZ"><div class="flip-entry-title">filtered_ms_adata.h5ad</div></div>')
+    assert dl.parse_gdrive_folder(page) == {"c_data.h5ad": "1AbC_d-9", "filtered_ms_adata.h5ad": "2XyZ"}
+    assert dl.parse_content_range_total("bytes 10-99/100") == 100
+    assert dl.parse_content_range_total("bytes 10-99/*") is None
+
+
+def test_registry_names_the_paper_locations():
+    assert dl.REGISTRY["ms"].id == "1Qd42YNabzyr2pWt9xoY4cVMTAxsNBt4v"
+    assert dl.REGISTRY["scgpt_human"].files == ("best_model.pt", "args.json", "vocab.json")
+    assert dl.file_urls(dl.REGISTRY["immune_human"]) == {
+        "immune_human.h5ad": "https://figshare.com/ndownloader/files/25717328"}
+    assert "1eD9LbxNJ35YUde3VtdVcjkwm-f4iyJ6x" in dl.file_urls(dl.REGISTRY["covid19"])["covid19.h5ad"]
+
+
+def test_cli_records_sha256_then_verifies_and_refuses_a_changed_file(server, tmp_path):
+    ref, query = b"reference" * 1000, b"query" * 2000
+    server.files["/mirror/hpancreas/demo_train.h5ad"] = ref
+    server.files["/mirror/hpancreas/demo_test.h5ad"] = query
+    root = tmp_path / "bench"
+    args = ["scripts/download_benchmarks.py", "hpancreas", "--root", str(root), "--mirror", url(server, "/mirror"),
+            "--quiet"]
+    run_cmd(args)
+    manifest = json.loads((root / "checksums.json").read_text())
+    assert manifest["hpancreas/demo_train.h5ad"]["sha256"] == hashlib.sha256(ref).hexdigest()
+    assert manifest["hpancreas/demo_test.h5ad"]["size"] == len(query)
+    n_requests = len(server.requests)
+    out = run_cmd(args).stdout  # second run: verified, nothing fetched
+    assert len(server.requests) == n_requests and "demo_train.h5ad: ok" in out
+    (root / "hpancreas" / "demo_test.h5ad").write_bytes(b"tampered")
+    with pytest.raises(AssertionError, match="differs from the recorded"):
+        run_cmd(args)
+    run_cmd(args + ["--force"])  # a forced download repairs it and re-records
+    assert (root / "hpancreas" / "demo_test.h5ad").read_bytes() == query
+
+
+def test_unknown_name_and_missing_network_are_clear(tmp_path):
+    with pytest.raises(KeyError, match="unknown dataset"):
+        dl.download(["nope"], tmp_path)
+    with pytest.raises(dl.DownloadError, match="does not exist"):
+        dl.fetch((tmp_path / "absent").as_uri(), tmp_path / "x", progress=False)
+    status = dl.download(["ms"], tmp_path, verify_only=True, log=lambda *_: None)
+    assert status == {"ms/c_data.h5ad": "missing", "ms/filtered_ms_adata.h5ad": "missing"}
