@@ -297,33 +297,65 @@ def gather_parts(parts: list[tuple[CellBlock, np.ndarray]]) -> CellBlock:
 # ------------------------------------------------------------------------------------------
 # reading lanes
 # ------------------------------------------------------------------------------------------
+def read_blocks(corpus: Corpus, spans: list[tuple[int, int, int]]) -> tuple[CellBlock, np.ndarray]:
+    """The rows of ``(shard, start, stop)`` spans as ONE CellBlock, and the first row of each span in it.
+
+    Each HDF5 slice is read straight into its place in the block's arrays (``read_direct``:
+    no per-block array, no dtype conversion or copy; gene ids stay in the stored dtype).
+    """
+    files = [corpus._file(shard) for shard, _, _ in spans]  # the corpus's per-process handles
+    span_indptr = [f["indptr"][start:stop + 1].astype(np.int64) for f, (_, start, stop) in zip(files, spans)]
+    span_nnz = np.array([int(ip[-1] - ip[0]) for ip in span_indptr], dtype=np.int64)
+    first_entry = np.concatenate([[0], np.cumsum(span_nnz)])
+    gene_dtype = np.result_type(*[f["indices"].dtype for f in files])
+    count_dtype = np.result_type(*[f["data"].dtype for f in files])
+    gene_ids = np.empty(int(first_entry[-1]), dtype=gene_dtype)
+    counts = np.empty(int(first_entry[-1]), dtype=count_dtype)
+    for f, ip, to, n in zip(files, span_indptr, first_entry, span_nnz):
+        if n:
+            source, dest = np.s_[int(ip[0]):int(ip[-1])], np.s_[int(to):int(to + n)]
+            f["indices"].read_direct(gene_ids, source_sel=source, dest_sel=dest)
+            f["data"].read_direct(counts, source_sel=source, dest_sel=dest)
+    indptr = np.concatenate([[0]] + [ip[1:] - ip[0] + to for ip, to in zip(span_indptr, first_entry)])
+    obs_keys = list(files[0]["obs"]) if "obs" in files[0] else []
+    block = CellBlock(
+        indptr=indptr.astype(np.int64), gene_ids=gene_ids, counts=counts,
+        cell_index=np.concatenate([np.arange(start, stop, dtype=np.int64) + corpus.shard_offsets[shard]
+                                   for shard, start, stop in spans]),
+        obs={k: np.concatenate([f["obs"][k][start:stop] for f, (_, start, stop) in zip(files, spans)])
+             for k in obs_keys},
+    )
+    first_row = np.concatenate([[0], np.cumsum([stop - start for _, start, stop in spans])])[:-1]
+    return block, first_row
+
+
 class LaneReader:
     """Loads the windows of lanes on demand (one worker's view), keeps the current one per lane."""
 
     def __init__(self, corpus: Corpus, plan: EpochPlan, split: str, bucket_batches: int, max_len: int):
         self.corpus, self.plan, self.split = corpus, plan, split
         self.bucket_batches, self.max_len = bucket_batches, max_len
-        self._windows: dict[tuple[int, int], tuple[list[CellBlock], np.ndarray, np.ndarray]] = {}
+        self._windows: dict[tuple[int, int], tuple[CellBlock, np.ndarray, np.ndarray]] = {}
 
-    def _read_range(self, lo: int, hi: int) -> tuple[list[CellBlock], np.ndarray, np.ndarray]:
-        """Blocks holding epoch positions [lo, hi), the split's cells there as (block, row) pairs, in plan order.
-
-        Blocks stay separate arrays (no window-sized copy: fresh large allocations cost page faults).
-        """
+    def _read_range(self, lo: int, hi: int) -> tuple[CellBlock, np.ndarray, np.ndarray]:
+        """The blocks holding epoch positions [lo, hi) as one CellBlock (one HDF5 slice per block, read in
+        place) and the split's cells there: (block ordinal, row in that CellBlock), in plan order."""
         plan, table = self.plan, self.plan.table
         first = int(np.searchsorted(plan.cum, lo, side="right")) - 1
         last = int(np.searchsorted(plan.cum, hi, side="left"))
-        blocks, block_of, rows = [], [], []
-        for i in range(first, last):
-            b = int(plan.block_order[i])
-            block = self.corpus.read_block(int(table.shard[b]), int(table.start[b]), int(table.stop[b]))
-            in_val = self.corpus.in_validation(block)
-            selected = np.flatnonzero(in_val if self.split == "val" else ~in_val)[: table.n_selected[b]]
+        ids = [int(plan.block_order[i]) for i in range(first, last)]
+        window, first_row = read_blocks(self.corpus, [(int(table.shard[b]), int(table.start[b]), int(table.stop[b]))
+                                                      for b in ids])
+        in_val = self.corpus.in_validation(window)
+        in_split = in_val if self.split == "val" else ~in_val
+        block_of, rows = [], []
+        for j, (i, b) in enumerate(zip(range(first, last), ids)):
+            r0 = int(first_row[j])
+            selected = np.flatnonzero(in_split[r0:r0 + int(table.stop[b] - table.start[b])])[: table.n_selected[b]]
             a, z = max(lo - int(plan.cum[i]), 0), min(hi, int(plan.cum[i + 1])) - int(plan.cum[i])
-            rows.append(selected[a:z])
-            block_of.append(np.full(z - a, len(blocks), dtype=np.int64))
-            blocks.append(block)
-        return blocks, np.concatenate(block_of), np.concatenate(rows)
+            rows.append(r0 + selected[a:z])
+            block_of.append(np.full(z - a, j, dtype=np.int64))
+        return window, np.concatenate(block_of), np.concatenate(rows)
 
     def _window_order(self, lengths: np.ndarray, lane: int, m: int) -> np.ndarray:
         """Shuffle-buffer order of one window's cells (their ``lengths``); with bucketing, each chunk of
@@ -347,33 +379,29 @@ class LaneReader:
         cell_pos = (batch_perm[:, None] * bs + np.arange(bs)[None, :]).ravel()
         return order[cell_pos[cell_pos < n]]
 
-    def window(self, lane: int, m: int) -> tuple[list[CellBlock], np.ndarray, np.ndarray]:
-        """(blocks of the window, block and row of each of its cells in shuffle-buffer order)."""
+    def window(self, lane: int, m: int) -> tuple[CellBlock, np.ndarray, np.ndarray]:
+        """(the window's cells as one CellBlock, block ordinal and row of each split cell in shuffle-buffer order)."""
         key = (lane, m)
         if key not in self._windows:
             for old in [k for k in self._windows if k[0] == lane and k[1] < m]:
                 del self._windows[old]  # lanes advance monotonically: drop passed windows
             bounds = self.plan.windows[lane]
             base = int(self.plan.lane_start[lane])
-            blocks, block_of, rows = self._read_range(base + int(bounds[m]), base + int(bounds[m + 1]))
-            lengths = np.zeros(len(rows), dtype=np.int64)
-            for i, block in enumerate(blocks):
-                mine = block_of == i
-                lengths[mine] = np.diff(block.indptr)[rows[mine]]
-            order = self._window_order(lengths, lane, m)
-            self._windows[key] = (blocks, block_of[order], rows[order])
+            window, block_of, rows = self._read_range(base + int(bounds[m]), base + int(bounds[m + 1]))
+            order = self._window_order(np.diff(window.indptr)[rows], lane, m)
+            self._windows[key] = (window, block_of[order], rows[order])
         return self._windows[key]
 
     def cells(self, lane: int, positions: np.ndarray) -> list[tuple[CellBlock, np.ndarray]]:
-        """Cells at lane-local ``positions`` (ascending) as ``(block, rows)`` parts, grouped by block."""
+        """Cells at lane-local ``positions`` (ascending) as ``(window, rows)`` parts (one per window touched);
+        inside a part, grouped by block, then in shuffle-buffer order."""
         bounds = self.plan.windows[lane]
         win = np.searchsorted(bounds, positions, side="right") - 1
         parts = []
         for m in np.unique(win):
-            blocks, block_of, rows = self.window(lane, int(m))
+            window, block_of, rows = self.window(lane, int(m))
             local = positions[win == m] - bounds[m]
-            for b in np.unique(block_of[local]):  # ascending block, then shuffle-buffer order
-                parts.append((blocks[b], rows[local[block_of[local] == b]]))
+            parts.append((window, rows[local[np.argsort(block_of[local], kind="stable")]]))
         return parts
 
     def release(self) -> None:
@@ -421,8 +449,11 @@ class CellStream(torch.utils.data.IterableDataset):
         if self.corpus.n_cells == 0:
             return
         with Corpus(self.corpus_dir) as corpus:  # a private handle: none stays open across a fork
-            block = corpus.read_cells(0, 1)
-        self.tokenizer(gather_parts([(block, np.zeros(1, dtype=np.int64))]), np.random.default_rng(0))
+            first_shard = int(np.searchsorted(corpus.shard_offsets, 0, side="right")) - 1  # holds cell 0
+            window, _ = read_blocks(corpus, [(first_shard, 0, 1)])
+        one = np.zeros(1, dtype=np.int64)
+        self.tokenizer.pad(self.tokenizer.encode(window, np.random.default_rng(0), one))  # in-window path
+        self.tokenizer(gather_parts([(window, one), (window, one)]), np.random.default_rng(0))  # gathered path
 
     # plan -----------------------------------------------------------------------------
     @property
@@ -485,17 +516,21 @@ class CellStream(torch.utils.data.IterableDataset):
         reader = LaneReader(self.corpus, sched.plan, self.split, self.bucket_batches,
                             self.tokenizer_config.max_seq_len - 1)
         for i in range(worker, len(sched), n_workers):
-            block, rng = self._batch_cells(sched, reader, i)
-            yield self.tokenizer.encode(block, rng) if self._emit_encoded else self.tokenizer(block, rng)
+            parts, rng = self._batch_cells(sched, reader, i)
+            # a batch inside one window (every round-robin batch) is encoded in place, others gathered first
+            block, rows = parts[0] if len(parts) == 1 else (gather_parts(parts), None)
+            encoded = self.tokenizer.encode(block, rng, rows)
+            yield encoded if self._emit_encoded else self.tokenizer.pad(encoded)
         reader.release()
 
-    def _batch_cells(self, sched: RankSchedule, reader: LaneReader, i: int) -> tuple[CellBlock, np.random.Generator]:
-        """The cells of the rank's ``i``-th batch and the generator that tokenizes it."""
+    def _batch_cells(self, sched: RankSchedule, reader: LaneReader,
+                     i: int) -> tuple[list[tuple[CellBlock, np.ndarray]], np.random.Generator]:
+        """The cells of the rank's ``i``-th batch as ``(window, rows)`` parts, and the generator that tokenizes it."""
         plan, c = sched.plan, sched.cursor
         if i < sched.n_rr_steps:
             k = c.rr_done + i * sched.world_size + sched.rank
             lane, positions = plan.rr_positions(k)
-            return gather_parts(reader.cells(lane, positions)), _rng(plan.seed, plan.epoch, _TAG_BATCH, k)
+            return reader.cells(lane, positions), _rng(plan.seed, plan.epoch, _TAG_BATCH, k)
         slot = (sched.split_steps_before + i - sched.n_rr_steps) * sched.world_size + sched.rank
         pool_lane, pool_pos = plan.pool(sched.pool_start)
         remaining = len(pool_lane) - sched.split_from
@@ -505,7 +540,7 @@ class CellStream(torch.utils.data.IterableDataset):
         lanes, pos = pool_lane[idx], pool_pos[idx]
         parts = [part for lane in np.unique(lanes) for part in reader.cells(int(lane), pos[lanes == lane])]
         rng = _rng(plan.seed, plan.epoch, _TAG_FINAL, sched.pool_start, sched.split_from, sched.world_size, slot)
-        return gather_parts(parts), rng
+        return parts, rng
 
 
 # ------------------------------------------------------------------------------------------

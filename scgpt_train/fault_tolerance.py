@@ -185,3 +185,36 @@ class GradientGuard(pl.Callback):
         for p in pl_module.parameters():
             p.grad = None
         pl_module.log("train/skipped_steps", float(self.skipped), on_step=True, on_epoch=False)
+
+
+class ReplicaConsistencyCheck(pl.Callback):
+    """At the end of training, check that every data-parallel rank holds the same weights.
+
+    Each rank hashes its parameters (float64 sums of value and value x position, per tensor); rank 0
+    writes ``replica_check.json`` with every rank's digest and raises if they differ.
+    """
+
+    def __init__(self, path: str | None = None):
+        self.path = path
+
+    @staticmethod
+    def digest(module: torch.nn.Module) -> torch.Tensor:  # (2,) float64
+        total = torch.zeros(2, dtype=torch.float64)
+        for p in module.parameters():
+            flat = p.detach().double().flatten().cpu()
+            total += torch.stack([flat.sum(), (flat * torch.arange(1, flat.numel() + 1, dtype=torch.float64)).sum()])
+        return total
+
+    def on_train_end(self, trainer, pl_module):
+        local = self.digest(pl_module).to(pl_module.device)
+        gathered = trainer.strategy.all_gather(local)  # (world, 2) under DDP, (2,) alone
+        gathered = gathered.reshape(-1, 2).cpu()
+        if trainer.is_global_zero:
+            import json
+
+            same = bool(torch.equal(gathered, gathered[:1].expand_as(gathered)))
+            if self.path:
+                Path(self.path).write_text(json.dumps({"world_size": trainer.world_size, "identical": same,
+                                                       "digests": gathered.tolist()}))
+            if not same:
+                raise RuntimeError(f"data-parallel ranks diverged: parameter digests {gathered.tolist()}")

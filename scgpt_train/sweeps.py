@@ -24,11 +24,16 @@ def collect_sweep(sweep_dir: str | os.PathLike, metrics: list[str] | None = None
     paths = sorted(sweep_dir.rglob("result.json"))
     if not paths:
         raise FileNotFoundError(f"no result.json under {sweep_dir}: is it a sweep dir (outputs/<task>/multiruns/<time>)?")
+    results = [json.loads(p.read_text()) for p in paths]
+    overrides = [_override_items(r.get("overrides", [])) for r in results]
+    # keep the overrides that vary between jobs: those are the sweep's axes
+    keys = list(dict.fromkeys(k for o in overrides for k in o))
+    if len(results) > 1:
+        keys = [k for k in keys if len({o.get(k) for o in overrides}) > 1]
     rows = []
-    for path in paths:
-        result = json.loads(path.read_text())
+    for path, result, items in zip(paths, results, overrides):
         row = {"job": str(path.parent.relative_to(sweep_dir))}
-        row.update(_override_items(result.get("overrides", [])))
+        row.update({k: items.get(k) for k in keys})
         row["steps"] = result.get("steps")
         row["cells_per_s"] = result.get("cells_per_s")
         for name, value in sorted(result.get("metrics", {}).items()):

@@ -61,7 +61,7 @@ def bin_values(indptr: np.ndarray, counts: np.ndarray, n_bins: int, rng: np.rand
     values, integer = kernel_counts(counts)
     q = quantile_levels(n_bins)
     out = np.empty(len(values), dtype=np.int64)
-    kernels.bin_batch(indptr, values, integer, q, kernels.kernel_seed(rng), out)
+    kernels.bin_batch(indptr[:-1], indptr[1:], values, integer, q, kernels.kernel_seed(rng), out)
     return out
 
 
@@ -74,6 +74,6 @@ def bin_edges(indptr: np.ndarray, counts: np.ndarray, n_bins: int) -> np.ndarray
     values, integer = kernel_counts(counts)
     q = quantile_levels(n_bins)
     out = np.empty((len(indptr) - 1, len(q)), dtype=np.float64)
-    kernels.edges_batch(indptr, values, integer, q, out)
+    kernels.edges_batch(indptr[:-1], indptr[1:], values, integer, q, out)
     return out
 

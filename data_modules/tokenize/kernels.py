@@ -175,10 +175,10 @@ def _bin_cell(vals, n, integer, q, state, edges, hist, lut_left, lut_right, out)
 
 
 @numba.njit(cache=True)
-def _max_cell_length(indptr):
+def _max_cell_length(starts, stops):
     longest = 0
-    for c in range(len(indptr) - 1):
-        longest = max(longest, indptr[c + 1] - indptr[c])
+    for c in range(len(starts)):
+        longest = max(longest, stops[c] - starts[c])
     return longest
 
 
@@ -186,11 +186,10 @@ def _max_cell_length(indptr):
 # batch kernels
 # ------------------------------------------------------------------------------------------
 @numba.njit(cache=True)
-def bin_batch(indptr, counts, integer, q, seed, out):
-    """``out`` (nnz,) int64: the bin of every CSR entry (0 for explicit zeros)."""
+def bin_batch(starts, stops, counts, integer, q, seed, out):
+    """``out`` (nnz,) int64: the bin of every entry of cells ``counts[starts[c]:stops[c]]`` (0 for zeros)."""
     state = np.full(1, seed, dtype=np.uint64)
-    n_nonzero = nonzero_lengths(indptr, counts)
-    max_n = _max_cell_length(indptr)
+    max_n = _max_cell_length(starts, stops)
     vals_buf = np.empty(max_n, dtype=counts.dtype)
     slots = np.arange(len(counts))  # stands in for gene ids: where each non-zero entry sits
     slots_buf = np.empty(max_n, dtype=slots.dtype)
@@ -199,8 +198,8 @@ def bin_batch(indptr, counts, integer, q, seed, out):
     cap = max(_LUT_MIN, 4 * max_n) + 1
     hist, lut_left, lut_right = np.empty(cap, np.int64), np.empty(cap, np.int64), np.empty(cap, np.int64)
     out[:] = 0
-    for c in range(len(indptr) - 1):
-        vals, where = _cell_entries(indptr, counts, slots, n_nonzero, c, vals_buf, slots_buf)
+    for c in range(len(starts)):
+        vals, where = _cell_entries(starts, stops, counts, slots, c, vals_buf, slots_buf)
         n = len(vals)
         if n > 0:
             _bin_cell(vals, n, integer, q, state, edges, hist, lut_left, lut_right, bins)
@@ -209,33 +208,19 @@ def bin_batch(indptr, counts, integer, q, seed, out):
 
 
 @numba.njit(cache=True)
-def edges_batch(indptr, counts, integer, q, out):
+def edges_batch(starts, stops, counts, integer, q, out):
     """``out`` (n_cells, E) float64: every cell's edges over its non-zero values (NaN for empty cells)."""
-    n_nonzero = nonzero_lengths(indptr, counts)
-    max_n = _max_cell_length(indptr)
+    max_n = _max_cell_length(starts, stops)
     vals_buf = np.empty(max_n, dtype=counts.dtype)
     slots = np.arange(len(counts))
     slots_buf = np.empty(max_n, dtype=slots.dtype)
     hist = np.empty(max(_LUT_MIN, 4 * max_n) + 1, np.int64)
-    for c in range(len(indptr) - 1):
-        vals, _ = _cell_entries(indptr, counts, slots, n_nonzero, c, vals_buf, slots_buf)
+    for c in range(len(starts)):
+        vals, _ = _cell_entries(starts, stops, counts, slots, c, vals_buf, slots_buf)
         if len(vals) > 0:
             _cell_edges(vals, len(vals), integer, q, out[c], hist)
         else:
             out[c, :] = np.nan
-
-
-@numba.njit(cache=True)
-def nonzero_lengths(indptr, counts):
-    """(n_cells,) int64 number of non-zero entries of every cell."""
-    n_cells = len(indptr) - 1
-    lengths = np.zeros(n_cells, dtype=np.int64)
-    for c in range(n_cells):
-        n = 0
-        for i in range(indptr[c], indptr[c + 1]):
-            n += counts[i] != 0
-        lengths[c] = n
-    return lengths
 
 
 @numba.njit(cache=True)
@@ -263,10 +248,12 @@ def _choose(flags, perm, n, k, n_unknown, state):
 
 
 @numba.njit(cache=True)
-def _cell_entries(indptr, counts, gene_ids, n_nonzero, c, vals_buf, genes_buf):
+def _cell_entries(starts, stops, counts, gene_ids, c, vals_buf, genes_buf):
     """(values, genes) of cell ``c``'s non-zero entries: views of the batch arrays when it has no zeros."""
-    start, stop = indptr[c], indptr[c + 1]
-    n = n_nonzero[c]
+    start, stop = starts[c], stops[c]
+    n = 0
+    for i in range(start, stop):  # also brings the cell's entries into the cache for the passes that follow
+        n += counts[i] != 0
     if n == stop - start:
         return counts[start:stop], gene_ids[start:stop]
     m = 0
@@ -279,19 +266,21 @@ def _cell_entries(indptr, counts, gene_ids, n_nonzero, c, vals_buf, genes_buf):
 
 
 @numba.njit(cache=True, nogil=True)
-def encode_batch(indptr, counts, gene_ids, n_nonzero, integer, q, max_genes, gen_ratio, mlm_prob, seed,
+def encode_batch(starts, stops, counts, gene_ids, integer, q, max_genes, gen_ratio, mlm_prob, seed,
                  offsets, out_genes, out_bins, out_flags):
     """The kept tokens of every cell, compact: ``out_*[offsets[c]:offsets[c + 1]]`` for cell c.
 
-    Per cell: bin its ``n_nonzero[c]`` non-zero values, keep a uniform subset of ``max_genes``
-    of them (``offsets`` holds the kept counts' cumulative sum; store order is kept), mark
-    ``floor(gen_ratio * kept)`` of the kept ones unknown (flag bit 0; ``gen_ratio < 0``:
-    none) and draw MLM masks with ``mlm_prob`` (flag bit 1; ``mlm_prob < 0``: none).
+    Cell c's entries are ``counts[starts[c]:stops[c]]`` (with ``gene_ids``). Per cell: bin its
+    non-zero values, keep a uniform subset of ``max_genes`` of them (store order is kept;
+    ``offsets`` (B+1,) is filled with the kept counts' cumulative sum; ``out_*`` need room for
+    ``sum(min(stops - starts, max_genes))``), mark ``floor(gen_ratio * kept)`` of the kept
+    ones unknown (flag bit 0; ``gen_ratio < 0``: none) and draw MLM masks with ``mlm_prob``
+    (flag bit 1; ``mlm_prob < 0``: none).
     """
     state = np.full(1, seed, dtype=np.uint64)
     use_gen, use_mlm = gen_ratio >= 0.0, mlm_prob >= 0.0
     mlm_threshold = np.uint64(min(max(mlm_prob, 0.0), 1.0) * 4294967296.0)  # rand32 < threshold: P = mlm_prob
-    max_n = _max_cell_length(indptr)
+    max_n = _max_cell_length(starts, stops)
     vals_buf = np.empty(max_n, dtype=counts.dtype)
     genes_buf = np.empty(max_n, dtype=gene_ids.dtype)
     bins = np.empty(max_n, dtype=np.int64)
@@ -300,12 +289,14 @@ def encode_batch(indptr, counts, gene_ids, n_nonzero, integer, q, max_genes, gen
     edges = np.empty(len(q), dtype=np.float64)
     cap = max(_LUT_MIN, 4 * max_n) + 1
     hist, lut_left, lut_right = np.empty(cap, np.int64), np.empty(cap, np.int64), np.empty(cap, np.int64)
-    for c in range(len(indptr) - 1):
-        vals, genes = _cell_entries(indptr, counts, gene_ids, n_nonzero, c, vals_buf, genes_buf)
+    offsets[0] = 0
+    for c in range(len(starts)):
+        vals, genes = _cell_entries(starts, stops, counts, gene_ids, c, vals_buf, genes_buf)
         n = len(vals)
         if n > 0:
             _bin_cell(vals, n, integer, q, state, edges, hist, lut_left, lut_right, bins)
-        k = offsets[c + 1] - offsets[c]
+        k = min(n, max_genes)
+        offsets[c + 1] = offsets[c] + k
         n_unknown = np.int64(np.floor(gen_ratio * k)) if use_gen else 0
         _choose(flags, perm, n, k, n_unknown, state)
         # branch-free over entries: write at slot p, advance p only for kept entries (a dropped

@@ -112,27 +112,35 @@ class Tokenizer:
     def __call__(self, block: CellBlock, rng: np.random.Generator) -> Batch:
         return self.pad(self.encode(block, rng))
 
-    def encode(self, block: CellBlock, rng: np.random.Generator) -> EncodedCells:
-        """Bin, sample and mask every cell (one compiled call); all draws come from ``rng``."""
+    def encode(self, block: CellBlock, rng: np.random.Generator, rows: np.ndarray | None = None) -> EncodedCells:
+        """Bin, sample and mask every cell (one compiled call); all draws come from ``rng``.
+
+        ``rows``: encode only these cells of ``block``, in this order (no copy of their entries).
+        """
         cfg = self.config
-        indptr = np.ascontiguousarray(block.indptr, dtype=np.int64)
+        indptr = np.asarray(block.indptr, dtype=np.int64)
+        if rows is None:
+            starts, stops = indptr[:-1], indptr[1:]
+            cell_index, obs = np.asarray(block.cell_index, dtype=np.int64), dict(block.obs)
+        else:
+            starts, stops = indptr[rows], indptr[rows + 1]
+            cell_index, obs = np.asarray(block.cell_index[rows], dtype=np.int64), {k: v[rows] for k, v in block.obs.items()}
+        starts, stops = np.ascontiguousarray(starts), np.ascontiguousarray(stops)
         counts, integer = kernel_counts(block.counts)
         gene_ids = np.ascontiguousarray(block.gene_ids)
-        n_genes = kernels.nonzero_lengths(indptr, counts)  # (B,) explicit zeros never enter a row
-        kept = np.minimum(n_genes, cfg.max_seq_len - 1)  # (B,)
-        offsets = np.zeros(len(kept) + 1, dtype=np.int64)
-        np.cumsum(kept, out=offsets[1:])
         gen_ratio = None if cfg.gen_ratios is None else cfg.gen_ratios[int(rng.integers(len(cfg.gen_ratios)))]
-        n_tokens = int(offsets[-1])
-        genes = np.empty(n_tokens, dtype=gene_ids.dtype)
-        bins = np.empty(n_tokens, dtype=self._bin_dtype)
-        flags = np.empty(n_tokens, dtype=np.uint8)
-        kernels.encode_batch(indptr, counts, gene_ids, n_genes, integer, self._levels, cfg.max_seq_len - 1,
+        room = int(np.minimum(stops - starts, cfg.max_seq_len - 1).sum())  # kept tokens, explicit zeros aside
+        offsets = np.empty(len(starts) + 1, dtype=np.int64)
+        genes = np.empty(room, dtype=gene_ids.dtype)
+        bins = np.empty(room, dtype=self._bin_dtype)
+        flags = np.empty(room, dtype=np.uint8)
+        kernels.encode_batch(starts, stops, counts, gene_ids, integer, self._levels, cfg.max_seq_len - 1,
                              -1.0 if gen_ratio is None else gen_ratio,
                              -1.0 if cfg.mlm_prob is None else float(cfg.mlm_prob), kernels.kernel_seed(rng),
                              offsets, genes, bins, flags)
-        return EncodedCells(offsets, genes, bins, flags, gen_ratio, np.asarray(block.cell_index, dtype=np.int64),
-                            dict(block.obs))
+        n_tokens = int(offsets[-1])  # explicit zeros in the store never enter a row
+        genes, bins, flags = genes[:n_tokens], bins[:n_tokens], flags[:n_tokens]
+        return EncodedCells(offsets, genes, bins, flags, gen_ratio, cell_index, obs)
 
     def pad(self, enc: EncodedCells) -> Batch:
         """(B, L) tensors from encoded cells, L = the longest row (<cls> included)."""

@@ -34,22 +34,26 @@ def l1_logistic_regression(x_train, y_train, x_test, c_grid=PAPER_C_GRID, cv: in
     from sklearn.exceptions import ConvergenceWarning
     from sklearn.linear_model import LogisticRegression
     from sklearn.model_selection import GridSearchCV, StratifiedKFold
+    from sklearn.multiclass import OneVsRestClassifier
 
     y_train = np.asarray(y_train).astype(str)
     _, counts = np.unique(y_train, return_counts=True)
     folds = int(min(cv, max(2, counts.min())))
-    model = LogisticRegression(penalty="l1", solver="liblinear", max_iter=max_iter, random_state=seed)
+    # liblinear is one-vs-rest (recent scikit-learn wants that explicit for >2 classes)
+    model = OneVsRestClassifier(LogisticRegression(penalty="l1", solver="liblinear", max_iter=max_iter,
+                                                   random_state=seed))
     with warnings.catch_warnings():
         warnings.simplefilter("ignore", ConvergenceWarning)
         warnings.simplefilter("ignore", UserWarning)  # "least populated class has only n members"
+        warnings.simplefilter("ignore", FutureWarning)  # penalty= is deprecated in scikit-learn 1.8
         if len(c_grid) > 1:
-            search = GridSearchCV(model, {"C": list(c_grid)}, cv=StratifiedKFold(folds, shuffle=True, random_state=seed),
+            search = GridSearchCV(model, {"estimator__C": list(c_grid)}, cv=StratifiedKFold(folds, shuffle=True, random_state=seed),
                                   scoring="accuracy", n_jobs=1)
             search.fit(x_train, y_train)
-            best, c = search.best_estimator_, float(search.best_params_["C"])
+            best, c = search.best_estimator_, float(search.best_params_["estimator__C"])
         else:
             c = float(c_grid[0])
-            best = model.set_params(C=c).fit(x_train, y_train)
+            best = model.set_params(estimator__C=c).fit(x_train, y_train)
     return best.predict(x_test), c
 
 
