@@ -78,8 +78,8 @@ def test_submitit_local_sweep_is_collected(demo_corpus, tmp_path):
     rows = (tmp_path / "sweep_results.csv").read_text().splitlines()
     assert len(rows) == 3
     header = rows[0].split(",")
-    lrs = sorted(r.split(",")[header.index("model.lr")] for r in rows[1:])
-    assert lrs == ["1e-3", "3e-4"]
+    lrs = sorted(float(r.split(",")[header.index("model.lr")]) for r in rows[1:])
+    assert lrs == [3e-4, 1e-3]
 
 
 def test_consolidate_refuses_a_plain_file(tmp_path):

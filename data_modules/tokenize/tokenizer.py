@@ -83,7 +83,7 @@ def pad_fraction(batch: Batch) -> float:
 
 @dataclass
 class EncodedCells:
-    """A tokenized batch before padding: the kept tokens of every cell, compact (~6 bytes a token).
+    """A tokenized batch before padding: the kept tokens of every cell, compact (4-6 bytes a token).
 
     This is what dataloader workers send to the main process (pickled through the result
     pipe; a third of the padded batch's bytes and no shared-memory segments), where
