@@ -16,6 +16,7 @@ from rich.console import Console
 from rich.table import Table
 
 from lightning_fabric.plugins.io.torch_io import TorchCheckpointIO
+from pytorch_lightning.callbacks import LearningRateMonitor
 
 from scgpt_train.callbacks import RunSummary
 from scgpt_train.fault_tolerance import AtomicCheckpointIO, find_resume_checkpoint
@@ -45,8 +46,12 @@ def build(cfg: DictConfig) -> tuple[pl.LightningDataModule, pl.LightningModule, 
     objectives = {name: instantiate(c) for name, c in cfg.objective.items()}
     module = instantiate(cfg.model, net=model_kwargs_from_data(datamodule), objectives=objectives,
                          vocab=datamodule.vocab.token_to_id)
-    trainer = instantiate(cfg.trainer, callbacks=instantiate_group(cfg.get("callbacks")),
-                          logger=instantiate_group(cfg.get("logger")) or False, plugins=trainer_plugins(cfg.trainer))
+    loggers = instantiate_group(cfg.get("logger"))
+    callbacks = instantiate_group(cfg.get("callbacks"))
+    if not loggers:  # logger=none: nothing to send learning rates to
+        callbacks = [c for c in callbacks if not isinstance(c, LearningRateMonitor)]
+    trainer = instantiate(cfg.trainer, callbacks=callbacks, logger=loggers or False,
+                          plugins=trainer_plugins(cfg.trainer))
     return datamodule, module, trainer
 
 

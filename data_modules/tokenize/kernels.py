@@ -11,7 +11,9 @@ reproduced operation by operation (edges are bit-identical to ``np.quantile``);
 is ``left`` unless ``left - right > 1`` (x equals several edges), then uniform in
 ``right + 1 .. left``. Zeros get bin 0 and never enter a row. Integer counts below
 ``max(1024, 4 n)`` use a per-cell histogram and lookup tables (O(n), no sort); other values
-(floats, large integers) one per-cell sort and a binary search over the edges.
+(floats, large integers) one per-cell sort and a binary search over the edges. The edges
+always use every non-zero value of the cell; when tokenizing, bins (and tie draws) are then
+computed only for the genes the row keeps.
 """
 
 from __future__ import annotations
@@ -147,37 +149,41 @@ def _cell_edges(vals, n, integer, q, edges, hist):
 
 
 @numba.njit(cache=True)
-def _bin_cell(vals, n, integer, q, state, edges, hist, lut_left, lut_right, out):
-    """Bins (1..n_bins-1) of the ``n`` non-zero values ``vals[:n]`` of one cell into ``out[:n]``.
-
-    Scratch: ``edges`` (E,) float64; ``hist`` (>= 4 max(_LUT_MIN, 4 n),), ``lut_left``, ``lut_right``
-    (>= max(_LUT_MIN, 4 n),) int64.
-    """
+def _bin_tables(vals, n, integer, q, edges, hist, lut_left, lut_span):
+    """Edges of one cell's ``n`` non-zero values and, on the histogram path, lookup tables for every v < top:
+    ``lut_left[v]`` = edges <= v, ``lut_span[v]`` = edges == v (> 1: tied). Returns top (0: sort path)."""
     n_edges = len(q)
     top = _cell_edges(vals, n, integer, q, edges, hist)
+    jl, jr = 0, 0
+    for v in range(top):
+        while jl < n_edges and edges[jl] <= v:
+            jl += 1
+        while jr < n_edges and edges[jr] < v:
+            jr += 1
+        lut_left[v] = jl
+        lut_span[v] = jl - jr
+    return top
+
+
+@numba.njit(cache=True)
+def _bin_entries(vals, idx, m, top, edges, lut_left, lut_span, state, out):
+    """``out[i]`` = bin of value ``vals[idx[i]]`` for i < m (tables from ``_bin_tables``).
+
+    Tied values draw uniformly in ``right + 1 .. left``; on the histogram path two entries share
+    one 64-bit draw (32-bit multiply-shift each; a span <= 1 always draws 0, so no branch).
+    """
     if top > 0:
-        jl, jr = 0, 0  # lookup tables: edges <= v and edges < v, for every v < top
-        for v in range(top):
-            while jl < n_edges and edges[jl] <= v:
-                jl += 1
-            while jr < n_edges and edges[jr] < v:
-                jr += 1
-            lut_left[v] = jl
-            lut_right[v] = jr
-        for v in range(top):
-            lut_right[v] = lut_left[v] - lut_right[v]  # now the span: > 1 where the value equals several edges
-        # tie draws two at a time from one 64-bit output (multiply-shift of 32 bits each, 0 for span <= 1)
-        for i in range(0, n - 1, 2):
+        for i in range(0, m - 1, 2):
             r = _next_u64(state)
-            v0, v1 = np.int64(vals[i]), np.int64(vals[i + 1])
-            out[i] = lut_left[v0] - np.int64(((r & _LOW32) * np.uint64(lut_right[v0])) >> np.uint64(32))
-            out[i + 1] = lut_left[v1] - np.int64(((r >> np.uint64(32)) * np.uint64(lut_right[v1])) >> np.uint64(32))
-        if n % 2:
-            v = np.int64(vals[n - 1])
-            out[n - 1] = lut_left[v] - _below(state, lut_right[v])
+            v0, v1 = np.int64(vals[idx[i]]), np.int64(vals[idx[i + 1]])
+            out[i] = lut_left[v0] - np.int64(((r & _LOW32) * np.uint64(lut_span[v0])) >> np.uint64(32))
+            out[i + 1] = lut_left[v1] - np.int64(((r >> np.uint64(32)) * np.uint64(lut_span[v1])) >> np.uint64(32))
+        if m % 2:
+            v = np.int64(vals[idx[m - 1]])
+            out[m - 1] = lut_left[v] - _below(state, lut_span[v])
         return
-    for i in range(n):
-        x = np.float64(vals[i])
+    for i in range(m):
+        x = np.float64(vals[idx[i]])
         left = np.searchsorted(edges, x, side="right")  # edges <= x
         right = np.searchsorted(edges, x, side="left")  # edges < x
         out[i] = _tie_draw(np.int64(left), np.int64(right), state)
@@ -202,16 +208,18 @@ def bin_batch(starts, stops, counts, integer, q, seed, out):
     vals_buf = np.empty(max_n, dtype=counts.dtype)
     slots = np.arange(len(counts))  # stands in for gene ids: where each non-zero entry sits
     slots_buf = np.empty(max_n, dtype=slots.dtype)
+    every = np.arange(max_n)
     bins = np.empty(max_n, dtype=np.int64)
     edges = np.empty(len(q), dtype=np.float64)
     cap = max(_LUT_MIN, 4 * max_n) + 1
-    hist, lut_left, lut_right = np.empty(4 * cap, np.int64), np.empty(cap, np.int64), np.empty(cap, np.int64)
+    hist, lut_left, lut_span = np.empty(4 * cap, np.int64), np.empty(cap, np.int64), np.empty(cap, np.int64)
     out[:] = 0
     for c in range(len(starts)):
         vals, where = _cell_entries(starts, stops, counts, slots, c, vals_buf, slots_buf)
         n = len(vals)
         if n > 0:
-            _bin_cell(vals, n, integer, q, state, edges, hist, lut_left, lut_right, bins)
+            top = _bin_tables(vals, n, integer, q, edges, hist, lut_left, lut_span)
+            _bin_entries(vals, every, n, top, edges, lut_left, lut_span, state, bins)
             for t in range(n):
                 out[where[t]] = bins[t]
 
@@ -292,37 +300,36 @@ def encode_batch(starts, stops, counts, gene_ids, integer, q, max_genes, gen_rat
     max_n = _max_cell_length(starts, stops)
     vals_buf = np.empty(max_n, dtype=counts.dtype)
     genes_buf = np.empty(max_n, dtype=gene_ids.dtype)
-    bins = np.empty(max_n, dtype=np.int64)
     perm = np.empty(max_n, dtype=np.int32)
     flags = np.empty(max_n, dtype=np.uint8)
+    kept_at = np.empty(max_n, dtype=np.int64)
     edges = np.empty(len(q), dtype=np.float64)
     cap = max(_LUT_MIN, 4 * max_n) + 1
-    hist, lut_left, lut_right = np.empty(4 * cap, np.int64), np.empty(cap, np.int64), np.empty(cap, np.int64)
+    hist, lut_left, lut_span = np.empty(4 * cap, np.int64), np.empty(cap, np.int64), np.empty(cap, np.int64)
     offsets[0] = 0
     for c in range(len(starts)):
         vals, genes = _cell_entries(starts, stops, counts, gene_ids, c, vals_buf, genes_buf)
         n = len(vals)
-        if n > 0:
-            _bin_cell(vals, n, integer, q, state, edges, hist, lut_left, lut_right, bins)
         k = min(n, max_genes)
-        offsets[c + 1] = offsets[c] + k
+        row = offsets[c]
+        offsets[c + 1] = row + k
+        if n == 0:
+            continue
+        top = _bin_tables(vals, n, integer, q, edges, hist, lut_left, lut_span)  # edges over ALL the cell's values
         n_unknown = np.int64(np.floor(gen_ratio * k)) if use_gen else 0
         _choose(flags, perm, n, k, n_unknown, state)
-        # branch-free over entries: write at slot p, advance p only for kept entries (a dropped
-        # entry is overwritten by the next one); stop once all k are written
-        row = offsets[c]
-        p = 0
-        for t in range(n):
-            if p >= k:
-                break
-            flag = flags[t]
-            hidden = np.uint8(flag == _UNKNOWN)
+        m = 0
+        for t in range(n):  # positions of the kept entries, in store order (branch-free compaction)
+            kept_at[m] = t
+            m += flags[t] != _DROPPED
+        _bin_entries(vals, kept_at, k, top, edges, lut_left, lut_span, state, out_bins[row:row + k])
+        for i in range(k):
+            t = kept_at[i]
+            hidden = np.uint8(flags[t] == _UNKNOWN)
             if use_mlm:
                 hidden |= np.uint8(_rand32(state) < mlm_threshold) << np.uint8(1)
-            out_genes[row + p] = genes[t]
-            out_bins[row + p] = bins[t]
-            out_flags[row + p] = hidden
-            p += flag != _DROPPED
+            out_genes[row + i] = genes[t]
+            out_flags[row + i] = hidden
 
 
 @numba.njit(cache=True, nogil=True)
