@@ -271,7 +271,7 @@ def _copy_rows(src_indptr, src_genes, src_counts, rows, dst_indptr, dst_genes, d
 
 
 def gather_parts(parts: list[tuple[CellBlock, np.ndarray]]) -> CellBlock:
-    """The cells ``rows`` of each ``(block, rows)`` part, in order, as one CellBlock (the hot path of every batch).
+    """The cells ``rows`` of each ``(block, rows)`` part, in order, as one CellBlock (batches spanning windows).
 
     One allocation per array and one compiled copy per part; parts whose dtypes differ are
     merged with numpy's type promotion instead.

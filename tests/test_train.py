@@ -15,17 +15,17 @@ from conftest import run_cmd
 def demo_run(demo_corpus, tmp_path_factory) -> Path:
     run_dir = tmp_path_factory.mktemp("demo_run")
     run_cmd(["train.py", f"paths.cache_dir={demo_corpus.parent}", f"hydra.run.dir={run_dir}",
-             "trainer.max_steps=60", "trainer.val_check_interval=30", "callbacks.periodic_checkpoint.every_n_train_steps=25"])
+             "trainer.max_steps=40", "trainer.val_check_interval=20", "callbacks.periodic_checkpoint.every_n_train_steps=25"])
     return run_dir
 
 
 def test_demo_trains_validates_checkpoints_and_summarizes(demo_run):
     summary = json.loads((demo_run / "summary.json").read_text())
-    assert summary["steps"] == 60
-    assert summary["cells_seen"] == 60 * 16
+    assert summary["steps"] == 40
+    assert summary["cells_seen"] == 40 * 16
     assert summary["cells_per_s"] > 0
-    # validation before fit, then at steps 30 and 60: the model really learns
-    assert [s for s, _ in summary["val_losses"]] == [0, 30, 60]
+    # validation before fit, then at steps 20 and 40: the model really learns
+    assert [s for s, _ in summary["val_losses"]] == [0, 20, 40]
     assert summary["val_loss_last"] < 0.7 * summary["val_loss_first"], summary["val_losses"]
     assert summary["train_loss_last"] < summary["train_loss_first"]
     ckpts = {p.name for p in (demo_run / "checkpoints").glob("*.ckpt")}
@@ -42,17 +42,17 @@ def test_resume_from_checkpoint_continues_the_step_count(demo_run, demo_corpus, 
 
     last = demo_run / "checkpoints" / "last.ckpt"
     state = torch.load(last, map_location="cpu", weights_only=False)
-    assert state["global_step"] == 60
+    assert state["global_step"] == 40
     assert state["hyper_parameters"]["model"]["d_model"] == 128
     run_cmd(["train.py", f"paths.cache_dir={demo_corpus.parent}", f"hydra.run.dir={tmp_path}",
-             "trainer.max_steps=70", "trainer.val_check_interval=10", f"ckpt_path={last}"])
+             "trainer.max_steps=50", "trainer.val_check_interval=10", f"ckpt_path={last}"])
     summary = json.loads((tmp_path / "summary.json").read_text())
-    assert summary["steps"] == 70
+    assert summary["steps"] == 50
     resumed = torch.load(tmp_path / "checkpoints" / "last.ckpt", map_location="cpu", weights_only=False)
-    assert resumed["global_step"] == 70
-    # the optimizer state was restored and moved on: Adam's step counter continues from 60
+    assert resumed["global_step"] == 50
+    # the optimizer state was restored and moved on: Adam's step counter continues from 40
     adam_steps = {int(s["step"]) for s in resumed["optimizer_states"][0]["state"].values()}
-    assert adam_steps == {70}
+    assert adam_steps == {50}
 
 
 @pytest.fixture(scope="module")
