@@ -29,8 +29,9 @@ import scipy.sparse as sp
 import torch
 from torch.utils.data import DataLoader
 
+from data_modules.atomic import atomic_path
 from data_modules.batch import Batch
-from data_modules.preprocess import (GeneReport, PreprocessConfig, encode_categories, map_genes,
+from data_modules.preprocess import (PreprocessConfig, encode_categories, map_genes,
                                      normalize_and_select, stratified_split)
 from data_modules.store.reader import CellBlock
 from data_modules.tokenize import Tokenizer, TokenizerConfig, bin_values
@@ -418,16 +419,9 @@ class AnnDataModule(pl.LightningDataModule):
 
 # demo datasets (real cells shipped with scanpy) ---------------------------------------------
 def _atomic_write_h5ad(adata: ad.AnnData, path: str | os.PathLike) -> Path:
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".h5ad")
-    os.close(fd)
-    try:
+    with atomic_path(path, ".h5ad") as tmp:
         adata.write_h5ad(tmp)
-        os.replace(tmp, path)
-    finally:
-        Path(tmp).unlink(missing_ok=True)
-    return path
+    return Path(path)
 
 
 def pbmc68k_log_normalized() -> ad.AnnData:

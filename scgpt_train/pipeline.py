@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import json
 import logging
 import os
 import sys
@@ -18,6 +17,7 @@ from rich.table import Table
 from lightning_fabric.plugins.io.torch_io import TorchCheckpointIO
 from pytorch_lightning.callbacks import LearningRateMonitor
 
+from data_modules.atomic import write_json_atomic
 from scgpt_train.callbacks import RunSummary
 from scgpt_train.fault_tolerance import AtomicCheckpointIO, find_resume_checkpoint
 
@@ -130,9 +130,7 @@ def write_result(output_dir: Path, cfg: DictConfig, metrics: dict[str, float], s
     row = {"task_name": cfg.get("task_name"), "seed": cfg.get("seed"), "overrides": overrides,
            "metrics": metrics, "steps": (summary or {}).get("steps"), "cells_per_s": (summary or {}).get("cells_per_s"),
            "output_dir": str(output_dir)}
-    tmp = output_dir / ".result.json.tmp"
-    tmp.write_text(json.dumps(row, indent=1))
-    os.replace(tmp, output_dir / "result.json")
+    write_json_atomic(output_dir / "result.json", row)
 
 
 def run(cfg: DictConfig) -> dict[str, float]:

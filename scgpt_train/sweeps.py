@@ -8,6 +8,8 @@ from pathlib import Path
 
 import pandas as pd
 
+from data_modules.atomic import write_text_atomic
+
 
 def _override_items(overrides: list[str]) -> dict[str, str]:
     items = {}
@@ -48,10 +50,8 @@ def write_sweep_tables(table: pd.DataFrame, out_prefix: str | os.PathLike) -> tu
     out_prefix = Path(out_prefix)
     out_prefix.parent.mkdir(parents=True, exist_ok=True)
     csv_path, md_path = out_prefix.with_suffix(".csv"), out_prefix.with_suffix(".md")
-    for path, text in ((csv_path, table.to_csv(index=False)), (md_path, to_markdown(table))):
-        tmp = path.with_name(f".{path.name}.tmp")
-        tmp.write_text(text)
-        os.replace(tmp, path)
+    write_text_atomic(csv_path, table.to_csv(index=False))
+    write_text_atomic(md_path, to_markdown(table))
     return csv_path, md_path
 
 

@@ -94,7 +94,7 @@ def test_integration_metrics_separate_mixed_from_unmixed_embeddings():
 
 
 def test_per_epoch_decay_schedule():
-    from scgpt_train.tasks.schedules import per_epoch_decay_factor
+    from scgpt_train.schedules import per_epoch_decay_factor
 
     assert [per_epoch_decay_factor(s, 10, 0.9) for s in (0, 9, 10, 25)] == pytest.approx([1, 1, 0.9, 0.81])
     assert per_epoch_decay_factor(0, 10, 0.9, warmup_steps=4) == pytest.approx(0.25)

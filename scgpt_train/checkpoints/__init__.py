@@ -8,12 +8,11 @@ from __future__ import annotations
 
 import json
 import logging
-import os
-import tempfile
 from pathlib import Path
 
 import torch
 
+from data_modules.atomic import atomic_path, write_json_atomic
 from scgpt_train.checkpoints.mapping import (ATTENTION_LAYOUTS, MappingReport, config_from_official,
                                              detect_attention_layout, official_args_from_config,
                                              official_state_dict_to_ours, ours_to_official)
@@ -28,22 +27,12 @@ __all__ = ["ATTENTION_LAYOUTS", "FORMAT", "MappingReport", "detect_attention_lay
 
 
 def _atomic_torch_save(obj, path: Path) -> None:
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
-    os.close(fd)
-    try:
+    with atomic_path(path) as tmp:
         torch.save(obj, tmp)
-        os.replace(tmp, path)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise
 
 
 def _atomic_json(obj, path: Path) -> None:
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
-    with os.fdopen(fd, "w") as f:
-        json.dump(obj, f, indent=2)
-    os.replace(tmp, path)
+    write_json_atomic(path, obj, indent=2)
 
 
 def load_into(model: ScGPT, sd_ours: dict, source: str = "checkpoint") -> MappingReport:

@@ -11,7 +11,6 @@ from __future__ import annotations
 import re
 from dataclasses import dataclass, field
 
-import torch
 
 ATTENTION_LAYOUTS = ("released", "impl", "torch")
 

@@ -3,61 +3,37 @@ Every file is written to a temporary name and renamed into place."""
 
 from __future__ import annotations
 
-import json
-import os
-import tempfile
 from collections.abc import Sequence
 from pathlib import Path
 
 import numpy as np
 
-
-def _tmp_for(path: Path, suffix: str = "") -> str:
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=suffix)
-    os.close(fd)
-    return tmp
+from data_modules.atomic import atomic_path, write_json_atomic, write_text_atomic
 
 
 def write_json(obj, path) -> Path:
-    path = Path(path)
-    tmp = _tmp_for(path)
-    with open(tmp, "w") as f:
-        json.dump(obj, f, indent=2, default=float)
-    os.replace(tmp, path)
-    return path
+    return write_json_atomic(path, obj, indent=2)
 
 
 def write_text(text: str, path) -> Path:
-    path = Path(path)
-    tmp = _tmp_for(path)
-    Path(tmp).write_text(text)
-    os.replace(tmp, path)
-    return path
+    return write_text_atomic(path, text)
 
 
 def write_h5ad(adata, path) -> Path:
-    path = Path(path)
-    tmp = _tmp_for(path, ".h5ad")
-    try:
+    with atomic_path(path, ".h5ad") as tmp:
         adata.write_h5ad(tmp)
-        os.replace(tmp, path)
-    finally:
-        Path(tmp).unlink(missing_ok=True)
-    return path
+    return Path(path)
 
 
 def _save_fig(fig, path: Path) -> Path:
     import matplotlib.pyplot as plt
 
-    tmp = _tmp_for(path, ".png")
     try:
-        fig.savefig(tmp, dpi=110, bbox_inches="tight", format="png")
-        os.replace(tmp, path)
+        with atomic_path(path, ".png") as tmp:
+            fig.savefig(tmp, dpi=110, bbox_inches="tight", format="png")
     finally:
         plt.close(fig)
-        Path(tmp).unlink(missing_ok=True)
-    return path
+    return Path(path)
 
 
 def plot_confusion(cm: np.ndarray, classes: Sequence[str], path, title: str = "confusion matrix") -> Path:
