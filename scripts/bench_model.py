@@ -229,7 +229,7 @@ def main(argv=None) -> int:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--json", type=Path, default=None)
     parser.add_argument("--configs", default="demo,small,51m")
-    parser.add_argument("--steps", type=int, default=3, help="timed rounds per variant (after one warm-up); median kept")
+    parser.add_argument("--steps", type=int, default=3, help="timed rounds (after one warm-up); median kept")
     parser.add_argument("--cpu-batch", type=int, default=None, help="cap the cells per batch on CPU (51M default: 4)")
     parser.add_argument("--no-official-dropout", action="store_true",
                         help="skip the 'ours_official_attn_dropout' variant (math kernel, slow at L = 1,201)")
