@@ -19,6 +19,7 @@ import numpy as np
 import pandas as pd
 import scipy.sparse as sp
 
+from data_modules.config import dataclass_from_any
 from data_modules.vocab import GeneVocab
 
 log = logging.getLogger(__name__)
@@ -37,18 +38,7 @@ class PreprocessConfig:
 
     @classmethod
     def from_any(cls, cfg) -> "PreprocessConfig":
-        if cfg is None:
-            return cls()
-        if isinstance(cfg, cls):
-            return cfg
-        if not isinstance(cfg, dict):
-            from omegaconf import OmegaConf
-
-            cfg = OmegaConf.to_container(cfg, resolve=True)
-        unknown = sorted(set(cfg) - set(cls.__dataclass_fields__))
-        if unknown:
-            raise ValueError(f"unknown preprocess option(s) {unknown}; valid: {sorted(cls.__dataclass_fields__)}")
-        return cls(**cfg)
+        return dataclass_from_any(cls, cfg, "preprocess")
 
 
 @dataclass

@@ -11,12 +11,13 @@ has no positional encoding, so the order carries no information.
 
 from __future__ import annotations
 
-from dataclasses import asdict, dataclass, fields
+from dataclasses import asdict, dataclass
 from typing import Any
 
 import numpy as np
 import torch
 
+from data_modules.config import dataclass_from_any
 from data_modules.batch import Batch
 from data_modules.store.reader import CellBlock
 from data_modules.tokenize import kernels
@@ -53,19 +54,7 @@ class TokenizerConfig:
     @classmethod
     def from_any(cls, cfg: "TokenizerConfig | dict | Any | None") -> "TokenizerConfig":
         """Accept a TokenizerConfig, a dict or an omegaconf DictConfig (Hydra)."""
-        if cfg is None:
-            return cls()
-        if isinstance(cfg, cls):
-            return cfg
-        if not isinstance(cfg, dict):
-            from omegaconf import OmegaConf
-
-            cfg = OmegaConf.to_container(cfg, resolve=True)
-        known = {f.name for f in fields(cls)}
-        unknown = sorted(set(cfg) - known)
-        if unknown:
-            raise ValueError(f"unknown tokenizer option(s) {unknown}; valid options: {sorted(known)}")
-        return cls(**cfg)
+        return dataclass_from_any(cls, cfg, "tokenizer")
 
     def to_dict(self) -> dict:
         return asdict(self)
