@@ -83,3 +83,10 @@ def test_pretrain_33m_smoke_runs_with_the_paper_values(short_corpus, tmp_path):
     assert (tmp_path / "wandb").is_dir()  # the wandb logger ran (offline)
     state = __import__("torch").load(tmp_path / "checkpoints" / "last.ckpt", map_location="cpu", weights_only=False)
     assert sum(v.numel() for k, v in state["state_dict"].items() if k.startswith("model.layers.")) > 10_000_000
+
+
+def test_tensorboard_logger_writes_events(demo_corpus, tmp_path):
+    run_cmd(["train.py", "logger=tensorboard", f"paths.cache_dir={demo_corpus.parent}", f"hydra.run.dir={tmp_path}",
+             "trainer.max_steps=2", "trainer.val_check_interval=2", "validate_before_fit=false"])
+    assert list((tmp_path / "tensorboard").glob("events.out.tfevents.*"))
+    assert (tmp_path / "csv" / "metrics.csv").exists()
