@@ -35,7 +35,7 @@ from data_modules.preprocess import (PreprocessConfig, encode_categories, map_ge
                                      normalize_and_select, stratified_split)
 from data_modules.store.reader import CellBlock
 from data_modules.tokenize import Tokenizer, TokenizerConfig, bin_values
-from data_modules.vocab import GeneVocab
+from data_modules.vocab import GeneVocab, VocabSizes
 
 log = logging.getLogger(__name__)
 SPLITS = ("train", "val", "query")
@@ -152,7 +152,7 @@ class CellCollate:
 
 
 # the data module ---------------------------------------------------------------------------
-class AnnDataModule(pl.LightningDataModule):
+class AnnDataModule(VocabSizes, pl.LightningDataModule):
     """Fine-tuning data from one h5ad (optionally + a query h5ad). Plain constructor values (Hydra).
 
     Args (main ones):
@@ -342,18 +342,6 @@ class AnnDataModule(pl.LightningDataModule):
     def vocab(self) -> GeneVocab:
         self.setup()
         return self._vocab
-
-    @property
-    def vocab_size(self) -> int:
-        return len(self.vocab)
-
-    @property
-    def pad_id(self) -> int:
-        return self.vocab.pad_id
-
-    @property
-    def cls_id(self) -> int:
-        return self.vocab.cls_id
 
     @property
     def n_cls(self) -> int:

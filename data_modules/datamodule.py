@@ -12,14 +12,14 @@ from data_modules.store.format import MANIFEST_NAME
 from data_modules.store.reader import Corpus
 from data_modules.stream import CellStream, StreamLoader
 from data_modules.tokenize import TokenizerConfig
-from data_modules.vocab import GeneVocab
+from data_modules.vocab import GeneVocab, VocabSizes
 
 # batches Lightning's fit loop fetches ahead of the step it trains on: its prefetching fetcher
 # skips prefetching for loaders with a length (ours), so 0 (tests/test_datamodule.py checks it)
 LIGHTNING_PREFETCH = 0
 
 
-class CorpusDataModule(pl.LightningDataModule):
+class CorpusDataModule(VocabSizes, pl.LightningDataModule):
     """Block-shuffled training stream and deterministic validation stream of ``Batch`` es.
 
     Plain constructor values only (Hydra). ``tokenizer`` may be a TokenizerConfig, a dict or
@@ -72,18 +72,6 @@ class CorpusDataModule(pl.LightningDataModule):
     @property
     def vocab(self) -> GeneVocab:
         return self._corpus().vocab
-
-    @property
-    def vocab_size(self) -> int:
-        return len(self.vocab)
-
-    @property
-    def pad_id(self) -> int:
-        return self.vocab.pad_id
-
-    @property
-    def cls_id(self) -> int:
-        return self.vocab.cls_id
 
     @property
     def n_train_cells(self) -> int:

@@ -196,3 +196,21 @@ def load_gene_table(path: str | os.PathLike, key_column: str = "feature_id",
     table = table.dropna(subset=[key_column, token_column])
     keys, tokens = table[key_column].astype(str), table[token_column].astype(str)
     return dict(zip(keys.str.split(".").str[0], tokens)) | dict(zip(keys, tokens))
+
+
+class VocabSizes:
+    """``vocab_size`` / ``pad_id`` / ``cls_id`` derived from ``self.vocab`` (what train.py reads off a DataModule)."""
+
+    vocab: GeneVocab
+
+    @property
+    def vocab_size(self) -> int:
+        return len(self.vocab)
+
+    @property
+    def pad_id(self) -> int:
+        return self.vocab.pad_id
+
+    @property
+    def cls_id(self) -> int:
+        return self.vocab.cls_id
