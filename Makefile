@@ -7,7 +7,7 @@ STAMP := $(VENV)/.installed
 export WANDB_MODE ?= offline
 export TORCHINDUCTOR_COMPILE_THREADS ?= 1
 
-.PHONY: setup train test bench clean
+.PHONY: setup train test lint format bench clean
 
 setup: $(STAMP)
 
@@ -22,7 +22,16 @@ train: setup
 	$(PY) train.py $(ARGS)
 
 test: setup
-	$(PY) -m pytest -q $(PYTEST_ARGS)
+	$(PY) -m pytest -q --durations=15 $(PYTEST_ARGS)
+
+# ruff: lint (pyflakes, pycodestyle, bugbear, pyupgrade), import order and the format check
+lint: setup
+	$(VENV)/bin/ruff check .
+	$(VENV)/bin/ruff format --check .
+
+format: setup
+	$(VENV)/bin/ruff check --fix .
+	$(VENV)/bin/ruff format .
 
 bench: setup
 	$(PY) scripts/bench_loader.py

@@ -1,8 +1,8 @@
 """Pretrain or fine-tune an scGPT model from a Hydra config.
 
-    python train.py                                   # the embedded demo (experiment=demo)
-    python train.py experiment=pretrain_33m paths.corpus=/data/census_corpus
-    python train.py ckpt_path=last hydra.run.dir=outputs/demo/runs/<run>   # resume a run
+python train.py                                   # the embedded demo (experiment=demo)
+python train.py experiment=pretrain_33m paths.corpus=/data/census_corpus
+python train.py ckpt_path=last hydra.run.dir=outputs/demo/runs/<run>   # resume a run
 """
 
 from __future__ import annotations

@@ -31,8 +31,13 @@ from torch.utils.data import DataLoader
 
 from data_modules.atomic import atomic_path
 from data_modules.batch import Batch
-from data_modules.preprocess import (PreprocessConfig, encode_categories, map_genes,
-                                     normalize_and_select, stratified_split)
+from data_modules.preprocess import (
+    PreprocessConfig,
+    encode_categories,
+    map_genes,
+    normalize_and_select,
+    stratified_split,
+)
 from data_modules.store.reader import CellBlock
 from data_modules.tokenize import Tokenizer, TokenizerConfig, bin_values
 from data_modules.vocab import GeneVocab, VocabSizes
@@ -47,8 +52,9 @@ def cell_of_entry(indptr: np.ndarray) -> np.ndarray:
     return np.repeat(np.arange(len(indptr) - 1), np.diff(indptr))
 
 
-def tokenize_with_zeros(x: sp.csr_matrix, gene_ids: np.ndarray, cfg: TokenizerConfig, pad_id: int, cls_id: int,
-                        rng: np.random.Generator) -> Batch:
+def tokenize_with_zeros(
+    x: sp.csr_matrix, gene_ids: np.ndarray, cfg: TokenizerConfig, pad_id: int, cls_id: int, rng: np.random.Generator
+) -> Batch:
     """Every gene of every cell (zeros as bin 0), a random ``max_seq_len - 1`` of them if there are more."""
     n_cells, n_genes = x.shape
     bins = np.zeros((n_cells, n_genes), dtype=np.float32)  # (B, G)
@@ -80,9 +86,13 @@ def tokenize_with_zeros(x: sp.csr_matrix, gene_ids: np.ndarray, cfg: TokenizerCo
         values[:, 0] = cfg.n_bins
         if mlm_mask is not None:
             values[mlm_mask] = cfg.n_bins + 1
-    return Batch(gene_ids=torch.from_numpy(token_ids), values=torch.from_numpy(values),
-                 pad_mask=torch.from_numpy(pad_mask), target_values=torch.from_numpy(target),
-                 mlm_mask=None if mlm_mask is None else torch.from_numpy(mlm_mask))
+    return Batch(
+        gene_ids=torch.from_numpy(token_ids),
+        values=torch.from_numpy(values),
+        pad_mask=torch.from_numpy(pad_mask),
+        target_values=torch.from_numpy(target),
+        mlm_mask=None if mlm_mask is None else torch.from_numpy(mlm_mask),
+    )
 
 
 class RowStore:
@@ -110,8 +120,11 @@ class RowStore:
             coo = sub.tocoo()
             cols = colmap[coo.col]
             keep = cols >= 0
-            blocks.append(sp.csr_matrix((coo.data[keep], (coo.row[keep], cols[keep])),
-                                        shape=(len(local), self.n_genes), dtype=np.float32))
+            blocks.append(
+                sp.csr_matrix(
+                    (coo.data[keep], (coo.row[keep], cols[keep])), shape=(len(local), self.n_genes), dtype=np.float32
+                )
+            )
         out = sp.vstack(blocks, format="csr") if len(blocks) > 1 else blocks[0]
         out.sort_indices()
         return out
@@ -120,9 +133,18 @@ class RowStore:
 class CellCollate:
     """DataLoader collate: a list of cell indices -> ``Batch`` (picklable for worker processes)."""
 
-    def __init__(self, store: RowStore, gene_ids: np.ndarray, labels: np.ndarray | None,
-                 batch_labels: np.ndarray | None, tokenizer_cfg: TokenizerConfig, pad_id: int, cls_id: int,
-                 include_zero_genes: bool, deterministic_seed: int | None):
+    def __init__(
+        self,
+        store: RowStore,
+        gene_ids: np.ndarray,
+        labels: np.ndarray | None,
+        batch_labels: np.ndarray | None,
+        tokenizer_cfg: TokenizerConfig,
+        pad_id: int,
+        cls_id: int,
+        include_zero_genes: bool,
+        deterministic_seed: int | None,
+    ):
         self.store, self.gene_ids = store, gene_ids
         self.labels, self.batch_labels = labels, batch_labels
         self.cfg, self.pad_id, self.cls_id = tokenizer_cfg, pad_id, cls_id
@@ -140,8 +162,12 @@ class CellCollate:
         if self.include_zero_genes:
             batch = tokenize_with_zeros(x, self.gene_ids, self.cfg, self.pad_id, self.cls_id, rng)
         else:
-            block = CellBlock(indptr=x.indptr.astype(np.int64), gene_ids=self.gene_ids[x.indices].astype(np.int32),
-                              counts=x.data.astype(np.float32), cell_index=idx)
+            block = CellBlock(
+                indptr=x.indptr.astype(np.int64),
+                gene_ids=self.gene_ids[x.indices].astype(np.int32),
+                counts=x.data.astype(np.float32),
+                cell_index=idx,
+            )
             batch = self.tokenizer(block, rng)
         batch.cell_index = torch.from_numpy(idx)
         if self.labels is not None:
@@ -167,13 +193,30 @@ class AnnDataModule(VocabSizes, pl.LightningDataModule):
       model_outputs: which data-decided model kwargs to expose: "n_cls", "num_batch_labels".
     """
 
-    def __init__(self, path: str, query_path: str | None = None, builder: Callable[[str], Any] | None = None,
-                 label_key: str | None = None, batch_key: str | None = None, vocab: str | None = None,
-                 preprocess: Any = None, tokenizer: Any = None, include_zero_genes: bool = False,
-                 query_key: str | None = None, query_values: list | None = None, query_fraction: float | None = None,
-                 train_on: str = "reference", val_fraction: float = 0.1, batch_size: int = 32,
-                 val_batch_size: int | None = None, num_workers: int = 0, seed: int = 0, backed: bool = False,
-                 model_outputs: list[str] | tuple[str, ...] = ("n_cls",), report_path: str | None = None):
+    def __init__(
+        self,
+        path: str,
+        query_path: str | None = None,
+        builder: Callable[[str], Any] | None = None,
+        label_key: str | None = None,
+        batch_key: str | None = None,
+        vocab: str | None = None,
+        preprocess: Any = None,
+        tokenizer: Any = None,
+        include_zero_genes: bool = False,
+        query_key: str | None = None,
+        query_values: list | None = None,
+        query_fraction: float | None = None,
+        train_on: str = "reference",
+        val_fraction: float = 0.1,
+        batch_size: int = 32,
+        val_batch_size: int | None = None,
+        num_workers: int = 0,
+        seed: int = 0,
+        backed: bool = False,
+        model_outputs: list[str] | tuple[str, ...] = ("n_cls",),
+        report_path: str | None = None,
+    ):
         super().__init__()
         if train_on not in ("reference", "all"):
             raise ValueError(f"train_on must be 'reference' or 'all', got {train_on!r}")
@@ -201,8 +244,10 @@ class AnnDataModule(VocabSizes, pl.LightningDataModule):
         if Path(self.path).exists():
             return
         if self.builder is None:
-            raise FileNotFoundError(f"{self.path} does not exist: download it (python scripts/download_benchmarks.py "
-                                    f"NAME) or point data.path at your h5ad")
+            raise FileNotFoundError(
+                f"{self.path} does not exist: download it (python scripts/download_benchmarks.py "
+                f"NAME) or point data.path at your h5ad"
+            )
         Path(self.path).parent.mkdir(parents=True, exist_ok=True)
         self.builder(self.path)
 
@@ -211,15 +256,20 @@ class AnnDataModule(VocabSizes, pl.LightningDataModule):
             return
         cfg = self.preprocess_cfg
         if self.backed and (cfg.n_hvg is not None or cfg.use_raw):
-            raise ValueError("backed=true reads X row by row: HVG selection and use_raw need the whole matrix in "
-                             "memory; select the genes beforehand or set data.backed=false")
+            raise ValueError(
+                "backed=true reads X row by row: HVG selection and use_raw need the whole matrix in "
+                "memory; select the genes beforehand or set data.backed=false"
+            )
         ref, ref_x, ref_genes = self._load(self.path, None)
         parts = [(ref_x, ref_genes, ref.obs)]
         if self.query_path is not None:
             q, q_x, q_genes = self._load(self.query_path, list(ref_genes))
             parts.append((q_x, q_genes, q.obs))
-        self._vocab = GeneVocab.from_checkpoint(self.vocab_path) if self.vocab_path else GeneVocab.from_genes(
-            sorted(set().union(*(set(g) for _, g, _ in parts))))
+        self._vocab = (
+            GeneVocab.from_checkpoint(self.vocab_path)
+            if self.vocab_path
+            else GeneVocab.from_genes(sorted(set().union(*(set(g) for _, g, _ in parts))))
+        )
         self._build(parts)
 
     def _load(self, path: str, genes: list[str] | None):
@@ -228,8 +278,11 @@ class AnnDataModule(VocabSizes, pl.LightningDataModule):
             raise FileNotFoundError(f"h5ad {path} does not exist")
         if self.backed:
             data = ad.read_h5ad(path, backed="r")
-            names = (data.var[self.preprocess_cfg.gene_column] if self.preprocess_cfg.gene_column
-                     else data.var_names).astype(str).to_numpy()
+            names = (
+                (data.var[self.preprocess_cfg.gene_column] if self.preprocess_cfg.gene_column else data.var_names)
+                .astype(str)
+                .to_numpy()
+            )
             return data, data.X, names
         data, flavor = normalize_and_select(ad.read_h5ad(path), self.preprocess_cfg, genes)
         self.hvg_flavor = flavor if genes is None else getattr(self, "hvg_flavor", None)
@@ -240,8 +293,10 @@ class AnnDataModule(VocabSizes, pl.LightningDataModule):
         union_ids = np.unique(np.concatenate([vocab.map_genes(list(g)).ids for _, g, _ in parts]))
         union_ids = union_ids[union_ids >= 0]
         if len(union_ids) == 0:
-            raise ValueError(f"none of the genes of {self.path} is in the vocabulary {self.vocab_path}; use matching "
-                             f"gene symbols (data.preprocess.gene_column)")
+            raise ValueError(
+                f"none of the genes of {self.path} is in the vocabulary {self.vocab_path}; use matching "
+                f"gene symbols (data.preprocess.gene_column)"
+            )
         pos_of_id = {int(i): p for p, i in enumerate(union_ids)}
         store_parts, reports, obs_frames = [], [], []
         for x, genes, obs in parts:
@@ -270,15 +325,17 @@ class AnnDataModule(VocabSizes, pl.LightningDataModule):
             return is_query
         if self.query_key is not None:
             if self.query_key not in obs.columns:
-                raise KeyError(f"data.query_key={self.query_key!r} is not an obs column of {self.path} "
-                               f"(columns: {list(obs.columns)})")
+                raise KeyError(
+                    f"data.query_key={self.query_key!r} is not an obs column of {self.path} "
+                    f"(columns: {list(obs.columns)})"
+                )
             values = [str(v) for v in (self.query_values or [])]
             mask = obs[self.query_key].astype(str).isin(values).to_numpy()
             if not mask.any():
                 raise ValueError(f"no cell of {self.path} has obs[{self.query_key!r}] in {values}")
             return mask
         if self.query_fraction:
-            strat = (obs[self.label_key].astype(str).to_numpy() if self.label_key else np.zeros(len(obs), dtype=int))
+            strat = obs[self.label_key].astype(str).to_numpy() if self.label_key else np.zeros(len(obs), dtype=int)
             _, held = stratified_split(strat, self.query_fraction, self.seed + 1)
             mask = np.zeros(len(obs), dtype=bool)
             mask[held] = True
@@ -288,7 +345,9 @@ class AnnDataModule(VocabSizes, pl.LightningDataModule):
     def _encode_obs(self, obs: pd.DataFrame, is_query: np.ndarray) -> None:
         for key, what in ((self.label_key, "label_key"), (self.batch_key, "batch_key")):
             if key is not None and key not in obs.columns:
-                raise KeyError(f"data.{what}={key!r} is not an obs column of {self.path} (columns: {list(obs.columns)})")
+                raise KeyError(
+                    f"data.{what}={key!r} is not an obs column of {self.path} (columns: {list(obs.columns)})"
+                )
         query = self._query_mask(obs, is_query)
         n = len(obs)
         self.labels = self.batch_labels = None
@@ -314,19 +373,28 @@ class AnnDataModule(VocabSizes, pl.LightningDataModule):
         obs = obs.copy()
         obs["split"] = pd.Categorical(split, categories=list(SPLITS))
         self.obs = obs
-        self.adata = ad.AnnData(obs=obs, var=pd.DataFrame(
-            {"vocab_id": self.gene_ids}, index=[self._vocab.id_to_token[i] for i in self.gene_ids]))
+        self.adata = ad.AnnData(
+            obs=obs,
+            var=pd.DataFrame({"vocab_id": self.gene_ids}, index=[self._vocab.id_to_token[i] for i in self.gene_ids]),
+        )
         if self.report_path:
             self.write_report(self.report_path)
 
     # reports ------------------------------------------------------------------------------
     def report(self) -> dict:
         counts = pd.Series(self.split).value_counts().to_dict()
-        return {"path": self.path, "query_path": self.query_path, "n_cells": int(len(self.split)),
-                "cells_per_split": {k: int(counts.get(k, 0)) for k in SPLITS},
-                "genes": [r.as_dict() for r in self.gene_reports], "n_model_genes": int(len(self.gene_ids)),
-                "hvg_flavor": getattr(self, "hvg_flavor", None), "labels": self.label_names,
-                "query_only_labels": self.query_only_labels, "batches": self.batch_names}
+        return {
+            "path": self.path,
+            "query_path": self.query_path,
+            "n_cells": int(len(self.split)),
+            "cells_per_split": {k: int(counts.get(k, 0)) for k in SPLITS},
+            "genes": [r.as_dict() for r in self.gene_reports],
+            "n_model_genes": int(len(self.gene_ids)),
+            "hvg_flavor": getattr(self, "hvg_flavor", None),
+            "labels": self.label_names,
+            "query_only_labels": self.query_only_labels,
+            "batches": self.batch_names,
+        }
 
     def write_report(self, path: str | os.PathLike) -> Path:
         path = Path(path)
@@ -382,18 +450,38 @@ class AnnDataModule(VocabSizes, pl.LightningDataModule):
     # loaders --------------------------------------------------------------------------
     def _collate(self, deterministic: bool, masked: bool) -> CellCollate:
         cfg = self.tokenizer_cfg if masked else TokenizerConfig(**{**self.tokenizer_cfg.to_dict(), "mlm_prob": None})
-        return CellCollate(self.store, self.gene_ids, self.labels, self.batch_labels, cfg,
-                           self.pad_id, self.cls_id, self.include_zero_genes, self.seed if deterministic else None)
+        return CellCollate(
+            self.store,
+            self.gene_ids,
+            self.labels,
+            self.batch_labels,
+            cfg,
+            self.pad_id,
+            self.cls_id,
+            self.include_zero_genes,
+            self.seed if deterministic else None,
+        )
 
-    def loader(self, split: str, shuffle: bool = False, batch_size: int | None = None,
-               deterministic: bool = True, masked: bool = True) -> DataLoader:
+    def loader(
+        self,
+        split: str,
+        shuffle: bool = False,
+        batch_size: int | None = None,
+        deterministic: bool = True,
+        masked: bool = True,
+    ) -> DataLoader:
         """Cells of ``split`` as ``Batch`` es; ``masked=False`` turns MLM masking off (embeddings, predictions)."""
         idx = self.indices(split)
         if len(idx) == 0:
             raise ValueError(f"split {split!r} of {self.path} has no cells")
-        return DataLoader(idx.tolist(), batch_size=batch_size or self.val_batch_size, shuffle=shuffle,
-                          collate_fn=self._collate(deterministic, masked), num_workers=self.num_workers,
-                          persistent_workers=self.num_workers > 0)
+        return DataLoader(
+            idx.tolist(),
+            batch_size=batch_size or self.val_batch_size,
+            shuffle=shuffle,
+            collate_fn=self._collate(deterministic, masked),
+            num_workers=self.num_workers,
+            persistent_workers=self.num_workers > 0,
+        )
 
     def train_dataloader(self) -> DataLoader:
         return self.loader("train", shuffle=True, batch_size=self.batch_size, deterministic=False)
@@ -430,8 +518,13 @@ def build_annotation_demo(path: str | os.PathLike) -> Path:
 BATCH_EFFECT = {"seed": 0, "gene_log_sd": 1.0, "dropped_gene_fraction": 0.1, "depth_factor": 0.5}
 
 
-def make_two_batch(adata: ad.AnnData, seed: int = 0, gene_log_sd: float = 1.0, dropped_gene_fraction: float = 0.1,
-                   depth_factor: float = 0.5) -> ad.AnnData:
+def make_two_batch(
+    adata: ad.AnnData,
+    seed: int = 0,
+    gene_log_sd: float = 1.0,
+    dropped_gene_fraction: float = 0.1,
+    depth_factor: float = 0.5,
+) -> ad.AnnData:
     """Two batches from real cells with a known batch effect.
 
     Cells are assigned to batch "A" or "B" at random (stratified by cell type, half each). Counts are

@@ -37,7 +37,7 @@ class Batch:
         """Non-padding tokens, <cls> included."""
         return int((~self.pad_mask).sum())
 
-    def to(self, device: torch.device | str) -> "Batch":
+    def to(self, device: torch.device | str) -> Batch:
         kwargs = {}
         for f in fields(self):
             v = getattr(self, f.name)

@@ -27,11 +27,23 @@ class CorpusDataModule(VocabSizes, pl.LightningDataModule):
     checkpoints, and a resumed run (at any world size) continues the epoch exactly.
     """
 
-    def __init__(self, corpus_dir: str, tokenizer: TokenizerConfig | dict | Any = None, batch_size: int = 32,
-                 val_batch_size: int | None = None, num_workers: int = 0, block_size: int = 256,
-                 buffer_blocks: int = 16, seed: int = 0, builder: Callable[[str], Any] | None = None,
-                 max_val_cells: int | None = None, lanes: int = 8, bucket_batches: int = 8,
-                 pin_memory: bool = False, prefetch_factor: int | None = None):
+    def __init__(
+        self,
+        corpus_dir: str,
+        tokenizer: TokenizerConfig | dict | Any = None,
+        batch_size: int = 32,
+        val_batch_size: int | None = None,
+        num_workers: int = 0,
+        block_size: int = 256,
+        buffer_blocks: int = 16,
+        seed: int = 0,
+        builder: Callable[[str], Any] | None = None,
+        max_val_cells: int | None = None,
+        lanes: int = 8,
+        bucket_batches: int = 8,
+        pin_memory: bool = False,
+        prefetch_factor: int | None = None,
+    ):
         super().__init__()
         self.corpus_dir = str(corpus_dir)
         self.tokenizer_config = TokenizerConfig.from_any(tokenizer)
@@ -62,11 +74,18 @@ class CorpusDataModule(VocabSizes, pl.LightningDataModule):
         if self.train_stream is not None:  # idempotent: train.py calls setup before the Trainer does
             return
         self.corpus = Corpus(self.corpus_dir)
-        common = dict(tokenizer=self.tokenizer_config, block_size=self.block_size, buffer_blocks=self.buffer_blocks,
-                      seed=self.seed, lanes=self.lanes, bucket_batches=self.bucket_batches)
+        common = dict(
+            tokenizer=self.tokenizer_config,
+            block_size=self.block_size,
+            buffer_blocks=self.buffer_blocks,
+            seed=self.seed,
+            lanes=self.lanes,
+            bucket_batches=self.bucket_batches,
+        )
         self.train_stream = CellStream(self.corpus_dir, "train", self.batch_size, shuffle=True, **common)
-        self.val_stream = CellStream(self.corpus_dir, "val", self.val_batch_size, shuffle=False,
-                                     max_cells=self.max_val_cells, **common)
+        self.val_stream = CellStream(
+            self.corpus_dir, "val", self.val_batch_size, shuffle=False, max_cells=self.max_val_cells, **common
+        )
 
     # what train.py reads --------------------------------------------------------------
     @property
@@ -90,8 +109,13 @@ class CorpusDataModule(VocabSizes, pl.LightningDataModule):
 
     # loaders --------------------------------------------------------------------------
     def _loader(self, stream: CellStream, lookahead: int) -> StreamLoader:
-        return StreamLoader(stream, num_workers=self.num_workers, consumer_lookahead=lookahead,
-                            pin_memory=self.pin_memory, prefetch_factor=self.prefetch_factor)
+        return StreamLoader(
+            stream,
+            num_workers=self.num_workers,
+            consumer_lookahead=lookahead,
+            pin_memory=self.pin_memory,
+            prefetch_factor=self.prefetch_factor,
+        )
 
     def train_dataloader(self) -> StreamLoader:
         self.setup()

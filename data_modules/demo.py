@@ -45,9 +45,11 @@ def celltypist_sample_path() -> Path:
 
 def celltypist_adata() -> ad.AnnData:
     table = pd.read_csv(celltypist_sample_path(), index_col=0)
-    adata = ad.AnnData(X=sp.csr_matrix(table.to_numpy(dtype=np.float32)),
-                       obs=pd.DataFrame(index=table.index.astype(str)),
-                       var=pd.DataFrame(index=table.columns.astype(str)))
+    adata = ad.AnnData(
+        X=sp.csr_matrix(table.to_numpy(dtype=np.float32)),
+        obs=pd.DataFrame(index=table.index.astype(str)),
+        var=pd.DataFrame(index=table.columns.astype(str)),
+    )
     adata.obs["cell_type"] = "unlabelled"
     return adata
 

@@ -37,7 +37,7 @@ class PreprocessConfig:
     gene_column: str | None = None  # var column with gene symbols; None = var_names
 
     @classmethod
-    def from_any(cls, cfg) -> "PreprocessConfig":
+    def from_any(cls, cfg) -> PreprocessConfig:
         return dataclass_from_any(cls, cfg, "preprocess")
 
 
@@ -56,9 +56,11 @@ class GeneReport:
         return asdict(self)
 
     def summary(self) -> str:
-        return (f"{self.n_in_vocab}/{self.n_genes} genes in the vocabulary, {self.n_lost} lost "
-                f"({100 * self.lost_expression_fraction:.1f}% of expression)"
-                + (f", e.g. {', '.join(self.lost_examples[:5])}" if self.lost_examples else ""))
+        return (
+            f"{self.n_in_vocab}/{self.n_genes} genes in the vocabulary, {self.n_lost} lost "
+            f"({100 * self.lost_expression_fraction:.1f}% of expression)"
+            + (f", e.g. {', '.join(self.lost_examples[:5])}" if self.lost_examples else "")
+        )
 
 
 def as_csr32(x) -> sp.csr_matrix:
@@ -76,12 +78,17 @@ def read_input(adata: ad.AnnData, cfg: PreprocessConfig) -> ad.AnnData:
             raise ValueError("preprocess.use_raw=true but the AnnData has no .raw; set use_raw=false")
         out = ad.AnnData(X=as_csr32(adata.raw.X), obs=adata.obs.copy(), var=adata.raw.var.copy())
     else:
-        out = ad.AnnData(X=as_csr32(adata.X), obs=adata.obs.copy(), var=adata.var.copy(),
-                         layers={k: as_csr32(v) for k, v in adata.layers.items()})
+        out = ad.AnnData(
+            X=as_csr32(adata.X),
+            obs=adata.obs.copy(),
+            var=adata.var.copy(),
+            layers={k: as_csr32(v) for k, v in adata.layers.items()},
+        )
     if cfg.gene_column is not None:
         if cfg.gene_column not in out.var.columns:
-            raise KeyError(f"preprocess.gene_column={cfg.gene_column!r} is not a var column "
-                           f"(columns: {list(out.var.columns)})")
+            raise KeyError(
+                f"preprocess.gene_column={cfg.gene_column!r} is not a var column (columns: {list(out.var.columns)})"
+            )
         out.var_names = out.var[cfg.gene_column].astype(str).to_numpy()
     out.var_names = out.var_names.astype(str)
     out.obs_names = out.obs_names.astype(str)
@@ -126,17 +133,25 @@ def map_genes(var_names, vocab: GeneVocab, x: sp.csr_matrix | None = None) -> tu
         per_gene = np.asarray(x.sum(axis=0)).ravel()
         total = per_gene.sum()
         lost_frac = float(per_gene[~mapping.known].sum() / total) if total > 0 else 0.0
-    report = GeneReport(n_genes=len(mapping.ids), n_in_vocab=mapping.n_known, n_lost=mapping.n_unknown,
-                        lost_examples=mapping.unknown_genes[:20], lost_expression_fraction=lost_frac)
+    report = GeneReport(
+        n_genes=len(mapping.ids),
+        n_in_vocab=mapping.n_known,
+        n_lost=mapping.n_unknown,
+        lost_examples=mapping.unknown_genes[:20],
+        lost_expression_fraction=lost_frac,
+    )
     if mapping.n_known == 0:
-        raise ValueError(f"none of the {len(mapping.ids)} genes is in the vocabulary (e.g. "
-                         f"{', '.join(map(str, list(var_names)[:5]))}); use the checkpoint's vocab.json and a var "
-                         f"column with matching gene symbols (data.preprocess.gene_column)")
+        raise ValueError(
+            f"none of the {len(mapping.ids)} genes is in the vocabulary (e.g. "
+            f"{', '.join(map(str, list(var_names)[:5]))}); use the checkpoint's vocab.json and a var "
+            f"column with matching gene symbols (data.preprocess.gene_column)"
+        )
     return mapping.ids, report
 
 
-def normalize_and_select(adata: ad.AnnData, cfg: PreprocessConfig,
-                         genes: list[str] | None = None) -> tuple[ad.AnnData, str | None]:
+def normalize_and_select(
+    adata: ad.AnnData, cfg: PreprocessConfig, genes: list[str] | None = None
+) -> tuple[ad.AnnData, str | None]:
     """Read, normalize, log1p and keep the HVGs (or the given ``genes``, e.g. the reference's selection for
     a query: genes it lacks are simply absent). Returns (AnnData, HVG flavor used or None)."""
     data = read_input(adata, cfg)

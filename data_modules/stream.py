@@ -82,9 +82,13 @@ def build_block_table(corpus: Corpus, split: str, block_size: int, max_cells: in
     for shard in range(corpus.n_shards):
         n = int(corpus.shard_offsets[shard + 1] - corpus.shard_offsets[shard])
         ids = np.arange(n, dtype=np.int64) + corpus.shard_offsets[shard]
-        probe = CellBlock(indptr=np.zeros(n + 1, dtype=np.int64), gene_ids=np.zeros(0, np.int32),
-                          counts=np.zeros(0, np.uint16), cell_index=ids,
-                          obs={"dataset": _dataset_codes(corpus, shard)} if needs_dataset else {})
+        probe = CellBlock(
+            indptr=np.zeros(n + 1, dtype=np.int64),
+            gene_ids=np.zeros(0, np.int32),
+            counts=np.zeros(0, np.uint16),
+            cell_index=ids,
+            obs={"dataset": _dataset_codes(corpus, shard)} if needs_dataset else {},
+        )
         in_val = corpus.in_validation(probe)
         selected = in_val if split == "val" else ~in_val
         block_starts = np.arange(0, n, block_size, dtype=np.int64)
@@ -128,8 +132,7 @@ class EpochPlan:
 
     def __post_init__(self):
         n_blocks = len(self.table.shard)
-        self.block_order = (_rng(self.seed, self.epoch).permutation(n_blocks) if self.shuffle
-                            else np.arange(n_blocks))
+        self.block_order = _rng(self.seed, self.epoch).permutation(n_blocks) if self.shuffle else np.arange(n_blocks)
         self.cum = np.zeros(n_blocks + 1, dtype=np.int64)
         np.cumsum(self.table.n_selected[self.block_order], out=self.cum[1:])
         n = int(self.cum[-1])
@@ -249,9 +252,14 @@ class RankSchedule:
             return Cursor(epoch=c.epoch + 1)
         if consumed <= self.n_rr_steps and c.pool_start is None:
             return Cursor(epoch=c.epoch, rr_done=c.rr_done + consumed * R)
-        return Cursor(epoch=c.epoch, rr_done=self.pool_start, pool_start=self.pool_start,
-                      split_from=self.split_from, split_world=R,
-                      split_steps=self.split_steps_before + consumed - self.n_rr_steps)
+        return Cursor(
+            epoch=c.epoch,
+            rr_done=self.pool_start,
+            pool_start=self.pool_start,
+            split_from=self.split_from,
+            split_world=R,
+            split_steps=self.split_steps_before + consumed - self.n_rr_steps,
+        )
 
 
 def _consumed(sizes: np.ndarray, n_slots: int, n_cells: int) -> int:
@@ -266,8 +274,8 @@ def _copy_rows(src_indptr, src_genes, src_counts, rows, dst_indptr, dst_genes, d
     for r in range(len(rows)):
         start, stop = src_indptr[rows[r]], src_indptr[rows[r] + 1]
         to = dst_indptr[first + r]
-        dst_genes[to:to + stop - start] = src_genes[start:stop]
-        dst_counts[to:to + stop - start] = src_counts[start:stop]
+        dst_genes[to : to + stop - start] = src_genes[start:stop]
+        dst_counts[to : to + stop - start] = src_counts[start:stop]
 
 
 def gather_parts(parts: list[tuple[CellBlock, np.ndarray]]) -> CellBlock:
@@ -289,9 +297,13 @@ def gather_parts(parts: list[tuple[CellBlock, np.ndarray]]) -> CellBlock:
     for block, rows in parts:
         _copy_rows(block.indptr, block.gene_ids, block.counts, rows, indptr, gene_ids, counts, row0)
         row0 += len(rows)
-    return CellBlock(indptr=indptr, gene_ids=gene_ids, counts=counts,
-                     cell_index=np.concatenate([b.cell_index[rows] for b, rows in parts]),
-                     obs={k: np.concatenate([b.obs[k][rows] for b, rows in parts]) for k in first.obs})
+    return CellBlock(
+        indptr=indptr,
+        gene_ids=gene_ids,
+        counts=counts,
+        cell_index=np.concatenate([b.cell_index[rows] for b, rows in parts]),
+        obs={k: np.concatenate([b.obs[k][rows] for b, rows in parts]) for k in first.obs},
+    )
 
 
 # ------------------------------------------------------------------------------------------
@@ -304,7 +316,7 @@ def read_blocks(corpus: Corpus, spans: list[tuple[int, int, int]]) -> tuple[Cell
     no per-block array, no dtype conversion or copy; gene ids stay in the stored dtype).
     """
     files = [corpus._file(shard) for shard, _, _ in spans]  # the corpus's per-process handles
-    span_indptr = [f["indptr"][start:stop + 1].astype(np.int64) for f, (_, start, stop) in zip(files, spans)]
+    span_indptr = [f["indptr"][start : stop + 1].astype(np.int64) for f, (_, start, stop) in zip(files, spans)]
     span_nnz = np.array([int(ip[-1] - ip[0]) for ip in span_indptr], dtype=np.int64)
     first_entry = np.concatenate([[0], np.cumsum(span_nnz)])
     gene_dtype = np.result_type(*[f["indices"].dtype for f in files])
@@ -313,17 +325,21 @@ def read_blocks(corpus: Corpus, spans: list[tuple[int, int, int]]) -> tuple[Cell
     counts = np.empty(int(first_entry[-1]), dtype=count_dtype)
     for f, ip, to, n in zip(files, span_indptr, first_entry, span_nnz):
         if n:
-            source, dest = np.s_[int(ip[0]):int(ip[-1])], np.s_[int(to):int(to + n)]
+            source, dest = np.s_[int(ip[0]) : int(ip[-1])], np.s_[int(to) : int(to + n)]
             f["indices"].read_direct(gene_ids, source_sel=source, dest_sel=dest)
             f["data"].read_direct(counts, source_sel=source, dest_sel=dest)
     indptr = np.concatenate([[0]] + [ip[1:] - ip[0] + to for ip, to in zip(span_indptr, first_entry)])
     obs_keys = list(files[0]["obs"]) if "obs" in files[0] else []
     block = CellBlock(
-        indptr=indptr.astype(np.int64), gene_ids=gene_ids, counts=counts,
-        cell_index=np.concatenate([np.arange(start, stop, dtype=np.int64) + corpus.shard_offsets[shard]
-                                   for shard, start, stop in spans]),
-        obs={k: np.concatenate([f["obs"][k][start:stop] for f, (_, start, stop) in zip(files, spans)])
-             for k in obs_keys},
+        indptr=indptr.astype(np.int64),
+        gene_ids=gene_ids,
+        counts=counts,
+        cell_index=np.concatenate(
+            [np.arange(start, stop, dtype=np.int64) + corpus.shard_offsets[shard] for shard, start, stop in spans]
+        ),
+        obs={
+            k: np.concatenate([f["obs"][k][start:stop] for f, (_, start, stop) in zip(files, spans)]) for k in obs_keys
+        },
     )
     first_row = np.concatenate([[0], np.cumsum([stop - start for _, start, stop in spans])])[:-1]
     return block, first_row
@@ -344,14 +360,15 @@ class LaneReader:
         first = int(np.searchsorted(plan.cum, lo, side="right")) - 1
         last = int(np.searchsorted(plan.cum, hi, side="left"))
         ids = [int(plan.block_order[i]) for i in range(first, last)]
-        window, first_row = read_blocks(self.corpus, [(int(table.shard[b]), int(table.start[b]), int(table.stop[b]))
-                                                      for b in ids])
+        window, first_row = read_blocks(
+            self.corpus, [(int(table.shard[b]), int(table.start[b]), int(table.stop[b])) for b in ids]
+        )
         in_val = self.corpus.in_validation(window)
         in_split = in_val if self.split == "val" else ~in_val
         block_of, rows = [], []
         for j, (i, b) in enumerate(zip(range(first, last), ids)):
             r0 = int(first_row[j])
-            selected = np.flatnonzero(in_split[r0:r0 + int(table.stop[b] - table.start[b])])[: table.n_selected[b]]
+            selected = np.flatnonzero(in_split[r0 : r0 + int(table.stop[b] - table.start[b])])[: table.n_selected[b]]
             a, z = max(lo - int(plan.cum[i]), 0), min(hi, int(plan.cum[i + 1])) - int(plan.cum[i])
             rows.append(r0 + selected[a:z])
             block_of.append(np.full(z - a, j, dtype=np.int64))
@@ -420,14 +437,27 @@ def _dist_rank_world() -> tuple[int, int]:
 class CellStream(torch.utils.data.IterableDataset):
     """Yields tokenized ``Batch`` es of one split; see the module docstring for the plan."""
 
-    def __init__(self, corpus_dir: str, split: str = "train", batch_size: int = 32,
-                 tokenizer: TokenizerConfig | dict | None = None, block_size: int = 256, buffer_blocks: int = 16,
-                 seed: int = 0, shuffle: bool | None = None, lanes: int = 8, bucket_batches: int = 8,
-                 rank: int | None = None, world_size: int | None = None, max_cells: int | None = None):
+    def __init__(
+        self,
+        corpus_dir: str,
+        split: str = "train",
+        batch_size: int = 32,
+        tokenizer: TokenizerConfig | dict | None = None,
+        block_size: int = 256,
+        buffer_blocks: int = 16,
+        seed: int = 0,
+        shuffle: bool | None = None,
+        lanes: int = 8,
+        bucket_batches: int = 8,
+        rank: int | None = None,
+        world_size: int | None = None,
+        max_cells: int | None = None,
+    ):
         super().__init__()
         if batch_size < 1 or lanes < 1 or buffer_blocks < 1:
-            raise ValueError(f"batch_size, lanes and buffer_blocks must be >= 1 (got {batch_size}, {lanes}, "
-                             f"{buffer_blocks})")
+            raise ValueError(
+                f"batch_size, lanes and buffer_blocks must be >= 1 (got {batch_size}, {lanes}, {buffer_blocks})"
+            )
         self.corpus_dir = str(corpus_dir)
         self.corpus = Corpus(corpus_dir)
         self.split = split
@@ -461,8 +491,15 @@ class CellStream(torch.utils.data.IterableDataset):
         return self.table.n_cells
 
     def plan(self, epoch: int) -> EpochPlan:
-        return EpochPlan(self.table, epoch if self.shuffle else 0, self.seed, self.shuffle, self.lanes,
-                         self.batch_size, self.buffer_blocks * self.block_size)
+        return EpochPlan(
+            self.table,
+            epoch if self.shuffle else 0,
+            self.seed,
+            self.shuffle,
+            self.lanes,
+            self.batch_size,
+            self.buffer_blocks * self.block_size,
+        )
 
     def rank_world(self) -> tuple[int, int]:
         if getattr(self, "_pinned_rank_world", None) is not None:  # set by StreamLoader in the main process
@@ -489,9 +526,17 @@ class CellStream(torch.utils.data.IterableDataset):
         self.cursor = Cursor(epoch=int(epoch))
 
     def _signature(self) -> dict:
-        return {"n_cells": self.n_cells, "batch_size": self.batch_size, "block_size": self.block_size,
-                "buffer_blocks": self.buffer_blocks, "lanes": self.lanes, "seed": self.seed,
-                "shuffle": self.shuffle, "split": self.split, "bucket_batches": self.bucket_batches}
+        return {
+            "n_cells": self.n_cells,
+            "batch_size": self.batch_size,
+            "block_size": self.block_size,
+            "buffer_blocks": self.buffer_blocks,
+            "lanes": self.lanes,
+            "seed": self.seed,
+            "shuffle": self.shuffle,
+            "split": self.split,
+            "bucket_batches": self.bucket_batches,
+        }
 
     def state_dict(self, cursor: Cursor | None = None) -> dict:
         return {"cursor": (self.cursor if cursor is None else cursor).to_dict(), "plan": self._signature()}
@@ -504,7 +549,8 @@ class CellStream(torch.utils.data.IterableDataset):
         if changed and mid_epoch:
             raise ValueError(
                 f"cannot resume mid-epoch {cursor.epoch}: the stream layout changed {changed} (saved, now). "
-                "Keep batch_size/block_size/buffer_blocks/lanes/seed as saved, or resume from an end-of-epoch checkpoint."
+                "Keep batch_size/block_size/buffer_blocks/lanes/seed as saved, "
+                "or resume from an end-of-epoch checkpoint."
             )
         self.cursor = cursor
 
@@ -513,8 +559,9 @@ class CellStream(torch.utils.data.IterableDataset):
         info = torch.utils.data.get_worker_info()
         worker, n_workers = (0, 1) if info is None else (info.id, info.num_workers)
         sched = self.schedule()
-        reader = LaneReader(self.corpus, sched.plan, self.split, self.bucket_batches,
-                            self.tokenizer_config.max_seq_len - 1)
+        reader = LaneReader(
+            self.corpus, sched.plan, self.split, self.bucket_batches, self.tokenizer_config.max_seq_len - 1
+        )
         for i in range(worker, len(sched), n_workers):
             parts, rng = self._batch_cells(sched, reader, i)
             # a batch inside one window (every round-robin batch) is encoded in place, others gathered first
@@ -523,8 +570,9 @@ class CellStream(torch.utils.data.IterableDataset):
             yield encoded if self._emit_encoded else self.tokenizer.pad(encoded)
         reader.release()
 
-    def _batch_cells(self, sched: RankSchedule, reader: LaneReader,
-                     i: int) -> tuple[list[tuple[CellBlock, np.ndarray]], np.random.Generator]:
+    def _batch_cells(
+        self, sched: RankSchedule, reader: LaneReader, i: int
+    ) -> tuple[list[tuple[CellBlock, np.ndarray]], np.random.Generator]:
         """The cells of the rank's ``i``-th batch as ``(window, rows)`` parts, and the generator that tokenizes it."""
         plan, c = sched.plan, sched.cursor
         if i < sched.n_rr_steps:
@@ -570,13 +618,20 @@ class StreamLoader(torch.utils.data.DataLoader):
     previous iteration stopped: the next epoch once an epoch has been consumed.
     """
 
-    def __init__(self, stream: CellStream, num_workers: int = 0, consumer_lookahead: int = 0,
-                 pin_memory: bool = False, prefetch_factor: int | None = None):
+    def __init__(
+        self,
+        stream: CellStream,
+        num_workers: int = 0,
+        consumer_lookahead: int = 0,
+        pin_memory: bool = False,
+        prefetch_factor: int | None = None,
+    ):
         kwargs = {"prefetch_factor": prefetch_factor} if num_workers > 0 and prefetch_factor else {}
         # workers send compact EncodedCells (pickled, ~6 bytes a token) and this process pads them:
         # a third of the bytes of a padded batch and no shared-memory segment or fd per tensor
-        super().__init__(stream, batch_size=None, num_workers=num_workers, pin_memory=False,
-                         persistent_workers=False, **kwargs)
+        super().__init__(
+            stream, batch_size=None, num_workers=num_workers, pin_memory=False, persistent_workers=False, **kwargs
+        )
         self.pin_batches = bool(pin_memory) and torch.cuda.is_available()
         self.consumer_lookahead = int(consumer_lookahead)
         self._sched: RankSchedule | None = None

@@ -57,14 +57,14 @@ class GeneVocab:
 
     # construction -------------------------------------------------------------------
     @classmethod
-    def from_genes(cls, genes: Iterable[str]) -> "GeneVocab":
+    def from_genes(cls, genes: Iterable[str]) -> GeneVocab:
         """Sorted unique genes, then ``<pad>``, ``<cls>``, ``<eoc>``."""
         uniq = sorted({g for g in genes if g not in SPECIAL_TOKENS})
         tokens = uniq + list(SPECIAL_TOKENS)
         return cls({t: i for i, t in enumerate(tokens)})
 
     @classmethod
-    def from_json(cls, path: str | os.PathLike) -> "GeneVocab":
+    def from_json(cls, path: str | os.PathLike) -> GeneVocab:
         path = Path(path)
         try:
             data = json.loads(path.read_text())
@@ -80,7 +80,7 @@ class GeneVocab:
             raise VocabError(f"{path}: {e}") from None
 
     @classmethod
-    def from_checkpoint(cls, path: str | os.PathLike) -> "GeneVocab":
+    def from_checkpoint(cls, path: str | os.PathLike) -> GeneVocab:
         """The vocabulary a model was trained with: ``vocab.json``, a directory holding one (official
         checkpoint layout), or a torch checkpoint with a ``"vocab"`` entry (ours and our Lightning .ckpt)."""
         path = Path(path)
@@ -165,8 +165,9 @@ def guess_gene_key(genes: Sequence[str]) -> str:
     return "ensembl" if n_ens * 2 > len(genes) else "symbol"
 
 
-def load_gene_table(path: str | os.PathLike, key_column: str = "feature_id",
-                    token_column: str = "feature_name") -> dict[str, str]:
+def load_gene_table(
+    path: str | os.PathLike, key_column: str = "feature_id", token_column: str = "feature_name"
+) -> dict[str, str]:
     """Read a gene table (CSV/TSV) as ``{key: token}``, keys also without Ensembl version suffix.
 
     Typical use: Ensembl id -> symbol, to map a dataset keyed by Ensembl ids onto a symbol

@@ -13,8 +13,17 @@ from pytorch_lightning.utilities import rank_zero_only
 from data_modules.batch import Batch
 
 # Dense bf16 tensor-core peaks (FLOP/s) by device-name fragment, for the MFU estimate.
-PEAK_BF16_FLOPS = {"H200": 989e12, "H100": 989e12, "A100": 312e12, "A10G": 125e12, "L40S": 362e12,
-                   "L4": 121e12, "V100": 125e12, "4090": 165e12, "3090": 71e12}
+PEAK_BF16_FLOPS = {
+    "H200": 989e12,
+    "H100": 989e12,
+    "A100": 312e12,
+    "A10G": 125e12,
+    "L40S": 362e12,
+    "L4": 121e12,
+    "V100": 125e12,
+    "4090": 165e12,
+    "3090": 71e12,
+}
 
 
 def peak_flops(device: torch.device) -> float | None:
@@ -81,8 +90,15 @@ class ThroughputLogger(pl.Callback):
         if peak:
             metrics["perf/mfu"] = self._flops / dt / peak
         pl_module.log_dict(metrics, on_step=True, on_epoch=False, rank_zero_only=True)
-        pl_module.log("cells/s", metrics["perf/cells_per_s"], prog_bar=True, on_step=True, on_epoch=False,
-                      logger=False, rank_zero_only=True)
+        pl_module.log(
+            "cells/s",
+            metrics["perf/cells_per_s"],
+            prog_bar=True,
+            on_step=True,
+            on_epoch=False,
+            logger=False,
+            rank_zero_only=True,
+        )
         self._t0 = time.perf_counter()
         self._cells = self._tokens = self._slots = self._steps = 0
         self._flops = 0.0

@@ -162,8 +162,11 @@ class GradientGuard(pl.Callback):
 
     @staticmethod
     def _bad_terms(trainer) -> list[str]:
-        return [k for k, v in trainer.callback_metrics.items()
-                if k.startswith("train/") and torch.is_tensor(v) and v.numel() == 1 and not torch.isfinite(v)]
+        return [
+            k
+            for k, v in trainer.callback_metrics.items()
+            if k.startswith("train/") and torch.is_tensor(v) and v.numel() == 1 and not torch.isfinite(v)
+        ]
 
     def on_before_optimizer_step(self, trainer, pl_module, optimizer):
         grads = [p.grad for p in pl_module.parameters() if p.grad is not None]
@@ -214,7 +217,8 @@ class ReplicaConsistencyCheck(pl.Callback):
 
             same = bool(torch.equal(gathered, gathered[:1].expand_as(gathered)))
             if self.path:
-                Path(self.path).write_text(json.dumps({"world_size": trainer.world_size, "identical": same,
-                                                       "digests": gathered.tolist()}))
+                Path(self.path).write_text(
+                    json.dumps({"world_size": trainer.world_size, "identical": same, "digests": gathered.tolist()})
+                )
             if not same:
                 raise RuntimeError(f"data-parallel ranks diverged: parameter digests {gathered.tolist()}")

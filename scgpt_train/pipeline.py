@@ -10,12 +10,11 @@ from pathlib import Path
 import pytorch_lightning as pl
 import torch
 from hydra.utils import instantiate
+from lightning_fabric.plugins.io.torch_io import TorchCheckpointIO
 from omegaconf import DictConfig, OmegaConf
+from pytorch_lightning.callbacks import LearningRateMonitor
 from rich.console import Console
 from rich.table import Table
-
-from lightning_fabric.plugins.io.torch_io import TorchCheckpointIO
-from pytorch_lightning.callbacks import LearningRateMonitor
 
 from data_modules.atomic import write_json_atomic
 from scgpt_train.callbacks import RunSummary
@@ -44,14 +43,16 @@ def build(cfg: DictConfig) -> tuple[pl.LightningDataModule, pl.LightningModule, 
     datamodule.prepare_data()
     datamodule.setup("fit")
     objectives = {name: instantiate(c) for name, c in cfg.objective.items()}
-    module = instantiate(cfg.model, net=model_kwargs_from_data(datamodule), objectives=objectives,
-                         vocab=datamodule.vocab.token_to_id)
+    module = instantiate(
+        cfg.model, net=model_kwargs_from_data(datamodule), objectives=objectives, vocab=datamodule.vocab.token_to_id
+    )
     loggers = instantiate_group(cfg.get("logger"))
     callbacks = instantiate_group(cfg.get("callbacks"))
     if not loggers:  # logger=none: nothing to send learning rates to
         callbacks = [c for c in callbacks if not isinstance(c, LearningRateMonitor)]
-    trainer = instantiate(cfg.trainer, callbacks=callbacks, logger=loggers or False,
-                          plugins=trainer_plugins(cfg.trainer))
+    trainer = instantiate(
+        cfg.trainer, callbacks=callbacks, logger=loggers or False, plugins=trainer_plugins(cfg.trainer)
+    )
     return datamodule, module, trainer
 
 
@@ -104,8 +105,17 @@ def _job_subprocess_cmd(local_rank: int) -> tuple[list[str], str]:
     hc = HydraConfig.get()
     job_dir = Path(hc.runtime.output_dir)
     script = Path(__file__).resolve().parents[1] / "train.py"
-    command = [sys.executable, str(script), "-cp", str(job_dir / hc.output_subdir), "-cn", "config",
-               f"hydra.run.dir={job_dir}", "hydra.output_subdir=null", f"hydra.job.name=ddp_rank_{local_rank}"]
+    command = [
+        sys.executable,
+        str(script),
+        "-cp",
+        str(job_dir / hc.output_subdir),
+        "-cn",
+        "config",
+        f"hydra.run.dir={job_dir}",
+        "hydra.output_subdir=null",
+        f"hydra.job.name=ddp_rank_{local_rank}",
+    ]
     return command, str(Path.cwd())
 
 
@@ -127,9 +137,15 @@ def write_result(output_dir: Path, cfg: DictConfig, metrics: dict[str, float], s
     from hydra.core.hydra_config import HydraConfig
 
     overrides = list(HydraConfig.get().overrides.task) if HydraConfig.initialized() else []
-    row = {"task_name": cfg.get("task_name"), "seed": cfg.get("seed"), "overrides": overrides,
-           "metrics": metrics, "steps": (summary or {}).get("steps"), "cells_per_s": (summary or {}).get("cells_per_s"),
-           "output_dir": str(output_dir)}
+    row = {
+        "task_name": cfg.get("task_name"),
+        "seed": cfg.get("seed"),
+        "overrides": overrides,
+        "metrics": metrics,
+        "steps": (summary or {}).get("steps"),
+        "cells_per_s": (summary or {}).get("cells_per_s"),
+        "output_dir": str(output_dir),
+    }
     write_json_atomic(output_dir / "result.json", row)
 
 

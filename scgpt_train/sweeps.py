@@ -25,7 +25,9 @@ def collect_sweep(sweep_dir: str | os.PathLike, metrics: list[str] | None = None
     sweep_dir = Path(sweep_dir)
     paths = sorted(sweep_dir.rglob("result.json"))
     if not paths:
-        raise FileNotFoundError(f"no result.json under {sweep_dir}: is it a sweep dir (outputs/<task>/multiruns/<time>)?")
+        raise FileNotFoundError(
+            f"no result.json under {sweep_dir}: is it a sweep dir (outputs/<task>/multiruns/<time>)?"
+        )
     results = [json.loads(p.read_text()) for p in paths]
     overrides = [_override_items(r.get("overrides", [])) for r in results]
     # keep the overrides that vary between jobs: those are the sweep's axes

@@ -64,8 +64,12 @@ def build(cache: Path, n_cells: int, n_datasets: int, nnz: int, n_genes: int) ->
     if not (corpus / "manifest.json").exists():
         print(f"converting into {corpus}", file=sys.stderr, flush=True)
         t = time.perf_counter()
-        convert_sources([Source(f"ds{i}", str(p)) for i, p in enumerate(parts)], corpus, shard_size=16384,
-                        split={"strategy": "cell", "seed": 0, "val_fraction": 0.01})
+        convert_sources(
+            [Source(f"ds{i}", str(p)) for i, p in enumerate(parts)],
+            corpus,
+            shard_size=16384,
+            split={"strategy": "cell", "seed": 0, "val_fraction": 0.01},
+        )
         print(f"converted in {time.perf_counter() - t:.0f}s", file=sys.stderr, flush=True)
     return corpus, parts
 
@@ -88,12 +92,20 @@ def bench_raw(corpus: Path, n_cells: int, block_size: int, buffer_blocks: int) -
     return done / (time.perf_counter() - t)
 
 
-def bench_tokenized(corpus: Path, n_cells: int, workers: int, batch_size: int, block_size: int,
-                    buffer_blocks: int) -> dict:
+def bench_tokenized(
+    corpus: Path, n_cells: int, workers: int, batch_size: int, block_size: int, buffer_blocks: int
+) -> dict:
     """Cells/s of tokenized Batches out of a DataLoader (startup included), plus shuffle stats."""
     drop_page_cache(shard_files(corpus))
-    stream = CellStream(str(corpus), "train", batch_size, tokenizer={"max_seq_len": 1201},
-                        block_size=block_size, buffer_blocks=buffer_blocks, lanes=8)
+    stream = CellStream(
+        str(corpus),
+        "train",
+        batch_size,
+        tokenizer={"max_seq_len": 1201},
+        block_size=block_size,
+        buffer_blocks=buffer_blocks,
+        lanes=8,
+    )
     stream.cursor = Cursor(epoch=0)
     loader = StreamLoader(stream, num_workers=workers, prefetch_factor=4 if workers else None)
     corpus_ = Corpus(corpus)
@@ -108,9 +120,13 @@ def bench_tokenized(corpus: Path, n_cells: int, workers: int, batch_size: int, b
         if done >= n_cells:
             break
     dt = time.perf_counter() - t
-    return {"cells_per_s": done / dt, "blocks_per_batch": float(np.mean(blocks)),
-            "datasets_per_batch": float(np.mean(datasets)), "pad_fraction": float(np.mean(pads)),
-            "batch_size": batch_size}
+    return {
+        "cells_per_s": done / dt,
+        "blocks_per_batch": float(np.mean(blocks)),
+        "datasets_per_batch": float(np.mean(datasets)),
+        "pad_fraction": float(np.mean(pads)),
+        "batch_size": batch_size,
+    }
 
 
 class BackedRows(torch.utils.data.Dataset):
@@ -135,8 +151,9 @@ class BackedRows(torch.utils.data.Dataset):
 
 def bench_baseline(parts: list[Path], n_cells: int, workers: int, batch_size: int) -> float:
     drop_page_cache(parts)
-    loader = torch.utils.data.DataLoader(BackedRows(parts), batch_size=batch_size, shuffle=True,
-                                         num_workers=workers, collate_fn=lambda items: items)
+    loader = torch.utils.data.DataLoader(
+        BackedRows(parts), batch_size=batch_size, shuffle=True, num_workers=workers, collate_fn=lambda items: items
+    )
     t, done = time.perf_counter(), 0
     for items in loader:
         done += len(items)
@@ -172,7 +189,9 @@ def main(argv: list[str] | None = None) -> dict:
     base = bench_baseline(parts, args.baseline_cells, 2, args.batch_size)
     load_after = os.getloadavg()[0]
     result = {
-        "n_cells": Corpus(corpus).n_cells, "nnz_per_cell": args.nnz, "cpu_count": os.cpu_count(),
+        "n_cells": Corpus(corpus).n_cells,
+        "nnz_per_cell": args.nnz,
+        "cpu_count": os.cpu_count(),
         "raw_cells_per_s": raw,
         "tokenized_cells_per_s": tok2["cells_per_s"],
         "tokenized_cells_per_s_0_workers": tok0["cells_per_s"],
@@ -180,10 +199,15 @@ def main(argv: list[str] | None = None) -> dict:
         "baseline_cells_per_s": base,
         "ratio_raw_vs_baseline": raw / base,
         "ratio_tokenized_vs_baseline": tok2["cells_per_s"] / base,
-        "blocks_per_batch": tok2["blocks_per_batch"], "datasets_per_batch": tok2["datasets_per_batch"],
-        "n_datasets": args.datasets, "pad_fraction": tok2["pad_fraction"], "batch_size": args.batch_size,
-        "block_size": args.block_size, "buffer_blocks": args.buffer_blocks,
-        "load_avg_1min_before": load_before, "load_avg_1min_after": load_after,
+        "blocks_per_batch": tok2["blocks_per_batch"],
+        "datasets_per_batch": tok2["datasets_per_batch"],
+        "n_datasets": args.datasets,
+        "pad_fraction": tok2["pad_fraction"],
+        "batch_size": args.batch_size,
+        "block_size": args.block_size,
+        "buffer_blocks": args.buffer_blocks,
+        "load_avg_1min_before": load_before,
+        "load_avg_1min_after": load_after,
     }
     rows = [
         ("(a) raw block-shuffled reads, 1 process", f"{raw:,.0f} cells/s"),
@@ -197,8 +221,10 @@ def main(argv: list[str] | None = None) -> dict:
         ("padding fraction of tokens", f"{tok2['pad_fraction']:.4f}"),
     ]
     width = max(len(r[0]) for r in rows)
-    print(f"corpus: {result['n_cells']:,} cells x ~{args.nnz:,} nnz, {os.cpu_count()} CPU cores, cold page cache, "
-          f"1-min load average {load_before:.2f} before / {load_after:.2f} after")
+    print(
+        f"corpus: {result['n_cells']:,} cells x ~{args.nnz:,} nnz, {os.cpu_count()} CPU cores, cold page cache, "
+        f"1-min load average {load_before:.2f} before / {load_after:.2f} after"
+    )
     print(f"{'measurement':<{width}} | value\n{'-' * width}-|-{'-' * 16}")
     for name, value in rows:
         print(f"{name:<{width}} | {value}")

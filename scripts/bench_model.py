@@ -5,12 +5,13 @@
                                   [--no-official-dropout]
 
 Baseline: the same embeddings and heads around ``nn.TransformerEncoder`` (post-norm
-``nn.TransformerEncoderLayer``, batch_first, attention dropout = dropout as officially) over the full padded batch; for the generative case it gets an
-explicit (B * heads, L, L) boolean mask. Ours: ``scgpt_train.model.ScGPT`` (SDPA with a key mask; generative
-attention = flash attention over the gathered known keys + the self term merged through the log-sum-exp,
-no L x L mask) with its default attn_dropout=0.0, and the same with the official attention dropout
-("ours_official_attn_dropout", skipped with --no-official-dropout). Both run the same step: forward, GEP + GEPC
-MSE on the unknown (generative) or masked (plain) genes, backward, Adam. Cell lengths follow the real
+``nn.TransformerEncoderLayer``, batch_first, attention dropout = dropout as officially) over the full padded
+batch; for the generative case it gets an explicit (B * heads, L, L) boolean mask. Ours:
+``scgpt_train.model.ScGPT`` (SDPA with a key mask; generative attention = flash attention over the gathered
+known keys + the self term merged through the log-sum-exp, no L x L mask) with its default attn_dropout=0.0,
+and the same with the official attention dropout ("ours_official_attn_dropout", skipped with --no-official-
+dropout). Both run the same step: forward, GEP + GEPC MSE on the unknown (generative) or masked (plain) genes,
+backward, Adam. Cell lengths follow the real
 distribution of non-zero genes per cell in celltypist's sample (capped at the config's L).
 Reports cells/s, non-pad tokens/s and activation memory (CPU: bytes saved for backward; GPU: peak
 allocated). On a GPU it also reports bf16 MFU for the 51M config.
@@ -73,8 +74,14 @@ def make_batch(n_cells: int, L: int, gene_counts: np.ndarray, seed: int = 0, gen
     gen_mask = body & (rng.random((n_cells, L)) < gen_ratio)
     mlm_mask = body & (rng.random((n_cells, L)) < 0.4)
     t = torch.from_numpy
-    return dict(gene_ids=t(gene_ids), target=t(target), pad_mask=t(pad_mask), gen_mask=t(gen_mask),
-                mlm_mask=t(mlm_mask), values=t(np.where(mlm_mask, -1.0, target).astype(np.float32)))
+    return dict(
+        gene_ids=t(gene_ids),
+        target=t(target),
+        pad_mask=t(pad_mask),
+        gen_mask=t(gen_mask),
+        mlm_mask=t(mlm_mask),
+        values=t(np.where(mlm_mask, -1.0, target).astype(np.float32)),
+    )
 
 
 class NaiveScGPT(nn.Module):
@@ -97,8 +104,10 @@ class NaiveScGPT(nn.Module):
             mask = ~generative_attention_mask(pad_mask, gen_mask).repeat_interleave(self.n_heads, dim=0)
         h = self.encoder(x, mask=mask, src_key_padding_mask=pad_mask)
         cell_emb = h[:, 0]
-        return {"mlm_output": self.ours.expr_decoder(h)["pred"],
-                "mvc_output": self.ours.mvc_decoder(cell_emb, gene_embs)["pred"]}
+        return {
+            "mlm_output": self.ours.expr_decoder(h)["pred"],
+            "mvc_output": self.ours.mvc_decoder(cell_emb, gene_embs)["pred"],
+        }
 
 
 def loss_fn(out, batch, generative: bool):
@@ -134,6 +143,7 @@ class SavedBytes:
 
 def make_step(model, opt, batch, generative, device, dtype):
     """One training step; ``step(measure=True)`` also returns the bytes saved for backward."""
+
     def step(measure=False):
         opt.zero_grad(set_to_none=True)
         gm = batch["gen_mask"] if generative else None
@@ -150,6 +160,7 @@ def make_step(model, opt, batch, generative, device, dtype):
         loss.backward()
         opt.step()
         return mem
+
     return step
 
 
@@ -201,27 +212,44 @@ def bench_config(name, gene_counts, steps, device, dtype, variants, cpu_batch=No
     rows = []
     for (impl, generative), ts, mem in zip(variants, times, mems):
         sec = float(np.median(ts))
-        row = dict(config=name, impl=impl, attention="generative" if generative else "plain", L=L, batch=n_cells,
-                   step_s=sec, step_s_min=min(ts), step_s_rounds=ts, cells_per_s=n_cells / sec,
-                   tokens_per_s=tokens / sec, mem_mb=None if mem is None else mem / 2**20)
+        row = dict(
+            config=name,
+            impl=impl,
+            attention="generative" if generative else "plain",
+            L=L,
+            batch=n_cells,
+            step_s=sec,
+            step_s_min=min(ts),
+            step_s_rounds=ts,
+            cells_per_s=n_cells / sec,
+            tokens_per_s=tokens / sec,
+            mem_mb=None if mem is None else mem / 2**20,
+        )
         if device.type == "cuda" and dtype == torch.bfloat16:
             peak = float(os.environ.get("BENCH_PEAK_TFLOPS", "989"))  # H100 SXM dense bf16
             row["mfu"] = train_flops(kwargs, batch) / sec / (peak * 1e12)
         rows.append(row)
-        print(f"  {name:5s} {row['impl']:20s} {row['attention']:10s} {sec:8.3f} s/step  "
-              f"{row['cells_per_s']:8.2f} cells/s  {row['tokens_per_s']:9.0f} tok/s"
-              + (f"  {row['mem_mb']:8.0f} MB" if mem is not None else "")
-              + (f"  MFU {row['mfu']:.1%}" if "mfu" in row else ""), flush=True)
+        print(
+            f"  {name:5s} {row['impl']:20s} {row['attention']:10s} {sec:8.3f} s/step  "
+            f"{row['cells_per_s']:8.2f} cells/s  {row['tokens_per_s']:9.0f} tok/s"
+            + (f"  {row['mem_mb']:8.0f} MB" if mem is not None else "")
+            + (f"  MFU {row['mfu']:.1%}" if "mfu" in row else ""),
+            flush=True,
+        )
     return rows
 
 
 def table(rows) -> str:
-    lines = ["| config | L | batch | impl | attention | s/step | cells/s | non-pad tok/s | act. mem (MB) |",
-             "|---|---|---|---|---|---|---|---|---|"]
+    lines = [
+        "| config | L | batch | impl | attention | s/step | cells/s | non-pad tok/s | act. mem (MB) |",
+        "|---|---|---|---|---|---|---|---|---|",
+    ]
     for r in rows:
         mem = "-" if r["mem_mb"] is None else f"{r['mem_mb']:.0f}"
-        lines.append(f"| {r['config']} | {r['L']} | {r['batch']} | {r['impl']} | {r['attention']} | "
-                     f"{r['step_s']:.3f} | {r['cells_per_s']:.2f} | {r['tokens_per_s']:.0f} | {mem} |")
+        lines.append(
+            f"| {r['config']} | {r['L']} | {r['batch']} | {r['impl']} | {r['attention']} | "
+            f"{r['step_s']:.3f} | {r['cells_per_s']:.2f} | {r['tokens_per_s']:.0f} | {mem} |"
+        )
     return "\n".join(lines)
 
 
@@ -231,8 +259,11 @@ def main(argv=None) -> int:
     parser.add_argument("--configs", default="demo,small,51m")
     parser.add_argument("--steps", type=int, default=3, help="timed rounds (after one warm-up); median kept")
     parser.add_argument("--cpu-batch", type=int, default=None, help="cap the cells per batch on CPU (51M default: 4)")
-    parser.add_argument("--no-official-dropout", action="store_true",
-                        help="skip the 'ours_official_attn_dropout' variant (math kernel, slow at L = 1,201)")
+    parser.add_argument(
+        "--no-official-dropout",
+        action="store_true",
+        help="skip the 'ours_official_attn_dropout' variant (math kernel, slow at L = 1,201)",
+    )
     parser.add_argument("--threads", type=int, default=None)
     args = parser.parse_args(argv)
     if args.threads:
@@ -240,8 +271,13 @@ def main(argv=None) -> int:
     device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
     dtype = torch.bfloat16 if device.type == "cuda" else torch.float32
     gene_counts = real_gene_counts()
-    variants = [("naive", False), ("ours", False), ("ours_official_attn_dropout", False), ("naive", True),
-                ("ours", True)]
+    variants = [
+        ("naive", False),
+        ("ours", False),
+        ("ours_official_attn_dropout", False),
+        ("naive", True),
+        ("ours", True),
+    ]
     if args.no_official_dropout:
         variants = [v for v in variants if v[0] != "ours_official_attn_dropout"]
     print(f"device {device}, {dtype}, torch {torch.__version__}, threads {torch.get_num_threads()}")
@@ -256,27 +292,33 @@ def main(argv=None) -> int:
 
     result = {"device": str(device), "dtype": str(dtype), "rows": rows}
     main_cfg = "51m" if "51m" in args.configs.split(",") else args.configs.split(",")[-1]
-    result["speedup_vs_naive"] = get(main_cfg, "ours", "plain")["cells_per_s"] / get(main_cfg, "naive", "plain")[
-        "cells_per_s"]
+    result["speedup_vs_naive"] = (
+        get(main_cfg, "ours", "plain")["cells_per_s"] / get(main_cfg, "naive", "plain")["cells_per_s"]
+    )
     if not args.no_official_dropout:
         result["speedup_vs_naive_official_attn_dropout"] = (
             get(main_cfg, "ours_official_attn_dropout", "plain")["cells_per_s"]
-            / get(main_cfg, "naive", "plain")["cells_per_s"])
+            / get(main_cfg, "naive", "plain")["cells_per_s"]
+        )
     ours_gen, ours_plain = get(main_cfg, "ours", "generative"), get(main_cfg, "ours", "plain")
     result["generative_cost_ratio"] = ours_gen["step_s"] / ours_plain["step_s"]
-    result["generative_cost_ratio_paired"] = float(np.median(
-        [g / p for g, p in zip(ours_gen["step_s_rounds"], ours_plain["step_s_rounds"])]))
-    result["generative_speedup_vs_naive"] = (get(main_cfg, "ours", "generative")["cells_per_s"]
-                                             / get(main_cfg, "naive", "generative")["cells_per_s"])
+    result["generative_cost_ratio_paired"] = float(
+        np.median([g / p for g, p in zip(ours_gen["step_s_rounds"], ours_plain["step_s_rounds"])])
+    )
+    result["generative_speedup_vs_naive"] = (
+        get(main_cfg, "ours", "generative")["cells_per_s"] / get(main_cfg, "naive", "generative")["cells_per_s"]
+    )
     result["summary_config"] = main_cfg
     if device.type == "cuda":
         result["mfu_bf16"] = get(main_cfg, "ours", "plain").get("mfu")
     official = result.get("speedup_vs_naive_official_attn_dropout")
-    print(f"\n{main_cfg}: speedup_vs_naive {result['speedup_vs_naive']:.2f}x "
-          + ("" if official is None else f"(with the official attention dropout: {official:.2f}x), ")
-          + f"generative_cost_ratio {result['generative_cost_ratio']:.2f} "
-          f"(paired {result['generative_cost_ratio_paired']:.2f}), "
-          f"generative vs naive {result['generative_speedup_vs_naive']:.2f}x")
+    print(
+        f"\n{main_cfg}: speedup_vs_naive {result['speedup_vs_naive']:.2f}x "
+        + ("" if official is None else f"(with the official attention dropout: {official:.2f}x), ")
+        + f"generative_cost_ratio {result['generative_cost_ratio']:.2f} "
+        f"(paired {result['generative_cost_ratio_paired']:.2f}), "
+        f"generative vs naive {result['generative_speedup_vs_naive']:.2f}x"
+    )
     if args.json:
         args.json.parent.mkdir(parents=True, exist_ok=True)
         tmp = args.json.with_suffix(args.json.suffix + ".tmp")

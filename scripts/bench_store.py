@@ -33,12 +33,16 @@ LAYOUTS = {
 }
 
 
-def bench_layouts(workdir: Path, n_cells: int, nnz_per_cell: int, n_genes: int, block_cells: int, n_reads: int) -> list[dict]:
+def bench_layouts(
+    workdir: Path, n_cells: int, nnz_per_cell: int, n_genes: int, block_cells: int, n_reads: int
+) -> list[dict]:
     """Write one shard per layout; time random contiguous block reads (as the loader does)."""
     rng = np.random.default_rng(0)
     gene_mean = rng.lognormal(-0.5, 1.0, n_genes)
-    parts = [synthetic_counts(rng, min(2048, n_cells - lo), n_genes, nnz_per_cell, gene_mean)
-             for lo in range(0, n_cells, 2048)]  # in pieces: the dense (cells, genes) mask stays small
+    parts = [
+        synthetic_counts(rng, min(2048, n_cells - lo), n_genes, nnz_per_cell, gene_mean)
+        for lo in range(0, n_cells, 2048)
+    ]  # in pieces: the dense (cells, genes) mask stays small
     lengths = np.concatenate([np.diff(p[0]) for p in parts])
     indptr = np.concatenate([[0], np.cumsum(lengths)]).astype(np.int64)
     ids = np.concatenate([p[1] for p in parts]).astype(np.uint16)
@@ -63,9 +67,16 @@ def bench_layouts(workdir: Path, n_cells: int, nnz_per_cell: int, n_genes: int, 
                 f["indices"][ptr[0] : ptr[-1]]
                 f["data"][ptr[0] : ptr[-1]]
         read_s = time.perf_counter() - t0
-        rows.append({"layout": name, "bytes": path.stat().st_size, "write_s": write_s,
-                     "block_cells": block_cells, "blocks_per_s": n_reads / read_s,
-                     "cells_per_s": n_reads * block_cells / read_s})
+        rows.append(
+            {
+                "layout": name,
+                "bytes": path.stat().st_size,
+                "write_s": write_s,
+                "block_cells": block_cells,
+                "blocks_per_s": n_reads / read_s,
+                "cells_per_s": n_reads * block_cells / read_s,
+            }
+        )
         path.unlink()
     return rows
 
@@ -86,8 +97,12 @@ print(json.dumps({"seconds": dt, "n_cells": m["n_cells"], "nnz": m["nnz"], "peak
 
 def convert_in_child(h5ad: Path, out: Path, shard_size: int, chunk_size: int) -> dict:
     root = str(Path(__file__).resolve().parents[1])
-    res = subprocess.run([sys.executable, "-c", CHILD, root, str(h5ad), str(out), str(shard_size), str(chunk_size)],
-                         capture_output=True, text=True, check=True)
+    res = subprocess.run(
+        [sys.executable, "-c", CHILD, root, str(h5ad), str(out), str(shard_size), str(chunk_size)],
+        capture_output=True,
+        text=True,
+        check=True,
+    )
     return json.loads(res.stdout.strip().splitlines()[-1])
 
 
@@ -95,7 +110,9 @@ def dir_bytes(path: Path) -> int:
     return sum(p.stat().st_size for p in path.rglob("*") if p.is_file())
 
 
-def bench_conversion(workdir: Path, n_cells: int, nnz_per_cell: int, n_genes: int, shard_size: int, chunk_size: int) -> list[dict]:
+def bench_conversion(
+    workdir: Path, n_cells: int, nnz_per_cell: int, n_genes: int, shard_size: int, chunk_size: int
+) -> list[dict]:
     rows = []
     for n in sorted({max(n_cells // 4, 1), n_cells}):
         h5ad = workdir / f"synthetic-{n}.h5ad"
@@ -104,10 +121,19 @@ def bench_conversion(workdir: Path, n_cells: int, nnz_per_cell: int, n_genes: in
         gen_s = time.perf_counter() - t0
         out = workdir / f"corpus-{n}"
         r = convert_in_child(h5ad, out, shard_size, chunk_size)
-        rows.append({"input_cells": n, "nnz_per_cell": r["nnz"] / r["n_cells"], "generate_s": gen_s,
-                     "convert_s": r["seconds"], "cells_per_s": r["n_cells"] / r["seconds"],
-                     "peak_rss_mib": r["peak_rss_mib"], "h5ad_bytes": h5ad.stat().st_size, "corpus_bytes": dir_bytes(out),
-                     "corpus_over_h5ad": dir_bytes(out) / h5ad.stat().st_size})
+        rows.append(
+            {
+                "input_cells": n,
+                "nnz_per_cell": r["nnz"] / r["n_cells"],
+                "generate_s": gen_s,
+                "convert_s": r["seconds"],
+                "cells_per_s": r["n_cells"] / r["seconds"],
+                "peak_rss_mib": r["peak_rss_mib"],
+                "h5ad_bytes": h5ad.stat().st_size,
+                "corpus_bytes": dir_bytes(out),
+                "corpus_over_h5ad": dir_bytes(out) / h5ad.stat().st_size,
+            }
+        )
         h5ad.unlink()
         subprocess.run(["rm", "-rf", str(out)], check=True)
     return rows
@@ -121,7 +147,9 @@ def print_table(title: str, rows: list[dict]) -> None:
     for k in rows[0]:
         t.add_column(k)
     for r in rows:
-        t.add_row(*[f"{v:,.1f}" if isinstance(v, float) else f"{v:,}" if isinstance(v, int) else str(v) for v in r.values()])
+        t.add_row(
+            *[f"{v:,.1f}" if isinstance(v, float) else f"{v:,}" if isinstance(v, int) else str(v) for v in r.values()]
+        )
     Console().print(t)
 
 
@@ -143,12 +171,21 @@ def main() -> int:
     with tempfile.TemporaryDirectory(dir=args.workdir) as tmp:
         tmp = Path(tmp)
         if not args.skip_layouts:
-            results["layouts"] = bench_layouts(tmp, args.layout_cells, args.nnz_per_cell, args.genes, args.block_cells, 300)
-            print_table(f"shard layouts: {args.layout_cells:,} cells x ~{args.nnz_per_cell} genes, "
-                        f"random {args.block_cells}-cell block reads (page cache warm)", results["layouts"])
+            results["layouts"] = bench_layouts(
+                tmp, args.layout_cells, args.nnz_per_cell, args.genes, args.block_cells, 300
+            )
+            print_table(
+                f"shard layouts: {args.layout_cells:,} cells x ~{args.nnz_per_cell} genes, "
+                f"random {args.block_cells}-cell block reads (page cache warm)",
+                results["layouts"],
+            )
         if not args.skip_convert:
-            results["conversion"] = bench_conversion(tmp, args.cells, args.nnz_per_cell, args.genes, args.shard_size, args.chunk_size)
-            print_table(f"h5ad -> corpus conversion (shard {args.shard_size}, chunk {args.chunk_size})", results["conversion"])
+            results["conversion"] = bench_conversion(
+                tmp, args.cells, args.nnz_per_cell, args.genes, args.shard_size, args.chunk_size
+            )
+            print_table(
+                f"h5ad -> corpus conversion (shard {args.shard_size}, chunk {args.chunk_size})", results["conversion"]
+            )
     if args.json:
         args.json.write_text(json.dumps(results, indent=1))
     return 0

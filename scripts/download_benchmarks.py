@@ -29,8 +29,11 @@ def main(argv=None) -> int:
     parser.add_argument("names", nargs="*", help=f"datasets: {', '.join(REGISTRY)} (or 'all')")
     default_root = Path(os.environ.get("SCGPT_CACHE", ROOT / ".cache")) / "benchmarks"
     parser.add_argument("--root", type=Path, default=default_root, help=f"download root (default {default_root})")
-    parser.add_argument("--mirror", default=os.environ.get("SCGPT_DOWNLOAD_MIRROR"),
-                        help="base URL (or directory) serving <name>/<file> instead of the public locations")
+    parser.add_argument(
+        "--mirror",
+        default=os.environ.get("SCGPT_DOWNLOAD_MIRROR"),
+        help="base URL (or directory) serving <name>/<file> instead of the public locations",
+    )
     parser.add_argument("--force", action="store_true", help="download again even if the file exists")
     parser.add_argument("--verify", action="store_true", help="only verify existing files against checksums.json")
     parser.add_argument("--list", action="store_true", help="list the known datasets")
@@ -42,8 +45,9 @@ def main(argv=None) -> int:
         return 0
     names = list(REGISTRY) if args.names == ["all"] else args.names
     try:
-        download(names, args.root, mirror=args.mirror, force=args.force, verify_only=args.verify,
-                 progress=not args.quiet)
+        download(
+            names, args.root, mirror=args.mirror, force=args.force, verify_only=args.verify, progress=not args.quiet
+        )
     except (DownloadError, KeyError) as e:
         print(f"error: {e}", file=sys.stderr)
         return 1

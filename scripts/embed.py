@@ -40,10 +40,22 @@ def main(argv=None) -> int:
 
     from scgpt_train.tasks.embedding import embed_h5ad
 
-    out = embed_h5ad(args.checkpoint, args.input, args.output, key=args.key, batch_size=args.batch_size,
-                     max_seq_len=args.max_seq_len, include_zero_genes=args.include_zero_genes,
-                     gene_column=args.gene_column, use_raw=args.use_raw, batch_key=args.batch_key,
-                     cls_value=args.cls_value, normalize=not args.no_normalize, device=args.device, seed=args.seed)
+    out = embed_h5ad(
+        args.checkpoint,
+        args.input,
+        args.output,
+        key=args.key,
+        batch_size=args.batch_size,
+        max_seq_len=args.max_seq_len,
+        include_zero_genes=args.include_zero_genes,
+        gene_column=args.gene_column,
+        use_raw=args.use_raw,
+        batch_key=args.batch_key,
+        cls_value=args.cls_value,
+        normalize=not args.no_normalize,
+        device=args.device,
+        seed=args.seed,
+    )
     print(f"wrote {out}")
     return 0
 

@@ -30,8 +30,10 @@ def main(argv=None) -> int:
     n_params = sum(p.numel() for p in model.parameters())
     cfg = model.config()
     print(f"imported {args.checkpoint_dir} (attention layout: {detect_attention_layout(sd)})")
-    print(f"  {cfg['n_layers']} layers x d_model {cfg['d_model']}, {cfg['n_heads']} heads, vocab {len(vocab)}, "
-          f"{n_params / 1e6:.2f}M parameters")
+    print(
+        f"  {cfg['n_layers']} layers x d_model {cfg['d_model']}, {cfg['n_heads']} heads, vocab {len(vocab)}, "
+        f"{n_params / 1e6:.2f}M parameters"
+    )
     print(f"  keys: {model.load_report.summary()}")
     print(f"wrote {args.out}")
     return 0

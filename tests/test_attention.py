@@ -140,8 +140,9 @@ def _naive_forward(self, x, pad_mask, gen_mask=None):
     """SelfAttention.forward with an explicit (B, L, L) mask: the reference for the whole model."""
     B, L, d = x.shape
     q, k, v = self.qkv(x).view(B, L, 3, self.n_heads, d // self.n_heads).permute(2, 0, 3, 1, 4)
-    allowed = (~pad_mask)[:, None, :].expand(B, L, L) if gen_mask is None else \
-        generative_attention_mask(pad_mask, gen_mask)
+    allowed = (
+        (~pad_mask)[:, None, :].expand(B, L, L) if gen_mask is None else generative_attention_mask(pad_mask, gen_mask)
+    )
     return self.out_proj(naive_attention(q, k, v, allowed).transpose(1, 2).reshape(B, L, d))
 
 

@@ -37,16 +37,27 @@ def census(tmp_path_factory):
     keep_rows[[5, 17]] = 0  # empty cells (dropped)
     X = sp.csr_matrix(sp.diags(keep_rows) @ X)
     X.eliminate_zeros()
-    obs = pd.DataFrame({
-        "dataset_id": np.repeat(["ds-a", "ds-b", "ds-c"], n // 3),
-        "disease": rng.choice(["normal", "COVID-19"], n, p=[0.8, 0.2]),
-        "suspension_type": rng.choice(["cell", "nucleus", "na"], n, p=[0.6, 0.3, 0.1]),
-        "cell_type": rng.choice(["T cell", "B cell", "monocyte"], n),
-        "tissue": rng.choice(["blood", "lung"], n), "assay": "10x 3' v3",
-        "donor_id": rng.choice(["d1", "d2", "d3"], n), "is_primary_data": True,
-    }, index=[str(i) for i in range(n)])
-    var = pd.DataFrame({"feature_id": [f"ENSG{i:011d}" for i in range(g)], "feature_name": [f"GENE{i}" for i in range(g)],
-                        "feature_length": 1000}, index=[str(i) for i in range(g)])
+    obs = pd.DataFrame(
+        {
+            "dataset_id": np.repeat(["ds-a", "ds-b", "ds-c"], n // 3),
+            "disease": rng.choice(["normal", "COVID-19"], n, p=[0.8, 0.2]),
+            "suspension_type": rng.choice(["cell", "nucleus", "na"], n, p=[0.6, 0.3, 0.1]),
+            "cell_type": rng.choice(["T cell", "B cell", "monocyte"], n),
+            "tissue": rng.choice(["blood", "lung"], n),
+            "assay": "10x 3' v3",
+            "donor_id": rng.choice(["d1", "d2", "d3"], n),
+            "is_primary_data": True,
+        },
+        index=[str(i) for i in range(n)],
+    )
+    var = pd.DataFrame(
+        {
+            "feature_id": [f"ENSG{i:011d}" for i in range(g)],
+            "feature_name": [f"GENE{i}" for i in range(g)],
+            "feature_length": 1000,
+        },
+        index=[str(i) for i in range(g)],
+    )
     adata = ad.AnnData(X, obs=obs, var=var)
     uri = make_census_soma(tmp_path_factory.mktemp("soma") / "census", adata)
     selected = (obs["disease"] == "normal") & (obs["suspension_type"] != "na")
@@ -57,8 +68,21 @@ def census(tmp_path_factory):
 def test_census_cli_paper_query_round_trip(census, tmp_path, capsys):
     uri, adata, expected = census
     out = tmp_path / "corpus"
-    rc = build_main(["census", "--census-uri", uri, "--out", str(out), "--shard-size", "100", "--chunk-size", "70",
-                     "--val-datasets", "ds-c"])
+    rc = build_main(
+        [
+            "census",
+            "--census-uri",
+            uri,
+            "--out",
+            str(out),
+            "--shard-size",
+            "100",
+            "--chunk-size",
+            "70",
+            "--val-datasets",
+            "ds-c",
+        ]
+    )
     assert rc == 0, capsys.readouterr().err
     assert "ds-a" in capsys.readouterr().out
     m = json.loads((out / "manifest.json").read_text())
@@ -96,8 +120,12 @@ def test_census_kill_and_resume(census, tmp_path):
     assert build_main([*args, "--out", str(tmp_path / "ref"), "--quiet"]) == 0
     out = tmp_path / "killed"
     env = {**os.environ, "SCGPT_CORPUS_PAUSE_S": "0.5"}
-    proc = subprocess.Popen([sys.executable, str(SCRIPT), *args, "--out", str(out)], env=env,
-                            stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    proc = subprocess.Popen(
+        [sys.executable, str(SCRIPT), *args, "--out", str(out)],
+        env=env,
+        stdout=subprocess.DEVNULL,
+        stderr=subprocess.DEVNULL,
+    )
     state = out / ".journal" / "state.json"
     deadline = time.time() + 90
     while not state.exists():
@@ -114,10 +142,31 @@ def test_census_kill_and_resume(census, tmp_path):
 
 def test_census_errors(census, tmp_path, capsys):
     uri, _, _ = census
-    assert build_main(["census", "--census-uri", uri, "--out", str(tmp_path / "x"), "--organism", "mus_musculus", "--quiet"]) == 2
+    assert (
+        build_main(
+            ["census", "--census-uri", uri, "--out", str(tmp_path / "x"), "--organism", "mus_musculus", "--quiet"]
+        )
+        == 2
+    )
     assert "census_data/mus_musculus" in capsys.readouterr().err
-    assert build_main(["census", "--census-uri", uri, "--out", str(tmp_path / "x"), "--value-filter", "disease == 'nothing'", "--quiet"]) == 2
+    assert (
+        build_main(
+            [
+                "census",
+                "--census-uri",
+                uri,
+                "--out",
+                str(tmp_path / "x"),
+                "--value-filter",
+                "disease == 'nothing'",
+                "--quiet",
+            ]
+        )
+        == 2
+    )
     assert "no cell" in capsys.readouterr().err
-    assert build_main(["census", "--census-uri", str(tmp_path / "nowhere"), "--out", str(tmp_path / "x"), "--quiet"]) == 2
+    assert (
+        build_main(["census", "--census-uri", str(tmp_path / "nowhere"), "--out", str(tmp_path / "x"), "--quiet"]) == 2
+    )
     assert "cannot open it as a SOMA collection" in capsys.readouterr().err
     assert not (tmp_path / "x").exists()

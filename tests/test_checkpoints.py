@@ -13,18 +13,25 @@ from pathlib import Path
 import pytest
 import torch
 
-from scgpt_train.checkpoints import (export_official, load_checkpoint, load_official, official_state_dict_to_ours,
-                                     ours_to_official, save_checkpoint)
+from scgpt_train.checkpoints import (
+    export_official,
+    load_checkpoint,
+    load_official,
+    official_state_dict_to_ours,
+    ours_to_official,
+    save_checkpoint,
+)
 from scgpt_train.model import ScGPT
 
 ROOT = Path(__file__).resolve().parents[1]
 FIXTURES = Path(os.environ.get("SCGPT_FIXTURES", ROOT.parent / "shared" / "fixtures" / "scgpt_official_tiny"))
-needs_fixtures = pytest.mark.skipif(not (FIXTURES / "best_model.pt").is_file(),
-                                    reason=f"official fixtures not found at {FIXTURES} (set SCGPT_FIXTURES)")
+needs_fixtures = pytest.mark.skipif(
+    not (FIXTURES / "best_model.pt").is_file(), reason=f"official fixtures not found at {FIXTURES} (set SCGPT_FIXTURES)"
+)
 
 
 def _assert_same_weights(a: dict, b: dict):
-    assert a.keys() == b.keys(), (sorted(set(a) ^ set(b)))
+    assert a.keys() == b.keys(), sorted(set(a) ^ set(b))
     for k in a:
         assert a[k].dtype == b[k].dtype and torch.equal(a[k], b[k]), k
 
@@ -53,10 +60,25 @@ def test_import_then_export_reproduces_the_released_file(tmp_path, sub):
 @pytest.mark.parametrize("layout", ["released", "impl", "torch"])
 def test_export_reimport_is_bitwise_identical(tmp_path, layout):
     torch.manual_seed(0)
-    model = ScGPT(vocab_size=30, pad_token_id=27, d_model=16, n_heads=2, d_ff=24, n_layers=3, n_cls=4,
-                  explicit_zero_prob=True, use_batch_labels=True, num_batch_labels=3, dsbn=True, do_dab=True,
-                  norm_scheme="pre", cell_emb_style="avg-pool", input_emb_style="category", pad_value=51,
-                  mask_value=52)
+    model = ScGPT(
+        vocab_size=30,
+        pad_token_id=27,
+        d_model=16,
+        n_heads=2,
+        d_ff=24,
+        n_layers=3,
+        n_cls=4,
+        explicit_zero_prob=True,
+        use_batch_labels=True,
+        num_batch_labels=3,
+        dsbn=True,
+        do_dab=True,
+        norm_scheme="pre",
+        cell_emb_style="avg-pool",
+        input_emb_style="category",
+        pad_value=51,
+        mask_value=52,
+    )
     out = export_official(model, _vocab(30), tmp_path / layout, layout=layout)
     sd = torch.load(out / "best_model.pt", weights_only=True)
     attn = [k for k in sd if ".self_attn." in k]
@@ -77,8 +99,9 @@ def test_mapping_round_trip_and_mixed_layouts():
         back, report = official_state_dict_to_ours(official)
         assert report.ignored == [] and back.keys() == ours.keys()
     official, _ = ours_to_official(ours, "released")
-    official["transformer_encoder.layers.0.self_attn.in_proj_weight"] = \
-        official["transformer_encoder.layers.0.self_attn.Wqkv.weight"]
+    official["transformer_encoder.layers.0.self_attn.in_proj_weight"] = official[
+        "transformer_encoder.layers.0.self_attn.Wqkv.weight"
+    ]
     with pytest.raises(ValueError, match="map twice"):
         official_state_dict_to_ours(official)
 
@@ -108,8 +131,13 @@ def test_shape_mismatch_is_refused_and_extra_keys_listed(tmp_path):
 @needs_fixtures
 def test_import_script_writes_a_checkpoint_load_checkpoint_reads(tmp_path):
     out = tmp_path / "scgpt_tiny.pt"
-    proc = subprocess.run([sys.executable, str(ROOT / "scripts" / "import_scgpt.py"), str(FIXTURES / "integration"),
-                           "--out", str(out)], capture_output=True, text=True, cwd=ROOT, timeout=300)
+    proc = subprocess.run(
+        [sys.executable, str(ROOT / "scripts" / "import_scgpt.py"), str(FIXTURES / "integration"), "--out", str(out)],
+        capture_output=True,
+        text=True,
+        cwd=ROOT,
+        timeout=300,
+    )
     assert proc.returncode == 0, proc.stderr
     assert "all keys matched" in proc.stdout
     model, vocab = load_checkpoint(out)
@@ -117,8 +145,21 @@ def test_import_script_writes_a_checkpoint_load_checkpoint_reads(tmp_path):
     _assert_same_weights(model.state_dict(), official.state_dict())
     assert vocab == json.loads((FIXTURES / "integration" / "vocab.json").read_text())
     exported = tmp_path / "exported"
-    proc = subprocess.run([sys.executable, str(ROOT / "scripts" / "export_scgpt.py"), str(out), "--out",
-                           str(exported), "--layout", "torch"], capture_output=True, text=True, cwd=ROOT, timeout=300)
+    proc = subprocess.run(
+        [
+            sys.executable,
+            str(ROOT / "scripts" / "export_scgpt.py"),
+            str(out),
+            "--out",
+            str(exported),
+            "--layout",
+            "torch",
+        ],
+        capture_output=True,
+        text=True,
+        cwd=ROOT,
+        timeout=300,
+    )
     assert proc.returncode == 0, proc.stderr
     _assert_same_weights(load_official(exported).state_dict(), official.state_dict())
 
@@ -149,18 +190,33 @@ def test_load_checkpoint_reads_a_lightning_ckpt(tmp_path):
 
     torch.manual_seed(0)
     net = ScGPT(vocab_size=20, pad_token_id=17, d_model=8, n_heads=2, d_ff=8, n_layers=1, dropout=0.0)
-    module = ScGPTLitModule(net=net, objectives={"generative": GenerativeObjective(cell_prompt_after_steps=None)},
-                            optimizer=partial(torch.optim.Adam, lr=1e-2))
+    module = ScGPTLitModule(
+        net=net,
+        objectives={"generative": GenerativeObjective(cell_prompt_after_steps=None)},
+        optimizer=partial(torch.optim.Adam, lr=1e-2),
+    )
     gene_ids = torch.randint(0, 17, (4, 6))
     gene_ids[:, 0] = 18
     values = torch.randint(0, 51, (4, 6)).float()
     gen_mask = torch.zeros(4, 6, dtype=torch.bool)
     gen_mask[:, 3:] = True
-    batch = Batch(gene_ids=gene_ids, values=values, pad_mask=torch.zeros(4, 6, dtype=torch.bool),
-                  target_values=values, gen_mask=gen_mask)
+    batch = Batch(
+        gene_ids=gene_ids,
+        values=values,
+        pad_mask=torch.zeros(4, 6, dtype=torch.bool),
+        target_values=values,
+        gen_mask=gen_mask,
+    )
     loader = torch.utils.data.DataLoader([batch], batch_size=None, collate_fn=lambda b: b)
-    trainer = pl.Trainer(max_steps=2, accelerator="cpu", logger=False, enable_checkpointing=False,
-                         enable_progress_bar=False, enable_model_summary=False, default_root_dir=tmp_path)
+    trainer = pl.Trainer(
+        max_steps=2,
+        accelerator="cpu",
+        logger=False,
+        enable_checkpointing=False,
+        enable_progress_bar=False,
+        enable_model_summary=False,
+        default_root_dir=tmp_path,
+    )
     trainer.fit(module, loader)
     ckpt = tmp_path / "last.ckpt"
     trainer.save_checkpoint(ckpt)

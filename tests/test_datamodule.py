@@ -8,14 +8,13 @@ import numpy as np
 import pytest
 import pytorch_lightning as pl
 import torch
+from helpers.corpora import make_stream_corpus, split_ids
 from omegaconf import OmegaConf
 from pytorch_lightning.callbacks import ModelCheckpoint
 
 from data_modules.batch import Batch
 from data_modules.datamodule import CorpusDataModule
 from data_modules.stream import StreamLoader
-from helpers.corpora import make_stream_corpus, split_ids
-
 
 
 @pytest.fixture(scope="module")
@@ -48,16 +47,31 @@ class Recorder(pl.LightningModule):
 
 
 def datamodule(corpus_dir: Path, num_workers: int) -> CorpusDataModule:
-    return CorpusDataModule(str(corpus_dir), OmegaConf.create(TOK), batch_size=16, num_workers=num_workers,
-                            block_size=40, buffer_blocks=3, seed=3, lanes=4)
+    return CorpusDataModule(
+        str(corpus_dir),
+        OmegaConf.create(TOK),
+        batch_size=16,
+        num_workers=num_workers,
+        block_size=40,
+        buffer_blocks=3,
+        seed=3,
+        lanes=4,
+    )
 
 
 def fit(corpus_dir, tmp: Path, num_workers: int, ckpt_path=None, **trainer_kw) -> Recorder:
     model = Recorder()
-    trainer = pl.Trainer(accelerator="cpu", devices=1, logger=False, enable_progress_bar=False,
-                         enable_model_summary=False, limit_val_batches=0, default_root_dir=str(tmp),
-                         callbacks=[ModelCheckpoint(dirpath=str(tmp / "ckpt"), every_n_train_steps=25,
-                                                    save_top_k=-1)], **trainer_kw)
+    trainer = pl.Trainer(
+        accelerator="cpu",
+        devices=1,
+        logger=False,
+        enable_progress_bar=False,
+        enable_model_summary=False,
+        limit_val_batches=0,
+        default_root_dir=str(tmp),
+        callbacks=[ModelCheckpoint(dirpath=str(tmp / "ckpt"), every_n_train_steps=25, save_top_k=-1)],
+        **trainer_kw,
+    )
     trainer.fit(model, datamodule=datamodule(corpus_dir, num_workers), ckpt_path=ckpt_path)
     return model
 
@@ -89,8 +103,16 @@ def test_properties_builder_and_loaders(corpus, tmp_path):
 
         shutil.copytree(corpus, path)
 
-    dm = CorpusDataModule(str(tmp_path / "new"), TOK, batch_size=8, val_batch_size=32, builder=builder,
-                          block_size=40, buffer_blocks=3, max_val_cells=50)
+    dm = CorpusDataModule(
+        str(tmp_path / "new"),
+        TOK,
+        batch_size=8,
+        val_batch_size=32,
+        builder=builder,
+        block_size=40,
+        buffer_blocks=3,
+        max_val_cells=50,
+    )
     dm.prepare_data()
     dm.setup("fit")
     assert built == [str(tmp_path / "new")]

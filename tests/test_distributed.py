@@ -8,11 +8,12 @@ import socket
 
 import pytest
 import torch
-
 from conftest import ROOT, run_cmd
 
-REPLICA_CHECK = ["+callbacks.replica_check._target_=scgpt_train.fault_tolerance.ReplicaConsistencyCheck",
-                 "+callbacks.replica_check.path=${paths.output_dir}/replica_check.json"]
+REPLICA_CHECK = [
+    "+callbacks.replica_check._target_=scgpt_train.fault_tolerance.ReplicaConsistencyCheck",
+    "+callbacks.replica_check.path=${paths.output_dir}/replica_check.json",
+]
 
 
 def free_port() -> str:
@@ -24,8 +25,19 @@ def free_port() -> str:
 def test_ddp_sweep_two_jobs_two_ranks_identical_weights(demo_corpus, tmp_path):
     """2 sweep jobs x 2 DDP ranks (gloo) with Hydra's basic launcher: the known trap (child ranks
     re-executing the whole sweep) must not happen, and both ranks end with identical weights."""
-    proc = run_cmd(["train.py", "--multirun", "trainer=ddp_cpu", "trainer.max_steps=3", "trainer.val_check_interval=3",
-                    "seed=1,2", f"paths.cache_dir={demo_corpus.parent}", f"hydra.sweep.dir={tmp_path}", *REPLICA_CHECK])
+    proc = run_cmd(
+        [
+            "train.py",
+            "--multirun",
+            "trainer=ddp_cpu",
+            "trainer.max_steps=3",
+            "trainer.val_check_interval=3",
+            "seed=1,2",
+            f"paths.cache_dir={demo_corpus.parent}",
+            f"hydra.sweep.dir={tmp_path}",
+            *REPLICA_CHECK,
+        ]
+    )
     output = proc.stdout + proc.stderr
     assert output.count("Launching 2 jobs locally") == 1, "a child rank re-executed the sweep"
     assert sorted(p.name for p in tmp_path.iterdir() if p.is_dir()) == ["0", "1"]
@@ -42,9 +54,18 @@ def test_ddp_sweep_two_jobs_two_ranks_identical_weights(demo_corpus, tmp_path):
 def test_deepspeed_zero2_on_cpu_trains_and_consolidates(demo_corpus, tmp_path):
     """Lightning + DeepSpeed ZeRO-2 on 2 CPU ranks (scgpt_train.strategies.CPUDeepSpeedStrategy: Lightning's
     own DeepSpeedStrategy refuses CPU); the sharded checkpoint consolidates into one loadable file."""
-    run_cmd(["train.py", "trainer=deepspeed_cpu", "trainer.max_steps=4", "trainer.val_check_interval=4",
-             f"paths.cache_dir={demo_corpus.parent}", f"hydra.run.dir={tmp_path}", *REPLICA_CHECK],
-            env={"DS_ACCELERATOR": "cpu"})
+    run_cmd(
+        [
+            "train.py",
+            "trainer=deepspeed_cpu",
+            "trainer.max_steps=4",
+            "trainer.val_check_interval=4",
+            f"paths.cache_dir={demo_corpus.parent}",
+            f"hydra.run.dir={tmp_path}",
+            *REPLICA_CHECK,
+        ],
+        env={"DS_ACCELERATOR": "cpu"},
+    )
     assert json.loads((tmp_path / "replica_check.json").read_text())["identical"] is True
     sharded = tmp_path / "checkpoints" / "last.ckpt"
     assert sharded.is_dir() and len(list((sharded / "checkpoint").glob("*optim_states.pt"))) == 2  # ZeRO shards
@@ -71,8 +92,18 @@ def test_fsdp2_on_cpu_shards_trains_and_consolidates(tmp_path):
 
 
 def test_submitit_local_sweep_is_collected(demo_corpus, tmp_path):
-    run_cmd(["train.py", "--multirun", "hydra/launcher=local", "trainer.max_steps=2", "trainer.val_check_interval=2",
-             "model.lr=1e-3,3e-4", f"paths.cache_dir={demo_corpus.parent}", f"hydra.sweep.dir={tmp_path}"])
+    run_cmd(
+        [
+            "train.py",
+            "--multirun",
+            "hydra/launcher=local",
+            "trainer.max_steps=2",
+            "trainer.val_check_interval=2",
+            "model.lr=1e-3,3e-4",
+            f"paths.cache_dir={demo_corpus.parent}",
+            f"hydra.sweep.dir={tmp_path}",
+        ]
+    )
     proc = run_cmd(["scripts/collect_sweep.py", str(tmp_path), "--metrics", "val/loss", "train/loss"])
     assert "| job | model.lr |" in proc.stdout
     rows = (tmp_path / "sweep_results.csv").read_text().splitlines()

@@ -8,8 +8,8 @@ import json
 import threading
 
 import pytest
-
 from conftest import run_cmd
+
 from scgpt_train.tasks import download as dl
 
 
@@ -92,10 +92,12 @@ def test_file_urls_resume_too(tmp_path):
 def test_google_drive_warning_page_is_followed(server, tmp_path):
     body = b"h5ad-bytes" * 500
     server.files["/download?id=ABC&export=download&confirm=t&uuid=u-1"] = body
-    page = ('<html><body><form id="download-form" action="/download" method="get">'
-            '<input type="hidden" name="id" value="ABC"><input type="hidden" name="export" value="download">'
-            '<input type="hidden" name="confirm" value="t"><input type="hidden" name="uuid" value="u-1">'
-            '</form></body></html>').encode()
+    page = (
+        b'<html><body><form id="download-form" action="/download" method="get">'
+        b'<input type="hidden" name="id" value="ABC"><input type="hidden" name="export" value="download">'
+        b'<input type="hidden" name="confirm" value="t"><input type="hidden" name="uuid" value="u-1">'
+        b"</form></body></html>"
+    )
     server.files["/start"] = page
     server.content_types["/start"] = "text/html; charset=utf-8"
     dl.fetch(url(server, "/start"), tmp_path / "x.h5ad", progress=False, html_handler=dl.gdrive_html_handler)
@@ -103,9 +105,11 @@ def test_google_drive_warning_page_is_followed(server, tmp_path):
 
 
 def test_parse_google_drive_folder_listing():
-    page = ('<div class="flip-entry" id="entry-1AbC_d-9" tabindex="0"><a href="https://drive.google.com/file/d/'
-            '1AbC_d-9/view"><div class="flip-entry-title">c_data.h5ad</div></a></div>'
-            '<div class="flip-entry" id="entry-2XyZ"><div class="flip-entry-title">filtered_ms_adata.h5ad</div></div>')
+    page = (
+        '<div class="flip-entry" id="entry-1AbC_d-9" tabindex="0"><a href="https://drive.google.com/file/d/'
+        '1AbC_d-9/view"><div class="flip-entry-title">c_data.h5ad</div></a></div>'
+        '<div class="flip-entry" id="entry-2XyZ"><div class="flip-entry-title">filtered_ms_adata.h5ad</div></div>'
+    )
     assert dl.parse_gdrive_folder(page) == {"c_data.h5ad": "1AbC_d-9", "filtered_ms_adata.h5ad": "2XyZ"}
     assert dl.parse_content_range_total("bytes 10-99/100") == 100
     assert dl.parse_content_range_total("bytes 10-99/*") is None
@@ -115,7 +119,8 @@ def test_registry_names_the_paper_locations():
     assert dl.REGISTRY["ms"].id == "1Qd42YNabzyr2pWt9xoY4cVMTAxsNBt4v"
     assert dl.REGISTRY["scgpt_human"].files == ("best_model.pt", "args.json", "vocab.json")
     assert dl.file_urls(dl.REGISTRY["immune_human"]) == {
-        "immune_human.h5ad": "https://figshare.com/ndownloader/files/25717328"}
+        "immune_human.h5ad": "https://figshare.com/ndownloader/files/25717328"
+    }
     assert "1eD9LbxNJ35YUde3VtdVcjkwm-f4iyJ6x" in dl.file_urls(dl.REGISTRY["covid19"])["covid19.h5ad"]
 
 
@@ -124,8 +129,15 @@ def test_cli_records_sha256_then_verifies_and_refuses_a_changed_file(server, tmp
     server.files["/mirror/hpancreas/demo_train.h5ad"] = ref
     server.files["/mirror/hpancreas/demo_test.h5ad"] = query
     root = tmp_path / "bench"
-    args = ["scripts/download_benchmarks.py", "hpancreas", "--root", str(root), "--mirror", url(server, "/mirror"),
-            "--quiet"]
+    args = [
+        "scripts/download_benchmarks.py",
+        "hpancreas",
+        "--root",
+        str(root),
+        "--mirror",
+        url(server, "/mirror"),
+        "--quiet",
+    ]
     run_cmd(args)
     manifest = json.loads((root / "checksums.json").read_text())
     assert manifest["hpancreas/demo_train.h5ad"]["sha256"] == hashlib.sha256(ref).hexdigest()

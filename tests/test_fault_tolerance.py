@@ -13,19 +13,30 @@ from pathlib import Path
 
 import pytest
 import torch
-
 from conftest import ROOT, run_cmd
 
 
 def demo_args(demo_corpus: Path, run_dir: Path) -> list[str]:
-    return ["train.py", f"paths.cache_dir={demo_corpus.parent}", f"hydra.run.dir={run_dir}", "trainer.max_steps=24",
-            "trainer.val_check_interval=12", "trainer.log_every_n_steps=1",
-            "callbacks.periodic_checkpoint.every_n_train_steps=8"]
+    return [
+        "train.py",
+        f"paths.cache_dir={demo_corpus.parent}",
+        f"hydra.run.dir={run_dir}",
+        "trainer.max_steps=24",
+        "trainer.val_check_interval=12",
+        "trainer.log_every_n_steps=1",
+        "callbacks.periodic_checkpoint.every_n_train_steps=8",
+    ]
 
 
 def start(args: list[str]) -> subprocess.Popen:
-    return subprocess.Popen([sys.executable, *args], cwd=ROOT, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE,
-                            text=True, env={**os.environ, "WANDB_MODE": "offline"})
+    return subprocess.Popen(
+        [sys.executable, *args],
+        cwd=ROOT,
+        stdout=subprocess.DEVNULL,
+        stderr=subprocess.PIPE,
+        text=True,
+        env={**os.environ, "WANDB_MODE": "offline"},
+    )
 
 
 def wait_for(path_glob: str, directory: Path, proc: subprocess.Popen, timeout: float = 300) -> Path:
@@ -35,7 +46,9 @@ def wait_for(path_glob: str, directory: Path, proc: subprocess.Popen, timeout: f
         if found:
             return found[-1]
         if proc.poll() is not None:
-            raise AssertionError(f"training exited ({proc.returncode}) before {path_glob} appeared: {proc.stderr.read()[-3000:]}")
+            raise AssertionError(
+                f"training exited ({proc.returncode}) before {path_glob} appeared: {proc.stderr.read()[-3000:]}"
+            )
         time.sleep(0.2)
     proc.kill()
     raise AssertionError(f"{path_glob} did not appear in {directory}")
@@ -102,9 +115,16 @@ def _guarded_trainer(demo_corpus, tmp_path, action: str):
     from scgpt_train.pipeline import build
 
     with initialize_config_dir(str(ROOT / "configs"), version_base="1.3"):
-        cfg = compose("train", overrides=[f"paths.cache_dir={demo_corpus.parent}", "~callbacks.lr_monitor",
-                                          "trainer.max_steps=4", "trainer.val_check_interval=4",
-                                          f"callbacks.gradient_guard.action={action}"])
+        cfg = compose(
+            "train",
+            overrides=[
+                f"paths.cache_dir={demo_corpus.parent}",
+                "~callbacks.lr_monitor",
+                "trainer.max_steps=4",
+                "trainer.val_check_interval=4",
+                f"callbacks.gradient_guard.action={action}",
+            ],
+        )
     OmegaConf.set_struct(cfg, False)
     cfg.paths.output_dir = str(tmp_path)
     return build(cfg)

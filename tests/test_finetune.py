@@ -5,10 +5,9 @@ from __future__ import annotations
 import json
 from pathlib import Path
 
+import anndata as ad
 import pytest
 import torch
-
-import anndata as ad
 from conftest import run_cmd
 
 
@@ -17,8 +16,17 @@ def tiny_module(**kw):
     from scgpt_train.module import ScGPTLitModule
     from scgpt_train.objectives import CLSObjective
 
-    net = ScGPT(vocab_size=40, pad_token_id=37, d_model=16, n_heads=2, d_ff=32, n_layers=3, use_generative=False,
-                use_mvc=False, n_cls=3)
+    net = ScGPT(
+        vocab_size=40,
+        pad_token_id=37,
+        d_model=16,
+        n_heads=2,
+        d_ff=32,
+        n_layers=3,
+        use_generative=False,
+        use_mvc=False,
+        n_cls=3,
+    )
     return ScGPTLitModule(net, {"cls": CLSObjective()}, optimizer=lambda params: torch.optim.Adam(params, 1e-3), **kw)
 
 
@@ -42,8 +50,13 @@ def test_predict_step_returns_embeddings_and_classes():
     module = tiny_module().eval()
     gene_ids = torch.randint(0, 36, (5, 7))
     gene_ids[:, 0] = 38
-    batch = Batch(gene_ids=gene_ids, values=torch.rand(5, 7) * 10, pad_mask=torch.zeros(5, 7, dtype=torch.bool),
-                  target_values=torch.zeros(5, 7), cell_index=torch.arange(10, 15))
+    batch = Batch(
+        gene_ids=gene_ids,
+        values=torch.rand(5, 7) * 10,
+        pad_mask=torch.zeros(5, 7, dtype=torch.bool),
+        target_values=torch.zeros(5, 7),
+        cell_index=torch.arange(10, 15),
+    )
     with torch.no_grad():
         out = module.predict_step(batch, 0)
     assert out["cell_emb"].shape == (5, 16) and out["probs"].shape == (5, 3)
@@ -53,9 +66,17 @@ def test_predict_step_returns_embeddings_and_classes():
 @pytest.fixture(scope="module")
 def annotation_bench(tmp_path_factory) -> Path:
     out = tmp_path_factory.mktemp("annotation_bench")
-    run_cmd(["scripts/benchmark.py", "benchmark=annotation_demo", "seeds=[0]", f"hydra.run.dir={out}",
-             f"paths.cache_dir={out / 'cache'}", "benchmark.l1_c_grid=[0.1,1.0]",
-             'overrides=["trainer.max_epochs=8","callbacks.progress_bar=null"]'])
+    run_cmd(
+        [
+            "scripts/benchmark.py",
+            "benchmark=annotation_demo",
+            "seeds=[0]",
+            f"hydra.run.dir={out}",
+            f"paths.cache_dir={out / 'cache'}",
+            "benchmark.l1_c_grid=[0.1,1.0]",
+            'overrides=["trainer.max_epochs=8","callbacks.progress_bar=null"]',
+        ]
+    )
     return out
 
 

@@ -13,11 +13,17 @@ import json
 from pathlib import Path
 
 import pytest
-
 from conftest import run_cmd
 
-COMMON = ["experiment=finetune_integration_demo", "seed=42", "task.baselines=[]", "task.umap=false",
-          "task.write_h5ad=false", "callbacks.progress_bar=null", "trainer.max_epochs=10"]
+COMMON = [
+    "experiment=finetune_integration_demo",
+    "seed=42",
+    "task.baselines=[]",
+    "task.umap=false",
+    "task.write_h5ad=false",
+    "callbacks.progress_bar=null",
+    "trainer.max_epochs=10",
+]
 NO_DAR = ["model.net.do_dab=false", "~objective.dar"]
 
 

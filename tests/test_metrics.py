@@ -5,8 +5,13 @@ from __future__ import annotations
 import numpy as np
 import pytest
 
-from scgpt_train.tasks.metrics import (aggregate_integration, classification_metrics, confusion_matrix,
-                                       integration_metrics, knn_graph)
+from scgpt_train.tasks.metrics import (
+    aggregate_integration,
+    classification_metrics,
+    confusion_matrix,
+    integration_metrics,
+    knn_graph,
+)
 
 
 def test_classification_metrics_by_hand():
@@ -31,7 +36,8 @@ def test_classification_metrics_agree_with_sklearn():
     m = classification_metrics(y_true, y_pred)
     p, r, f, _ = precision_recall_fscore_support(y_true, y_pred, average="macro", zero_division=0)
     assert (m["accuracy"], m["precision"], m["recall"], m["macro_f1"]) == pytest.approx(
-        (accuracy_score(y_true, y_pred), p, r, f))
+        (accuracy_score(y_true, y_pred), p, r, f)
+    )
 
 
 def test_label_silhouette_by_hand():
@@ -39,8 +45,9 @@ def test_label_silhouette_by_hand():
 
     x = np.array([[0.0], [1.0], [10.0], [11.0]], dtype=np.float32)
     s = [(10.5 - 1) / 10.5, (9.5 - 1) / 9.5, (9.5 - 1) / 9.5, (10.5 - 1) / 10.5]  # (b - a) / max(a, b)
-    assert scib_metrics.silhouette_label(x, np.array(["a", "a", "b", "b"])) == pytest.approx((np.mean(s) + 1) / 2,
-                                                                                         abs=1e-6)
+    assert scib_metrics.silhouette_label(x, np.array(["a", "a", "b", "b"])) == pytest.approx(
+        (np.mean(s) + 1) / 2, abs=1e-6
+    )
 
 
 def test_batch_silhouette_by_hand():
@@ -59,8 +66,7 @@ def test_graph_connectivity_by_hand():
     from scib_metrics.nearest_neighbors import NeighborsResults
 
     # 1-NN graph: 0-1 linked, 2 -> 3 (other label), 3-4 linked
-    graph = NeighborsResults(indices=np.array([[1], [0], [3], [4], [3]]),
-                             distances=np.ones((5, 1), dtype=np.float32))
+    graph = NeighborsResults(indices=np.array([[1], [0], [3], [4], [3]]), distances=np.ones((5, 1), dtype=np.float32))
     value = scib_metrics.graph_connectivity(graph, np.array(["a", "a", "a", "b", "b"]))
     assert value == pytest.approx((2 / 3 + 1) / 2)
 
@@ -73,8 +79,7 @@ def test_knn_graph_is_exact_and_excludes_self():
 
 
 def test_aggregates_follow_the_paper_definitions():
-    s = aggregate_integration({"nmi": 0.6, "ari": 0.3, "asw_label": 0.9, "asw_batch": 0.8,
-                               "graph_connectivity": 1.0})
+    s = aggregate_integration({"nmi": 0.6, "ari": 0.3, "asw_label": 0.9, "asw_batch": 0.8, "graph_connectivity": 1.0})
     assert s["avg_bio"] == pytest.approx(0.6)
     assert s["avg_batch"] == pytest.approx(0.9)
     assert s["overall"] == pytest.approx(0.6 * 0.6 + 0.4 * 0.9)

@@ -15,10 +15,14 @@ from scgpt_train.checkpoints import load_official
 from scgpt_train.model import ScGPT, ecs_loss
 from scgpt_train.objectives import masked_mse
 
-FIXTURES = Path(os.environ.get("SCGPT_FIXTURES", Path(__file__).resolve().parents[2] / "shared" / "fixtures"
-                               / "scgpt_official_tiny"))
-needs_fixtures = pytest.mark.skipif(not (FIXTURES / "best_model.pt").is_file(),
-                                    reason=f"official fixtures not found at {FIXTURES} (set SCGPT_FIXTURES)")
+FIXTURES = Path(
+    os.environ.get(
+        "SCGPT_FIXTURES", Path(__file__).resolve().parents[2] / "shared" / "fixtures" / "scgpt_official_tiny"
+    )
+)
+needs_fixtures = pytest.mark.skipif(
+    not (FIXTURES / "best_model.pt").is_file(), reason=f"official fixtures not found at {FIXTURES} (set SCGPT_FIXTURES)"
+)
 TOL = 1e-5
 
 
@@ -40,9 +44,12 @@ def _official_dir(tmp_path: Path, sub: str, layout: str) -> Path:
         shutil.copy(src / "best_model_torch_layout.pt", out / "best_model.pt")
     else:  # "impl": the 0.2.5 flash-attn names, derived from the released file
         sd = torch.load(src / "best_model.pt", weights_only=True)
-        sd = {k.replace("self_attn.Wqkv.", "self_attn._impl.Wqkv.").replace("self_attn.out_proj.",
-                                                                              "self_attn._impl.out_proj."): v
-              for k, v in sd.items()}
+        sd = {
+            k.replace("self_attn.Wqkv.", "self_attn._impl.Wqkv.").replace(
+                "self_attn.out_proj.", "self_attn._impl.out_proj."
+            ): v
+            for k, v in sd.items()
+        }
         torch.save(sd, out / "best_model.pt")
     return out
 
@@ -108,8 +115,12 @@ def test_integration_fixture_matches_official(tmp_path, layout):
     inp, exp = _npz(FIXTURES / "inputs.npz"), _npz(FIXTURES / "integration" / "expected.npz")
     batch_labels = torch.from_numpy(inp["batch_labels"])
     with torch.no_grad():
-        out = model(torch.from_numpy(inp["gene_ids"]), torch.from_numpy(inp["values"]),
-                    torch.from_numpy(inp["src_key_padding_mask"]), batch_labels=batch_labels)
+        out = model(
+            torch.from_numpy(inp["gene_ids"]),
+            torch.from_numpy(inp["values"]),
+            torch.from_numpy(inp["src_key_padding_mask"]),
+            batch_labels=batch_labels,
+        )
     # the official DSBN normalises the whole batch with cell 0's domain (1): only domain-1 cells agree
     rows = np.flatnonzero(inp["batch_labels"] == inp["batch_labels"][0])
     assert list(rows) == [0, 2]
@@ -133,8 +144,12 @@ def test_perturbation_fixture_matches_official():
     inp, exp = _npz(d / "inputs.npz"), _npz(d / "expected.npz")
     pad_mask = torch.from_numpy(inp["src_key_padding_mask"])
     with torch.no_grad():
-        out = model(torch.from_numpy(inp["gene_ids"]), torch.from_numpy(inp["values"]).float(), pad_mask,
-                    condition_ids=torch.from_numpy(inp["pert_flags"]).long())
+        out = model(
+            torch.from_numpy(inp["gene_ids"]),
+            torch.from_numpy(inp["values"]).float(),
+            pad_mask,
+            condition_ids=torch.from_numpy(inp["pert_flags"]).long(),
+        )
     real = ~inp["src_key_padding_mask"]
     _close(out["encoder_output"], exp["transformer_output"], real)
     _close(out["mlm_output"], exp["mlm_output"], real)
@@ -148,9 +163,13 @@ def test_multiomic_fixture_matches_official():
     inp, exp = _npz(d / "inputs.npz"), _npz(d / "expected.npz")
     pad_mask = torch.from_numpy(inp["src_key_padding_mask"])
     with torch.no_grad():
-        out = model(torch.from_numpy(inp["gene_ids"]), torch.from_numpy(inp["values"]).float(), pad_mask,
-                    batch_labels=torch.from_numpy(inp["batch_labels"]).long(),
-                    modality_ids=torch.from_numpy(inp["mod_types"]).long())
+        out = model(
+            torch.from_numpy(inp["gene_ids"]),
+            torch.from_numpy(inp["values"]).float(),
+            pad_mask,
+            batch_labels=torch.from_numpy(inp["batch_labels"]).long(),
+            modality_ids=torch.from_numpy(inp["mod_types"]).long(),
+        )
     real = ~inp["src_key_padding_mask"]
     _close(out["cell_emb"], exp["cell_emb"])
     _close(out["mvc_output"], exp["mvc_output"])
@@ -186,8 +205,9 @@ def test_config_roundtrip_and_hydra_instantiate():
     again = ScGPT(**model.config())
     assert again.config() == model.config()
     assert [n for n, _ in again.named_parameters()] == [n for n, _ in model.named_parameters()]
-    cfg = OmegaConf.create({"_target_": "scgpt_train.model.ScGPT", "d_model": 16, "n_heads": 2, "d_ff": 32,
-                            "n_layers": 1})
+    cfg = OmegaConf.create(
+        {"_target_": "scgpt_train.model.ScGPT", "d_model": 16, "n_heads": 2, "d_ff": 32, "n_layers": 1}
+    )
     built = instantiate(cfg, vocab_size=30, pad_token_id=29)
     assert built.config()["vocab_size"] == 30 and json.dumps(built.config())
 
@@ -289,8 +309,8 @@ def test_gradient_reversal_flips_encoder_gradient():
     cell_emb = out["cell_emb"]
     cell_emb.retain_grad()
     loss = model.dab_decoder.out_layer(model.dab_decoder.hidden(cell_emb)).sum()  # no reversal
-    g_plain, = torch.autograd.grad(loss, cell_emb, retain_graph=True)
-    g_rev, = torch.autograd.grad(model.dab_decoder(cell_emb).sum(), cell_emb)
+    (g_plain,) = torch.autograd.grad(loss, cell_emb, retain_graph=True)
+    (g_rev,) = torch.autograd.grad(model.dab_decoder(cell_emb).sum(), cell_emb)
     torch.testing.assert_close(g_rev, -g_plain)
 
 

@@ -9,9 +9,18 @@ from scipy.stats import rankdata
 
 from data_modules.batch import Batch
 from scgpt_train.model import ScGPT
-from scgpt_train.objectives import (CLSObjective, DARObjective, ECSObjective, ExpressionMSEObjective,
-                                    GenerativeObjective, MLMObjective, ZeroProbObjective, masked_bernoulli_nll,
-                                    masked_mse, total_loss)
+from scgpt_train.objectives import (
+    CLSObjective,
+    DARObjective,
+    ECSObjective,
+    ExpressionMSEObjective,
+    GenerativeObjective,
+    MLMObjective,
+    ZeroProbObjective,
+    masked_bernoulli_nll,
+    masked_mse,
+    total_loss,
+)
 
 N_BINS, PAD_VALUE, MASK_VALUE = 51, -2.0, -1.0
 
@@ -52,23 +61,36 @@ def _batch(pbmc, n_cells=32, L=40, seed=0) -> tuple[Batch, int, int]:
     mlm_mask = body & (rng.random((n_cells, L)) < 0.4)
     values = np.where(mlm_mask, MASK_VALUE, target)
     t = torch.from_numpy
-    batch = Batch(gene_ids=t(gene_ids).long(), values=t(values).float(), pad_mask=t(pad_mask),
-                  target_values=t(target).float(), gen_mask=t(gen_mask), mlm_mask=t(mlm_mask),
-                  batch_labels=t((obs["bulk_labels"].to_numpy()[cells] == "Dendritic").astype(np.int64)),
-                  labels=t(obs["bulk_labels"].cat.codes.to_numpy()[cells].astype(np.int64)))
+    batch = Batch(
+        gene_ids=t(gene_ids).long(),
+        values=t(values).float(),
+        pad_mask=t(pad_mask),
+        target_values=t(target).float(),
+        gen_mask=t(gen_mask),
+        mlm_mask=t(mlm_mask),
+        batch_labels=t((obs["bulk_labels"].to_numpy()[cells] == "Dendritic").astype(np.int64)),
+        labels=t(obs["bulk_labels"].cat.codes.to_numpy()[cells].astype(np.int64)),
+    )
     return batch, n_genes + 2, pad_id
 
 
 def _model(vocab_size, pad_id, **kw) -> ScGPT:
     torch.manual_seed(0)
-    return ScGPT(vocab_size=vocab_size, pad_token_id=pad_id, d_model=32, n_heads=4, d_ff=64, n_layers=2,
-                 dropout=0.0, **kw)
+    return ScGPT(
+        vocab_size=vocab_size, pad_token_id=pad_id, d_model=32, n_heads=4, d_ff=64, n_layers=2, dropout=0.0, **kw
+    )
 
 
 def _forward(model, batch):
-    return model(batch.gene_ids, batch.values, batch.pad_mask, gen_mask=batch.gen_mask,
-                 batch_labels=batch.batch_labels, condition_ids=batch.condition_ids,
-                 modality_ids=batch.modality_ids)
+    return model(
+        batch.gene_ids,
+        batch.values,
+        batch.pad_mask,
+        gen_mask=batch.gen_mask,
+        batch_labels=batch.batch_labels,
+        condition_ids=batch.condition_ids,
+        modality_ids=batch.modality_ids,
+    )
 
 
 def _train(model, objectives, batch, steps=12, lr=3e-3, step0=0, params=None):
@@ -135,8 +157,7 @@ def test_dar_objective_reduces_loss(pbmc):
     batch.gen_mask = None
     model = _model(vocab_size, pad_id, do_dab=True, num_batch_labels=2)
     # the discriminator descends the batch cross-entropy ...
-    first, last, _ = _train(model, [DARObjective()], batch, steps=20, lr=1e-2,
-                         params=model.dab_decoder.parameters())
+    first, last, _ = _train(model, [DARObjective()], batch, steps=20, lr=1e-2, params=model.dab_decoder.parameters())
     assert last < 0.9 * first, (first, last)
     # ... while the encoder, behind the gradient reversal, ascends it (the adversarial game)
     enc_params = [p for n, p in model.named_parameters() if not n.startswith("dab_decoder.")]
@@ -164,10 +185,23 @@ def test_expression_mse_objective_reduces_loss(pbmc):
 
 def test_objectives_compose_with_weights(pbmc):
     batch, vocab_size, pad_id = _batch(pbmc)
-    model = _model(vocab_size, pad_id, n_cls=10, explicit_zero_prob=True, do_dab=True, num_batch_labels=2,
-                   use_batch_labels=True, dsbn=True)
-    objectives = [GenerativeObjective(cell_prompt_after_steps=0), ZeroProbObjective(weight=0.5),
-                  ECSObjective(weight=10.0), DARObjective(weight=2.0), CLSObjective(weight=0.1)]
+    model = _model(
+        vocab_size,
+        pad_id,
+        n_cls=10,
+        explicit_zero_prob=True,
+        do_dab=True,
+        num_batch_labels=2,
+        use_batch_labels=True,
+        dsbn=True,
+    )
+    objectives = [
+        GenerativeObjective(cell_prompt_after_steps=0),
+        ZeroProbObjective(weight=0.5),
+        ECSObjective(weight=10.0),
+        DARObjective(weight=2.0),
+        CLSObjective(weight=0.1),
+    ]
     out = _forward(model, batch)
     total, terms = total_loss(objectives, model, batch, out, step=0)
     expected = sum(o.weight * sum(o(model, batch, out, 0).values()) for o in objectives)

@@ -2,13 +2,13 @@
 
 from __future__ import annotations
 
+import anndata as ad
 import numpy as np
 import pandas as pd
 import pytest
 import scipy.sparse as sp
 import torch
 
-import anndata as ad
 from data_modules.anndata_module import AnnDataModule, make_two_batch, tokenize_with_zeros
 from data_modules.preprocess import normalize_log1p, stratified_split
 from data_modules.tokenize import TokenizerConfig
@@ -35,8 +35,9 @@ def test_genes_missing_from_the_vocab_are_dropped_and_reported(tmp_path):
     vocab = GeneVocab.from_genes([f"G{i}" for i in range(20)])  # G20..G29 are unknown
     vocab.to_json(tmp_path / "vocab.json")
     path = write(toy_adata(), tmp_path / "a.h5ad")
-    dm = AnnDataModule(path, label_key="cell_type", vocab=str(tmp_path / "vocab.json"),
-                       report_path=str(tmp_path / "report.json"))
+    dm = AnnDataModule(
+        path, label_key="cell_type", vocab=str(tmp_path / "vocab.json"), report_path=str(tmp_path / "report.json")
+    )
     dm.setup()
     rep = dm.gene_report
     assert (rep.n_genes, rep.n_in_vocab, rep.n_lost) == (30, 20, 10)
@@ -63,8 +64,9 @@ def test_labels_only_in_the_query_get_minus_one_and_are_reported(tmp_path):
     ref = toy_adata(60, labels=np.array(["T", "B"])[np.arange(60) % 2])
     query = toy_adata(30, seed=1, labels=np.array(["T", "B", "Mono"])[np.arange(30) % 3])
     query.obs_names = [f"q{i}" for i in range(30)]
-    dm = AnnDataModule(write(ref, tmp_path / "ref.h5ad"), query_path=write(query, tmp_path / "q.h5ad"),
-                       label_key="cell_type")
+    dm = AnnDataModule(
+        write(ref, tmp_path / "ref.h5ad"), query_path=write(query, tmp_path / "q.h5ad"), label_key="cell_type"
+    )
     dm.setup()
     assert dm.label_names == ["B", "T"] and dm.n_cls == 2 and dm.model_kwargs == {"n_cls": 2}
     assert dm.query_only_labels == ["Mono"]
@@ -79,8 +81,15 @@ def test_labels_only_in_the_query_get_minus_one_and_are_reported(tmp_path):
 def test_a_batch_with_a_single_cell_trains_with_dsbn(tmp_path):
     batches = np.array(["A"] * 40 + ["B"] * 19 + ["C"])  # batch C has one cell
     path = write(toy_adata(60, batches=batches), tmp_path / "a.h5ad")
-    dm = AnnDataModule(path, label_key="cell_type", batch_key="batch", train_on="all", include_zero_genes=True,
-                       tokenizer={"max_seq_len": 31, "mlm_prob": 0.4}, model_outputs=["num_batch_labels"])
+    dm = AnnDataModule(
+        path,
+        label_key="cell_type",
+        batch_key="batch",
+        train_on="all",
+        include_zero_genes=True,
+        tokenizer={"max_seq_len": 31, "mlm_prob": 0.4},
+        model_outputs=["num_batch_labels"],
+    )
     dm.setup()
     assert dm.batch_names == ["A", "B", "C"] and dm.model_kwargs == {"num_batch_labels": 3}
     single = np.flatnonzero(dm.batch_labels == 2)
@@ -88,8 +97,18 @@ def test_a_batch_with_a_single_cell_trains_with_dsbn(tmp_path):
     from scgpt_train.model import ScGPT
     from scgpt_train.objectives import DARObjective, MLMObjective
 
-    model = ScGPT(vocab_size=dm.vocab_size, pad_token_id=dm.pad_id, d_model=16, n_heads=2, d_ff=32, n_layers=1,
-                  use_generative=False, num_batch_labels=3, dsbn=True, do_dab=True)
+    model = ScGPT(
+        vocab_size=dm.vocab_size,
+        pad_token_id=dm.pad_id,
+        d_model=16,
+        n_heads=2,
+        d_ff=32,
+        n_layers=1,
+        use_generative=False,
+        num_batch_labels=3,
+        dsbn=True,
+        do_dab=True,
+    )
     batch = dm.store and next(iter(dm.loader("all", batch_size=60)))  # all cells: C's single cell included
     assert int((batch.batch_labels == 2).sum()) == 1
     out = model(batch.gene_ids, batch.values, batch.pad_mask, batch_labels=batch.batch_labels)
@@ -139,8 +158,9 @@ def test_tokenize_with_zeros_keeps_zero_genes_as_bin_zero():
     assert (t[0, [1, 3]] == 0).all() and (t[0, [2, 4, 5]] > 0).all()  # zeros -> 0, non-zeros -> 1..4
     assert t[0, 2] > t[0, 5] > t[0, 4]  # ranks within the cell: 3 > 2 > 1
     assert t[1, 1] > 0 and (t[1, 2:] == 0).all()
-    short = tokenize_with_zeros(x, gene_ids, TokenizerConfig(max_seq_len=3, n_bins=5, gen_ratios=None), 0, 1,
-                                np.random.default_rng(0))
+    short = tokenize_with_zeros(
+        x, gene_ids, TokenizerConfig(max_seq_len=3, n_bins=5, gen_ratios=None), 0, 1, np.random.default_rng(0)
+    )
     assert short.gene_ids.shape == (2, 3) and not short.pad_mask.any()
 
 

@@ -6,7 +6,6 @@ import json
 
 import pytest
 import torch
-
 from conftest import FIXTURES, run_cmd
 
 
@@ -31,9 +30,14 @@ def corpus_with_fixture_vocab(tmp_path_factory):
     known = [g for g in adata.var_names if g in vocab]
     assert len(known) >= 20
     out = tmp_path_factory.mktemp("fixture_corpus") / "corpus"
-    convert_sources([Source("celltypist", ad.AnnData(adata[:, known].X, obs=adata.obs, var=adata[:, known].var))],
-                    out, vocab=vocab, obs_columns=["cell_type"], shard_size=128,
-                    split={"strategy": "cell", "seed": 0, "val_fraction": 0.1})
+    convert_sources(
+        [Source("celltypist", ad.AnnData(adata[:, known].X, obs=adata.obs, var=adata[:, known].var))],
+        out,
+        vocab=vocab,
+        obs_columns=["cell_type"],
+        shard_size=128,
+        split={"strategy": "cell", "seed": 0, "val_fraction": 0.1},
+    )
     return out
 
 
@@ -46,9 +50,20 @@ def test_vocab_from_checkpoint_reads_every_format(imported):
 
 
 def test_finetune_from_imported_checkpoint(imported, corpus_with_fixture_vocab, tmp_path):
-    run_cmd(["train.py", "data=corpus", "model=from_official", f"pretrained={imported}",
-             f"paths.corpus={corpus_with_fixture_vocab}", "data.num_workers=0", "data.batch_size=8",
-             "trainer.max_steps=4", "trainer.val_check_interval=4", f"hydra.run.dir={tmp_path}"])
+    run_cmd(
+        [
+            "train.py",
+            "data=corpus",
+            "model=from_official",
+            f"pretrained={imported}",
+            f"paths.corpus={corpus_with_fixture_vocab}",
+            "data.num_workers=0",
+            "data.batch_size=8",
+            "trainer.max_steps=4",
+            "trainer.val_check_interval=4",
+            f"hydra.run.dir={tmp_path}",
+        ]
+    )
     summary = json.loads((tmp_path / "summary.json").read_text())
     assert summary["steps"] == 4
     ckpt = torch.load(tmp_path / "checkpoints" / "last.ckpt", map_location="cpu", weights_only=False)
@@ -62,5 +77,13 @@ def test_finetune_from_imported_checkpoint(imported, corpus_with_fixture_vocab, 
 
 def test_vocab_mismatch_is_refused_with_a_clear_message(imported, demo_corpus, tmp_path):
     with pytest.raises(AssertionError, match="with the checkpoint's vocabulary"):
-        run_cmd(["train.py", "model=from_official", f"pretrained={imported}", f"paths.cache_dir={demo_corpus.parent}",
-                 "trainer.max_steps=1", f"hydra.run.dir={tmp_path}"])
+        run_cmd(
+            [
+                "train.py",
+                "model=from_official",
+                f"pretrained={imported}",
+                f"paths.cache_dir={demo_corpus.parent}",
+                "trainer.max_steps=1",
+                f"hydra.run.dir={tmp_path}",
+            ]
+        )

@@ -10,7 +10,7 @@ import pandas as pd
 import pytest
 import scipy.sparse as sp
 
-from data_modules.store import Corpus, CellBlock
+from data_modules.store import CellBlock, Corpus
 from data_modules.store.cli import build_main, corpus_main
 from data_modules.store.convert import Source, convert_sources
 from data_modules.store.inspect import to_anndata, verify_corpus
@@ -27,11 +27,14 @@ def real_h5ads(tmp_path_factory):
     df = pd.read_csv(CELLTYPIST_SAMPLE, index_col=0)
     X = sp.csr_matrix(df.to_numpy(dtype=np.float32))
     rng = np.random.default_rng(0)
-    obs = pd.DataFrame({
-        "cell_type": pd.Categorical(rng.choice(["T cell", "B cell", "monocyte"], len(df))),
-        "donor": rng.choice(["d1", "d2", "d3"], len(df)),  # plain string column
-        "tissue": pd.Categorical(rng.choice(["blood", "bone marrow"], len(df))),
-    }, index=df.index.astype(str))
+    obs = pd.DataFrame(
+        {
+            "cell_type": pd.Categorical(rng.choice(["T cell", "B cell", "monocyte"], len(df))),
+            "donor": rng.choice(["d1", "d2", "d3"], len(df)),  # plain string column
+            "tissue": pd.Categorical(rng.choice(["blood", "bone marrow"], len(df))),
+        },
+        index=df.index.astype(str),
+    )
     adata = ad.AnnData(X, obs=obs, var=pd.DataFrame(index=df.columns.astype(str)))
     paths = []
     for name, rows in (("first", slice(0, 300)), ("second", slice(300, None))):
@@ -50,8 +53,22 @@ def _dense_by_gene(a: ad.AnnData, genes) -> np.ndarray:
 def test_round_trip_every_cell_counts_genes_obs(real_h5ads, tmp_path, capsys):
     adata, paths = real_h5ads
     out = tmp_path / "corpus"
-    rc = build_main(["h5ad", *map(str, paths), "--out", str(out), "--obs-columns", "cell_type", "tissue",
-                     "batch=donor", "--shard-size", "128", "--chunk-size", "50"])
+    rc = build_main(
+        [
+            "h5ad",
+            *map(str, paths),
+            "--out",
+            str(out),
+            "--obs-columns",
+            "cell_type",
+            "tissue",
+            "batch=donor",
+            "--shard-size",
+            "128",
+            "--chunk-size",
+            "50",
+        ]
+    )
     assert rc == 0, capsys.readouterr().err
     printed = capsys.readouterr().out
     assert "first" in printed and "second" in printed  # per-dataset report
@@ -62,7 +79,10 @@ def test_round_trip_every_cell_counts_genes_obs(real_h5ads, tmp_path, capsys):
     assert manifest["n_genes"] == adata.n_vars
     assert {s["dtype"] for s in manifest["shards"]} <= {"uint16", "uint32"}
 
-    assert corpus_main(["export", str(out), "--cells", f"0:{manifest['n_cells']}", "--out", str(tmp_path / "all.h5ad")]) == 0
+    assert (
+        corpus_main(["export", str(out), "--cells", f"0:{manifest['n_cells']}", "--out", str(tmp_path / "all.h5ad")])
+        == 0
+    )
     back = ad.read_h5ad(tmp_path / "all.h5ad")
     expected = adata[kept]
     np.testing.assert_array_equal(_dense_by_gene(back, expected.var_names), np.asarray(expected.X.todense()))
@@ -70,12 +90,17 @@ def test_round_trip_every_cell_counts_genes_obs(real_h5ads, tmp_path, capsys):
     np.testing.assert_array_equal(back.obs["cell_type"].astype(str), expected.obs["cell_type"].astype(str))
     np.testing.assert_array_equal(back.obs["tissue"].astype(str), expected.obs["tissue"].astype(str))
     np.testing.assert_array_equal(back.obs["batch"].astype(str), expected.obs["donor"].astype(str))
-    np.testing.assert_array_equal(back.obs["dataset"].astype(str), np.where(np.arange(adata.n_obs)[kept] < 300, "first", "second"))
+    np.testing.assert_array_equal(
+        back.obs["dataset"].astype(str), np.where(np.arange(adata.n_obs)[kept] < 300, "first", "second")
+    )
     source_rows = np.concatenate([np.arange(300), np.arange(adata.n_obs - 300)])[kept]
     np.testing.assert_array_equal(back.obs["source_row"], source_rows)
 
     # a slice crossing shard boundaries equals the same rows of the full export
-    assert corpus_main(["export", str(out), "--cells", "100:300", "--out", str(tmp_path / "s.h5ad"), "--genes", "present"]) == 0
+    assert (
+        corpus_main(["export", str(out), "--cells", "100:300", "--out", str(tmp_path / "s.h5ad"), "--genes", "present"])
+        == 0
+    )
     part = ad.read_h5ad(tmp_path / "s.h5ad")
     np.testing.assert_array_equal(_dense_by_gene(part, part.var_names), _dense_by_gene(back[100:300], part.var_names))
     assert np.all(np.asarray(part.X.sum(axis=0)).ravel() > 0)
@@ -87,8 +112,14 @@ def test_reader_blocks_match_input_and_lead_api(tmp_path):
 
     pbmc = sc.datasets.pbmc68k_reduced()
     out = tmp_path / "demo"
-    manifest = convert_sources([Source("pbmc", pbmc, use_raw=True)], out, obs_columns=["bulk_labels"],
-                               allow_float=True, shard_size=256, split={"strategy": "cell", "seed": 0, "val_fraction": 0.1})
+    manifest = convert_sources(
+        [Source("pbmc", pbmc, use_raw=True)],
+        out,
+        obs_columns=["bulk_labels"],
+        allow_float=True,
+        shard_size=256,
+        split={"strategy": "cell", "seed": 0, "val_fraction": 0.1},
+    )
     corpus = Corpus(out)
     assert corpus.n_cells == pbmc.n_obs == manifest["n_cells"] and corpus.n_shards == 3
     assert corpus.shard_offsets.tolist() == [0, 256, 512, 700]
@@ -115,8 +146,17 @@ def test_reader_blocks_match_input_and_lead_api(tmp_path):
         corpus.read_cells(600, 800)
     corpus.close()
     # rerunning the same call is a no-op; different arguments need overwrite
-    assert convert_sources([Source("pbmc", pbmc, use_raw=True)], out, obs_columns=["bulk_labels"], allow_float=True,
-                           shard_size=256, split={"strategy": "cell", "seed": 0, "val_fraction": 0.1})["creation"] == manifest["creation"]
+    assert (
+        convert_sources(
+            [Source("pbmc", pbmc, use_raw=True)],
+            out,
+            obs_columns=["bulk_labels"],
+            allow_float=True,
+            shard_size=256,
+            split={"strategy": "cell", "seed": 0, "val_fraction": 0.1},
+        )["creation"]
+        == manifest["creation"]
+    )
     with pytest.raises(ValueError, match="other arguments.*--overwrite"):
         convert_sources([Source("pbmc", pbmc, use_raw=True)], out, allow_float=True, shard_size=100)
     m2 = convert_sources([Source("pbmc", pbmc, use_raw=True)], out, allow_float=True, shard_size=100, overwrite=True)
@@ -126,7 +166,9 @@ def test_reader_blocks_match_input_and_lead_api(tmp_path):
 def test_splits_by_cell_and_by_dataset(real_h5ads, tmp_path):
     _, paths = real_h5ads
     sources = [Source(p.stem, str(p)) for p in paths]
-    m = convert_sources(sources, tmp_path / "ds", shard_size=200, split={"strategy": "dataset", "val_datasets": ["second"]})
+    m = convert_sources(
+        sources, tmp_path / "ds", shard_size=200, split={"strategy": "dataset", "val_datasets": ["second"]}
+    )
     corpus = Corpus(tmp_path / "ds")
     block = corpus.read_cells(0, corpus.n_cells)
     is_second = np.array(corpus.obs_columns["dataset"])[block.obs["dataset"]] == "second"
@@ -144,16 +186,23 @@ def test_splits_by_cell_and_by_dataset(real_h5ads, tmp_path):
 
 
 def test_map_by_ensembl_id_and_by_gene_column(tmp_path):
-    genes = pd.DataFrame({"symbol": ["ACTB", "GAPDH", "CD3E", "XIST"]},
-                         index=["ENSG00000075624", "ENSG00000111640", "ENSG00000198851", "ENSG00000229807"])
+    genes = pd.DataFrame(
+        {"symbol": ["ACTB", "GAPDH", "CD3E", "XIST"]},
+        index=["ENSG00000075624", "ENSG00000111640", "ENSG00000198851", "ENSG00000229807"],
+    )
     X = sp.csr_matrix(np.array([[1, 0, 2, 5], [0, 3, 0, 1]], dtype=np.float32))
     adata = ad.AnnData(X, var=genes)
     adata.write_h5ad(tmp_path / "ens.h5ad")
     vocab = GeneVocab.from_genes(["ACTB", "CD3E", "GAPDH", "MS4A1"])
     vocab.to_json(tmp_path / "vocab.json")
-    (tmp_path / "table.tsv").write_text("feature_id\tfeature_name\n" + "\n".join(f"{i}\t{s}" for i, s in zip(genes.index, genes.symbol)))
+    (tmp_path / "table.tsv").write_text(
+        "feature_id\tfeature_name\n" + "\n".join(f"{i}\t{s}" for i, s in zip(genes.index, genes.symbol))
+    )
     common = [str(tmp_path / "ens.h5ad"), "--vocab", str(tmp_path / "vocab.json"), "--no-split", "--quiet"]
-    assert build_main(["h5ad", *common, "--out", str(tmp_path / "by_ens"), "--gene-table", str(tmp_path / "table.tsv")]) == 0
+    assert (
+        build_main(["h5ad", *common, "--out", str(tmp_path / "by_ens"), "--gene-table", str(tmp_path / "table.tsv")])
+        == 0
+    )
     assert build_main(["h5ad", *common, "--out", str(tmp_path / "by_sym"), "--gene-column", "symbol"]) == 0
     for name in ("by_ens", "by_sym"):
         back = to_anndata(tmp_path / name, genes="present")

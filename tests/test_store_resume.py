@@ -29,8 +29,21 @@ def inputs(tmp_path_factory):
 
 
 def _args(inputs, out):
-    return ["h5ad", *map(str, inputs), "--out", str(out), "--shard-size", "100", "--chunk-size", "64",
-            "--obs-columns", "cell_type", "tissue", "--val-fraction", "0.1"]
+    return [
+        "h5ad",
+        *map(str, inputs),
+        "--out",
+        str(out),
+        "--shard-size",
+        "100",
+        "--chunk-size",
+        "64",
+        "--obs-columns",
+        "cell_type",
+        "tissue",
+        "--val-fraction",
+        "0.1",
+    ]
 
 
 def _journal_shards(out: Path) -> int:
@@ -42,7 +55,9 @@ def _journal_shards(out: Path) -> int:
 
 def _kill_after(args, out: Path, min_shards: int) -> None:
     env = {**os.environ, "SCGPT_CORPUS_PAUSE_S": "0.3"}  # slow the run so the kill lands mid-way
-    proc = subprocess.Popen([sys.executable, str(SCRIPT), *args], env=env, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
+    proc = subprocess.Popen(
+        [sys.executable, str(SCRIPT), *args], env=env, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE
+    )
     deadline = time.time() + 60
     while _journal_shards(out) < min_shards:
         assert proc.poll() is None, proc.stderr.read().decode()
@@ -77,9 +92,11 @@ def test_kill_and_resume_equals_uninterrupted(inputs, tmp_path):
     (out / "shards" / f"shard-{done_before:06d}.h5").write_bytes(b"half a shard")
     (out / "shards" / ".shard-999999.h5.tmp-1").write_bytes(b"junk")
 
-    rerun = subprocess.run([sys.executable, str(SCRIPT), *_args(inputs, out)], capture_output=True, text=True, timeout=120)
+    rerun = subprocess.run(
+        [sys.executable, str(SCRIPT), *_args(inputs, out)], capture_output=True, text=True, timeout=120
+    )
     assert rerun.returncode == 0, rerun.stderr
-    assert f"resuming at input" in rerun.stderr and f"({done_before} shards done)" in rerun.stderr
+    assert "resuming at input" in rerun.stderr and f"({done_before} shards done)" in rerun.stderr
     assert not (out / ".journal").exists()
     _same_corpus(reference, out)
 

@@ -37,8 +37,10 @@ def _fails(tmp_path, capsys, args, *expected) -> str:
     return err
 
 
-@pytest.mark.parametrize("value, what", [(0.5, "non-integer value"), (-1.0, "negative value"),
-                                         (np.nan, "NaN or infinite"), (np.inf, "NaN or infinite")])
+@pytest.mark.parametrize(
+    "value, what",
+    [(0.5, "non-integer value"), (-1.0, "negative value"), (np.nan, "NaN or infinite"), (np.inf, "NaN or infinite")],
+)
 def test_bad_values_name_file_cell_gene_and_fix(tmp_path, capsys, value, what):
     X = _counts()
     X[33, 4] = value  # late in the file: shards were already written when it is found
@@ -58,8 +60,12 @@ def test_allow_normalized_accepts_floats_as_float32(tmp_path, capsys):
 
 def test_duplicate_gene_names(tmp_path, capsys):
     path = _write(tmp_path / "dup.h5ad", _counts(), genes=["A", "B", "C", "A", "D", "C"])
-    _fails(tmp_path, capsys, [path], str(path), "duplicate gene names ['A', 'C']", "var_names_make_unique", "--gene-column")
-    assert build_main(["h5ad", str(path), "--out", str(tmp_path / "first"), "--duplicate-genes", "first", "--quiet"]) == 0
+    _fails(
+        tmp_path, capsys, [path], str(path), "duplicate gene names ['A', 'C']", "var_names_make_unique", "--gene-column"
+    )
+    assert (
+        build_main(["h5ad", str(path), "--out", str(tmp_path / "first"), "--duplicate-genes", "first", "--quiet"]) == 0
+    )
 
 
 def test_missing_gene_column(tmp_path, capsys):
@@ -70,8 +76,15 @@ def test_missing_gene_column(tmp_path, capsys):
 def test_no_gene_known_to_vocab(tmp_path, capsys):
     path = _write(tmp_path / "g.h5ad", _counts(), genes=[f"ENSG{i:011d}" for i in range(6)])
     GeneVocab.from_genes(["ACTB", "GAPDH"]).to_json(tmp_path / "vocab.json")
-    _fails(tmp_path, capsys, [path, "--vocab", tmp_path / "vocab.json"], str(path), "none of its 6 genes",
-           "--gene-table", "--gene-column")
+    _fails(
+        tmp_path,
+        capsys,
+        [path, "--vocab", tmp_path / "vocab.json"],
+        str(path),
+        "none of its 6 genes",
+        "--gene-table",
+        "--gene-column",
+    )
 
 
 def test_missing_obs_column_when_requested(tmp_path, capsys):
@@ -104,7 +117,9 @@ def test_empty_cells_dropped_and_counted_with_min_genes(tmp_path):
     assert ds["counts_lost_unknown_genes"] == float(X[:, 5].sum())
     m2 = convert_sources([Source("e", str(path))], tmp_path / "c2", vocab=vocab, min_genes=2)
     n_genes = (X[:, :5] > 0).sum(axis=1)
-    assert m2["n_cells"] == int((n_genes >= 2).sum()) and m2["datasets"][0]["n_cells_dropped"] == int((n_genes < 2).sum())
+    assert m2["n_cells"] == int((n_genes >= 2).sum()) and m2["datasets"][0]["n_cells_dropped"] == int(
+        (n_genes < 2).sum()
+    )
     back = to_anndata(tmp_path / "c2")
     np.testing.assert_array_equal(back.obs["source_row"], np.flatnonzero(n_genes >= 2))
 

@@ -56,12 +56,27 @@ def _free_port() -> int:
 def run_ranks(corpus_dir: Path, out: Path, world: int, workers: int, **extra) -> list[dict]:
     """Launch ``world`` real processes that form a gloo group, each with ``workers`` loader workers."""
     out.mkdir(parents=True, exist_ok=True)
-    cfg = {"corpus": str(corpus_dir), "world_size": world, "port": _free_port(), "num_workers": workers,
-           "out_dir": str(out), "tokenizer": TOK, **LAYOUT, **extra}
+    cfg = {
+        "corpus": str(corpus_dir),
+        "world_size": world,
+        "port": _free_port(),
+        "num_workers": workers,
+        "out_dir": str(out),
+        "tokenizer": TOK,
+        **LAYOUT,
+        **extra,
+    }
     cfg_path = out / "config.json"
     cfg_path.write_text(json.dumps(cfg))
-    procs = [subprocess.Popen([sys.executable, str(HELPER), str(cfg_path), str(r)], stdout=subprocess.PIPE,
-                              stderr=subprocess.STDOUT, text=True) for r in range(world)]
+    procs = [
+        subprocess.Popen(
+            [sys.executable, str(HELPER), str(cfg_path), str(r)],
+            stdout=subprocess.PIPE,
+            stderr=subprocess.STDOUT,
+            text=True,
+        )
+        for r in range(world)
+    ]
     for p in procs:
         output, _ = p.communicate(timeout=180)
         assert p.returncode == 0, output[-4000:]
@@ -150,7 +165,9 @@ def _rank_cells(corpus_dir, world: int, cursor: Cursor | None = None, stop: int 
     return np.concatenate(cells), state
 
 
-@pytest.mark.parametrize("worlds,stop", [((2, 1), 4), ((2, 3), 4), ((4, 2), 3), ((2, 3), 10), ((3, 2, 4), 9), ((1, 3), 69)])
+@pytest.mark.parametrize(
+    "worlds,stop", [((2, 1), 4), ((2, 3), 4), ((4, 2), 3), ((2, 3), 10), ((3, 2, 4), 9), ((1, 3), 69)]
+)
 def test_resume_chain_over_world_sizes(corpus, worlds, stop):
     """Any chain of world sizes, each stopping after ``stop`` steps (the last runs to the end)."""
     if stop == 69:  # world 1 has 68 round-robin steps here: stop inside its final split, re-split over 3

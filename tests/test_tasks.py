@@ -5,14 +5,20 @@ from __future__ import annotations
 import json
 from pathlib import Path
 
-import pytest
-
 import anndata as ad
+import pytest
 from conftest import ROOT, run_cmd
 
-EXPERIMENTS = ["finetune_annotation_demo", "finetune_annotation_ms", "finetune_annotation_myeloid",
-               "finetune_annotation_hpancreas", "finetune_integration_demo", "finetune_integration_pbmc10k",
-               "finetune_integration_covid19", "finetune_integration_perirhinal"]
+EXPERIMENTS = [
+    "finetune_annotation_demo",
+    "finetune_annotation_ms",
+    "finetune_annotation_myeloid",
+    "finetune_annotation_hpancreas",
+    "finetune_integration_demo",
+    "finetune_integration_pbmc10k",
+    "finetune_integration_covid19",
+    "finetune_integration_perirhinal",
+]
 
 
 @pytest.mark.parametrize("experiment", EXPERIMENTS)
@@ -38,8 +44,17 @@ def test_finetune_experiments_compose_and_instantiate_their_task(experiment):
             assert (cfg.trainer.max_epochs, cfg.data.batch_size, cfg.data.preprocess.n_hvg) == (15, 64, 1200)
 
 
-@pytest.mark.parametrize("name", ["annotation_ms", "annotation_myeloid", "annotation_hpancreas",
-                                  "integration_pbmc10k", "integration_covid19", "integration_perirhinal"])
+@pytest.mark.parametrize(
+    "name",
+    [
+        "annotation_ms",
+        "annotation_myeloid",
+        "annotation_hpancreas",
+        "integration_pbmc10k",
+        "integration_covid19",
+        "integration_perirhinal",
+    ],
+)
 def test_paper_benchmarks_carry_paper_numbers(name):
     from hydra import compose, initialize_config_dir
 
@@ -52,8 +67,16 @@ def test_paper_benchmarks_carry_paper_numbers(name):
 @pytest.fixture(scope="module")
 def integration_bench(tmp_path_factory) -> Path:
     out = tmp_path_factory.mktemp("integration_bench")
-    run_cmd(["scripts/benchmark.py", "benchmark=integration_demo", "seeds=[0]", f"hydra.run.dir={out}",
-             f"paths.cache_dir={out / 'cache'}", 'overrides=["trainer.max_epochs=3","callbacks.progress_bar=null"]'])
+    run_cmd(
+        [
+            "scripts/benchmark.py",
+            "benchmark=integration_demo",
+            "seeds=[0]",
+            f"hydra.run.dir={out}",
+            f"paths.cache_dir={out / 'cache'}",
+            'overrides=["trainer.max_epochs=3","callbacks.progress_bar=null"]',
+        ]
+    )
     return out
 
 

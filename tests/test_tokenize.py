@@ -42,16 +42,18 @@ def test_binning_agrees_with_numpy_on_many_cells_at_once(kind):
     lengths = rng.integers(1, 300, 60)
     lengths[:3] = [1, 2, 49]
     n = int(lengths.sum())
-    values = {"uint16": lambda: rng.geometric(0.3, n).astype(np.uint16),
-              "uint32": lambda: (rng.geometric(0.01, n) * 1000).astype(np.uint32),
-              "float32": lambda: rng.lognormal(0, 1, n).astype(np.float32),
-              "float64": lambda: rng.lognormal(0, 1, n),  # the store's dtype for huge integer counts
-              "few_values": lambda: rng.integers(1, 3, n).astype(np.uint16)}[kind]()
+    values = {
+        "uint16": lambda: rng.geometric(0.3, n).astype(np.uint16),
+        "uint32": lambda: (rng.geometric(0.01, n) * 1000).astype(np.uint32),
+        "float32": lambda: rng.lognormal(0, 1, n).astype(np.float32),
+        "float64": lambda: rng.lognormal(0, 1, n),  # the store's dtype for huge integer counts
+        "few_values": lambda: rng.integers(1, 3, n).astype(np.uint16),
+    }[kind]()
     indptr = np.concatenate([[0], np.cumsum(lengths)])
     bins = bin_values(indptr, values, 51, rng)
     kernel_edges = bin_edges(indptr, values, 51)
     for c in range(len(lengths)):
-        v, b = values[indptr[c]:indptr[c + 1]], bins[indptr[c]:indptr[c + 1]]
+        v, b = values[indptr[c] : indptr[c + 1]], bins[indptr[c] : indptr[c + 1]]
         edges = np.quantile(v, np.linspace(0, 1, 50))
         np.testing.assert_array_equal(kernel_edges[c], edges)  # bit-identical, histogram and sort paths
         left, right = np.digitize(v, edges), np.digitize(v, edges, right=True)
@@ -81,8 +83,9 @@ def _block(rng, lengths, n_genes=900) -> CellBlock:
     indptr = np.concatenate([[0], np.cumsum(lengths)]).astype(np.int64)
     genes = np.concatenate([np.sort(rng.choice(n_genes, n, replace=False)) for n in lengths]).astype(np.int32)
     counts = rng.geometric(0.3, int(indptr[-1])).astype(np.uint16)
-    return CellBlock(indptr, genes, counts, np.arange(len(lengths)) + 100,
-                     {"dataset": np.arange(len(lengths), dtype=np.int32) % 2})
+    return CellBlock(
+        indptr, genes, counts, np.arange(len(lengths)) + 100, {"dataset": np.arange(len(lengths), dtype=np.int32) % 2}
+    )
 
 
 def test_tokenizer_layout_sampling_and_generative_split():
@@ -97,12 +100,12 @@ def test_tokenizer_layout_sampling_and_generative_split():
     np.testing.assert_array_equal((~batch.pad_mask).sum(1).numpy(), kept + 1)
     assert (batch.gene_ids[batch.pad_mask] == PAD).all() and (batch.values[batch.pad_mask] == cfg.pad_value).all()
     for c in range(4):
-        genes = batch.gene_ids[c, 1:kept[c] + 1].numpy()
-        cell_genes = block.gene_ids[block.indptr[c]:block.indptr[c + 1]]
+        genes = batch.gene_ids[c, 1 : kept[c] + 1].numpy()
+        cell_genes = block.gene_ids[block.indptr[c] : block.indptr[c + 1]]
         assert len(np.unique(genes)) == kept[c] and np.isin(genes, cell_genes).all()  # a subset, no repeats
         pos = np.searchsorted(cell_genes, genes)
-        targets = batch.target_values[c, 1:kept[c] + 1].numpy()
-        cell_values = block.counts[block.indptr[c]:block.indptr[c + 1]]  # binned over ALL the cell's genes
+        targets = batch.target_values[c, 1 : kept[c] + 1].numpy()
+        cell_values = block.counts[block.indptr[c] : block.indptr[c + 1]]  # binned over ALL the cell's genes
         edges = np.quantile(cell_values, np.linspace(0, 1, 50))
         left, right = np.digitize(cell_values, edges)[pos], np.digitize(cell_values, edges, right=True)[pos]
         exact = left - right <= 1
@@ -157,7 +160,8 @@ def test_config_from_dict_and_dictconfig():
 
 
 def test_sampling_and_unknown_genes_exact_nested_uniform():
-    """Kept genes: exactly max_seq_len - 1 per cell, uniform; unknown: exactly floor(ratio * kept), uniform among kept."""
+    """Kept genes: exactly max_seq_len - 1 per cell, uniform;
+    unknown: exactly floor(ratio * kept), uniform among kept."""
     n_cells, n = 4000, 10
     indptr = np.arange(n_cells + 1, dtype=np.int64) * n
     genes = np.tile(np.arange(n, dtype=np.int32), n_cells)  # gene g at position g of every cell

@@ -7,15 +7,22 @@ from pathlib import Path
 
 import pytest
 import yaml
-
 from conftest import run_cmd
 
 
 @pytest.fixture(scope="module")
 def demo_run(demo_corpus, tmp_path_factory) -> Path:
     run_dir = tmp_path_factory.mktemp("demo_run")
-    run_cmd(["train.py", f"paths.cache_dir={demo_corpus.parent}", f"hydra.run.dir={run_dir}",
-             "trainer.max_steps=40", "trainer.val_check_interval=20", "callbacks.periodic_checkpoint.every_n_train_steps=25"])
+    run_cmd(
+        [
+            "train.py",
+            f"paths.cache_dir={demo_corpus.parent}",
+            f"hydra.run.dir={run_dir}",
+            "trainer.max_steps=40",
+            "trainer.val_check_interval=20",
+            "callbacks.periodic_checkpoint.every_n_train_steps=25",
+        ]
+    )
     return run_dir
 
 
@@ -44,8 +51,16 @@ def test_resume_from_checkpoint_continues_the_step_count(demo_run, demo_corpus, 
     state = torch.load(last, map_location="cpu", weights_only=False)
     assert state["global_step"] == 40
     assert state["hyper_parameters"]["model"]["d_model"] == 128
-    run_cmd(["train.py", f"paths.cache_dir={demo_corpus.parent}", f"hydra.run.dir={tmp_path}",
-             "trainer.max_steps=50", "trainer.val_check_interval=10", f"ckpt_path={last}"])
+    run_cmd(
+        [
+            "train.py",
+            f"paths.cache_dir={demo_corpus.parent}",
+            f"hydra.run.dir={tmp_path}",
+            "trainer.max_steps=50",
+            "trainer.val_check_interval=10",
+            f"ckpt_path={last}",
+        ]
+    )
     summary = json.loads((tmp_path / "summary.json").read_text())
     assert summary["steps"] == 50
     resumed = torch.load(tmp_path / "checkpoints" / "last.ckpt", map_location="cpu", weights_only=False)
@@ -63,15 +78,31 @@ def short_corpus(tmp_path_factory) -> Path:
 
     adata = pbmc68k_adata()[:200, :150].copy()
     out = tmp_path_factory.mktemp("short") / "corpus"
-    convert_sources([Source("pbmc_short", adata)], out, obs_columns=["cell_type"], allow_float=True,
-                    shard_size=64, split={"strategy": "cell", "seed": 0, "val_fraction": 0.2})
+    convert_sources(
+        [Source("pbmc_short", adata)],
+        out,
+        obs_columns=["cell_type"],
+        allow_float=True,
+        shard_size=64,
+        split={"strategy": "cell", "seed": 0, "val_fraction": 0.2},
+    )
     return out
 
 
 def test_pretrain_33m_smoke_runs_with_the_paper_values(short_corpus, tmp_path):
-    run_cmd(["train.py", "experiment=pretrain_33m", f"paths.corpus={short_corpus}", "trainer=cpu",
-             "trainer.max_steps=2", "data.num_workers=0", "trainer.limit_val_batches=1",
-             f"hydra.run.dir={tmp_path}"], env={"WANDB_MODE": "offline"})
+    run_cmd(
+        [
+            "train.py",
+            "experiment=pretrain_33m",
+            f"paths.corpus={short_corpus}",
+            "trainer=cpu",
+            "trainer.max_steps=2",
+            "data.num_workers=0",
+            "trainer.limit_val_batches=1",
+            f"hydra.run.dir={tmp_path}",
+        ],
+        env={"WANDB_MODE": "offline"},
+    )
     cfg = yaml.safe_load((tmp_path / "config.yaml").read_text())
     net = cfg["model"]["net"]
     assert (net["n_layers"], net["n_heads"], net["d_model"], net["d_ff"], net["dropout"]) == (12, 8, 512, 512, 0.2)
@@ -86,7 +117,16 @@ def test_pretrain_33m_smoke_runs_with_the_paper_values(short_corpus, tmp_path):
 
 
 def test_tensorboard_logger_writes_events(demo_corpus, tmp_path):
-    run_cmd(["train.py", "logger=tensorboard", f"paths.cache_dir={demo_corpus.parent}", f"hydra.run.dir={tmp_path}",
-             "trainer.max_steps=2", "trainer.val_check_interval=2", "validate_before_fit=false"])
+    run_cmd(
+        [
+            "train.py",
+            "logger=tensorboard",
+            f"paths.cache_dir={demo_corpus.parent}",
+            f"hydra.run.dir={tmp_path}",
+            "trainer.max_steps=2",
+            "trainer.val_check_interval=2",
+            "validate_before_fit=false",
+        ]
+    )
     assert list((tmp_path / "tensorboard").glob("events.out.tfevents.*"))
     assert (tmp_path / "csv" / "metrics.csv").exists()

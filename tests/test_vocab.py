@@ -18,7 +18,13 @@ def test_from_genes_appends_specials_in_official_order(tmp_path):
     assert vocab.id_to_token == ["ACTB", "TP53", "<pad>", "<cls>", "<eoc>"]
     assert (vocab.pad_id, vocab.cls_id) == (2, 3)
     vocab.to_json(tmp_path / "vocab.json")
-    assert json.loads((tmp_path / "vocab.json").read_text()) == {"ACTB": 0, "TP53": 1, "<pad>": 2, "<cls>": 3, "<eoc>": 4}
+    assert json.loads((tmp_path / "vocab.json").read_text()) == {
+        "ACTB": 0,
+        "TP53": 1,
+        "<pad>": 2,
+        "<cls>": 3,
+        "<eoc>": 4,
+    }
     assert GeneVocab.from_json(tmp_path / "vocab.json").token_to_id == vocab.token_to_id
 
 

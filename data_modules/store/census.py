@@ -33,8 +33,10 @@ def open_census(census_version: str | None = PAPER_CENSUS_VERSION, uri: str | os
         try:
             return tiledbsoma.open(str(uri))
         except Exception as e:
-            raise CorpusFormatError(f"{uri}: cannot open it as a SOMA collection ({type(e).__name__}: {e}); "
-                                    "pass the directory that holds census_data/") from None
+            raise CorpusFormatError(
+                f"{uri}: cannot open it as a SOMA collection ({type(e).__name__}: {e}); "
+                "pass the directory that holds census_data/"
+            ) from None
     import cellxgene_census
 
     return cellxgene_census.open_soma(census_version=census_version)
@@ -43,8 +45,15 @@ def open_census(census_version: str | None = PAPER_CENSUS_VERSION, uri: str | os
 class CensusReader:
     """Row partitions of the cells of one Census organism that pass ``value_filter``."""
 
-    def __init__(self, census, organism: str = "homo_sapiens", value_filter: str = PAPER_FILTER,
-                 gene_column: str = "feature_name", dataset_column: str = "dataset_id", label: str = "census"):
+    def __init__(
+        self,
+        census,
+        organism: str = "homo_sapiens",
+        value_filter: str = PAPER_FILTER,
+        gene_column: str = "feature_name",
+        dataset_column: str = "dataset_id",
+        label: str = "census",
+    ):
         self.census = census
         self.name = label
         self.source = label
@@ -56,23 +65,29 @@ class CensusReader:
             raise CorpusFormatError(f"{label}: has no census_data/{organism}; check --organism") from None
         var = self.exp.ms["RNA"].var.read().concat().to_pandas()
         if gene_column not in var.columns:
-            raise CorpusFormatError(f"{label}: ms/RNA/var has no column {gene_column!r} (columns: {list(var.columns)}); "
-                                    "use --gene-column feature_name (symbols) or feature_id (Ensembl ids)")
+            raise CorpusFormatError(
+                f"{label}: ms/RNA/var has no column {gene_column!r} (columns: {list(var.columns)}); "
+                "use --gene-column feature_name (symbols) or feature_id (Ensembl ids)"
+            )
         n_var = int(var["soma_joinid"].max()) + 1
         genes = np.full(n_var, "", dtype=object)
         genes[var["soma_joinid"].to_numpy()] = var[gene_column].astype(str).to_numpy()
         self.genes = [str(g) for g in genes]
         self.gene_source = f"ms/RNA/var[{gene_column!r}]"
-        self.var_table = dict(zip(var["feature_id"].astype(str), var["feature_name"].astype(str))) \
-            if {"feature_id", "feature_name"} <= set(var.columns) else None
+        self.var_table = (
+            dict(zip(var["feature_id"].astype(str), var["feature_name"].astype(str)))
+            if {"feature_id", "feature_name"} <= set(var.columns)
+            else None
+        )
         self.obs_columns = [f.name for f in self.exp.obs.schema]
         if dataset_column not in self.obs_columns:
             raise CorpusFormatError(f"{label}: obs has no column {dataset_column!r}")
         try:
             table = self.exp.obs.read(value_filter=value_filter, column_names=["soma_joinid", dataset_column]).concat()
         except Exception as e:
-            raise CorpusFormatError(f"{label}: the obs filter {value_filter!r} failed ({e}); "
-                                    f"obs columns are {self.obs_columns}") from None
+            raise CorpusFormatError(
+                f"{label}: the obs filter {value_filter!r} failed ({e}); obs columns are {self.obs_columns}"
+            ) from None
         order = np.argsort(table["soma_joinid"].to_numpy())
         self.joinids = table["soma_joinid"].to_numpy()[order]  # (n_rows,) sorted
         self.dataset_names = sorted(str(x) for x in set(_labels(table[dataset_column].to_numpy(zero_copy_only=False))))
@@ -84,8 +99,13 @@ class CensusReader:
         return column in self.obs_columns
 
     def fingerprint(self) -> dict:
-        return {"census": self.source, "organism": self.organism, "value_filter": self.value_filter,
-                "n_rows": self.n_rows, "first_last": [int(self.joinids[0]), int(self.joinids[-1])]}
+        return {
+            "census": self.source,
+            "organism": self.organism,
+            "value_filter": self.value_filter,
+            "n_rows": self.n_rows,
+            "first_last": [int(self.joinids[0]), int(self.joinids[-1])],
+        }
 
     def read_chunk(self, lo: int, hi: int, obs_columns: list[str]) -> RawChunk:
         ids = self.joinids[lo:hi]  # (n,) sorted soma_joinids
@@ -94,13 +114,20 @@ class CensusReader:
         obs = obs.set_index("soma_joinid").loc[ids]
         xt = self.exp.ms["RNA"].X["raw"].read(coords=(ids, slice(None))).tables().concat()
         rows = np.searchsorted(ids, xt["soma_dim_0"].to_numpy())
-        X = sp.csr_matrix((xt["soma_data"].to_numpy(), (rows, xt["soma_dim_1"].to_numpy())),
-                          shape=(len(ids), len(self.genes)))
+        X = sp.csr_matrix(
+            (xt["soma_data"].to_numpy(), (rows, xt["soma_dim_1"].to_numpy())), shape=(len(ids), len(self.genes))
+        )
         X.sort_indices()
-        labels = {c: _labels(obs[c].to_numpy()) if c in obs.columns else np.full(len(ids), "unknown")
-                  for c in obs_columns}
-        return RawChunk(X=X, obs=labels, dataset=_labels(obs[self.dataset_column].to_numpy()),
-                        source_row=ids.astype(np.int64), cell_names=ids.astype(str))
+        labels = {
+            c: _labels(obs[c].to_numpy()) if c in obs.columns else np.full(len(ids), "unknown") for c in obs_columns
+        }
+        return RawChunk(
+            X=X,
+            obs=labels,
+            dataset=_labels(obs[self.dataset_column].to_numpy()),
+            source_row=ids.astype(np.int64),
+            cell_names=ids.astype(str),
+        )
 
     def close(self) -> None:
         try:
@@ -109,12 +136,24 @@ class CensusReader:
             pass
 
 
-def convert_census(out: str | os.PathLike, census_version: str = PAPER_CENSUS_VERSION, uri: str | None = None,
-                   organism: str = "homo_sapiens", value_filter: str = PAPER_FILTER, vocab: GeneVocab | None = None,
-                   gene_column: str = "feature_name", obs_columns: Sequence[str] = CENSUS_OBS_COLUMNS,
-                   shard_size: int = 16384, chunk_size: int = 2048, min_genes: int = 1, split: dict | None = None,
-                   on_duplicate: str = "first", overwrite: bool = False, resume: bool = True,
-                   log: Callable[[str], None] | None = None) -> dict:
+def convert_census(
+    out: str | os.PathLike,
+    census_version: str = PAPER_CENSUS_VERSION,
+    uri: str | None = None,
+    organism: str = "homo_sapiens",
+    value_filter: str = PAPER_FILTER,
+    vocab: GeneVocab | None = None,
+    gene_column: str = "feature_name",
+    obs_columns: Sequence[str] = CENSUS_OBS_COLUMNS,
+    shard_size: int = 16384,
+    chunk_size: int = 2048,
+    min_genes: int = 1,
+    split: dict | None = None,
+    on_duplicate: str = "first",
+    overwrite: bool = False,
+    resume: bool = True,
+    log: Callable[[str], None] | None = None,
+) -> dict:
     """Build a corpus from the Census query (see module docstring); resumable like the h5ad path."""
     from data_modules.store.convert import run_conversion
 
@@ -128,11 +167,35 @@ def convert_census(out: str | os.PathLike, census_version: str = PAPER_CENSUS_VE
     missing = [c for c in obs_columns if not reader.has_obs(c)]
     if missing:
         raise CorpusFormatError(f"{label}: obs has no columns {missing} (it has {reader.obs_columns})")
-    params = {"kind": "census", "census_version": None if uri else census_version, "uri": str(uri) if uri else None,
-              "gene_column": gene_column, **reader.fingerprint()}
-    return run_conversion([reader], out, vocab, list(obs_columns), params, shard_size=shard_size, chunk_size=chunk_size,
-                          allow_float=False, min_genes=min_genes, split=split, gene_table=gene_table,
-                          on_duplicate=on_duplicate, overwrite=overwrite, resume=resume, log=log,
-                          extra_manifest={"census": {"version": census_version if uri is None else None,
-                                                     "uri": str(uri) if uri else None, "organism": organism,
-                                                     "value_filter": value_filter}})
+    params = {
+        "kind": "census",
+        "census_version": None if uri else census_version,
+        "uri": str(uri) if uri else None,
+        "gene_column": gene_column,
+        **reader.fingerprint(),
+    }
+    return run_conversion(
+        [reader],
+        out,
+        vocab,
+        list(obs_columns),
+        params,
+        shard_size=shard_size,
+        chunk_size=chunk_size,
+        allow_float=False,
+        min_genes=min_genes,
+        split=split,
+        gene_table=gene_table,
+        on_duplicate=on_duplicate,
+        overwrite=overwrite,
+        resume=resume,
+        log=log,
+        extra_manifest={
+            "census": {
+                "version": census_version if uri is None else None,
+                "uri": str(uri) if uri else None,
+                "organism": organism,
+                "value_filter": value_filter,
+            }
+        },
+    )

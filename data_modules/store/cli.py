@@ -25,34 +25,52 @@ EXIT_VERIFY_FAILED = 1
 def _common_build_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--out", required=True, type=Path, help="corpus directory to create (or resume)")
     p.add_argument("--vocab", type=Path, help="existing vocab.json (flat {token: index}); default: union of the inputs")
-    p.add_argument("--min-genes", type=int, default=1, help="drop cells with fewer known genes (default 1: empty cells)")
+    p.add_argument(
+        "--min-genes", type=int, default=1, help="drop cells with fewer known genes (default 1: empty cells)"
+    )
     p.add_argument("--shard-size", type=int, default=16384, help="cells per shard (default 16384)")
     p.add_argument("--chunk-size", type=int, default=2048, help="input rows read at a time (default 2048)")
     g = p.add_mutually_exclusive_group()
-    g.add_argument("--val-fraction", type=float, default=None, help="validation fraction, split by cell (default 0.003)")
+    g.add_argument(
+        "--val-fraction", type=float, default=None, help="validation fraction, split by cell (default 0.003)"
+    )
     g.add_argument("--val-datasets", nargs="+", help="hold out these whole datasets for validation")
     g.add_argument("--no-split", action="store_true", help="no validation split")
     p.add_argument("--split-seed", type=int, default=0)
-    p.add_argument("--overwrite", action="store_true", help="replace an existing corpus / unfinished conversion in --out")
+    p.add_argument(
+        "--overwrite", action="store_true", help="replace an existing corpus / unfinished conversion in --out"
+    )
     p.add_argument("--quiet", action="store_true")
 
 
 def build_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(prog="build_corpus.py", description="Build a sharded corpus from h5ad files or the CELLxGENE Census.")
+    parser = argparse.ArgumentParser(
+        prog="build_corpus.py", description="Build a sharded corpus from h5ad files or the CELLxGENE Census."
+    )
     sub = parser.add_subparsers(dest="command", required=True)
     h = sub.add_parser("h5ad", help="convert .h5ad files (or folders of them)")
     h.add_argument("inputs", nargs="+", type=Path, help=".h5ad files or folders holding them")
     h.add_argument("--gene-column", help="var column with the gene names to match (default: var_names)")
-    h.add_argument("--gene-table", type=Path, help="CSV/TSV translating --gene-column values (e.g. Ensembl ids) to vocab tokens")
+    h.add_argument(
+        "--gene-table", type=Path, help="CSV/TSV translating --gene-column values (e.g. Ensembl ids) to vocab tokens"
+    )
     h.add_argument("--gene-table-columns", nargs=2, default=["feature_id", "feature_name"], metavar=("KEY", "TOKEN"))
     h.add_argument("--use-raw", action="store_true", help="read .raw.X / .raw.var instead of X / var")
     h.add_argument("--layer", help="read layers[LAYER] (e.g. counts) instead of X")
-    h.add_argument("--obs-columns", nargs="*", default=None,
-                   help="obs columns to keep as codes, NAME or NAME=SOURCE_COLUMN "
-                        f"(default: {' '.join(DEFAULT_OBS_COLUMNS)}, 'unknown' where absent)")
+    h.add_argument(
+        "--obs-columns",
+        nargs="*",
+        default=None,
+        help="obs columns to keep as codes, NAME or NAME=SOURCE_COLUMN "
+        f"(default: {' '.join(DEFAULT_OBS_COLUMNS)}, 'unknown' where absent)",
+    )
     h.add_argument("--allow-normalized", action="store_true", help="accept non-integer values (stored as float32)")
-    h.add_argument("--duplicate-genes", choices=["error", "first"], default="error",
-                   help="duplicate gene names: fail (default) or keep the first column")
+    h.add_argument(
+        "--duplicate-genes",
+        choices=["error", "first"],
+        default="error",
+        help="duplicate gene names: fail (default) or keep the first column",
+    )
     _common_build_args(h)
     c = sub.add_parser("census", help="query the CELLxGENE Census (paper's filter by default)")
     c.add_argument("--census-version", default=PAPER_CENSUS_VERSION)
@@ -70,7 +88,11 @@ def _split(args) -> dict:
         return {"strategy": "none"}
     if args.val_datasets:
         return {"strategy": "dataset", "val_datasets": list(args.val_datasets)}
-    return {"strategy": "cell", "seed": args.split_seed, "val_fraction": 0.003 if args.val_fraction is None else args.val_fraction}
+    return {
+        "strategy": "cell",
+        "seed": args.split_seed,
+        "val_fraction": 0.003 if args.val_fraction is None else args.val_fraction,
+    }
 
 
 def _expand_inputs(paths: list[Path]) -> list[Path]:
@@ -101,21 +123,47 @@ def build_main(argv: list[str] | None = None) -> int:
     log = (lambda msg: None) if args.quiet else print_log
     try:
         vocab = GeneVocab.from_json(args.vocab) if args.vocab else None
-        common = dict(vocab=vocab, shard_size=args.shard_size, chunk_size=args.chunk_size, min_genes=args.min_genes,
-                      split=_split(args), overwrite=args.overwrite, log=log)
+        common = dict(
+            vocab=vocab,
+            shard_size=args.shard_size,
+            chunk_size=args.chunk_size,
+            min_genes=args.min_genes,
+            split=_split(args),
+            overwrite=args.overwrite,
+            log=log,
+        )
         if args.command == "h5ad":
             explicit = args.obs_columns is not None
             names, obs_map = _obs_columns(args.obs_columns if explicit else list(DEFAULT_OBS_COLUMNS))
             table = load_gene_table(args.gene_table, *args.gene_table_columns) if args.gene_table else None
-            sources = sources_from_paths(_expand_inputs(args.inputs), gene_column=args.gene_column,
-                                         use_raw=args.use_raw, layer=args.layer, obs_map=obs_map or None)
-            manifest = convert_sources(sources, args.out, obs_columns=names, allow_float=args.allow_normalized,
-                                       gene_table=table, require_obs=explicit,
-                                       on_duplicate=args.duplicate_genes, **common)
+            sources = sources_from_paths(
+                _expand_inputs(args.inputs),
+                gene_column=args.gene_column,
+                use_raw=args.use_raw,
+                layer=args.layer,
+                obs_map=obs_map or None,
+            )
+            manifest = convert_sources(
+                sources,
+                args.out,
+                obs_columns=names,
+                allow_float=args.allow_normalized,
+                gene_table=table,
+                require_obs=explicit,
+                on_duplicate=args.duplicate_genes,
+                **common,
+            )
         else:
-            manifest = convert_census(args.out, census_version=args.census_version, uri=args.census_uri,
-                                      organism=args.organism, value_filter=args.value_filter,
-                                      gene_column=args.gene_column, obs_columns=args.obs_columns, **common)
+            manifest = convert_census(
+                args.out,
+                census_version=args.census_version,
+                uri=args.census_uri,
+                organism=args.organism,
+                value_filter=args.value_filter,
+                gene_column=args.gene_column,
+                obs_columns=args.obs_columns,
+                **common,
+            )
     except (CorpusFormatError, VocabError) as e:
         print(f"error: {e}", file=sys.stderr)
         return EXIT_BAD_INPUT
@@ -140,14 +188,24 @@ def _dataset_table(datasets: list[dict], title: str):
     from rich.table import Table
 
     t = Table(title=title)
-    for col in ("dataset", "cells", "dropped (empty/min-genes)", "genes known/total", "unknown genes (e.g.)",
-                "counts lost to unknown genes"):
+    for col in (
+        "dataset",
+        "cells",
+        "dropped (empty/min-genes)",
+        "genes known/total",
+        "unknown genes (e.g.)",
+        "counts lost to unknown genes",
+    ):
         t.add_column(col, overflow="fold")
     for d in datasets:
-        t.add_row(str(d["name"]), f"{d['n_cells']:,}", f"{d['n_cells_dropped']:,}",
-                  f"{d['n_genes_known']:,}/{d['n_genes']:,}",
-                  f"{d['n_genes_unknown']:,} {d['unknown_genes_sample'][:3]}",
-                  f"{d['counts_lost_unknown_genes']:,.0f} ({100 * d['fraction_counts_lost']:.2f}%)")
+        t.add_row(
+            str(d["name"]),
+            f"{d['n_cells']:,}",
+            f"{d['n_cells_dropped']:,}",
+            f"{d['n_genes_known']:,}/{d['n_genes']:,}",
+            f"{d['n_genes_unknown']:,} {d['unknown_genes_sample'][:3]}",
+            f"{d['counts_lost_unknown_genes']:,.0f} ({100 * d['fraction_counts_lost']:.2f}%)",
+        )
     return t
 
 
@@ -155,8 +213,11 @@ def print_build_report(manifest: dict, out: Path) -> None:
     from rich.console import Console
 
     console = Console()
-    console.print(_dataset_table(manifest["datasets"], f"corpus {out}: {manifest['n_cells']:,} cells, "
-                                                      f"{len(manifest['shards'])} shards"))
+    console.print(
+        _dataset_table(
+            manifest["datasets"], f"corpus {out}: {manifest['n_cells']:,} cells, {len(manifest['shards'])} shards"
+        )
+    )
     for d in manifest["datasets"]:
         if d.get("obs_missing"):
             console.print(f"note: {d['name']}: obs lacks {d['obs_missing']} (stored as 'unknown')")
@@ -168,12 +229,18 @@ def print_info(info: dict) -> None:
 
     console = Console()
     t = Table(title=f"corpus {info['root']}", show_header=False)
-    rows = [("format version", info["format_version"]), ("cells", f"{info['n_cells']:,}"),
-            ("genes (vocab size)", f"{info['n_genes']:,} ({info['vocab_size']:,})"), ("non-zeros", f"{info['nnz']:,}"),
-            ("mean genes per cell", f"{info['mean_nnz_per_cell']:.1f}"), ("shards", info["n_shards"]),
-            ("disk size", _human_bytes(info["disk_bytes"])), ("values", f"{info['counts']} {info['count_dtypes']}"),
-            ("split", json.dumps({k: v for k, v in info["split"].items() if k != "val_dataset_codes"})),
-            ("obs columns (categories)", ", ".join(f"{c} ({n})" for c, n in info["obs_columns"].items()))]
+    rows = [
+        ("format version", info["format_version"]),
+        ("cells", f"{info['n_cells']:,}"),
+        ("genes (vocab size)", f"{info['n_genes']:,} ({info['vocab_size']:,})"),
+        ("non-zeros", f"{info['nnz']:,}"),
+        ("mean genes per cell", f"{info['mean_nnz_per_cell']:.1f}"),
+        ("shards", info["n_shards"]),
+        ("disk size", _human_bytes(info["disk_bytes"])),
+        ("values", f"{info['counts']} {info['count_dtypes']}"),
+        ("split", json.dumps({k: v for k, v in info["split"].items() if k != "val_dataset_codes"})),
+        ("obs columns (categories)", ", ".join(f"{c} ({n})" for c, n in info["obs_columns"].items())),
+    ]
     for k, v in rows:
         t.add_row(k, str(v))
     console.print(t)
@@ -191,7 +258,9 @@ def corpus_parser() -> argparse.ArgumentParser:
     e.add_argument("root", type=Path)
     e.add_argument("--cells", default=":", help="global cell range START:STOP (default: all)")
     e.add_argument("--out", required=True, type=Path)
-    e.add_argument("--genes", choices=["all", "present"], default="all", help="var = every vocab gene or only those present")
+    e.add_argument(
+        "--genes", choices=["all", "present"], default="all", help="var = every vocab gene or only those present"
+    )
     v = sub.add_parser("verify", help="check every shard against the manifest (structure + sha256)")
     v.add_argument("root", type=Path)
     v.add_argument("--no-checksums", action="store_true", help="structure and sizes only")
@@ -211,8 +280,11 @@ def corpus_main(argv: list[str] | None = None) -> int:
             for p in report.problems:
                 print(f"FAILED: {p}", file=sys.stderr)
             if not report.ok:
-                print(f"{args.root}: {len(report.problems)} problem(s); rebuild the named shards "
-                      "(rerun build_corpus.py with --overwrite)", file=sys.stderr)
+                print(
+                    f"{args.root}: {len(report.problems)} problem(s); rebuild the named shards "
+                    "(rerun build_corpus.py with --overwrite)",
+                    file=sys.stderr,
+                )
                 return EXIT_VERIFY_FAILED
             print(f"{args.root}: OK ({report.n_shards_ok} shards verified)")
             return 0

@@ -95,21 +95,29 @@ class GeneReport:
     n_duplicates_dropped: int = 0
 
     def as_dict(self) -> dict:
-        return {"n_genes": self.n_genes, "n_genes_known": self.n_genes_known,
-                "n_genes_unknown": self.n_genes - self.n_genes_known,
-                "unknown_genes_sample": self.unknown_sample, "n_duplicate_genes_dropped": self.n_duplicates_dropped}
+        return {
+            "n_genes": self.n_genes,
+            "n_genes_known": self.n_genes_known,
+            "n_genes_unknown": self.n_genes - self.n_genes_known,
+            "unknown_genes_sample": self.unknown_sample,
+            "n_duplicate_genes_dropped": self.n_duplicates_dropped,
+        }
 
 
-def map_reader_genes(reader, vocab: GeneVocab, gene_table: Mapping[str, str] | None = None,
-                     on_duplicate: str = "error") -> tuple[np.ndarray, GeneReport]:
+def map_reader_genes(
+    reader, vocab: GeneVocab, gene_table: Mapping[str, str] | None = None, on_duplicate: str = "error"
+) -> tuple[np.ndarray, GeneReport]:
     """(n_input_genes,) int64 vocab id per input column (-1 = unknown) and a report."""
     genes = reader.genes
     mapping = vocab.map_genes(genes, gene_table)
     where = getattr(reader, "path", reader.name)
     if mapping.n_known == 0:
-        hint = (" (the input genes look like Ensembl ids and the vocab is keyed by symbols: pass --gene-table "
-                "with an id->symbol table, or --gene-column with the symbol column)"
-                if guess_gene_key(genes) == "ensembl" and vocab.keyed_by == "symbol" and gene_table is None else "")
+        hint = (
+            " (the input genes look like Ensembl ids and the vocab is keyed by symbols: pass --gene-table "
+            "with an id->symbol table, or --gene-column with the symbol column)"
+            if guess_gene_key(genes) == "ensembl" and vocab.keyed_by == "symbol" and gene_table is None
+            else ""
+        )
         raise CorpusFormatError(
             f"{where}: none of its {len(genes)} genes (e.g. {genes[:3]}) is in the vocabulary "
             f"(e.g. {vocab.genes[:3]}){hint}; choose the matching --gene-column or another --vocab"
@@ -156,15 +164,28 @@ def check_values(raw: RawChunk, reader, allow_float: bool) -> None:
     if data.dtype.kind in "ui" and (data.dtype.kind == "u" or data.size == 0 or data.min() >= 0):
         return
     problems = [
-        (lambda: ~np.isfinite(data), "NaN or infinite value", "counts are never NaN/inf: fix the matrix upstream (e.g. "
-         "re-run the quantification) or drop the affected cells before converting"),
-        (lambda: data < 0, "negative value", "this looks like scaled or batch-corrected data; convert the raw counts "
-         "instead (--use-raw or --layer counts)"),
+        (
+            lambda: ~np.isfinite(data),
+            "NaN or infinite value",
+            "counts are never NaN/inf: fix the matrix upstream (e.g. "
+            "re-run the quantification) or drop the affected cells before converting",
+        ),
+        (
+            lambda: data < 0,
+            "negative value",
+            "this looks like scaled or batch-corrected data; convert the raw counts "
+            "instead (--use-raw or --layer counts)",
+        ),
     ]
     if not allow_float:
-        problems.append((lambda: np.mod(data, 1) != 0, "non-integer value where raw counts are expected",
-                         "point the converter at raw counts (--use-raw or --layer counts), or pass "
-                         "--allow-normalized (allow_float=True) to store normalized values as float32"))
+        problems.append(
+            (
+                lambda: np.mod(data, 1) != 0,
+                "non-integer value where raw counts are expected",
+                "point the converter at raw counts (--use-raw or --layer counts), or pass "
+                "--allow-normalized (allow_float=True) to store normalized values as float32",
+            )
+        )
     for find, what, fix in problems:  # in order: later checks assume finite values
         mask = find()
         if mask.any():
@@ -217,14 +238,19 @@ STAT_KEYS = ("n_cells", "n_cells_dropped", "counts_total", "counts_lost_unknown_
 
 def chunk_stats(cells: PreparedCells, dataset_codes: np.ndarray, n_datasets: int) -> dict[str, np.ndarray]:
     """Per-dataset-code sums over one chunk."""
+
     def by(weights=None, mask=None):
         codes = dataset_codes if mask is None else dataset_codes[mask]
         w = None if weights is None else (weights if mask is None else weights[mask])
         return np.bincount(codes, weights=w, minlength=n_datasets)
 
-    return {"n_cells": by(mask=cells.keep), "n_cells_dropped": by(mask=~cells.keep),
-            "counts_total": by(cells.counts_total), "counts_lost_unknown_genes": by(cells.counts_lost),
-            "nnz_lost_unknown_genes": by(cells.nnz_lost.astype(np.float64))}
+    return {
+        "n_cells": by(mask=cells.keep),
+        "n_cells_dropped": by(mask=~cells.keep),
+        "counts_total": by(cells.counts_total),
+        "counts_lost_unknown_genes": by(cells.counts_lost),
+        "nnz_lost_unknown_genes": by(cells.nnz_lost.astype(np.float64)),
+    }
 
 
 def _merge_stats(stats: dict, labels: list[str], part: dict[str, np.ndarray]) -> None:
@@ -266,17 +292,38 @@ def _check_existing(out: Path, fp: str, overwrite: bool) -> dict | None:
     return None
 
 
-def run_conversion(readers: list, out: str | os.PathLike, vocab: GeneVocab, obs_columns: Sequence[str],
-                   params: dict, shard_size: int = 16384, chunk_size: int = 2048, allow_float: bool = False,
-                   min_genes: int = 1, split: dict | None = None, gene_table: Mapping[str, str] | None = None,
-                   on_duplicate: str = "error", overwrite: bool = False, resume: bool = True,
-                   log: Callable[[str], None] | None = None, extra_manifest: dict | None = None) -> dict:
+def run_conversion(
+    readers: list,
+    out: str | os.PathLike,
+    vocab: GeneVocab,
+    obs_columns: Sequence[str],
+    params: dict,
+    shard_size: int = 16384,
+    chunk_size: int = 2048,
+    allow_float: bool = False,
+    min_genes: int = 1,
+    split: dict | None = None,
+    gene_table: Mapping[str, str] | None = None,
+    on_duplicate: str = "error",
+    overwrite: bool = False,
+    resume: bool = True,
+    log: Callable[[str], None] | None = None,
+    extra_manifest: dict | None = None,
+) -> dict:
     """Convert ``readers`` into a corpus at ``out`` (see module docstring); returns the manifest."""
     out = Path(out)
     log = log or (lambda msg: None)
     obs_columns = [c for c in obs_columns if c != "dataset"]
-    params = {**params, "vocab_sha256": _vocab_digest(vocab), "obs_columns": obs_columns, "shard_size": shard_size,
-              "allow_float": allow_float, "min_genes": min_genes, "split": split, "on_duplicate": on_duplicate}
+    params = {
+        **params,
+        "vocab_sha256": _vocab_digest(vocab),
+        "obs_columns": obs_columns,
+        "shard_size": shard_size,
+        "allow_float": allow_float,
+        "min_genes": min_genes,
+        "split": split,
+        "on_duplicate": on_duplicate,
+    }
     fp = fingerprint(params)
     created_dir = not out.exists()
     done = _check_existing(out, fp, overwrite)
@@ -295,8 +342,14 @@ def run_conversion(readers: list, out: str | os.PathLike, vocab: GeneVocab, obs_
     if not resume:
         journal.clear()
     state = journal.load(fp, params)
-    writer = CorpusWriter(out, vocab, ["dataset", *obs_columns], shard_size=shard_size, allow_float=allow_float,
-                          creation={"fingerprint": fp, "params": params, "chunk_size": chunk_size})
+    writer = CorpusWriter(
+        out,
+        vocab,
+        ["dataset", *obs_columns],
+        shard_size=shard_size,
+        allow_float=allow_float,
+        creation={"fingerprint": fp, "params": params, "chunk_size": chunk_size},
+    )
     stats: dict[str, dict] = {}
     position = [0, 0]
     id_dtype = index_dtype(len(vocab))
@@ -321,16 +374,26 @@ def run_conversion(readers: list, out: str | os.PathLike, vocab: GeneVocab, obs_
                 obs = {"dataset": ds_codes[cells.keep]}
                 for c in obs_columns:
                     obs[c] = writer.codes(c, raw.obs[c][cells.keep])
-                flushed = writer.add_cells(cells.indptr, cells.gene_ids.astype(id_dtype), cells.counts, obs,
-                                           source_row=raw.source_row[cells.keep], coded=True)
+                flushed = writer.add_cells(
+                    cells.indptr,
+                    cells.gene_ids.astype(id_dtype),
+                    cells.counts,
+                    obs,
+                    source_row=raw.source_row[cells.keep],
+                    coded=True,
+                )
                 if flushed:
                     journal.save(fp, params, [ri, hi], writer, stats)
                     _pause_for_crash_tests()
-                    log(f"{len(writer.shards)} shards, {writer.n_cells_written} cells written "
-                        f"(input {ri + 1}/{len(readers)}, row {hi}/{reader.n_rows})")
+                    log(
+                        f"{len(writer.shards)} shards, {writer.n_cells_written} cells written "
+                        f"(input {ri + 1}/{len(readers)}, row {hi}/{reader.n_rows})"
+                    )
         writer.datasets = _dataset_entries(readers, reports, stats, obs_columns)
-        manifest = writer.finish(split, extra={"sources": [_source_entry(r, rep) for r, rep in zip(readers, reports)],
-                                               **(extra_manifest or {})})
+        manifest = writer.finish(
+            split,
+            extra={"sources": [_source_entry(r, rep) for r, rep in zip(readers, reports)], **(extra_manifest or {})},
+        )
     except CorpusFormatError:
         _clear_corpus_files(out)  # a bad input leaves nothing partial behind
         if created_dir and out.exists() and not any(out.iterdir()):
@@ -381,8 +444,13 @@ def _check_split_request(split: dict | None, readers: list) -> None:
 
 
 def _source_entry(reader, rep: GeneReport) -> dict:
-    return {"name": reader.name, "source": reader.source, "gene_source": getattr(reader, "gene_source", None),
-            "n_rows": reader.n_rows, **rep.as_dict()}
+    return {
+        "name": reader.name,
+        "source": reader.source,
+        "gene_source": getattr(reader, "gene_source", None),
+        "n_rows": reader.n_rows,
+        **rep.as_dict(),
+    }
 
 
 def _dataset_entries(readers: list, reports: list[GeneReport], stats: dict, obs_columns: list[str]) -> list[dict]:
@@ -392,22 +460,38 @@ def _dataset_entries(readers: list, reports: list[GeneReport], stats: dict, obs_
         for name in getattr(r, "dataset_names", [r.name]):
             s = stats.get(name, {k: 0 for k in STAT_KEYS})
             total = s["counts_total"]
-            entries.append({
-                "name": name, "source": r.source, **{k: s[k] for k in STAT_KEYS},
-                "fraction_counts_lost": (s["counts_lost_unknown_genes"] / total) if total else 0.0,
-                "n_cells_dropped_empty": s["n_cells_dropped"],
-                "obs_missing": [c for c in obs_columns if not r.has_obs(c)],
-                **rep.as_dict(),
-            })
+            entries.append(
+                {
+                    "name": name,
+                    "source": r.source,
+                    **{k: s[k] for k in STAT_KEYS},
+                    "fraction_counts_lost": (s["counts_lost_unknown_genes"] / total) if total else 0.0,
+                    "n_cells_dropped_empty": s["n_cells_dropped"],
+                    "obs_missing": [c for c in obs_columns if not r.has_obs(c)],
+                    **rep.as_dict(),
+                }
+            )
     return entries
 
 
-def convert_sources(sources: Sequence[Source], out: str | os.PathLike, vocab: GeneVocab | None = None,
-                    obs_columns: Sequence[str] = (), shard_size: int = 16384, chunk_size: int = 2048,
-                    allow_float: bool = False, min_genes: int = 1, split: dict | None = None, *,
-                    gene_table: Mapping[str, str] | None = None, overwrite: bool = False, resume: bool = True,
-                    require_obs: bool = True, on_duplicate: str = "error",
-                    log: Callable[[str], None] | None = None) -> dict:
+def convert_sources(
+    sources: Sequence[Source],
+    out: str | os.PathLike,
+    vocab: GeneVocab | None = None,
+    obs_columns: Sequence[str] = (),
+    shard_size: int = 16384,
+    chunk_size: int = 2048,
+    allow_float: bool = False,
+    min_genes: int = 1,
+    split: dict | None = None,
+    *,
+    gene_table: Mapping[str, str] | None = None,
+    overwrite: bool = False,
+    resume: bool = True,
+    require_obs: bool = True,
+    on_duplicate: str = "error",
+    log: Callable[[str], None] | None = None,
+) -> dict:
     """Convert AnnData sources (objects or .h5ad paths) into a corpus at ``out``; returns the manifest.
 
     ``vocab=None`` builds the vocabulary from the union of the inputs' genes. ``require_obs``
@@ -426,18 +510,51 @@ def convert_sources(sources: Sequence[Source], out: str | os.PathLike, vocab: Ge
                     f"obs column {c!r} exists in none of the inputs (e.g. {readers[0].path} has "
                     f"{readers[0].obs_columns[:15]}); fix --obs-columns or map it with NAME=SOURCE_COLUMN"
                 )
-    params = {"kind": "anndata", "sources": [
-        {"name": s.name, "gene_column": s.gene_column, "use_raw": s.use_raw, "layer": s.layer,
-         "obs_map": s.obs_map, **r.fingerprint()} for s, r in zip(sources, readers)],
-        "gene_table": _table_digest(gene_table)}
-    return run_conversion(readers, out, vocab, list(obs_columns), params, shard_size=shard_size, chunk_size=chunk_size,
-                          allow_float=allow_float, min_genes=min_genes, split=split, gene_table=gene_table,
-                          on_duplicate=on_duplicate, overwrite=overwrite, resume=resume, log=log)
+    params = {
+        "kind": "anndata",
+        "sources": [
+            {
+                "name": s.name,
+                "gene_column": s.gene_column,
+                "use_raw": s.use_raw,
+                "layer": s.layer,
+                "obs_map": s.obs_map,
+                **r.fingerprint(),
+            }
+            for s, r in zip(sources, readers)
+        ],
+        "gene_table": _table_digest(gene_table),
+    }
+    return run_conversion(
+        readers,
+        out,
+        vocab,
+        list(obs_columns),
+        params,
+        shard_size=shard_size,
+        chunk_size=chunk_size,
+        allow_float=allow_float,
+        min_genes=min_genes,
+        split=split,
+        gene_table=gene_table,
+        on_duplicate=on_duplicate,
+        overwrite=overwrite,
+        resume=resume,
+        log=log,
+    )
 
 
 def print_log(msg: str) -> None:
     print(msg, file=sys.stderr, flush=True)
 
 
-__all__ = ["Source", "convert_sources", "run_conversion", "gene_union", "sources_from_paths", "map_reader_genes",
-           "DEFAULT_OBS_COLUMNS", "file_sha256"]
+__all__ = [
+    "Source",
+    "convert_sources",
+    "run_conversion",
+    "gene_union",
+    "sources_from_paths",
+    "map_reader_genes",
+    "DEFAULT_OBS_COLUMNS",
+    "file_sha256",
+]

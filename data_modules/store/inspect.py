@@ -112,11 +112,20 @@ def corpus_info(root: str | os.PathLike) -> dict:
     root = Path(root)
     disk = sum(p.stat().st_size for p in root.rglob("*") if p.is_file())
     return {
-        "root": str(root), "format_version": m["format_version"], "n_cells": corpus.n_cells, "nnz": m["nnz"],
-        "mean_nnz_per_cell": m["nnz"] / max(corpus.n_cells, 1), "n_genes": len(corpus.vocab.genes),
-        "vocab_size": len(corpus.vocab), "n_shards": corpus.n_shards, "disk_bytes": disk, "counts": m.get("counts"),
-        "count_dtypes": sorted({s["dtype"] for s in corpus.shards}), "split": m["split"],
-        "obs_columns": {c: len(t) for c, t in corpus.obs_columns.items()}, "datasets": m.get("datasets", []),
+        "root": str(root),
+        "format_version": m["format_version"],
+        "n_cells": corpus.n_cells,
+        "nnz": m["nnz"],
+        "mean_nnz_per_cell": m["nnz"] / max(corpus.n_cells, 1),
+        "n_genes": len(corpus.vocab.genes),
+        "vocab_size": len(corpus.vocab),
+        "n_shards": corpus.n_shards,
+        "disk_bytes": disk,
+        "counts": m.get("counts"),
+        "count_dtypes": sorted({s["dtype"] for s in corpus.shards}),
+        "split": m["split"],
+        "obs_columns": {c: len(t) for c, t in corpus.obs_columns.items()},
+        "datasets": m.get("datasets", []),
     }
 
 
@@ -133,8 +142,9 @@ def parse_cell_range(text: str, n_cells: int) -> tuple[int, int]:
     return start, stop
 
 
-def to_anndata(corpus: Corpus | str | os.PathLike, start: int = 0, stop: int | None = None,
-               genes: str = "all") -> ad.AnnData:
+def to_anndata(
+    corpus: Corpus | str | os.PathLike, start: int = 0, stop: int | None = None, genes: str = "all"
+) -> ad.AnnData:
     """Cells ``start:stop`` as AnnData: X = stored counts (CSR), var = vocab genes, obs = decoded labels.
 
     ``genes="all"`` keeps every vocab gene (column order = vocab id order), ``"present"``
@@ -152,8 +162,9 @@ def to_anndata(corpus: Corpus | str | os.PathLike, start: int = 0, stop: int | N
     col_of_id = np.full(len(id_to_token), -1, dtype=np.int64)
     col_of_id[gene_vocab_ids] = np.arange(len(gene_vocab_ids))
     dtype = np.result_type(np.float32, *[np.dtype(s["dtype"]) for s in corpus.shards])
-    X = sp.csr_matrix((block.counts.astype(dtype), col_of_id[block.gene_ids], block.indptr),
-                      shape=(len(block), len(gene_vocab_ids)))
+    X = sp.csr_matrix(
+        (block.counts.astype(dtype), col_of_id[block.gene_ids], block.indptr), shape=(len(block), len(gene_vocab_ids))
+    )
     obs = pd.DataFrame(index=pd.Index(block.cell_index.astype(str), name="cell_id"))
     for col, categories in corpus.obs_columns.items():
         obs[col] = pd.Categorical.from_codes(block.obs[col], categories=categories)

@@ -61,8 +61,14 @@ class Journal:
         self.dir.mkdir(parents=True, exist_ok=True)
         name = f"pending-{len(writer.shards):06d}.h5"
         writer.save_pending(self.dir / name)
-        state = {"fingerprint": fp, "params": params, "position": position, "writer": writer.state(),
-                 "stats": stats, "pending": name}
+        state = {
+            "fingerprint": fp,
+            "params": params,
+            "position": position,
+            "writer": writer.state(),
+            "stats": stats,
+            "pending": name,
+        }
         write_text_atomic(self.state_path, json.dumps(state))
         for p in self.dir.glob("pending-*.h5"):
             if p.name != name:

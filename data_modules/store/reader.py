@@ -32,7 +32,7 @@ class CellBlock:
     def nnz_per_cell(self) -> np.ndarray:  # (n,) int64
         return np.diff(self.indptr)
 
-    def take(self, rows: np.ndarray) -> "CellBlock":
+    def take(self, rows: np.ndarray) -> CellBlock:
         """The cells at ``rows`` (int positions or a bool mask), in that order."""
         rows = np.asarray(rows)
         if rows.dtype == bool:
@@ -53,7 +53,7 @@ class CellBlock:
         )
 
     @staticmethod
-    def concat(blocks: list["CellBlock"]) -> "CellBlock":
+    def concat(blocks: list[CellBlock]) -> CellBlock:
         if len(blocks) == 1:
             return blocks[0]
         lengths = np.concatenate([b.nnz_per_cell for b in blocks])
@@ -100,7 +100,7 @@ class Corpus:
         self._pid = os.getpid()
 
     @classmethod
-    def open(cls, root: str | os.PathLike) -> "Corpus":
+    def open(cls, root: str | os.PathLike) -> Corpus:
         return cls(root)
 
     # sizes ----------------------------------------------------------------------------
@@ -167,7 +167,9 @@ class Corpus:
             s0 = int(self.shard_offsets[shard])
             if s0 >= stop:
                 break
-            blocks.append(self.read_block(shard, max(start - s0, 0), min(stop, int(self.shard_offsets[shard + 1])) - s0))
+            blocks.append(
+                self.read_block(shard, max(start - s0, 0), min(stop, int(self.shard_offsets[shard + 1])) - s0)
+            )
         if not blocks:
             raise IndexError(f"cells {start}:{stop} are outside 0:{self.n_cells}")
         return CellBlock.concat(blocks)
@@ -189,7 +191,7 @@ class Corpus:
         state["_handles"] = {}
         return state
 
-    def __enter__(self) -> "Corpus":
+    def __enter__(self) -> Corpus:
         return self
 
     def __exit__(self, *exc) -> None:

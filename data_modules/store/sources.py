@@ -50,8 +50,15 @@ def _h5_error(path: Path, e: Exception) -> CorpusFormatError:
 class H5adReader:
     """Reads an .h5ad file through h5py in row slices; memory grows with the slice, not the file."""
 
-    def __init__(self, path: str | os.PathLike, name: str, gene_column: str | None = None,
-                 use_raw: bool = False, layer: str | None = None, obs_map: dict[str, str] | None = None):
+    def __init__(
+        self,
+        path: str | os.PathLike,
+        name: str,
+        gene_column: str | None = None,
+        use_raw: bool = False,
+        layer: str | None = None,
+        obs_map: dict[str, str] | None = None,
+    ):
         self.path = Path(path)
         self.name = name
         self.source = str(self.path)
@@ -78,7 +85,9 @@ class H5adReader:
         if layer is not None:
             if "layers" not in f or layer not in f["layers"]:
                 have = list(f["layers"].keys()) if "layers" in f else []
-                raise CorpusFormatError(f"{self.path}: has no layer {layer!r} (layers: {have}); pick one of them or drop --layer")
+                raise CorpusFormatError(
+                    f"{self.path}: has no layer {layer!r} (layers: {have}); pick one of them or drop --layer"
+                )
             self._X = f["layers"][layer]
         elif use_raw:
             if "raw" not in f:
@@ -95,7 +104,9 @@ class H5adReader:
                     "re-save it as CSR: `adata.X = adata.X.tocsr(); adata.write_h5ad(...)`"
                 )
             if enc != "csr_matrix":
-                raise CorpusFormatError(f"{self.path}: X has unsupported encoding {enc!r}; re-save it with a recent anndata")
+                raise CorpusFormatError(
+                    f"{self.path}: X has unsupported encoding {enc!r}; re-save it with a recent anndata"
+                )
             self.n_rows, self._n_cols = (int(x) for x in self._X.attrs["shape"])
         else:
             self.n_rows, self._n_cols = self._X.shape
@@ -144,8 +155,13 @@ class H5adReader:
         except Exception as e:
             raise _h5_error(self.path, e) from None
         n = hi - lo
-        return RawChunk(X=X, obs={c: (v if v is not None else np.full(n, UNKNOWN_LABEL)) for c, v in obs.items()},
-                        dataset=np.full(n, self.name), source_row=np.arange(lo, hi, dtype=np.int64), cell_names=names)
+        return RawChunk(
+            X=X,
+            obs={c: (v if v is not None else np.full(n, UNKNOWN_LABEL)) for c, v in obs.items()},
+            dataset=np.full(n, self.name),
+            source_row=np.arange(lo, hi, dtype=np.int64),
+            cell_names=names,
+        )
 
     def has_obs(self, column: str) -> bool:
         return self.obs_map.get(column, column) in self.obs_columns
@@ -163,8 +179,15 @@ def _plain(ds: h5py.Dataset, lo: int, hi: int) -> np.ndarray:
 class AnnDataReader:
     """Row chunks of an in-memory (or backed) AnnData object."""
 
-    def __init__(self, adata: ad.AnnData, name: str, gene_column: str | None = None, use_raw: bool = False,
-                 layer: str | None = None, obs_map: dict[str, str] | None = None):
+    def __init__(
+        self,
+        adata: ad.AnnData,
+        name: str,
+        gene_column: str | None = None,
+        use_raw: bool = False,
+        layer: str | None = None,
+        obs_map: dict[str, str] | None = None,
+    ):
         self.adata = adata
         self.name = name
         self.source = "<in-memory AnnData>"
@@ -204,10 +227,16 @@ class AnnDataReader:
         obs = {}
         for c in obs_columns:
             src = self.obs_map.get(c, c)
-            obs[c] = _labels(self.adata.obs[src].to_numpy()[lo:hi]) if src in self.obs_columns else np.full(n, UNKNOWN_LABEL)
-        return RawChunk(X=sp.csr_matrix(self._X[lo:hi]), obs=obs, dataset=np.full(n, self.name),
-                        source_row=np.arange(lo, hi, dtype=np.int64),
-                        cell_names=np.asarray(self.adata.obs_names[lo:hi]).astype(str))
+            obs[c] = (
+                _labels(self.adata.obs[src].to_numpy()[lo:hi]) if src in self.obs_columns else np.full(n, UNKNOWN_LABEL)
+            )
+        return RawChunk(
+            X=sp.csr_matrix(self._X[lo:hi]),
+            obs=obs,
+            dataset=np.full(n, self.name),
+            source_row=np.arange(lo, hi, dtype=np.int64),
+            cell_names=np.asarray(self.adata.obs_names[lo:hi]).astype(str),
+        )
 
     def close(self) -> None:
         pass

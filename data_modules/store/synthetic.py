@@ -18,12 +18,12 @@ ASSAYS = np.array(["10x 3' v3", "10x 3' v2", "Smart-seq2"])
 
 def synthetic_genes(n_genes: int) -> pd.DataFrame:
     """var table with symbols as index and Ensembl-like ids in ``gene_ids``."""
-    return pd.DataFrame({"gene_ids": [f"ENSG{i:011d}" for i in range(n_genes)]},
-                        index=pd.Index([f"GENE{i}" for i in range(n_genes)]))
+    return pd.DataFrame(
+        {"gene_ids": [f"ENSG{i:011d}" for i in range(n_genes)]}, index=pd.Index([f"GENE{i}" for i in range(n_genes)])
+    )
 
 
-def synthetic_counts(rng: np.random.Generator, n_cells: int, n_genes: int, nnz_per_cell: int,
-                     gene_mean: np.ndarray):
+def synthetic_counts(rng: np.random.Generator, n_cells: int, n_genes: int, nnz_per_cell: int, gene_mean: np.ndarray):
     """CSR parts (indptr, indices, data float32) of ``n_cells`` cells with ~``nnz_per_cell`` genes each."""
     p = min(nnz_per_cell / n_genes, 1.0)
     mask = rng.random((n_cells, n_genes), dtype=np.float32) < p  # (n, G)
@@ -35,17 +35,27 @@ def synthetic_counts(rng: np.random.Generator, n_cells: int, n_genes: int, nnz_p
 
 
 def synthetic_obs(rng: np.random.Generator, n_cells: int, n_datasets: int) -> pd.DataFrame:
-    return pd.DataFrame({
-        "dataset": pd.Categorical(np.sort(rng.integers(0, n_datasets, n_cells)).astype(str)),
-        "cell_type": pd.Categorical(CELL_TYPES[rng.integers(0, len(CELL_TYPES), n_cells)]),
-        "tissue": pd.Categorical(TISSUES[rng.integers(0, len(TISSUES), n_cells)]),
-        "assay": pd.Categorical(ASSAYS[rng.integers(0, len(ASSAYS), n_cells)]),
-        "donor_id": pd.Categorical([f"donor{d}" for d in rng.integers(0, 8, n_cells)]),
-    }, index=pd.Index([f"cell{i}" for i in range(n_cells)]))
+    return pd.DataFrame(
+        {
+            "dataset": pd.Categorical(np.sort(rng.integers(0, n_datasets, n_cells)).astype(str)),
+            "cell_type": pd.Categorical(CELL_TYPES[rng.integers(0, len(CELL_TYPES), n_cells)]),
+            "tissue": pd.Categorical(TISSUES[rng.integers(0, len(TISSUES), n_cells)]),
+            "assay": pd.Categorical(ASSAYS[rng.integers(0, len(ASSAYS), n_cells)]),
+            "donor_id": pd.Categorical([f"donor{d}" for d in rng.integers(0, 8, n_cells)]),
+        },
+        index=pd.Index([f"cell{i}" for i in range(n_cells)]),
+    )
 
 
-def make_synthetic_h5ad(path: str | os.PathLike, n_cells: int = 1000, nnz_per_cell: int = 2000, n_genes: int = 20000,
-                        n_datasets: int = 1, seed: int = 0, chunk_cells: int = 2000) -> Path:
+def make_synthetic_h5ad(
+    path: str | os.PathLike,
+    n_cells: int = 1000,
+    nnz_per_cell: int = 2000,
+    n_genes: int = 20000,
+    n_datasets: int = 1,
+    seed: int = 0,
+    chunk_cells: int = 2000,
+) -> Path:
     """Write a raw-count h5ad (CSR X, float32) chunk by chunk; memory is independent of ``n_cells``."""
     path = Path(path)
     rng = np.random.default_rng(seed)

@@ -32,9 +32,17 @@ from data_modules.store.split import split_membership
 from data_modules.vocab import GeneVocab
 
 
-def write_shard(path: Path, indptr: np.ndarray, gene_ids: np.ndarray, counts: np.ndarray,
-                obs: dict[str, np.ndarray], allow_float: bool, source_row: np.ndarray | None = None,
-                vocab_size: int = 1 << 31, exact_dtypes: bool = False) -> dict:
+def write_shard(
+    path: Path,
+    indptr: np.ndarray,
+    gene_ids: np.ndarray,
+    counts: np.ndarray,
+    obs: dict[str, np.ndarray],
+    allow_float: bool,
+    source_row: np.ndarray | None = None,
+    vocab_size: int = 1 << 31,
+    exact_dtypes: bool = False,
+) -> dict:
     """Write one shard (contiguous datasets) to a temp file, fsync, then rename. Returns its manifest entry.
 
     ``exact_dtypes`` keeps the given dtypes (used for the journal's pending-cells file).
@@ -63,14 +71,24 @@ def write_shard(path: Path, indptr: np.ndarray, gene_ids: np.ndarray, counts: np
     finally:
         if tmp.exists():
             tmp.unlink()
-    return {"n_cells": int(n), "nnz": int(indptr[-1]), "bytes": path.stat().st_size, "sha256": sha,
-            "dtype": np.dtype(cdtype).name}
+    return {
+        "n_cells": int(n),
+        "nnz": int(indptr[-1]),
+        "bytes": path.stat().st_size,
+        "sha256": sha,
+        "dtype": np.dtype(cdtype).name,
+    }
 
 
 def read_pending(path: Path) -> tuple[np.ndarray, np.ndarray, np.ndarray, dict[str, np.ndarray], np.ndarray]:
     with h5py.File(path, "r") as f:
-        return (f[INDPTR][:], f[INDICES][:], f[DATA][:], {k: f[OBS_GROUP][k][:] for k in f[OBS_GROUP]},
-                f[SOURCE_ROW][:])
+        return (
+            f[INDPTR][:],
+            f[INDICES][:],
+            f[DATA][:],
+            {k: f[OBS_GROUP][k][:] for k in f[OBS_GROUP]},
+            f[SOURCE_ROW][:],
+        )
 
 
 class CorpusWriter:
@@ -80,8 +98,15 @@ class CorpusWriter:
     ``(shard_size + chunk) * nnz_per_cell * (index + count bytes)``.
     """
 
-    def __init__(self, out: str | os.PathLike, vocab: GeneVocab, obs_columns: list[str],
-                 shard_size: int = 16384, allow_float: bool = False, creation: dict | None = None):
+    def __init__(
+        self,
+        out: str | os.PathLike,
+        vocab: GeneVocab,
+        obs_columns: list[str],
+        shard_size: int = 16384,
+        allow_float: bool = False,
+        creation: dict | None = None,
+    ):
         self.out = Path(out)
         self.vocab = vocab
         self.obs_columns = list(obs_columns)
@@ -113,8 +138,15 @@ class CorpusWriter:
 
     _codes = codes
 
-    def add_cells(self, indptr: np.ndarray, gene_ids: np.ndarray, counts: np.ndarray,
-                  obs: dict[str, np.ndarray], source_row: np.ndarray | None = None, coded: bool = False) -> int:
+    def add_cells(
+        self,
+        indptr: np.ndarray,
+        gene_ids: np.ndarray,
+        counts: np.ndarray,
+        obs: dict[str, np.ndarray],
+        source_row: np.ndarray | None = None,
+        coded: bool = False,
+    ) -> int:
         """Append cells in CSR form; ``obs`` maps every obs column to (n,) labels (or codes if ``coded``).
 
         Returns the number of shards flushed by this call.
@@ -146,12 +178,19 @@ class CorpusWriter:
             m = len(indptr) - 1
             k = min(m, n - taken)
             lo, hi, end = int(indptr[0]), int(indptr[k]), int(indptr[-1])
-            parts.append((indptr[: k + 1] - lo, gids[lo:hi], cnts[lo:hi], {c: v[:k] for c, v in codes.items()}, rows[:k]))
+            parts.append(
+                (indptr[: k + 1] - lo, gids[lo:hi], cnts[lo:hi], {c: v[:k] for c, v in codes.items()}, rows[:k])
+            )
             if k == m:
                 self._pending.pop(0)
             else:
-                self._pending[0] = (indptr[k:] - indptr[k], gids[hi:end], cnts[hi:end],
-                                    {c: v[k:] for c, v in codes.items()}, rows[k:])
+                self._pending[0] = (
+                    indptr[k:] - indptr[k],
+                    gids[hi:end],
+                    cnts[hi:end],
+                    {c: v[k:] for c, v in codes.items()},
+                    rows[k:],
+                )
             taken += k
         lengths = np.concatenate([np.diff(p[0]) for p in parts])
         indptr = np.zeros(n + 1, dtype=np.int64)
@@ -167,8 +206,16 @@ class CorpusWriter:
         indptr, gids, cnts, codes, rows = self._take_pending(n)
         index = len(self.shards)
         try:
-            entry = write_shard(self.out / shard_name(index), indptr, gids, cnts, codes, self.allow_float,
-                                source_row=rows, vocab_size=len(self.vocab))
+            entry = write_shard(
+                self.out / shard_name(index),
+                indptr,
+                gids,
+                cnts,
+                codes,
+                self.allow_float,
+                source_row=rows,
+                vocab_size=len(self.vocab),
+            )
         except CorpusFormatError as e:
             raise CorpusFormatError(f"{e}: pass allow_float=True (--allow-normalized) for normalized values") from None
         self.shards.append({"path": shard_name(index), **entry})
@@ -181,7 +228,12 @@ class CorpusWriter:
             self._pending = [(indptr, gids, cnts, codes, rows)]
             self._pending_cells = len(indptr) - 1
         else:
-            indptr, gids, cnts, rows = np.zeros(1, np.int64), np.zeros(0, np.int32), np.zeros(0, np.float32), np.zeros(0, np.int64)
+            indptr, gids, cnts, rows = (
+                np.zeros(1, np.int64),
+                np.zeros(0, np.int32),
+                np.zeros(0, np.float32),
+                np.zeros(0, np.int64),
+            )
             codes = {c: np.zeros(0, np.int32) for c in self.obs_columns}
         write_shard(path, indptr, gids, cnts, codes, True, source_row=rows, exact_dtypes=True)
         return self._pending_cells
@@ -217,8 +269,12 @@ class CorpusWriter:
             "shard_size": self.shard_size,
             "counts": "normalized" if self.allow_float else "raw",
             "shards": self.shards,
-            "vocab": {"path": VOCAB_NAME, "size": len(self.vocab), "sha256": file_sha256(self.out / VOCAB_NAME),
-                      "keyed_by": self.vocab.keyed_by},
+            "vocab": {
+                "path": VOCAB_NAME,
+                "size": len(self.vocab),
+                "sha256": file_sha256(self.out / VOCAB_NAME),
+                "keyed_by": self.vocab.keyed_by,
+            },
             "datasets": self.datasets,
             "obs_columns": {c: list(t) for c, t in self.categories.items()},
             "split": split,

@@ -41,16 +41,19 @@ def kernel_counts(counts: np.ndarray) -> tuple[np.ndarray, bool]:
         return counts, counts.dtype.kind == "u"
     if counts.dtype.kind in "uib":
         if counts.size and (int(counts.min()) < 0 or int(counts.max()) >= 1 << 32):
-            raise ValueError(f"integer counts must lie in [0, 2**32) to be binned, got {counts.dtype} values "
-                             f"in [{counts.min()}, {counts.max()}]")
+            raise ValueError(
+                f"integer counts must lie in [0, 2**32) to be binned, got {counts.dtype} values "
+                f"in [{counts.min()}, {counts.max()}]"
+            )
         return counts.astype(np.uint32), True
     if counts.dtype.kind == "f":
         return counts.astype(np.float32), False
     raise TypeError(f"cannot bin counts of dtype {counts.dtype}; store integers or float32")
 
 
-def bin_values(indptr: np.ndarray, counts: np.ndarray, n_bins: int, rng: np.random.Generator,
-               cells: np.ndarray | None = None) -> np.ndarray:
+def bin_values(
+    indptr: np.ndarray, counts: np.ndarray, n_bins: int, rng: np.random.Generator, cells: np.ndarray | None = None
+) -> np.ndarray:
     """(nnz,) int64 bin of every CSR entry: 0 for zeros, 1..n_bins-1 for non-zeros, per cell.
 
     Ties between several equal edges are broken with a stream seeded from ``rng`` (uniform
@@ -76,4 +79,3 @@ def bin_edges(indptr: np.ndarray, counts: np.ndarray, n_bins: int) -> np.ndarray
     out = np.empty((len(indptr) - 1, len(q)), dtype=np.float64)
     kernels.edges_batch(indptr[:-1], indptr[1:], values, integer, q, out)
     return out
-

@@ -129,7 +129,7 @@ def _cell_edges(vals, n, integer, q, edges, hist):
     if integer and vmax < max(_LUT_MIN, 4 * n):
         top = np.int64(vmax) + 1
         # four interleaved histograms: repeated values (most counts are 1-3) do not wait on each other
-        hist[:4 * top] = 0
+        hist[: 4 * top] = 0
         for i in range(0, n - 3, 4):
             hist[np.int64(vals[i])] += 1
             hist[top + np.int64(vals[i + 1])] += 1
@@ -283,8 +283,22 @@ def _cell_entries(starts, stops, counts, gene_ids, c, vals_buf, genes_buf):
 
 
 @numba.njit(cache=True, nogil=True)
-def encode_batch(starts, stops, counts, gene_ids, integer, q, max_genes, gen_ratio, mlm_prob, seed,
-                 offsets, out_genes, out_bins, out_flags):
+def encode_batch(
+    starts,
+    stops,
+    counts,
+    gene_ids,
+    integer,
+    q,
+    max_genes,
+    gen_ratio,
+    mlm_prob,
+    seed,
+    offsets,
+    out_genes,
+    out_bins,
+    out_flags,
+):
     """The kept tokens of every cell, compact: ``out_*[offsets[c]:offsets[c + 1]]`` for cell c.
 
     Cell c's entries are ``counts[starts[c]:stops[c]]`` (with ``gene_ids``). Per cell: bin its
@@ -322,7 +336,7 @@ def encode_batch(starts, stops, counts, gene_ids, integer, q, max_genes, gen_rat
         for t in range(n):  # positions of the kept entries, in store order (branch-free compaction)
             kept_at[m] = t
             m += flags[t] != _DROPPED
-        _bin_entries(vals, kept_at, k, top, edges, lut_left, lut_span, state, out_bins[row:row + k])
+        _bin_entries(vals, kept_at, k, top, edges, lut_left, lut_span, state, out_bins[row : row + k])
         for i in range(k):
             t = kept_at[i]
             hidden = np.uint8(flags[t] == _UNKNOWN)
@@ -333,8 +347,25 @@ def encode_batch(starts, stops, counts, gene_ids, integer, q, max_genes, gen_rat
 
 
 @numba.njit(cache=True, nogil=True)
-def pad_batch(offsets, genes, bins, flags, use_gen, use_mlm, pad_id, cls_id, pad_value, mask_value, cls_value,
-              token_ids, values, target_values, pad_mask, gen_mask, mlm_mask):
+def pad_batch(
+    offsets,
+    genes,
+    bins,
+    flags,
+    use_gen,
+    use_mlm,
+    pad_id,
+    cls_id,
+    pad_value,
+    mask_value,
+    cls_value,
+    token_ids,
+    values,
+    target_values,
+    pad_mask,
+    gen_mask,
+    mlm_mask,
+):
     """Fill the padded (B, L) rows from compact tokens: ``<cls>``, the cell's genes, ``<pad>`` up to L.
 
     ``flags`` bit 0 = unknown (generative), bit 1 = MLM-masked; hidden genes get
@@ -360,10 +391,10 @@ def pad_batch(offsets, genes, bins, flags, use_gen, use_mlm, pad_id, cls_id, pad
             gen_row[0] = False
             for p in range(1, k + 1):
                 gen_row[p] = (flags[row + p - 1] & 1) != 0
-            gen_row[k + 1:] = False
+            gen_row[k + 1 :] = False
         if use_mlm:
             mlm_row = mlm_mask[c]
             mlm_row[0] = False
             for p in range(1, k + 1):
                 mlm_row[p] = (flags[row + p - 1] & 2) != 0
-            mlm_row[k + 1:] = False
+            mlm_row[k + 1 :] = False

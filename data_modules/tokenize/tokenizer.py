@@ -17,8 +17,8 @@ from typing import Any
 import numpy as np
 import torch
 
-from data_modules.config import dataclass_from_any
 from data_modules.batch import Batch
+from data_modules.config import dataclass_from_any
 from data_modules.store.reader import CellBlock
 from data_modules.tokenize import kernels
 from data_modules.tokenize.binning import kernel_counts, quantile_levels
@@ -52,7 +52,7 @@ class TokenizerConfig:
             raise ValueError(f"mlm_prob must lie in [0, 1], got {self.mlm_prob}")
 
     @classmethod
-    def from_any(cls, cfg: "TokenizerConfig | dict | Any | None") -> "TokenizerConfig":
+    def from_any(cls, cfg: TokenizerConfig | dict | Any | None) -> TokenizerConfig:
         """Accept a TokenizerConfig, a dict or an omegaconf DictConfig (Hydra)."""
         return dataclass_from_any(cls, cfg, "tokenizer")
 
@@ -113,7 +113,10 @@ class Tokenizer:
             cell_index, obs = np.asarray(block.cell_index, dtype=np.int64), dict(block.obs)
         else:
             starts, stops = indptr[rows], indptr[rows + 1]
-            cell_index, obs = np.asarray(block.cell_index[rows], dtype=np.int64), {k: v[rows] for k, v in block.obs.items()}
+            cell_index, obs = (
+                np.asarray(block.cell_index[rows], dtype=np.int64),
+                {k: v[rows] for k, v in block.obs.items()},
+            )
         starts, stops = np.ascontiguousarray(starts), np.ascontiguousarray(stops)
         counts, integer = kernel_counts(block.counts)
         gene_ids = np.ascontiguousarray(block.gene_ids)
@@ -123,10 +126,22 @@ class Tokenizer:
         genes = np.empty(room, dtype=gene_ids.dtype)
         bins = np.empty(room, dtype=self._bin_dtype)
         flags = np.empty(room, dtype=np.uint8)
-        kernels.encode_batch(starts, stops, counts, gene_ids, integer, self._levels, cfg.max_seq_len - 1,
-                             -1.0 if gen_ratio is None else gen_ratio,
-                             -1.0 if cfg.mlm_prob is None else float(cfg.mlm_prob), kernels.kernel_seed(rng),
-                             offsets, genes, bins, flags)
+        kernels.encode_batch(
+            starts,
+            stops,
+            counts,
+            gene_ids,
+            integer,
+            self._levels,
+            cfg.max_seq_len - 1,
+            -1.0 if gen_ratio is None else gen_ratio,
+            -1.0 if cfg.mlm_prob is None else float(cfg.mlm_prob),
+            kernels.kernel_seed(rng),
+            offsets,
+            genes,
+            bins,
+            flags,
+        )
         n_tokens = int(offsets[-1])  # explicit zeros in the store never enter a row
         genes, bins, flags = genes[:n_tokens], bins[:n_tokens], flags[:n_tokens]
         return EncodedCells(offsets, genes, bins, flags, gen_ratio, cell_index, obs)
@@ -142,9 +157,25 @@ class Tokenizer:
         pad_mask = np.empty((n_cells, L), dtype=bool)  # (B, L)
         gen_mask = np.empty((n_cells, L) if cfg.gen_ratios is not None else (0, 0), dtype=bool)  # (B, L)
         mlm_mask = np.empty((n_cells, L) if cfg.mlm_prob is not None else (0, 0), dtype=bool)  # (B, L)
-        kernels.pad_batch(enc.offsets, enc.genes, enc.bins, enc.flags, cfg.gen_ratios is not None,
-                          cfg.mlm_prob is not None, self.pad_id, self.cls_id, cfg.pad_value, cfg.mask_value,
-                          cfg.cls_value, token_ids, values, target_values, pad_mask, gen_mask, mlm_mask)
+        kernels.pad_batch(
+            enc.offsets,
+            enc.genes,
+            enc.bins,
+            enc.flags,
+            cfg.gen_ratios is not None,
+            cfg.mlm_prob is not None,
+            self.pad_id,
+            self.cls_id,
+            cfg.pad_value,
+            cfg.mask_value,
+            cfg.cls_value,
+            token_ids,
+            values,
+            target_values,
+            pad_mask,
+            gen_mask,
+            mlm_mask,
+        )
         gen = None if cfg.gen_ratios is None else gen_mask
         mlm = None if cfg.mlm_prob is None else mlm_mask
         if cfg.value_style == "category":
@@ -161,8 +192,13 @@ class Tokenizer:
         )
 
 
-def category_values(target_values: np.ndarray, pad_mask: np.ndarray, gen_mask: np.ndarray | None,
-                    mlm_mask: np.ndarray | None, n_bins: int) -> np.ndarray:
+def category_values(
+    target_values: np.ndarray,
+    pad_mask: np.ndarray,
+    gen_mask: np.ndarray | None,
+    mlm_mask: np.ndarray | None,
+    n_bins: int,
+) -> np.ndarray:
     """(B, L) int64 category inputs: bins, pad (and <cls>) -> n_bins, hidden -> n_bins + 1."""
     values = target_values.astype(np.int64)
     values[pad_mask] = n_bins

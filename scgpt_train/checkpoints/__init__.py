@@ -13,17 +13,35 @@ from pathlib import Path
 import torch
 
 from data_modules.atomic import atomic_path, write_json_atomic
-from scgpt_train.checkpoints.mapping import (ATTENTION_LAYOUTS, MappingReport, config_from_official,
-                                             detect_attention_layout, official_args_from_config,
-                                             official_state_dict_to_ours, ours_to_official)
+from scgpt_train.checkpoints.mapping import (
+    ATTENTION_LAYOUTS,
+    MappingReport,
+    config_from_official,
+    detect_attention_layout,
+    official_args_from_config,
+    official_state_dict_to_ours,
+    ours_to_official,
+)
 from scgpt_train.model import ScGPT
 
 log = logging.getLogger(__name__)
 FORMAT = "scgpt_train/model-v1"
 
-__all__ = ["ATTENTION_LAYOUTS", "FORMAT", "MappingReport", "detect_attention_layout", "export_official",
-           "load_checkpoint", "load_model", "load_into", "load_official", "official_state_dict_to_ours", "ours_to_official",
-           "read_official", "save_checkpoint"]
+__all__ = [
+    "ATTENTION_LAYOUTS",
+    "FORMAT",
+    "MappingReport",
+    "detect_attention_layout",
+    "export_official",
+    "load_checkpoint",
+    "load_model",
+    "load_into",
+    "load_official",
+    "official_state_dict_to_ours",
+    "ours_to_official",
+    "read_official",
+    "save_checkpoint",
+]
 
 
 def _atomic_torch_save(obj, path: Path) -> None:
@@ -43,9 +61,11 @@ def load_into(model: ScGPT, sd_ours: dict, source: str = "checkpoint") -> Mappin
         if key not in own:
             report.ignored.append(key)
         elif tuple(own[key].shape) != tuple(value.shape):
-            raise ValueError(f"{source}: weight {key!r} has shape {tuple(value.shape)} but the model built from "
-                             f"its config expects {tuple(own[key].shape)}; the config (args.json / model_config) "
-                             f"does not describe these weights")
+            raise ValueError(
+                f"{source}: weight {key!r} has shape {tuple(value.shape)} but the model built from "
+                f"its config expects {tuple(own[key].shape)}; the config (args.json / model_config) "
+                f"does not describe these weights"
+            )
     usable = {k: v for k, v in sd_ours.items() if k in own}
     result = model.load_state_dict(usable, strict=False)
     report.missing = list(result.missing_keys)
@@ -110,9 +130,12 @@ def export_official(model: ScGPT, vocab: dict, out_dir, args: dict | None = None
 def save_checkpoint(model: ScGPT, vocab: dict | None, path) -> Path:
     """One torch file: {"format", "model_config", "state_dict", "vocab"}."""
     path = Path(path)
-    obj = {"format": FORMAT, "model_config": model.config(),
-           "state_dict": {k: v.detach().cpu() for k, v in model.state_dict().items()},
-           "vocab": dict(vocab) if vocab is not None else None}
+    obj = {
+        "format": FORMAT,
+        "model_config": model.config(),
+        "state_dict": {k: v.detach().cpu() for k, v in model.state_dict().items()},
+        "vocab": dict(vocab) if vocab is not None else None,
+    }
     _atomic_torch_save(obj, path)
     return path
 
@@ -132,7 +155,7 @@ def load_checkpoint(path, **overrides) -> tuple[ScGPT, dict | None]:
         if not isinstance(cfg, dict):
             raise ValueError(f"{path}: Lightning checkpoint without hyper_parameters['model'] (the ScGPT kwargs)")
         cfg = {k: v for k, v in dict(cfg).items() if k != "_target_"}
-        sd = {k[len("model."):]: v for k, v in obj["state_dict"].items() if k.startswith("model.")}
+        sd = {k[len("model.") :]: v for k, v in obj["state_dict"].items() if k.startswith("model.")}
         vocab = hp.get("vocab")
         if vocab is None:
             vocab = obj.get("vocab")
@@ -157,5 +180,6 @@ def load_model(path, vocab_size: int | None = None, pad_token_id: int | None = N
             raise ValueError(
                 f"{path}: the checkpoint has {name}={cfg[name]} but the data module gives {given}; build the data "
                 f"with the checkpoint's vocabulary (scripts/build_corpus.py ... --vocab <checkpoint>/vocab.json, "
-                f"or data.vocab={path} for AnnData fine-tuning)")
+                f"or data.vocab={path} for AnnData fine-tuning)"
+            )
     return model

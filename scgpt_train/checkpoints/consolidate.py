@@ -15,8 +15,10 @@ def checkpoint_kind(path: str | os.PathLike) -> str:
         return "dcp"
     if (path / "latest").exists() or list(path.glob("*/*model_states.pt")):
         return "deepspeed"
-    raise ValueError(f"{path} is neither a checkpoint file, a DeepSpeed checkpoint dir (with 'latest' and "
-                     f"*/mp_rank_*_model_states.pt) nor a torch.distributed.checkpoint dir (with .metadata)")
+    raise ValueError(
+        f"{path} is neither a checkpoint file, a DeepSpeed checkpoint dir (with 'latest' and "
+        f"*/mp_rank_*_model_states.pt) nor a torch.distributed.checkpoint dir (with .metadata)"
+    )
 
 
 def consolidate_checkpoint(src: str | os.PathLike, out: str | os.PathLike) -> Path:

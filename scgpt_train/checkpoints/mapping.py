@@ -11,7 +11,6 @@ from __future__ import annotations
 import re
 from dataclasses import dataclass, field
 
-
 ATTENTION_LAYOUTS = ("released", "impl", "torch")
 
 # (official regex, our replacement); applied first match wins. Attention keys are handled separately.
@@ -41,7 +40,8 @@ _OFFICIAL_TO_OURS = [
 _ATTN_OFFICIAL = re.compile(
     r"^transformer_encoder\.layers\.(\d+)\.self_attn\."
     r"(?:(?:_impl\.)?Wqkv\.(?P<wqkv>weight|bias)|in_proj_(?P<inproj>weight|bias)"
-    r"|(?:_impl\.)?out_proj\.(?P<out>weight|bias))$")
+    r"|(?:_impl\.)?out_proj\.(?P<out>weight|bias))$"
+)
 
 _OURS_TO_OFFICIAL = [
     (r"^gene_encoder\.embedding\.weight$", "encoder.embedding.weight"),
@@ -136,8 +136,10 @@ def ours_to_official(sd: dict, layout: str = "released") -> tuple[dict, MappingR
             if part == "out_proj":
                 new = base + ("_impl.out_proj." if layout == "impl" else "out_proj.") + kind
             else:
-                new = base + {"released": f"Wqkv.{kind}", "impl": f"_impl.Wqkv.{kind}",
-                              "torch": f"in_proj_{kind}"}[layout]
+                new = (
+                    base
+                    + {"released": f"Wqkv.{kind}", "impl": f"_impl.Wqkv.{kind}", "torch": f"in_proj_{kind}"}[layout]
+                )
         elif key.startswith("value_encoder.norm."):  # continuous: norm; category: enc_norm
             kind = key.rsplit(".", 1)[1]
             new = f"value_encoder.{'enc_norm' if 'value_encoder.embedding.weight' in sd else 'norm'}.{kind}"
@@ -175,16 +177,27 @@ def config_from_official(args: dict, vocab: dict, sd_ours: dict) -> dict:
         raise ValueError(f"args.json says nlayers={n_layers} but the weights have {max(layers_in_sd) + 1} layers")
     input_style = args.get("input_emb_style", "continuous")
     n_bins = int(args.get("n_bins", 51) or 51)
-    num_batch = (_rows(sd_ours, "batch_encoder.embedding.weight") or _rows(sd_ours, "dab_decoder.out_layer.weight")
-                 or len({k.split(".")[2] for k in sd_ours if k.startswith("dsbn.bns.")}) or 0)
+    num_batch = (
+        _rows(sd_ours, "batch_encoder.embedding.weight")
+        or _rows(sd_ours, "dab_decoder.out_layer.weight")
+        or len({k.split(".")[2] for k in sd_ours if k.startswith("dsbn.bns.")})
+        or 0
+    )
     n_mod = _rows(sd_ours, "modality_encoder.embedding.weight") or 0
     cfg = dict(
-        vocab_size=len(vocab), pad_token_id=int(vocab[pad_token]),
-        d_model=int(args["embsize"]), n_heads=int(args["nheads"]), d_ff=int(args["d_hid"]), n_layers=n_layers,
-        dropout=float(args.get("dropout", 0.2)), n_bins=n_bins, input_emb_style=input_style,
+        vocab_size=len(vocab),
+        pad_token_id=int(vocab[pad_token]),
+        d_model=int(args["embsize"]),
+        n_heads=int(args["nheads"]),
+        d_ff=int(args["d_hid"]),
+        n_layers=n_layers,
+        dropout=float(args.get("dropout", 0.2)),
+        n_bins=n_bins,
+        input_emb_style=input_style,
         pad_value=float(args.get("pad_value", n_bins if input_style == "category" else -2)),
         mask_value=float(args.get("mask_value", n_bins + 1 if input_style == "category" else -1)),
-        cell_emb_style="cls", norm_scheme="pre" if "final_norm.weight" in sd_ours else "post",
+        cell_emb_style="cls",
+        norm_scheme="pre" if "final_norm.weight" in sd_ours else "post",
         use_generative="flag_encoder.weight" in sd_ours,
         use_mvc="mvc_decoder.W.weight" in sd_ours,
         explicit_zero_prob="expr_decoder.zero_logit.0.weight" in sd_ours,
@@ -198,7 +211,8 @@ def config_from_official(args: dict, vocab: dict, sd_ours: dict) -> dict:
         ecs_threshold=float(args.get("ecs_thres", args.get("ecs_threshold", 0.8))),
         n_conditions=_rows(sd_ours, "condition_encoder.weight") or 0,
         condition_pad_id=int(args.get("pert_pad_id", 0)),
-        n_modalities=n_mod, modality_style="concat" if n_mod else "encoder",
+        n_modalities=n_mod,
+        modality_style="concat" if n_mod else "encoder",
         decoder_style="affine" if "expr_decoder.coeff_decoder.fc.0.weight" in sd_ours else "mlp",
     )
     return cfg
@@ -209,11 +223,22 @@ def official_args_from_config(cfg: dict, vocab: dict, extra: dict | None = None)
     pad_token = next((t for t, i in vocab.items() if i == cfg["pad_token_id"]), "<pad>")
     args = dict(extra or {})
     args.update(
-        embsize=cfg["d_model"], nheads=cfg["n_heads"], d_hid=cfg["d_ff"], nlayers=cfg["n_layers"],
-        dropout=cfg["dropout"], n_bins=cfg["n_bins"], input_emb_style=cfg["input_emb_style"],
-        pad_value=cfg["pad_value"], mask_value=cfg["mask_value"], n_layers_cls=cfg["n_layers_cls"],
-        pad_token=pad_token, ecs_thres=cfg["ecs_threshold"], explicit_zero_prob=cfg["explicit_zero_prob"],
-        MVC=cfg["use_mvc"], DSBN=cfg["dsbn"], USE_GENERATIVE_TRAINING=cfg["use_generative"],
+        embsize=cfg["d_model"],
+        nheads=cfg["n_heads"],
+        d_hid=cfg["d_ff"],
+        nlayers=cfg["n_layers"],
+        dropout=cfg["dropout"],
+        n_bins=cfg["n_bins"],
+        input_emb_style=cfg["input_emb_style"],
+        pad_value=cfg["pad_value"],
+        mask_value=cfg["mask_value"],
+        n_layers_cls=cfg["n_layers_cls"],
+        pad_token=pad_token,
+        ecs_thres=cfg["ecs_threshold"],
+        explicit_zero_prob=cfg["explicit_zero_prob"],
+        MVC=cfg["use_mvc"],
+        DSBN=cfg["dsbn"],
+        USE_GENERATIVE_TRAINING=cfg["use_generative"],
         pre_norm=cfg["norm_scheme"] == "pre",
     )
     args.setdefault("max_seq_len", 1200)

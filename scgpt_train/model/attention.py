@@ -55,19 +55,20 @@ class _GenerativeFlashCPU(torch.autograd.Function):
         gather_idx = key_idx[:, None, :, None].expand(B, H, key_idx.shape[1], Dh)  # (B, H, Lk, Dh)
         k_known, v_known = k.gather(2, gather_idx), v.gather(2, gather_idx)
         out_known, lse_known = torch.ops.aten._scaled_dot_product_flash_attention_for_cpu(
-            q, k_known, v_known, 0.0, False, attn_mask=key_bias, scale=scale)  # (B, H, L, Dh), (B, H, L)
+            q, k_known, v_known, 0.0, False, attn_mask=key_bias, scale=scale
+        )  # (B, H, L, Dh), (B, H, L)
         # a query whose keys are all masked gets lse 0 from the kernel; make it "no mass" instead
         no_keys = torch.isinf(key_bias).all(-1)  # (B, 1, 1)
         lse_known = lse_known.masked_fill(no_keys, torch.finfo(q.dtype).min / 4)
         # lse comes in the kernel's accumulation dtype (float32 for bf16 inputs): merge in that dtype
-        self_logit = ((q * k).sum(-1, dtype=lse_known.dtype) * scale) \
-            .masked_fill(~unknown_query_mask[:, None, :], float("-inf"))  # (B, H, L)
+        self_logit = ((q * k).sum(-1, dtype=lse_known.dtype) * scale).masked_fill(
+            ~unknown_query_mask[:, None, :], float("-inf")
+        )  # (B, H, L)
         lse = torch.empty_like(lse_known)  # keeps the kernel's (B, L, H) memory layout for its backward
         torch.logaddexp(lse_known, self_logit, out=lse)  # (B, H, L)
         self_weight = torch.exp(self_logit - lse).unsqueeze(-1).to(q.dtype)  # (B, H, L, 1), 0 for known queries
         out = torch.lerp(out_known, v, self_weight)  # (1 - w) out_known + w v
-        ctx.save_for_backward(q, k_known, v_known, k, v, gather_idx,
-                              key_bias, out, lse, self_weight)
+        ctx.save_for_backward(q, k_known, v_known, k, v, gather_idx, key_bias, out, lse, self_weight)
         ctx.scale = scale
         return out
 
@@ -77,7 +78,8 @@ class _GenerativeFlashCPU(torch.autograd.Function):
         grad_out = grad_out.contiguous()
         # known-key part: the kernel recomputes P = exp(s - lse) with the MERGED lse and uses D = rowsum(dO * out)
         dq, dk_known, dv_known = torch.ops.aten._scaled_dot_product_flash_attention_for_cpu_backward(
-            grad_out, q, k_known, v_known, out, lse, 0.0, False, attn_mask=key_bias, scale=ctx.scale)
+            grad_out, q, k_known, v_known, out, lse, 0.0, False, attn_mask=key_bias, scale=ctx.scale
+        )
         # self term: P_ii = w_i, dS_ii = w_i (dO_i . v_i - dO_i . out_i)
         d_self = self_weight * (grad_out * (v - out)).sum(-1, keepdim=True)  # (B, H, L, 1)
         dq = dq + ctx.scale * d_self * k
@@ -95,10 +97,12 @@ def generative_sdpa(q, k, v, known_key_mask, unknown_query_mask, dropout_p: floa
     """
     if dropout_p == 0.0 and q.device.type == "cpu" and _HAS_CPU_FLASH:
         key_idx, key_valid = known_key_layout(known_key_mask)
-        key_bias = torch.zeros(key_valid.shape, dtype=q.dtype, device=q.device) \
-            .masked_fill_(~key_valid, float("-inf"))[:, None, None, :]  # (B, 1, 1, Lk) additive
-        return _GenerativeFlashCPU.apply(q.contiguous(), k.contiguous(), v.contiguous(), key_idx, key_bias,
-                                         unknown_query_mask, q.shape[-1] ** -0.5)
+        key_bias = torch.zeros(key_valid.shape, dtype=q.dtype, device=q.device).masked_fill_(~key_valid, float("-inf"))[
+            :, None, None, :
+        ]  # (B, 1, 1, Lk) additive
+        return _GenerativeFlashCPU.apply(
+            q.contiguous(), k.contiguous(), v.contiguous(), key_idx, key_bias, unknown_query_mask, q.shape[-1] ** -0.5
+        )
     return generative_sdpa_sink(q, k, v, known_key_mask, unknown_query_mask, dropout_p)
 
 
@@ -107,8 +111,9 @@ def generative_sdpa_sink(q, k, v, known_key_mask, unknown_query_mask, dropout_p:
     B, H, L, Dh = q.shape
     scale = Dh**-0.5
     self_logit = (q * k).sum(-1, keepdim=True)  # (B, H, L, 1), unscaled: SDPA applies the scale
-    sink_logit = torch.where(unknown_query_mask[:, None, :, None], self_logit,
-                             torch.full_like(self_logit, _NO_SELF_LOGIT))
+    sink_logit = torch.where(
+        unknown_query_mask[:, None, :, None], self_logit, torch.full_like(self_logit, _NO_SELF_LOGIT)
+    )
     zeros = q.new_zeros(B, H, L, _EXTRA_DIMS - 1)
     q_ext = torch.cat([q, sink_logit, zeros], dim=-1)  # (B, H, L, Dh + 8)
     sink = q.new_zeros(B, H, 1, Dh + _EXTRA_DIMS)
@@ -116,9 +121,10 @@ def generative_sdpa_sink(q, k, v, known_key_mask, unknown_query_mask, dropout_p:
     k_ext = torch.cat([torch.cat([k, zeros.new_zeros(B, H, L, _EXTRA_DIMS)], dim=-1), sink], dim=2)
     v_ext = torch.cat([torch.cat([v, zeros.new_zeros(B, H, L, _EXTRA_DIMS)], dim=-1), sink], dim=2)
     key_mask = torch.cat([known_key_mask, known_key_mask.new_ones(B, 1)], dim=1)[:, None, None, :]
-    out_ext = F.scaled_dot_product_attention(q_ext, k_ext, v_ext, attn_mask=key_mask,
-                                             dropout_p=dropout_p, scale=scale)  # (B, H, L, Dh + 8)
-    self_weight = out_ext[..., Dh:Dh + 1]  # (B, H, L, 1) attention weight of the self term
+    out_ext = F.scaled_dot_product_attention(
+        q_ext, k_ext, v_ext, attn_mask=key_mask, dropout_p=dropout_p, scale=scale
+    )  # (B, H, L, Dh + 8)
+    self_weight = out_ext[..., Dh : Dh + 1]  # (B, H, L, 1) attention weight of the self term
     return out_ext[..., :Dh] + self_weight * v
 
 
@@ -154,8 +160,9 @@ class SelfAttention(nn.Module):
         """x: (B, L, d); pad_mask (B, L) True = pad; gen_mask (B, L) True = unknown token or None."""
         B, L, d = x.shape
         # one copy into (3, B, H, L, Dh): SDPA's CPU math kernel is many times slower on strided q/k/v
-        q, k, v = self.qkv(x).view(B, L, 3, self.n_heads, d // self.n_heads).permute(2, 0, 3, 1, 4) \
-            .contiguous().unbind(0)
+        q, k, v = (
+            self.qkv(x).view(B, L, 3, self.n_heads, d // self.n_heads).permute(2, 0, 3, 1, 4).contiguous().unbind(0)
+        )
         p = self.dropout if self.training else 0.0
         if gen_mask is None:
             out = F.scaled_dot_product_attention(q, k, v, attn_mask=~pad_mask[:, None, None, :], dropout_p=p)

@@ -9,8 +9,9 @@ from torch import nn
 
 def _mlp3(d_in: int, d_model: int) -> nn.Sequential:
     """Linear(d_in, d) - LeakyReLU - Linear(d, d) - LeakyReLU - Linear(d, 1)."""
-    return nn.Sequential(nn.Linear(d_in, d_model), nn.LeakyReLU(), nn.Linear(d_model, d_model), nn.LeakyReLU(),
-                         nn.Linear(d_model, 1))
+    return nn.Sequential(
+        nn.Linear(d_in, d_model), nn.LeakyReLU(), nn.Linear(d_model, d_model), nn.LeakyReLU(), nn.Linear(d_model, 1)
+    )
 
 
 class ExprDecoder(nn.Module):

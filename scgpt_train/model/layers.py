@@ -55,11 +55,11 @@ class DomainSpecificBatchNorm(nn.Module):
     (the official code normalises a whole minibatch with its first cell's domain).
     """
 
-    def __init__(self, d_model: int, n_domains: int, eps: float = 6.1e-5, momentum: float = 0.1,
-                 affine: bool = False):
+    def __init__(self, d_model: int, n_domains: int, eps: float = 6.1e-5, momentum: float = 0.1, affine: bool = False):
         super().__init__()
-        self.bns = nn.ModuleList(nn.BatchNorm1d(d_model, eps=eps, momentum=momentum, affine=affine)
-                                 for _ in range(n_domains))
+        self.bns = nn.ModuleList(
+            nn.BatchNorm1d(d_model, eps=eps, momentum=momentum, affine=affine) for _ in range(n_domains)
+        )
 
     def forward(self, x, domain_ids, pad_mask):
         """x: (B, L, d); domain_ids: (B,) int64; pad_mask (B, L). Pads are left as they are."""
@@ -70,8 +70,7 @@ class DomainSpecificBatchNorm(nn.Module):
                 continue
             tokens = x[token_sel]  # (N_k, d)
             if self.training and tokens.shape[0] < 2:
-                normed = F.batch_norm(tokens, bn.running_mean, bn.running_var, bn.weight, bn.bias,
-                                      False, 0.0, bn.eps)
+                normed = F.batch_norm(tokens, bn.running_mean, bn.running_var, bn.weight, bn.bias, False, 0.0, bn.eps)
             else:
                 normed = bn(tokens)
             out = out.masked_scatter(token_sel[..., None], normed)
@@ -81,8 +80,16 @@ class DomainSpecificBatchNorm(nn.Module):
 class EncoderLayer(nn.Module):
     """Transformer block: SDPA self-attention + ReLU FFN; post-norm (official) or pre-norm."""
 
-    def __init__(self, d_model: int, n_heads: int, d_ff: int, dropout: float, attn_dropout: float,
-                 norm_scheme: str = "post", eps: float = 1e-5):
+    def __init__(
+        self,
+        d_model: int,
+        n_heads: int,
+        d_ff: int,
+        dropout: float,
+        attn_dropout: float,
+        norm_scheme: str = "post",
+        eps: float = 1e-5,
+    ):
         super().__init__()
         if norm_scheme not in ("post", "pre"):
             raise ValueError(f"norm_scheme must be 'post' or 'pre', got {norm_scheme!r}")

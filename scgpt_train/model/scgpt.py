@@ -7,10 +7,14 @@ import torch.nn.functional as F
 from torch import nn
 from torch.utils.checkpoint import checkpoint
 
-from scgpt_train.model.heads import (AdversarialDiscriminator, AffineExprDecoder, ExprDecoder, MLPClassifier,
-                                     MVCDecoder)
-from scgpt_train.model.layers import (CategoryValueEncoder, ContinuousValueEncoder, DomainSpecificBatchNorm,
-                                      EncoderLayer, GeneEncoder)
+from scgpt_train.model.heads import AdversarialDiscriminator, AffineExprDecoder, ExprDecoder, MLPClassifier, MVCDecoder
+from scgpt_train.model.layers import (
+    CategoryValueEncoder,
+    ContinuousValueEncoder,
+    DomainSpecificBatchNorm,
+    EncoderLayer,
+    GeneEncoder,
+)
 
 INPUT_EMB_STYLES = ("continuous", "category", "scaling")
 CELL_EMB_STYLES = ("cls", "avg-pool", "w-pool")
@@ -29,16 +33,43 @@ class ScGPT(nn.Module):
       condition_pad_id: padding row of the condition (perturbation flag) embedding.
     """
 
-    def __init__(self, vocab_size: int, pad_token_id: int, d_model: int = 512, n_heads: int = 8, d_ff: int = 512,
-                 n_layers: int = 12, dropout: float = 0.2, n_bins: int = 51, input_emb_style: str = "continuous",
-                 pad_value: float = -2.0, mask_value: float = -1.0, cell_emb_style: str = "cls",
-                 norm_scheme: str = "post", use_generative: bool = True, use_mvc: bool = True,
-                 explicit_zero_prob: bool = False, n_cls: int = 0, n_layers_cls: int = 3,
-                 num_batch_labels: int = 0, use_batch_labels: bool = False, dsbn: bool = False, do_dab: bool = False,
-                 ecs_threshold: float = 0.8, n_conditions: int = 0, n_modalities: int = 0,
-                 grad_checkpointing: bool = False, attn_dropout: float | None = 0.0, max_value: float = 512.0,
-                 decoder_style: str = "mlp", modality_style: str = "encoder", condition_pad_id: int | None = 0,
-                 modality_pad_id: int | None = None, dab_lambda: float = 1.0, dsbn_affine: bool = False):
+    def __init__(
+        self,
+        vocab_size: int,
+        pad_token_id: int,
+        d_model: int = 512,
+        n_heads: int = 8,
+        d_ff: int = 512,
+        n_layers: int = 12,
+        dropout: float = 0.2,
+        n_bins: int = 51,
+        input_emb_style: str = "continuous",
+        pad_value: float = -2.0,
+        mask_value: float = -1.0,
+        cell_emb_style: str = "cls",
+        norm_scheme: str = "post",
+        use_generative: bool = True,
+        use_mvc: bool = True,
+        explicit_zero_prob: bool = False,
+        n_cls: int = 0,
+        n_layers_cls: int = 3,
+        num_batch_labels: int = 0,
+        use_batch_labels: bool = False,
+        dsbn: bool = False,
+        do_dab: bool = False,
+        ecs_threshold: float = 0.8,
+        n_conditions: int = 0,
+        n_modalities: int = 0,
+        grad_checkpointing: bool = False,
+        attn_dropout: float | None = 0.0,
+        max_value: float = 512.0,
+        decoder_style: str = "mlp",
+        modality_style: str = "encoder",
+        condition_pad_id: int | None = 0,
+        modality_pad_id: int | None = None,
+        dab_lambda: float = 1.0,
+        dsbn_affine: bool = False,
+    ):
         super().__init__()
         self._config = {k: v for k, v in locals().items() if k not in ("self", "__class__")}
         if input_emb_style not in INPUT_EMB_STYLES:
@@ -74,16 +105,18 @@ class ScGPT(nn.Module):
         else:
             self.value_encoder = None
         self.flag_encoder = nn.Embedding(2, d_model) if use_generative else None  # row 1 = "unknown"
-        self.condition_encoder = (nn.Embedding(n_conditions, d_model, padding_idx=condition_pad_id)
-                                  if n_conditions > 0 else None)
+        self.condition_encoder = (
+            nn.Embedding(n_conditions, d_model, padding_idx=condition_pad_id) if n_conditions > 0 else None
+        )
         self.modality_encoder = GeneEncoder(n_modalities, d_model, modality_pad_id) if n_modalities > 0 else None
         self.batch_encoder = GeneEncoder(num_batch_labels, d_model) if use_batch_labels else None
         self.dsbn = DomainSpecificBatchNorm(d_model, num_batch_labels, affine=dsbn_affine) if dsbn else None
 
         # ---- encoder
         attn_p = dropout if attn_dropout is None else attn_dropout
-        self.layers = nn.ModuleList(EncoderLayer(d_model, n_heads, d_ff, dropout, attn_p, norm_scheme)
-                                    for _ in range(n_layers))
+        self.layers = nn.ModuleList(
+            EncoderLayer(d_model, n_heads, d_ff, dropout, attn_p, norm_scheme) for _ in range(n_layers)
+        )
         self.final_norm = nn.LayerNorm(d_model) if norm_scheme == "pre" else None
 
         # ---- heads
@@ -96,8 +129,7 @@ class ScGPT(nn.Module):
         d_gene = 2 * d_model if self.modality_concat else d_model
         self.mvc_decoder = MVCDecoder(d_gene, d_token, explicit_zero_prob) if use_mvc else None
         self.cls_decoder = MLPClassifier(d_model, n_cls, n_layers_cls) if n_cls > 0 else None
-        self.dab_decoder = (AdversarialDiscriminator(d_model, num_batch_labels, 3, dab_lambda)
-                            if do_dab else None)
+        self.dab_decoder = AdversarialDiscriminator(d_model, num_batch_labels, 3, dab_lambda) if do_dab else None
         self._init_weights()
 
     def config(self) -> dict:
@@ -112,8 +144,17 @@ class ScGPT(nn.Module):
             nn.init.zeros_(layer.self_attn.out_proj.bias)
 
     # ------------------------------------------------------------------ pieces
-    def embed(self, gene_ids, values, pad_mask, gen_mask=None, batch_labels=None, condition_ids=None,
-              modality_ids=None, cell_prompt=None):
+    def embed(
+        self,
+        gene_ids,
+        values,
+        pad_mask,
+        gen_mask=None,
+        batch_labels=None,
+        condition_ids=None,
+        modality_ids=None,
+        cell_prompt=None,
+    ):
         """Token input (B, L, d) and the gene embeddings (B, L, d) used by the MVC decoder."""
         gene_embs = self.gene_encoder(gene_ids)  # (B, L, d)
         if gen_mask is not None:  # unknown values are never read: make them a valid input (category ids)
@@ -161,16 +202,27 @@ class ScGPT(nn.Module):
         return F.normalize((h * w.unsqueeze(-1)).sum(1), p=2, dim=1)
 
     # ------------------------------------------------------------------ forward
-    def forward(self, gene_ids, values, pad_mask, *, gen_mask=None, batch_labels=None, condition_ids=None,
-                modality_ids=None, cell_prompt=None) -> dict[str, torch.Tensor]:
+    def forward(
+        self,
+        gene_ids,
+        values,
+        pad_mask,
+        *,
+        gen_mask=None,
+        batch_labels=None,
+        condition_ids=None,
+        modality_ids=None,
+        cell_prompt=None,
+    ) -> dict[str, torch.Tensor]:
         """gene_ids (B, L) int64, values (B, L) float, pad_mask (B, L) True = pad,
         gen_mask (B, L) True = unknown gene (generative attention). Returns a dict of outputs."""
         if self.use_batch_labels and batch_labels is None:
             raise ValueError("this model uses batch labels: pass batch_labels (B,) int64")
         if gen_mask is not None:
             gen_mask = gen_mask & ~pad_mask
-        x, gene_embs = self.embed(gene_ids, values, pad_mask, gen_mask, batch_labels, condition_ids, modality_ids,
-                                  cell_prompt)
+        x, gene_embs = self.embed(
+            gene_ids, values, pad_mask, gen_mask, batch_labels, condition_ids, modality_ids, cell_prompt
+        )
         h = self.encode(x, pad_mask, gen_mask)  # (B, L, d)
         out: dict[str, torch.Tensor] = {"encoder_output": h}
 
@@ -200,8 +252,9 @@ class ScGPT(nn.Module):
         cell_emb = self.cell_embedding(h, values, pad_mask, gen_mask)
         out["cell_emb"] = cell_emb
         if self.mvc_decoder is not None:
-            mvc = self.mvc_decoder(cell_emb if cell_extra is None else torch.cat([cell_emb, cell_extra], dim=1),
-                                   gene_embs)
+            mvc = self.mvc_decoder(
+                cell_emb if cell_extra is None else torch.cat([cell_emb, cell_extra], dim=1), gene_embs
+            )
             out["mvc_output"] = mvc["pred"]
             if "zero_probs" in mvc:
                 out["mvc_zero_probs"] = mvc["zero_probs"]

@@ -12,8 +12,19 @@ from torch import nn
 from data_modules.batch import Batch
 from scgpt_train.model.heads import ecs_loss
 
-__all__ = ["CLSObjective", "DARObjective", "ECSObjective", "ExpressionMSEObjective", "GenerativeObjective",
-           "MLMObjective", "Objective", "ZeroProbObjective", "masked_mse", "masked_bernoulli_nll", "total_loss"]
+__all__ = [
+    "CLSObjective",
+    "DARObjective",
+    "ECSObjective",
+    "ExpressionMSEObjective",
+    "GenerativeObjective",
+    "MLMObjective",
+    "Objective",
+    "ZeroProbObjective",
+    "masked_mse",
+    "masked_bernoulli_nll",
+    "total_loss",
+]
 
 
 def masked_mse(pred: torch.Tensor, target: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
@@ -22,8 +33,9 @@ def masked_mse(pred: torch.Tensor, target: torch.Tensor, mask: torch.Tensor) -> 
     return ((pred - target.to(pred.dtype)) ** 2 * m).sum() / m.sum().clamp(min=1.0)
 
 
-def masked_bernoulli_nll(prob_nonzero: torch.Tensor, target: torch.Tensor, mask: torch.Tensor,
-                         eps: float = 1e-7) -> torch.Tensor:
+def masked_bernoulli_nll(
+    prob_nonzero: torch.Tensor, target: torch.Tensor, mask: torch.Tensor, eps: float = 1e-7
+) -> torch.Tensor:
     """Bernoulli NLL of ``target > 0`` under P(non-zero) = ``prob_nonzero`` at masked positions."""
     p = prob_nonzero.clamp(eps, 1 - eps)
     is_nonzero = (target > 0).to(p.dtype)
@@ -76,9 +88,16 @@ class GenerativeObjective(Objective):
             mvc = _require(outputs, "mvc_output", "GenerativeObjective(use_gepc=True)", "use_mvc=True")
             terms["gepc"] = masked_mse(mvc, batch.target_values, unknown)
         if self.cell_prompt_after_steps is not None and step >= self.cell_prompt_after_steps:
-            prompted = model(batch.gene_ids, batch.values, batch.pad_mask, gen_mask=gen_mask,
-                             batch_labels=batch.batch_labels, condition_ids=batch.condition_ids,
-                             modality_ids=batch.modality_ids, cell_prompt=outputs["cell_emb"].detach())
+            prompted = model(
+                batch.gene_ids,
+                batch.values,
+                batch.pad_mask,
+                gen_mask=gen_mask,
+                batch_labels=batch.batch_labels,
+                condition_ids=batch.condition_ids,
+                modality_ids=batch.modality_ids,
+                cell_prompt=outputs["cell_emb"].detach(),
+            )
             terms["cell_prompt"] = masked_mse(prompted["mlm_output"], batch.target_values, unknown)
         return terms
 

@@ -51,8 +51,9 @@ class AnnotationTask(FineTuneTask):
         extra = {"confusion_matrix": {"classes": classes, "counts": cm.tolist()}}
         if "l1_lr" in self.baselines:
             ref = dm.indices("reference")
-            base_pred, c = l1_logistic_regression(dm.expression("reference"), truth[ref], dm.expression("eval"),
-                                                  self.l1_c_grid, self.l1_cv, self.seed)
+            base_pred, c = l1_logistic_regression(
+                dm.expression("reference"), truth[ref], dm.expression("eval"), self.l1_c_grid, self.l1_cv, self.seed
+            )
             metrics.update({f"baseline/l1_lr/{k}": v for k, v in classification_metrics(truth[idx], base_pred).items()})
             extra["l1_lr_C"] = c
             bcm, bclasses = confusion_matrix(truth[idx], base_pred)

@@ -27,8 +27,9 @@ def available_baselines() -> dict[str, bool]:
     return {name: importlib.util.find_spec(pkg) is not None for name, pkg in OPTIONAL_PACKAGES.items()}
 
 
-def l1_logistic_regression(x_train, y_train, x_test, c_grid=PAPER_C_GRID, cv: int = 5, seed: int = 0,
-                           max_iter: int = 1000) -> tuple[np.ndarray, float]:
+def l1_logistic_regression(
+    x_train, y_train, x_test, c_grid=PAPER_C_GRID, cv: int = 5, seed: int = 0, max_iter: int = 1000
+) -> tuple[np.ndarray, float]:
     """Predicted labels of ``x_test`` and the chosen C. Classes with fewer cells than folds are kept; the
     fold count shrinks to the smallest class size (at least 2) so stratified CV stays possible."""
     from sklearn.exceptions import ConvergenceWarning
@@ -40,15 +41,21 @@ def l1_logistic_regression(x_train, y_train, x_test, c_grid=PAPER_C_GRID, cv: in
     _, counts = np.unique(y_train, return_counts=True)
     folds = int(min(cv, max(2, counts.min())))
     # liblinear is one-vs-rest (recent scikit-learn wants that explicit for >2 classes)
-    model = OneVsRestClassifier(LogisticRegression(penalty="l1", solver="liblinear", max_iter=max_iter,
-                                                   random_state=seed))
+    model = OneVsRestClassifier(
+        LogisticRegression(penalty="l1", solver="liblinear", max_iter=max_iter, random_state=seed)
+    )
     with warnings.catch_warnings():
         warnings.simplefilter("ignore", ConvergenceWarning)
         warnings.simplefilter("ignore", UserWarning)  # "least populated class has only n members"
         warnings.simplefilter("ignore", FutureWarning)  # penalty= is deprecated in scikit-learn 1.8
         if len(c_grid) > 1:
-            search = GridSearchCV(model, {"estimator__C": list(c_grid)}, cv=StratifiedKFold(folds, shuffle=True, random_state=seed),
-                                  scoring="accuracy", n_jobs=1)
+            search = GridSearchCV(
+                model,
+                {"estimator__C": list(c_grid)},
+                cv=StratifiedKFold(folds, shuffle=True, random_state=seed),
+                scoring="accuracy",
+                n_jobs=1,
+            )
             search.fit(x_train, y_train)
             best, c = search.best_estimator_, float(search.best_params_["estimator__C"])
         else:
@@ -63,5 +70,8 @@ def hvg_pca_embedding(x, n_pcs: int = 50, seed: int = 0) -> np.ndarray:
 
     dense = x.toarray() if sp.issparse(x) else np.asarray(x)
     n = int(min(n_pcs, dense.shape[0] - 1, dense.shape[1]))
-    return PCA(n_components=n, random_state=seed, svd_solver="arpack" if n < min(dense.shape) else "full"
-               ).fit_transform(dense.astype(np.float64)).astype(np.float32)
+    return (
+        PCA(n_components=n, random_state=seed, svd_solver="arpack" if n < min(dense.shape) else "full")
+        .fit_transform(dense.astype(np.float64))
+        .astype(np.float32)
+    )

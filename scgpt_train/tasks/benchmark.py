@@ -17,21 +17,42 @@ from scgpt_train.tasks.report import markdown_table, mean_std, write_json, write
 log = logging.getLogger(__name__)
 
 COLUMNS = {
-    "annotation": [("accuracy", "accuracy"), ("precision", "macro precision"), ("recall", "macro recall"),
-                   ("macro_f1", "macro F1")],
-    "integration": [("avg_bio", "AvgBIO"), ("avg_batch", "AvgBATCH"), ("overall", "overall"), ("nmi", "NMI"),
-                    ("ari", "ARI"), ("asw_label", "ASW label"), ("asw_batch", "ASW batch"),
-                    ("graph_connectivity", "graph conn.")],
+    "annotation": [
+        ("accuracy", "accuracy"),
+        ("precision", "macro precision"),
+        ("recall", "macro recall"),
+        ("macro_f1", "macro F1"),
+    ],
+    "integration": [
+        ("avg_bio", "AvgBIO"),
+        ("avg_batch", "AvgBATCH"),
+        ("overall", "overall"),
+        ("nmi", "NMI"),
+        ("ari", "ARI"),
+        ("asw_label", "ASW label"),
+        ("asw_batch", "ASW batch"),
+        ("graph_connectivity", "graph conn."),
+    ],
 }
-METHOD_NAMES = {"scgpt": "scGPT fine-tuned", "l1_lr": "L1 logistic regression", "hvg_pca": "HVG + PCA",
-                "harmony": "Harmony", "scvi": "scVI"}
+METHOD_NAMES = {
+    "scgpt": "scGPT fine-tuned",
+    "l1_lr": "L1 logistic regression",
+    "hvg_pca": "HVG + PCA",
+    "harmony": "Harmony",
+    "scvi": "scVI",
+}
 FIGURES = ("confusion_matrix.png", "confusion_matrix_l1_lr.png", "umap.png", "umap_hvg_pca.png")
 
 
 def train_overrides(bench: Mapping, seed: int, seed_dir: Path, extra: Sequence[str]) -> list[str]:
     """Overrides of configs/train.yaml for one seed of ``bench``."""
-    over = [f"experiment={bench['experiment']}", f"seed={seed}", f"paths.output_dir={seed_dir}",
-            f"task.baselines=[{','.join(bench.get('baselines') or [])}]", "logger=csv"]
+    over = [
+        f"experiment={bench['experiment']}",
+        f"seed={seed}",
+        f"paths.output_dir={seed_dir}",
+        f"task.baselines=[{','.join(bench.get('baselines') or [])}]",
+        "logger=csv",
+    ]
     if bench["task"] == "annotation" and bench.get("l1_c_grid"):
         over.append(f"task.l1_c_grid=[{','.join(str(float(c)) for c in bench['l1_c_grid'])}]")
     return over + list(bench.get("train_overrides") or []) + list(extra)
@@ -44,12 +65,13 @@ def method_metrics(per_seed: list[dict[str, float]], method: str) -> dict[str, l
     for metrics in per_seed:
         for key, value in metrics.items():
             if key.startswith(prefix):
-                out.setdefault(key[len(prefix):], []).append(float(value))
+                out.setdefault(key[len(prefix) :], []).append(float(value))
     return out
 
 
-def results_table(task: str, per_seed: list[dict[str, float]], baselines: Sequence[str],
-                  paper: Mapping | None, n_seeds: int) -> tuple[str, dict]:
+def results_table(
+    task: str, per_seed: list[dict[str, float]], baselines: Sequence[str], paper: Mapping | None, n_seeds: int
+) -> tuple[str, dict]:
     """Markdown table (ours: mean ± std over seeds; paper rows where given) and the aggregated numbers."""
     cols = COLUMNS[task]
     header = ["method", "source"] + [title for _, title in cols]
@@ -63,18 +85,22 @@ def results_table(task: str, per_seed: list[dict[str, float]], baselines: Sequen
             rows.append([name, f"ours ({reason})"] + ["-"] * len(cols))
             summary[method] = {"skipped": reason}
             continue
-        summary[method] = {k: {"mean": float(np.mean(v)), "std": float(np.std(v, ddof=1)) if len(v) > 1 else 0.0,
-                               "values": v} for k, v in values.items()}
+        summary[method] = {
+            k: {"mean": float(np.mean(v)), "std": float(np.std(v, ddof=1)) if len(v) > 1 else 0.0, "values": v}
+            for k, v in values.items()
+        }
         rows.append([name, f"ours ({n_seeds} seeds)"] + [mean_std(values.get(k, [])) for k, _ in cols])
     for method, numbers in (paper or {}).items():
         source = "paper" if method == "scgpt" else "paper / re-evaluation"
-        rows.append([METHOD_NAMES.get(method, method), source]
-                    + [f"{numbers[k]:.3f}" if k in numbers else "-" for k, _ in cols])
+        rows.append(
+            [METHOD_NAMES.get(method, method), source] + [f"{numbers[k]:.3f}" if k in numbers else "-" for k, _ in cols]
+        )
     return markdown_table(header, rows), summary
 
 
-def run_benchmark(bench: Mapping, seeds: Sequence[int], out_dir: Path, extra_overrides: Sequence[str] = (),
-                  compose=None) -> dict:
+def run_benchmark(
+    bench: Mapping, seeds: Sequence[int], out_dir: Path, extra_overrides: Sequence[str] = (), compose=None
+) -> dict:
     """Fine-tune + baselines for every seed, then ``benchmark.md`` / ``results.json`` / figures in ``out_dir``.
 
     ``compose(overrides) -> DictConfig`` composes configs/train.yaml (Hydra's compose API by default)."""
@@ -101,24 +127,40 @@ def run_benchmark(bench: Mapping, seeds: Sequence[int], out_dir: Path, extra_ove
         if (first / name).exists():
             shutil.copyfile(first / name, out_dir / name)
             figures.append(name)
-    table, summary = results_table(bench["task"], per_seed, list(bench.get("baselines") or []), bench.get("paper"),
-                                   len(seeds))
-    notes = [f"Benchmark `{bench['name']}`: {bench.get('dataset', '')}.",
-             f"Fine-tune: `train.py experiment={bench['experiment']}`, seeds {list(seeds)}; ours = mean ± std over seeds.",
-             "Baselines run on the same preprocessed genes and the same splits as the model."]
+    table, summary = results_table(
+        bench["task"], per_seed, list(bench.get("baselines") or []), bench.get("paper"), len(seeds)
+    )
+    notes = [
+        f"Benchmark `{bench['name']}`: {bench.get('dataset', '')}.",
+        f"Fine-tune: `train.py experiment={bench['experiment']}`, seeds {list(seeds)}; ours = mean ± std over seeds.",
+        "Baselines run on the same preprocessed genes and the same splits as the model.",
+    ]
     if bench["task"] == "integration":
-        notes.append(f"Metrics: {INTEGRATION_BACKEND}; the paper used scib (Louvain), so values can differ slightly. "
-                     "overall = 0.6 AvgBIO + 0.4 AvgBATCH.")
+        notes.append(
+            f"Metrics: {INTEGRATION_BACKEND}; the paper used scib (Louvain), so values can differ slightly. "
+            "overall = 0.6 AvgBIO + 0.4 AvgBATCH."
+        )
     else:
         notes.append("Metrics on the query cells; macro averages over the classes present in truth or prediction.")
     skipped = [METHOD_NAMES.get(m, m) for m, s in summary.items() if "skipped" in s]
     if skipped:
         notes.append(f"Not run here: {', '.join(skipped)} (package not installed).")
-    text = (f"# {bench['name']}\n\n" + "\n".join(f"- {n}" for n in notes) + "\n\n" + table
-            + "".join(f"\n![{f}]({f})\n" for f in figures))
+    text = (
+        f"# {bench['name']}\n\n"
+        + "\n".join(f"- {n}" for n in notes)
+        + "\n\n"
+        + table
+        + "".join(f"\n![{f}]({f})\n" for f in figures)
+    )
     write_text(text, out_dir / "benchmark.md")
-    result = {"benchmark": dict(bench), "seeds": list(seeds), "per_seed": per_seed, "summary": summary,
-              "figures": figures, "table": table}
+    result = {
+        "benchmark": dict(bench),
+        "seeds": list(seeds),
+        "per_seed": per_seed,
+        "summary": summary,
+        "figures": figures,
+        "table": table,
+    }
     write_json(result, out_dir / "results.json")
     print(text)
     return result

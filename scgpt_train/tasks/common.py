@@ -25,8 +25,16 @@ class FineTuneTask:
 
     name = "task"
 
-    def __init__(self, use_best: bool = True, baselines: list[str] | tuple[str, ...] = (), umap: bool = True,
-                 write_h5ad: bool = True, progress: bool = True, seed: int = 0, batch_size: int | None = None):
+    def __init__(
+        self,
+        use_best: bool = True,
+        baselines: list[str] | tuple[str, ...] = (),
+        umap: bool = True,
+        write_h5ad: bool = True,
+        progress: bool = True,
+        seed: int = 0,
+        batch_size: int | None = None,
+    ):
         self.use_best, self.baselines = use_best, list(baselines or [])
         self.umap, self.write_h5ad, self.progress = umap, write_h5ad, progress
         self.seed, self.batch_size = int(seed), batch_size
@@ -38,13 +46,20 @@ class FineTuneTask:
         best = load_best_weights(module, trainer) if (self.use_best and trainer is not None) else None
         device = trainer.strategy.root_device if trainer is not None else torch.device("cpu")
         module.to(device)
-        outputs = predict_cells(module, datamodule.loader("all", masked=False, batch_size=self.batch_size),
-                                len(datamodule.split), device=device, progress=self.progress,
-                                description=f"{self.name}: predicting")
+        outputs = predict_cells(
+            module,
+            datamodule.loader("all", masked=False, batch_size=self.batch_size),
+            len(datamodule.split),
+            device=device,
+            progress=self.progress,
+            description=f"{self.name}: predicting",
+        )
         metrics, obs, extra = self.score(datamodule, outputs, output_dir)
         metrics = {k: float(v) for k, v in metrics.items()}
-        write_json({"task": self.name, "best_checkpoint": best, "metrics": metrics, "data": datamodule.report(),
-                    **extra}, output_dir / "metrics.json")
+        write_json(
+            {"task": self.name, "best_checkpoint": best, "metrics": metrics, "data": datamodule.report(), **extra},
+            output_dir / "metrics.json",
+        )
         if self.write_h5ad:
             adata = ad.AnnData(X=datamodule.expression("all"), obs=obs, var=datamodule.adata.var.copy())
             adata.obsm["X_scgpt"] = outputs["cell_emb"]

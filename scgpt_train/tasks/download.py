@@ -50,24 +50,61 @@ class Entry:
     notes: dict = field(default_factory=dict)
 
 
-REGISTRY: dict[str, Entry] = {e.name: e for e in [
-    Entry("scgpt_human", "gdrive_folder", "1oWh_-ZRdhtoGQ2Fw24HP41FgLoomVo-y",
-          ("best_model.pt", "args.json", "vocab.json"),
-          "whole-human scGPT checkpoint (33M cells); mirror: Hugging Face u-cellm/scGPT-whole-human"),
-    Entry("ms", "gdrive_folder", "1Qd42YNabzyr2pWt9xoY4cVMTAxsNBt4v", ("c_data.h5ad", "filtered_ms_adata.h5ad"),
-          "annotation: multiple sclerosis (reference c_data, query filtered_ms_adata)"),
-    Entry("myeloid", "gdrive_folder", "1VbpApQufZq8efFGakW3y8QDDpY9MBoDS",
-          ("reference_adata.h5ad", "query_adata.h5ad"), "annotation: myeloid (tumour-infiltrating)"),
-    Entry("hpancreas", "gdrive_folder", "1s9XjcSiPC-FYV3VeHrEa7SeZetrthQVV", ("demo_train.h5ad", "demo_test.h5ad"),
-          "annotation: human pancreas"),
-    Entry("covid19", "gdrive_file", "1eD9LbxNJ35YUde3VtdVcjkwm-f4iyJ6x", ("covid19.h5ad",),
-          "integration: COVID-19 (18 batches)"),
-    Entry("perirhinal", "gdrive_file", "1rDAxDtvWx1GpJaNhlKBi71f8-psUNppE", ("perirhinal.h5ad",),
-          "integration: perirhinal cortex (2 batches)"),
-    Entry("immune_human", "figshare", "25717328", ("immune_human.h5ad",), "GRN: Immune Human (scIB)"),
-    Entry("pbmc10k", "scvi_pbmc", None, ("pbmc10k.h5ad",),
-          "integration: PBMC 10K via scvi-tools pbmc_dataset() (needs scvi-tools)"),
-]}
+REGISTRY: dict[str, Entry] = {
+    e.name: e
+    for e in [
+        Entry(
+            "scgpt_human",
+            "gdrive_folder",
+            "1oWh_-ZRdhtoGQ2Fw24HP41FgLoomVo-y",
+            ("best_model.pt", "args.json", "vocab.json"),
+            "whole-human scGPT checkpoint (33M cells); mirror: Hugging Face u-cellm/scGPT-whole-human",
+        ),
+        Entry(
+            "ms",
+            "gdrive_folder",
+            "1Qd42YNabzyr2pWt9xoY4cVMTAxsNBt4v",
+            ("c_data.h5ad", "filtered_ms_adata.h5ad"),
+            "annotation: multiple sclerosis (reference c_data, query filtered_ms_adata)",
+        ),
+        Entry(
+            "myeloid",
+            "gdrive_folder",
+            "1VbpApQufZq8efFGakW3y8QDDpY9MBoDS",
+            ("reference_adata.h5ad", "query_adata.h5ad"),
+            "annotation: myeloid (tumour-infiltrating)",
+        ),
+        Entry(
+            "hpancreas",
+            "gdrive_folder",
+            "1s9XjcSiPC-FYV3VeHrEa7SeZetrthQVV",
+            ("demo_train.h5ad", "demo_test.h5ad"),
+            "annotation: human pancreas",
+        ),
+        Entry(
+            "covid19",
+            "gdrive_file",
+            "1eD9LbxNJ35YUde3VtdVcjkwm-f4iyJ6x",
+            ("covid19.h5ad",),
+            "integration: COVID-19 (18 batches)",
+        ),
+        Entry(
+            "perirhinal",
+            "gdrive_file",
+            "1rDAxDtvWx1GpJaNhlKBi71f8-psUNppE",
+            ("perirhinal.h5ad",),
+            "integration: perirhinal cortex (2 batches)",
+        ),
+        Entry("immune_human", "figshare", "25717328", ("immune_human.h5ad",), "GRN: Immune Human (scIB)"),
+        Entry(
+            "pbmc10k",
+            "scvi_pbmc",
+            None,
+            ("pbmc10k.h5ad",),
+            "integration: PBMC 10K via scvi-tools pbmc_dataset() (needs scvi-tools)",
+        ),
+    ]
+}
 
 
 # pure helpers (tested offline) ----------------------------------------------------------------
@@ -124,8 +161,12 @@ class Manifest:
 
     def record(self, path: Path, url: str) -> str:
         digest = file_sha256(path)
-        self.entries[self.key(path)] = {"sha256": digest, "size": Path(path).stat().st_size, "url": url,
-                                        "recorded": time.strftime("%Y-%m-%dT%H:%M:%S")}
+        self.entries[self.key(path)] = {
+            "sha256": digest,
+            "size": Path(path).stat().st_size,
+            "url": url,
+            "recorded": time.strftime("%Y-%m-%dT%H:%M:%S"),
+        }
         self.save()
         return digest
 
@@ -137,9 +178,11 @@ class Manifest:
             return "recorded"
         digest = file_sha256(path)
         if digest != rec["sha256"]:
-            raise ChecksumMismatch(f"{path}: sha256 {digest} differs from the recorded {rec['sha256']} "
-                                   f"({self.path}); the file changed or is corrupt: delete it (or pass --force) "
-                                   f"to download it again")
+            raise ChecksumMismatch(
+                f"{path}: sha256 {digest} differs from the recorded {rec['sha256']} "
+                f"({self.path}); the file changed or is corrupt: delete it (or pass --force) "
+                f"to download it again"
+            )
         return "ok"
 
 
@@ -151,8 +194,14 @@ def _open(url: str, start: int, timeout: float):
     return urllib.request.urlopen(urllib.request.Request(url, headers=headers), timeout=timeout)
 
 
-def fetch(url: str, dest: str | os.PathLike, progress: bool = True, timeout: float = 60.0,
-          html_handler: Callable[[str, str], str | None] | None = None, _depth: int = 0) -> Path:
+def fetch(
+    url: str,
+    dest: str | os.PathLike,
+    progress: bool = True,
+    timeout: float = 60.0,
+    html_handler: Callable[[str, str], str | None] | None = None,
+    _depth: int = 0,
+) -> Path:
     """Download ``url`` to ``dest`` through ``dest.part`` (resumed with a Range request when present).
 
     ``html_handler(page, url)`` may turn an unexpected HTML answer into the real URL (Drive's warning page)."""
@@ -188,8 +237,17 @@ def fetch(url: str, dest: str | os.PathLike, progress: bool = True, timeout: flo
             length = resp.headers.get("Content-Length")
             total = (int(length) + (start if resumed else 0)) if length else None
         mode = "ab" if resumed else "wb"
-        with open(part, mode) as f, tqdm(total=total, initial=start if resumed else 0, unit="B", unit_scale=True,
-                                         desc=dest.name, disable=not progress) as bar:
+        with (
+            open(part, mode) as f,
+            tqdm(
+                total=total,
+                initial=start if resumed else 0,
+                unit="B",
+                unit_scale=True,
+                desc=dest.name,
+                disable=not progress,
+            ) as bar,
+        ):
             for block in iter(lambda: resp.read(CHUNK), b""):
                 f.write(block)
                 bar.update(len(block))
@@ -244,8 +302,10 @@ def build_scvi_pbmc(dest: Path) -> Path:
     try:
         import scvi
     except ImportError:
-        raise DownloadError("pbmc10k comes from scvi-tools' pbmc_dataset(), and scvi-tools is not installed "
-                            "(pip install scvi-tools), or copy a pbmc10k.h5ad into place") from None
+        raise DownloadError(
+            "pbmc10k comes from scvi-tools' pbmc_dataset(), and scvi-tools is not installed "
+            "(pip install scvi-tools), or copy a pbmc10k.h5ad into place"
+        ) from None
     adata = scvi.data.pbmc_dataset(save_path=str(dest.parent / "scvi_raw"))
     fd, tmp = tempfile.mkstemp(dir=dest.parent, prefix=f".{dest.name}.", suffix=".h5ad")
     os.close(fd)
@@ -254,8 +314,15 @@ def build_scvi_pbmc(dest: Path) -> Path:
     return dest
 
 
-def download(names: list[str], root: str | os.PathLike, mirror: str | None = None, force: bool = False,
-             verify_only: bool = False, progress: bool = True, log=print) -> dict[str, str]:
+def download(
+    names: list[str],
+    root: str | os.PathLike,
+    mirror: str | None = None,
+    force: bool = False,
+    verify_only: bool = False,
+    progress: bool = True,
+    log=print,
+) -> dict[str, str]:
     """Fetch (or verify) every file of the named entries under ``root/<name>/``; {relative path: status}."""
     unknown = [n for n in names if n not in REGISTRY]
     if unknown:
@@ -270,7 +337,8 @@ def download(names: list[str], root: str | os.PathLike, mirror: str | None = Non
         for fname, dest in targets.items():
             if dest.exists() and not force:
                 status[manifest.key(dest)] = manifest.verify(dest)
-                log(f"{name}/{fname}: {status[manifest.key(dest)]} (sha256 {manifest.entries[manifest.key(dest)]['sha256'][:12]}…)")
+                sha = manifest.entries[manifest.key(dest)]["sha256"]
+                log(f"{name}/{fname}: {status[manifest.key(dest)]} (sha256 {sha[:12]}…)")
             elif verify_only:
                 status[f"{name}/{fname}"] = "missing"
                 log(f"{name}/{fname}: missing")

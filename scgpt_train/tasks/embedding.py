@@ -24,8 +24,14 @@ def _forward(model: nn.Module, batch: Batch) -> dict[str, torch.Tensor]:
 
 
 @torch.no_grad()
-def predict_cells(model: nn.Module, loader, n_cells: int, device: torch.device | str | None = None,
-                  progress: bool = True, description: str = "embedding") -> dict[str, np.ndarray]:
+def predict_cells(
+    model: nn.Module,
+    loader,
+    n_cells: int,
+    device: torch.device | str | None = None,
+    progress: bool = True,
+    description: str = "embedding",
+) -> dict[str, np.ndarray]:
     """Run ``model`` (a ScGPT or the Lightning module) in eval mode over ``loader``; rows ordered by
     ``batch.cell_index`` into arrays of ``n_cells``: ``cell_emb`` (N, d), and ``probs`` / ``pred`` with a
     classifier. Cells the loader never yields stay NaN / -1."""
@@ -61,10 +67,23 @@ def load_best_weights(module, trainer) -> str | None:
     return str(Path(path))
 
 
-def embed_h5ad(checkpoint, input_path, output_path, key: str = "X_scgpt", batch_size: int = 64,
-               max_seq_len: int = 1201, include_zero_genes: bool = False, gene_column: str | None = None,
-               use_raw: bool = False, batch_key: str | None = None, cls_value: float | None = None,
-               normalize: bool = True, device: str | None = None, seed: int = 0, progress: bool = True) -> Path:
+def embed_h5ad(
+    checkpoint,
+    input_path,
+    output_path,
+    key: str = "X_scgpt",
+    batch_size: int = 64,
+    max_seq_len: int = 1201,
+    include_zero_genes: bool = False,
+    gene_column: str | None = None,
+    use_raw: bool = False,
+    batch_key: str | None = None,
+    cls_value: float | None = None,
+    normalize: bool = True,
+    device: str | None = None,
+    seed: int = 0,
+    progress: bool = True,
+) -> Path:
     """Embed every cell of ``input_path`` with ``checkpoint``; write the input AnnData + ``obsm[key]``."""
     import logging
 
@@ -79,14 +98,26 @@ def embed_h5ad(checkpoint, input_path, output_path, key: str = "X_scgpt", batch_
     if (cfg.get("dsbn") or cfg.get("use_batch_labels")) and batch_key is None:
         raise ValueError(f"{checkpoint} uses batch labels (DSBN / batch embedding): pass --batch-key")
     pad_value = float(cfg.get("pad_value", -2.0))
-    tokenizer = {"max_seq_len": max_seq_len, "n_bins": int(cfg.get("n_bins", 51)), "pad_value": pad_value,
-                 "mask_value": float(cfg.get("mask_value", -1.0)),
-                 "cls_value": pad_value if cls_value is None else float(cls_value),
-                 "value_style": "category" if cfg.get("input_emb_style") == "category" else "continuous"}
-    dm = AnnDataModule(str(input_path), vocab=str(checkpoint), batch_key=batch_key, tokenizer=tokenizer,
-                       preprocess={"gene_column": gene_column, "use_raw": use_raw},
-                       include_zero_genes=include_zero_genes, val_fraction=0.0, batch_size=batch_size, seed=seed,
-                       model_outputs=())
+    tokenizer = {
+        "max_seq_len": max_seq_len,
+        "n_bins": int(cfg.get("n_bins", 51)),
+        "pad_value": pad_value,
+        "mask_value": float(cfg.get("mask_value", -1.0)),
+        "cls_value": pad_value if cls_value is None else float(cls_value),
+        "value_style": "category" if cfg.get("input_emb_style") == "category" else "continuous",
+    }
+    dm = AnnDataModule(
+        str(input_path),
+        vocab=str(checkpoint),
+        batch_key=batch_key,
+        tokenizer=tokenizer,
+        preprocess={"gene_column": gene_column, "use_raw": use_raw},
+        include_zero_genes=include_zero_genes,
+        val_fraction=0.0,
+        batch_size=batch_size,
+        seed=seed,
+        model_outputs=(),
+    )
     dm.setup()
     logging.getLogger(__name__).info("genes: %s", dm.gene_report.summary())
     if progress:
@@ -94,8 +125,9 @@ def embed_h5ad(checkpoint, input_path, output_path, key: str = "X_scgpt", batch_
     if device is None:
         device = "cuda" if torch.cuda.is_available() else "cpu"
     model.to(device)
-    out = predict_cells(model, dm.loader("all", masked=False, batch_size=batch_size), len(dm.split), device=device,
-                        progress=progress)
+    out = predict_cells(
+        model, dm.loader("all", masked=False, batch_size=batch_size), len(dm.split), device=device, progress=progress
+    )
     emb = out["cell_emb"]
     if normalize:
         emb = emb / np.maximum(np.linalg.norm(emb, axis=1, keepdims=True), 1e-12)

@@ -35,8 +35,12 @@ def classification_metrics(y_true, y_pred) -> dict[str, float]:
     recall = np.divide(tp, actual, out=np.zeros_like(tp), where=actual > 0)
     denom = precision + recall
     f1 = np.divide(2 * precision * recall, denom, out=np.zeros_like(tp), where=denom > 0)
-    return {"accuracy": float(tp.sum() / max(cm.sum(), 1)), "precision": float(precision.mean()),
-            "recall": float(recall.mean()), "macro_f1": float(f1.mean())}
+    return {
+        "accuracy": float(tp.sum() / max(cm.sum(), 1)),
+        "precision": float(precision.mean()),
+        "recall": float(recall.mean()),
+        "macro_f1": float(f1.mean()),
+    }
 
 
 def knn_graph(x: np.ndarray, n_neighbors: int = 15):
@@ -59,8 +63,9 @@ def aggregate_integration(scores: dict[str, float]) -> dict[str, float]:
     return out
 
 
-def integration_metrics(embedding: np.ndarray, labels, batches=None, n_neighbors: int = 15,
-                        seed: int = 0) -> dict[str, float]:
+def integration_metrics(
+    embedding: np.ndarray, labels, batches=None, n_neighbors: int = 15, seed: int = 0
+) -> dict[str, float]:
     """NMI / ARI (Leiden, resolution optimized), ASW_label; with batches ASW_batch and graph connectivity."""
     import scib_metrics
 
@@ -68,8 +73,11 @@ def integration_metrics(embedding: np.ndarray, labels, batches=None, n_neighbors
     labels = np.asarray(labels).astype(str)
     graph = knn_graph(x, n_neighbors)
     clustering = scib_metrics.nmi_ari_cluster_labels_leiden(graph, labels, optimize_resolution=True, seed=seed)
-    scores = {"nmi": float(clustering["nmi"]), "ari": float(clustering["ari"]),
-              "asw_label": float(scib_metrics.silhouette_label(x, labels))}
+    scores = {
+        "nmi": float(clustering["nmi"]),
+        "ari": float(clustering["ari"]),
+        "asw_label": float(scib_metrics.silhouette_label(x, labels)),
+    }
     if batches is not None:
         batches = np.asarray(batches).astype(str)
         scores["asw_batch"] = float(scib_metrics.silhouette_batch(x, labels, batches))

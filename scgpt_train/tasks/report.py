@@ -53,8 +53,9 @@ def plot_confusion(cm: np.ndarray, classes: Sequence[str], path, title: str = "c
     ax.set_ylabel("true")
     ax.set_title(title)
     for i, j in zip(*np.nonzero(cm)):
-        ax.text(j, i, str(cm[i, j]), ha="center", va="center", fontsize=6,
-                color="white" if frac[i, j] > 0.5 else "black")
+        ax.text(
+            j, i, str(cm[i, j]), ha="center", va="center", fontsize=6, color="white" if frac[i, j] > 0.5 else "black"
+        )
     fig.colorbar(im, ax=ax, fraction=0.046)
     return _save_fig(fig, Path(path))
 
@@ -103,7 +104,7 @@ def markdown_table(header: Sequence[str], rows: Sequence[Sequence]) -> str:
 
 
 def mean_std(values: Sequence[float]) -> str:
-    """"0.812 ± 0.010" (sample std; just the mean for one value)."""
+    """ "0.812 ± 0.010" (sample std; just the mean for one value)."""
     v = np.asarray([x for x in values if x is not None and np.isfinite(x)], dtype=np.float64)
     if len(v) == 0:
         return "-"

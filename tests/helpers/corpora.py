@@ -14,8 +14,11 @@ from data_modules.store.reader import Corpus
 
 
 def _adata(rng: np.random.Generator, n: int, n_genes: int, name: str) -> ad.AnnData:
-    X = sp.random(n, n_genes, density=0.15, format="csr", random_state=rng,
-                  data_rvs=lambda k: rng.integers(1, 30, k)).astype(np.float32).tolil()
+    X = (
+        sp.random(n, n_genes, density=0.15, format="csr", random_state=rng, data_rvs=lambda k: rng.integers(1, 30, k))
+        .astype(np.float32)
+        .tolil()
+    )
     X[np.arange(n), rng.integers(0, n_genes, n)] = 1.0  # no empty cell
     obs = pd.DataFrame({"cell_type": rng.choice(["T", "B", "NK"], n)}, index=[f"{name}-{i}" for i in range(n)])
     return ad.AnnData(X=sp.csr_matrix(X), obs=obs, var=pd.DataFrame(index=[f"G{i}" for i in range(n_genes)]))
@@ -24,9 +27,13 @@ def _adata(rng: np.random.Generator, n: int, n_genes: int, name: str) -> ad.AnnD
 def make_stream_corpus(out: Path) -> Path:
     """Two datasets, 1,237 cells, uneven shards of 300 rows, a 10% cell-level validation split."""
     rng = np.random.default_rng(0)
-    convert_sources([Source("a", _adata(rng, 700, 120, "a")), Source("b", _adata(rng, 537, 100, "b"))], out,
-                    obs_columns=["cell_type"], shard_size=300,
-                    split={"strategy": "cell", "seed": 0, "val_fraction": 0.1})
+    convert_sources(
+        [Source("a", _adata(rng, 700, 120, "a")), Source("b", _adata(rng, 537, 100, "b"))],
+        out,
+        obs_columns=["cell_type"],
+        shard_size=300,
+        split={"strategy": "cell", "seed": 0, "val_fraction": 0.1},
+    )
     return out
 
 

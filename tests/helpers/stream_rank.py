@@ -28,9 +28,16 @@ def main() -> None:
     rank = int(sys.argv[2])
     os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(cfg["port"]))
     dist.init_process_group("gloo", rank=rank, world_size=cfg["world_size"])
-    stream = CellStream(cfg["corpus"], "train", cfg["batch_size"], tokenizer=cfg.get("tokenizer"),
-                        block_size=cfg["block_size"], buffer_blocks=cfg["buffer_blocks"], lanes=cfg["lanes"],
-                        seed=cfg["seed"])
+    stream = CellStream(
+        cfg["corpus"],
+        "train",
+        cfg["batch_size"],
+        tokenizer=cfg.get("tokenizer"),
+        block_size=cfg["block_size"],
+        buffer_blocks=cfg["buffer_blocks"],
+        lanes=cfg["lanes"],
+        seed=cfg["seed"],
+    )
     loader = StreamLoader(stream, num_workers=cfg["num_workers"])
     if cfg.get("load_state"):
         loader.load_state_dict(json.loads(Path(cfg["load_state"]).read_text()))
