@@ -28,6 +28,18 @@ class Batch:
     modality_ids: torch.Tensor | None = None  # (B, L) int64 per-token modality
     obs: dict[str, torch.Tensor] = field(default_factory=dict)  # (B,) int64 codes of corpus obs columns
 
+    def model_inputs(self) -> dict[str, torch.Tensor | None]:
+        """Keyword arguments of the model's forward: the one Batch -> model call, ``model(**batch.model_inputs())``."""
+        return {
+            "gene_ids": self.gene_ids,
+            "values": self.values,
+            "pad_mask": self.pad_mask,
+            "gen_mask": self.gen_mask,
+            "batch_labels": self.batch_labels,
+            "condition_ids": self.condition_ids,
+            "modality_ids": self.modality_ids,
+        }
+
     @property
     def n_cells(self) -> int:
         return self.gene_ids.shape[0]

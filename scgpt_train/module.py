@@ -14,11 +14,9 @@ import torch
 from torch import nn
 
 from data_modules.batch import Batch
+from scgpt_train.objectives import total_loss
 
 ALWAYS_ON_STEP = sys.maxsize  # objectives gated by step (e.g. the cell prompt) are fully on in validation
-
-
-FREEZE_OPTIONS = ("embeddings", "layers")
 
 
 def freeze_parameters(net: nn.Module, embeddings: bool = False, layers: int = 0) -> list[str]:
@@ -79,30 +77,11 @@ class ScGPTLitModule(pl.LightningModule):
 
     # forward --------------------------------------------------------------------------------
     def forward(self, batch: Batch) -> dict[str, torch.Tensor]:
-        return self.model(
-            batch.gene_ids,
-            batch.values,
-            batch.pad_mask,
-            gen_mask=batch.gen_mask,
-            batch_labels=batch.batch_labels,
-            condition_ids=batch.condition_ids,
-            modality_ids=batch.modality_ids,
-        )
+        return self.model(**batch.model_inputs())
 
     def compute_losses(self, batch: Batch, step: int) -> dict[str, torch.Tensor]:
         """Every named loss term, plus ``loss``: the weighted sum that is optimized."""
-        return self._terms(batch, self(batch), step)
-
-    def _terms(self, batch: Batch, outputs: dict, step: int) -> dict[str, torch.Tensor]:
-        terms: dict[str, torch.Tensor] = {}
-        total = torch.zeros((), device=batch.gene_ids.device)
-        for name, objective in self.objectives.items():
-            obj_terms = objective(self.model, batch, outputs, step)
-            for term, value in obj_terms.items():
-                terms[f"{name}/{term}"] = value
-                total = total + objective.weight * value
-        terms["loss"] = total
-        return terms
+        return total_loss(self.objectives, self.model, batch, self(batch), step)
 
     # steps ----------------------------------------------------------------------------------
     def training_step(self, batch: Batch, batch_idx: int) -> torch.Tensor:
@@ -114,7 +93,7 @@ class ScGPTLitModule(pl.LightningModule):
 
     def validation_step(self, batch: Batch, batch_idx: int) -> torch.Tensor:
         outputs = self(batch)
-        terms = self._terms(batch, outputs, ALWAYS_ON_STEP)
+        terms = total_loss(self.objectives, self.model, batch, outputs, ALWAYS_ON_STEP)
         n = batch.n_cells
         self.log("val/loss", terms["loss"], prog_bar=True, batch_size=n, sync_dist=True)
         self.log_dict({f"val/{k}": v for k, v in terms.items() if k != "loss"}, batch_size=n, sync_dist=True)

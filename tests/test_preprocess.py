@@ -111,7 +111,7 @@ def test_a_batch_with_a_single_cell_trains_with_dsbn(tmp_path):
     )
     batch = dm.store and next(iter(dm.loader("all", batch_size=60)))  # all cells: C's single cell included
     assert int((batch.batch_labels == 2).sum()) == 1
-    out = model(batch.gene_ids, batch.values, batch.pad_mask, batch_labels=batch.batch_labels)
+    out = model(**batch.model_inputs())
     loss = sum(MLMObjective()(model, batch, out, 0).values()) + sum(DARObjective()(model, batch, out, 0).values())
     loss.backward()
     assert torch.isfinite(loss)

@@ -1,9 +1,12 @@
 """Training objectives: each maps (model, batch, outputs, step) to named, unweighted loss terms.
 
-The training module sums ``objective.weight * sum(terms.values())`` over the configured objectives.
+The training module optimizes :func:`total_loss`: ``objective.weight * term`` summed over every term of every
+configured objective (``name`` is the key an objective's terms are logged under when none is given).
 """
 
 from __future__ import annotations
+
+from collections.abc import Mapping
 
 import torch
 import torch.nn.functional as F
@@ -88,16 +91,7 @@ class GenerativeObjective(Objective):
             mvc = _require(outputs, "mvc_output", "GenerativeObjective(use_gepc=True)", "use_mvc=True")
             terms["gepc"] = masked_mse(mvc, batch.target_values, unknown)
         if self.cell_prompt_after_steps is not None and step >= self.cell_prompt_after_steps:
-            prompted = model(
-                batch.gene_ids,
-                batch.values,
-                batch.pad_mask,
-                gen_mask=gen_mask,
-                batch_labels=batch.batch_labels,
-                condition_ids=batch.condition_ids,
-                modality_ids=batch.modality_ids,
-                cell_prompt=outputs["cell_emb"].detach(),
-            )
+            prompted = model(**batch.model_inputs(), cell_prompt=outputs["cell_emb"].detach())
             terms["cell_prompt"] = masked_mse(prompted["mlm_output"], batch.target_values, unknown)
         return terms
 
@@ -197,12 +191,17 @@ class ExpressionMSEObjective(Objective):
         return {"expr_mse": masked_mse(outputs["mlm_output"], batch.target_values, where)}
 
 
-def total_loss(objectives, model, batch: Batch, outputs: dict, step: int) -> tuple[torch.Tensor, dict]:
-    """Weighted sum over objectives and the flat dict of unweighted terms."""
-    total, logged = None, {}
-    for objective in objectives:
-        terms = objective(model, batch, outputs, step)
-        part = sum(terms.values())
-        total = objective.weight * part if total is None else total + objective.weight * part
-        logged.update(terms)
-    return total, logged
+def total_loss(
+    objectives: Mapping[str, Objective], model, batch: Batch, outputs: dict, step: int
+) -> dict[str, torch.Tensor]:
+    """Every unweighted term as ``"<objective name>/<term>"``, plus ``"loss"``: the weighted sum that is optimized.
+
+    The one place the objectives' losses are combined (the Lightning module trains on this)."""
+    terms: dict[str, torch.Tensor] = {}
+    total = torch.zeros((), device=batch.gene_ids.device)
+    for name, objective in objectives.items():
+        for term, value in objective(model, batch, outputs, step).items():
+            terms[f"{name}/{term}"] = value
+            total = total + objective.weight * value
+    terms["loss"] = total
+    return terms

@@ -15,7 +15,7 @@ from data_modules.batch import Batch
 def _forward(model: nn.Module, batch: Batch) -> dict[str, torch.Tensor]:
     if hasattr(model, "predict_step"):  # the Lightning module
         return model.predict_step(batch)
-    out = model(batch.gene_ids, batch.values, batch.pad_mask, batch_labels=batch.batch_labels)
+    out = model(**batch.model_inputs())
     res = {"cell_emb": out["cell_emb"].float(), "cell_index": batch.cell_index}
     if "cls_output" in out:
         probs = out["cls_output"].float().softmax(-1)
