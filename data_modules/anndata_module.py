@@ -405,7 +405,7 @@ class AnnDataModule(VocabSizes, pl.LightningDataModule):
         os.replace(tmp, path)
         return path
 
-    # what train.py reads ------------------------------------------------------------------
+    # what scgpt_train.pipeline reads --------------------------------------------------
     @property
     def vocab(self) -> GeneVocab:
         self.setup()

@@ -71,7 +71,7 @@ class CorpusDataModule(VocabSizes, pl.LightningDataModule):
         self.builder(self.corpus_dir)
 
     def setup(self, stage: str | None = None) -> None:
-        if self.train_stream is not None:  # idempotent: train.py calls setup before the Trainer does
+        if self.train_stream is not None:  # idempotent: pipeline.build calls setup before the Trainer does
             return
         self.corpus = Corpus(self.corpus_dir)
         common = dict(
@@ -87,7 +87,7 @@ class CorpusDataModule(VocabSizes, pl.LightningDataModule):
             self.corpus_dir, "val", self.val_batch_size, shuffle=False, max_cells=self.max_val_cells, **common
         )
 
-    # what train.py reads --------------------------------------------------------------
+    # what scgpt_train.pipeline reads --------------------------------------------------
     @property
     def vocab(self) -> GeneVocab:
         return self._corpus().vocab

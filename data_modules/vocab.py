@@ -200,7 +200,7 @@ def load_gene_table(
 
 
 class VocabSizes:
-    """``vocab_size`` / ``pad_id`` / ``cls_id`` derived from ``self.vocab`` (what train.py reads off a DataModule)."""
+    """``vocab_size`` / ``pad_id`` / ``cls_id`` derived from ``self.vocab`` (what scgpt_train.pipeline reads)."""
 
     vocab: GeneVocab
 

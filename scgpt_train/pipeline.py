@@ -37,8 +37,8 @@ def model_kwargs_from_data(datamodule) -> dict:
     return kwargs
 
 
-def build(cfg: DictConfig) -> tuple[pl.LightningDataModule, pl.LightningModule, pl.Trainer]:
-    """Data module (corpus prepared), Lightning module and trainer, all from ``_target_``."""
+def build_modules(cfg: DictConfig) -> tuple[pl.LightningDataModule, pl.LightningModule]:
+    """Data module (data prepared and set up) and the Lightning module whose model fits it."""
     datamodule = instantiate(cfg.data)
     datamodule.prepare_data()
     datamodule.setup("fit")
@@ -46,6 +46,12 @@ def build(cfg: DictConfig) -> tuple[pl.LightningDataModule, pl.LightningModule, 
     module = instantiate(
         cfg.model, net=model_kwargs_from_data(datamodule), objectives=objectives, vocab=datamodule.vocab.token_to_id
     )
+    return datamodule, module
+
+
+def build(cfg: DictConfig) -> tuple[pl.LightningDataModule, pl.LightningModule, pl.Trainer]:
+    """Data module (corpus prepared), Lightning module and trainer, all from ``_target_``."""
+    datamodule, module = build_modules(cfg)
     loggers = instantiate_group(cfg.get("logger"))
     callbacks = instantiate_group(cfg.get("callbacks"))
     if not loggers:  # logger=none: nothing to send learning rates to

@@ -86,7 +86,7 @@ def test_top_level_fixture_matches_official(tmp_path, layout):
     _close(masked["cell_emb"], exp["masked_cell_emb"])
     _close(masked["mvc_output"], exp["masked_mvc_output"])
     _close(masked["mlm_output"], exp["masked_mlm_output"], real)
-    positions = (masked_values == model.mask_value) & ~pad_mask
+    positions = (masked_values == model.layout.mask_value) & ~pad_mask
     target = torch.from_numpy(inp["values"])
     for key, loss in (("mlm_output", "masked_loss_gep"), ("mvc_output", "masked_loss_gepc")):
         ours = float(masked_mse(masked[key], target, positions))  # losses are ~600: compare relatively

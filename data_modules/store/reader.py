@@ -99,10 +99,6 @@ class Corpus:
         self._handles: dict[int, h5py.File] = {}
         self._pid = os.getpid()
 
-    @classmethod
-    def open(cls, root: str | os.PathLike) -> Corpus:
-        return cls(root)
-
     # sizes ----------------------------------------------------------------------------
     @property
     def n_cells(self) -> int:

@@ -8,15 +8,15 @@ from torch import nn
 from scgpt_train.model.attention import SelfAttention
 
 
-class GeneEncoder(nn.Module):
-    """Gene token embedding -> LayerNorm."""
+class IdEmbedding(nn.Module):
+    """Embedding of integer ids -> LayerNorm: gene tokens, batch labels and modalities alike."""
 
     def __init__(self, vocab_size: int, d_model: int, padding_idx: int | None = None):
         super().__init__()
         self.embedding = nn.Embedding(vocab_size, d_model, padding_idx=padding_idx)
         self.norm = nn.LayerNorm(d_model)
 
-    def forward(self, ids):  # (B, L) -> (B, L, d)
+    def forward(self, ids):  # (B, L) or (B,) -> (B, L, d) or (B, d)
         return self.norm(self.embedding(ids))
 
 

@@ -7,13 +7,14 @@ import torch.nn.functional as F
 from torch import nn
 from torch.utils.checkpoint import checkpoint
 
+from data_modules.tokenize.layout import TokenLayout
 from scgpt_train.model.heads import AdversarialDiscriminator, AffineExprDecoder, ExprDecoder, MLPClassifier, MVCDecoder
 from scgpt_train.model.layers import (
     CategoryValueEncoder,
     ContinuousValueEncoder,
     DomainSpecificBatchNorm,
     EncoderLayer,
-    GeneEncoder,
+    IdEmbedding,
 )
 
 INPUT_EMB_STYLES = ("continuous", "category", "scaling")
@@ -93,23 +94,27 @@ class ScGPT(nn.Module):
         self.ecs_threshold = ecs_threshold
         self.explicit_zero_prob = explicit_zero_prob
         self.grad_checkpointing = grad_checkpointing
-        self.pad_value = pad_value
-        self.mask_value = mask_value
+        # the value layout this model reads (the data's tokenizer must produce the same)
+        self.layout = TokenLayout(
+            n_bins=n_bins, value_style=input_emb_style, pad_value=pad_value, mask_value=mask_value
+        )
 
         # ---- inputs
-        self.gene_encoder = GeneEncoder(vocab_size, d_model, padding_idx=pad_token_id)
+        self.gene_encoder = IdEmbedding(vocab_size, d_model, padding_idx=pad_token_id)
         if input_emb_style == "continuous":
             self.value_encoder = ContinuousValueEncoder(d_model, dropout, max_value)
         elif input_emb_style == "category":
-            self.value_encoder = CategoryValueEncoder(n_bins + 2, d_model, padding_idx=int(pad_value))
+            self.value_encoder = CategoryValueEncoder(
+                self.layout.n_categories, d_model, padding_idx=self.layout.pad_category
+            )
         else:
             self.value_encoder = None
         self.flag_encoder = nn.Embedding(2, d_model) if use_generative else None  # row 1 = "unknown"
         self.condition_encoder = (
             nn.Embedding(n_conditions, d_model, padding_idx=condition_pad_id) if n_conditions > 0 else None
         )
-        self.modality_encoder = GeneEncoder(n_modalities, d_model, modality_pad_id) if n_modalities > 0 else None
-        self.batch_encoder = GeneEncoder(num_batch_labels, d_model) if use_batch_labels else None
+        self.modality_encoder = IdEmbedding(n_modalities, d_model, modality_pad_id) if n_modalities > 0 else None
+        self.batch_encoder = IdEmbedding(num_batch_labels, d_model) if use_batch_labels else None
         self.dsbn = DomainSpecificBatchNorm(d_model, num_batch_labels, affine=dsbn_affine) if dsbn else None
 
         # ---- encoder
@@ -157,8 +162,8 @@ class ScGPT(nn.Module):
     ):
         """Token input (B, L, d) and the gene embeddings (B, L, d) used by the MVC decoder."""
         gene_embs = self.gene_encoder(gene_ids)  # (B, L, d)
-        if gen_mask is not None:  # unknown values are never read: make them a valid input (category ids)
-            values = values.masked_fill(gen_mask, self.pad_value)
+        if gen_mask is not None:  # unknown values are never read: make them a valid input (a category id too)
+            values = values.masked_fill(gen_mask, self.layout.input_pad)
         if self.input_emb_style == "scaling":
             x = gene_embs * values.unsqueeze(-1)
         else:
