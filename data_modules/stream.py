@@ -309,42 +309,6 @@ def gather_parts(parts: list[tuple[CellBlock, np.ndarray]]) -> CellBlock:
 # ------------------------------------------------------------------------------------------
 # reading lanes
 # ------------------------------------------------------------------------------------------
-def read_blocks(corpus: Corpus, spans: list[tuple[int, int, int]]) -> tuple[CellBlock, np.ndarray]:
-    """The rows of ``(shard, start, stop)`` spans as ONE CellBlock, and the first row of each span in it.
-
-    Each HDF5 slice is read straight into its place in the block's arrays (``read_direct``:
-    no per-block array, no dtype conversion or copy; gene ids stay in the stored dtype).
-    """
-    files = [corpus._file(shard) for shard, _, _ in spans]  # the corpus's per-process handles
-    span_indptr = [f["indptr"][start : stop + 1].astype(np.int64) for f, (_, start, stop) in zip(files, spans)]
-    span_nnz = np.array([int(ip[-1] - ip[0]) for ip in span_indptr], dtype=np.int64)
-    first_entry = np.concatenate([[0], np.cumsum(span_nnz)])
-    gene_dtype = np.result_type(*[f["indices"].dtype for f in files])
-    count_dtype = np.result_type(*[f["data"].dtype for f in files])
-    gene_ids = np.empty(int(first_entry[-1]), dtype=gene_dtype)
-    counts = np.empty(int(first_entry[-1]), dtype=count_dtype)
-    for f, ip, to, n in zip(files, span_indptr, first_entry, span_nnz):
-        if n:
-            source, dest = np.s_[int(ip[0]) : int(ip[-1])], np.s_[int(to) : int(to + n)]
-            f["indices"].read_direct(gene_ids, source_sel=source, dest_sel=dest)
-            f["data"].read_direct(counts, source_sel=source, dest_sel=dest)
-    indptr = np.concatenate([[0]] + [ip[1:] - ip[0] + to for ip, to in zip(span_indptr, first_entry)])
-    obs_keys = list(files[0]["obs"]) if "obs" in files[0] else []
-    block = CellBlock(
-        indptr=indptr.astype(np.int64),
-        gene_ids=gene_ids,
-        counts=counts,
-        cell_index=np.concatenate(
-            [np.arange(start, stop, dtype=np.int64) + corpus.shard_offsets[shard] for shard, start, stop in spans]
-        ),
-        obs={
-            k: np.concatenate([f["obs"][k][start:stop] for f, (_, start, stop) in zip(files, spans)]) for k in obs_keys
-        },
-    )
-    first_row = np.concatenate([[0], np.cumsum([stop - start for _, start, stop in spans])])[:-1]
-    return block, first_row
-
-
 class LaneReader:
     """Loads the windows of lanes on demand (one worker's view), keeps the current one per lane."""
 
@@ -360,8 +324,8 @@ class LaneReader:
         first = int(np.searchsorted(plan.cum, lo, side="right")) - 1
         last = int(np.searchsorted(plan.cum, hi, side="left"))
         ids = [int(plan.block_order[i]) for i in range(first, last)]
-        window, first_row = read_blocks(
-            self.corpus, [(int(table.shard[b]), int(table.start[b]), int(table.stop[b])) for b in ids]
+        window, first_row = self.corpus.read_spans(
+            [(int(table.shard[b]), int(table.start[b]), int(table.stop[b])) for b in ids]
         )
         in_val = self.corpus.in_validation(window)
         in_split = in_val if self.split == "val" else ~in_val
@@ -480,7 +444,7 @@ class CellStream(torch.utils.data.IterableDataset):
             return
         with Corpus(self.corpus_dir) as corpus:  # a private handle: none stays open across a fork
             first_shard = int(np.searchsorted(corpus.shard_offsets, 0, side="right")) - 1  # holds cell 0
-            window, _ = read_blocks(corpus, [(first_shard, 0, 1)])
+            window, _ = corpus.read_spans([(first_shard, 0, 1)])
         one = np.zeros(1, dtype=np.int64)
         self.tokenizer.pad(self.tokenizer.encode(window, np.random.default_rng(0), one))  # in-window path
         self.tokenizer(gather_parts([(window, one), (window, one)]), np.random.default_rng(0))  # gathered path

@@ -10,7 +10,17 @@ from pathlib import Path
 import h5py
 import numpy as np
 
-from data_modules.store.format import FORMAT_VERSION, MANIFEST_NAME, VOCAB_NAME, CorpusFormatError
+from data_modules.store.format import (
+    DATA,
+    FORMAT_VERSION,
+    INDICES,
+    INDPTR,
+    MANIFEST_NAME,
+    OBS_GROUP,
+    SOURCE_ROW,
+    VOCAB_NAME,
+    CorpusFormatError,
+)
 from data_modules.store.split import split_membership
 from data_modules.vocab import GeneVocab
 
@@ -134,24 +144,69 @@ class Corpus:
 
     def read_block(self, shard: int, start: int, stop: int) -> CellBlock:
         """Cells ``start:stop`` (shard-local rows) of one shard: one contiguous read per array."""
-        f = self._file(shard)
         n = int(self.shards[shard]["n_cells"])
         if not 0 <= start <= stop <= n:
             raise IndexError(f"rows {start}:{stop} are outside shard {shard} (0:{n})")
-        indptr = f["indptr"][start : stop + 1].astype(np.int64)
-        lo, hi = int(indptr[0]), int(indptr[-1])
-        obs = {k: f["obs"][k][start:stop] for k in f["obs"]} if "obs" in f else {}
-        return CellBlock(
-            indptr=indptr - lo,
-            gene_ids=f["indices"][lo:hi].astype(np.int32, copy=False),  # stored uint16 when the vocab fits
-            counts=f["data"][lo:hi],
-            cell_index=np.arange(start, stop, dtype=np.int64) + self.shard_offsets[shard],
-            obs=obs,
+        block, _ = self.read_spans([(shard, start, stop)])
+        block.gene_ids = block.gene_ids.astype(np.int32, copy=False)  # stored uint16 when the vocab fits
+        return block
+
+    def read_spans(self, spans: list[tuple[int, int, int]]) -> tuple[CellBlock, np.ndarray]:
+        """The rows of ``(shard, start, stop)`` spans as ONE CellBlock, and the first row of each span in it.
+
+        Each HDF5 slice is read straight into its place in the block's arrays (``read_direct``: no
+        per-span array, no dtype conversion; gene ids stay in the stored dtype). The CSR structure of
+        what was read is checked (monotonic ``indptr``, ids inside the vocabulary): a damaged shard
+        raises :class:`CorpusFormatError` naming the shard and rows, never a bare ``IndexError`` later.
+        """
+        files = [self._file(shard) for shard, _, _ in spans]  # this process's handles
+        span_indptr = [f[INDPTR][start : stop + 1].astype(np.int64) for f, (_, start, stop) in zip(files, spans)]
+        for (shard, start, stop), ip in zip(spans, span_indptr):
+            if len(ip) != stop - start + 1 or (len(ip) > 1 and np.any(np.diff(ip) < 0)) or (len(ip) and ip[0] < 0):
+                self._damaged(shard, start, stop, f"{INDPTR} is not monotonic non-decreasing")
+        span_nnz = np.array([int(ip[-1] - ip[0]) for ip in span_indptr], dtype=np.int64)
+        first_entry = np.concatenate([[0], np.cumsum(span_nnz)])
+        gene_ids = np.empty(int(first_entry[-1]), dtype=np.result_type(*[f[INDICES].dtype for f in files]))
+        counts = np.empty(int(first_entry[-1]), dtype=np.result_type(*[f[DATA].dtype for f in files]))
+        for f, ip, to, n, (shard, start, stop) in zip(files, span_indptr, first_entry, span_nnz, spans):
+            if not n:
+                continue
+            if int(ip[-1]) > f[INDICES].shape[0]:
+                self._damaged(shard, start, stop, f"{INDPTR} points past the end of {INDICES}")
+            source, dest = np.s_[int(ip[0]) : int(ip[-1])], np.s_[int(to) : int(to + n)]
+            f[INDICES].read_direct(gene_ids, source_sel=source, dest_sel=dest)
+            f[DATA].read_direct(counts, source_sel=source, dest_sel=dest)
+            ids = gene_ids[int(to) : int(to + n)]
+            if ids.min() < 0 or ids.max() >= len(self.vocab):
+                self._damaged(
+                    shard, start, stop, f"gene id {int(ids.max())} is outside the vocabulary (0:{len(self.vocab)})"
+                )
+        indptr = np.concatenate([[0]] + [ip[1:] - ip[0] + to for ip, to in zip(span_indptr, first_entry)])
+        obs_keys = list(files[0][OBS_GROUP]) if OBS_GROUP in files[0] else []
+        block = CellBlock(
+            indptr=indptr.astype(np.int64),
+            gene_ids=gene_ids,
+            counts=counts,
+            cell_index=np.concatenate(
+                [np.arange(start, stop, dtype=np.int64) + self.shard_offsets[shard] for shard, start, stop in spans]
+            ),
+            obs={
+                k: np.concatenate([f[OBS_GROUP][k][start:stop] for f, (_, start, stop) in zip(files, spans)])
+                for k in obs_keys
+            },
+        )
+        first_row = np.concatenate([[0], np.cumsum([stop - start for _, start, stop in spans])])[:-1]
+        return block, first_row
+
+    def _damaged(self, shard: int, start: int, stop: int, what: str):
+        raise CorpusFormatError(
+            f"shard {self.shard_path(shard)} rows {start}:{stop}: {what}; the file is damaged. "
+            f"Check it with `python scripts/corpus.py verify {self.root}` and rebuild the corpus."
         )
 
     def read_source_rows(self, shard: int, start: int, stop: int) -> np.ndarray:
         """(stop-start,) int64 row of each cell in its input (h5ad row / Census soma_joinid)."""
-        return self._file(shard)["source_row"][start:stop]
+        return self._file(shard)[SOURCE_ROW][start:stop]
 
     def read_cells(self, start: int, stop: int) -> CellBlock:
         """Global cell ids ``start:stop``, possibly spanning shards."""
