@@ -398,6 +398,14 @@ def _dist_rank_world() -> tuple[int, int]:
     return int(os.environ.get("RANK", 0)), int(os.environ.get("WORLD_SIZE", 1))
 
 
+@dataclass(frozen=True)
+class LoaderOptions:
+    """What a StreamLoader tells its stream (and the workers' copies of it) for one iteration."""
+
+    rank_world: tuple[int, int] | None = None  # (rank, world) resolved in the main process; None = resolve here
+    emit_encoded: bool = False  # yield EncodedCells (padded by the loader in the main process), not Batches
+
+
 class CellStream(torch.utils.data.IterableDataset):
     """Yields tokenized ``Batch`` es of one split; see the module docstring for the plan."""
 
@@ -434,7 +442,7 @@ class CellStream(torch.utils.data.IterableDataset):
         self.rank, self.world_size = rank, world_size
         self.table = build_block_table(self.corpus, split, self.block_size, max_cells)
         self.cursor = Cursor()  # where the next iteration starts
-        self._emit_encoded = False  # StreamLoader: yield EncodedCells, padded in the main process
+        self.loader_options = LoaderOptions()  # set by StreamLoader before each iteration
         self._warm_up()
 
     def _warm_up(self) -> None:
@@ -466,8 +474,8 @@ class CellStream(torch.utils.data.IterableDataset):
         )
 
     def rank_world(self) -> tuple[int, int]:
-        if getattr(self, "_pinned_rank_world", None) is not None:  # set by StreamLoader in the main process
-            return self._pinned_rank_world
+        if self.loader_options.rank_world is not None:  # pinned by StreamLoader in the main process
+            return self.loader_options.rank_world
         rank, world = _dist_rank_world()
         rank = rank if self.rank is None else self.rank
         world = world if self.world_size is None else self.world_size
@@ -531,7 +539,7 @@ class CellStream(torch.utils.data.IterableDataset):
             # a batch inside one window (every round-robin batch) is encoded in place, others gathered first
             block, rows = parts[0] if len(parts) == 1 else (gather_parts(parts), None)
             encoded = self.tokenizer.encode(block, rng, rows)
-            yield encoded if self._emit_encoded else self.tokenizer.pad(encoded)
+            yield encoded if self.loader_options.emit_encoded else self.tokenizer.pad(encoded)
         reader.release()
 
     def _batch_cells(
@@ -606,18 +614,18 @@ class StreamLoader(torch.utils.data.DataLoader):
         stream: CellStream = self.dataset
         if self._sched is not None:  # continue where the previous iteration stopped (next epoch if it ended)
             stream.cursor = self._sched.cursor_after(self.consumed())
-        stream._pinned_rank_world = None
-        stream._pinned_rank_world = stream.rank_world()  # workers may not see torch.distributed
+        stream.loader_options = LoaderOptions()  # resolve rank/world afresh below
+        # workers may not see torch.distributed: pin rank/world now; workers send compact EncodedCells
+        stream.loader_options = LoaderOptions(rank_world=stream.rank_world(), emit_encoded=True)
         self._sched = stream.schedule()
         self._yielded, self._exhausted = 0, False
-        stream._emit_encoded = True  # read by the workers' copies (and by the stream itself with 0 workers)
         try:
             for encoded in super().__iter__():
                 batch = stream.tokenizer.pad(encoded)
                 self._yielded += 1
                 yield pin_batch(batch) if self.pin_batches else batch
         finally:
-            stream._emit_encoded = False
+            stream.loader_options = LoaderOptions(rank_world=stream.loader_options.rank_world)
         self._exhausted = True
 
     def consumed(self) -> int:
