@@ -16,7 +16,6 @@ from __future__ import annotations
 import json
 import logging
 import os
-import tempfile
 from collections.abc import Callable
 from pathlib import Path
 from typing import Any
@@ -29,7 +28,7 @@ import scipy.sparse as sp
 import torch
 from torch.utils.data import DataLoader
 
-from data_modules.atomic import atomic_path
+from data_modules.atomic import atomic_path, write_text_atomic
 from data_modules.batch import Batch
 from data_modules.preprocess import (
     PreprocessConfig,
@@ -397,13 +396,7 @@ class AnnDataModule(VocabSizes, pl.LightningDataModule):
         }
 
     def write_report(self, path: str | os.PathLike) -> Path:
-        path = Path(path)
-        path.parent.mkdir(parents=True, exist_ok=True)
-        fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.")
-        with os.fdopen(fd, "w") as f:
-            json.dump(self.report(), f, indent=2)
-        os.replace(tmp, path)
-        return path
+        return write_text_atomic(path, json.dumps(self.report(), indent=2))
 
     # what scgpt_train.pipeline reads --------------------------------------------------
     @property

@@ -10,8 +10,6 @@ Two real datasets, joined by the union of their gene sets (as the paper joins st
 from __future__ import annotations
 
 import os
-import shutil
-import tempfile
 from pathlib import Path
 
 import anndata as ad
@@ -19,6 +17,7 @@ import numpy as np
 import pandas as pd
 import scipy.sparse as sp
 
+from data_modules.atomic import atomic_dir
 from data_modules.store.convert import Source, convert_sources
 
 DEMO_SPLIT = {"strategy": "cell", "seed": 0, "val_fraction": 0.1}
@@ -59,9 +58,7 @@ def build_demo_corpus(out: str | os.PathLike, shard_size: int = 256) -> Path:
     out = Path(out)
     if (out / "manifest.json").exists():
         return out
-    out.parent.mkdir(parents=True, exist_ok=True)
-    tmp = Path(tempfile.mkdtemp(prefix=f".{out.name}.", dir=out.parent))
-    try:
+    with atomic_dir(out) as tmp:  # a concurrent builder that finishes first wins; ours is then discarded
         convert_sources(
             [Source("pbmc68k_reduced", pbmc68k_adata()), Source("celltypist_sample", celltypist_adata())],
             tmp,
@@ -70,11 +67,4 @@ def build_demo_corpus(out: str | os.PathLike, shard_size: int = 256) -> Path:
             shard_size=shard_size,
             split=DEMO_SPLIT,
         )
-        if out.exists():  # a concurrent builder won the race
-            shutil.rmtree(tmp)
-        else:
-            os.replace(tmp, out)
-    finally:
-        if tmp.exists():
-            shutil.rmtree(tmp, ignore_errors=True)
     return out

@@ -16,6 +16,8 @@ from pathlib import Path
 
 import numpy as np
 
+from data_modules.atomic import write_text_atomic
+
 PAD_TOKEN = "<pad>"
 CLS_TOKEN = "<cls>"
 EOC_TOKEN = "<eoc>"
@@ -99,10 +101,7 @@ class GeneVocab:
         return cls(dict(vocab))
 
     def to_json(self, path: str | os.PathLike) -> None:
-        path = Path(path)
-        tmp = path.with_name(path.name + ".tmp")
-        tmp.write_text(json.dumps(self.token_to_id, indent=1))
-        os.replace(tmp, path)
+        write_text_atomic(path, json.dumps(self.token_to_id, indent=1))
 
     # queries ------------------------------------------------------------------------
     def __len__(self) -> int:

@@ -36,6 +36,7 @@ from torch import nn
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
+from data_modules.atomic import write_text_atomic  # noqa: E402
 from scgpt_train.model import ScGPT, generative_attention_mask  # noqa: E402
 
 CONFIGS = {  # name: (model kwargs, L incl. <cls>, batch on CPU, batch on GPU)
@@ -320,10 +321,7 @@ def main(argv=None) -> int:
         f"generative vs naive {result['generative_speedup_vs_naive']:.2f}x"
     )
     if args.json:
-        args.json.parent.mkdir(parents=True, exist_ok=True)
-        tmp = args.json.with_suffix(args.json.suffix + ".tmp")
-        tmp.write_text(json.dumps(result, indent=2))
-        os.replace(tmp, args.json)
+        write_text_atomic(args.json, json.dumps(result, indent=2))
     return 0
 
 

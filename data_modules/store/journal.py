@@ -14,7 +14,8 @@ import json
 import shutil
 from pathlib import Path
 
-from data_modules.store.format import JOURNAL_DIR, SHARD_DIR, CorpusFormatError, write_text_atomic
+from data_modules.atomic import write_text_atomic
+from data_modules.store.format import JOURNAL_DIR, SHARD_DIR, CorpusFormatError
 
 STATE_NAME = "state.json"
 

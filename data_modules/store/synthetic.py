@@ -11,6 +11,8 @@ import h5py
 import numpy as np
 import pandas as pd
 
+from data_modules.atomic import atomic_path
+
 CELL_TYPES = np.array(["T cell", "B cell", "monocyte", "NK cell", "erythrocyte", "fibroblast"])
 TISSUES = np.array(["blood", "lung", "liver", "kidney"])
 ASSAYS = np.array(["10x 3' v3", "10x 3' v2", "Smart-seq2"])
@@ -62,8 +64,7 @@ def make_synthetic_h5ad(
     gene_mean = rng.lognormal(mean=-0.5, sigma=1.0, size=n_genes)  # per-gene expression level
     var = synthetic_genes(n_genes)
     obs = synthetic_obs(rng, n_cells, n_datasets)
-    tmp = path.with_name(path.name + ".tmp")
-    with h5py.File(tmp, "w") as f:
+    with atomic_path(path) as tmp, h5py.File(tmp, "w") as f:
         f.attrs["encoding-type"] = "anndata"
         f.attrs["encoding-version"] = "0.1.0"
         ad.io.write_elem(f, "obs", obs)
@@ -87,7 +88,6 @@ def make_synthetic_h5ad(
         g.create_dataset("indptr", data=indptr_all)
         for key in ("layers", "obsm", "varm", "obsp", "varp", "uns"):
             ad.io.write_elem(f, key, {})
-    os.replace(tmp, path)
     return path
 
 

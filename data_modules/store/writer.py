@@ -10,6 +10,7 @@ from pathlib import Path
 import h5py
 import numpy as np
 
+from data_modules.atomic import atomic_path, write_text_atomic
 from data_modules.store.format import (
     DATA,
     FORMAT_VERSION,
@@ -21,12 +22,10 @@ from data_modules.store.format import (
     SOURCE_ROW,
     VOCAB_NAME,
     CorpusFormatError,
-    atomic_tmp,
     file_sha256,
     index_dtype,
     narrowest_count_dtype,
     shard_name,
-    write_text_atomic,
 )
 from data_modules.store.split import split_membership
 from data_modules.vocab import GeneVocab
@@ -51,8 +50,7 @@ def write_shard(
     n = len(indptr) - 1
     cdtype = counts.dtype if exact_dtypes else narrowest_count_dtype(counts, allow_float)
     idtype = gene_ids.dtype if exact_dtypes else index_dtype(vocab_size)
-    tmp = atomic_tmp(path)
-    try:
+    with atomic_path(path) as tmp:
         with h5py.File(tmp, "w") as f:
             f.attrs["format_version"] = FORMAT_VERSION
             f.attrs["n_cells"] = n
@@ -64,13 +62,7 @@ def write_shard(
             g = f.create_group(OBS_GROUP)
             for k, v in obs.items():
                 g.create_dataset(k, data=np.asarray(v, dtype=np.int32))
-        with open(tmp, "rb+") as fh:
-            os.fsync(fh.fileno())
-        sha = file_sha256(tmp)
-        os.replace(tmp, path)
-    finally:
-        if tmp.exists():
-            tmp.unlink()
+        sha = file_sha256(tmp)  # atomic_path fsyncs and renames it into place
     return {
         "n_cells": int(n),
         "nnz": int(indptr[-1]),

@@ -6,6 +6,8 @@ from __future__ import annotations
 import os
 from pathlib import Path
 
+from data_modules.atomic import atomic_path
+
 
 def checkpoint_kind(path: str | os.PathLike) -> str:
     path = Path(path)
@@ -28,9 +30,7 @@ def consolidate_checkpoint(src: str | os.PathLike, out: str | os.PathLike) -> Pa
     kind = checkpoint_kind(src)
     if kind == "file":
         raise ValueError(f"{src} is already a single-file checkpoint")
-    out.parent.mkdir(parents=True, exist_ok=True)
-    tmp = out.with_name(f".{out.name}.tmp-{os.getpid()}")
-    try:
+    with atomic_path(out) as tmp:
         if kind == "deepspeed":
             from pytorch_lightning.utilities.deepspeed import convert_zero_checkpoint_to_fp32_state_dict
 
@@ -39,8 +39,4 @@ def consolidate_checkpoint(src: str | os.PathLike, out: str | os.PathLike) -> Pa
             from torch.distributed.checkpoint.format_utils import dcp_to_torch_save
 
             dcp_to_torch_save(str(src), str(tmp))
-        os.replace(tmp, out)
-    finally:
-        if tmp.exists():
-            tmp.unlink()
     return out

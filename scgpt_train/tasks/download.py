@@ -15,13 +15,14 @@ import html
 import json
 import os
 import re
-import tempfile
 import time
 import urllib.parse
 import urllib.request
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
+
+from data_modules.atomic import atomic_path, write_text_atomic
 
 CHUNK = 1 << 20
 MANIFEST = "checksums.json"
@@ -150,11 +151,7 @@ class Manifest:
         self.entries: dict[str, dict] = json.loads(self.path.read_text()) if self.path.exists() else {}
 
     def save(self) -> None:
-        self.root.mkdir(parents=True, exist_ok=True)
-        fd, tmp = tempfile.mkstemp(dir=self.root, prefix=f".{MANIFEST}.")
-        with os.fdopen(fd, "w") as f:
-            json.dump(self.entries, f, indent=2, sort_keys=True)
-        os.replace(tmp, self.path)
+        write_text_atomic(self.path, json.dumps(self.entries, indent=2, sort_keys=True))
 
     def key(self, path: Path) -> str:
         return str(Path(path).resolve().relative_to(self.root.resolve()))
@@ -307,10 +304,8 @@ def build_scvi_pbmc(dest: Path) -> Path:
             "(pip install scvi-tools), or copy a pbmc10k.h5ad into place"
         ) from None
     adata = scvi.data.pbmc_dataset(save_path=str(dest.parent / "scvi_raw"))
-    fd, tmp = tempfile.mkstemp(dir=dest.parent, prefix=f".{dest.name}.", suffix=".h5ad")
-    os.close(fd)
-    adata.write_h5ad(tmp)
-    os.replace(tmp, dest)
+    with atomic_path(dest, suffix=".h5ad") as tmp:
+        adata.write_h5ad(tmp)
     return dest
 
 
