@@ -28,7 +28,7 @@ import scipy.sparse as sp
 import torch
 from torch.utils.data import DataLoader
 
-from data_modules.atomic import atomic_path, write_text_atomic
+from data_modules.atomic import write_text_atomic
 from data_modules.batch import Batch
 from data_modules.preprocess import (
     PreprocessConfig,
@@ -38,60 +38,11 @@ from data_modules.preprocess import (
     stratified_split,
 )
 from data_modules.store.reader import CellBlock
-from data_modules.tokenize import Tokenizer, TokenizerConfig, bin_values
+from data_modules.tokenize import Tokenizer, TokenizerConfig, tokenize_with_zeros
 from data_modules.vocab import GeneVocab, VocabSizes
 
 log = logging.getLogger(__name__)
 SPLITS = ("train", "val", "query")
-
-
-# tokenization ------------------------------------------------------------------------------
-def cell_of_entry(indptr: np.ndarray) -> np.ndarray:
-    """(nnz,) row index of every CSR entry."""
-    return np.repeat(np.arange(len(indptr) - 1), np.diff(indptr))
-
-
-def tokenize_with_zeros(
-    x: sp.csr_matrix, gene_ids: np.ndarray, cfg: TokenizerConfig, pad_id: int, cls_id: int, rng: np.random.Generator
-) -> Batch:
-    """Every gene of every cell (zeros as bin 0), a random ``max_seq_len - 1`` of them if there are more."""
-    n_cells, n_genes = x.shape
-    bins = np.zeros((n_cells, n_genes), dtype=np.float32)  # (B, G)
-    nz = bin_values(x.indptr.astype(np.int64), x.data, cfg.n_bins, rng)
-    bins[cell_of_entry(x.indptr), x.indices] = nz
-    k = min(n_genes, cfg.max_seq_len - 1)
-    if k < n_genes:  # uniform subset per cell, kept in gene order
-        cols = np.sort(np.argsort(rng.random((n_cells, n_genes)), axis=1)[:, :k], axis=1)  # (B, k)
-    else:
-        cols = np.broadcast_to(np.arange(n_genes), (n_cells, n_genes))
-    L = k + 1
-    token_ids = np.empty((n_cells, L), dtype=np.int64)
-    token_ids[:, 0] = cls_id
-    token_ids[:, 1:] = gene_ids[cols]
-    target = np.empty((n_cells, L), dtype=np.float32)
-    target[:, 0] = cfg.cls_value
-    target[:, 1:] = np.take_along_axis(bins, cols, axis=1)
-    pad_mask = np.zeros((n_cells, L), dtype=bool)
-    mlm_mask = None
-    if cfg.mlm_prob is not None:
-        mlm_mask = rng.random((n_cells, L), dtype=np.float32) < cfg.mlm_prob
-        mlm_mask[:, 0] = False
-    if cfg.value_style == "continuous":
-        values = target.copy()
-        if mlm_mask is not None:
-            values[mlm_mask] = cfg.mask_value
-    else:
-        values = target.astype(np.int64)
-        values[:, 0] = cfg.n_bins
-        if mlm_mask is not None:
-            values[mlm_mask] = cfg.n_bins + 1
-    return Batch(
-        gene_ids=torch.from_numpy(token_ids),
-        values=torch.from_numpy(values),
-        pad_mask=torch.from_numpy(pad_mask),
-        target_values=torch.from_numpy(target),
-        mlm_mask=None if mlm_mask is None else torch.from_numpy(mlm_mask),
-    )
 
 
 class RowStore:
@@ -484,68 +435,3 @@ class AnnDataModule(VocabSizes, pl.LightningDataModule):
 
     def predict_dataloader(self) -> DataLoader:
         return self.loader("eval", masked=False)
-
-
-# demo datasets (real cells shipped with scanpy) ---------------------------------------------
-def _atomic_write_h5ad(adata: ad.AnnData, path: str | os.PathLike) -> Path:
-    with atomic_path(path, ".h5ad") as tmp:
-        adata.write_h5ad(tmp)
-    return Path(path)
-
-
-def pbmc68k_log_normalized() -> ad.AnnData:
-    """scanpy's pbmc68k_reduced: 700 PBMCs x 765 genes, log-normalized (``.raw``), obs ``cell_type``."""
-    import scanpy as sc
-
-    src = sc.datasets.pbmc68k_reduced()
-    x = sp.csr_matrix(src.raw.X, dtype=np.float32)
-    obs = pd.DataFrame({"cell_type": src.obs["bulk_labels"].astype(str).to_numpy()}, index=src.obs_names.astype(str))
-    return ad.AnnData(X=x, obs=obs, var=pd.DataFrame(index=src.raw.var_names.astype(str)))
-
-
-def build_annotation_demo(path: str | os.PathLike) -> Path:
-    """pbmc68k_reduced as is (already log-normalized, like the paper's annotation files)."""
-    return _atomic_write_h5ad(pbmc68k_log_normalized(), path)
-
-
-BATCH_EFFECT = {"seed": 0, "gene_log_sd": 1.0, "dropped_gene_fraction": 0.1, "depth_factor": 0.5}
-
-
-def make_two_batch(
-    adata: ad.AnnData,
-    seed: int = 0,
-    gene_log_sd: float = 1.0,
-    dropped_gene_fraction: float = 0.1,
-    depth_factor: float = 0.5,
-) -> ad.AnnData:
-    """Two batches from real cells with a known batch effect.
-
-    Cells are assigned to batch "A" or "B" at random (stratified by cell type, half each). Counts are
-    recovered as expm1 of the log-normalized values; batch B then gets (1) a per-gene multiplicative
-    factor exp(N(0, gene_log_sd)) - a gene-specific capture efficiency, which changes each cell's gene
-    ranks and hence its bins - (2) ``dropped_gene_fraction`` of genes not measured at all (zero), and
-    (3) ``depth_factor`` x sequencing depth (rounding to counts is not applied: values stay continuous).
-    Both batches keep their cell types, so a good integration mixes A and B within each cell type.
-    """
-    rng = np.random.default_rng(seed)
-    x = sp.csr_matrix(adata.X, dtype=np.float64)
-    x.data = np.expm1(x.data)
-    labels = adata.obs["cell_type"].astype(str).to_numpy()
-    _, in_b = stratified_split(labels, 0.5, seed)
-    n_genes = adata.n_vars
-    factor = np.exp(rng.normal(0.0, gene_log_sd, n_genes)) * depth_factor  # (G,)
-    factor[rng.random(n_genes) < dropped_gene_fraction] = 0.0
-    scale = sp.diags(factor)
-    is_b = np.zeros(adata.n_obs, dtype=bool)
-    is_b[in_b] = True
-    xb = (x[is_b] @ scale).tocsr()
-    out = sp.vstack([x[~is_b], xb], format="csr").astype(np.float32)
-    out.eliminate_zeros()
-    obs = pd.concat([adata.obs[~is_b], adata.obs[is_b]]).copy()
-    obs["batch"] = ["A"] * int((~is_b).sum()) + ["B"] * int(is_b.sum())
-    return ad.AnnData(X=out, obs=obs, var=adata.var.copy())
-
-
-def build_integration_demo(path: str | os.PathLike) -> Path:
-    """pbmc68k_reduced split into two batches with the documented batch effect (:func:`make_two_batch`)."""
-    return _atomic_write_h5ad(make_two_batch(pbmc68k_log_normalized(), **BATCH_EFFECT), path)

@@ -17,7 +17,8 @@ import numpy as np
 import pandas as pd
 import scipy.sparse as sp
 
-from data_modules.atomic import atomic_dir
+from data_modules.atomic import atomic_dir, atomic_path
+from data_modules.preprocess import stratified_split
 from data_modules.store.convert import Source, convert_sources
 
 DEMO_SPLIT = {"strategy": "cell", "seed": 0, "val_fraction": 0.1}
@@ -68,3 +69,68 @@ def build_demo_corpus(out: str | os.PathLike, shard_size: int = 256) -> Path:
             split=DEMO_SPLIT,
         )
     return out
+
+
+# fine-tuning demo datasets (real cells shipped with scanpy) ---------------------------------
+def _atomic_write_h5ad(adata: ad.AnnData, path: str | os.PathLike) -> Path:
+    with atomic_path(path, ".h5ad") as tmp:
+        adata.write_h5ad(tmp)
+    return Path(path)
+
+
+def pbmc68k_log_normalized() -> ad.AnnData:
+    """scanpy's pbmc68k_reduced: 700 PBMCs x 765 genes, log-normalized (``.raw``), obs ``cell_type``."""
+    import scanpy as sc
+
+    src = sc.datasets.pbmc68k_reduced()
+    x = sp.csr_matrix(src.raw.X, dtype=np.float32)
+    obs = pd.DataFrame({"cell_type": src.obs["bulk_labels"].astype(str).to_numpy()}, index=src.obs_names.astype(str))
+    return ad.AnnData(X=x, obs=obs, var=pd.DataFrame(index=src.raw.var_names.astype(str)))
+
+
+def build_annotation_demo(path: str | os.PathLike) -> Path:
+    """pbmc68k_reduced as is (already log-normalized, like the paper's annotation files)."""
+    return _atomic_write_h5ad(pbmc68k_log_normalized(), path)
+
+
+BATCH_EFFECT = {"seed": 0, "gene_log_sd": 1.0, "dropped_gene_fraction": 0.1, "depth_factor": 0.5}
+
+
+def make_two_batch(
+    adata: ad.AnnData,
+    seed: int = 0,
+    gene_log_sd: float = 1.0,
+    dropped_gene_fraction: float = 0.1,
+    depth_factor: float = 0.5,
+) -> ad.AnnData:
+    """Two batches from real cells with a known batch effect.
+
+    Cells are assigned to batch "A" or "B" at random (stratified by cell type, half each). Counts are
+    recovered as expm1 of the log-normalized values; batch B then gets (1) a per-gene multiplicative
+    factor exp(N(0, gene_log_sd)) - a gene-specific capture efficiency, which changes each cell's gene
+    ranks and hence its bins - (2) ``dropped_gene_fraction`` of genes not measured at all (zero), and
+    (3) ``depth_factor`` x sequencing depth (rounding to counts is not applied: values stay continuous).
+    Both batches keep their cell types, so a good integration mixes A and B within each cell type.
+    """
+    rng = np.random.default_rng(seed)
+    x = sp.csr_matrix(adata.X, dtype=np.float64)
+    x.data = np.expm1(x.data)
+    labels = adata.obs["cell_type"].astype(str).to_numpy()
+    _, in_b = stratified_split(labels, 0.5, seed)
+    n_genes = adata.n_vars
+    factor = np.exp(rng.normal(0.0, gene_log_sd, n_genes)) * depth_factor  # (G,)
+    factor[rng.random(n_genes) < dropped_gene_fraction] = 0.0
+    scale = sp.diags(factor)
+    is_b = np.zeros(adata.n_obs, dtype=bool)
+    is_b[in_b] = True
+    xb = (x[is_b] @ scale).tocsr()
+    out = sp.vstack([x[~is_b], xb], format="csr").astype(np.float32)
+    out.eliminate_zeros()
+    obs = pd.concat([adata.obs[~is_b], adata.obs[is_b]]).copy()
+    obs["batch"] = ["A"] * int((~is_b).sum()) + ["B"] * int(is_b.sum())
+    return ad.AnnData(X=out, obs=obs, var=adata.var.copy())
+
+
+def build_integration_demo(path: str | os.PathLike) -> Path:
+    """pbmc68k_reduced split into two batches with the documented batch effect (:func:`make_two_batch`)."""
+    return _atomic_write_h5ad(make_two_batch(pbmc68k_log_normalized(), **BATCH_EFFECT), path)

@@ -9,9 +9,10 @@ import pytest
 import scipy.sparse as sp
 import torch
 
-from data_modules.anndata_module import AnnDataModule, make_two_batch, tokenize_with_zeros
+from data_modules.anndata_module import AnnDataModule
+from data_modules.demo import make_two_batch
 from data_modules.preprocess import normalize_log1p, stratified_split
-from data_modules.tokenize import TokenizerConfig
+from data_modules.tokenize import TokenizerConfig, tokenize_with_zeros
 from data_modules.vocab import GeneVocab
 
 
@@ -177,7 +178,7 @@ def test_backed_mode_yields_the_same_batches_as_in_memory(tmp_path):
 
 
 def test_two_batch_demo_has_the_documented_batch_effect():
-    from data_modules.anndata_module import pbmc68k_log_normalized
+    from data_modules.demo import pbmc68k_log_normalized
 
     src = pbmc68k_log_normalized()
     two = make_two_batch(src, seed=0)
