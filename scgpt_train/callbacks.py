@@ -179,3 +179,36 @@ class RunSummary(pl.Callback):
         path.parent.mkdir(parents=True, exist_ok=True)
         path.write_text(json.dumps(data, indent=1))
         return data
+
+
+class SaveFinalStep(pl.Callback):
+    """At the end of training write ``<dirpath>/last.ckpt`` with the final step.
+
+    Lightning's ``ModelCheckpoint`` saves only at its own intervals (validation, ``every_n_train_steps``),
+    so a ``max_steps`` that is not a multiple of them left ``last.ckpt`` at an earlier step than the run
+    reached. Not called when the run stops on an exception (preemption saves its own checkpoint).
+    """
+
+    def __init__(self, dirpath: str, filename: str = "last.ckpt"):
+        self.path = Path(dirpath) / filename
+
+    def on_train_end(self, trainer, pl_module):
+        if trainer.global_step == 0:
+            return
+        # every rank takes part in save_checkpoint (sharded strategies gather); rank 0 decides
+        up_to_date = trainer.strategy.broadcast(
+            self._holds_step(trainer.global_step) if trainer.is_global_zero else None
+        )
+        if not up_to_date:
+            trainer.save_checkpoint(self.path)
+        for callback in trainer.checkpoint_callbacks:  # so the run summary names the final file
+            if getattr(callback, "save_last", None) and Path(callback.dirpath or "") == self.path.parent:
+                callback.last_model_path = str(self.path)
+
+    def _holds_step(self, step: int) -> bool:
+        if not self.path.is_file():
+            return False
+        try:
+            return int(torch.load(self.path, map_location="cpu", weights_only=False, mmap=True)["global_step"]) == step
+        except Exception:
+            return False

@@ -4,8 +4,9 @@ non-finite loss guards.
 - ``AtomicCheckpointIO``: every checkpoint is written to a temp file, fsynced, then renamed.
 - ``PreemptionCheckpoint``: SIGTERM (and SIGUSR1, SLURM's pre-timeout warning, where Lightning's
   SLURM requeue does not already own it) stops after the current step and saves a checkpoint.
-- ``find_resume_checkpoint``: the newest checkpoint of a run dir that loads; a corrupt newest one
-  falls back to the previous with a warning.
+- ``find_resume_checkpoint``: the checkpoint of a run dir with the highest global step that loads
+  (file times are not trusted: a copied run dir has them all new); a corrupt one is moved aside to
+  ``<name>.corrupt`` with a warning, so the next save can reuse its name.
 - ``StepSeed``: torch's RNG (dropout) is re-seeded from (seed, step, rank) before every step, so a
   resumed run draws the same dropout masks as an uninterrupted one whatever else consumed the RNG.
 - ``GradientGuard``: logs the gradient norm; on a non-finite loss or gradient, skips the update or
@@ -17,6 +18,7 @@ from __future__ import annotations
 import logging
 import math
 import os
+import re
 import signal
 from pathlib import Path
 from typing import Any
@@ -26,38 +28,59 @@ import torch
 from lightning_fabric.plugins.io.torch_io import TorchCheckpointIO
 from pytorch_lightning.utilities.exceptions import SIGTERMException
 
+from data_modules.atomic import atomic_path
+from scgpt_train.compat import request_graceful_stop
+
 log = logging.getLogger(__name__)
 
 PREEMPT_PREFIX = "preempted-step"
 
 
 class AtomicCheckpointIO(TorchCheckpointIO):
-    """``torch.save`` to ``.<name>.tmp-<pid>``, fsync, ``os.replace``: a crash never leaves a half file."""
+    """``torch.save`` to a hidden temp file in the same dir, fsync, rename (``data_modules.atomic``):
+    a crash never leaves a half file."""
 
     def save_checkpoint(self, checkpoint: dict[str, Any], path, storage_options: Any | None = None) -> None:
-        path = Path(path)
-        path.parent.mkdir(parents=True, exist_ok=True)
-        tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}")
-        try:
-            with open(tmp, "wb") as f:
-                torch.save(checkpoint, f)
-                f.flush()
-                os.fsync(f.fileno())
-            os.replace(tmp, path)
-        finally:
-            if tmp.exists():
-                tmp.unlink()
+        with atomic_path(path) as tmp:
+            torch.save(checkpoint, tmp)
 
 
 def checkpoint_is_valid(path: Path) -> bool:
-    if path.is_dir():  # sharded (DeepSpeed / FSDP) checkpoint: a directory per checkpoint
-        return sharded_checkpoint_is_complete(path)
+    return checkpoint_global_step(path) is not None
+
+
+def checkpoint_global_step(path: Path) -> int | None:
+    """The global step a checkpoint holds, or None when it is not a loadable checkpoint of this project.
+    A sharded (DeepSpeed / FSDP) checkpoint dir is not loaded: its step comes from its name (``step<N>``)."""
+    if path.is_dir():
+        if not sharded_checkpoint_is_complete(path):
+            return None
+        match = re.search(r"step(\d+)", path.name)
+        return int(match.group(1)) if match else -1
     try:
         ckpt = torch.load(path, map_location="cpu", weights_only=False, mmap=True)
-        return isinstance(ckpt, dict) and "state_dict" in ckpt and "global_step" in ckpt
     except Exception as e:  # truncated zip, bad pickle, ...
-        log.warning("checkpoint %s is unreadable (%s: %s); skipping it", path, type(e).__name__, e)
-        return False
+        log.warning("checkpoint %s is unreadable (%s: %s)", path, type(e).__name__, e)
+        return None
+    if not (isinstance(ckpt, dict) and "state_dict" in ckpt and "global_step" in ckpt):
+        log.warning("%s is not a Lightning checkpoint (no state_dict / global_step)", path)
+        return None
+    return int(ckpt["global_step"])
+
+
+def move_aside(path: Path) -> Path | None:
+    """Rename a corrupt checkpoint to ``<name>.corrupt`` (``.corrupt2``, ... if taken); None if it is gone
+    (another rank moved it first)."""
+    target = path.with_name(path.name + ".corrupt")
+    n = 1
+    while target.exists():
+        n += 1
+        target = path.with_name(f"{path.name}.corrupt{n}")
+    try:
+        os.replace(path, target)
+    except FileNotFoundError:
+        return None
+    return target
 
 
 def sharded_checkpoint_is_complete(path: Path) -> bool:
@@ -74,15 +97,32 @@ def sharded_checkpoint_is_complete(path: Path) -> bool:
 
 
 def find_resume_checkpoint(output_dir: str | os.PathLike) -> Path | None:
-    """Newest loadable checkpoint of a run dir (``checkpoints/*.ckpt`` and Lightning's ``hpc_ckpt_*.ckpt``)."""
+    """The loadable checkpoint of a run dir (``checkpoints/*.ckpt`` and Lightning's ``hpc_ckpt_*.ckpt``)
+    with the highest global step, read from each checkpoint. Ties go to the newer file. Corrupt ones
+    are moved aside to ``<name>.corrupt``."""
     output_dir = Path(output_dir)
     candidates = list((output_dir / "checkpoints").glob("*.ckpt")) + list(output_dir.glob("hpc_ckpt_*.ckpt"))
     candidates = [p for p in candidates if not p.is_symlink() and not p.name.startswith(".")]
-    for path in sorted(candidates, key=lambda p: p.stat().st_mtime_ns, reverse=True):
-        if checkpoint_is_valid(path):
-            return path
-        log.warning("newest checkpoint %s is corrupt; falling back to the previous one", path)
-    return None
+    valid: list[tuple[int, int, Path]] = []  # (global step, mtime ns, path)
+    corrupt: list[Path] = []
+    for path in candidates:
+        step = checkpoint_global_step(path)
+        if step is None:
+            corrupt.append(path)
+        else:
+            valid.append((step, path.stat().st_mtime_ns, path))
+    for path in corrupt:
+        moved = move_aside(path) if path.is_file() else None
+        where = f"moved it aside to {moved.name}" if moved else "left it in place"
+        if valid:
+            log.warning(
+                "checkpoint %s is corrupt; %s; resuming from the valid checkpoint with the highest step", path, where
+            )
+        else:
+            log.warning("checkpoint %s is corrupt; %s; no valid checkpoint remains: starting from scratch", path, where)
+    if not valid:
+        return None
+    return max(valid, key=lambda v: (v[0], v[1]))[2]
 
 
 class PreemptionCheckpoint(pl.Callback):
@@ -104,7 +144,7 @@ class PreemptionCheckpoint(pl.Callback):
             current = signal.getsignal(signum)
             if current in (signal.SIG_DFL, signal.SIG_IGN, None):
                 self._previous[signum] = current
-                signal.signal(signum, lambda *_: setattr(trainer._signal_connector, "received_sigterm", True))
+                signal.signal(signum, lambda *_: request_graceful_stop(trainer))
 
     def on_fit_end(self, trainer, pl_module):
         for signum, handler in self._previous.items():

@@ -18,7 +18,8 @@ from rich.table import Table
 
 from data_modules.atomic import write_json_atomic
 from scgpt_train.callbacks import RunSummary
-from scgpt_train.fault_tolerance import AtomicCheckpointIO, find_resume_checkpoint
+from scgpt_train.compat import set_hydra_subprocess_cmd
+from scgpt_train.fault_tolerance import AtomicCheckpointIO, checkpoint_is_valid, find_resume_checkpoint
 
 log = logging.getLogger(__name__)
 
@@ -76,19 +77,43 @@ def trainer_plugins(trainer_cfg: DictConfig) -> list:
 def resolve_ckpt_path(ckpt_path: str | None, output_dir: str, auto_resume: bool = False) -> str | None:
     """Which checkpoint ``fit`` resumes from.
 
-    ``null``: the newest valid checkpoint in this run dir when ``auto_resume`` (a restarted or requeued
-    job picks up where it stopped), else a fresh start. ``last``: ``<run dir>/checkpoints/last.ckpt``.
-    Anything else: that file, which must exist.
+    ``null``: the valid checkpoint with the highest global step in this run dir when ``auto_resume`` (a
+    restarted or requeued job picks up where it stopped), else a fresh start. ``last``:
+    ``<run dir>/checkpoints/last.ckpt``. Anything else: that file, which must be a checkpoint.
+    On a resume, the earlier attempt's ``csv/metrics.csv`` is kept as ``csv/metrics.<n>.csv``.
     """
     if ckpt_path in (None, ""):
         found = find_resume_checkpoint(output_dir) if auto_resume else None
-        if found is not None:
-            log.warning("auto-resume: continuing from %s", found)
-        return None if found is None else str(found)
+        if found is None:
+            return None
+        log.warning("auto-resume: continuing from %s", found)
+        keep_previous_metrics(Path(output_dir))
+        return str(found)
     path = Path(output_dir) / "checkpoints" / "last.ckpt" if ckpt_path == "last" else Path(ckpt_path)
     if not path.exists():
         raise FileNotFoundError(f"ckpt_path={ckpt_path!r}: no checkpoint at {path}")
+    if not checkpoint_is_valid(path):
+        raise ValueError(
+            f"ckpt_path={ckpt_path!r}: {path} is not a training checkpoint of this project (it must be a "
+            "Lightning .ckpt holding state_dict and global_step); to start from pretrained weights use "
+            "pretrained=<path> instead"
+        )
+    keep_previous_metrics(Path(output_dir))
     return str(path)
+
+
+def keep_previous_metrics(output_dir: Path) -> Path | None:
+    """Rename ``<run dir>/csv/metrics.csv`` to the next free ``metrics.<n>.csv`` before a resumed run's
+    CSVLogger starts (it deletes an existing metrics.csv). Only the launching process renames."""
+    metrics = output_dir / "csv" / "metrics.csv"
+    if not _is_launching_process() or not metrics.is_file():
+        return None
+    n = 1
+    while (kept := metrics.with_name(f"metrics.{n}.csv")).exists():
+        n += 1
+    metrics.rename(kept)  # a move inside the run dir, not a write
+    log.warning("resume: kept the earlier attempt's metrics as %s", kept)
+    return kept
 
 
 _DDP_LAUNCH_ENV = ("MASTER_ADDR", "MASTER_PORT", "NODE_RANK", "LOCAL_RANK", "WORLD_SIZE")
@@ -129,12 +154,9 @@ def use_job_config_for_ddp_children() -> None:
     """Inside a Hydra multirun job, make Lightning's DDP children rerun only this job."""
     from hydra.core.hydra_config import HydraConfig
     from hydra.types import RunMode
-    from lightning_fabric.strategies.launchers import subprocess_script as fabric_launcher
-    from pytorch_lightning.strategies.launchers import subprocess_script as pl_launcher
 
     if HydraConfig.initialized() and HydraConfig.get().mode == RunMode.MULTIRUN and HydraConfig.get().output_subdir:
-        fabric_launcher._hydra_subprocess_cmd = _job_subprocess_cmd
-        pl_launcher._hydra_subprocess_cmd = _job_subprocess_cmd  # imported by name there
+        set_hydra_subprocess_cmd(_job_subprocess_cmd)
 
 
 def write_result(output_dir: Path, cfg: DictConfig, metrics: dict[str, float], summary: dict | None) -> None:

@@ -1,0 +1,123 @@
+"""Checkpoints you can rely on: the final step is always in last.ckpt, auto-resume picks the highest
+step (not the newest file), corrupt files are moved aside, bad ckpt_paths are refused by name, the
+earlier attempt's metrics survive a resume, and the private Lightning names we patch still exist."""
+
+from __future__ import annotations
+
+import json
+import os
+from pathlib import Path
+
+import pytest
+import torch
+from conftest import run_cmd
+
+
+def save_fake_checkpoint(path: Path, step: int) -> Path:
+    torch.save({"state_dict": {"w": torch.ones(3)}, "global_step": step}, path)
+    return path
+
+
+def test_last_ckpt_holds_the_final_step_off_the_intervals(demo_corpus, tmp_path):
+    run_cmd(
+        [
+            "train.py",
+            f"paths.cache_dir={demo_corpus.parent}",
+            f"hydra.run.dir={tmp_path}",
+            "trainer.max_steps=13",
+            "trainer.val_check_interval=10",
+            "callbacks.periodic_checkpoint.every_n_train_steps=25",
+            "validate_before_fit=false",
+        ]
+    )
+    last = torch.load(tmp_path / "checkpoints" / "last.ckpt", map_location="cpu", weights_only=False)
+    summary = json.loads((tmp_path / "summary.json").read_text())
+    assert last["global_step"] == 13
+    assert summary["steps"] == last["global_step"]
+    assert Path(summary["last_checkpoint"]).name == "last.ckpt"
+    # a rerun of the same command resumes from step 13 and keeps the first attempt's metrics
+    first_metrics = (tmp_path / "csv" / "metrics.csv").read_text()
+    rerun = run_cmd(
+        [
+            "train.py",
+            f"paths.cache_dir={demo_corpus.parent}",
+            f"hydra.run.dir={tmp_path}",
+            "trainer.max_steps=15",
+            "trainer.val_check_interval=10",
+            "callbacks.periodic_checkpoint.every_n_train_steps=25",
+        ]
+    )
+    assert "auto-resume: continuing from" in rerun.stderr + rerun.stdout
+    assert (tmp_path / "csv" / "metrics.1.csv").read_text() == first_metrics
+    names = {p.name for p in (tmp_path / "checkpoints").iterdir()}
+    assert "last-v1.ckpt" not in names, names
+    resumed = torch.load(tmp_path / "checkpoints" / "last.ckpt", map_location="cpu", weights_only=False)
+    assert resumed["global_step"] == 15
+
+
+def test_auto_resume_picks_the_highest_step_not_the_newest_file(tmp_path):
+    from scgpt_train.fault_tolerance import find_resume_checkpoint
+
+    ckpts = tmp_path / "checkpoints"
+    ckpts.mkdir()
+    high = save_fake_checkpoint(ckpts / "last.ckpt", 120)
+    old = save_fake_checkpoint(ckpts / "periodic-step0000027.ckpt", 27)
+    newest = high.stat().st_mtime + 100
+    os.utime(old, (newest, newest))  # as after copying a run dir: the old checkpoint looks newest
+    assert find_resume_checkpoint(tmp_path) == high
+
+
+def test_corrupt_checkpoint_is_moved_aside_and_says_what_happened(tmp_path, caplog):
+    from scgpt_train.fault_tolerance import find_resume_checkpoint
+
+    ckpts = tmp_path / "checkpoints"
+    ckpts.mkdir()
+    good = save_fake_checkpoint(ckpts / "periodic-step0000008.ckpt", 8)
+    last = save_fake_checkpoint(ckpts / "last.ckpt", 16)
+    last.write_bytes(last.read_bytes()[:100])  # truncated
+    assert find_resume_checkpoint(tmp_path) == good
+    assert not last.exists() and (ckpts / "last.ckpt.corrupt").exists()  # last.ckpt is free for the next save
+    assert "last.ckpt.corrupt" in caplog.text and "starting from scratch" not in caplog.text
+
+    caplog.clear()
+    good.write_bytes(b"not a checkpoint")
+    assert find_resume_checkpoint(tmp_path) is None
+    assert "starting from scratch" in caplog.text and "falling back" not in caplog.text
+    assert (ckpts / "periodic-step0000008.ckpt.corrupt").exists()
+
+
+def test_ckpt_path_that_is_not_a_checkpoint_is_refused_by_name(tmp_path):
+    from scgpt_train.pipeline import resolve_ckpt_path
+
+    weights = tmp_path / "weights.pt"
+    torch.save({"encoder.weight": torch.ones(2)}, weights)  # a bare state dict, not a Lightning checkpoint
+    with pytest.raises(ValueError, match="weights.pt is not a training checkpoint") as info:
+        resolve_ckpt_path(str(weights), str(tmp_path))
+    assert "weights_only" not in str(info.value)
+    garbage = tmp_path / "garbage.ckpt"
+    garbage.write_bytes(b"\x00" * 64)
+    with pytest.raises(ValueError, match="garbage.ckpt is not a training checkpoint"):
+        resolve_ckpt_path(str(garbage), str(tmp_path))
+
+
+def test_private_lightning_names_we_patch_exist():
+    """Fails loudly when a Lightning upgrade moves a private name that scgpt_train/compat.py patches."""
+    from lightning_fabric.strategies.launchers import subprocess_script as fabric_launcher
+    from pytorch_lightning.strategies.launchers import subprocess_script as pl_launcher
+
+    from scgpt_train import compat
+
+    compat.check_private_api()
+    assert callable(fabric_launcher._hydra_subprocess_cmd) and callable(pl_launcher._hydra_subprocess_cmd)
+    with pytest.raises(RuntimeError, match=r"_no_such_attribute no longer exists.*2\.6\.6"):
+        compat._require(fabric_launcher, "_no_such_attribute", "lightning_fabric.strategies.launchers")
+
+
+def test_request_graceful_stop_sets_lightnings_sigterm_flag():
+    import pytorch_lightning as pl
+
+    from scgpt_train.compat import request_graceful_stop
+
+    trainer = pl.Trainer(logger=False, enable_checkpointing=False, enable_progress_bar=False, accelerator="cpu")
+    request_graceful_stop(trainer)
+    assert trainer._signal_connector.received_sigterm is True
