@@ -7,10 +7,23 @@ import json
 import sys
 from pathlib import Path
 
+from data_modules.atomic import atomic_path
 from data_modules.store.census import CENSUS_OBS_COLUMNS, PAPER_CENSUS_VERSION, PAPER_FILTER, convert_census
-from data_modules.store.convert import DEFAULT_OBS_COLUMNS, convert_sources, print_log, sources_from_paths
+from data_modules.store.convert import (
+    DEFAULT_OBS_COLUMNS,
+    check_out_dir,
+    convert_sources,
+    print_log,
+    sources_from_paths,
+)
 from data_modules.store.format import CorpusFormatError
-from data_modules.store.inspect import corpus_info, parse_cell_range, to_anndata, verify_corpus
+from data_modules.store.inspect import (
+    corpus_info,
+    parse_cell_range,
+    to_anndata,
+    unfinished_conversion,
+    verify_corpus,
+)
 from data_modules.store.reader import Corpus
 from data_modules.vocab import GeneVocab, VocabError, load_gene_table
 
@@ -38,7 +51,10 @@ def _common_build_args(p: argparse.ArgumentParser) -> None:
     g.add_argument("--no-split", action="store_true", help="no validation split")
     p.add_argument("--split-seed", type=int, default=0)
     p.add_argument(
-        "--overwrite", action="store_true", help="replace an existing corpus / unfinished conversion in --out"
+        "--overwrite",
+        action="store_true",
+        help="replace an existing corpus / unfinished conversion in --out; the new corpus is built in a temporary "
+        "sibling directory and replaces the old one only once complete",
     )
     p.add_argument("--quiet", action="store_true")
 
@@ -122,6 +138,7 @@ def build_main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     log = (lambda msg: None) if args.quiet else print_log
     try:
+        check_out_dir(args.out)  # before opening inputs (or the Census)
         vocab = GeneVocab.from_json(args.vocab) if args.vocab else None
         common = dict(
             vocab=vocab,
@@ -275,6 +292,10 @@ def corpus_main(argv: list[str] | None = None) -> int:
     try:
         if args.command == "verify":
             report = verify_corpus(args.root, checksums=not args.no_checksums)
+            if report.unfinished:  # not damaged: resumable; --overwrite would throw its progress away
+                print(f"not a corpus yet: {report.problems[0]}", file=sys.stderr)
+                print(f"{args.root}: unfinished conversion; rerun the same command to resume it", file=sys.stderr)
+                return EXIT_VERIFY_FAILED
             for w in report.warnings:
                 print(f"warning: {w}", file=sys.stderr)
             for p in report.problems:
@@ -288,6 +309,9 @@ def corpus_main(argv: list[str] | None = None) -> int:
                 return EXIT_VERIFY_FAILED
             print(f"{args.root}: OK ({report.n_shards_ok} shards verified)")
             return 0
+        unfinished = unfinished_conversion(args.root)
+        if unfinished is not None:
+            raise CorpusFormatError(unfinished)
         if args.command == "info":
             info = corpus_info(args.root)
             if args.json:
@@ -298,9 +322,8 @@ def corpus_main(argv: list[str] | None = None) -> int:
         corpus = Corpus(args.root)
         start, stop = parse_cell_range(args.cells, corpus.n_cells)
         adata = to_anndata(corpus, start, stop, genes=args.genes)
-        tmp = args.out.with_name(f".{args.out.name}.tmp")
-        adata.write_h5ad(tmp)
-        tmp.replace(args.out)
+        with atomic_path(args.out, suffix=".h5ad") as tmp:
+            adata.write_h5ad(tmp)
         print(f"wrote {args.out}: {adata.n_obs} cells x {adata.n_vars} genes")
         return 0
     except (CorpusFormatError, VocabError) as e:

@@ -3,7 +3,8 @@
 Readers (``sources.py``, ``census.py``) yield row chunks over their own genes; this module
 maps genes onto the vocabulary, validates values, drops empty cells, keeps per-dataset
 statistics and feeds :class:`CorpusWriter`. A journal (``journal.py``) makes a killed run
-resumable; a bad input removes everything the run wrote.
+resumable; a bad input removes everything the run wrote. ``overwrite`` over an existing corpus (or
+unfinished conversion) builds the new one in a temporary sibling and swaps it in only when complete.
 
 Memory bound: one input chunk (``chunk_size`` rows as read, plus ~3 int/float arrays of its
 nnz) + the writer's pending cells (< ``shard_size + chunk_size`` cells of ids and counts) +
@@ -22,6 +23,7 @@ from pathlib import Path
 import anndata as ad
 import numpy as np
 
+from data_modules.atomic import atomic_dir
 from data_modules.store.format import (
     JOURNAL_DIR,
     MANIFEST_NAME,
@@ -265,6 +267,9 @@ def _merge_stats(stats: dict, labels: list[str], part: dict[str, np.ndarray]) ->
 # the conversion loop
 
 
+CORPUS_ENTRIES = (MANIFEST_NAME, VOCAB_NAME, SHARD_DIR, JOURNAL_DIR)  # what a corpus directory holds
+
+
 def _clear_corpus_files(out: Path) -> None:
     for name in (MANIFEST_NAME, VOCAB_NAME):
         (out / name).unlink(missing_ok=True)
@@ -272,24 +277,85 @@ def _clear_corpus_files(out: Path) -> None:
     shutil.rmtree(out / JOURNAL_DIR, ignore_errors=True)
 
 
-def _check_existing(out: Path, fp: str, overwrite: bool) -> dict | None:
+def check_out_dir(out: str | os.PathLike) -> None:
+    """Raise unless ``out`` is a directory or can become one (it, or a folder above it, is not a regular file)."""
+    out = Path(out)
+    if out.exists() and not out.is_dir():
+        raise CorpusFormatError(
+            f"--out {out} is an existing file, not a directory; --out names the corpus directory to create "
+            "(or resume): choose another path, or move the file away"
+        )
+    for parent in out.parents:
+        if parent.exists():
+            if not parent.is_dir():
+                raise CorpusFormatError(
+                    f"--out {out}: {parent} is a file, so no directory can be created below it; choose another --out"
+                )
+            break
+
+
+def _replaces_existing(out: Path, overwrite: bool) -> bool:
+    """True when ``overwrite`` must replace corpus content already in ``out`` (a finished corpus or an unfinished
+    conversion). That replacement is built in a temporary sibling and swapped in at the end, so ``out`` must hold
+    nothing but corpus files: anything else would be lost with it."""
+    if not overwrite or not out.is_dir():
+        return False
+    names = {p.name for p in out.iterdir()}
+    if not names & set(CORPUS_ENTRIES):
+        return False  # nothing to replace: build in place
+    foreign = sorted(names - set(CORPUS_ENTRIES))
+    if foreign:
+        raise CorpusFormatError(
+            f"{out} holds a corpus and also files that are not part of it ({foreign[:5]}"
+            f"{' ...' if len(foreign) > 5 else ''}); --overwrite replaces the whole directory, so move those "
+            "files elsewhere first, or choose another --out"
+        )
+    return True
+
+
+def _leftover_siblings(out: Path) -> list[Path]:
+    """Temporary siblings of ``out`` (``atomic_dir``'s ``.<name>.*.tmp``) that a killed --overwrite run left."""
+    if not out.parent.is_dir():
+        return []
+    return sorted(p for p in out.parent.glob(f".{out.name}.*.tmp") if p.is_dir() and (p / JOURNAL_DIR).exists())
+
+
+def _check_existing(out: Path, fp: str) -> dict | None:
+    """The manifest of a corpus already built in ``out`` with the same arguments; raises for other arguments."""
     import json
 
     manifest_path = out / MANIFEST_NAME
     if not manifest_path.exists():
-        if overwrite:
-            _clear_corpus_files(out)
         return None
     manifest = json.loads(manifest_path.read_text())
-    if manifest.get("creation", {}).get("fingerprint") == fp and not overwrite:
+    if manifest.get("creation", {}).get("fingerprint") == fp:
         return manifest
-    if not overwrite:
-        raise CorpusFormatError(
-            f"{out} already holds a corpus built with other arguments; choose another --out or pass "
-            "--overwrite (overwrite=True) to replace it"
-        )
-    _clear_corpus_files(out)
-    return None
+    raise CorpusFormatError(
+        f"{out} already holds a corpus built with other arguments; choose another --out or pass "
+        "--overwrite (overwrite=True) to replace it (it is kept until the new corpus is complete)"
+    )
+
+
+def _swap_in(out: Path, build: Callable[[Path], dict], log: Callable[[str], None]) -> dict:
+    """``build`` a new corpus in a temporary sibling of ``out``; only once it is complete, move the old ``out``
+    aside, rename the sibling to ``out`` and delete the old one. On any failure the sibling is removed and
+    ``out`` is left as it was."""
+    aside = out.with_name(f".{out.name}.replaced-{os.getpid()}")
+    moved = False
+    try:
+        with atomic_dir(out) as tmp:
+            os.chmod(tmp, out.stat().st_mode & 0o7777)  # mkdtemp makes it private; keep the old permissions
+            log(f"{out}: building the replacement in {tmp}; {out} stays as it is until the new corpus is complete")
+            manifest = build(tmp)
+            # atomic_dir renames ``tmp`` to ``out`` on leaving this block; it needs the old directory out of the way
+            out.rename(aside)
+            moved = True
+    except BaseException:
+        if moved and not out.exists():
+            aside.rename(out)  # the swap itself failed: put the old corpus back
+        raise
+    shutil.rmtree(aside, ignore_errors=True)
+    return manifest
 
 
 def run_conversion(
@@ -310,7 +376,12 @@ def run_conversion(
     log: Callable[[str], None] | None = None,
     extra_manifest: dict | None = None,
 ) -> dict:
-    """Convert ``readers`` into a corpus at ``out`` (see module docstring); returns the manifest."""
+    """Convert ``readers`` into a corpus at ``out`` (see module docstring); returns the manifest.
+
+    Without ``overwrite`` an unfinished conversion in ``out`` (same arguments) resumes in place. With
+    ``overwrite`` over existing corpus content, the new corpus is built in a temporary sibling directory and
+    swapped in only when complete: a failed build leaves ``out`` as it was.
+    """
     out = Path(out)
     log = log or (lambda msg: None)
     obs_columns = [c for c in obs_columns if c != "dataset"]
@@ -325,19 +396,76 @@ def run_conversion(
         "on_duplicate": on_duplicate,
     }
     fp = fingerprint(params)
-    created_dir = not out.exists()
-    done = _check_existing(out, fp, overwrite)
-    if done is not None:
-        log(f"{out}: already complete (same arguments), nothing to do")
+    try:
+        check_out_dir(out)
+        replace = _replaces_existing(out, overwrite)
+        if not replace:
+            done = _check_existing(out, fp) if not overwrite else None
+            if done is not None:
+                log(f"{out}: already complete (same arguments), nothing to do")
+                return done
+        luts, reports = [], []
+        for r in readers:
+            lut, rep = map_reader_genes(r, vocab, gene_table, on_duplicate)
+            luts.append(lut)
+            reports.append(rep)
+        _check_split_request(split, readers)
+
+        def build(target: Path, created_dir: bool) -> dict:
+            return _convert_into(
+                readers,
+                target,
+                vocab,
+                obs_columns,
+                params,
+                fp,
+                luts,
+                reports,
+                shard_size=shard_size,
+                chunk_size=chunk_size,
+                allow_float=allow_float,
+                min_genes=min_genes,
+                split=split,
+                resume=resume,
+                log=log,
+                extra_manifest=extra_manifest,
+                created_dir=created_dir,
+            )
+
+        if replace:
+            for p in _leftover_siblings(out):
+                log(f"note: {p} is left over from an interrupted --overwrite run of {out}; delete it to free its space")
+            manifest = _swap_in(out, lambda tmp: build(tmp, False), log)
+        else:
+            manifest = build(out, not out.exists())
+    finally:
         for r in readers:
             r.close()
-        return done
-    luts, reports = [], []
-    for r in readers:
-        lut, rep = map_reader_genes(r, vocab, gene_table, on_duplicate)
-        luts.append(lut)
-        reports.append(rep)
-    _check_split_request(split, readers)
+    log(f"{out}: {manifest['n_cells']} cells in {len(manifest['shards'])} shards")
+    return manifest
+
+
+def _convert_into(
+    readers: list,
+    out: Path,
+    vocab: GeneVocab,
+    obs_columns: list[str],
+    params: dict,
+    fp: str,
+    luts: list[np.ndarray],
+    reports: list[GeneReport],
+    *,
+    shard_size: int,
+    chunk_size: int,
+    allow_float: bool,
+    min_genes: int,
+    split: dict | None,
+    resume: bool,
+    log: Callable[[str], None],
+    extra_manifest: dict | None,
+    created_dir: bool,
+) -> dict:
+    """The conversion loop, writing into ``out`` and resuming its journal; a bad input removes what it wrote."""
     journal = Journal(out)
     if not resume:
         journal.clear()
@@ -399,11 +527,7 @@ def run_conversion(
         if created_dir and out.exists() and not any(out.iterdir()):
             out.rmdir()
         raise
-    finally:
-        for r in readers:
-            r.close()
     journal.clear()
-    log(f"{out}: {manifest['n_cells']} cells in {len(manifest['shards'])} shards")
     return manifest
 
 
@@ -556,5 +680,6 @@ __all__ = [
     "sources_from_paths",
     "map_reader_genes",
     "DEFAULT_OBS_COLUMNS",
+    "check_out_dir",
     "file_sha256",
 ]

@@ -18,6 +18,7 @@ from data_modules.store.format import (
     FORMAT_VERSION,
     INDICES,
     INDPTR,
+    JOURNAL_DIR,
     MANIFEST_NAME,
     OBS_GROUP,
     SHARD_DIR,
@@ -25,6 +26,7 @@ from data_modules.store.format import (
     CorpusFormatError,
     file_sha256,
 )
+from data_modules.store.journal import Journal
 from data_modules.store.reader import Corpus
 from data_modules.vocab import SPECIAL_TOKENS
 
@@ -35,16 +37,42 @@ class VerifyReport:
     problems: list[str] = field(default_factory=list)  # each names the file and what is wrong
     warnings: list[str] = field(default_factory=list)
     n_shards_ok: int = 0
+    unfinished: bool = False  # a conversion in progress (journal, no manifest): resumable, not damaged
 
     @property
     def ok(self) -> bool:
         return not self.problems
 
 
+def unfinished_conversion(root: str | os.PathLike) -> str | None:
+    """A sentence describing the unfinished conversion in ``root`` (no manifest, a journal), else None."""
+    root = Path(root)
+    if (root / MANIFEST_NAME).exists() or not (root / JOURNAL_DIR).is_dir():
+        return None
+    journal = Journal(root)
+    progress = "no progress saved yet"
+    if journal.exists():
+        try:
+            state = json.loads(journal.state_path.read_text())
+            position = state["position"]
+            progress = f"{len(state['writer']['shards'])} shard(s) done, next input {position[0]} row {position[1]}"
+        except (OSError, ValueError, KeyError, TypeError, IndexError):
+            progress = f"journal {journal.state_path} unreadable"
+    return (
+        f"{root} holds an unfinished conversion ({progress}), not a corpus yet: it has no {MANIFEST_NAME}; "
+        "rerun the same build_corpus.py command to resume it"
+    )
+
+
 def verify_corpus(root: str | os.PathLike, checksums: bool = True) -> VerifyReport:
     """Check the manifest, vocab and every shard (size, sha256, datasets, CSR invariants, code ranges)."""
     root = Path(root)
     report = VerifyReport(root)
+    unfinished = unfinished_conversion(root)
+    if unfinished is not None:
+        report.unfinished = True
+        report.problems.append(unfinished)
+        return report
     try:
         corpus = Corpus(root)
     except (CorpusFormatError, json.JSONDecodeError, KeyError) as e:
