@@ -137,7 +137,8 @@ class AnnDataModule(VocabSizes, pl.LightningDataModule):
       label_key / batch_key: obs columns with cell types / batches (either may be None).
       vocab: vocab.json, official checkpoint dir, imported .pt or Lightning .ckpt; None = the dataset's genes.
       preprocess: PreprocessConfig fields (normalize_total, log1p, n_hvg, hvg_flavor, use_raw, gene_column...).
-      tokenizer: TokenizerConfig fields (max_seq_len, n_bins, value_style, pad/mask/cls value, mlm_prob).
+      layout: the TokenLayout (max_seq_len, n_bins, value_style, pad / mask values) shared with the model.
+      tokenizer: the other TokenizerConfig fields (cls_value, mlm_prob).
       query_key + query_values / query_fraction: the query split when there is no query file.
       train_on: "reference" (annotation) or "all" (integration: every cell, query included, is trained on).
       model_outputs: which data-decided model kwargs to expose: "n_cls", "num_batch_labels".
@@ -152,6 +153,7 @@ class AnnDataModule(VocabSizes, pl.LightningDataModule):
         batch_key: str | None = None,
         vocab: str | None = None,
         preprocess: Any = None,
+        layout: Any = None,
         tokenizer: Any = None,
         include_zero_genes: bool = False,
         query_key: str | None = None,
@@ -173,9 +175,9 @@ class AnnDataModule(VocabSizes, pl.LightningDataModule):
         self.path, self.query_path, self.builder = str(path), query_path, builder
         self.label_key, self.batch_key, self.vocab_path = label_key, batch_key, vocab
         self.preprocess_cfg = PreprocessConfig.from_any(preprocess)
-        tok = TokenizerConfig.from_any(tokenizer).to_dict()
-        tok["gen_ratios"] = None  # fine-tuning: no generative split
-        self.tokenizer_cfg = TokenizerConfig(**tok)
+        # fine-tuning: no generative split
+        self.tokenizer_cfg = TokenizerConfig.from_any(tokenizer, layout=layout).replace(gen_ratios=None)
+        self.layout = self.tokenizer_cfg.layout
         self.include_zero_genes = bool(include_zero_genes)
         self.query_key, self.query_values, self.query_fraction = query_key, query_values, query_fraction
         self.train_on, self.val_fraction = train_on, float(val_fraction)
@@ -393,7 +395,7 @@ class AnnDataModule(VocabSizes, pl.LightningDataModule):
 
     # loaders --------------------------------------------------------------------------
     def _collate(self, deterministic: bool, masked: bool) -> CellCollate:
-        cfg = self.tokenizer_cfg if masked else TokenizerConfig(**{**self.tokenizer_cfg.to_dict(), "mlm_prob": None})
+        cfg = self.tokenizer_cfg if masked else self.tokenizer_cfg.replace(mlm_prob=None)
         return CellCollate(
             self.store,
             self.gene_ids,

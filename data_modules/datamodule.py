@@ -11,7 +11,7 @@ import pytorch_lightning as pl
 from data_modules.store.format import MANIFEST_NAME
 from data_modules.store.reader import Corpus
 from data_modules.stream import CellStream, StreamLoader
-from data_modules.tokenize import TokenizerConfig
+from data_modules.tokenize import TokenizerConfig, TokenLayout
 from data_modules.vocab import GeneVocab, VocabSizes
 
 # batches Lightning's fit loop fetches ahead of the step it trains on: its prefetching fetcher
@@ -22,15 +22,17 @@ LIGHTNING_PREFETCH = 0
 class CorpusDataModule(VocabSizes, pl.LightningDataModule):
     """Block-shuffled training stream and deterministic validation stream of ``Batch`` es.
 
-    Plain constructor values only (Hydra). ``tokenizer`` may be a TokenizerConfig, a dict or
-    a DictConfig. The train dataloader is stateful: Lightning stores its position in
-    checkpoints, and a resumed run (at any world size) continues the epoch exactly.
+    Plain constructor values only (Hydra). ``layout`` is the TokenLayout shared with the model (a dict or
+    DictConfig); ``tokenizer`` holds the other TokenizerConfig fields (cls_value, gen_ratios, mlm_prob).
+    The train dataloader is stateful: Lightning stores its position in checkpoints, and a resumed run
+    (at any world size) continues the epoch exactly.
     """
 
     def __init__(
         self,
         corpus_dir: str,
         tokenizer: TokenizerConfig | dict | Any = None,
+        layout: TokenLayout | dict | Any = None,
         batch_size: int = 32,
         val_batch_size: int | None = None,
         num_workers: int = 0,
@@ -46,7 +48,8 @@ class CorpusDataModule(VocabSizes, pl.LightningDataModule):
     ):
         super().__init__()
         self.corpus_dir = str(corpus_dir)
-        self.tokenizer_config = TokenizerConfig.from_any(tokenizer)
+        self.tokenizer_config = TokenizerConfig.from_any(tokenizer, layout=layout)
+        self.layout = self.tokenizer_config.layout
         self.batch_size = int(batch_size)
         self.val_batch_size = int(val_batch_size or batch_size)
         self.num_workers = int(num_workers)

@@ -39,7 +39,8 @@ def model_kwargs_from_data(datamodule) -> dict:
 
 
 def build_modules(cfg: DictConfig) -> tuple[pl.LightningDataModule, pl.LightningModule]:
-    """Data module (data prepared and set up) and the Lightning module whose model fits it."""
+    """Data module (data prepared and set up) and the Lightning module whose model fits it: the model's
+    token layout (a checkpoint's, with ``pretrained=``) must be the data's."""
     datamodule = instantiate(cfg.data)
     datamodule.prepare_data()
     datamodule.setup("fit")
@@ -47,6 +48,8 @@ def build_modules(cfg: DictConfig) -> tuple[pl.LightningDataModule, pl.Lightning
     module = instantiate(
         cfg.model, net=model_kwargs_from_data(datamodule), objectives=objectives, vocab=datamodule.vocab.token_to_id
     )
+    source = f"the checkpoint {cfg.pretrained}" if cfg.get("pretrained") else "the model config"
+    module.model.layout.check_compatible(datamodule.layout, model_source=source)
     return datamodule, module
 
 

@@ -101,7 +101,7 @@ def bench_tokenized(
         str(corpus),
         "train",
         batch_size,
-        tokenizer={"max_seq_len": 1201},
+        tokenizer={"layout": {"max_seq_len": 1201}},
         block_size=block_size,
         buffer_blocks=buffer_blocks,
         lanes=8,

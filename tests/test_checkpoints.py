@@ -75,9 +75,7 @@ def test_export_reimport_is_bitwise_identical(tmp_path, layout):
         do_dab=True,
         norm_scheme="pre",
         cell_emb_style="avg-pool",
-        input_emb_style="category",
-        pad_value=51,
-        mask_value=52,
+        layout={"value_style": "category", "pad_value": 51, "mask_value": 52},
     )
     out = export_official(model, _vocab(30), tmp_path / layout, layout=layout)
     sd = torch.load(out / "best_model.pt", weights_only=True)

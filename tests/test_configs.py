@@ -67,9 +67,9 @@ def test_pretrain_33m_has_the_paper_values():
     cfg = resolved(compose_cfg(["experiment=pretrain_33m"]))
     net = cfg["model"]["net"]
     assert (net["n_layers"], net["n_heads"], net["d_model"], net["d_ff"], net["dropout"]) == (12, 8, 512, 512, 0.2)
-    assert net["norm_scheme"] == "post" and net["input_emb_style"] == "continuous"
-    assert cfg["max_seq_len"] == 1201 and cfg["data"]["tokenizer"]["max_seq_len"] == 1201
-    assert cfg["n_bins"] == 51 and net["n_bins"] == 51
+    assert net["norm_scheme"] == "post" and net["layout"]["value_style"] == "continuous"
+    assert cfg["layout"]["max_seq_len"] == 1201 and cfg["data"]["layout"]["max_seq_len"] == 1201
+    assert cfg["layout"]["n_bins"] == 51 and net["layout"]["n_bins"] == 51
     assert cfg["data"]["tokenizer"]["gen_ratios"] == [0.25, 0.5, 0.75]
     gen = cfg["objective"]["generative"]
     assert gen["use_gepc"] is True and gen["cell_prompt_after_steps"] == 1000
@@ -146,3 +146,38 @@ def test_every_experiment_instantiates_its_data_module_and_model(experiment, tin
     batch = next(iter(datamodule.train_dataloader()))
     terms = module.compute_losses(batch, step=0)
     assert torch.isfinite(terms["loss"]), (experiment, terms)
+
+
+def test_layout_is_one_node_read_by_data_and_model():
+    """layout.* overrides reach the data module and the model alike (one node, interpolated)."""
+    cfg = resolved(compose_cfg(["layout.n_bins=21", "layout.value_style=category", "layout.max_seq_len=65"]))
+    assert cfg["data"]["layout"] == cfg["model"]["net"]["layout"] == cfg["layout"]
+    assert cfg["layout"] == {"max_seq_len": 65, "n_bins": 21, "value_style": "category", "pad_value": -2.0,
+                             "mask_value": -1.0}  # fmt: skip
+
+
+def test_checkpoint_with_another_layout_is_refused(tiny_h5ad, tmp_path):
+    """Fine-tuning the official (continuous, 51 bins) checkpoint on data tokenized with 21 bins is refused
+    before training, naming the field and the override that fixes it."""
+    from scgpt_train.pipeline import build_modules
+
+    if not (FIXTURES / "best_model.pt").is_file():
+        pytest.skip(f"official fixtures not found at {FIXTURES}")
+    overrides = [
+        "experiment=finetune_annotation_demo",
+        "model=from_official",
+        f"pretrained={FIXTURES}",
+        f"data.vocab={FIXTURES}",
+        f"data.path={tiny_h5ad}",
+        f"paths.output_dir={tmp_path}",
+        "~model.net.d_model",
+        "~model.net.n_heads",
+        "~model.net.d_ff",
+        "~model.net.n_layers",
+        "~model.net.dropout",
+        "~model.net.use_generative",
+        "~model.net.use_mvc",
+    ]
+    build_modules(compose_cfg(overrides))  # the same layout fields: accepted
+    with pytest.raises(ValueError, match=r"n_bins: model 51, data 21.*layout.n_bins=51"):
+        build_modules(compose_cfg([*overrides, "layout.n_bins=21"]))

@@ -26,7 +26,7 @@ def train_ids(corpus_dir: Path) -> np.ndarray:
     return split_ids(corpus_dir, "train")
 
 
-TOK = {"max_seq_len": 33, "n_bins": 51, "gen_ratios": [0.25, 0.5, 0.75], "mlm_prob": None}
+TOK = {"layout": {"max_seq_len": 33, "n_bins": 51}, "gen_ratios": [0.25, 0.5, 0.75], "mlm_prob": None}
 
 
 class Recorder(pl.LightningModule):

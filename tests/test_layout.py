@@ -52,13 +52,8 @@ def test_every_value_style_trains_plain_and_generative(pbmc_block, style, genera
     n_genes = 765
     cls_id, pad_id = n_genes, n_genes + 1
     layout = TokenLayout(max_seq_len=65, n_bins=21, value_style=style)
-    tok_style = "category" if style == "category" else "continuous"  # scaling reads continuous bins
     cfg = TokenizerConfig(
-        max_seq_len=layout.max_seq_len,
-        n_bins=layout.n_bins,
-        value_style=tok_style,
-        pad_value=layout.pad_value,
-        mask_value=layout.mask_value,
+        layout,
         gen_ratios=(0.5,) if generative else None,
         mlm_prob=None if generative else 0.3,
     )
@@ -73,12 +68,9 @@ def test_every_value_style_trains_plain_and_generative(pbmc_block, style, genera
         d_ff=64,
         n_layers=2,
         dropout=0.0,
-        n_bins=layout.n_bins,
-        input_emb_style=style,
-        pad_value=layout.pad_value,
-        mask_value=layout.mask_value,
+        layout=layout.to_dict(),
     )
-    assert model.layout.model_mismatch(layout) == {}
+    assert model.layout == layout
     out = model(**batch.model_inputs())  # category + gen_mask used to raise IndexError
     hidden = batch.gen_mask if generative else batch.mlm_mask
     loss = ((out["mlm_output"] - batch.target_values)[hidden & ~batch.pad_mask] ** 2).mean()

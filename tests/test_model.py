@@ -234,9 +234,9 @@ def test_cell_emb_styles_ignore_padding(style, norm_scheme):
 
 @pytest.mark.parametrize("style", ["continuous", "category", "scaling"])
 def test_value_encoder_styles_train(style):
-    kw = dict(input_emb_style=style)
+    kw = dict(layout=dict(value_style=style))
     if style == "category":
-        kw.update(pad_value=51, mask_value=52)
+        kw["layout"].update(pad_value=51, mask_value=52)
     model = _tiny(**kw).train()
     gene_ids, values, pad_mask = _inputs()
     if style == "category":

@@ -12,7 +12,7 @@ import torch
 from data_modules.anndata_module import AnnDataModule
 from data_modules.demo import make_two_batch
 from data_modules.preprocess import normalize_log1p, stratified_split
-from data_modules.tokenize import TokenizerConfig, tokenize_with_zeros
+from data_modules.tokenize import TokenizerConfig, TokenLayout, tokenize_with_zeros
 from data_modules.vocab import GeneVocab
 
 
@@ -88,7 +88,8 @@ def test_a_batch_with_a_single_cell_trains_with_dsbn(tmp_path):
         batch_key="batch",
         train_on="all",
         include_zero_genes=True,
-        tokenizer={"max_seq_len": 31, "mlm_prob": 0.4},
+        layout={"max_seq_len": 31},
+        tokenizer={"mlm_prob": 0.4},
         model_outputs=["num_batch_labels"],
     )
     dm.setup()
@@ -151,7 +152,7 @@ def test_normalize_log1p_matches_scanpy():
 def test_tokenize_with_zeros_keeps_zero_genes_as_bin_zero():
     x = sp.csr_matrix(np.array([[0, 3, 0, 1, 2], [5, 0, 0, 0, 0]], dtype=np.float32))
     gene_ids = np.array([10, 11, 12, 13, 14])
-    cfg = TokenizerConfig(max_seq_len=6, n_bins=5, gen_ratios=None)
+    cfg = TokenizerConfig(TokenLayout(max_seq_len=6, n_bins=5), gen_ratios=None)
     batch = tokenize_with_zeros(x, gene_ids, cfg, pad_id=0, cls_id=1, rng=np.random.default_rng(0))
     assert batch.gene_ids.tolist() == [[1, 10, 11, 12, 13, 14]] * 2
     t = batch.target_values
@@ -160,14 +161,19 @@ def test_tokenize_with_zeros_keeps_zero_genes_as_bin_zero():
     assert t[0, 2] > t[0, 5] > t[0, 4]  # ranks within the cell: 3 > 2 > 1
     assert t[1, 1] > 0 and (t[1, 2:] == 0).all()
     short = tokenize_with_zeros(
-        x, gene_ids, TokenizerConfig(max_seq_len=3, n_bins=5, gen_ratios=None), 0, 1, np.random.default_rng(0)
+        x,
+        gene_ids,
+        TokenizerConfig(TokenLayout(max_seq_len=3, n_bins=5), gen_ratios=None),
+        0,
+        1,
+        np.random.default_rng(0),
     )
     assert short.gene_ids.shape == (2, 3) and not short.pad_mask.any()
 
 
 def test_backed_mode_yields_the_same_batches_as_in_memory(tmp_path):
     path = write(toy_adata(), tmp_path / "a.h5ad")
-    kw = dict(label_key="cell_type", tokenizer={"max_seq_len": 16})
+    kw = dict(label_key="cell_type", layout={"max_seq_len": 16})
     mem, backed = AnnDataModule(path, **kw), AnnDataModule(path, backed=True, **kw)
     b1 = next(iter(mem.loader("all", masked=False)))
     b2 = next(iter(backed.loader("all", masked=False)))

@@ -17,7 +17,7 @@ from data_modules.stream import CellStream, Cursor, StreamLoader, final_sizes
 
 ROOT = Path(__file__).resolve().parents[1]
 HELPER = ROOT / "tests" / "helpers" / "stream_rank.py"
-TOK = {"max_seq_len": 33}
+TOK = {"layout": {"max_seq_len": 33}}
 LAYOUT = dict(batch_size=16, block_size=40, buffer_blocks=3, lanes=4, seed=7)
 
 

@@ -10,7 +10,7 @@ import scipy.sparse as sp
 from omegaconf import OmegaConf
 
 from data_modules.store.reader import CellBlock
-from data_modules.tokenize import Tokenizer, TokenizerConfig, bin_values, pad_fraction
+from data_modules.tokenize import Tokenizer, TokenizerConfig, TokenLayout, bin_values, pad_fraction
 from data_modules.tokenize.binning import bin_edges
 
 FIXTURE = Path(__file__).resolve().parents[2] / "shared" / "fixtures" / "scgpt_official_tiny"
@@ -91,14 +91,16 @@ def _block(rng, lengths, n_genes=900) -> CellBlock:
 def test_tokenizer_layout_sampling_and_generative_split():
     rng = np.random.default_rng(0)
     block = _block(rng, [5, 40, 200, 1])
-    cfg = TokenizerConfig(max_seq_len=65, gen_ratios=(0.5,))
+    cfg = TokenizerConfig(TokenLayout(max_seq_len=65), gen_ratios=(0.5,))
     batch = Tokenizer(cfg, PAD, CLS)(block, np.random.default_rng(1))
     B, L = batch.gene_ids.shape
     assert (B, L) == (4, 65)  # longest cell sampled to max_seq_len - 1 genes + <cls>
     assert (batch.gene_ids[:, 0] == CLS).all() and (batch.values[:, 0] == cfg.cls_value).all()
     kept = np.minimum([5, 40, 200, 1], 64)
     np.testing.assert_array_equal((~batch.pad_mask).sum(1).numpy(), kept + 1)
-    assert (batch.gene_ids[batch.pad_mask] == PAD).all() and (batch.values[batch.pad_mask] == cfg.pad_value).all()
+    assert (batch.gene_ids[batch.pad_mask] == PAD).all() and (
+        batch.values[batch.pad_mask] == cfg.layout.pad_value
+    ).all()
     for c in range(4):
         genes = batch.gene_ids[c, 1 : kept[c] + 1].numpy()
         cell_genes = block.gene_ids[block.indptr[c] : block.indptr[c + 1]]
@@ -114,7 +116,7 @@ def test_tokenizer_layout_sampling_and_generative_split():
     gen = batch.gen_mask.numpy()
     np.testing.assert_array_equal(gen.sum(1), np.floor(0.5 * kept))
     assert not gen[:, 0].any() and not gen[batch.pad_mask.numpy()].any()
-    assert (batch.values[batch.gen_mask] == cfg.mask_value).all()  # unknown genes carry no value
+    assert (batch.values[batch.gen_mask] == cfg.layout.mask_value).all()  # unknown genes carry no value
     known = ~batch.pad_mask & ~batch.gen_mask
     known[:, 0] = False
     assert (batch.values[known] == batch.target_values[known]).all()
@@ -126,7 +128,7 @@ def test_tokenizer_layout_sampling_and_generative_split():
 def test_sampling_is_random_per_call_and_seeded():
     rng = np.random.default_rng(0)
     block = _block(rng, [300, 300])
-    tok = Tokenizer(TokenizerConfig(max_seq_len=51), PAD, CLS)
+    tok = Tokenizer(TokenizerConfig(TokenLayout(max_seq_len=51)), PAD, CLS)
     a = tok(block, np.random.default_rng(5))
     b = tok(block, np.random.default_rng(5))
     c = tok(block, np.random.default_rng(6))
@@ -137,7 +139,7 @@ def test_sampling_is_random_per_call_and_seeded():
 def test_mlm_and_category_style():
     rng = np.random.default_rng(0)
     block = _block(rng, [100, 30, 60])
-    cfg = TokenizerConfig(max_seq_len=101, gen_ratios=None, mlm_prob=0.3, value_style="category")
+    cfg = TokenizerConfig(TokenLayout(max_seq_len=101, value_style="category"), gen_ratios=None, mlm_prob=0.3)
     batch = Tokenizer(cfg, PAD, CLS)(block, np.random.default_rng(0))
     assert batch.gen_mask is None and batch.values.dtype.is_floating_point is False
     mlm = batch.mlm_mask
@@ -151,8 +153,13 @@ def test_mlm_and_category_style():
 
 
 def test_config_from_dict_and_dictconfig():
-    cfg = TokenizerConfig.from_any(OmegaConf.create({"max_seq_len": 11, "gen_ratios": [0.5]}))
-    assert cfg.max_seq_len == 11 and cfg.gen_ratios == (0.5,)
+    cfg = TokenizerConfig.from_any(OmegaConf.create({"layout": {"max_seq_len": 11}, "gen_ratios": [0.5]}))
+    assert cfg.layout.max_seq_len == 11 and cfg.gen_ratios == (0.5,) and cfg.cls_value == cfg.layout.pad_value
+    cfg = TokenizerConfig.from_any(OmegaConf.create({"gen_ratios": None}), layout=OmegaConf.create({"n_bins": 21}))
+    assert cfg.layout == TokenLayout(n_bins=21) and cfg.gen_ratios is None
+    with pytest.raises(ValueError, match="give the token layout once"):
+        TokenizerConfig.from_any({"layout": {"n_bins": 21}}, layout={"n_bins": 21})
+
     with pytest.raises(ValueError, match="unknown tokenizer option"):
         TokenizerConfig.from_any({"max_len": 3})
     with pytest.raises(ValueError, match="gen_ratios"):
@@ -166,7 +173,7 @@ def test_sampling_and_unknown_genes_exact_nested_uniform():
     indptr = np.arange(n_cells + 1, dtype=np.int64) * n
     genes = np.tile(np.arange(n, dtype=np.int32), n_cells)  # gene g at position g of every cell
     block = CellBlock(indptr, genes, np.ones(n * n_cells, np.uint16), np.arange(n_cells), {})
-    cfg = TokenizerConfig(max_seq_len=7, gen_ratios=(0.5,))  # keep 6 of 10, 3 of them unknown
+    cfg = TokenizerConfig(TokenLayout(max_seq_len=7), gen_ratios=(0.5,))  # keep 6 of 10, 3 of them unknown
     batch = Tokenizer(cfg, PAD, CLS)(block, np.random.default_rng(0))
     gene_ids, gen = batch.gene_ids[:, 1:].numpy(), batch.gen_mask[:, 1:].numpy()
     assert not batch.pad_mask.any() and (np.diff(gene_ids, axis=1) > 0).all()  # store order, no repeats

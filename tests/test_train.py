@@ -106,7 +106,7 @@ def test_pretrain_33m_smoke_runs_with_the_paper_values(short_corpus, tmp_path):
     cfg = yaml.safe_load((tmp_path / "config.yaml").read_text())
     net = cfg["model"]["net"]
     assert (net["n_layers"], net["n_heads"], net["d_model"], net["d_ff"], net["dropout"]) == (12, 8, 512, 512, 0.2)
-    assert cfg["max_seq_len"] == 1201 and cfg["data"]["batch_size"] == 32
+    assert cfg["layout"]["max_seq_len"] == 1201 and cfg["data"]["batch_size"] == 32
     assert cfg["model"]["optimizer"]["lr"] == 1e-4 and cfg["model"]["scheduler"]["warmup_steps"] == 10000
     assert cfg["trainer"]["accelerator"] == "cpu" and cfg["trainer"]["precision"] == "bf16-mixed"
     summary = json.loads((tmp_path / "summary.json").read_text())

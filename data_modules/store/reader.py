@@ -208,6 +208,13 @@ class Corpus:
         """(stop-start,) int64 row of each cell in its input (h5ad row / Census soma_joinid)."""
         return self._file(shard)[SOURCE_ROW][start:stop]
 
+    def read_obs_codes(self, shard: int, column: str) -> np.ndarray:
+        """(rows of the shard,) codes of one stored obs column (e.g. "dataset") of a whole shard."""
+        group = self._file(shard)[OBS_GROUP]
+        if column not in group:
+            raise KeyError(f"{self.shard_path(shard)} stores no obs column {column!r} (stored: {sorted(group)})")
+        return group[column][:]
+
     def read_cells(self, start: int, stop: int) -> CellBlock:
         """Global cell ids ``start:stop``, possibly spanning shards."""
         if not 0 <= start < stop <= self.n_cells:

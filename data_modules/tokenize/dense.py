@@ -19,12 +19,13 @@ from data_modules.tokenize.tokenizer import TokenizerConfig, category_values
 def tokenize_with_zeros(
     x: sp.csr_matrix, gene_ids: np.ndarray, cfg: TokenizerConfig, pad_id: int, cls_id: int, rng: np.random.Generator
 ) -> Batch:
-    """Every gene of every cell (zeros as bin 0), a random ``max_seq_len - 1`` of them if there are more."""
+    """Every gene of every cell (zeros as bin 0), a random ``layout.max_genes`` of them if there are more."""
+    layout = cfg.layout
     n_cells, n_genes = x.shape
     bins = np.zeros((n_cells, n_genes), dtype=np.float32)  # (B, G)
-    nz = bin_values(x.indptr.astype(np.int64), x.data, cfg.n_bins, rng)
+    nz = bin_values(x.indptr.astype(np.int64), x.data, layout.n_bins, rng)
     bins[cell_of_entry(x.indptr), x.indices] = nz
-    k = min(n_genes, cfg.max_seq_len - 1)
+    k = min(n_genes, layout.max_genes)
     if k < n_genes:  # uniform subset per cell, kept in gene order
         cols = np.sort(np.argsort(rng.random((n_cells, n_genes)), axis=1)[:, :k], axis=1)  # (B, k)
     else:
@@ -41,12 +42,12 @@ def tokenize_with_zeros(
     if cfg.mlm_prob is not None:
         mlm_mask = rng.random((n_cells, L), dtype=np.float32) < cfg.mlm_prob
         mlm_mask[:, 0] = False
-    if cfg.value_style == "continuous":
+    if layout.value_style != "category":  # continuous and scaling read the bins as floats
         values = target.copy()
         if mlm_mask is not None:
-            values[mlm_mask] = cfg.mask_value
+            values[mlm_mask] = layout.mask_value
     else:
-        values = category_values(target, pad_mask, None, mlm_mask, cfg.n_bins)
+        values = category_values(target, pad_mask, None, mlm_mask, layout)
     return Batch(
         gene_ids=torch.from_numpy(token_ids),
         values=torch.from_numpy(values),

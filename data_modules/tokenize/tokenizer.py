@@ -11,7 +11,7 @@ has no positional encoding, so the order carries no information.
 
 from __future__ import annotations
 
-from dataclasses import asdict, dataclass
+from dataclasses import asdict, dataclass, field
 from typing import Any
 
 import numpy as np
@@ -22,42 +22,54 @@ from data_modules.config import dataclass_from_any
 from data_modules.store.reader import CellBlock
 from data_modules.tokenize import kernels
 from data_modules.tokenize.binning import kernel_counts, quantile_levels
-
-VALUE_STYLES = ("continuous", "category")
+from data_modules.tokenize.layout import TokenLayout
 
 
 @dataclass
 class TokenizerConfig:
-    max_seq_len: int = 1201  # tokens per cell INCLUDING <cls>
-    n_bins: int = 51
-    value_style: str = "continuous"  # or "category": bins as int64 ids; pad = n_bins, mask = n_bins + 1
-    pad_value: float = -2.0
-    mask_value: float = -1.0
-    cls_value: float = -2.0  # pretraining uses -2; the official fine-tuning tutorials use 0
+    """How cells are tokenized: the shared ``TokenLayout`` plus what only the data side decides."""
+
+    layout: TokenLayout = field(default_factory=TokenLayout)
+    cls_value: float | None = (
+        None  # input value at <cls>; None = layout.pad_value (pretraining); official fine-tuning: 0
+    )
     gen_ratios: tuple[float, ...] | None = (0.25, 0.5, 0.75)  # unknown ratio drawn per batch; None = off
     mlm_prob: float | None = None  # masked-value MLM probability; None = off
 
     def __post_init__(self):
+        self.layout = TokenLayout.from_any(self.layout)
+        self.cls_value = self.layout.pad_value if self.cls_value is None else float(self.cls_value)
         if self.gen_ratios is not None:
             self.gen_ratios = tuple(float(r) for r in self.gen_ratios)
             if not self.gen_ratios or not all(0.0 <= r < 1.0 for r in self.gen_ratios):
                 raise ValueError(f"gen_ratios must be non-empty values in [0, 1), got {self.gen_ratios}")
-        if self.value_style not in VALUE_STYLES:
-            raise ValueError(f"value_style must be one of {VALUE_STYLES}, got {self.value_style!r}")
-        if self.max_seq_len < 2:
-            raise ValueError(f"max_seq_len counts <cls> and must be >= 2, got {self.max_seq_len}")
-        if self.n_bins < 3:
-            raise ValueError(f"n_bins must be >= 3, got {self.n_bins}")
         if self.mlm_prob is not None and not 0.0 <= self.mlm_prob <= 1.0:
             raise ValueError(f"mlm_prob must lie in [0, 1], got {self.mlm_prob}")
 
     @classmethod
-    def from_any(cls, cfg: TokenizerConfig | dict | Any | None) -> TokenizerConfig:
-        """Accept a TokenizerConfig, a dict or an omegaconf DictConfig (Hydra)."""
-        return dataclass_from_any(cls, cfg, "tokenizer")
+    def from_any(
+        cls, cfg: TokenizerConfig | dict | Any | None, layout: TokenLayout | dict | Any = None
+    ) -> TokenizerConfig:
+        """A TokenizerConfig from an instance, a dict or a DictConfig (Hydra); ``layout``, when given, is
+        the layout (a data module's ``layout`` argument) and must not be given twice."""
+        if layout is None:
+            return dataclass_from_any(cls, cfg, "tokenizer")
+        if isinstance(cfg, TokenizerConfig):
+            cfg = cfg.to_dict()
+        elif cfg is not None and not isinstance(cfg, dict):
+            from omegaconf import OmegaConf
+
+            cfg = OmegaConf.to_container(cfg, resolve=True)
+        base = dict(cfg or {})
+        if base.get("layout") is not None:
+            raise ValueError("give the token layout once: as the data module's `layout`, not inside `tokenizer`")
+        return dataclass_from_any(cls, {**base, "layout": TokenLayout.from_any(layout)}, "tokenizer")
 
     def to_dict(self) -> dict:
-        return asdict(self)
+        return {**asdict(self), "layout": self.layout}
+
+    def replace(self, **changes) -> TokenizerConfig:
+        return TokenizerConfig(**{**self.to_dict(), **changes})
 
 
 def pad_fraction(batch: Batch) -> float:
@@ -95,8 +107,9 @@ class Tokenizer:
         self.config = TokenizerConfig.from_any(config)
         self.pad_id = int(pad_id)
         self.cls_id = int(cls_id)
-        self._levels = quantile_levels(self.config.n_bins)  # (n_bins - 1,) edge quantiles
-        self._bin_dtype = np.uint8 if self.config.n_bins <= 256 else np.uint16
+        self.layout = self.config.layout
+        self._levels = quantile_levels(self.layout.n_bins)  # (n_bins - 1,) edge quantiles
+        self._bin_dtype = np.uint8 if self.layout.n_bins <= 256 else np.uint16
 
     def __call__(self, block: CellBlock, rng: np.random.Generator) -> Batch:
         return self.pad(self.encode(block, rng))
@@ -121,7 +134,7 @@ class Tokenizer:
         counts, integer = kernel_counts(block.counts)
         gene_ids = np.ascontiguousarray(block.gene_ids)
         gen_ratio = None if cfg.gen_ratios is None else cfg.gen_ratios[int(rng.integers(len(cfg.gen_ratios)))]
-        room = int(np.minimum(stops - starts, cfg.max_seq_len - 1).sum())  # kept tokens, explicit zeros aside
+        room = int(np.minimum(stops - starts, self.layout.max_genes).sum())  # kept tokens, explicit zeros aside
         offsets = np.empty(len(starts) + 1, dtype=np.int64)
         genes = np.empty(room, dtype=gene_ids.dtype)
         bins = np.empty(room, dtype=self._bin_dtype)
@@ -133,7 +146,7 @@ class Tokenizer:
             gene_ids,
             integer,
             self._levels,
-            cfg.max_seq_len - 1,
+            self.layout.max_genes,
             -1.0 if gen_ratio is None else gen_ratio,
             -1.0 if cfg.mlm_prob is None else float(cfg.mlm_prob),
             kernels.kernel_seed(rng),
@@ -166,8 +179,8 @@ class Tokenizer:
             cfg.mlm_prob is not None,
             self.pad_id,
             self.cls_id,
-            cfg.pad_value,
-            cfg.mask_value,
+            self.layout.pad_value,
+            self.layout.mask_value,
             cfg.cls_value,
             token_ids,
             values,
@@ -178,8 +191,8 @@ class Tokenizer:
         )
         gen = None if cfg.gen_ratios is None else gen_mask
         mlm = None if cfg.mlm_prob is None else mlm_mask
-        if cfg.value_style == "category":
-            values = category_values(target_values, pad_mask, gen, mlm, cfg.n_bins)
+        if self.layout.value_style == "category":
+            values = category_values(target_values, pad_mask, gen, mlm, self.layout)
         return Batch(
             gene_ids=torch.from_numpy(token_ids),
             values=torch.from_numpy(values),
@@ -197,13 +210,13 @@ def category_values(
     pad_mask: np.ndarray,
     gen_mask: np.ndarray | None,
     mlm_mask: np.ndarray | None,
-    n_bins: int,
+    layout: TokenLayout,
 ) -> np.ndarray:
-    """(B, L) int64 category inputs: bins, pad (and <cls>) -> n_bins, hidden -> n_bins + 1."""
+    """(B, L) int64 category inputs: bins, pad (and <cls>) -> pad category, hidden -> mask category."""
     values = target_values.astype(np.int64)
-    values[pad_mask] = n_bins
-    values[:, 0] = n_bins  # <cls> gets the pad category, as <cls> gets pad_value when continuous
+    values[pad_mask] = layout.pad_category
+    values[:, 0] = layout.pad_category  # <cls> gets the pad category, as <cls> gets pad_value when continuous
     for hidden in (gen_mask, mlm_mask):
         if hidden is not None:
-            values[hidden] = n_bins + 1
+            values[hidden] = layout.mask_category
     return values

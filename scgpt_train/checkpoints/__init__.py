@@ -21,6 +21,7 @@ from scgpt_train.checkpoints.mapping import (
     official_args_from_config,
     official_state_dict_to_ours,
     ours_to_official,
+    upgrade_config,
 )
 from scgpt_train.model import ScGPT
 
@@ -154,13 +155,13 @@ def load_checkpoint(path, **overrides) -> tuple[ScGPT, dict | None]:
         cfg = hp.get("model")
         if not isinstance(cfg, dict):
             raise ValueError(f"{path}: Lightning checkpoint without hyper_parameters['model'] (the ScGPT kwargs)")
-        cfg = {k: v for k, v in dict(cfg).items() if k != "_target_"}
         sd = {k[len("model.") :]: v for k, v in obj["state_dict"].items() if k.startswith("model.")}
         vocab = hp.get("vocab")
         if vocab is None:
             vocab = obj.get("vocab")
     else:
         raise ValueError(f"{path}: not a scgpt_train checkpoint (expected format {FORMAT!r} or a Lightning .ckpt)")
+    cfg = upgrade_config(cfg)
     cfg.update(overrides)
     model = ScGPT(**cfg)
     report = load_into(model, sd, source=str(path))

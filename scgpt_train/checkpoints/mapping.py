@@ -11,6 +11,8 @@ from __future__ import annotations
 import re
 from dataclasses import dataclass, field
 
+from data_modules.tokenize.layout import TokenLayout
+
 ATTENTION_LAYOUTS = ("released", "impl", "torch")
 
 # (official regex, our replacement); applied first match wins. Attention keys are handled separately.
@@ -164,7 +166,7 @@ def config_from_official(args: dict, vocab: dict, sd_ours: dict) -> dict:
     A config written by our exporter (``args["scgpt_train_config"]``) takes precedence.
     """
     if "scgpt_train_config" in args:
-        return dict(args["scgpt_train_config"])
+        return upgrade_config(args["scgpt_train_config"])
     pad_token = args.get("pad_token", "<pad>")
     if pad_token not in vocab:
         raise ValueError(f"pad token {pad_token!r} from args.json is not in vocab.json")
@@ -175,8 +177,6 @@ def config_from_official(args: dict, vocab: dict, sd_ours: dict) -> dict:
     layers_in_sd = {int(k.split(".")[1]) for k in sd_ours if k.startswith("layers.")}
     if layers_in_sd and max(layers_in_sd) + 1 != n_layers:
         raise ValueError(f"args.json says nlayers={n_layers} but the weights have {max(layers_in_sd) + 1} layers")
-    input_style = args.get("input_emb_style", "continuous")
-    n_bins = int(args.get("n_bins", 51) or 51)
     num_batch = (
         _rows(sd_ours, "batch_encoder.embedding.weight")
         or _rows(sd_ours, "dab_decoder.out_layer.weight")
@@ -192,10 +192,7 @@ def config_from_official(args: dict, vocab: dict, sd_ours: dict) -> dict:
         d_ff=int(args["d_hid"]),
         n_layers=n_layers,
         dropout=float(args.get("dropout", 0.2)),
-        n_bins=n_bins,
-        input_emb_style=input_style,
-        pad_value=float(args.get("pad_value", n_bins if input_style == "category" else -2)),
-        mask_value=float(args.get("mask_value", n_bins + 1 if input_style == "category" else -1)),
+        layout=official_layout(args),
         cell_emb_style="cls",
         norm_scheme="pre" if "final_norm.weight" in sd_ours else "post",
         use_generative="flag_encoder.weight" in sd_ours,
@@ -218,9 +215,44 @@ def config_from_official(args: dict, vocab: dict, sd_ours: dict) -> dict:
     return cfg
 
 
+def official_layout(args: dict) -> dict:
+    """The TokenLayout (as a dict) an official args.json describes. Official ``max_seq_len`` counts the
+    genes (1,200 for the whole-human model); ours counts ``<cls>`` too."""
+    style = args.get("input_emb_style", "continuous")
+    n_bins = int(args.get("n_bins", 51) or 51)
+    genes = args.get("max_seq_len")
+    layout = TokenLayout(
+        n_bins=n_bins,
+        value_style=style,
+        pad_value=float(args.get("pad_value", n_bins if style == "category" else -2)),
+        mask_value=float(args.get("mask_value", n_bins + 1 if style == "category" else -1)),
+        **({} if genes is None else {"max_seq_len": int(genes) + 1}),
+    )
+    return layout.to_dict()
+
+
+# ScGPT kwargs that older checkpoints of this project stored flat; they now live in ``layout``
+_LEGACY_LAYOUT_KEYS = {
+    "n_bins": "n_bins",
+    "input_emb_style": "value_style",
+    "pad_value": "pad_value",
+    "mask_value": "mask_value",
+}
+
+
+def upgrade_config(cfg: dict) -> dict:
+    """ScGPT kwargs of any version of our checkpoints, with the token layout as one ``layout`` entry."""
+    cfg = {k: v for k, v in dict(cfg).items() if k != "_target_"}
+    legacy = {new: cfg.pop(old) for old, new in _LEGACY_LAYOUT_KEYS.items() if old in cfg}
+    if legacy:
+        cfg["layout"] = TokenLayout.from_any({**dict(cfg.get("layout") or {}), **legacy}).to_dict()
+    return cfg
+
+
 def official_args_from_config(cfg: dict, vocab: dict, extra: dict | None = None) -> dict:
     """args.json for an exported model: the official architecture fields + our full config."""
     pad_token = next((t for t, i in vocab.items() if i == cfg["pad_token_id"]), "<pad>")
+    layout = TokenLayout.from_any(cfg.get("layout"))
     args = dict(extra or {})
     args.update(
         embsize=cfg["d_model"],
@@ -228,10 +260,11 @@ def official_args_from_config(cfg: dict, vocab: dict, extra: dict | None = None)
         d_hid=cfg["d_ff"],
         nlayers=cfg["n_layers"],
         dropout=cfg["dropout"],
-        n_bins=cfg["n_bins"],
-        input_emb_style=cfg["input_emb_style"],
-        pad_value=cfg["pad_value"],
-        mask_value=cfg["mask_value"],
+        n_bins=layout.n_bins,
+        input_emb_style=layout.value_style,
+        pad_value=layout.pad_value,
+        mask_value=layout.mask_value,
+        max_seq_len=layout.max_genes,  # official max_seq_len counts genes; <cls> comes on top
         n_layers_cls=cfg["n_layers_cls"],
         pad_token=pad_token,
         ecs_thres=cfg["ecs_threshold"],
@@ -241,6 +274,5 @@ def official_args_from_config(cfg: dict, vocab: dict, extra: dict | None = None)
         USE_GENERATIVE_TRAINING=cfg["use_generative"],
         pre_norm=cfg["norm_scheme"] == "pre",
     )
-    args.setdefault("max_seq_len", 1200)
     args["scgpt_train_config"] = dict(cfg)
     return args

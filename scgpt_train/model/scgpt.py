@@ -17,12 +17,14 @@ from scgpt_train.model.layers import (
     IdEmbedding,
 )
 
-INPUT_EMB_STYLES = ("continuous", "category", "scaling")
 CELL_EMB_STYLES = ("cls", "avg-pool", "w-pool")
 
 
 class ScGPT(nn.Module):
     """scGPT encoder + heads. All constructor arguments are plain values (Hydra-instantiable).
+
+    ``layout``: the token layout the model reads (``data_modules.tokenize.layout.TokenLayout`` or its dict:
+    value style, n_bins, pad / mask values); the pipeline refuses data whose layout differs.
 
     Extra arguments beyond the official ones:
       attn_dropout: dropout on attention probabilities. Default 0.0 keeps SDPA on its fused kernels (on CPU
@@ -43,10 +45,7 @@ class ScGPT(nn.Module):
         d_ff: int = 512,
         n_layers: int = 12,
         dropout: float = 0.2,
-        n_bins: int = 51,
-        input_emb_style: str = "continuous",
-        pad_value: float = -2.0,
-        mask_value: float = -1.0,
+        layout: TokenLayout | dict | None = None,
         cell_emb_style: str = "cls",
         norm_scheme: str = "post",
         use_generative: bool = True,
@@ -72,9 +71,10 @@ class ScGPT(nn.Module):
         dsbn_affine: bool = False,
     ):
         super().__init__()
+        # the token layout this model reads (value style, bins, pad / mask values); the data's must agree
+        self.layout = TokenLayout.from_any(layout)
         self._config = {k: v for k, v in locals().items() if k not in ("self", "__class__")}
-        if input_emb_style not in INPUT_EMB_STYLES:
-            raise ValueError(f"input_emb_style must be one of {INPUT_EMB_STYLES}, got {input_emb_style!r}")
+        self._config["layout"] = self.layout.to_dict()
         if cell_emb_style not in CELL_EMB_STYLES:
             raise ValueError(f"cell_emb_style must be one of {CELL_EMB_STYLES}, got {cell_emb_style!r}")
         if decoder_style not in ("mlp", "affine"):
@@ -87,23 +87,18 @@ class ScGPT(nn.Module):
             raise ValueError("decoder_style='affine' does not support explicit_zero_prob")
         self.d_model = d_model
         self.pad_token_id = pad_token_id
-        self.input_emb_style = input_emb_style
         self.cell_emb_style = cell_emb_style
         self.use_batch_labels = use_batch_labels
         self.modality_concat = n_modalities > 0 and modality_style == "concat"
         self.ecs_threshold = ecs_threshold
         self.explicit_zero_prob = explicit_zero_prob
         self.grad_checkpointing = grad_checkpointing
-        # the value layout this model reads (the data's tokenizer must produce the same)
-        self.layout = TokenLayout(
-            n_bins=n_bins, value_style=input_emb_style, pad_value=pad_value, mask_value=mask_value
-        )
 
         # ---- inputs
         self.gene_encoder = IdEmbedding(vocab_size, d_model, padding_idx=pad_token_id)
-        if input_emb_style == "continuous":
+        if self.layout.value_style == "continuous":
             self.value_encoder = ContinuousValueEncoder(d_model, dropout, max_value)
-        elif input_emb_style == "category":
+        elif self.layout.value_style == "category":
             self.value_encoder = CategoryValueEncoder(
                 self.layout.n_categories, d_model, padding_idx=self.layout.pad_category
             )
@@ -164,7 +159,7 @@ class ScGPT(nn.Module):
         gene_embs = self.gene_encoder(gene_ids)  # (B, L, d)
         if gen_mask is not None:  # unknown values are never read: make them a valid input (a category id too)
             values = values.masked_fill(gen_mask, self.layout.input_pad)
-        if self.input_emb_style == "scaling":
+        if self.layout.value_style == "scaling":
             x = gene_embs * values.unsqueeze(-1)
         else:
             x = gene_embs + self.value_encoder(values)
