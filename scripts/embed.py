@@ -6,8 +6,14 @@
 CKPT: an official scGPT directory (best_model.pt + args.json + vocab.json), a file from
 scripts/import_scgpt.py, or a Lightning .ckpt of this project. Genes are matched to the checkpoint's
 vocabulary by var_names (or --gene-column); the lost ones are reported. The output is the input AnnData
-with obsm[--key] (L2-normalized cell embeddings, as the official tutorials use them; --no-normalize keeps
-them raw) and, when the checkpoint has a classifier, obs["scgpt_pred"] (class index) and obs["scgpt_pred_prob"].
+(same obs_names) with obsm[--key] (L2-normalized cell embeddings, as the official tutorials use them;
+--no-normalize keeps them raw) and, when the checkpoint has a classifier, obs["scgpt_pred"] (class index)
+and obs["scgpt_pred_prob"].
+
+Cells that express no gene of the checkpoint's vocabulary have nothing for the model to read: they are
+reported (count and a few obs names) and get NaN embeddings (prediction -1), or are left out of the output
+with --drop-unmapped-cells. An input with no cells, NaN / inf values (the error names the cell and gene),
+or options that do not fit the file exit with status 2.
 """
 
 from __future__ import annotations
@@ -21,13 +27,27 @@ sys.path.insert(0, str(ROOT))
 
 
 def main(argv=None) -> int:
+    """``run`` with input errors (no cells, NaN / inf, options that do not fit the file) as status 2."""
+    from data_modules.vocab import VocabError
+    from scgpt_train.tasks.embedding import EmbedInputError
+
+    try:
+        return run(argv)
+    except (EmbedInputError, VocabError) as e:
+        print(f"error: {e}", file=sys.stderr)
+        return 2
+
+
+def run(argv=None) -> int:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--checkpoint", required=True, type=Path)
     p.add_argument("--input", required=True, type=Path)
     p.add_argument("--output", required=True, type=Path)
     p.add_argument("--key", default="X_scgpt", help="obsm key of the embedding (default X_scgpt)")
     p.add_argument("--batch-size", type=int, default=64)
-    p.add_argument("--max-seq-len", type=int, default=1201, help="genes per cell + <cls> (default 1201)")
+    p.add_argument(
+        "--max-seq-len", type=int, default=None, help="genes per cell + <cls> (default: the checkpoint's layout)"
+    )
     p.add_argument("--include-zero-genes", action="store_true", help="also feed zero-expressed genes (bin 0)")
     p.add_argument("--gene-column", default=None, help="var column with gene symbols (default var_names)")
     p.add_argument("--use-raw", action="store_true", help="read .raw instead of X")
@@ -36,6 +56,11 @@ def main(argv=None) -> int:
     p.add_argument("--no-normalize", action="store_true", help="write raw (not L2-normalized) embeddings")
     p.add_argument("--device", default=None, help="cpu / cuda (default: cuda if available)")
     p.add_argument("--seed", type=int, default=0, help="seed of the tie-breaking in binning and gene sampling")
+    p.add_argument(
+        "--drop-unmapped-cells",
+        action="store_true",
+        help="leave cells with no gene in the checkpoint's vocabulary out of the output (default: NaN embeddings)",
+    )
     args = p.parse_args(argv)
 
     from scgpt_train.tasks.embedding import embed_h5ad
@@ -55,6 +80,7 @@ def main(argv=None) -> int:
         normalize=not args.no_normalize,
         device=args.device,
         seed=args.seed,
+        drop_unmapped_cells=args.drop_unmapped_cells,
     )
     print(f"wrote {out}")
     return 0

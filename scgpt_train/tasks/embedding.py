@@ -2,14 +2,20 @@
 
 from __future__ import annotations
 
+import logging
 import os
 from pathlib import Path
 
 import numpy as np
+import pandas as pd
+import scipy.sparse as sp
 import torch
 from torch import nn
 
 from data_modules.batch import Batch
+from data_modules.vocab import GeneVocab, guess_gene_key
+
+log = logging.getLogger(__name__)
 
 
 def _forward(model: nn.Module, batch: Batch) -> dict[str, torch.Tensor]:
@@ -67,13 +73,118 @@ def load_best_weights(module, trainer) -> str | None:
     return str(Path(path))
 
 
+# ---------------------------------------------------------------------------------------
+# checking embed's input (errors name the file, the cell / gene and the scripts/embed.py option that fixes it)
+
+
+class EmbedInputError(ValueError):
+    """An input ``scripts/embed.py`` cannot embed; the message names the file, the cell / gene and the fix."""
+
+
+def _columns(frame: pd.DataFrame) -> str:
+    cols = [str(c) for c in frame.columns]
+    return f"{cols[:15]}{' ...' if len(cols) > 15 else ''}" if cols else "none"
+
+
+def check_input_layout(
+    adata, path, gene_column: str | None = None, use_raw: bool = False, batch_key: str | None = None
+) -> None:
+    """Refuse an input without cells, and options that do not fit it (--use-raw, --gene-column, --batch-key)."""
+    if adata.n_obs == 0:
+        raise EmbedInputError(f"{path}: the input has no cells (X has 0 rows); nothing to embed, check --input")
+    if use_raw and adata.raw is None:
+        raise EmbedInputError(f"{path}: --use-raw was given but the file has no .raw; leave --use-raw out to embed X")
+    matrix, var = (adata.raw.X, adata.raw.var) if use_raw else (adata.X, adata.var)
+    if matrix is None:
+        where, fix = (".raw.X", "leave --use-raw out to embed X") if use_raw else ("X", "write the expression into X")
+        if not use_raw and adata.raw is not None:
+            fix += ", or pass --use-raw to embed .raw.X"
+        raise EmbedInputError(f"{path}: {where} is empty (None); {fix}")
+    if gene_column is not None and gene_column not in var.columns:
+        raise EmbedInputError(
+            f"{path}: --gene-column {gene_column!r} is not a column of {'.raw.var' if use_raw else 'var'} "
+            f"(columns: {_columns(var)}); name the column holding gene symbols, or leave --gene-column out to match "
+            "var_names"
+        )
+    if batch_key is not None and batch_key not in adata.obs.columns:
+        raise EmbedInputError(
+            f"{path}: --batch-key {batch_key!r} is not an obs column (columns: {_columns(adata.obs)})"
+        )
+
+
+def input_gene_names(adata, gene_column: str | None = None, use_raw: bool = False) -> list[str]:
+    """The gene name of every input column as the data module matches it (duplicates made unique like AnnData)."""
+    import anndata as ad
+
+    var = adata.raw.var if use_raw else adata.var
+    names = var[gene_column] if gene_column is not None else var.index
+    return list(ad.utils.make_index_unique(pd.Index(np.asarray(names).astype(str))))
+
+
+def unmapped_cells(
+    adata,
+    path,
+    vocab: GeneVocab,
+    gene_column: str | None = None,
+    use_raw: bool = False,
+    chunk_rows: int = 4096,
+) -> np.ndarray:
+    """(n_cells,) bool: cells with no non-zero value in a gene of ``vocab`` (nothing for the model to read).
+
+    Reads X (or .raw.X) ``chunk_rows`` rows at a time and raises :class:`EmbedInputError` naming the file, the
+    first offending cell (obs name) and gene for NaN / inf values, and when no gene or no cell maps to ``vocab``.
+    """
+    matrix = adata.raw.X if use_raw else adata.X
+    where = ".raw.X" if use_raw else "X"
+    genes = input_gene_names(adata, gene_column, use_raw)
+    known = vocab.map_genes(genes).ids >= 0  # (G,)
+    if not known.any():
+        hint = (
+            " (the input genes look like Ensembl ids and the vocabulary is keyed by symbols)"
+            if guess_gene_key(genes) == "ensembl" and vocab.keyed_by == "symbol"
+            else ""
+        )
+        var = adata.raw.var if use_raw else adata.var
+        raise EmbedInputError(
+            f"{path}: none of its {len(genes)} genes (e.g. {genes[:3]}) is in the checkpoint's vocabulary "
+            f"(e.g. {vocab.genes[:3]}){hint}; pass --gene-column with the var column holding gene symbols "
+            f"(var columns: {_columns(var)})" + ("" if use_raw or adata.raw is None else ", or --use-raw")
+        )
+    n = adata.n_obs
+    n_expressed = np.zeros(n, dtype=np.int64)
+    for lo in range(0, n, chunk_rows):
+        hi = min(lo + chunk_rows, n)
+        block = sp.csr_matrix(matrix[lo:hi])  # (m, G), dense or sparse input alike
+        bad = ~np.isfinite(block.data)
+        if bad.any():
+            p = int(np.argmax(bad))
+            row = lo + int(np.searchsorted(block.indptr, p, side="right") - 1)
+            raise EmbedInputError(
+                f"{path}: NaN or infinite value {block.data[p]!r} in {where} at cell {str(adata.obs_names[row])!r} "
+                f"(row {row}), gene {genes[int(block.indices[p])]!r} ({int(bad.sum())} such values in rows "
+                f"{lo}-{hi - 1}); expression values are never NaN/inf: fix the matrix upstream or drop the affected "
+                "cells before embedding"
+            )
+        rows = np.repeat(np.arange(hi - lo), np.diff(block.indptr))  # (nnz,) row of each entry
+        expressed = known[block.indices] & (block.data != 0)
+        n_expressed[lo:hi] = np.bincount(rows[expressed], minlength=hi - lo)
+    unmapped = n_expressed == 0
+    if unmapped.all():
+        raise EmbedInputError(
+            f"{path}: none of its {n} cells has a non-zero value in one of the {int(known.sum())} genes it shares "
+            f"with the checkpoint's vocabulary (e.g. {[g for g, k in zip(genes, known) if k][:3]}); check that "
+            f"{where} holds expression values and that --gene-column names the right gene column"
+        )
+    return unmapped
+
+
 def embed_h5ad(
     checkpoint,
     input_path,
     output_path,
     key: str = "X_scgpt",
     batch_size: int = 64,
-    max_seq_len: int = 1201,
+    max_seq_len: int | None = None,
     include_zero_genes: bool = False,
     gene_column: str | None = None,
     use_raw: bool = False,
@@ -83,34 +194,46 @@ def embed_h5ad(
     device: str | None = None,
     seed: int = 0,
     progress: bool = True,
+    drop_unmapped_cells: bool = False,
 ) -> Path:
-    """Embed every cell of ``input_path`` with ``checkpoint``; write the input AnnData + ``obsm[key]``."""
-    import logging
+    """Embed every cell of ``input_path`` with ``checkpoint``; write the input AnnData (same obs_names) +
+    ``obsm[key]``.
 
+    Refuses (:class:`EmbedInputError`) an input without cells, NaN / inf values and options that do not fit the
+    file. Cells with no expressed gene in the checkpoint's vocabulary are reported; their ``obsm[key]`` rows are
+    NaN (predictions -1 / NaN), or, with ``drop_unmapped_cells``, they are left out of the output.
+    """
     import anndata as ad
+    from torch.utils.data import DataLoader
 
     from data_modules.anndata_module import AnnDataModule
     from scgpt_train.checkpoints import load_checkpoint
     from scgpt_train.tasks.report import write_h5ad
 
-    model, _ = load_checkpoint(checkpoint)
+    if not Path(input_path).is_file():
+        raise EmbedInputError(f"--input {input_path} does not exist (or is not a file); point it at an .h5ad file")
+    try:
+        adata = ad.read_h5ad(input_path)
+    except (OSError, KeyError, ValueError) as e:
+        raise EmbedInputError(f"--input {input_path} cannot be read as h5ad ({e}); re-export it") from None
+    check_input_layout(adata, input_path, gene_column, use_raw, batch_key)
+    model, vocab = load_checkpoint(checkpoint)
+    vocab = GeneVocab(vocab) if vocab else GeneVocab.from_checkpoint(checkpoint)
+    unmapped = unmapped_cells(adata, input_path, vocab, gene_column, use_raw)
     cfg = model.config()
     if (cfg.get("dsbn") or cfg.get("use_batch_labels")) and batch_key is None:
-        raise ValueError(f"{checkpoint} uses batch labels (DSBN / batch embedding): pass --batch-key")
-    pad_value = float(cfg.get("pad_value", -2.0))
-    tokenizer = {
-        "max_seq_len": max_seq_len,
-        "n_bins": int(cfg.get("n_bins", 51)),
-        "pad_value": pad_value,
-        "mask_value": float(cfg.get("mask_value", -1.0)),
-        "cls_value": pad_value if cls_value is None else float(cls_value),
-        "value_style": "category" if cfg.get("input_emb_style") == "category" else "continuous",
-    }
+        raise EmbedInputError(
+            f"{checkpoint} uses batch labels (DSBN / batch embedding): pass --batch-key with the obs column of "
+            f"{input_path} holding the batches (columns: {_columns(adata.obs)})"
+        )
+    # the checkpoint's token layout; --max-seq-len changes only how many genes a cell keeps
+    layout = model.layout if max_seq_len is None else model.layout.replace(max_seq_len=max_seq_len)
     dm = AnnDataModule(
         str(input_path),
         vocab=str(checkpoint),
         batch_key=batch_key,
-        tokenizer=tokenizer,
+        layout=layout,
+        tokenizer={"cls_value": cls_value},
         preprocess={"gene_column": gene_column, "use_raw": use_raw},
         include_zero_genes=include_zero_genes,
         val_fraction=0.0,
@@ -119,22 +242,48 @@ def embed_h5ad(
         model_outputs=(),
     )
     dm.setup()
-    logging.getLogger(__name__).info("genes: %s", dm.gene_report.summary())
+    log.info("genes: %s", dm.gene_report.summary())
     if progress:
         print(f"genes: {dm.gene_report.summary()}")
+    n_cells = len(dm.split)
+    if n_cells != adata.n_obs:
+        raise RuntimeError(f"{input_path}: the data module holds {n_cells} cells, the file {adata.n_obs}")
+    mapped = np.flatnonzero(~unmapped)
+    examples = [str(c) for c in adata.obs_names[unmapped][:5]]
+    if len(mapped) < n_cells:
+        what = (
+            "they are left out of the output (--drop-unmapped-cells)"
+            if drop_unmapped_cells
+            else f"their obsm[{key!r}] rows are NaN (pass --drop-unmapped-cells to leave them out)"
+        )
+        msg = (
+            f"{n_cells - len(mapped)} of {n_cells} cells of {input_path} express no gene of the checkpoint's "
+            f"vocabulary (e.g. {examples}); {what}"
+        )
+        log.warning(msg)
+        if progress:
+            print(f"warning: {msg}")
     if device is None:
         device = "cuda" if torch.cuda.is_available() else "cpu"
     model.to(device)
-    out = predict_cells(
-        model, dm.loader("all", masked=False, batch_size=batch_size), len(dm.split), device=device, progress=progress
-    )
+    loader = dm.loader("all", masked=False, batch_size=batch_size)
+    if len(mapped) < n_cells:  # only cells the model can read; the others keep predict_cells' NaN / -1
+        loader = DataLoader(mapped.tolist(), batch_size=batch_size, collate_fn=loader.collate_fn)
+    out = predict_cells(model, loader, n_cells, device=device, progress=progress)
     emb = out["cell_emb"]
     if normalize:
         emb = emb / np.maximum(np.linalg.norm(emb, axis=1, keepdims=True), 1e-12)
-    adata = ad.read_h5ad(input_path)
-    adata.obsm[key] = emb.astype(np.float32)
+    keep = mapped if drop_unmapped_cells else np.arange(n_cells)
+    if len(keep) < n_cells:
+        adata = adata[keep].copy()
+    adata.obsm[key] = emb[keep].astype(np.float32)
     if "pred" in out:
-        adata.obs["scgpt_pred"] = out["pred"]
-        adata.obs["scgpt_pred_prob"] = out["probs"].max(1)
+        adata.obs["scgpt_pred"] = out["pred"][keep]
+        adata.obs["scgpt_pred_prob"] = out["probs"][keep].max(1)
     adata.uns[f"{key}_gene_report"] = {k: v for k, v in dm.gene_report.as_dict().items() if v is not None}
+    adata.uns[f"{key}_unmapped_cells"] = {
+        "n_cells": int(n_cells - len(mapped)),
+        "examples": examples,
+        "handling": "dropped" if drop_unmapped_cells else "nan",
+    }
     return write_h5ad(adata, output_path)
