@@ -37,12 +37,13 @@ from torch import nn
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from data_modules.atomic import write_text_atomic  # noqa: E402
+from data_modules.tokenize.layout import TokenLayout  # noqa: E402
 from scgpt_train.model import ScGPT, generative_attention_mask  # noqa: E402
 
 CONFIGS = {  # name: (model kwargs, L incl. <cls>, batch on CPU, batch on GPU)
     "demo": (dict(d_model=128, n_heads=4, d_ff=256, n_layers=4, dropout=0.1), 129, 16, 64),
     "small": (dict(d_model=256, n_heads=8, d_ff=512, n_layers=4, dropout=0.2), 513, 8, 64),
-    "51m": (dict(d_model=512, n_heads=8, d_ff=512, n_layers=12, dropout=0.2), 1201, 4, 32),
+    "51m": (dict(d_model=512, n_heads=8, d_ff=512, n_layers=12, dropout=0.2), TokenLayout().max_seq_len, 4, 32),
 }
 VOCAB = 60697  # whole-human vocabulary (pad = 60694, cls = 60695)
 PAD_ID, CLS_ID = 60694, 60695

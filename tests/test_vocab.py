@@ -6,10 +6,11 @@ from pathlib import Path
 import numpy as np
 import pandas as pd
 import pytest
+from conftest import FIXTURES
 
 from data_modules.vocab import GeneVocab, VocabError, guess_gene_key, is_ensembl_id, load_gene_table
 
-OFFICIAL_VOCAB = Path("/work/shared/fixtures/scgpt_official_tiny/vocab.json")
+OFFICIAL_VOCAB = FIXTURES / "vocab.json"
 GENCODE = Path(pd.__file__).parents[1] / "celltypist/data/samples/GENCODEv44_Gene_id2name.csv"
 
 

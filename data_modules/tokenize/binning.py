@@ -1,6 +1,6 @@
 """Per-cell value binning by the official scGPT rule over a whole CSR batch (compiled kernels).
 
-Rule (see ``shared/reference/scgpt_model.md``): for each cell, over its non-zero values,
+Rule (the official scGPT rule; ``docs/data_pipeline.md``): for each cell, over its non-zero values,
 ``edges = quantile(values, linspace(0, 1, n_bins - 1))`` (numpy's default "linear"
 method); a value ``x`` gets ``left = digitize(x, edges)`` when
 ``left - right <= 1`` with ``right = digitize(x, edges, right=True)``, otherwise a bin

@@ -4,7 +4,7 @@ One call handles a whole batch; the loop over its cells runs compiled (no per-ce
 work). Random draws come from a splitmix64 stream seeded once per call from the caller's
 ``numpy.random.Generator``, so results are a pure function of that generator.
 
-Binning rule (``shared/reference/scgpt_model.md``), per cell over its non-zero values:
+Binning rule (the official scGPT one; ``docs/data_pipeline.md``), per cell over its non-zero values:
 ``edges = quantile(values, linspace(0, 1, n_bins - 1))`` with numpy's "linear" arithmetic,
 reproduced operation by operation (edges are bit-identical to ``np.quantile``);
 ``left`` = number of edges <= x, ``right`` = number of edges < x (``np.digitize``); the bin
