@@ -80,6 +80,7 @@ def test_overwrite_replaces_a_finished_corpus_through_a_sibling(inputs, tmp_path
     out = tmp_path / "corpora" / "mine"
     assert build_main([*_args([inputs["a"]], out), "--quiet"]) == 0
     os.chmod(out, 0o750)
+    (out / ".verified.json").write_text("{}")  # the checksum cache a training run keeps is part of the corpus
     assert Corpus(out).shards[0]["n_cells"] == 100
     capsys.readouterr()
     assert build_main([*_args([inputs["a"], inputs["b"]], out, shard_size=50), "--overwrite"]) == 0
@@ -90,6 +91,7 @@ def test_overwrite_replaces_a_finished_corpus_through_a_sibling(inputs, tmp_path
     assert sorted(p.name for p in (out / "shards").iterdir()) == [f"shard-{i:06d}.h5" for i in range(20)]
     assert verify_corpus(out).ok
     assert _siblings(out) == []  # neither the temporary sibling nor the old corpus is left
+    assert not (out / ".verified.json").exists()  # nor the old corpus's checksum cache
     assert out.stat().st_mode & 0o777 == 0o750  # the replacement keeps the directory's permissions
 
 

@@ -267,7 +267,9 @@ def _merge_stats(stats: dict, labels: list[str], part: dict[str, np.ndarray]) ->
 # the conversion loop
 
 
-CORPUS_ENTRIES = (MANIFEST_NAME, VOCAB_NAME, SHARD_DIR, JOURNAL_DIR)  # what a corpus directory holds
+# what a corpus directory holds: its files, the journal, and the shard-checksum cache a training run keeps there
+# (store/integrity.py's VERIFIED_CACHE); --overwrite replaces the directory only when it holds nothing else
+CORPUS_ENTRIES = (MANIFEST_NAME, VOCAB_NAME, SHARD_DIR, JOURNAL_DIR, ".verified.json")
 
 
 def _clear_corpus_files(out: Path) -> None:
