@@ -428,3 +428,20 @@ def test_demo_is_seeded_and_writes(tmp_path, demo):
     data = read_gears(path)
     np.testing.assert_array_equal(data.adata.X.toarray(), demo.X.toarray())
     assert data.conditions == list(dict.fromkeys(demo.obs["condition"]))
+
+
+@pytest.mark.skipif(importlib.util.find_spec("gears") is None, reason="cell-gears is not installed")
+def test_computed_de_equals_gears(monkeypatch, demo):
+    """Our DE ranking and top-20 non-dropout genes equal GEARS' get_DE_genes + get_dropout_non_zero_genes."""
+    data_utils = _load_gears_data_utils(monkeypatch)
+    theirs = ad.AnnData(X=sp.csr_matrix(demo.X), obs=demo.obs[["condition", "cell_type"]].copy(), var=demo.var.copy())
+    theirs = data_utils.get_dropout_non_zero_genes(data_utils.get_DE_genes(theirs, False))
+    ours = from_anndata(ad.AnnData(X=demo.X, obs=demo.obs[["condition", "cell_type"]].copy(), var=demo.var.copy()))
+    assert ours.de_source == "computed"
+    to_condition = dict(zip(theirs.obs["condition_name"].astype(str), theirs.obs["condition"].astype(str)))
+    names = ours.gene_names
+    assert len(theirs.uns[TOP20_KEY]) == len(ours.top_de_20) == 50
+    for key, genes in theirs.uns[TOP20_KEY].items():
+        cond = to_condition[key]
+        assert list(genes) == list(names[ours.top_de_20[cond]]), cond
+        assert list(theirs.uns[RANK_KEY][key]) == list(names[ours.de_ranked[cond]]), cond
