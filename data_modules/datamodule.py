@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import logging
 from collections.abc import Callable
 from pathlib import Path
 from typing import Any
@@ -9,11 +10,14 @@ from typing import Any
 import pytorch_lightning as pl
 
 from data_modules.store.format import MANIFEST_NAME
+from data_modules.store.integrity import check_shard_files, verify_checksums
 from data_modules.store.reader import Corpus
 from data_modules.stream import CellStream, StreamLoader
 from data_modules.tokenize import TokenizerConfig, TokenLayout
 from data_modules.vocab import GeneVocab, VocabSizes
 
+log = logging.getLogger(__name__)
+MIN_VAL_CELLS = 50  # fewer validation cells than this: warn that validation cannot select checkpoints
 # batches Lightning's fit loop fetches ahead of the step it trains on: its prefetching fetcher
 # skips prefetching for loaders with a length (ours), so 0 (tests/test_datamodule.py checks it)
 LIGHTNING_PREFETCH = 0
@@ -45,6 +49,7 @@ class CorpusDataModule(VocabSizes, pl.LightningDataModule):
         bucket_batches: int = 8,
         pin_memory: bool = False,
         prefetch_factor: int | None = None,
+        verify: bool = False,
     ):
         super().__init__()
         self.corpus_dir = str(corpus_dir)
@@ -58,6 +63,7 @@ class CorpusDataModule(VocabSizes, pl.LightningDataModule):
         self.max_val_cells = max_val_cells
         self.lanes, self.bucket_batches = int(lanes), int(bucket_batches)
         self.pin_memory, self.prefetch_factor = bool(pin_memory), prefetch_factor
+        self.verify = bool(verify)
         self.corpus: Corpus | None = None
         self.train_stream: CellStream | None = None
         self.val_stream: CellStream | None = None
@@ -77,6 +83,10 @@ class CorpusDataModule(VocabSizes, pl.LightningDataModule):
         if self.train_stream is not None:  # idempotent: pipeline.build calls setup before the Trainer does
             return
         self.corpus = Corpus(self.corpus_dir)
+        check_shard_files(self.corpus)  # cheap: existence and size of every shard, before any read
+        if self.verify:
+            hashed = verify_checksums(self.corpus)
+            log.info("corpus %s: sha256 verified (%d shards hashed, the rest cached)", self.corpus_dir, hashed)
         common = dict(
             tokenizer=self.tokenizer_config,
             block_size=self.block_size,
@@ -89,6 +99,17 @@ class CorpusDataModule(VocabSizes, pl.LightningDataModule):
         self.val_stream = CellStream(
             self.corpus_dir, "val", self.val_batch_size, shuffle=False, max_cells=self.max_val_cells, **common
         )
+        if self.val_stream.n_cells < MIN_VAL_CELLS:
+            log.warning(
+                "corpus %s has %d validation cells (of %d): %s. Rebuild it with a larger --val-fraction "
+                "(scripts/build_corpus.py ... --val-fraction 0.05) to select checkpoints on validation loss.",
+                self.corpus_dir,
+                self.val_stream.n_cells,
+                self.corpus.n_cells,
+                "no validation will run and no best checkpoint is chosen"
+                if self.val_stream.n_cells == 0
+                else "the validation loss is too noisy to select checkpoints on",
+            )
 
     # what scgpt_train.pipeline reads --------------------------------------------------
     @property

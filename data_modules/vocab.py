@@ -100,6 +100,30 @@ class GeneVocab:
             raise VocabError(f"checkpoint {path} carries no vocabulary; pass its vocab.json instead")
         return cls(dict(vocab))
 
+    def difference(
+        self, other: GeneVocab, names: tuple[str, str] = ("this", "the other"), n_examples: int = 4
+    ) -> str | None:
+        """None when both map the same tokens to the same ids; else what differs, with a few examples."""
+        if self.token_to_id == other.token_to_id:
+            return None
+        a, b = self.id_to_token, other.id_to_token
+        n = min(len(a), len(b))
+        moved = [i for i in range(n) if a[i] != b[i]]
+        parts = []
+        if len(a) != len(b):
+            parts.append(f"{names[0]} has {len(a):,} tokens, {names[1]} {len(b):,}")
+        if moved:
+            shown = ", ".join(f"id {i}: {a[i]!r} vs {b[i]!r}" for i in moved[:n_examples])
+            parts.append(f"{len(moved):,} of {n:,} tokens differ ({shown}{', ...' if len(moved) > n_examples else ''})")
+        for (name, mine), theirs in zip(((names[0], a), (names[1], b)), (other.token_to_id, self.token_to_id)):
+            only = [t for t in mine if t not in theirs]
+            if only:
+                shown = ", ".join(repr(t) for t in only[:n_examples])
+                parts.append(
+                    f"{len(only):,} tokens only in {name} ({shown}{', ...' if len(only) > n_examples else ''})"
+                )
+        return "; ".join(parts)
+
     def to_json(self, path: str | os.PathLike) -> None:
         write_text_atomic(path, json.dumps(self.token_to_id, indent=1))
 

@@ -17,6 +17,7 @@ from rich.console import Console
 from rich.table import Table
 
 from data_modules.atomic import write_json_atomic
+from data_modules.vocab import GeneVocab, VocabError
 from scgpt_train.callbacks import RunSummary
 from scgpt_train.compat import set_hydra_subprocess_cmd
 from scgpt_train.fault_tolerance import AtomicCheckpointIO, checkpoint_is_valid, find_resume_checkpoint
@@ -44,6 +45,8 @@ def build_modules(cfg: DictConfig) -> tuple[pl.LightningDataModule, pl.Lightning
     datamodule = instantiate(cfg.data)
     datamodule.prepare_data()
     datamodule.setup("fit")
+    if cfg.get("pretrained"):
+        check_checkpoint_vocab(cfg.pretrained, datamodule.vocab, resume=False)
     objectives = {name: instantiate(c) for name, c in cfg.objective.items()}
     module = instantiate(
         cfg.model, net=model_kwargs_from_data(datamodule), objectives=objectives, vocab=datamodule.vocab.token_to_id
@@ -51,6 +54,47 @@ def build_modules(cfg: DictConfig) -> tuple[pl.LightningDataModule, pl.Lightning
     source = f"the checkpoint {cfg.pretrained}" if cfg.get("pretrained") else "the model config"
     module.model.layout.check_compatible(datamodule.layout, model_source=source)
     return datamodule, module
+
+
+def checkpoint_vocab(path) -> GeneVocab | None:
+    """The vocabulary stored with a checkpoint: an official directory's vocab.json, the ``vocab`` entry of our
+    .pt / Lightning .ckpt, or that of a sharded (DeepSpeed / FSDP) checkpoint directory's client state."""
+    path = Path(path)
+    if path.is_dir() and not (path / "vocab.json").is_file():
+        for state in (path / "checkpoint" / "mp_rank_00_model_states.pt", path / "meta.pt"):
+            if state.is_file():
+                obj = torch.load(state, map_location="cpu", weights_only=False)
+                vocab = obj.get("vocab") if isinstance(obj, dict) else None
+                return GeneVocab(dict(vocab)) if vocab else None
+        return None
+    try:
+        return GeneVocab.from_checkpoint(path)
+    except VocabError:
+        return None
+
+
+def check_checkpoint_vocab(path, data_vocab: GeneVocab, resume: bool) -> None:
+    """Refuse a checkpoint (``pretrained=`` or the one a run resumes from) whose vocabulary is not the data's:
+    training would silently map the data's genes onto other genes' embeddings."""
+    ckpt_vocab = checkpoint_vocab(path)
+    if ckpt_vocab is None:
+        log.warning("checkpoint %s stores no vocabulary: cannot check that it matches the data's", path)
+        return
+    diff = ckpt_vocab.difference(data_vocab, names=("the checkpoint", "the data"))
+    if diff is None:
+        return
+    what = "the run dir's checkpoint" if resume else "the pretrained checkpoint"
+    other_way = (
+        "or start a new run dir (hydra.run.dir=... or auto_resume=false) to train this data from scratch"
+        if resume
+        else "or train from scratch without pretrained="
+    )
+    raise VocabError(
+        f"{what} {path} was trained with another vocabulary than the data's: {diff}. Training on it would map "
+        f"the data's genes onto other genes' embeddings, so nothing was trained. Either build the data with the "
+        f"checkpoint's vocabulary (python scripts/build_corpus.py ... --vocab {path}; for AnnData fine-tuning "
+        f"data.vocab={path}), {other_way}."
+    )
 
 
 def build(cfg: DictConfig) -> tuple[pl.LightningDataModule, pl.LightningModule, pl.Trainer]:
@@ -83,14 +127,12 @@ def resolve_ckpt_path(ckpt_path: str | None, output_dir: str, auto_resume: bool 
     ``null``: the valid checkpoint with the highest global step in this run dir when ``auto_resume`` (a
     restarted or requeued job picks up where it stopped), else a fresh start. ``last``:
     ``<run dir>/checkpoints/last.ckpt``. Anything else: that file, which must be a checkpoint.
-    On a resume, the earlier attempt's ``csv/metrics.csv`` is kept as ``csv/metrics.<n>.csv``.
     """
     if ckpt_path in (None, ""):
         found = find_resume_checkpoint(output_dir) if auto_resume else None
         if found is None:
             return None
         log.warning("auto-resume: continuing from %s", found)
-        keep_previous_metrics(Path(output_dir))
         return str(found)
     path = Path(output_dir) / "checkpoints" / "last.ckpt" if ckpt_path == "last" else Path(ckpt_path)
     if not path.exists():
@@ -101,7 +143,6 @@ def resolve_ckpt_path(ckpt_path: str | None, output_dir: str, auto_resume: bool 
             "Lightning .ckpt holding state_dict and global_step); to start from pretrained weights use "
             "pretrained=<path> instead"
         )
-    keep_previous_metrics(Path(output_dir))
     return str(path)
 
 
@@ -207,6 +248,9 @@ def run(cfg: DictConfig) -> dict[str, float]:
 def _fit_and_report(cfg: DictConfig, output_dir: Path) -> dict[str, float]:
     datamodule, module, trainer = build(cfg)
     ckpt_path = resolve_ckpt_path(cfg.get("ckpt_path"), str(output_dir), bool(cfg.get("auto_resume", False)))
+    if ckpt_path is not None:
+        check_checkpoint_vocab(ckpt_path, datamodule.vocab, resume=True)
+        keep_previous_metrics(output_dir)  # the earlier attempt's csv/metrics.csv -> csv/metrics.<n>.csv
     if cfg.get("validate_before_fit") and ckpt_path is None:
         trainer.validate(module, datamodule=datamodule, verbose=False)
     trainer.fit(module, datamodule=datamodule, ckpt_path=ckpt_path)

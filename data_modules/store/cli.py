@@ -37,7 +37,12 @@ EXIT_VERIFY_FAILED = 1
 
 def _common_build_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--out", required=True, type=Path, help="corpus directory to create (or resume)")
-    p.add_argument("--vocab", type=Path, help="existing vocab.json (flat {token: index}); default: union of the inputs")
+    p.add_argument(
+        "--vocab",
+        type=Path,
+        help="an existing vocabulary: vocab.json (flat {token: index}), an official checkpoint directory or a "
+        "checkpoint of this project (.pt / .ckpt); default: the union of the inputs",
+    )
     p.add_argument(
         "--min-genes", type=int, default=1, help="drop cells with fewer known genes (default 1: empty cells)"
     )
@@ -139,7 +144,7 @@ def build_main(argv: list[str] | None = None) -> int:
     log = (lambda msg: None) if args.quiet else print_log
     try:
         check_out_dir(args.out)  # before opening inputs (or the Census)
-        vocab = GeneVocab.from_json(args.vocab) if args.vocab else None
+        vocab = GeneVocab.from_checkpoint(args.vocab) if args.vocab else None
         common = dict(
             vocab=vocab,
             shard_size=args.shard_size,

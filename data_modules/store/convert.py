@@ -28,6 +28,7 @@ from data_modules.store.format import (
     JOURNAL_DIR,
     MANIFEST_NAME,
     SHARD_DIR,
+    VERIFIED_CACHE,
     VOCAB_NAME,
     CorpusFormatError,
     file_sha256,
@@ -269,7 +270,7 @@ def _merge_stats(stats: dict, labels: list[str], part: dict[str, np.ndarray]) ->
 
 # what a corpus directory holds: its files, the journal, and the shard-checksum cache a training run keeps there
 # (store/integrity.py's VERIFIED_CACHE); --overwrite replaces the directory only when it holds nothing else
-CORPUS_ENTRIES = (MANIFEST_NAME, VOCAB_NAME, SHARD_DIR, JOURNAL_DIR, ".verified.json")
+CORPUS_ENTRIES = (MANIFEST_NAME, VOCAB_NAME, SHARD_DIR, JOURNAL_DIR, VERIFIED_CACHE)
 
 
 def _clear_corpus_files(out: Path) -> None:

@@ -11,6 +11,7 @@ FORMAT_VERSION = 1
 MANIFEST_NAME = "manifest.json"
 VOCAB_NAME = "vocab.json"
 SHARD_DIR = "shards"
+VERIFIED_CACHE = ".verified.json"  # shards whose sha256 a training run checked (data_modules/store/integrity.py)
 JOURNAL_DIR = ".journal"  # progress of an unfinished conversion; removed when the manifest is written
 UNKNOWN_LABEL = "unknown"  # obs label of a cell whose dataset lacks the column (or has NaN there)
 
