@@ -90,6 +90,47 @@ def read_official(path) -> tuple[dict, dict, dict]:
     return sd, args, vocab
 
 
+# ScGPT kwargs that fix the shapes of pretrained weights: a checkpoint's values win, a differing override is refused
+# (new heads, dropout, pooling and the like may be set freely when fine-tuning)
+ARCHITECTURE_KEYS = (
+    "d_model",
+    "n_heads",
+    "d_ff",
+    "n_layers",
+    "norm_scheme",
+    "layout",
+    "decoder_style",
+    "modality_style",
+    "n_modalities",
+    "n_conditions",
+)
+
+
+def apply_overrides(cfg: dict, overrides: dict, source) -> dict:
+    """``cfg`` updated with ``overrides``; an override of an architecture field that differs from the
+    checkpoint's value is refused, naming every such field (fine-tuning takes the architecture from the checkpoint)."""
+    conflicts = {}
+    for key in ARCHITECTURE_KEYS:
+        if key not in overrides:
+            continue
+        given = overrides[key]
+        if key == "layout":
+            from data_modules.tokenize.layout import TokenLayout
+
+            given = TokenLayout.from_any(given).to_dict()
+        if given != cfg.get(key):
+            conflicts[key] = (given, cfg.get(key))
+    if conflicts:
+        listed = ", ".join(f"model.net.{k}={a!r} (the checkpoint has {b!r})" for k, (a, b) in conflicts.items())
+        drops = " ".join(f"~model.net.{k}" for k in conflicts)
+        raise ValueError(
+            f"{source}: fine-tuning takes the architecture from the checkpoint, but the config overrides it: "
+            f"{listed}. Remove these overrides (on the command line: {drops}; or from the experiment's model.net), "
+            "or train a new model from scratch without pretrained="
+        )
+    return {**cfg, **overrides}
+
+
 def load_official(path, return_vocab: bool = False, **overrides):
     """Build a ScGPT from an official checkpoint directory (any of the three attention layouts).
 
@@ -99,8 +140,7 @@ def load_official(path, return_vocab: bool = False, **overrides):
     """
     sd, args, vocab = read_official(path)
     sd_ours, report = official_state_dict_to_ours(sd)
-    cfg = config_from_official(args, vocab, sd_ours)
-    cfg.update(overrides)
+    cfg = apply_overrides(config_from_official(args, vocab, sd_ours), overrides, path)
     model = ScGPT(**cfg)
     load_report = load_into(model, sd_ours, source=str(Path(path) / "best_model.pt"))
     report.ignored += load_report.ignored
@@ -161,8 +201,7 @@ def load_checkpoint(path, **overrides) -> tuple[ScGPT, dict | None]:
             vocab = obj.get("vocab")
     else:
         raise ValueError(f"{path}: not a scgpt_train checkpoint (expected format {FORMAT!r} or a Lightning .ckpt)")
-    cfg = upgrade_config(cfg)
-    cfg.update(overrides)
+    cfg = apply_overrides(upgrade_config(cfg), overrides, path)
     model = ScGPT(**cfg)
     report = load_into(model, sd, source=str(path))
     if report.missing or report.ignored:
