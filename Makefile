@@ -14,7 +14,7 @@ setup: $(STAMP)
 $(STAMP): pyproject.toml
 	@test -x $(PY) || $(PYTHON) -m venv $(VENV) || python3 -m venv $(VENV)
 	$(PY) -m pip install -q --disable-pip-version-check --upgrade pip
-	$(PY) -m pip install -q --disable-pip-version-check -e ".[dev,census,metrics]"
+	$(PY) -m pip install -q --disable-pip-version-check -e ".[dev,census,metrics,baselines]"
 	@$(PY) -c "import scgpt_train, data_modules, torch, pytorch_lightning, hydra" 
 	@touch $(STAMP)
 

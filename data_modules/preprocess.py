@@ -118,7 +118,10 @@ def select_hvg(adata: ad.AnnData, n_top: int, flavor: str, counts) -> tuple[np.n
         try:
             import skmisc  # noqa: F401
         except ImportError:
-            log.warning("HVG flavor seurat_v3 needs scikit-misc (not installed); using flavor 'seurat' on log data")
+            log.warning(
+                "HVG flavor seurat_v3 needs scikit-misc (not installed; `make setup` installs it with the "
+                "'baselines' extra); using flavor 'seurat' on log data instead"
+            )
             flavor = "seurat"
     probe = ad.AnnData(X=counts if flavor == "seurat_v3" else adata.X, var=pd.DataFrame(index=adata.var_names))
     table = sc.pp.highly_variable_genes(probe, n_top_genes=n_top, flavor=flavor, inplace=False)
