@@ -1,5 +1,8 @@
 """Perturbation-response data (GEARS format): condition names, reading, the GEARS simulation split,
-control -> perturbed cell pairing, and the simulated demo dataset. Model-independent (numpy / scanpy only)."""
+control -> perturbed cell pairing, and the simulated demo dataset. Model-independent (numpy / scanpy only).
+
+The model inputs (``inputs``: flags, all genes, ``Batch``) and the Lightning data module (``datamodule``) import
+torch and are not imported here: ``from data_modules.perturbation.datamodule import PerturbationDataModule``."""
 
 from data_modules.perturbation.conditions import (
     CTRL,

@@ -23,6 +23,7 @@ __all__ = [
     "GenerativeObjective",
     "MLMObjective",
     "Objective",
+    "PerturbationMSEObjective",
     "ZeroProbObjective",
     "masked_mse",
     "masked_bernoulli_nll",
@@ -189,6 +190,17 @@ class ExpressionMSEObjective(Objective):
         where = ~batch.pad_mask
         where[:, 0] = False
         return {"expr_mse": masked_mse(outputs["mlm_output"], batch.target_values, where)}
+
+
+class PerturbationMSEObjective(Objective):
+    """MSE of the expression decoder on EVERY non-pad token, the first one included: perturbation batches have no
+    ``<cls>`` (the official ``TransformerGenerator`` reads genes only), and the tutorial's loss is the masked MSE
+    over all genes of the perturbed cell (``target_values``)."""
+
+    name = "perturb_mse"
+
+    def forward(self, model, batch, outputs, step):
+        return {"perturb_mse": masked_mse(outputs["mlm_output"], batch.target_values, ~batch.pad_mask)}
 
 
 def total_loss(
