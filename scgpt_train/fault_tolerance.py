@@ -96,10 +96,9 @@ def sharded_checkpoint_is_complete(path: Path) -> bool:
     return True
 
 
-def find_resume_checkpoint(output_dir: str | os.PathLike) -> Path | None:
-    """The loadable checkpoint of a run dir (``checkpoints/*.ckpt`` and Lightning's ``hpc_ckpt_*.ckpt``)
-    with the highest global step, read from each checkpoint. Ties go to the newer file. Corrupt ones
-    are moved aside to ``<name>.corrupt``."""
+def scan_checkpoints(output_dir: str | os.PathLike) -> tuple[list[tuple[int, Path]], list[Path]]:
+    """Read-only look at a run dir's checkpoints (``checkpoints/*.ckpt`` and Lightning's ``hpc_ckpt_*.ckpt``):
+    ``([(global step, path), ...] of the loadable ones, highest step first (ties: newer first), [corrupt paths])``."""
     output_dir = Path(output_dir)
     candidates = list((output_dir / "checkpoints").glob("*.ckpt")) + list(output_dir.glob("hpc_ckpt_*.ckpt"))
     candidates = [p for p in candidates if not p.is_symlink() and not p.name.startswith(".")]
@@ -111,6 +110,14 @@ def find_resume_checkpoint(output_dir: str | os.PathLike) -> Path | None:
             corrupt.append(path)
         else:
             valid.append((step, path.stat().st_mtime_ns, path))
+    valid.sort(key=lambda v: (v[0], v[1]), reverse=True)
+    return [(step, path) for step, _, path in valid], sorted(corrupt)
+
+
+def find_resume_checkpoint(output_dir: str | os.PathLike) -> Path | None:
+    """The loadable checkpoint of a run dir with the highest global step, read from each checkpoint. Ties go
+    to the newer file. Corrupt ones are moved aside to ``<name>.corrupt``."""
+    valid, corrupt = scan_checkpoints(output_dir)
     for path in corrupt:
         moved = move_aside(path) if path.is_file() else None
         where = f"moved it aside to {moved.name}" if moved else "left it in place"
@@ -120,9 +127,7 @@ def find_resume_checkpoint(output_dir: str | os.PathLike) -> Path | None:
             )
         else:
             log.warning("checkpoint %s is corrupt; %s; no valid checkpoint remains: starting from scratch", path, where)
-    if not valid:
-        return None
-    return max(valid, key=lambda v: (v[0], v[1]))[2]
+    return valid[0][1] if valid else None
 
 
 class PreemptionCheckpoint(pl.Callback):

@@ -8,6 +8,7 @@ import logging
 import shutil
 from pathlib import Path
 
+import numpy as np
 import pytest
 import torch
 from conftest import FIXTURES
@@ -81,7 +82,7 @@ def test_verify_where_the_cache_cannot_be_written_still_checks(corpus_copy, capl
 def test_a_corpus_without_validation_cells_says_so(tmp_path, caplog):
     from helpers.corpora import _adata
 
-    rng = __import__("numpy").random.default_rng(0)
+    rng = np.random.default_rng(0)
     root = tmp_path / "noval"
     convert_sources([Source("a", _adata(rng, 120, 50, "a"))], root, split={"strategy": "cell", "val_fraction": 0.0})
     with caplog.at_level(logging.WARNING, logger="data_modules.datamodule"):
@@ -172,3 +173,31 @@ def test_pretrained_with_another_vocabulary_is_refused(corpus_dir, tmp_path):
     cfg = _train_cfg(corpus_dir, tmp_path / "ft", ["model=from_official", f"pretrained={FIXTURES}"])
     with pytest.raises(VocabError, match=r"checkpoint .* vocabulary .* tokens.*--vocab"):
         build_modules(cfg)
+
+
+def test_check_run_reports_checkpoints_and_vocabulary(corpus_dir, tmp_path):
+    """scripts/check_run.py: the resume point, corrupt files, and a corpus whose vocabulary differs (exit 1)."""
+    import subprocess
+    import sys
+
+    from scgpt_train.pipeline import run
+
+    out = tmp_path / "run"
+    run(_train_cfg(corpus_dir, out, []))
+    script = Path(__file__).resolve().parents[1] / "scripts" / "check_run.py"
+
+    def check(*extra):
+        return subprocess.run([sys.executable, str(script), str(out), *extra], capture_output=True, text=True)
+
+    good = check("--corpus", str(corpus_dir))
+    assert good.returncode == 0, good.stderr
+    assert "resumes from" in good.stdout and "step 2)" in good.stdout and "the same" in good.stdout
+    other = tmp_path / "other"
+    from helpers.corpora import _adata
+
+    convert_sources([Source("a", _adata(np.random.default_rng(1), 80, 40, "x"))], other)
+    assert "VOCABULARY differs" in check("--corpus", str(other)).stdout
+    (out / "checkpoints" / "broken.ckpt").write_bytes(b"not a checkpoint")
+    bad = check()
+    assert bad.returncode == 1 and "CORRUPT" in bad.stdout
+    assert (out / "checkpoints" / "broken.ckpt").exists()  # read-only: nothing moved
