@@ -33,8 +33,10 @@ from data_modules.batch import Batch
 from data_modules.preprocess import (
     PreprocessConfig,
     encode_categories,
+    inspect_values,
     map_genes,
     normalize_and_select,
+    read_input,
     stratified_split,
 )
 from data_modules.store.reader import CellBlock
@@ -136,7 +138,10 @@ class AnnDataModule(VocabSizes, pl.LightningDataModule):
       builder: callable(path) that writes ``path`` when it does not exist (the demos).
       label_key / batch_key: obs columns with cell types / batches (either may be None).
       vocab: vocab.json, official checkpoint dir, imported .pt or Lightning .ckpt; None = the dataset's genes.
-      preprocess: PreprocessConfig fields (normalize_total, log1p, n_hvg, hvg_flavor, use_raw, gene_column...).
+      preprocess: PreprocessConfig fields (normalize_total, log1p, value_type, n_hvg, hvg_flavor, use_raw,
+        gene_column...). The values are inspected first (data_modules/value_types.py: counts, log1p, normalized) and
+        get the steps the recipe's normalize_total / log1p need; ``value_reports`` / data_report.json say which.
+      layer: read ``layers[layer]`` (e.g. "counts") instead of X.
       layout: the TokenLayout (max_seq_len, n_bins, value_style, pad / mask values) shared with the model.
       tokenizer: the other TokenizerConfig fields (cls_value, mlm_prob).
       query_key + query_values / query_fraction: the query split when there is no query file.
@@ -153,6 +158,7 @@ class AnnDataModule(VocabSizes, pl.LightningDataModule):
         batch_key: str | None = None,
         vocab: str | None = None,
         preprocess: Any = None,
+        layer: str | None = None,
         layout: Any = None,
         tokenizer: Any = None,
         include_zero_genes: bool = False,
@@ -175,6 +181,9 @@ class AnnDataModule(VocabSizes, pl.LightningDataModule):
         self.path, self.query_path, self.builder = str(path), query_path, builder
         self.label_key, self.batch_key, self.vocab_path = label_key, batch_key, vocab
         self.preprocess_cfg = PreprocessConfig.from_any(preprocess)
+        if layer is not None:
+            self.preprocess_cfg.layer = str(layer)
+        self.value_reports: list[dict] = []  # per file: what its values were and the steps applied
         # fine-tuning: no generative split
         self.tokenizer_cfg = TokenizerConfig.from_any(tokenizer, layout=layout).replace(gen_ratios=None)
         self.layout = self.tokenizer_cfg.layout
@@ -228,17 +237,37 @@ class AnnDataModule(VocabSizes, pl.LightningDataModule):
         """(obs-carrying AnnData, row-indexable X, gene names) of one file, preprocessed."""
         if not Path(path).exists():
             raise FileNotFoundError(f"h5ad {path} does not exist")
+        where = Path(path).name
         if self.backed:
             data = ad.read_h5ad(path, backed="r")
-            names = (
-                (data.var[self.preprocess_cfg.gene_column] if self.preprocess_cfg.gene_column else data.var_names)
-                .astype(str)
-                .to_numpy()
-            )
+            cfg = self.preprocess_cfg
+            if cfg.layer is not None:
+                raise ValueError(
+                    f"{where}: backed=true reads X row by row; data.layer={cfg.layer!r} needs the file in memory "
+                    "(set data.backed=false)"
+                )
+            names = (data.var[cfg.gene_column] if cfg.gene_column else data.var_names).astype(str).to_numpy()
+            sample = read_input(data[: min(data.n_obs, 2000)].to_memory(), cfg, where)  # the first cells
+            report = inspect_values(sample, cfg, where)
+            if report.steps:
+                raise ValueError(
+                    f"{report.source}: backed=true reads X as stored, but it holds {report.value_type} values that "
+                    f"the recipe would preprocess ({', '.join(report.steps)}); set data.backed=false, or store the "
+                    "preprocessed values in the file"
+                )
+            report.source += f" (first {sample.n_obs} cells inspected)"
+            self._record_values(report.as_dict())
             return data, data.X, names
-        data, flavor = normalize_and_select(ad.read_h5ad(path), self.preprocess_cfg, genes)
+        data, flavor = normalize_and_select(ad.read_h5ad(path), self.preprocess_cfg, genes, where)
         self.hvg_flavor = flavor if genes is None else getattr(self, "hvg_flavor", None)
+        self._record_values(data.uns["value_type"])
         return data, data.X, data.var_names.to_numpy()
+
+    def _record_values(self, report: dict) -> None:
+        from data_modules.value_types import ValueTypeReport
+
+        self.value_reports.append(report)
+        log.info("values: %s", ValueTypeReport(**report).summary())
 
     def _build(self, parts) -> None:
         vocab = self._vocab
@@ -343,6 +372,7 @@ class AnnDataModule(VocabSizes, pl.LightningDataModule):
             "genes": [r.as_dict() for r in self.gene_reports],
             "n_model_genes": int(len(self.gene_ids)),
             "hvg_flavor": getattr(self, "hvg_flavor", None),
+            "values": self.value_reports,
             "labels": self.label_names,
             "query_only_labels": self.query_only_labels,
             "batches": self.batch_names,

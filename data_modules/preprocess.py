@@ -1,7 +1,10 @@
 """Per-task preprocessing of an AnnData for fine-tuning: the paper's recipes as small pure functions.
 
-- annotation: the benchmark files are already log-normalized (3,000 genes); optionally normalize_total
-  + log1p raw counts; genes mapped to the vocabulary.
+- The values of X (or ``layer``, or ``.raw``) are inspected first (``data_modules/value_types.py``): raw counts,
+  log1p-normalized values or other normalized values (TPM-like); the recipe's ``normalize_total`` / ``log1p``
+  (defined from counts) become the steps that type needs, and scaled values or NaN / inf are refused.
+- annotation: log-normalized input (the paper's files, 3,000 genes) is used as stored; counts and other normalized
+  values get normalize_total 1e4 + log1p; genes mapped to the vocabulary.
 - integration: normalize_total 1e4, log1p, 1,200 highly variable genes (seurat_v3 on raw counts when
   scikit-misc is installed, else scanpy's "seurat" flavor on the log data; the report says which).
 
@@ -20,6 +23,13 @@ import pandas as pd
 import scipy.sparse as sp
 
 from data_modules.config import dataclass_from_any
+from data_modules.value_types import (
+    ValueTypeReport,
+    apply_steps,
+    declared_value_type,
+    detect_value_type,
+    preprocessing_steps,
+)
 from data_modules.vocab import GeneVocab
 
 log = logging.getLogger(__name__)
@@ -28,8 +38,10 @@ UNKNOWN_LABEL = -1
 
 @dataclass
 class PreprocessConfig:
-    normalize_total: float | None = None  # e.g. 1e4; None = values are used as stored
-    log1p: bool = False
+    normalize_total: float | None = None  # e.g. 1e4, from counts; None = no total normalization
+    log1p: bool = False  # the recipe wants log1p values (log-normalized input is then used as stored)
+    value_type: str = "auto"  # what X holds: auto (detected) | counts | log1p | normalized (value_types.py)
+    layer: str | None = None  # read layers[layer] (e.g. "counts") instead of X
     n_hvg: int | None = None  # keep this many highly variable genes (None = all genes)
     hvg_flavor: str = "seurat_v3"  # seurat_v3 needs raw counts and scikit-misc; falls back to "seurat"
     counts_layer: str | None = None  # layer holding raw counts (for seurat_v3); None = X before normalization
@@ -71,15 +83,29 @@ def as_csr32(x) -> sp.csr_matrix:
     return m
 
 
-def read_input(adata: ad.AnnData, cfg: PreprocessConfig) -> ad.AnnData:
-    """In-memory copy with float32 CSR ``X`` (from ``.raw`` when asked) and the gene names as var_names."""
+def read_input(adata: ad.AnnData, cfg: PreprocessConfig, where: str = "the AnnData") -> ad.AnnData:
+    """In-memory copy with float32 CSR ``X`` (from ``layer`` or ``.raw`` when asked) and the gene names as
+    var_names. ``var["input_column"]`` keeps each gene's column in the input (through later gene selections)."""
+    if cfg.layer is not None:
+        if cfg.use_raw:
+            raise ValueError(
+                f"{where}: data.layer={cfg.layer!r} and data.preprocess.use_raw=true both choose the matrix; keep one"
+            )
+        if cfg.layer not in adata.layers:
+            raise KeyError(
+                f"{where}: data.layer={cfg.layer!r} is not a layer (layers: {list(adata.layers)}); name one of them, "
+                "or leave data.layer unset to read X"
+            )
     if cfg.use_raw:
         if adata.raw is None:
-            raise ValueError("preprocess.use_raw=true but the AnnData has no .raw; set use_raw=false")
+            raise ValueError(f"{where}: preprocess.use_raw=true but the AnnData has no .raw; set use_raw=false")
         out = ad.AnnData(X=as_csr32(adata.raw.X), obs=adata.obs.copy(), var=adata.raw.var.copy())
     else:
+        x = adata.layers[cfg.layer] if cfg.layer is not None else adata.X
+        if x is None:
+            raise ValueError(f"{where}: X is empty (None); write the expression into X or name a layer (data.layer)")
         out = ad.AnnData(
-            X=as_csr32(adata.X),
+            X=as_csr32(x),
             obs=adata.obs.copy(),
             var=adata.var.copy(),
             layers={k: as_csr32(v) for k, v in adata.layers.items()},
@@ -87,14 +113,35 @@ def read_input(adata: ad.AnnData, cfg: PreprocessConfig) -> ad.AnnData:
     if cfg.gene_column is not None:
         if cfg.gene_column not in out.var.columns:
             raise KeyError(
-                f"preprocess.gene_column={cfg.gene_column!r} is not a var column (columns: {list(out.var.columns)})"
+                f"{where}: preprocess.gene_column={cfg.gene_column!r} is not a var column (columns: "
+                f"{list(out.var.columns)})"
             )
         out.var_names = out.var[cfg.gene_column].astype(str).to_numpy()
+    out.var["input_column"] = np.arange(out.n_vars, dtype=np.int64)
     out.var_names = out.var_names.astype(str)
     out.obs_names = out.obs_names.astype(str)
     if not out.var_names.is_unique:
         out.var_names_make_unique()
     return out
+
+
+def matrix_name(cfg: PreprocessConfig, where: str) -> str:
+    """ "ref.h5ad: X" / "ref.h5ad: layers['counts']" / "ref.h5ad: raw.X" (for reports and errors)."""
+    what = f"layers[{cfg.layer!r}]" if cfg.layer is not None else "raw.X" if cfg.use_raw else "X"
+    return f"{where}: {what}"
+
+
+def inspect_values(data: ad.AnnData, cfg: PreprocessConfig, where: str) -> ValueTypeReport:
+    """The value type of ``data.X`` (detected, or as declared by ``cfg.value_type``) with the steps the recipe's
+    ``normalize_total`` / ``log1p`` need for it (``report.steps``); raises for values no step can fix."""
+    source = matrix_name(cfg, where)
+    names = dict(cell_names=data.obs_names, gene_names=data.var_names)
+    if cfg.value_type in (None, "auto"):
+        rep = detect_value_type(data.X, source, **names)
+    else:
+        rep = declared_value_type(data.X, cfg.value_type, source, **names)
+    rep.steps = preprocessing_steps(rep, cfg.normalize_total, cfg.log1p)
+    return rep
 
 
 def normalize_log1p(adata: ad.AnnData, target_sum: float | None, log1p: bool) -> None:
@@ -153,15 +200,17 @@ def map_genes(var_names, vocab: GeneVocab, x: sp.csr_matrix | None = None) -> tu
 
 
 def normalize_and_select(
-    adata: ad.AnnData, cfg: PreprocessConfig, genes: list[str] | None = None
+    adata: ad.AnnData, cfg: PreprocessConfig, genes: list[str] | None = None, where: str = "the AnnData"
 ) -> tuple[ad.AnnData, str | None]:
-    """Read, normalize, log1p and keep the HVGs (or the given ``genes``, e.g. the reference's selection for
-    a query: genes it lacks are simply absent). Returns (AnnData, HVG flavor used or None)."""
-    data = read_input(adata, cfg)
+    """Read, bring the values to the recipe's (value type detected: :func:`inspect_values`), keep the HVGs (or the
+    given ``genes``, e.g. the reference's selection for a query: genes it lacks are simply absent). Returns
+    (AnnData, HVG flavor used or None); ``uns["value_type"]`` holds the value-type report as a dict."""
+    data = read_input(adata, cfg, where)
     if cfg.counts_layer and cfg.counts_layer not in data.layers:
         raise KeyError(f"preprocess.counts_layer={cfg.counts_layer!r} is not a layer (layers: {list(data.layers)})")
+    report = inspect_values(data, cfg, where)
     counts = data.layers[cfg.counts_layer] if cfg.counts_layer else data.X.copy()
-    normalize_log1p(data, cfg.normalize_total, cfg.log1p)
+    apply_steps(data.X, report.steps)
     flavor = None
     if genes is not None:
         data = data[:, data.var_names.isin(genes)].copy()
@@ -169,6 +218,7 @@ def normalize_and_select(
         mask, flavor = select_hvg(data, cfg.n_hvg, cfg.hvg_flavor, counts)
         data = data[:, mask].copy()
     data.layers.clear()
+    data.uns["value_type"] = report.as_dict()
     return data, flavor
 
 

@@ -71,24 +71,37 @@ def tiny_checkpoint(genes, path: Path) -> Path:
     return save_checkpoint(model, vocab.token_to_id, path)
 
 
+def rows_summing_to(adata: ad.AnnData, target: float) -> ad.AnnData:
+    """Counts scaled so every cell sums to ``target`` (TPM-like: non-integer, constant row sums)."""
+    out = adata.copy()
+    x = out.X.copy()
+    x.data *= np.repeat(target / np.asarray(x.sum(1)).ravel(), np.diff(x.indptr)).astype(np.float32)
+    out.X = x
+    return out
+
+
 @pytest.fixture(scope="module")
 def own(tmp_path_factory) -> dict:
+    """A reference with raw counts and a query with TPM-like values (rows summing to 1e5), same 765 genes."""
     out = tmp_path_factory.mktemp("own_data")
     counts = pbmc_counts()
     ref, query = split_ref_query(counts)
     return {
         "dir": out,
         "counts": counts,
+        "ref": ref,
+        "query": query,
         "ckpt": tiny_checkpoint(list(counts.var_names), out / "tiny.pt"),
         "ref_counts": write(ref, out / "ref_counts.h5ad"),
-        "query_counts": write(query, out / "query_counts.h5ad"),
+        "query_tpm": write(rows_summing_to(query, 1e5), out / "query_tpm.h5ad"),
     }
 
 
 # item 1: the README's own-data command ---------------------------------------------------------------------------
 def test_readme_annotation_command_runs_on_ordinary_h5ad_files(own, tmp_path):
     """`train.py experiment=finetune_annotation pretrained=... data.path=ref.h5ad data.query_path=query.h5ad
-    data.label_key=cell_type` (README) on plain files, on whatever hardware this is (trainer=auto)."""
+    data.label_key=cell_type` (README) on plain files, on whatever hardware this is (trainer=auto): a reference
+    with raw counts and a query with TPM-like values both reach the model and the L1-LR baseline log-normalized."""
     run = tmp_path / "run"
     proc = run_cmd(
         [
@@ -96,14 +109,24 @@ def test_readme_annotation_command_runs_on_ordinary_h5ad_files(own, tmp_path):
             "experiment=finetune_annotation",
             f"pretrained={own['ckpt']}",
             f"data.path={own['ref_counts']}",
-            f"data.query_path={own['query_counts']}",
+            f"data.query_path={own['query_tpm']}",
             "data.label_key=cell_type",
+            "task.baselines=[l1_lr]",
+            "task.l1_c_grid=[1.0]",
             f"hydra.run.dir={run}",
             *SHORT,
         ]
     )
+    report = json.loads((run / "data_report.json").read_text())
+    kinds = [(v["source"], v["value_type"], v["steps"]) for v in report["values"]]
+    steps = ["normalize_total 10000", "log1p"]
+    assert kinds == [("ref_counts.h5ad: X", "counts", steps), ("query_tpm.h5ad: X", "normalized", steps)]
+    assert report["values"][1]["normalized_to"] == 1e5
     metrics = json.loads((run / "metrics.json").read_text())
     assert 0.0 <= metrics["metrics"]["test/accuracy"] <= 1.0
+    # L1-LR (C=1) on the log-normalized values of these cells: 0.779 (on their raw counts it would be 0.754)
+    assert metrics["metrics"]["baseline/l1_lr/accuracy"] == pytest.approx(152 / 195)
+    assert "normalize_total 10000, log1p" in metrics["baseline_inputs"]["l1_lr"]["values"]
     pred = ad.read_h5ad(run / "predictions.h5ad")
     assert pred.n_obs == own["counts"].n_obs
     expected = "GPU available: True" if torch.cuda.is_available() else "GPU available: False"

@@ -7,7 +7,7 @@ from pathlib import Path
 import numpy as np
 
 from scgpt_train.tasks.baselines import PAPER_C_GRID, l1_logistic_regression
-from scgpt_train.tasks.common import FineTuneTask
+from scgpt_train.tasks.common import FineTuneTask, matrix_sha256, value_summary
 from scgpt_train.tasks.metrics import classification_metrics, confusion_matrix
 from scgpt_train.tasks.report import plot_confusion
 
@@ -49,11 +49,20 @@ class AnnotationTask(FineTuneTask):
             colors["batch"] = obs[dm.batch_key].astype(str).to_numpy()[idx]
         self.umap_figure(outputs["cell_emb"][idx], colors, output_dir / "umap.png", "scGPT")
         extra = {"confusion_matrix": {"classes": classes, "counts": cm.tolist()}}
+        extra["model_input_sha256"] = matrix_sha256(dm.expression("all"))
         if "l1_lr" in self.baselines:
             ref = dm.indices("reference")
-            base_pred, c = l1_logistic_regression(
-                dm.expression("reference"), truth[ref], dm.expression("eval"), self.l1_c_grid, self.l1_cv, self.seed
-            )
+            # the very matrix the model's batches are binned from (dm.expression: the preprocessed values)
+            x_ref, x_eval = dm.expression("reference"), dm.expression("eval")
+            base_pred, c = l1_logistic_regression(x_ref, truth[ref], x_eval, self.l1_c_grid, self.l1_cv, self.seed)
+            extra["baseline_inputs"] = {
+                "l1_lr": {
+                    "values": f"the model's input values (data module's preprocessed matrix): {value_summary(dm)}",
+                    "n_genes": int(x_ref.shape[1]),
+                    "train_sha256": matrix_sha256(x_ref),
+                    "eval_sha256": matrix_sha256(x_eval),
+                }
+            }
             metrics.update({f"baseline/l1_lr/{k}": v for k, v in classification_metrics(truth[idx], base_pred).items()})
             extra["l1_lr_C"] = c
             bcm, bclasses = confusion_matrix(truth[idx], base_pred)

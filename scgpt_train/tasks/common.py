@@ -2,17 +2,38 @@
 
 from __future__ import annotations
 
+import hashlib
 import logging
 from pathlib import Path
 
 import anndata as ad
 import numpy as np
+import scipy.sparse as sp
 import torch
 
 from scgpt_train.tasks.embedding import load_best_weights, predict_cells
 from scgpt_train.tasks.report import plot_umap, umap_coordinates, write_h5ad, write_json
 
 log = logging.getLogger(__name__)
+
+
+def matrix_sha256(x) -> str:
+    """sha256 of a (cells x genes) matrix's float32 CSR form (sorted indices, no explicit zeros): the same values
+    in the same cells and columns give the same digest, whether dense or sparse."""
+    m = sp.csr_matrix(x, dtype=np.float32, copy=True)
+    m.eliminate_zeros()
+    m.sort_indices()
+    h = hashlib.sha256(np.asarray(m.shape, dtype=np.int64).tobytes())
+    for a in (m.indptr.astype(np.int64), m.indices.astype(np.int64), m.data):
+        h.update(np.ascontiguousarray(a).tobytes())
+    return h.hexdigest()
+
+
+def value_summary(dm) -> str:
+    """One line on what the data module's values are (value type and the preprocessing applied), per file."""
+    from data_modules.value_types import ValueTypeReport
+
+    return "; ".join(ValueTypeReport(**r).summary() for r in getattr(dm, "value_reports", []) or []) or "as stored"
 
 
 class FineTuneTask:
