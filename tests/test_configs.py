@@ -156,29 +156,12 @@ def test_layout_is_one_node_read_by_data_and_model():
                              "mask_value": -1.0}  # fmt: skip
 
 
-def test_checkpoint_with_another_layout_is_refused(tiny_h5ad, tmp_path):
-    """Fine-tuning the official (continuous, 51 bins) checkpoint on data tokenized with 21 bins is refused
-    before training, naming the field and the override that fixes it."""
-    from scgpt_train.pipeline import build_modules
-
-    if not (FIXTURES / "best_model.pt").is_file():
-        pytest.skip(f"official fixtures not found at {FIXTURES}")
-    overrides = [
-        "experiment=finetune_annotation_demo",
-        "model=from_official",
-        f"pretrained={FIXTURES}",
-        f"data.vocab={FIXTURES}",
-        f"data.path={tiny_h5ad}",
-        f"paths.output_dir={tmp_path}",
-    ]
-    build_modules(compose_cfg(overrides))  # the same layout fields: accepted
-    with pytest.raises(ValueError, match=r"n_bins: model 51, data 21.*layout.n_bins=51"):
-        build_modules(compose_cfg([*overrides, "layout.n_bins=21"]))
-
-
-def test_finetune_demo_from_a_checkpoint_takes_its_architecture(tiny_h5ad, tmp_path):
+def test_finetune_demo_from_a_checkpoint_takes_its_architecture_and_layout(tiny_h5ad, tmp_path):
     """The recipe comment of finetune_annotation_demo ("From a checkpoint: model=from_official pretrained=CKPT
-    data.vocab=CKPT") builds; an architecture override that fights the checkpoint is refused by name."""
+    data.vocab=CKPT") builds with the checkpoint's architecture; an architecture override that fights the
+    checkpoint, or data tokenized with another layout (21 bins against the official 51), is refused by name."""
+    from hydra.errors import InstantiationException
+
     from scgpt_train.pipeline import build_modules
 
     if not (FIXTURES / "best_model.pt").is_file():
@@ -193,7 +176,7 @@ def test_finetune_demo_from_a_checkpoint_takes_its_architecture(tiny_h5ad, tmp_p
     ]
     _, module = build_modules(compose_cfg(overrides))
     assert module.model.config()["d_model"] == 32  # the fixture's, not the demo's 64
-    from hydra.errors import InstantiationException
-
     with pytest.raises(InstantiationException, match=r"model.net.d_model=64 \(the checkpoint has 32\).*~model.net"):
         build_modules(compose_cfg([*overrides, "+model.net.d_model=64"]))
+    with pytest.raises(ValueError, match=r"n_bins: model 51, data 21.*layout.n_bins=51"):
+        build_modules(compose_cfg([*overrides, "layout.n_bins=21"]))
