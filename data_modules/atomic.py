@@ -30,18 +30,29 @@ def atomic_path(path: str | os.PathLike, suffix: str = "") -> Iterator[Path]:
 
 
 @contextmanager
-def atomic_dir(path: str | os.PathLike) -> Iterator[Path]:
+def atomic_dir(path: str | os.PathLike, replace: bool = False) -> Iterator[Path]:
     """Directory version of :func:`atomic_path`: yield an empty temporary sibling directory of ``path`` to fill;
     on success rename it to ``path``, on any error remove it. If ``path`` already exists as a non-empty directory
-    when the rename comes (a concurrent builder finished first), that one is kept and ours is discarded."""
+    when the rename comes, ``replace=False`` keeps it and discards ours (a concurrent builder finished first);
+    ``replace=True`` moves the old one aside, renames ours in and deletes the old one (put back if the swap fails)."""
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
     tmp = Path(tempfile.mkdtemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp"))
+    aside = path.with_name(f".{path.name}.replaced-{os.getpid()}")
     try:
         umask = os.umask(0)
         os.umask(umask)
         os.chmod(tmp, 0o777 & ~umask)  # mkdtemp makes 0700; the finished directory gets ordinary permissions
         yield tmp
+        if replace and path.exists():
+            os.replace(path, aside)
+            try:
+                os.replace(tmp, path)
+            except OSError:
+                os.replace(aside, path)  # the swap failed: the old directory goes back
+                raise
+            shutil.rmtree(aside, ignore_errors=True)
+            return
         try:
             os.replace(tmp, path)
         except OSError:

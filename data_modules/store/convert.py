@@ -343,22 +343,10 @@ def _swap_in(out: Path, build: Callable[[Path], dict], log: Callable[[str], None
     """``build`` a new corpus in a temporary sibling of ``out``; only once it is complete, move the old ``out``
     aside, rename the sibling to ``out`` and delete the old one. On any failure the sibling is removed and
     ``out`` is left as it was."""
-    aside = out.with_name(f".{out.name}.replaced-{os.getpid()}")
-    moved = False
-    try:
-        with atomic_dir(out) as tmp:
-            os.chmod(tmp, out.stat().st_mode & 0o7777)  # mkdtemp makes it private; keep the old permissions
-            log(f"{out}: building the replacement in {tmp}; {out} stays as it is until the new corpus is complete")
-            manifest = build(tmp)
-            # atomic_dir renames ``tmp`` to ``out`` on leaving this block; it needs the old directory out of the way
-            out.rename(aside)
-            moved = True
-    except BaseException:
-        if moved and not out.exists():
-            aside.rename(out)  # the swap itself failed: put the old corpus back
-        raise
-    shutil.rmtree(aside, ignore_errors=True)
-    return manifest
+    with atomic_dir(out, replace=True) as tmp:
+        os.chmod(tmp, out.stat().st_mode & 0o7777)  # the replacement keeps the old directory's permissions
+        log(f"{out}: building the replacement in {tmp}; {out} stays as it is until the new corpus is complete")
+        return build(tmp)
 
 
 def run_conversion(
