@@ -52,6 +52,16 @@ log = logging.getLogger(__name__)
 SPLIT_NAMES = ("train", "val", "test")
 
 
+def simulated_description(path) -> str | None:
+    """``uns["simulated"]["description"]`` of a simulated dataset (the demo), else None."""
+    import anndata as ad
+
+    sim = ad.read_h5ad(path, backed="r").uns.get("simulated")
+    if isinstance(sim, dict) and sim.get("is_simulated"):
+        return str(sim.get("description", "simulated data"))
+    return None
+
+
 class PairSampler(Sampler):
     """Yields ``(perturbed cell, control cell)`` pairs of the current epoch, shuffled with ``(seed, epoch)``.
 
@@ -271,6 +281,7 @@ class PerturbationDataModule(VocabSizes, pl.LightningDataModule):
         self.condition_flags = [flag_columns(c, index, self.path) for c in self.conditions]
         self.cell_split = self.split.cell_splits(data.cell_conditions)
         self.x = data.adata.X.tocsr()
+        self.simulated = simulated_description(self.path)
         self.data = data
         if self.split_out:
             self.split.save(self.split_out)
@@ -397,6 +408,7 @@ class PerturbationDataModule(VocabSizes, pl.LightningDataModule):
             "keep_perturbed_genes": self.keep_perturbed_genes,
             "include_zero_genes": self.include_zero_genes,
             "de_source": self.data.de_source,
+            "simulated": self.simulated,
         }
 
     def write_report(self, path: str | os.PathLike) -> Path:

@@ -104,6 +104,10 @@ def run_benchmark(
     """Fine-tune + baselines for every seed, then ``benchmark.md`` / ``results.json`` / figures in ``out_dir``.
 
     ``compose(overrides) -> DictConfig`` composes configs/train.yaml (Hydra's compose API by default)."""
+    if bench.get("task") == "perturbation":  # per-subgroup tables, results.csv: its own report
+        from scgpt_train.tasks.perturbation.benchmark import run_perturbation_benchmark
+
+        return run_perturbation_benchmark(bench, seeds, out_dir, extra_overrides, compose)
     from scgpt_train.pipeline import run
 
     if compose is None:

@@ -1,0 +1,218 @@
+"""``scripts/benchmark.py benchmark=perturbation_<name>``: fine-tune over seeds, every baseline through the same
+metrics, and one report.
+
+Each seed is a full ``train.py`` run (``pipeline.run``; its :class:`.task.PerturbationTask` scores the test
+conditions, ours and the baselines, overall and per GEARS subgroup). With ``vary_split: true`` the GEARS split
+seed follows the run seed, so the spread over seeds includes the choice of test conditions (baselines then vary
+too); otherwise every seed uses the experiment's split (the paper's seed 1) and only the fine-tune varies.
+
+Writes into the benchmark dir: ``report.md`` (what was run, a line saying when the data are simulated, the table
+of every method - ours mean +- sd over seeds, each baseline, paper numbers where given - and the per-subgroup
+tables), ``results.csv`` (one row per method x subgroup x metric: mean, sd, n, the per-seed values),
+``results.json``, ``subgroups.png`` (per-subgroup bars, mean +- sd over seeds) and the first seed's
+``delta_top_de.png``.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import shutil
+import time
+from collections.abc import Mapping, Sequence
+from pathlib import Path
+
+import numpy as np
+import pandas as pd
+import torch
+
+from data_modules.perturbation.splits import SUBGROUPS
+from scgpt_train.tasks.perturbation.task import METHOD_NAMES, plot_subgroups
+from scgpt_train.tasks.report import markdown_table, mean_std, write_json, write_text
+
+log = logging.getLogger(__name__)
+
+TABLE_METRICS = (
+    ("pearson_de_delta", "Pearson-delta DE-20"),
+    ("pearson_delta", "Pearson-delta"),
+    ("mse_de", "MSE DE-20 (lower better)"),
+    ("direction_de", "direction DE-20"),
+    ("pearson_delta_pc", "Pearson-delta vs pert. centroid"),
+    ("centroid_accuracy", "centroid accuracy"),
+    ("pearson", "Pearson (raw)"),
+)
+SUBGROUP_METRICS = (("pearson_de_delta", "Pearson-delta DE-20"), ("mse_de", "MSE DE-20"))
+
+
+def method_values(per_seed: Sequence[Mapping[str, float]], method: str) -> dict[str, list[float]]:
+    """``{metric key: [value per seed]}`` of ``method`` (scgpt: ``test/...``; baselines: ``baseline/<m>/...``)."""
+    prefix = "test/" if method == "scgpt" else f"baseline/{method}/"
+    out: dict[str, list[float]] = {}
+    for metrics in per_seed:
+        for key, value in metrics.items():
+            if key.startswith(prefix):
+                out.setdefault(key[len(prefix) :], []).append(float(value))
+    return out
+
+
+def _stats(values: Sequence[float]) -> tuple[float, float, int]:
+    v = np.asarray([x for x in values if np.isfinite(x)], dtype=np.float64)
+    if v.size == 0:
+        return float("nan"), float("nan"), 0
+    return float(v.mean()), float(v.std(ddof=1)) if v.size > 1 else 0.0, int(v.size)
+
+
+def results_frame(per_seed: Sequence[Mapping[str, float]], methods: Sequence[str], seeds: Sequence[int]):
+    """Long table: method, subgroup (``all`` or a GEARS subgroup), metric, mean, sd, n (finite seeds), values."""
+    rows = []
+    for method in methods:
+        for key, values in method_values(per_seed, method).items():
+            if key.startswith("n_nan/") or key == "n_conditions":
+                continue
+            subgroup, metric = key.split("/", 1) if "/" in key else ("all", key)
+            mean, sd, n = _stats(values)
+            rows.append({
+                "method": method, "subgroup": subgroup, "metric": metric, "mean": mean, "sd": sd, "n_seeds": n,
+                "values": ";".join(f"{v:.6g}" for v in values), "seeds": ";".join(str(s) for s in seeds),
+            })  # fmt: skip
+    return pd.DataFrame(rows, columns=["method", "subgroup", "metric", "mean", "sd", "n_seeds", "values", "seeds"])
+
+
+def overall_table(per_seed, methods, paper: Mapping | None, n_seeds: int) -> str:
+    header = ["method", "source"] + [title for _, title in TABLE_METRICS]
+    rows = []
+    for method in methods:
+        values = method_values(per_seed, method)
+        seeds = f"{n_seeds} seed{'s' if n_seeds != 1 else ''}"
+        source = f"ours ({seeds})" if method == "scgpt" else f"baseline ({seeds})"
+        cells = [mean_std(values.get(k, [])) for k, _ in TABLE_METRICS]
+        rows.append([METHOD_NAMES.get(method, method), source, *cells])
+    for method, numbers in (paper or {}).items():
+        rows.append([METHOD_NAMES.get(method, method), "paper"]
+                    + [f"{numbers[k]:.3f}" if k in numbers else "-" for k, _ in TABLE_METRICS])  # fmt: skip
+    return markdown_table(header, rows)
+
+
+def subgroup_table(per_seed, methods, metric: str) -> str:
+    header = ["method"] + list(SUBGROUPS)
+    rows = []
+    for method in methods:
+        values = method_values(per_seed, method)
+        rows.append([METHOD_NAMES.get(method, method)] + [mean_std(values.get(f"{g}/{metric}", [])) for g in SUBGROUPS])
+    return markdown_table(header, rows)
+
+
+def beats(per_seed, metric: str, higher_better: bool, ours: str = "scgpt", other: str = "no_change") -> str | None:
+    """A sentence comparing two methods' mean over seeds on ``metric`` (None when either is missing)."""
+    a, _, na = _stats(method_values(per_seed, ours).get(metric, []))
+    b, _, nb = _stats(method_values(per_seed, other).get(metric, []))
+    if not (na and nb):
+        return None
+    better = a > b if higher_better else a < b
+    verdict = "better than" if better else "not better than"
+    return f"{metric}: {METHOD_NAMES[ours]} {a:.3f} is {verdict} {METHOD_NAMES.get(other, other)} {b:.3f}"
+
+
+def _run_seeds(bench, seeds, out_dir: Path, extra_overrides, compose, run, train_overrides):
+    """One full train.py run per seed: (per-seed metrics, seconds per seed, the data's simulated description)."""
+    per_seed, seconds, simulated = [], [], None
+    for seed in seeds:
+        seed_dir = out_dir / f"seed_{seed}"
+        overrides = train_overrides(bench, seed, seed_dir, extra_overrides)
+        if bench.get("vary_split"):
+            overrides.append(f"data.split_seed={seed}")
+        t0 = time.perf_counter()
+        log.info("benchmark %s: seed %s -> %s", bench["name"], seed, seed_dir)
+        metrics = run(compose(overrides))
+        seconds.append(time.perf_counter() - t0)
+        per_seed.append({k: float(v) for k, v in metrics.items()})
+        if simulated is None and (seed_dir / "metrics.json").exists():
+            simulated = json.loads((seed_dir / "metrics.json").read_text()).get("simulated")
+    return per_seed, seconds, simulated
+
+
+def run_perturbation_benchmark(
+    bench: Mapping, seeds: Sequence[int], out_dir: Path, extra_overrides: Sequence[str] = (), compose=None
+) -> dict:
+    """Fine-tune + baselines for every seed, then report.md / results.csv / results.json / figures."""
+    from scgpt_train.pipeline import run
+    from scgpt_train.tasks.benchmark import train_overrides
+
+    if compose is None:
+        from hydra import compose as hydra_compose
+
+        def compose(overrides):
+            return hydra_compose(config_name="train", overrides=overrides)
+
+    out_dir = Path(out_dir)
+    out_dir.mkdir(parents=True, exist_ok=True)
+    baselines = list(bench.get("baselines") or [])
+    methods = ["scgpt", *baselines]
+    threads = torch.get_num_threads()
+    if bench.get("torch_threads"):
+        torch.set_num_threads(int(bench["torch_threads"]))
+    start = time.perf_counter()
+    try:
+        per_seed, seconds, simulated = _run_seeds(bench, seeds, out_dir, extra_overrides, compose, run, train_overrides)
+    finally:
+        torch.set_num_threads(threads)
+    total = time.perf_counter() - start
+
+    frame = results_frame(per_seed, methods, seeds)
+    write_text(frame.to_csv(index=False), out_dir / "results.csv")
+    figures = []
+    means = {m: {} for m in methods}
+    sds = {m: {} for m in methods}
+    for r in frame.itertuples():
+        key = r.metric if r.subgroup == "all" else f"{r.subgroup}/{r.metric}"
+        means[r.method][key], sds[r.method][key] = r.mean, r.sd
+    plot_subgroups(means, list(SUBGROUPS), out_dir / "subgroups.png", errors=sds)
+    figures.append("subgroups.png")
+    first = out_dir / f"seed_{seeds[0]}" / "delta_top_de.png"
+    if first.exists():
+        shutil.copyfile(first, out_dir / "delta_top_de.png")
+        figures.append("delta_top_de.png")
+
+    notes = []
+    if simulated or bench.get("simulated"):
+        notes.append(
+            "**The data are SIMULATED**: " + str(simulated or bench.get("dataset", "")) + " Numbers here show "
+            "that the pipeline runs and learns; they say nothing about real perturbation data."
+        )
+    notes += [
+        f"Benchmark `{bench['name']}`: {bench.get('dataset', '')}.",
+        f"Fine-tune: `train.py experiment={bench['experiment']}`, seeds {list(seeds)}"
+        + (" (the GEARS split seed follows the seed)" if bench.get("vary_split") else " (one split)")
+        + "; ours and baselines = mean ± sd over seeds.",
+        "Scored on the test conditions' mean profiles (scgpt_train/tasks/perturbation/metrics.py): Pearson-delta "
+        "against the mean of all control cells, DE-20 = each condition's top-20 DE genes (evaluation only), "
+        "subgroups of the GEARS simulation split; undefined correlations (a constant predicted change, as 'no "
+        "change' gives) are left out of the means.",
+        "Baselines are fitted on the training conditions only (scgpt_train/tasks/perturbation/baselines.py).",
+        f"Runtime: {total:.0f} s for {len(seeds)} seeds ({', '.join(f'{s:.0f}' for s in seconds)} s each; "
+        f"torch threads: {bench.get('torch_threads') or threads}).",
+    ]
+    checks = [beats(per_seed, "mse_de", False), beats(per_seed, "direction_de", True),
+              beats(per_seed, "pearson_de_delta", True, other="additive"),
+              beats(per_seed, "pearson_de_delta", True, other="linear")]  # fmt: skip
+    checks = [c for c in checks if c]
+    text = (
+        f"# {bench['name']}\n\n" + "\n".join(f"- {n}" for n in notes) + "\n\n## All test conditions\n\n"
+        + overall_table(per_seed, methods, bench.get("paper"), len(seeds))
+        + "".join(f"\n## Per subgroup: {title}\n\n" + subgroup_table(per_seed, methods, metric)
+                  for metric, title in SUBGROUP_METRICS)
+        + ("\n## Against the simplest baselines\n\n" + "\n".join(f"- {c}" for c in checks) + "\n" if checks else "")
+        + "".join(f"\n![{f}]({f})\n" for f in figures)
+    )  # fmt: skip
+    write_text(text, out_dir / "report.md")
+    result = {
+        "benchmark": dict(bench),
+        "seeds": list(seeds),
+        "per_seed": per_seed,
+        "seconds": seconds,
+        "figures": figures,
+        "simulated": simulated,
+    }
+    write_json(result, out_dir / "results.json")
+    print(text)
+    return result
