@@ -41,7 +41,7 @@ from data_modules.preprocess import (
 )
 from data_modules.store.reader import CellBlock
 from data_modules.tokenize import Tokenizer, TokenizerConfig, tokenize_with_zeros
-from data_modules.vocab import GeneVocab, VocabSizes
+from data_modules.vocab import GeneIdReport, GeneVocab, VocabSizes, guess_gene_key, resolve_gene_names
 
 log = logging.getLogger(__name__)
 SPLITS = ("train", "val", "query")
@@ -184,6 +184,7 @@ class AnnDataModule(VocabSizes, pl.LightningDataModule):
         if layer is not None:
             self.preprocess_cfg.layer = str(layer)
         self.value_reports: list[dict] = []  # per file: what its values were and the steps applied
+        self.gene_id_reports: list[dict] = []  # per file: how its gene names were read and mapped to the vocab's key
         # fine-tuning: no generative split
         self.tokenizer_cfg = TokenizerConfig.from_any(tokenizer, layout=layout).replace(gen_ratios=None)
         self.layout = self.tokenizer_cfg.layout
@@ -221,16 +222,19 @@ class AnnDataModule(VocabSizes, pl.LightningDataModule):
                 "backed=true reads X row by row: HVG selection and use_raw need the whole matrix in "
                 "memory; select the genes beforehand or set data.backed=false"
             )
+        # genes are brought to the vocabulary's key (symbols / Ensembl ids); from scratch, to the reference's
+        self._vocab = GeneVocab.from_checkpoint(self.vocab_path) if self.vocab_path else None
+        if self._vocab is not None and cfg.gene_key is None:
+            cfg.gene_key = self._vocab.keyed_by
         ref, ref_x, ref_genes = self._load(self.path, None)
+        if cfg.gene_key is None:
+            cfg.gene_key = guess_gene_key(list(ref_genes))
         parts = [(ref_x, ref_genes, ref.obs)]
         if self.query_path is not None:
             q, q_x, q_genes = self._load(self.query_path, list(ref_genes))
             parts.append((q_x, q_genes, q.obs))
-        self._vocab = (
-            GeneVocab.from_checkpoint(self.vocab_path)
-            if self.vocab_path
-            else GeneVocab.from_genes(sorted(set().union(*(set(g) for _, g, _ in parts))))
-        )
+        if self._vocab is None:
+            self._vocab = GeneVocab.from_genes(sorted(set().union(*(set(g) for _, g, _ in parts))))
         self._build(parts)
 
     def _load(self, path: str, genes: list[str] | None):
@@ -246,7 +250,9 @@ class AnnDataModule(VocabSizes, pl.LightningDataModule):
                     f"{where}: backed=true reads X row by row; data.layer={cfg.layer!r} needs the file in memory "
                     "(set data.backed=false)"
                 )
-            names = (data.var[cfg.gene_column] if cfg.gene_column else data.var_names).astype(str).to_numpy()
+            names, id_report = resolve_gene_names(data.var, cfg.gene_key, cfg.gene_column, where=where)
+            names = np.asarray(pd.Index(names).astype(str))
+            self._record_genes(id_report.as_dict())
             sample = read_input(data[: min(data.n_obs, 2000)].to_memory(), cfg, where)  # the first cells
             report = inspect_values(sample, cfg, where)
             if report.steps:
@@ -261,7 +267,12 @@ class AnnDataModule(VocabSizes, pl.LightningDataModule):
         data, flavor = normalize_and_select(ad.read_h5ad(path), self.preprocess_cfg, genes, where)
         self.hvg_flavor = flavor if genes is None else getattr(self, "hvg_flavor", None)
         self._record_values(data.uns["value_type"])
+        self._record_genes(data.uns["gene_ids"])
         return data, data.X, data.var_names.to_numpy()
+
+    def _record_genes(self, report: dict) -> None:
+        self.gene_id_reports.append(report)
+        log.info("genes: %s", GeneIdReport(**report).summary())
 
     def _record_values(self, report: dict) -> None:
         from data_modules.value_types import ValueTypeReport
@@ -370,6 +381,7 @@ class AnnDataModule(VocabSizes, pl.LightningDataModule):
             "n_cells": int(len(self.split)),
             "cells_per_split": {k: int(counts.get(k, 0)) for k in SPLITS},
             "genes": [r.as_dict() for r in self.gene_reports],
+            "gene_ids": self.gene_id_reports,
             "n_model_genes": int(len(self.gene_ids)),
             "hvg_flavor": getattr(self, "hvg_flavor", None),
             "values": self.value_reports,

@@ -30,7 +30,7 @@ from data_modules.value_types import (
     detect_value_type,
     preprocessing_steps,
 )
-from data_modules.vocab import GeneVocab
+from data_modules.vocab import GeneVocab, gene_table, resolve_gene_names, table_name, truncated_names
 
 log = logging.getLogger(__name__)
 UNKNOWN_LABEL = -1
@@ -46,7 +46,10 @@ class PreprocessConfig:
     hvg_flavor: str = "seurat_v3"  # seurat_v3 needs raw counts and scikit-misc; falls back to "seurat"
     counts_layer: str | None = None  # layer holding raw counts (for seurat_v3); None = X before normalization
     use_raw: bool = False  # read .raw (X and var) instead of X
-    gene_column: str | None = None  # var column with gene symbols; None = var_names
+    gene_column: str | None = None  # var column with the gene names; None = var_names (or a column of the right key)
+    gene_key: str | None = None  # "symbol" | "ensembl": the key names are brought to; None = as read (set by the
+    # data module from the vocabulary, or from the reference when training from scratch)
+    gene_table: str | None = None  # CSV/TSV Ensembl id -> symbol; None = the shipped GENCODE v44 table
 
     @classmethod
     def from_any(cls, cfg) -> PreprocessConfig:
@@ -63,6 +66,8 @@ class GeneReport:
     lost_examples: list[str] = field(default_factory=list)  # up to 20 lost gene names
     lost_expression_fraction: float = 0.0  # share of the total (preprocessed) expression in lost genes
     hvg_flavor: str | None = None  # the HVG flavor actually used, if any
+    n_truncated: int = 0  # lost names that look cut to a fixed width (the start of a longer vocabulary gene)
+    truncated_examples: list[str] = field(default_factory=list)  # "LINC0126 (LINC01262?)"
 
     def as_dict(self) -> dict:
         return asdict(self)
@@ -72,6 +77,12 @@ class GeneReport:
             f"{self.n_in_vocab}/{self.n_genes} genes in the vocabulary, {self.n_lost} lost "
             f"({100 * self.lost_expression_fraction:.1f}% of expression)"
             + (f", e.g. {', '.join(self.lost_examples[:5])}" if self.lost_examples else "")
+            + (
+                f"; {self.n_truncated} look truncated (e.g. {', '.join(self.truncated_examples[:3])}): re-export the "
+                "file with full gene names"
+                if self.n_truncated
+                else ""
+            )
         )
 
 
@@ -110,13 +121,21 @@ def read_input(adata: ad.AnnData, cfg: PreprocessConfig, where: str = "the AnnDa
             var=adata.var.copy(),
             layers={k: as_csr32(v) for k, v in adata.layers.items()},
         )
-    if cfg.gene_column is not None:
-        if cfg.gene_column not in out.var.columns:
-            raise KeyError(
-                f"{where}: preprocess.gene_column={cfg.gene_column!r} is not a var column (columns: "
-                f"{list(out.var.columns)})"
-            )
-        out.var_names = out.var[cfg.gene_column].astype(str).to_numpy()
+    if cfg.gene_column is not None and cfg.gene_column not in out.var.columns:
+        raise KeyError(
+            f"{where}: preprocess.gene_column={cfg.gene_column!r} is not a var column (columns: "
+            f"{list(out.var.columns)}); name the column holding gene symbols / Ensembl ids, or leave it unset"
+        )
+    names, id_report = resolve_gene_names(
+        out.var,
+        cfg.gene_key,
+        cfg.gene_column,
+        table=gene_table(cfg.gene_table) if cfg.gene_table else None,
+        table_label=table_name(cfg.gene_table) if cfg.gene_table else None,
+        where=where,
+    )
+    out.var_names = names
+    out.uns["gene_ids"] = id_report.as_dict()
     out.var["input_column"] = np.arange(out.n_vars, dtype=np.int64)
     out.var_names = out.var_names.astype(str)
     out.obs_names = out.obs_names.astype(str)
@@ -183,12 +202,15 @@ def map_genes(var_names, vocab: GeneVocab, x: sp.csr_matrix | None = None) -> tu
         per_gene = np.asarray(x.sum(axis=0)).ravel()
         total = per_gene.sum()
         lost_frac = float(per_gene[~mapping.known].sum() / total) if total > 0 else 0.0
+    truncated = truncated_names(mapping.unknown_genes, list(var_names), vocab)
     report = GeneReport(
         n_genes=len(mapping.ids),
         n_in_vocab=mapping.n_known,
         n_lost=mapping.n_unknown,
         lost_examples=mapping.unknown_genes[:20],
         lost_expression_fraction=lost_frac,
+        n_truncated=len(truncated),
+        truncated_examples=truncated[:10],
     )
     if mapping.n_known == 0:
         raise ValueError(

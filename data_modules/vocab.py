@@ -11,7 +11,7 @@ import json
 import os
 import re
 from collections.abc import Iterable, Mapping, Sequence
-from dataclasses import dataclass
+from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
 import numpy as np
@@ -238,3 +238,199 @@ class VocabSizes:
     @property
     def cls_id(self) -> int:
         return self.vocab.cls_id
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# gene identifiers: Ensembl ids vs symbols, per input, mapped to the key a vocabulary uses
+
+SYMBOL_COLUMNS = ("gene_symbols", "gene_symbol", "gene_names", "gene_name", "feature_name")
+ENSEMBL_COLUMNS = ("gene_ids", "gene_id", "feature_id", "ensembl_id", "ensembl_ids")
+# shipped with celltypist (a pinned dependency): GENCODE v44 human Ensembl gene id -> gene name, headerless CSV
+SHIPPED_GENE_TABLE = ("celltypist", "data/samples/GENCODEv44_Gene_id2name.csv")
+
+
+def shipped_gene_table_path() -> Path | None:
+    """The GENCODE v44 id -> symbol table inside the installed celltypist package, or None if it is missing."""
+    import importlib.util
+
+    spec = importlib.util.find_spec(SHIPPED_GENE_TABLE[0])
+    if spec is None or not spec.submodule_search_locations:
+        return None
+    path = Path(list(spec.submodule_search_locations)[0]) / SHIPPED_GENE_TABLE[1]
+    return path if path.is_file() else None
+
+
+_TABLES: dict[tuple, dict[str, str]] = {}
+
+
+def gene_table(path: str | os.PathLike | None = None, columns: tuple[str, str] | None = None) -> dict[str, str] | None:
+    """``{Ensembl id (with and without version): symbol}`` from ``path`` (see :func:`load_gene_table`), or the
+    shipped GENCODE table when ``path`` is None (None if celltypist is not installed). Cached per path."""
+    src = Path(path) if path is not None else shipped_gene_table_path()
+    if src is None:
+        return None
+    key = (str(src), tuple(columns or ()))
+    if key not in _TABLES:
+        _TABLES[key] = load_gene_table(src, *columns) if columns else load_gene_table(src)
+    return _TABLES[key]
+
+
+def table_name(path: str | os.PathLike | None) -> str:
+    return f"gene table {path}" if path is not None else "GENCODE v44 id table (shipped with celltypist)"
+
+
+@dataclass
+class GeneIdReport:
+    """How one input's gene names were read and brought to the vocabulary's key (symbols or Ensembl ids)."""
+
+    source: str  # where the names were read: "var_names" / "var['feature_name']"
+    input_key: str  # "ensembl" | "symbol": what those names are
+    target_key: str  # what the vocabulary (or, from scratch, the reference) uses
+    method: str  # "as stored" | "var column 'gene_symbols'" | "<table name>"
+    n_genes: int
+    n_translated: int = 0  # names replaced through the column / the table
+    n_untranslated: int = 0  # names of the input's key that the column / table does not know (kept as they are)
+    untranslated_examples: list[str] = field(default_factory=list)
+    n_duplicates: int = 0  # columns whose final name an earlier column already has (the first one is kept)
+    duplicate_examples: list[str] = field(default_factory=list)  # "CD3E <- ENSG00000198851, ENSG00000288698"
+    n_version_stripped: int = 0  # Ensembl ids matched without their ".N" version
+
+    def as_dict(self) -> dict:
+        return asdict(self)
+
+    def summary(self) -> str:
+        keys = {"ensembl": "Ensembl ids", "symbol": "gene symbols"}
+        text = f"{self.n_genes} genes, {keys[self.input_key]} ({self.source})"
+        if self.method != "as stored":
+            text += f" -> {keys[self.target_key]} through {self.method}: {self.n_translated} mapped"
+            if self.n_untranslated:
+                text += f", {self.n_untranslated} unknown to it (e.g. {', '.join(self.untranslated_examples[:3])})"
+        if self.n_version_stripped:
+            text += f", {self.n_version_stripped} Ensembl versions dropped"
+        if self.n_duplicates:
+            text += f"; {self.n_duplicates} duplicate names (first kept; e.g. {'; '.join(self.duplicate_examples[:3])})"
+        return text
+
+
+def _column_names(var, column: str) -> list[str] | None:
+    values = var[column]
+    if values.isna().all():
+        return None
+    return [str(v) if v == v and str(v) not in ("", "nan", "None") else "" for v in values]
+
+
+def _column_of_key(var, columns: Sequence[str], key: str) -> str | None:
+    """The first of ``columns`` in ``var`` whose values are mostly of ``key`` ("symbol" / "ensembl")."""
+    for c in columns:
+        values = _column_names(var, c) if c in var.columns else None
+        if values and guess_gene_key([g for g in values if g]) == key:
+            return c
+    return None
+
+
+def resolve_gene_names(
+    var,
+    target_key: str | None = None,
+    gene_column: str | None = None,
+    table: Mapping[str, str] | None = None,
+    table_label: str | None = None,
+    vocab: GeneVocab | None = None,
+    where: str = "the input",
+) -> tuple[list[str], GeneIdReport]:
+    """One name per column of ``var`` (a var DataFrame), in the key of ``vocab`` (or ``target_key``).
+
+    Names are read from ``gene_column`` or var_names. When they are Ensembl ids and the key is symbols (or the
+    reverse), a var column of the wanted kind (``SYMBOL_COLUMNS`` / ``ENSEMBL_COLUMNS``) is used when
+    ``gene_column`` was not given, else ``table`` (``{Ensembl id: symbol}``; default the shipped GENCODE table)
+    translates name by name; names it lacks stay as they are (and are unknown to the vocabulary). Ensembl ids
+    lose a ``.N`` version the vocabulary does not have. Of names that end up equal, the first column keeps the
+    name and later ones get their input name back when that differs (translated duplicates), else they stay
+    duplicates (the caller makes them unique); both are reported with examples.
+    """
+    if gene_column is not None and gene_column not in var.columns:
+        raise VocabError(
+            f"{where}: gene column {gene_column!r} is not a var column (columns: {list(var.columns)[:15]}; "
+            f"var_names are e.g. {list(map(str, var.index[:3]))})"
+        )
+    original = _column_names(var, gene_column) if gene_column else [str(g) for g in var.index]
+    if original is None:
+        raise VocabError(f"{where}: gene column {gene_column!r} holds no values")
+    input_key = guess_gene_key([g for g in original if g])
+    target = vocab.keyed_by if vocab is not None else (target_key or input_key)
+    source = f"var[{gene_column!r}]" if gene_column else "var_names"
+    rep = GeneIdReport(source, input_key, target, "as stored", len(original))
+    names = list(original)
+    if input_key != target:
+        wanted = SYMBOL_COLUMNS if target == "symbol" else ENSEMBL_COLUMNS
+        column = None if gene_column is not None else _column_of_key(var, wanted, target)
+        if column is not None:
+            values = _column_names(var, column)
+            names = [v or o for v, o in zip(values, original)]
+            rep.method = f"var column {column!r}"
+            rep.n_translated = sum(bool(v) for v in values)
+            missing = [o for v, o in zip(values, original) if not v]
+        else:
+            lookup = table if table is not None else gene_table()
+            if lookup is None:
+                raise VocabError(
+                    f"{where}: its genes are {'Ensembl ids' if input_key == 'ensembl' else 'symbols'} and the "
+                    f"vocabulary uses {'symbols' if target == 'symbol' else 'Ensembl ids'}, but no id table is "
+                    "available (celltypist is not installed): pass a var column of the right kind or a gene table"
+                )
+            if target == "ensembl":  # symbol -> id: symbols that name one id only
+                counts: dict[str, int] = {}
+                for sym in lookup.values():
+                    counts[sym] = counts.get(sym, 0) + 1
+                lookup = {s: i for i, s in lookup.items() if counts[s] == 1 and "." not in i}
+            rep.method = table_label or table_name(None)
+            missing = []
+            for k, g in enumerate(original):
+                if (target == "symbol") != is_ensembl_id(g):
+                    continue  # already in the target key
+                new = lookup.get(g) or (lookup.get(g.split(".")[0]) if target == "symbol" else None)
+                if new:
+                    names[k] = new
+                    rep.n_translated += 1
+                else:
+                    missing.append(g)
+        rep.n_untranslated, rep.untranslated_examples = len(missing), missing[:10]
+    if target == "ensembl" and vocab is not None:
+        for k, g in enumerate(names):
+            if is_ensembl_id(g) and "." in g and g not in vocab and g.split(".")[0] in vocab:
+                names[k] = g.split(".")[0]
+                rep.n_version_stripped += 1
+    first: dict[str, int] = {}
+    dup_groups: dict[str, list[str]] = {}
+    for k, g in enumerate(names):
+        if not g:
+            continue
+        if g in first:
+            dup_groups.setdefault(g, [original[first[g]]]).append(original[k])
+            rep.n_duplicates += 1
+            if original[k] != g:
+                names[k] = original[k]  # a translated duplicate keeps its input name (unknown to the vocab)
+        else:
+            first[g] = k
+    rep.duplicate_examples = [f"{g} <- {', '.join(srcs[:3])}" for g, srcs in list(dup_groups.items())[:10]]
+    names = [g or o or f"unnamed_{k}" for k, (g, o) in enumerate(zip(names, original))]
+    return names, rep
+
+
+def truncated_names(unknown: Sequence[str], all_names: Sequence[str], vocab: GeneVocab) -> list[str]:
+    """Unknown names that look cut to a fixed width: as long as the longest input name (the width a
+    fixed-width string column cuts at) and the start of a longer vocabulary token. ``"LINC0126 (LINC01262?)"``."""
+    import bisect
+
+    width = max((len(str(n)) for n in all_names), default=0)
+    if width < 4:
+        return []
+    tokens = sorted(vocab.genes)
+    out = []
+    for name in unknown:
+        name = str(name)
+        if len(name) != width:
+            continue
+        i = bisect.bisect_right(tokens, name)
+        if i < len(tokens) and tokens[i].startswith(name):
+            out.append(f"{name} ({tokens[i]}?)")
+    return out

@@ -5,7 +5,10 @@
 
 CKPT: an official scGPT directory (best_model.pt + args.json + vocab.json), a file from
 scripts/import_scgpt.py, or a Lightning .ckpt of this project. Genes are matched to the checkpoint's
-vocabulary by var_names (or --gene-column); the lost ones are reported. The output is the input AnnData
+vocabulary by var_names (or --gene-column) in the key the vocabulary uses: Ensembl ids in front of a symbol
+vocabulary (or the reverse) are mapped through a var column of the right kind (gene_symbols, gene_names,
+feature_name / gene_ids, feature_id) or, without one, the GENCODE v44 id table shipped with celltypist
+(--gene-table for another); the mapping and the lost genes are reported. The output is the input AnnData
 (same obs_names) with obsm[--key] (L2-normalized cell embeddings, as the official tutorials use them;
 --no-normalize keeps them raw) and, when the checkpoint has a classifier, obs["scgpt_pred"] (class index)
 and obs["scgpt_pred_prob"].
@@ -50,6 +53,12 @@ def run(argv=None) -> int:
     )
     p.add_argument("--include-zero-genes", action="store_true", help="also feed zero-expressed genes (bin 0)")
     p.add_argument("--gene-column", default=None, help="var column with gene symbols (default var_names)")
+    p.add_argument(
+        "--gene-table",
+        default=None,
+        help="CSV/TSV Ensembl id -> symbol (feature_id, feature_name columns, or headerless id,name) used when the "
+        "input's gene ids are not the vocabulary's (default: the GENCODE v44 table shipped with celltypist)",
+    )
     p.add_argument("--use-raw", action="store_true", help="read .raw instead of X")
     p.add_argument("--batch-key", default=None, help="obs column with batches (models with DSBN / batch labels)")
     p.add_argument("--cls-value", type=float, default=None, help="value at <cls> (default: the pad value, -2)")
@@ -74,6 +83,7 @@ def run(argv=None) -> int:
         max_seq_len=args.max_seq_len,
         include_zero_genes=args.include_zero_genes,
         gene_column=args.gene_column,
+        gene_table=args.gene_table,
         use_raw=args.use_raw,
         batch_key=args.batch_key,
         cls_value=args.cls_value,

@@ -11,8 +11,10 @@ from data_modules.atomic import atomic_path
 from data_modules.store.census import CENSUS_OBS_COLUMNS, PAPER_CENSUS_VERSION, PAPER_FILTER, convert_census
 from data_modules.store.convert import (
     DEFAULT_OBS_COLUMNS,
+    Source,
     check_out_dir,
     convert_sources,
+    open_reader,
     print_log,
     sources_from_paths,
 )
@@ -25,10 +27,120 @@ from data_modules.store.inspect import (
     verify_corpus,
 )
 from data_modules.store.reader import Corpus
-from data_modules.vocab import GeneVocab, VocabError, load_gene_table
+from data_modules.vocab import (
+    GeneIdReport,
+    GeneVocab,
+    VocabError,
+    guess_gene_key,
+    load_gene_table,
+    resolve_gene_names,
+    table_name,
+    truncated_names,
+)
 
 EXIT_BAD_INPUT = 2
 EXIT_VERIFY_FAILED = 1
+
+
+# ---------------------------------------------------------------------------------------
+# gene identifiers: every input brought to one key (symbols or Ensembl ids) before conversion
+
+
+def resolve_input_genes(
+    sources: list[Source],
+    vocab: GeneVocab | None,
+    table: dict[str, str] | None = None,
+    table_label: str | None = None,
+    log=print_log,
+) -> tuple[GeneVocab | None, dict[str, str] | None, list[dict]]:
+    """Detect per input whether its genes are Ensembl ids or symbols and bring all to one key: the vocabulary's
+    (``--vocab``), else symbols when any input uses them. An input in the other key is mapped through a var column
+    of the right kind (gene_symbols, gene_names, feature_name / gene_ids, feature_id) or the id table (``--gene-table``,
+    default the GENCODE v44 table shipped with celltypist); one whose genes cannot be mapped is refused, so two
+    inputs that would never match are never joined. Returns (vocabulary: ``vocab``, or without one the union of the
+    mapped names; the ``{input name: vocabulary token}`` table for the converter, None when no name changes and no
+    table was given; one :class:`GeneIdReport` dict per input, ``source`` / ``name`` added)."""
+    readers = [open_reader(s) for s in sources]
+    try:
+        keys = [guess_gene_key(r.genes) for r in readers]
+        target = vocab.keyed_by if vocab is not None else ("symbol" if "symbol" in keys else keys[0])
+        resolved, reports = [], []
+        for src, reader in zip(sources, readers):
+            where = str(getattr(reader, "path", src.name))
+            names, rep = resolve_gene_names(
+                reader.var, target, src.gene_column, table=table, table_label=table_label, vocab=vocab, where=where
+            )
+            if rep.input_key != target and guess_gene_key(names) != target:
+                kinds = {"ensembl": "Ensembl ids", "symbol": "gene symbols"}
+                none_known = vocab is not None and not any(g in vocab for g in names)
+                raise CorpusFormatError(
+                    f"{where}: "
+                    + (
+                        f"none of its {len(names)} genes (e.g. {reader.genes[:3]}) is in the vocabulary (e.g. "
+                        f"{vocab.genes[:3]}): "
+                        if none_known
+                        else ""
+                    )
+                    + f"its genes are {kinds[rep.input_key]} ({rep.source}) but "
+                    + f"{'the vocabulary uses' if vocab is not None else 'the other inputs use'} {kinds[target]}, and "
+                    f"{rep.method} maps only {rep.n_translated} of {rep.n_genes} (unknown to it: e.g. "
+                    f"{rep.untranslated_examples[:3]}), so they would never match. Pass --gene-column with a var "
+                    f"column holding {kinds[target]} (columns: {list(reader.var.columns)[:10]}), or --gene-table with "
+                    "an id -> symbol table that covers these genes, or convert the inputs separately"
+                )
+            resolved.append(names)
+            reports.append({"name": src.name, "path": where, **rep.as_dict()})
+            notable = rep.method != "as stored" or rep.n_duplicates or rep.n_version_stripped or len(set(keys)) > 1
+            if notable:
+                log(f"{src.name}: {rep.summary()}")
+            if vocab is not None:
+                unknown = [g for g in names if g not in vocab]
+                truncated = truncated_names(unknown, names, vocab)
+                if truncated:
+                    log(
+                        f"note: {src.name}: {len(truncated)} gene names unknown to the vocabulary look truncated "
+                        f"(e.g. {', '.join(truncated[:3])}): re-export the file with full gene names"
+                    )
+        changed = any(n != g for names, r in zip(resolved, readers) for n, g in zip(names, r.genes))
+        if not changed and table is None:
+            return vocab, None, reports
+        mapping: dict[str, str] = {}
+        for names, reader in zip(resolved, readers):
+            for name, raw in zip(names, reader.genes):
+                if mapping.setdefault(raw, name) != name:
+                    raise CorpusFormatError(
+                        f"{getattr(reader, 'path', reader.name)}: gene {raw!r} maps to {name!r} here and to "
+                        f"{mapping[raw]!r} in another input (their var columns disagree); convert the inputs "
+                        "separately or pass --gene-table so one table maps all of them"
+                    )
+        if vocab is None:
+            vocab = GeneVocab.from_genes(sorted(set(mapping.values())))
+        return vocab, mapping, reports
+    finally:
+        for r in readers:
+            r.close()
+
+
+def gene_id_table(reports: list[dict]):
+    """Rich table: per input, the key of its gene names and how they were brought to the vocabulary's."""
+    from rich.table import Table
+
+    t = Table(title="gene identifiers")
+    for col in ("dataset", "genes read from", "key", "mapped to", "through", "mapped", "unknown to it", "duplicates"):
+        t.add_column(col, overflow="fold")
+    for r in reports:
+        rep = GeneIdReport(**{k: v for k, v in r.items() if k not in ("name", "path")})
+        t.add_row(
+            str(r["name"]),
+            rep.source,
+            rep.input_key,
+            rep.target_key,
+            rep.method,
+            f"{rep.n_translated:,}" if rep.method != "as stored" else "-",
+            f"{rep.n_untranslated:,} {rep.untranslated_examples[:2]}" if rep.n_untranslated else "0",
+            f"{rep.n_duplicates:,} {rep.duplicate_examples[:2]}" if rep.n_duplicates else "0",
+        )
+    return t
 
 
 # ---------------------------------------------------------------------------------------
@@ -71,9 +183,18 @@ def build_parser() -> argparse.ArgumentParser:
     sub = parser.add_subparsers(dest="command", required=True)
     h = sub.add_parser("h5ad", help="convert .h5ad files (or folders of them)")
     h.add_argument("inputs", nargs="+", type=Path, help=".h5ad files or folders holding them")
-    h.add_argument("--gene-column", help="var column with the gene names to match (default: var_names)")
     h.add_argument(
-        "--gene-table", type=Path, help="CSV/TSV translating --gene-column values (e.g. Ensembl ids) to vocab tokens"
+        "--gene-column",
+        help="var column with the gene names to match (default: var_names). Per input, Ensembl ids and symbols are "
+        "told apart; an input in the other key than the vocabulary's (without --vocab: symbols when any input uses "
+        "them) is mapped through its own gene_symbols / gene_names / feature_name (or gene_ids / feature_id) column, "
+        "else the id table",
+    )
+    h.add_argument(
+        "--gene-table",
+        type=Path,
+        help="CSV/TSV Ensembl id -> symbol used to map inputs whose ids are not the vocabulary's (default: the "
+        "GENCODE v44 table shipped with celltypist)",
     )
     h.add_argument("--gene-table-columns", nargs=2, default=["feature_id", "feature_name"], metavar=("KEY", "TOKEN"))
     h.add_argument("--use-raw", action="store_true", help="read .raw.X / .raw.var instead of X / var")
@@ -165,6 +286,8 @@ def build_main(argv: list[str] | None = None) -> int:
                 layer=args.layer,
                 obs_map=obs_map or None,
             )
+            label = table_name(args.gene_table) if args.gene_table else None
+            common["vocab"], table, id_reports = resolve_input_genes(sources, vocab, table, label, log)
             manifest = convert_sources(
                 sources,
                 args.out,
@@ -191,6 +314,10 @@ def build_main(argv: list[str] | None = None) -> int:
         return EXIT_BAD_INPUT
     if not args.quiet:
         print_build_report(manifest, args.out)
+        if args.command == "h5ad" and any(r["method"] != "as stored" or r["n_duplicates"] for r in id_reports):
+            from rich.console import Console
+
+            Console().print(gene_id_table(id_reports))
     return 0
 
 

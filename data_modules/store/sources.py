@@ -77,6 +77,7 @@ class H5adReader:
             raise _h5_error(self.path, e) from None
         self.genes = _gene_names(var, gene_column, self.path, "raw.var" if use_raw else "var")
         self.gene_source = _gene_source(gene_column, use_raw and layer is None)
+        self.var = var  # the var table the genes come from (gene id detection: its symbol / Ensembl id columns)
         self.obs_map = dict(obs_map or {})
         self._categories: dict[str, np.ndarray] = {}
 
@@ -205,6 +206,7 @@ class AnnDataReader:
         self.n_rows = adata.n_obs
         self.genes = _gene_names(var, gene_column, self.path, "raw.var" if use_raw else "var")
         self.gene_source = _gene_source(gene_column, use_raw and layer is None)
+        self.var = var  # the var table the genes come from (gene id detection: its symbol / Ensembl id columns)
         self.obs_columns = list(adata.obs.columns)
         self.obs_map = dict(obs_map or {})
 

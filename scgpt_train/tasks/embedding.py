@@ -112,12 +112,24 @@ def check_input_layout(
         )
 
 
-def input_gene_names(adata, gene_column: str | None = None, use_raw: bool = False) -> list[str]:
-    """The gene name of every input column as the data module matches it (duplicates made unique like AnnData)."""
+def input_gene_names(
+    adata,
+    gene_column: str | None = None,
+    use_raw: bool = False,
+    gene_key: str | None = None,
+    gene_table: str | None = None,
+) -> list[str]:
+    """The gene name of every input column as the data module matches it: read from ``gene_column`` / var_names,
+    brought to ``gene_key`` (the vocabulary's "symbol" / "ensembl": a var column of that kind or the shipped
+    GENCODE id table, :func:`data_modules.vocab.resolve_gene_names`), duplicates made unique like AnnData."""
     import anndata as ad
 
+    from data_modules.vocab import gene_table as load_table
+    from data_modules.vocab import resolve_gene_names, table_name
+
     var = adata.raw.var if use_raw else adata.var
-    names = var[gene_column] if gene_column is not None else var.index
+    table, label = (load_table(gene_table), table_name(gene_table)) if gene_table else (None, None)
+    names, _ = resolve_gene_names(var, gene_key, gene_column, table=table, table_label=label)
     return list(ad.utils.make_index_unique(pd.Index(np.asarray(names).astype(str))))
 
 
@@ -128,6 +140,7 @@ def unmapped_cells(
     gene_column: str | None = None,
     use_raw: bool = False,
     chunk_rows: int = 4096,
+    gene_table: str | None = None,
 ) -> np.ndarray:
     """(n_cells,) bool: cells with no non-zero value in a gene of ``vocab`` (nothing for the model to read).
 
@@ -136,7 +149,7 @@ def unmapped_cells(
     """
     matrix = adata.raw.X if use_raw else adata.X
     where = ".raw.X" if use_raw else "X"
-    genes = input_gene_names(adata, gene_column, use_raw)
+    genes = input_gene_names(adata, gene_column, use_raw, vocab.keyed_by, gene_table)
     known = vocab.map_genes(genes).ids >= 0  # (G,)
     if not known.any():
         hint = (
@@ -190,6 +203,7 @@ def embed_h5ad(
     use_raw: bool = False,
     batch_key: str | None = None,
     cls_value: float | None = None,
+    gene_table: str | None = None,
     normalize: bool = True,
     device: str | None = None,
     seed: int = 0,
@@ -219,7 +233,7 @@ def embed_h5ad(
     check_input_layout(adata, input_path, gene_column, use_raw, batch_key)
     model, vocab = load_checkpoint(checkpoint)
     vocab = GeneVocab(vocab) if vocab else GeneVocab.from_checkpoint(checkpoint)
-    unmapped = unmapped_cells(adata, input_path, vocab, gene_column, use_raw)
+    unmapped = unmapped_cells(adata, input_path, vocab, gene_column, use_raw, gene_table=gene_table)
     cfg = model.config()
     if (cfg.get("dsbn") or cfg.get("use_batch_labels")) and batch_key is None:
         raise EmbedInputError(
@@ -234,7 +248,7 @@ def embed_h5ad(
         batch_key=batch_key,
         layout=layout,
         tokenizer={"cls_value": cls_value},
-        preprocess={"gene_column": gene_column, "use_raw": use_raw},
+        preprocess={"gene_column": gene_column, "use_raw": use_raw, "gene_table": gene_table},
         include_zero_genes=include_zero_genes,
         val_fraction=0.0,
         batch_size=batch_size,
@@ -244,6 +258,10 @@ def embed_h5ad(
     dm.setup()
     log.info("genes: %s", dm.gene_report.summary())
     if progress:
+        from data_modules.vocab import GeneIdReport
+
+        for report in dm.gene_id_reports:
+            print(f"gene names: {GeneIdReport(**report).summary()}")
         print(f"genes: {dm.gene_report.summary()}")
     n_cells = len(dm.split)
     if n_cells != adata.n_obs:
@@ -281,6 +299,8 @@ def embed_h5ad(
         adata.obs["scgpt_pred"] = out["pred"][keep]
         adata.obs["scgpt_pred_prob"] = out["probs"][keep].max(1)
     adata.uns[f"{key}_gene_report"] = {k: v for k, v in dm.gene_report.as_dict().items() if v is not None}
+    if dm.gene_id_reports:  # how the input's gene names were read and mapped to the vocabulary's key
+        adata.uns[f"{key}_gene_ids"] = {k: v for k, v in dm.gene_id_reports[0].items() if v is not None}
     adata.uns[f"{key}_unmapped_cells"] = {
         "n_cells": int(n_cells - len(mapped)),
         "examples": examples,
