@@ -241,3 +241,64 @@ def test_benchmark_writes_report_and_results(toy, tmp_path):
     assert {"all", "unseen_single"} <= set(frame["subgroup"])
     assert (tmp_path / "subgroups.png").is_file() and (tmp_path / "delta_top_de.png").is_file()
     assert result["seeds"] == [1] and json.loads((tmp_path / "seed_1" / "split.json").read_text())["seed"] == 1
+
+
+# reverse perturbation ------------------------------------------------------------------------------------------------
+def test_reverse_perturbation_script_on_a_saved_model(toy, tmp_path):
+    """scripts/reverse_perturbation.py with a perturbation model (our .pt; untrained: this checks the protocol's
+    plumbing, not skill): 10-gene subspace -> 55 candidates, every method scored at K = 1..8, chance analytic."""
+    import importlib.util
+
+    from data_modules.vocab import GeneVocab
+    from scgpt_train.checkpoints import save_checkpoint
+    from scgpt_train.model import ScGPT
+
+    dm = PerturbationDataModule(str(toy), layout={"max_seq_len": 61, "pad_value": 0.0})
+    dm.setup()
+    dm.split.save(tmp_path / "split.json")
+    torch.manual_seed(0)
+    net = ScGPT(vocab_size=dm.vocab_size, pad_token_id=dm.pad_id, d_model=16, n_heads=2, d_ff=32, n_layers=1,
+                dropout=0.0, layout=dm.layout, use_generative=False, use_mvc=False, decoder_style="affine",
+                **dm.model_kwargs)  # fmt: skip
+    save_checkpoint(net, dm.vocab.token_to_id, tmp_path / "model.pt")
+    spec = importlib.util.spec_from_file_location("reverse_perturbation", ROOT / "scripts" / "reverse_perturbation.py")
+    script = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(script)
+    out = tmp_path / "reverse"
+    args = ["--checkpoint", tmp_path / "model.pt", "--data", toy, "--split", tmp_path / "split.json", "--out", out,
+            "--n-genes", 10, "--pool-size", 8, "--direction", "down", "--queries", "test+val"]  # fmt: skip
+    assert script.main([str(a) for a in args]) == 0
+    table = pd.read_csv(out / "reverse_results.csv")
+    assert set(table["method"]) == {"scgpt", "scgpt_masked", "top_de", "oracle", "random", "chance"}
+    assert sorted(set(table["K"])) == list(range(1, 9))
+    chance = table[table["method"] == "chance"].set_index("K")
+    assert chance.loc[1, "correct"] == pytest.approx(1 / 55) and chance.loc[8, "correct"] == pytest.approx(8 / 55)
+    rankings = json.loads((out / "rankings.json").read_text())
+    assert len(rankings["candidates"]) == 55 and len(rankings["genes"]) == 10
+    for q in rankings["queries"]:
+        assert all(g in rankings["genes"] for g in q.split("+") if g != "ctrl")
+    oracle = table[table["method"] == "oracle"].set_index("K")
+    assert oracle.loc[8, "relevant"] == 1.0  # the toy knocks its targets out: reading them finds the genes
+    text = (out / "report.md").read_text()
+    assert "55 candidates" in text and "chance (analytic)" in text and (out / "reverse_topk.png").is_file()
+    assert GeneVocab.from_checkpoint(tmp_path / "model.pt").token_to_id == dm.vocab.token_to_id
+    bad = ["--checkpoint", tmp_path / "model.pt", "--data", toy, "--split", tmp_path / "split.json", "--out", out,
+           "--n-genes", 30]  # fmt: skip
+    assert script.main([str(a) for a in bad]) == 2
+
+
+def test_reverse_benchmark_writes_report(toy, tmp_path):
+    from scgpt_train.tasks.benchmark import run_benchmark
+
+    with initialize_config_dir(str(CONFIGS), version_base="1.3"):
+        bench = OmegaConf.to_container(
+            compose("benchmark", overrides=["benchmark=reverse_perturbation_demo"]).benchmark
+        )
+        bench["reverse"].update(n_genes=10, pool_size=8, queries="test+val")
+        extra = [f"data.path={toy}", "trainer.max_epochs=1", "callbacks.progress_bar=null"]
+        run_benchmark(bench, [1], tmp_path, extra)
+    text = (tmp_path / "report.md").read_text()
+    assert "SIMULATED" in text and "scGPT retrieval" in text and "chance (analytic)" in text
+    frame = pd.read_csv(tmp_path / "results.csv")
+    assert {"scgpt", "oracle", "chance"} <= set(frame["method"]) and set(frame["seed"]) == {1}
+    assert (tmp_path / "reverse_topk.png").is_file() and (tmp_path / "seed_1" / "reverse" / "report.md").is_file()

@@ -104,10 +104,12 @@ def run_benchmark(
     """Fine-tune + baselines for every seed, then ``benchmark.md`` / ``results.json`` / figures in ``out_dir``.
 
     ``compose(overrides) -> DictConfig`` composes configs/train.yaml (Hydra's compose API by default)."""
-    if bench.get("task") == "perturbation":  # per-subgroup tables, results.csv: its own report
-        from scgpt_train.tasks.perturbation.benchmark import run_perturbation_benchmark
+    if bench.get("task") in ("perturbation", "reverse_perturbation"):  # per-subgroup / top-K tables: own reports
+        from scgpt_train.tasks.perturbation import benchmark as perturbation
 
-        return run_perturbation_benchmark(bench, seeds, out_dir, extra_overrides, compose)
+        runner = perturbation.run_perturbation_benchmark if bench["task"] == "perturbation" else None
+        runner = runner or perturbation.run_reverse_benchmark
+        return runner(bench, seeds, out_dir, extra_overrides, compose)
     from scgpt_train.pipeline import run
 
     if compose is None:
