@@ -3,6 +3,13 @@
 Every DataModule (pretraining corpus stream, fine-tuning AnnData) yields ``Batch``;
 the model and the objectives read nothing else. Shapes: B cells, L tokens per cell,
 position 0 is ``<cls>``.
+
+Two layouts of the per-token fields:
+  padded (the default): (B, L), one row per cell, ``<pad>`` after each cell's genes up to L = the longest cell;
+  packed (``data.packing: true``): (1, T), every cell's tokens one after the other in one stream, T = the
+    batch's tokens (no padding); ``cu_seqlens`` (B+1,) says where each cell starts (its ``<cls>``) and
+    ``token_cell`` which cell each token belongs to. Per-cell fields (cell_index, batch_labels, labels, obs)
+    stay (B,). Losses that reduce over token masks read both layouts alike.
 """
 
 from __future__ import annotations
@@ -27,6 +34,15 @@ class Batch:
     condition_ids: torch.Tensor | None = None  # (B, L) int64 per-token condition (perturbation flags)
     modality_ids: torch.Tensor | None = None  # (B, L) int64 per-token modality
     obs: dict[str, torch.Tensor] = field(default_factory=dict)  # (B,) int64 codes of corpus obs columns
+    # packed layout only (None when padded): token fields above are then (1, T)
+    cu_seqlens: torch.Tensor | None = None  # (B+1,) int32: cell c's tokens are [cu_seqlens[c], cu_seqlens[c+1])
+    token_cell: torch.Tensor | None = None  # (1, T) int64: the cell (0..B-1) each token belongs to
+    max_seqlen: int | None = None  # tokens of the longest cell (<cls> included), known on the host
+
+    @property
+    def packed(self) -> bool:
+        """True for the packed (1, T) layout, False for the padded (B, L) one."""
+        return self.cu_seqlens is not None
 
     def model_inputs(self) -> dict[str, torch.Tensor | None]:
         """Keyword arguments of the model's forward: the one Batch -> model call, ``model(**batch.model_inputs())``."""
@@ -38,11 +54,17 @@ class Batch:
             "batch_labels": self.batch_labels,
             "condition_ids": self.condition_ids,
             "modality_ids": self.modality_ids,
+            # the packed layout's extra keys only when packed: models that know no packing keep their signature
+            **(
+                {"cu_seqlens": self.cu_seqlens, "token_cell": self.token_cell, "max_seqlen": self.max_seqlen}
+                if self.packed
+                else {}
+            ),
         }
 
     @property
     def n_cells(self) -> int:
-        return self.gene_ids.shape[0]
+        return len(self.cu_seqlens) - 1 if self.packed else self.gene_ids.shape[0]
 
     @property
     def n_tokens(self) -> int:

@@ -30,6 +30,11 @@ class CorpusDataModule(VocabSizes, pl.LightningDataModule):
     DictConfig); ``tokenizer`` holds the other TokenizerConfig fields (cls_value, gen_ratios, mlm_prob).
     The train dataloader is stateful: Lightning stores its position in checkpoints, and a resumed run
     (at any world size) continues the epoch exactly.
+
+    ``packing``: batches in the packed layout (one (1, T) token stream with ``cu_seqlens``, no padding;
+    ``data_modules.batch``), train and validation alike. ``max_tokens``: a token budget per training batch
+    instead of ``batch_size`` (the cell count whose expected tokens fit it; see ``CellStream``); validation
+    keeps ``val_batch_size``.
     """
 
     def __init__(
@@ -50,6 +55,8 @@ class CorpusDataModule(VocabSizes, pl.LightningDataModule):
         pin_memory: bool = False,
         prefetch_factor: int | None = None,
         verify: bool = False,
+        packing: bool = False,
+        max_tokens: int | None = None,
     ):
         super().__init__()
         self.corpus_dir = str(corpus_dir)
@@ -64,6 +71,8 @@ class CorpusDataModule(VocabSizes, pl.LightningDataModule):
         self.lanes, self.bucket_batches = int(lanes), int(bucket_batches)
         self.pin_memory, self.prefetch_factor = bool(pin_memory), prefetch_factor
         self.verify = bool(verify)
+        self.packing = bool(packing)
+        self.max_tokens = None if max_tokens is None else int(max_tokens)
         self.corpus: Corpus | None = None
         self.train_stream: CellStream | None = None
         self.val_stream: CellStream | None = None
@@ -94,8 +103,11 @@ class CorpusDataModule(VocabSizes, pl.LightningDataModule):
             seed=self.seed,
             lanes=self.lanes,
             bucket_batches=self.bucket_batches,
+            packing=self.packing,
         )
-        self.train_stream = CellStream(self.corpus_dir, "train", self.batch_size, shuffle=True, **common)
+        self.train_stream = CellStream(
+            self.corpus_dir, "train", self.batch_size, shuffle=True, max_tokens=self.max_tokens, **common
+        )
         self.val_stream = CellStream(
             self.corpus_dir, "val", self.val_batch_size, shuffle=False, max_cells=self.max_val_cells, **common
         )

@@ -22,6 +22,9 @@ The epoch plan (a pure function of corpus, split, seed, epoch and the stream's o
    ranks, where the empty ranks repeat a pool cell (at most R - 1 repeats per epoch).
    All ranks yield the same number of batches, so DDP never waits on a missing batch.
 
+Layout: ``packing=True`` turns each batch into one packed (1, T) token stream with ``cu_seqlens`` instead of
+padded (B, L) rows; it changes no batch's cells, so everything above holds with packing on or off.
+
 State is a global cursor ``(epoch, rr_done, final split)``, so a run resumed at any world
 size continues exactly where the job stopped: nothing repeated or skipped.
 Memory per worker: for each lane it serves, one window (buffer_blocks * block_size cells of
@@ -32,7 +35,7 @@ gathering cells), ``dataset.py`` (``CellStream``), ``loader.py`` (``StreamLoader
 """
 
 from data_modules.stream.blocks import LaneReader, gather_parts
-from data_modules.stream.dataset import CellStream, LoaderOptions
+from data_modules.stream.dataset import CellStream, LoaderOptions, cells_for_token_budget
 from data_modules.stream.loader import StreamLoader, pin_batch
 from data_modules.stream.plan import BlockTable, Cursor, EpochPlan, RankSchedule, build_block_table, final_sizes
 
@@ -46,6 +49,7 @@ __all__ = [
     "RankSchedule",
     "StreamLoader",
     "build_block_table",
+    "cells_for_token_budget",
     "final_sizes",
     "gather_parts",
     "pin_batch",

@@ -9,6 +9,8 @@ import numpy as np
 import torch
 import torch.utils.data
 
+from data_modules.batch import Batch
+from data_modules.store.format import INDPTR
 from data_modules.store.reader import CellBlock, Corpus
 from data_modules.stream.blocks import LaneReader, gather_parts
 from data_modules.stream.plan import (
@@ -21,6 +23,9 @@ from data_modules.stream.plan import (
     seeded_rng,
 )
 from data_modules.tokenize import Tokenizer, TokenizerConfig
+from data_modules.tokenize.tokenizer import EncodedCells
+
+BUDGET_SAMPLE_SHARDS = 32  # shards whose cell lengths estimate the mean tokens per cell for ``max_tokens``
 
 
 # ------------------------------------------------------------------------------------------
@@ -40,8 +45,34 @@ class LoaderOptions:
     emit_encoded: bool = False  # yield EncodedCells (padded by the loader in the main process), not Batches
 
 
+def cells_for_token_budget(corpus: Corpus, max_tokens: int, max_seq_len: int) -> int:
+    """Cells per batch whose expected tokens (``<cls>`` included, capped at ``max_seq_len``) fit ``max_tokens``.
+
+    The mean capped length is taken over every cell of up to ``BUDGET_SAMPLE_SHARDS`` evenly spaced shards
+    (their ``indptr`` only), so the result is a pure function of the corpus (a resumed run gets the same).
+    """
+    if max_tokens < max_seq_len:
+        raise ValueError(f"max_tokens ({max_tokens}) must hold at least one whole cell (max_seq_len {max_seq_len})")
+    if corpus.n_shards == 0:
+        return 1
+    shards = np.unique(np.linspace(0, corpus.n_shards - 1, min(corpus.n_shards, BUDGET_SAMPLE_SHARDS)).astype(int))
+    # Corpus has no lengths-only reader: read each sampled shard's indptr (8 bytes a cell, no gene data)
+    lengths = np.concatenate([np.diff(corpus._file(int(s))[INDPTR][:].astype(np.int64)) for s in shards])
+    mean = float(np.minimum(lengths + 1, max_seq_len).mean()) if len(lengths) else float(max_seq_len)
+    return max(1, int(max_tokens // mean))
+
+
 class CellStream(torch.utils.data.IterableDataset):
-    """Yields tokenized ``Batch`` es of one split; see the module docstring for the plan."""
+    """Yields tokenized ``Batch`` es of one split; see the module docstring for the plan.
+
+    ``packing``: yield the packed layout (one (1, T) token stream with ``cu_seqlens``; ``Tokenizer.pack``)
+    instead of padded (B, L) rows. Which cells form each batch, and so exactly-once coverage and resume,
+    does not depend on it.
+    ``max_tokens``: a token budget per batch instead of a fixed cell count: ``batch_size`` becomes the number
+    of cells whose expected tokens fit the budget (``cells_for_token_budget``; the mean capped length of the
+    corpus). The epoch plan keeps a fixed cell count per batch (exactly-once over DDP ranks needs the same
+    number of steps on every rank), so a single batch may hold more or fewer tokens than the budget.
+    """
 
     def __init__(
         self,
@@ -58,6 +89,8 @@ class CellStream(torch.utils.data.IterableDataset):
         rank: int | None = None,
         world_size: int | None = None,
         max_cells: int | None = None,
+        packing: bool = False,
+        max_tokens: int | None = None,
     ):
         super().__init__()
         if batch_size < 1 or lanes < 1 or buffer_blocks < 1:
@@ -67,8 +100,12 @@ class CellStream(torch.utils.data.IterableDataset):
         self.corpus_dir = str(corpus_dir)
         self.corpus = Corpus(corpus_dir)
         self.split = split
-        self.batch_size = int(batch_size)
         self.tokenizer_config = TokenizerConfig.from_any(tokenizer)
+        self.packing = bool(packing)
+        self.max_tokens = None if max_tokens is None else int(max_tokens)
+        if self.max_tokens is not None:
+            batch_size = cells_for_token_budget(self.corpus, self.max_tokens, self.tokenizer_config.layout.max_seq_len)
+        self.batch_size = int(batch_size)
         self.tokenizer = Tokenizer(self.tokenizer_config, self.corpus.vocab.pad_id, self.corpus.vocab.cls_id)
         self.block_size, self.buffer_blocks, self.seed = int(block_size), int(buffer_blocks), int(seed)
         self.shuffle = (split == "train") if shuffle is None else bool(shuffle)
@@ -88,8 +125,14 @@ class CellStream(torch.utils.data.IterableDataset):
             first_shard = int(np.searchsorted(corpus.shard_offsets, 0, side="right")) - 1  # holds cell 0
             window, _ = corpus.read_spans([(first_shard, 0, 1)])
         one = np.zeros(1, dtype=np.int64)
-        self.tokenizer.pad(self.tokenizer.encode(window, np.random.default_rng(0), one))  # in-window path
-        self.tokenizer(gather_parts([(window, one), (window, one)]), np.random.default_rng(0))  # gathered path
+        self.to_batch(self.tokenizer.encode(window, np.random.default_rng(0), one))  # in-window path
+        self.to_batch(  # gathered path
+            self.tokenizer.encode(gather_parts([(window, one), (window, one)]), np.random.default_rng(0))
+        )
+
+    def to_batch(self, encoded: EncodedCells) -> Batch:
+        """The ``Batch`` of encoded cells in this stream's layout: packed or padded."""
+        return self.tokenizer.pack(encoded) if self.packing else self.tokenizer.pad(encoded)
 
     # plan -----------------------------------------------------------------------------
     @property
@@ -173,7 +216,7 @@ class CellStream(torch.utils.data.IterableDataset):
             # a batch inside one window (every round-robin batch) is encoded in place, others gathered first
             block, rows = parts[0] if len(parts) == 1 else (gather_parts(parts), None)
             encoded = self.tokenizer.encode(block, rng, rows)
-            yield encoded if self.loader_options.emit_encoded else self.tokenizer.pad(encoded)
+            yield encoded if self.loader_options.emit_encoded else self.to_batch(encoded)
         reader.release()
 
     def _batch_cells(

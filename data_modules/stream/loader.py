@@ -70,7 +70,7 @@ class StreamLoader(torch.utils.data.DataLoader):
         self._yielded, self._exhausted = 0, False
         try:
             for encoded in super().__iter__():
-                batch = stream.tokenizer.pad(encoded)
+                batch = stream.to_batch(encoded)  # padded or packed, as the stream says
                 self._yielded += 1
                 yield pin_batch(batch) if self.pin_batches else batch
         finally:

@@ -398,3 +398,50 @@ def pad_batch(
             for p in range(1, k + 1):
                 mlm_row[p] = (flags[row + p - 1] & 2) != 0
             mlm_row[k + 1 :] = False
+
+
+@numba.njit(cache=True, nogil=True)
+def pack_batch(
+    offsets,
+    genes,
+    bins,
+    flags,
+    use_gen,
+    use_mlm,
+    cls_id,
+    mask_value,
+    cls_value,
+    token_ids,
+    values,
+    target_values,
+    token_cell,
+    gen_mask,
+    mlm_mask,
+):
+    """Fill the packed (T,) stream from compact tokens: per cell ``<cls>``, then its genes; no padding.
+
+    Cell c occupies ``[offsets[c] + c, offsets[c + 1] + c + 1)`` (its ``<cls>`` first); the row contents
+    equal ``pad_batch``'s non-pad part. ``token_cell`` gets c. ``gen_mask`` / ``mlm_mask`` are untouched
+    unless ``use_gen`` / ``use_mlm``.
+    """
+    mask_v, cls_v = np.float32(mask_value), np.float32(cls_value)
+    for c in range(len(offsets) - 1):
+        row, k = offsets[c], offsets[c + 1] - offsets[c]
+        at = row + c  # where the cell's <cls> lands in the stream
+        token_ids[at], values[at], target_values[at], token_cell[at] = cls_id, cls_v, cls_v, c
+        if use_gen:
+            gen_mask[at] = False
+        if use_mlm:
+            mlm_mask[at] = False
+        for p in range(k):
+            f = flags[row + p]
+            b = np.float32(bins[row + p])
+            t = at + 1 + p
+            token_ids[t] = genes[row + p]
+            target_values[t] = b
+            values[t] = mask_v if f != 0 else b
+            token_cell[t] = c
+            if use_gen:
+                gen_mask[t] = (f & 1) != 0
+            if use_mlm:
+                mlm_mask[t] = (f & 2) != 0

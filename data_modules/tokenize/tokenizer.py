@@ -7,6 +7,9 @@ uniformly random subset of ``max_seq_len - 1`` of them for longer cells, drawn a
 time), then ``<pad>`` up to L = the longest row of the batch. In generative mode a uniformly
 random ``floor(ratio * n_genes)`` of each row's genes are unknown (``gen_mask``); the model
 has no positional encoding, so the order carries no information.
+
+Packed layout (``Tokenizer.pack``): the same rows without their ``<pad>`` tail, concatenated into one
+(1, T) stream with ``cu_seqlens`` offsets (``data_modules.batch``).
 """
 
 from __future__ import annotations
@@ -101,7 +104,8 @@ class EncodedCells:
 
 
 class Tokenizer:
-    """Turns a ``CellBlock`` (one batch of cells) into a padded ``Batch``: ``pad(encode(block, rng))``."""
+    """Turns a ``CellBlock`` (one batch of cells) into a padded ``Batch``: ``pad(encode(block, rng))``, or a
+    packed one (``pack(encode(block, rng))``, see ``data_modules.batch``)."""
 
     def __init__(self, config: TokenizerConfig | dict, pad_id: int, cls_id: int):
         self.config = TokenizerConfig.from_any(config)
@@ -204,6 +208,61 @@ class Tokenizer:
             obs={k: torch.from_numpy(np.asarray(v, dtype=np.int64)) for k, v in enc.obs.items()},
         )
 
+    def pack(self, enc: EncodedCells) -> Batch:
+        """The packed layout of ``pad(enc)``: (1, T) token fields without padding, T = sum of the cells' tokens
+        (<cls> included), plus ``cu_seqlens`` (B+1,) int32, ``token_cell`` (1, T) and ``max_seqlen``.
+
+        Token for token the same contents as ``pad``'s non-pad slots, in the same order.
+        """
+        cfg = self.config
+        n_cells = len(enc.offsets) - 1
+        lengths = np.diff(enc.offsets) + 1  # (B,) tokens per cell, <cls> included
+        cu_seqlens = np.zeros(n_cells + 1, dtype=np.int32)  # (B+1,)
+        np.cumsum(lengths, out=cu_seqlens[1:])
+        T = int(cu_seqlens[-1])
+        token_ids = np.empty(T, dtype=np.int64)  # (T,)
+        values = np.empty(T, dtype=np.float32)  # (T,) model inputs
+        target_values = np.empty(T, dtype=np.float32)  # (T,) true bins
+        token_cell = np.empty(T, dtype=np.int64)  # (T,)
+        gen_mask = np.empty(T if cfg.gen_ratios is not None else 0, dtype=bool)  # (T,)
+        mlm_mask = np.empty(T if cfg.mlm_prob is not None else 0, dtype=bool)  # (T,)
+        kernels.pack_batch(
+            enc.offsets,
+            enc.genes,
+            enc.bins,
+            enc.flags,
+            cfg.gen_ratios is not None,
+            cfg.mlm_prob is not None,
+            self.cls_id,
+            self.layout.mask_value,
+            cfg.cls_value,
+            token_ids,
+            values,
+            target_values,
+            token_cell,
+            gen_mask,
+            mlm_mask,
+        )
+        gen = None if cfg.gen_ratios is None else gen_mask[None]
+        mlm = None if cfg.mlm_prob is None else mlm_mask[None]
+        pad_mask = np.zeros((1, T), dtype=bool)  # (1, T) no padding
+        values = values[None]
+        if self.layout.value_style == "category":
+            values = category_values(target_values[None], pad_mask, gen, mlm, self.layout, cls_at=cu_seqlens[:-1])
+        return Batch(
+            gene_ids=torch.from_numpy(token_ids[None]),
+            values=torch.from_numpy(values),
+            pad_mask=torch.from_numpy(pad_mask),
+            target_values=torch.from_numpy(target_values[None]),
+            gen_mask=None if gen is None else torch.from_numpy(gen),
+            mlm_mask=None if mlm is None else torch.from_numpy(mlm),
+            cell_index=torch.from_numpy(enc.cell_index),
+            obs={k: torch.from_numpy(np.asarray(v, dtype=np.int64)) for k, v in enc.obs.items()},
+            cu_seqlens=torch.from_numpy(cu_seqlens),
+            token_cell=torch.from_numpy(token_cell[None]),
+            max_seqlen=int(lengths.max(initial=1)),
+        )
+
 
 def category_values(
     target_values: np.ndarray,
@@ -211,11 +270,16 @@ def category_values(
     gen_mask: np.ndarray | None,
     mlm_mask: np.ndarray | None,
     layout: TokenLayout,
+    cls_at: np.ndarray | None = None,
 ) -> np.ndarray:
-    """(B, L) int64 category inputs: bins, pad (and <cls>) -> pad category, hidden -> mask category."""
+    """(B, L) int64 category inputs: bins, pad (and <cls>) -> pad category, hidden -> mask category.
+
+    ``cls_at``: the <cls> positions along the last axis of a packed (1, T) stream (None: column 0 of each row).
+    """
     values = target_values.astype(np.int64)
     values[pad_mask] = layout.pad_category
-    values[:, 0] = layout.pad_category  # <cls> gets the pad category, as <cls> gets pad_value when continuous
+    # <cls> gets the pad category, as <cls> gets pad_value when continuous
+    values[:, 0 if cls_at is None else cls_at] = layout.pad_category
     for hidden in (gen_mask, mlm_mask):
         if hidden is not None:
             values[hidden] = layout.mask_category
