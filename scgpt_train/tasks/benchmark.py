@@ -104,12 +104,11 @@ def run_benchmark(
     """Fine-tune + baselines for every seed, then ``benchmark.md`` / ``results.json`` / figures in ``out_dir``.
 
     ``compose(overrides) -> DictConfig`` composes configs/train.yaml (Hydra's compose API by default)."""
-    if bench.get("task") in ("perturbation", "reverse_perturbation"):  # per-subgroup / top-K tables: own reports
+    own_reports = {"perturbation": "run_perturbation_benchmark", "reverse_perturbation": "run_reverse_benchmark"}
+    if bench.get("task") in own_reports:  # per-subgroup / top-K tables: scgpt_train/tasks/perturbation/benchmark.py
         from scgpt_train.tasks.perturbation import benchmark as perturbation
 
-        runner = perturbation.run_perturbation_benchmark if bench["task"] == "perturbation" else None
-        runner = runner or perturbation.run_reverse_benchmark
-        return runner(bench, seeds, out_dir, extra_overrides, compose)
+        return getattr(perturbation, own_reports[bench["task"]])(bench, seeds, out_dir, extra_overrides, compose)
     from scgpt_train.pipeline import run
 
     if compose is None:
