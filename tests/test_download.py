@@ -159,3 +159,28 @@ def test_unknown_name_and_missing_network_are_clear(tmp_path):
         dl.fetch((tmp_path / "absent").as_uri(), tmp_path / "x", progress=False)
     status = dl.download(["ms"], tmp_path, verify_only=True, log=lambda *_: None)
     assert status == {"ms/c_data.h5ad": "missing", "ms/filtered_ms_adata.h5ad": "missing"}
+
+
+def test_gears_dataverse_archive_is_fetched_extracted_and_checked(tmp_path):
+    """The GEARS Perturb-seq zips (Harvard Dataverse ids in the registry): downloaded (here from a local mirror),
+    perturb_processed.h5ad extracted beside the zip, both sha256 recorded on first download and checked after."""
+    import zipfile
+
+    assert dl.file_urls(dl.REGISTRY["norman"]) == {"norman.zip": dl.DATAVERSE_URL.format(id="6154020")}
+    mirror = tmp_path / "mirror" / "adamson"
+    mirror.mkdir(parents=True)
+    with zipfile.ZipFile(mirror / "adamson.zip", "w") as zf:
+        zf.writestr("adamson/perturb_processed.h5ad", b"GEARS processed cells")
+        zf.writestr("adamson/cell_graphs.pkl", b"other")
+    root = tmp_path / "benchmarks"
+    status = dl.download(["adamson"], root, mirror=str(tmp_path / "mirror"), progress=False, log=lambda *_: None)
+    assert status == {"adamson/adamson.zip": "downloaded", "adamson/perturb_processed.h5ad": "extracted"}
+    assert (root / "adamson" / "perturb_processed.h5ad").read_bytes() == b"GEARS processed cells"
+    recorded = json.loads((root / "checksums.json").read_text())
+    expected = hashlib.sha256(b"GEARS processed cells").hexdigest()
+    assert recorded["adamson/perturb_processed.h5ad"]["sha256"] == expected
+    again = dl.download(["adamson"], root, mirror=str(tmp_path / "mirror"), progress=False, log=lambda *_: None)
+    assert set(again.values()) == {"ok"}
+    (root / "adamson" / "perturb_processed.h5ad").write_bytes(b"changed")
+    with pytest.raises(dl.ChecksumMismatch, match="perturb_processed.h5ad"):
+        dl.download(["adamson"], root, mirror=str(tmp_path / "mirror"), progress=False, log=lambda *_: None)

@@ -29,6 +29,8 @@ MANIFEST = "checksums.json"
 GDRIVE_FILE_URL = "https://drive.usercontent.google.com/download?id={id}&export=download&confirm=t"
 GDRIVE_FOLDER_URL = "https://drive.google.com/embeddedfolderview?id={id}"
 FIGSHARE_URL = "https://figshare.com/ndownloader/files/{id}"
+DATAVERSE_URL = "https://dataverse.harvard.edu/api/access/datafile/{id}"
+GEARS_FILE = "perturb_processed.h5ad"  # what the perturbation experiments read, extracted from each GEARS zip
 
 
 class DownloadError(RuntimeError):
@@ -44,7 +46,7 @@ class Entry:
     """One downloadable item: a set of files from one public location."""
 
     name: str
-    kind: str  # gdrive_folder | gdrive_file | figshare | scvi_pbmc
+    kind: str  # gdrive_folder | gdrive_file | figshare | dataverse | scvi_pbmc
     id: str | None
     files: tuple[str, ...]
     description: str = ""
@@ -97,6 +99,22 @@ REGISTRY: dict[str, Entry] = {
             "integration: perirhinal cortex (2 batches)",
         ),
         Entry("immune_human", "figshare", "25717328", ("immune_human.h5ad",), "GRN: Immune Human (scIB)"),
+        *(
+            Entry(
+                name,
+                "dataverse",
+                datafile,
+                (f"{name}.zip",),
+                f"perturbation: {what} (GEARS processed data, Harvard Dataverse); {GEARS_FILE} is extracted",
+                {"extract": GEARS_FILE},
+            )
+            for name, datafile, what in (
+                ("adamson", "6154417", "Adamson (87 single perturbations)"),
+                ("norman", "6154020", "Norman (131 pairs + 105 singles)"),
+                ("replogle_k562_essential", "7458695", "Replogle K562 essential"),
+                ("replogle_rpe1_essential", "7458694", "Replogle RPE1 essential"),
+            )
+        ),
         Entry(
             "pbmc10k",
             "scvi_pbmc",
@@ -280,6 +298,8 @@ def file_urls(entry: Entry, mirror: str | None = None, timeout: float = 60.0) ->
         return {entry.files[0]: GDRIVE_FILE_URL.format(id=entry.id)}
     if entry.kind == "figshare":
         return {entry.files[0]: FIGSHARE_URL.format(id=entry.id)}
+    if entry.kind == "dataverse":
+        return {entry.files[0]: DATAVERSE_URL.format(id=entry.id)}
     if entry.kind == "gdrive_folder":
         url = GDRIVE_FOLDER_URL.format(id=entry.id)
         try:
@@ -292,6 +312,23 @@ def file_urls(entry: Entry, mirror: str | None = None, timeout: float = 60.0) ->
             raise DownloadError(f"Google Drive folder {entry.id} lists {sorted(listing)}, not {missing}")
         return {f: GDRIVE_FILE_URL.format(id=listing[f]) for f in entry.files}
     raise DownloadError(f"{entry.name}: no URL for kind {entry.kind!r}")
+
+
+def extract_member(archive: Path, name: str, dest: Path) -> Path:
+    """Copy the one member of a zip archive whose file name is ``name`` (at any depth) to ``dest``, atomically."""
+    import zipfile
+
+    try:
+        with zipfile.ZipFile(archive) as zf:
+            members = [m for m in zf.namelist() if Path(m).name == name]
+            if len(members) != 1:
+                raise DownloadError(f"{archive}: expected one {name} inside, found {members or 'none'}")
+            with zf.open(members[0]) as src, atomic_path(dest) as tmp, open(tmp, "wb") as out:
+                while chunk := src.read(CHUNK):
+                    out.write(chunk)
+    except zipfile.BadZipFile as e:
+        raise DownloadError(f"{archive} is not a zip archive ({e}); delete it and download again") from None
+    return dest
 
 
 def build_scvi_pbmc(dest: Path) -> Path:
@@ -354,4 +391,18 @@ def download(
             digest = manifest.record(dest, urls[fname])
             status[manifest.key(dest)] = "downloaded"
             log(f"{name}/{fname}: downloaded (sha256 {digest})")
+    for name in names:  # archives whose data file is extracted next to them (GEARS zips)
+        entry = REGISTRY[name]
+        member = entry.notes.get("extract")
+        if not member:
+            continue
+        archive, target = root / name / entry.files[0], root / name / member
+        if not archive.exists() or (target.exists() and not force):
+            if target.exists():
+                status[manifest.key(target)] = manifest.verify(target)
+            continue
+        extract_member(archive, member, target)
+        digest = manifest.record(target, f"extracted from {entry.files[0]}")
+        status[manifest.key(target)] = "extracted"
+        log(f"{name}/{member}: extracted (sha256 {digest})")
     return status
