@@ -45,6 +45,7 @@ from data_modules.vocab import GeneIdReport, GeneVocab, VocabSizes, guess_gene_k
 
 log = logging.getLogger(__name__)
 SPLITS = ("train", "val", "query")
+SMALL_VALIDATION = 50  # fewer validation cells than this: a warning (checkpoint selection becomes noisy)
 
 
 class RowStore:
@@ -185,6 +186,8 @@ class AnnDataModule(VocabSizes, pl.LightningDataModule):
             self.preprocess_cfg.layer = str(layer)
         self.value_reports: list[dict] = []  # per file: what its values were and the steps applied
         self.gene_id_reports: list[dict] = []  # per file: how its gene names were read and mapped to the vocab's key
+        self._input_columns: list[np.ndarray] = []  # per file: the input column of each gene it kept
+        self._column_maps: list[tuple[np.ndarray, np.ndarray]] = []  # per file: (input columns, model columns)
         # fine-tuning: no generative split
         self.tokenizer_cfg = TokenizerConfig.from_any(tokenizer, layout=layout).replace(gen_ratios=None)
         self.layout = self.tokenizer_cfg.layout
@@ -263,11 +266,13 @@ class AnnDataModule(VocabSizes, pl.LightningDataModule):
                 )
             report.source += f" (first {sample.n_obs} cells inspected)"
             self._record_values(report.as_dict())
+            self._input_columns.append(np.arange(data.n_vars, dtype=np.int64))
             return data, data.X, names
         data, flavor = normalize_and_select(ad.read_h5ad(path), self.preprocess_cfg, genes, where)
         self.hvg_flavor = flavor if genes is None else getattr(self, "hvg_flavor", None)
         self._record_values(data.uns["value_type"])
         self._record_genes(data.uns["gene_ids"])
+        self._input_columns.append(data.var["input_column"].to_numpy(np.int64))  # kept genes' input columns
         return data, data.X, data.var_names.to_numpy()
 
     def _record_genes(self, report: dict) -> None:
@@ -295,6 +300,8 @@ class AnnDataModule(VocabSizes, pl.LightningDataModule):
             ids, report = map_genes(genes, vocab, None if self.backed else x)
             colmap = np.array([pos_of_id.get(int(i), -1) for i in ids], dtype=np.int64)
             store_parts.append((x, colmap))
+            input_cols = self._input_columns[len(store_parts) - 1]
+            self._column_maps.append((input_cols[colmap >= 0], colmap[colmap >= 0]))
             reports.append(report)
             obs_frames.append(obs.copy())
         self.gene_ids = union_ids.astype(np.int64)  # (G,) vocab id of each model gene column
@@ -362,6 +369,17 @@ class AnnDataModule(VocabSizes, pl.LightningDataModule):
         split[pool_idx[va]] = "val"
         self.split = split
         self.is_query = query
+        self.warnings: list[str] = []
+        n_val = int((split == "val").sum())
+        if self.labels is not None and 0 < n_val < SMALL_VALIDATION:
+            msg = (
+                f"the validation split of {self.path} has only {n_val} cells (< {SMALL_VALIDATION}): the checkpoint "
+                "picked by a validation metric is a noisy choice; the annotation recipes select by val/macro_f1 "
+                "(a majority-class checkpoint scores lowest there), and data.val_fraction raises the split's size "
+                "(task.use_best=false evaluates the last epoch instead)"
+            )
+            log.warning(msg)
+            self.warnings.append(msg)
         obs = obs.copy()
         obs["split"] = pd.Categorical(split, categories=list(SPLITS))
         self.obs = obs
@@ -388,7 +406,47 @@ class AnnDataModule(VocabSizes, pl.LightningDataModule):
             "labels": self.label_names,
             "query_only_labels": self.query_only_labels,
             "batches": self.batch_names,
+            "warnings": getattr(self, "warnings", []),
         }
+
+    def input_anndata(self) -> ad.AnnData:
+        """The input file(s) as given, reference cells then query cells: X, layers, obs (obs_names) and var (all
+        genes, in their order) untouched, plus ``layers["preprocessed"]``: the values the model and the baselines
+        read (:meth:`expression`) in the columns of the model's genes, 0 elsewhere; ``var["scgpt_gene"]`` marks
+        those columns and ``var["scgpt_token"]`` names the vocabulary gene each was matched as."""
+        self.setup()
+        parts, offset = [], 0
+        tokens = np.asarray(self._vocab.id_to_token, dtype=object)[self.gene_ids]  # (G,) token of each model column
+        for path, (input_cols, model_cols) in zip(self._paths(), self._column_maps):
+            data = ad.read_h5ad(path)
+            rows = np.arange(offset, offset + data.n_obs)
+            offset += data.n_obs
+            if self.preprocess_cfg.use_raw:  # model genes were read from .raw: place them in X's columns by name
+                at = pd.Index(data.var_names.astype(str)).get_indexer(data.raw.var_names.astype(str)[input_cols])
+                input_cols, model_cols = at[at >= 0], model_cols[at >= 0]
+            select = sp.csr_matrix(
+                (np.ones(len(input_cols), dtype=np.float32), (model_cols, input_cols)),
+                shape=(len(self.gene_ids), data.n_vars),
+            )
+            data.layers["preprocessed"] = sp.csr_matrix(self.store.rows(rows) @ select, dtype=np.float32)
+            token = np.full(data.n_vars, "", dtype=object)
+            token[input_cols] = tokens[model_cols]
+            data.var["scgpt_gene"] = token != ""
+            data.var["scgpt_token"] = token.astype(str)
+            parts.append(data)
+        if offset != len(self.split):
+            raise RuntimeError(f"re-reading the inputs gave {offset} cells, the data module holds {len(self.split)}")
+        if len(parts) == 1:
+            return parts[0]
+        same_genes = all(p.var_names.equals(parts[0].var_names) for p in parts[1:])
+        out = ad.concat(parts, join="inner" if same_genes else "outer", merge="first", fill_value=0)
+        out.var = out.var.reindex(columns=parts[0].var.columns.union(out.var.columns, sort=False))
+        out.var["scgpt_gene"] = out.var["scgpt_gene"].fillna(False).astype(bool)
+        out.var["scgpt_token"] = out.var["scgpt_token"].fillna("").astype(str)
+        return out
+
+    def _paths(self) -> list[str]:
+        return [self.path] + ([self.query_path] if self.query_path is not None else [])
 
     def write_report(self, path: str | os.PathLike) -> Path:
         return write_text_atomic(path, json.dumps(self.report(), indent=2))

@@ -119,6 +119,7 @@ class RunSummary(pl.Callback):
         self.train_losses: list[tuple[int, float]] = []
         self.val_losses: list[tuple[int, float]] = []
         self.cells_seen = 0
+        self.task_metrics: dict[str, float] = {}  # a fine-tuning task's test/... and baseline/<name>/... metrics
         self._fit_start: float | None = None
         self.fit_seconds = 0.0
 
@@ -170,6 +171,7 @@ class RunSummary(pl.Callback):
             "last_checkpoint": getattr(ckpt, "last_model_path", None) or None,
             "log_dir": str(output_dir or trainer.default_root_dir),  # no trainer.log_dir: it broadcasts
             "train_losses": self.train_losses,
+            "task_metrics": self.task_metrics,
         }
 
     @rank_zero_only
@@ -212,3 +214,54 @@ class SaveFinalStep(pl.Callback):
             return int(torch.load(self.path, map_location="cpu", weights_only=False, mmap=True)["global_step"]) == step
         except Exception:
             return False
+
+
+# the task's metrics beside the baselines' ----------------------------------------------------------------------
+TASK_METRIC_ORDER = (
+    "accuracy",
+    "macro_f1",
+    "precision",
+    "recall",
+    "avg_bio",
+    "avg_batch",
+    "overall",
+    "nmi",
+    "ari",
+    "asw_label",
+    "asw_batch",
+    "graph_connectivity",
+)
+
+
+def task_metrics_columns(metrics: dict[str, float]) -> tuple[list[str], dict[str, dict[str, float]]]:
+    """(metric names in display order, {method: {metric: value}}) from ``test/<m>`` (method "scGPT") and
+    ``baseline/<name>/<m>`` keys; other keys are ignored."""
+    methods: dict[str, dict[str, float]] = {}
+    for key, value in metrics.items():
+        parts = key.split("/")
+        if parts[0] == "test" and len(parts) == 2:
+            methods.setdefault("scGPT", {})[parts[1]] = float(value)
+        elif parts[0] == "baseline" and len(parts) == 3:
+            methods.setdefault(parts[1], {})[parts[2]] = float(value)
+    names = {m for values in methods.values() for m in values}
+    ordered = [m for m in TASK_METRIC_ORDER if m in names] + sorted(names - set(TASK_METRIC_ORDER))
+    return ordered, methods
+
+
+def task_metrics_table(metrics: dict[str, float], title: str = "task metrics (evaluation cells)"):
+    """A rich Table: one row per metric, the fine-tuned model's column first, then each baseline's; None when
+    ``metrics`` holds no task metric."""
+    from rich.table import Table
+
+    names, methods = task_metrics_columns(metrics)
+    if not names:
+        return None
+    table = Table(title=title)
+    table.add_column("metric")
+    order = ["scGPT"] + sorted(m for m in methods if m != "scGPT")
+    for method in order:
+        if method in methods:
+            table.add_column("scGPT fine-tuned" if method == "scGPT" else method, justify="right")
+    for name in names:
+        table.add_row(name, *(f"{methods[m][name]:.4f}" if name in methods[m] else "-" for m in order if m in methods))
+    return table

@@ -127,10 +127,37 @@ def test_readme_annotation_command_runs_on_ordinary_h5ad_files(own, tmp_path):
     # L1-LR (C=1) on the log-normalized values of these cells: 0.779 (on their raw counts it would be 0.754)
     assert metrics["metrics"]["baseline/l1_lr/accuracy"] == pytest.approx(152 / 195)
     assert "normalize_total 10000, log1p" in metrics["baseline_inputs"]["l1_lr"]["values"]
-    pred = ad.read_h5ad(run / "predictions.h5ad")
-    assert pred.n_obs == own["counts"].n_obs
     expected = "GPU available: True" if torch.cuda.is_available() else "GPU available: False"
     assert expected in proc.stdout + proc.stderr
+    # item 6: the metrics beside the baseline's in the end-of-run output and summary.json
+    assert "annotation metrics" in proc.stdout and "scGPT fine-tuned" in proc.stdout and "l1_lr" in proc.stdout
+    summary = json.loads((run / "summary.json").read_text())
+    assert summary["task_metrics"]["baseline/l1_lr/accuracy"] == metrics["metrics"]["baseline/l1_lr/accuracy"]
+    # predictions.h5ad: the inputs (obs_names, all genes in var order, X untouched) + predictions + the values
+    pred = ad.read_h5ad(run / "predictions.h5ad")
+    query_x = ad.read_h5ad(own["query_tpm"]).X
+    assert list(pred.obs_names) == list(own["ref"].obs_names) + list(own["query"].obs_names)
+    assert list(pred.var_names) == list(own["counts"].var_names)
+    assert (pred.X != sp.vstack([own["ref"].X, query_x])).nnz == 0
+    assert {"cell_type", "donor", "split", "scgpt_pred", "scgpt_pred_prob"} <= set(pred.obs.columns)
+    assert pred.obsm["X_scgpt"].shape == (own["counts"].n_obs, 32) and pred.var["scgpt_gene"].all()
+    # the layer holds what the model and L1-LR read: scanpy's normalize_total 1e4 + log1p of the counts ...
+    import scanpy as sc
+
+    reference = own["counts"][pred.obs_names].copy()
+    sc.pp.normalize_total(reference, target_sum=1e4)
+    sc.pp.log1p(reference)
+    layer = pred.layers["preprocessed"]
+    np.testing.assert_allclose(layer.toarray(), reference.X.toarray(), rtol=1e-4, atol=1e-5)
+    # ... exactly (the same bytes: digests of the model genes' columns in vocabulary order)
+    from scgpt_train.tasks.common import matrix_sha256
+
+    columns = np.argsort(pred.var["scgpt_token"].to_numpy())
+    is_ref = (pred.obs["split"] != "query").to_numpy()
+    inputs = metrics["baseline_inputs"]["l1_lr"]
+    assert inputs["train_sha256"] == matrix_sha256(layer[is_ref][:, columns])
+    assert inputs["eval_sha256"] == matrix_sha256(layer[~is_ref][:, columns])
+    assert metrics["model_input_sha256"] == matrix_sha256(layer[:, columns])
 
 
 def train_in_process(overrides: list[str], run_dir: Path) -> dict:
@@ -196,3 +223,48 @@ def test_paper_experiments_are_the_generic_recipe_plus_their_dataset(experiment)
     assert "benchmarks" in paper.data.path and paper.data.vocab == paper.pretrained
     if experiment == "finetune_annotation_ms":
         assert paper.data.preprocess.gene_column == "gene_name"
+
+
+# item 5: model selection on small validation sets -----------------------------------------------------------------
+def test_small_validation_set_warns_and_the_checkpoint_is_chosen_by_macro_f1(own, tmp_path):
+    """200 reference cells (19 validation cells): the data module warns, the best checkpoint is the one with the
+    highest validation macro-F1 (logged by ValidationMacroF1), and the task evaluates that one."""
+    ref = write(own["ref"][:200].copy(), tmp_path / "small_ref.h5ad")
+    run = tmp_path / "run"
+    train_in_process(
+        [
+            "experiment=finetune_annotation",
+            f"pretrained={own['ckpt']}",
+            f"data.path={ref}",
+            f"data.query_path={own['query_tpm']}",
+            "data.batch_size=16",
+            "model.lr=3e-3",
+            *SHORT,
+            "trainer.max_epochs=4",
+        ],
+        run,
+    )
+    report = json.loads((run / "data_report.json").read_text())
+    assert report["cells_per_split"]["val"] < 50
+    assert "has only" in report["warnings"][0] and "val/macro_f1" in report["warnings"][0]
+    selection = json.loads((run / "metrics.json").read_text())["selection"]
+    assert (selection["monitor"], selection["mode"], selection["use_best"]) == ("val/macro_f1", "max", True)
+    logged = pd.read_csv(run / "csv" / "metrics.csv")
+    per_epoch = logged.dropna(subset=["val/macro_f1"])
+    assert len(per_epoch) == 5  # the pass before training + 4 epochs
+    best_fit = per_epoch.iloc[1:]["val/macro_f1"].max()  # checkpoints are saved during fit only
+    assert selection["best_score"] == pytest.approx(best_fit)
+    step = int(per_epoch.iloc[1:].loc[per_epoch.iloc[1:]["val/macro_f1"].idxmax(), "step"])
+    assert selection["weights"].endswith(f"step{step + 1:07d}.ckpt")  # csv rows log global_step - 1
+
+
+def test_macro_f1_from_counts_matches_the_task_metric():
+    from scgpt_train.tasks.annotation import macro_f1_from_counts
+    from scgpt_train.tasks.metrics import classification_metrics, confusion_matrix
+
+    rng = np.random.default_rng(0)
+    truth = rng.integers(0, 5, 200)
+    pred = np.where(rng.random(200) < 0.6, truth, rng.integers(0, 6, 200))  # class 5 only predicted
+    cm, _ = confusion_matrix(truth.astype(str), pred.astype(str), [str(i) for i in range(7)])  # class 6 unused
+    expected = classification_metrics(truth.astype(str), pred.astype(str))["macro_f1"]
+    assert float(macro_f1_from_counts(torch.from_numpy(cm))) == pytest.approx(expected, rel=1e-6)

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import hashlib
+import json
 import logging
 from pathlib import Path
 
@@ -77,15 +78,57 @@ class FineTuneTask:
         )
         metrics, obs, extra = self.score(datamodule, outputs, output_dir)
         metrics = {k: float(v) for k, v in metrics.items()}
+        extra = {"selection": self.selection(trainer, best), **extra}
+        self.show_metrics(trainer, metrics)
         write_json(
             {"task": self.name, "best_checkpoint": best, "metrics": metrics, "data": datamodule.report(), **extra},
             output_dir / "metrics.json",
         )
         if self.write_h5ad:
-            adata = ad.AnnData(X=datamodule.expression("all"), obs=obs, var=datamodule.adata.var.copy())
-            adata.obsm["X_scgpt"] = outputs["cell_emb"]
-            write_h5ad(adata, output_dir / "predictions.h5ad")
+            write_h5ad(self.predictions_anndata(datamodule, obs, outputs), output_dir / "predictions.h5ad")
         return metrics
+
+    @staticmethod
+    def predictions_anndata(datamodule, obs, outputs: dict[str, np.ndarray]) -> ad.AnnData:
+        """The input AnnData (obs_names, every gene in var order, X and layers untouched; reference then query
+        cells) with the task's obs columns (``split``, predictions) added, ``obsm["X_scgpt"]``, and
+        ``layers["preprocessed"]``: the values model and baselines read (``datamodule.input_anndata()``)."""
+        if hasattr(datamodule, "input_anndata"):
+            adata = datamodule.input_anndata()
+            obs = obs.copy()
+            obs.index = adata.obs_names
+            adata.obs = obs
+        else:  # a data module that cannot give its inputs back: the model's genes and values
+            adata = ad.AnnData(X=datamodule.expression("all"), obs=obs, var=datamodule.adata.var.copy())
+        adata.obsm["X_scgpt"] = outputs["cell_emb"]
+        if hasattr(datamodule, "report"):  # what the values and genes were (JSON text: h5ad stores no None)
+            adata.uns["scgpt_data_report"] = json.dumps(datamodule.report(), default=str)
+        return adata
+
+    def show_metrics(self, trainer, metrics: dict[str, float]) -> None:
+        """Print the task's metrics beside the baselines' and hand them to the run summary (summary.json)."""
+        from rich.console import Console
+
+        from scgpt_train.callbacks import RunSummary, task_metrics_table
+
+        for cb in getattr(trainer, "callbacks", None) or []:
+            if isinstance(cb, RunSummary):
+                cb.task_metrics = dict(metrics)
+        table = task_metrics_table(metrics, title=f"{self.name} metrics")
+        if table is not None:
+            Console().print(table)
+
+    def selection(self, trainer, best: str | None) -> dict:
+        """Which weights were evaluated and why: the checkpoint callback's monitor, mode and best score."""
+        cb = getattr(trainer, "checkpoint_callback", None) if trainer is not None else None
+        score = getattr(cb, "best_model_score", None)
+        return {
+            "use_best": bool(self.use_best),
+            "weights": best or "the last epoch's (no best checkpoint)",
+            "monitor": getattr(cb, "monitor", None),
+            "mode": getattr(cb, "mode", None),
+            "best_score": float(score) if score is not None else None,
+        }
 
     def score(self, datamodule, outputs: dict[str, np.ndarray], output_dir: Path):
         raise NotImplementedError
