@@ -268,3 +268,28 @@ def test_macro_f1_from_counts_matches_the_task_metric():
     cm, _ = confusion_matrix(truth.astype(str), pred.astype(str), [str(i) for i in range(7)])  # class 6 unused
     expected = classification_metrics(truth.astype(str), pred.astype(str))["macro_f1"]
     assert float(macro_f1_from_counts(torch.from_numpy(cm))) == pytest.approx(expected, rel=1e-6)
+
+
+# item 4: the Python API, through the example of docs/python_api.md -------------------------------------------------
+def test_python_api_example_runs_as_documented(tmp_path, monkeypatch):
+    """Executes every ```python block of docs/python_api.md (in a scratch directory) and checks what it made."""
+    import re
+
+    text = (ROOT / "docs" / "python_api.md").read_text()
+    blocks = re.findall(r"```python\n(.*?)```", text, flags=re.S)
+    assert blocks, "docs/python_api.md has no python example"
+    monkeypatch.chdir(tmp_path)
+    namespace: dict = {}
+    exec(compile("\n".join(blocks), "docs/python_api.md", "exec"), namespace)  # noqa: S102
+    pbmc, pred, metrics = namespace["pbmc"], namespace["pred"], namespace["metrics"]
+    assert list(pred.obs_names) == list(pbmc.obs_names) and list(pred.var_names) == list(pbmc.var_names)
+    assert (pred.X != sp.csr_matrix(pbmc.X)).nnz == 0  # X untouched
+    query = (pbmc.obs["donor"] == "d4").to_numpy()
+    assert (pred.obs["split"][query] == "query").all() and (pred.obs["split"][~query] != "query").all()
+    assert 0.0 <= metrics["test/accuracy"] <= 1.0 and "test/macro_f1" in metrics
+    assert type(namespace["model"]).__name__ == "ScGPT" and namespace["model"].config()["n_cls"] == 10
+    embedded = namespace["embedded"]
+    assert embedded.obsm["X_scgpt"].shape == (int(query.sum()), 32)
+    assert list(embedded.obs_names) == list(pbmc.obs_names[query])
+    corpus = namespace["corpus"]
+    assert corpus.n_cells == pbmc.n_obs and (tmp_path / "corpora" / "pbmc" / "manifest.json").exists()

@@ -1,0 +1,275 @@
+"""Python API for notebooks: AnnData in, AnnData out, over the same code paths as the command lines.
+
+- :func:`embed` -> ``scripts/embed.py`` (``scgpt_train.tasks.embedding.embed_h5ad``): the input with
+  ``obsm["X_scgpt"]``.
+- :func:`finetune` -> ``train.py experiment=finetune_annotation|finetune_integration`` (``scgpt_train.pipeline.run``):
+  (fine-tuned model, predictions AnnData, metrics).
+- :func:`build_corpus` -> ``scripts/build_corpus.py h5ad`` (gene identifiers resolved per input, then
+  ``data_modules.store.convert.convert_sources``): the corpus, ready for ``train.py data=corpus``.
+
+The AnnData objects are written to h5ad files in the run / a temporary directory (the data module and the
+converters read files, as the command lines do); derived labels and splits (``query_key`` / ``query_values``, a
+donor-wise hold-out) need no files of the user's. See ``docs/python_api.md``.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import tempfile
+from collections.abc import Mapping, Sequence
+from pathlib import Path
+from typing import Any
+
+import anndata as ad
+
+ROOT = Path(__file__).resolve().parents[1]
+TASKS = ("annotation", "integration")
+
+
+def _write(adata: ad.AnnData, path: Path) -> Path:
+    from scgpt_train.tasks.report import write_h5ad
+
+    if not isinstance(adata, ad.AnnData):
+        raise TypeError(f"expected an AnnData, got {type(adata).__name__}")
+    return write_h5ad(adata, path)
+
+
+# ---------------------------------------------------------------------------------------------------------------
+def embed(
+    adata: ad.AnnData,
+    checkpoint: str | os.PathLike,
+    *,
+    key: str = "X_scgpt",
+    batch_key: str | None = None,
+    gene_column: str | None = None,
+    gene_table: str | os.PathLike | None = None,
+    use_raw: bool = False,
+    batch_size: int = 64,
+    max_seq_len: int | None = None,
+    include_zero_genes: bool = False,
+    normalize: bool = True,
+    device: str | None = None,
+    seed: int = 0,
+    drop_unmapped_cells: bool = False,
+    progress: bool = False,
+) -> ad.AnnData:
+    """Cell embeddings of ``adata`` with ``checkpoint`` (official directory, imported .pt or a .ckpt of this
+    project), as ``scripts/embed.py``: returns the input AnnData (same obs_names, X untouched) with
+    ``obsm[key]`` (L2-normalized unless ``normalize=False``), ``obs["scgpt_pred"]`` when the checkpoint has a
+    classifier, and the gene mapping reports in ``uns``. Raises ``EmbedInputError`` for inputs it cannot embed."""
+    from scgpt_train.tasks.embedding import embed_h5ad
+
+    with tempfile.TemporaryDirectory(prefix="scgpt_embed_") as tmp:
+        src = _write(adata, Path(tmp) / "input.h5ad")
+        out = embed_h5ad(
+            checkpoint,
+            src,
+            Path(tmp) / "embedded.h5ad",
+            key=key,
+            batch_size=batch_size,
+            max_seq_len=max_seq_len,
+            include_zero_genes=include_zero_genes,
+            gene_column=gene_column,
+            use_raw=use_raw,
+            batch_key=batch_key,
+            gene_table=None if gene_table is None else str(gene_table),
+            normalize=normalize,
+            device=device,
+            seed=seed,
+            progress=progress,
+            drop_unmapped_cells=drop_unmapped_cells,
+        )
+        return ad.read_h5ad(out)
+
+
+# ---------------------------------------------------------------------------------------------------------------
+def _compose(overrides: Sequence[str]):
+    from hydra import compose, initialize_config_dir
+
+    os.environ.setdefault("PROJECT_ROOT", str(ROOT))
+    with initialize_config_dir(str(ROOT / "configs"), version_base="1.3"):
+        return compose("train", overrides=list(overrides))
+
+
+def finetune(
+    adata: ad.AnnData,
+    task: str = "annotation",
+    label_key: str = "cell_type",
+    checkpoint: str | os.PathLike | None = None,
+    query: ad.AnnData | None = None,
+    *,
+    batch_key: str | None = None,
+    query_key: str | None = None,
+    query_values: Sequence[Any] | None = None,
+    query_fraction: float | None = None,
+    layer: str | None = None,
+    gene_column: str | None = None,
+    baselines: Sequence[str] | None = None,
+    max_epochs: int | None = None,
+    trainer: str = "auto",
+    output_dir: str | os.PathLike | None = None,
+    seed: int = 42,
+    overrides: Sequence[str] = (),
+) -> tuple[Any, ad.AnnData, dict[str, float]]:
+    """Fine-tune on ``adata`` as ``train.py experiment=finetune_<task>`` does; returns (the fine-tuned ``ScGPT``
+    with the weights the task evaluated, the predictions AnnData, the metrics).
+
+    task: "annotation" (needs ``label_key``; query cells from ``query``, or ``query_key`` + ``query_values``, or a
+      stratified ``query_fraction``) or "integration" (needs ``label_key`` and ``batch_key``).
+    checkpoint: the pretrained model (official directory, imported .pt, or a .ckpt of this project); None trains
+      the small ``model=demo`` scGPT from scratch on the data's genes.
+    layer: read ``adata.layers[layer]`` instead of X (values are inspected and preprocessed as the recipe says).
+    baselines: e.g. ["l1_lr"] (annotation) or ["hvg_pca", "harmony", "scvi"] (integration), on the same values.
+    trainer: "auto" (one GPU if torch sees one, else the CPU), "cpu", "gpu", ... (configs/trainer).
+    output_dir: the run directory (inputs, checkpoints, predictions.h5ad, metrics.json, figures); default a new
+      temporary directory, named in ``predictions.uns["scgpt_output_dir"]``.
+    overrides: any other ``train.py`` override, e.g. ["model.lr=3e-4", "layout.max_seq_len=1201"].
+
+    The predictions AnnData is ``predictions.h5ad``: the input cells (reference then query) with their obs_names,
+    every gene in var order, X untouched, ``obs["split"]``, predictions, ``obsm["X_scgpt"]``,
+    ``layers["preprocessed"]`` (what the model and baselines read); ``uns["scgpt_checkpoint"]`` names the
+    checkpoint whose weights were evaluated (embed it with :func:`embed`).
+    """
+    from omegaconf import OmegaConf, open_dict
+
+    from scgpt_train.checkpoints import load_checkpoint
+    from scgpt_train.pipeline import run
+
+    if task not in TASKS:
+        raise ValueError(f"task must be one of {TASKS}, got {task!r}")
+    if task == "integration" and batch_key is None:
+        raise ValueError("task='integration' needs batch_key (the obs column holding the batches)")
+    for name, frame in (("adata", adata), ("query", query)):
+        if frame is not None:
+            for key in (label_key, batch_key, query_key if name == "adata" else None):
+                if key is not None and key not in frame.obs.columns:
+                    raise KeyError(f"{name}.obs has no column {key!r} (columns: {list(frame.obs.columns)[:15]})")
+    out = Path(output_dir) if output_dir is not None else Path(tempfile.mkdtemp(prefix=f"scgpt_{task}_"))
+    out.mkdir(parents=True, exist_ok=True)
+    inputs = out / "inputs"
+    ref_path = _write(adata, inputs / "reference.h5ad")
+    query_path = _write(query, inputs / "query.h5ad") if query is not None else None
+
+    groups = [f"experiment=finetune_{task}", f"trainer={trainer}"]
+    if checkpoint is None:  # from scratch: the small demo model, the data's own genes
+        groups += ["model=demo"]
+    cfg = _compose(groups + list(overrides))
+    values: dict[str, Any] = {
+        "paths.output_dir": str(out),
+        "seed": seed,
+        "pretrained": None if checkpoint is None else str(checkpoint),
+        "data.path": str(ref_path),
+        "data.query_path": None if query_path is None else str(query_path),
+        "data.label_key": label_key,
+        "data.batch_key": batch_key,
+        "data.query_key": query_key,
+        "data.query_values": None if query_values is None else [str(v) for v in query_values],
+        "data.query_fraction": query_fraction,
+        "data.layer": layer,
+        "data.preprocess.gene_column": gene_column,
+        "data.num_workers": 0,
+    }
+    if checkpoint is None:
+        values["data.vocab"] = None
+        values["model.net.use_generative"] = False
+        values["model.net.use_mvc"] = task == "integration"
+    if baselines is not None:
+        values["task.baselines"] = list(baselines)
+    if max_epochs is not None:
+        values["trainer.max_epochs"] = int(max_epochs)
+    given = {o.split("=", 1)[0].lstrip("+~") for o in overrides}
+    with open_dict(cfg):
+        for key, value in values.items():
+            if key not in given:  # an explicit override wins
+                OmegaConf.update(cfg, key, value, force_add=True)
+    metrics = run(cfg)
+    report = json.loads((out / "metrics.json").read_text()) if (out / "metrics.json").exists() else {}
+    weights = report.get("best_checkpoint") or str(out / "checkpoints" / "last.ckpt")
+    model, _ = load_checkpoint(weights)
+    model.eval()
+    predictions = ad.read_h5ad(out / "predictions.h5ad")
+    predictions.uns["scgpt_checkpoint"] = str(weights)
+    predictions.uns["scgpt_output_dir"] = str(out)
+    return model, predictions, metrics
+
+
+# ---------------------------------------------------------------------------------------------------------------
+def build_corpus(
+    inputs: Sequence[ad.AnnData | str | os.PathLike] | Mapping[str, ad.AnnData | str | os.PathLike],
+    out: str | os.PathLike,
+    *,
+    vocab: str | os.PathLike | None = None,
+    gene_column: str | None = None,
+    gene_table: str | os.PathLike | None = None,
+    layer: str | None = None,
+    use_raw: bool = False,
+    obs_columns: Sequence[str] | None = None,
+    allow_normalized: bool = False,
+    val_fraction: float | None = 0.003,
+    split_seed: int = 0,
+    min_genes: int = 1,
+    shard_size: int = 16384,
+    chunk_size: int = 2048,
+    duplicate_genes: str = "error",
+    overwrite: bool = False,
+    quiet: bool = True,
+):
+    """A sharded corpus at ``out`` from AnnData objects and / or h5ad paths, as ``scripts/build_corpus.py h5ad``:
+    gene identifiers resolved per input (Ensembl ids vs symbols, one key for all; inputs that would never match
+    are refused), values validated (raw counts unless ``allow_normalized``), resumable. ``inputs`` may be a
+    ``{dataset name: AnnData or path}`` mapping. ``vocab``: a vocab.json or checkpoint whose vocabulary to use
+    (default: the union of the inputs' genes). ``val_fraction=None`` makes no validation split. Returns the
+    :class:`data_modules.store.reader.Corpus`; ``corpus.gene_id_reports`` says how each input's genes were mapped.
+    """
+    from data_modules.store.cli import resolve_input_genes
+    from data_modules.store.convert import DEFAULT_OBS_COLUMNS, Source, check_out_dir, convert_sources, print_log
+    from data_modules.store.reader import Corpus
+    from data_modules.vocab import GeneVocab, load_gene_table, table_name
+
+    named = (
+        list(inputs.items())
+        if isinstance(inputs, Mapping)
+        else [
+            (Path(x).name.removesuffix(".h5ad") if not isinstance(x, ad.AnnData) else f"adata_{i}", x)
+            for i, x in enumerate(inputs)
+        ]
+    )
+    if not named:
+        raise ValueError("build_corpus needs at least one input (AnnData or h5ad path)")
+    names = [n for n, _ in named]
+    if len(set(names)) != len(names):
+        raise ValueError(f"input names must be unique (pass a {{name: input}} mapping), got {names}")
+    log = (lambda msg: None) if quiet else print_log
+    check_out_dir(out)
+    kw = dict(gene_column=gene_column, use_raw=use_raw, layer=layer)
+    sources = [Source(name, x if isinstance(x, ad.AnnData) else str(x), **kw) for name, x in named]
+    loaded = GeneVocab.from_checkpoint(vocab) if vocab is not None else None
+    table = load_gene_table(gene_table) if gene_table is not None else None
+    label = table_name(gene_table) if gene_table is not None else None
+    loaded, table, reports = resolve_input_genes(sources, loaded, table, label, log)
+    explicit = obs_columns is not None
+    convert_sources(
+        sources,
+        out,
+        vocab=loaded,
+        obs_columns=list(obs_columns if explicit else DEFAULT_OBS_COLUMNS),
+        shard_size=shard_size,
+        chunk_size=chunk_size,
+        allow_float=allow_normalized,
+        min_genes=min_genes,
+        split={"strategy": "none"}
+        if val_fraction is None
+        else {"strategy": "cell", "seed": split_seed, "val_fraction": float(val_fraction)},
+        gene_table=table,
+        overwrite=overwrite,
+        require_obs=explicit,
+        on_duplicate=duplicate_genes,
+        log=log,
+    )
+    corpus = Corpus(out)
+    corpus.gene_id_reports = reports
+    return corpus
+
+
+__all__ = ["embed", "finetune", "build_corpus"]
