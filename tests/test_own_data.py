@@ -173,8 +173,8 @@ def train_in_process(overrides: list[str], run_dir: Path) -> dict:
 
 def test_readme_integration_command_runs_on_an_ordinary_h5ad(own, tmp_path):
     """`train.py experiment=finetune_integration pretrained=... data.path=cells.h5ad data.label_key=cell_type
-    data.batch_key=batch` (README), here with 300 cells, the donor column as the batch and 100 HVGs to keep it short."""
-    sample = np.random.default_rng(1).choice(own["counts"].n_obs, 300, replace=False)
+    data.batch_key=batch` (README), here with 200 cells, the donor column as the batch and 100 HVGs to keep it short."""
+    sample = np.random.default_rng(1).choice(own["counts"].n_obs, 200, replace=False)
     cells = write(own["counts"][np.sort(sample)].copy(), tmp_path / "cells.h5ad")
     metrics = train_in_process(
         [
@@ -191,7 +191,7 @@ def test_readme_integration_command_runs_on_an_ordinary_h5ad(own, tmp_path):
     )
     assert {"test/avg_bio", "test/avg_batch"} <= set(metrics)
     pred = ad.read_h5ad(tmp_path / "predictions.h5ad")
-    assert pred.obsm["X_scgpt"].shape == (300, 32)
+    assert pred.obsm["X_scgpt"].shape == (200, 32)
 
 
 def test_trainer_auto_picks_the_hardware_there_is():
@@ -230,17 +230,18 @@ def test_small_validation_set_warns_and_the_checkpoint_is_chosen_by_macro_f1(own
     """200 reference cells (19 validation cells): the data module warns, the best checkpoint is the one with the
     highest validation macro-F1 (logged by ValidationMacroF1), and the task evaluates that one."""
     ref = write(own["ref"][:200].copy(), tmp_path / "small_ref.h5ad")
+    query = write(own["query"][:60].copy(), tmp_path / "small_query.h5ad")
     run = tmp_path / "run"
     train_in_process(
         [
             "experiment=finetune_annotation",
             f"pretrained={own['ckpt']}",
             f"data.path={ref}",
-            f"data.query_path={own['query_tpm']}",
+            f"data.query_path={query}",
             "data.batch_size=16",
             "model.lr=3e-3",
             *SHORT,
-            "trainer.max_epochs=4",
+            "trainer.max_epochs=3",
         ],
         run,
     )
@@ -251,7 +252,7 @@ def test_small_validation_set_warns_and_the_checkpoint_is_chosen_by_macro_f1(own
     assert (selection["monitor"], selection["mode"], selection["use_best"]) == ("val/macro_f1", "max", True)
     logged = pd.read_csv(run / "csv" / "metrics.csv")
     per_epoch = logged.dropna(subset=["val/macro_f1"])
-    assert len(per_epoch) == 5  # the pass before training + 4 epochs
+    assert len(per_epoch) == 4  # the pass before training + 3 epochs
     best_fit = per_epoch.iloc[1:]["val/macro_f1"].max()  # checkpoints are saved during fit only
     assert selection["best_score"] == pytest.approx(best_fit)
     step = int(per_epoch.iloc[1:].loc[per_epoch.iloc[1:]["val/macro_f1"].idxmax(), "step"])
