@@ -8,19 +8,42 @@ classifier and ECS; every attention path equals the one explicit-mask reference 
 
 from __future__ import annotations
 
+import copy
+import functools
 import json
 
 import numpy as np
 import pytest
 import torch
+import torch.nn.functional as F
 from helpers.corpora import split_ids
 
+from data_modules.batch import Batch
 from data_modules.datamodule import CorpusDataModule
 from data_modules.store.reader import Corpus
 from data_modules.stream import CellStream, Cursor, StreamLoader
 from data_modules.tokenize import Tokenizer
+from scgpt_train.model import ScGPT
+from scgpt_train.model.attention import (
+    PackedCells,
+    naive_attention,
+    packed_attention,
+    packed_attention_buckets,
+    packed_attention_varlen,
+    reference_attention_mask,
+    use_reference_attention,
+)
+from scgpt_train.objectives import (
+    CLSObjective,
+    DARObjective,
+    ECSObjective,
+    GenerativeObjective,
+    MLMObjective,
+    total_loss,
+)
 
-TOK = {"layout": {"max_seq_len": 129}}  # short cells keep the model tests fast; real length variety remains
+TOK = {"layout": {"max_seq_len": 301}}  # pbmc68k cells have 183-765 genes, celltypist's more: lengths vary
+MODEL_LAYOUT = {"max_seq_len": 601}  # model tests: pbmc68k cells (~200-300 tokens) beside capped celltypist ones
 STREAM = dict(batch_size=24, block_size=32, buffer_blocks=3, lanes=4, seed=3)
 
 
@@ -146,3 +169,280 @@ def test_datamodule_packing_option(demo_corpus):
     assert train.packed and val.packed and train.n_cells == 8 and not train.pad_mask.any()
     state = dm.train_dataloader().state_dict()
     assert state["plan"]["batch_size"] == 8
+
+
+# ------------------------------------------------------------------------------------------
+# model side
+# ------------------------------------------------------------------------------------------
+@functools.lru_cache(maxsize=1)
+def _demo_cells(corpus_dir: str):
+    corpus = Corpus(corpus_dir)
+    return corpus, corpus.read_cells(0, corpus.n_cells)
+
+
+def real_batches(demo_corpus, generative: bool, n_per_dataset: int = 4, seed: int = 0) -> tuple[Batch, Batch]:
+    """The same real cells (pbmc68k_reduced and celltypist's sample, mixed lengths) padded and packed, with the
+    dataset as batch label and the cell type as label."""
+    corpus, block = _demo_cells(str(demo_corpus))
+    dataset = block.obs["dataset"]
+    rng = np.random.default_rng(seed)
+    rows = np.concatenate([rng.choice(np.flatnonzero(dataset == d), n_per_dataset, replace=False) for d in (0, 1)])
+    tok_cfg = {"layout": MODEL_LAYOUT, "gen_ratios": [0.5] if generative else None}
+    tok_cfg["mlm_prob"] = None if generative else 0.4
+    tok = Tokenizer(tok_cfg, corpus.vocab.pad_id, corpus.vocab.cls_id)
+    enc = tok.encode(block, np.random.default_rng(seed), rows)
+    out = []
+    for batch in (tok.pad(enc), tok.pack(enc)):
+        batch.batch_labels = batch.obs["dataset"]
+        batch.labels = batch.obs["cell_type"]
+        out.append(batch)
+    return out[0], out[1]
+
+
+def build_model(vocab_size, pad_id, seed=0, **kw) -> ScGPT:
+    torch.manual_seed(seed)
+    base = dict(d_model=32, n_heads=4, d_ff=64, n_layers=2, dropout=0.0, layout=MODEL_LAYOUT)
+    return ScGPT(vocab_size=vocab_size, pad_token_id=pad_id, **{**base, **kw})
+
+
+def objectives_for(model_kw: dict, generative: bool) -> dict:
+    gepc = model_kw.get("use_mvc", True)
+    if generative:
+        objs = {"gen": GenerativeObjective(use_gepc=gepc, cell_prompt_after_steps=0)}
+    else:
+        objs = {"mlm": MLMObjective(use_gepc=gepc)}
+    objs["ecs"] = ECSObjective(weight=1.0)
+    if model_kw.get("n_cls"):
+        objs["cls"] = CLSObjective()
+    if model_kw.get("do_dab"):
+        objs["dar"] = DARObjective()
+    return objs
+
+
+def step(model, batch, objectives):
+    """Losses and every parameter's gradient of one training step."""
+    model.zero_grad(set_to_none=True)
+    outputs = model(**batch.model_inputs())
+    terms = total_loss(objectives, model, batch, outputs, step=1)
+    terms["loss"].backward()
+    grads = {n: p.grad.detach().clone() for n, p in model.named_parameters() if p.grad is not None}
+    return outputs, {k: v.detach() for k, v in terms.items()}, grads
+
+
+MODEL_CASES = {
+    "cls + MVC": dict(cell_emb_style="cls"),
+    "avg-pool + DSBN": dict(cell_emb_style="avg-pool", num_batch_labels=2, dsbn=True),
+    "w-pool + batch labels + DAB + classifier + zero probs": dict(
+        cell_emb_style="w-pool",
+        num_batch_labels=2,
+        use_batch_labels=True,
+        do_dab=True,
+        n_cls=11,
+        explicit_zero_prob=True,
+    ),
+    "pre-norm, no MVC": dict(norm_scheme="pre", use_mvc=False),
+}
+
+
+def step_outputs(model, batch, objectives) -> dict[str, torch.Tensor]:
+    """Every loss term, per-token output (non-pad tokens in stream order), cell-level output and gradient."""
+    outputs, terms, grads = step(model, batch, objectives)
+    flat = {f"loss {k}": v for k, v in terms.items()}
+    keep = ~batch.pad_mask
+    for name in ("encoder_output", "mlm_output", "mvc_output", "mlm_zero_probs", "mvc_zero_probs"):
+        if name in outputs:
+            flat[name] = outputs[name].detach()[keep]
+    for name in ("cell_emb", "cls_output", "dab_output"):
+        if name in outputs:
+            flat[name] = outputs[name].detach()
+    flat.update({f"grad {k}": v for k, v in grads.items()})
+    return flat
+
+
+@pytest.mark.parametrize("generative", [True, False], ids=["generative", "plain"])
+@pytest.mark.parametrize("case", list(MODEL_CASES))
+def test_packed_and_padded_give_the_same_losses_and_gradients(demo_corpus, case, generative):
+    """Real cells, one fp32 training step: every loss term, per-token output, cell-level output and parameter
+    gradient of the packed batch is within 1e-5 of the padded batch's (scaled by the tensor's size when above 1).
+
+    Where the padded fp32 result is itself further than that from the exact (fp64) result (sums over thousands
+    of tokens with cancellation, gradients of size ~40 at an untrained model's loss of ~800), the packed result
+    must be within 1e-5 of the exact one instead."""
+    padded, packed = real_batches(demo_corpus, generative)
+    assert padded.pad_mask.float().mean() > 0.2  # lengths really differ
+    kw = MODEL_CASES[case]
+    vocab = Corpus(demo_corpus).vocab
+    model = build_model(len(vocab), vocab.pad_id, **kw).train()
+    exact_model = copy.deepcopy(model).double()
+    objectives = objectives_for(kw, generative)
+    pad, pack = step_outputs(model, padded, objectives), step_outputs(model, packed, objectives)
+    assert pad.keys() == pack.keys()
+    tol = 1e-5
+    scale = {k: max(1.0, float(v.abs().max())) for k, v in pad.items()}
+    diff = {k: float((pack[k] - pad[k]).abs().max()) for k in pad}
+    off = [k for k in pad if diff[k] > tol * scale[k]]
+    if off:  # compare both with the exact result
+        for batch in (padded, packed):
+            batch.values, batch.target_values = batch.values.double(), batch.target_values.double()
+        exact = step_outputs(exact_model, padded, objectives)
+        for k in off:
+            err_pack, err_pad = (float((x[k].double() - exact[k]).abs().max()) for x in (pack, pad))
+            assert err_pack <= tol * scale[k] < err_pad, f"{k}: packed off the exact result by {err_pack:.2e}"
+    worst = max(diff, key=diff.get)
+    print(
+        f"\n{case} {'generative' if generative else 'plain'}: max |packed - padded| {diff[worst]:.2e} ({worst}, "
+        f"size {scale[worst]:.3g}); beyond 1e-5 of the size: {off} (padded's own fp32 error)"
+    )
+
+
+def _qkv(T, H=4, Dh=16, dtype=torch.float64, seed=0):
+    g = torch.Generator().manual_seed(seed)
+    return [torch.randn(T, H, Dh, generator=g, dtype=dtype, requires_grad=True) for _ in range(3)]
+
+
+def cpu_varlen_kernel(q, k, v, cu_q, cu_k, max_q, max_k, scale):
+    """A CPU stand-in for the CUDA varlen flash kernel (one SDPA call per cell, q and k lengths may differ)."""
+    outs = []
+    for c in range(len(cu_q) - 1):
+        qs, ks, vs = (
+            t[int(a[c]) : int(a[c + 1])].transpose(0, 1) for t, a in ((q, cu_q), (k, cu_k), (v, cu_k))
+        )  # (H, len, D)
+        outs.append(F.scaled_dot_product_attention(qs, ks, vs, scale=scale).transpose(0, 1))
+    return torch.cat(outs)
+
+
+ATTENTION_PATHS = {
+    "buckets (default ratio)": lambda q, k, v, p, g: packed_attention_buckets(q, k, v, p, g),
+    "buckets (one per length)": lambda q, k, v, p, g: packed_attention_buckets(q, k, v, p, g, ratio=1.0),
+    "buckets (one padded bucket)": lambda q, k, v, p, g: packed_attention_buckets(q, k, v, p, g, ratio=0.0),
+    "varlen stream arithmetic (CPU kernel)": lambda q, k, v, p, g: packed_attention_varlen(
+        q, k, v, p, g, kernel=cpu_varlen_kernel
+    ),
+    "dispatch": lambda q, k, v, p, g: packed_attention(q, k, v, p, g),
+}
+
+
+@pytest.mark.parametrize("generative", [True, False], ids=["generative", "plain"])
+@pytest.mark.parametrize("path", list(ATTENTION_PATHS))
+@pytest.mark.parametrize("dtype,tol", [(torch.float64, 1e-10), (torch.float32, 1e-5)])
+def test_packed_attention_paths_equal_the_explicit_mask_reference(path, generative, dtype, tol):
+    """Ragged cells (a lone <cls>, a cell with every gene unknown, lengths across several buckets)."""
+    lengths = [1, 37, 5, 64, 60, 12, 33, 2]
+    cu = torch.tensor(np.concatenate([[0], np.cumsum(lengths)]), dtype=torch.int32)
+    token_cell = torch.repeat_interleave(torch.arange(len(lengths)), torch.tensor(lengths))
+    T = int(cu[-1])
+    g = torch.Generator().manual_seed(1)
+    gen = (torch.rand(T, generator=g) < 0.5) if generative else None
+    if gen is not None:
+        gen[cu[:-1].long()] = False  # <cls> is known
+        gen[int(cu[5]) + 1 : int(cu[6])] = True  # cell 5: every gene unknown
+    q, k, v = _qkv(T, dtype=dtype)
+    packed = PackedCells(cu, token_cell, max(lengths))
+    upstream = torch.randn(T, 4, 16, generator=g, dtype=dtype)
+    out = ATTENTION_PATHS[path](q, k, v, packed, gen)
+    grads = torch.autograd.grad((out * upstream).sum(), (q, k, v))
+    pad = torch.zeros(1, T, dtype=torch.bool)
+    allowed = reference_attention_mask(pad, None if gen is None else gen[None], token_cell[None])  # (1, T, T)
+    ref = naive_attention(*(t.transpose(0, 1)[None] for t in (q, k, v)), allowed)[0].transpose(0, 1)
+    grads_ref = torch.autograd.grad((ref * upstream).sum(), (q, k, v))
+    torch.testing.assert_close(out, ref, rtol=0, atol=tol)
+    for a, b in zip(grads, grads_ref):
+        torch.testing.assert_close(a, b, rtol=0, atol=tol)
+
+
+@pytest.mark.parametrize("generative", [True, False], ids=["generative", "plain"])
+def test_packed_model_equals_the_reference_model_float64(demo_corpus, generative):
+    """The whole model on a packed batch of real cells: fast paths vs the explicit (1, T, T) mask reference."""
+    _, packed = real_batches(demo_corpus, generative, n_per_dataset=1)  # the T x T reference is costly
+    vocab = Corpus(demo_corpus).vocab
+    kw = dict(cell_emb_style="avg-pool", num_batch_labels=2, dsbn=True)
+    model = build_model(len(vocab), vocab.pad_id, **kw).double().train()
+    packed.values = packed.values.double()
+    packed.target_values = packed.target_values.double()
+    objectives = objectives_for(kw, generative)
+    out, terms, grads = step(model, packed, objectives)
+    out_ref, terms_ref, grads_ref = step(use_reference_attention(model), packed, objectives)
+    use_reference_attention(model, False)
+    for name in terms:
+        torch.testing.assert_close(terms[name], terms_ref[name], rtol=1e-10, atol=1e-10, msg=name)
+    torch.testing.assert_close(out["cell_emb"], out_ref["cell_emb"], rtol=0, atol=1e-10)
+    for name in grads:
+        torch.testing.assert_close(grads[name], grads_ref[name], rtol=1e-10, atol=1e-9, msg=name)
+
+
+def test_packed_cell_prompt_and_dsbn_eval_match_padded(demo_corpus):
+    """The cell prompt replaces each cell's <cls> input; DSBN running statistics come out the same."""
+    padded, packed = real_batches(demo_corpus, generative=True)
+    vocab = Corpus(demo_corpus).vocab
+    model = build_model(len(vocab), vocab.pad_id, num_batch_labels=2, dsbn=True).train()
+    prompt = torch.randn(padded.n_cells, 32)
+    a = model(**padded.model_inputs(), cell_prompt=prompt)["mlm_output"][~padded.pad_mask]
+    stats_pad = [bn.running_mean.clone() for bn in model.dsbn.bns]
+    model2 = build_model(len(vocab), vocab.pad_id, num_batch_labels=2, dsbn=True).train()
+    b = model2(**packed.model_inputs(), cell_prompt=prompt)["mlm_output"][0]
+    torch.testing.assert_close(b, a, rtol=1e-5, atol=1e-5)
+    for x, y in zip(stats_pad, [bn.running_mean for bn in model2.dsbn.bns]):
+        torch.testing.assert_close(x, y, rtol=1e-5, atol=1e-6)
+    model.eval()
+    with torch.no_grad():
+        ev_pad = model(**padded.model_inputs())["cell_emb"]
+        ev_pack = model(**packed.model_inputs())["cell_emb"]
+    torch.testing.assert_close(ev_pack, ev_pad, rtol=1e-5, atol=1e-5)
+
+
+# ------------------------------------------------------------------------------------------
+# CUDA (skipped without a GPU; scripts/gpu_check.sh runs these with pytest -m cuda)
+# ------------------------------------------------------------------------------------------
+needs_cuda = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")
+
+
+@pytest.mark.cuda
+@needs_cuda
+@pytest.mark.parametrize("generative", [True, False], ids=["generative", "plain"])
+@pytest.mark.parametrize("dtype,tol", [(torch.bfloat16, 2e-2), (torch.float16, 4e-3)])
+def test_cuda_varlen_flash_equals_the_reference(generative, dtype, tol):
+    """The varlen flash kernel over the packed stream (dispatch picks it for bf16 / fp16 on CUDA), forward and
+    gradients, against the explicit-mask reference computed in fp32 from the same rounded inputs."""
+    lengths = [1, 1201, 37, 5, 640, 600, 12, 333, 2]
+    cu = torch.tensor(np.concatenate([[0], np.cumsum(lengths)]), dtype=torch.int32, device="cuda")
+    token_cell = torch.repeat_interleave(torch.arange(len(lengths), device="cuda"), torch.diff(cu).long())
+    T = int(cu[-1])
+    g = torch.Generator(device="cuda").manual_seed(0)
+    gen = (torch.rand(T, generator=g, device="cuda") < 0.5) if generative else None
+    if gen is not None:
+        gen[cu[:-1].long()] = False
+    q, k, v = (torch.randn(T, 8, 64, generator=g, device="cuda").to(dtype).requires_grad_() for _ in range(3))
+    packed = PackedCells(cu, token_cell, max(lengths))
+    upstream = torch.randn(T, 8, 64, generator=g, device="cuda").to(dtype)
+    out = packed_attention(q, k, v, packed, gen)
+    grads = torch.autograd.grad((out.float() * upstream.float()).sum(), (q, k, v))
+    q32, k32, v32 = (t.detach().float().requires_grad_() for t in (q, k, v))
+    pad = torch.zeros(1, T, dtype=torch.bool, device="cuda")
+    allowed = reference_attention_mask(pad, None if gen is None else gen[None], token_cell[None])
+    ref = naive_attention(*(t.transpose(0, 1)[None] for t in (q32, k32, v32)), allowed)[0].transpose(0, 1)
+    grads_ref = torch.autograd.grad((ref * upstream.float()).sum(), (q32, k32, v32))
+    torch.testing.assert_close(out.float(), ref, rtol=0, atol=tol)
+    for a, b in zip(grads, grads_ref):
+        torch.testing.assert_close(a.float(), b, rtol=0, atol=tol * max(1.0, float(b.abs().max())))
+
+
+@pytest.mark.cuda
+@needs_cuda
+@pytest.mark.parametrize("generative", [True, False], ids=["generative", "plain"])
+def test_cuda_packed_model_matches_padded(demo_corpus, generative):
+    """The model on CUDA: fp32 (length buckets, SDPA kernels) within 1e-4 of the padded batch; bf16 autocast
+    (varlen flash) within bf16 tolerance of the fp32 result."""
+    padded, packed = (b.to("cuda") for b in real_batches(demo_corpus, generative))
+    vocab = Corpus(demo_corpus).vocab
+    kw = MODEL_CASES["avg-pool + DSBN"]
+    model = build_model(len(vocab), vocab.pad_id, **kw).cuda().train()
+    objectives = objectives_for(kw, generative)
+    pad, pack = step_outputs(model, padded, objectives), step_outputs(model, packed, objectives)
+    for key in pad:
+        scale = max(1.0, float(pad[key].abs().max()))
+        assert float((pack[key] - pad[key]).abs().max()) <= 1e-4 * scale, key
+    with torch.autocast("cuda", dtype=torch.bfloat16):
+        bf16 = step_outputs(model, packed, objectives)
+    for key in ("loss loss", "cell_emb"):
+        scale = max(1.0, float(pad[key].abs().max()))
+        assert float((bf16[key].float() - pad[key]).abs().max()) <= 5e-2 * scale, key

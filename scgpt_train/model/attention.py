@@ -18,10 +18,28 @@ part of the softmax over {known keys, self}) and adds the O(L Dh) self-term grad
 Fallback (attention dropout > 0 or another device): the self term of each query is folded
 into ONE shared extra "sink" key whose logit equals the query's self logit, so one SDPA call
 over L + 1 keys gives the exact softmax over {known keys, self}, dropout included.
+
+Packed batches (one (1, T) token stream, ``cu_seqlens``; ``PackedCells``) attend per cell, never through a
+T x T or L x L mask:
+
+* CPU (and any fallback): cells are grouped into length buckets (``bucket_ratio``: a cell joins a bucket when
+  its length is at least that fraction of the bucket's longest); each bucket is gathered into a padded
+  (n, H, L_b, Dh) block and runs the padded kernels above (SDPA with a key mask, generative flash + lse), and
+  the outputs are put back in stream order. Everything outside attention runs on the T real tokens only.
+* CUDA, bf16 / fp16, no attention dropout: ``torch.nn.attention.varlen.varlen_attn`` (flash, varlen) over the
+  stream. Generative attention there uses the sink idea per cell with two extra channels: channel Dh carries
+  the query's self logit against one sink key appended to each cell (its value is one-hot on channel Dh, so
+  the output's channel Dh is the self weight), channel Dh + 1 is a per-key bias (0 for known keys, a large
+  negative number for unknown ones) so unknown keys get no weight: no mask, no gather, no data-dependent
+  shape, autograd through the kernel's own backward.
+
+``reference_attention_mask`` + ``naive_attention`` is the one explicit-mask reference (padded (B, L, L) or
+packed (1, T, T)) that every path is tested against; ``use_reference_attention(model)`` switches a model to it.
 """
 
 from __future__ import annotations
 
+import numpy as np
 import torch
 import torch.nn.functional as F
 from torch import nn
@@ -29,6 +47,13 @@ from torch import nn
 _EXTRA_DIMS = 8  # sink fallback: pad the head dim by 8 (keeps kernels happy about alignment)
 _NO_SELF_LOGIT = -1.0e4  # sink fallback: unscaled sink logit for known queries, exp() underflows to 0
 _HAS_CPU_FLASH = hasattr(torch.ops.aten, "_scaled_dot_product_flash_attention_for_cpu")
+_KEY_OFF = -1.0e4  # varlen generative: scaled logit added to unknown keys (exp() underflows to 0)
+BUCKET_RATIO = 0.75  # packed CPU path: a cell joins a length bucket when >= this fraction of its longest cell
+
+try:  # the varlen flash kernel (CUDA); torch 2.13 ships it as torch.nn.attention.varlen
+    from torch.nn.attention.varlen import varlen_attn as _varlen_attn
+except ImportError:  # pragma: no cover - older torch
+    _varlen_attn = None
 
 
 def known_key_layout(known_key_mask: torch.Tensor):
@@ -130,11 +155,26 @@ def generative_sdpa_sink(q, k, v, known_key_mask, unknown_query_mask, dropout_p:
 
 def generative_attention_mask(pad_mask: torch.Tensor, gen_mask: torch.Tensor) -> torch.Tensor:
     """The full (B, L, L) boolean mask (True = may attend) of generative attention; reference only."""
-    known_keys = ~pad_mask & ~gen_mask  # (B, L)
-    L = pad_mask.shape[1]
-    eye = torch.eye(L, dtype=torch.bool, device=pad_mask.device)
-    self_allowed = eye[None] & gen_mask[:, :, None]  # (B, L, L): unknown query i -> key i
-    return known_keys[:, None, :] | self_allowed
+    return reference_attention_mask(pad_mask, gen_mask)
+
+
+def reference_attention_mask(
+    pad_mask: torch.Tensor, gen_mask: torch.Tensor | None = None, token_cell: torch.Tensor | None = None
+) -> torch.Tensor:
+    """The explicit (B, L, L) boolean mask (True = may attend) of any attention the model runs; reference only.
+
+    pad_mask, gen_mask (None: plain attention), token_cell (packed (1, T) layout: a query sees only its own cell's
+    keys; None: padded rows, one cell each). Keys: non-pad, known tokens; an unknown query also sees itself.
+    """
+    keys = ~pad_mask if gen_mask is None else ~pad_mask & ~gen_mask  # (B, L)
+    B, L = pad_mask.shape
+    allowed = keys[:, None, :].expand(B, L, L)
+    if gen_mask is not None:
+        eye = torch.eye(L, dtype=torch.bool, device=pad_mask.device)
+        allowed = allowed | (eye[None] & gen_mask[:, :, None])  # unknown query i -> key i
+    if token_cell is not None:
+        allowed = allowed & (token_cell[:, :, None] == token_cell[:, None, :])  # block diagonal: own cell only
+    return allowed
 
 
 def naive_attention(q, k, v, allowed: torch.Tensor) -> torch.Tensor:
@@ -144,8 +184,145 @@ def naive_attention(q, k, v, allowed: torch.Tensor) -> torch.Tensor:
     return torch.softmax(logits, dim=-1) @ v
 
 
+# ------------------------------------------------------------------------------------------
+# packed batches: one (1, T) token stream, cells at cu_seqlens
+# ------------------------------------------------------------------------------------------
+class PackedCells:
+    """Where the cells of a packed (1, T) token stream sit; built once per forward and shared by every layer.
+
+    cu_seqlens (B+1,) int (cell c = tokens [cu_seqlens[c], cu_seqlens[c+1])); token_cell (T,) or (1, T) int64;
+    max_seqlen: the longest cell (a host int the loader knows; None = read from cu_seqlens, a device sync).
+    """
+
+    def __init__(self, cu_seqlens: torch.Tensor, token_cell: torch.Tensor, max_seqlen: int | None = None):
+        self.cu_seqlens = cu_seqlens.to(torch.int32)  # (B+1,)
+        self.token_cell = token_cell.reshape(-1)  # (T,) int64
+        self.n_cells = int(cu_seqlens.shape[0]) - 1
+        if max_seqlen is None:
+            max_seqlen = int(torch.diff(self.cu_seqlens).max()) if self.n_cells else 1
+        self.max_seqlen = int(max_seqlen)
+        self.cls_at = self.cu_seqlens[:-1].long()  # (B,) stream position of each cell's <cls>
+        self._buckets: dict = {}
+
+    @property
+    def n_tokens(self) -> int:
+        return int(self.token_cell.shape[0])
+
+    def buckets(self, ratio: float = BUCKET_RATIO) -> tuple[list, torch.Tensor]:
+        """Length buckets of the cells (computed once per ratio, on the host).
+
+        Returns ``[(index (n, L_b) int64 stream positions (padding slots repeat the cell's <cls>), valid (n, L_b)
+        bool, padded: bool), ...]`` and ``order`` (T,) int64: for every stream token, its row in the concatenation
+        of the buckets' valid slots.
+        """
+        if ratio not in self._buckets:
+            cu = self.cu_seqlens.cpu().numpy().astype(np.int64)
+            lengths = np.diff(cu)
+            by_length = np.argsort(-lengths, kind="stable")  # longest first
+            groups, start = [], 0
+            for i in range(1, len(by_length) + 1):
+                if i == len(by_length) or lengths[by_length[i]] < ratio * lengths[by_length[start]]:
+                    groups.append(np.sort(by_length[start:i]))
+                    start = i
+            device = self.token_cell.device
+            buckets, positions = [], []
+            for cells in groups:
+                L_b = int(lengths[cells].max())
+                offset = np.arange(L_b)[None, :]
+                valid = offset < lengths[cells][:, None]  # (n, L_b)
+                index = cu[cells][:, None] + np.where(valid, offset, 0)  # pads -> the cell's <cls>
+                buckets.append(
+                    (torch.from_numpy(index).to(device), torch.from_numpy(valid).to(device), not bool(valid.all()))
+                )
+                positions.append(index[valid])
+            flat = np.concatenate(positions) if positions else np.zeros(0, np.int64)
+            order = np.empty_like(flat)
+            order[flat] = np.arange(len(flat))
+            self._buckets[ratio] = (buckets, torch.from_numpy(order).to(device))
+        return self._buckets[ratio]
+
+
+def packed_attention_buckets(q, k, v, packed: PackedCells, gen_mask=None, dropout_p: float = 0.0, ratio=None):
+    """Per-cell attention over a packed stream by length buckets (any device, dropout allowed).
+
+    q, k, v: (T, H, Dh); gen_mask: (T,) bool True = unknown token, or None (plain attention). Returns (T, H, Dh).
+    """
+    buckets, order = packed.buckets(BUCKET_RATIO if ratio is None else ratio)
+    outs = []
+    for index, valid, padded in buckets:
+        qb, kb, vb = (t[index].transpose(1, 2).contiguous() for t in (q, k, v))  # (n, H, L_b, Dh)
+        if gen_mask is None:
+            mask = valid[:, None, None, :] if padded else None
+            ob = F.scaled_dot_product_attention(qb, kb, vb, attn_mask=mask, dropout_p=dropout_p)
+        else:
+            unknown = gen_mask[index] & valid  # (n, L_b)
+            ob = generative_sdpa(qb, kb, vb, valid & ~unknown, unknown, dropout_p)
+        outs.append(ob.transpose(1, 2)[valid])  # (N_b, H, Dh): the bucket's tokens, cell by cell
+    return torch.cat(outs)[order]
+
+
+def _cuda_varlen_kernel(q, k, v, cu_q, cu_k, max_q, max_k, scale):
+    return _varlen_attn(q, k, v, cu_q, cu_k, max_q, max_k, scale=scale)
+
+
+def packed_attention_varlen(q, k, v, packed: PackedCells, gen_mask=None, kernel=None):
+    """Per-cell attention over a packed stream with a varlen kernel (default: the CUDA flash varlen kernel).
+
+    q, k, v: (T, H, Dh); gen_mask (T,) bool or None. ``kernel(q, k, v, cu_q, cu_k, max_q, max_k, scale)`` is
+    swappable so the stream arithmetic is tested on CPU against the reference. Returns (T, H, Dh).
+    """
+    kernel = _cuda_varlen_kernel if kernel is None else kernel
+    T, H, Dh = q.shape
+    scale = Dh**-0.5
+    cu, max_len = packed.cu_seqlens, packed.max_seqlen
+    q, k, v = q.contiguous(), k.contiguous(), v.contiguous()
+    if gen_mask is None:
+        return kernel(q, k, v, cu, cu, max_len, max_len, scale)
+    # generative: per cell, keys = its tokens + one sink; two extra channels (module doc), padded to Dh + 8
+    unknown = gen_mask[:, None, None]  # (T, 1, 1)
+    self_logit = (q * k).sum(-1, keepdim=True)  # (T, H, 1) unscaled: the kernel applies the scale
+    q_sink = torch.where(unknown, self_logit, torch.full_like(self_logit, _NO_SELF_LOGIT))
+    ones = torch.ones_like(self_logit)
+    zeros = q.new_zeros(T, H, _EXTRA_DIMS - 2)
+    q_ext = torch.cat([q, q_sink, ones, zeros], dim=-1)  # (T, H, Dh + 8)
+    key_bias = torch.where(unknown, torch.full_like(self_logit, _KEY_OFF / scale), torch.zeros_like(self_logit))
+    k_tok = torch.cat([k, torch.zeros_like(self_logit), key_bias, zeros], dim=-1)  # (T, H, Dh + 8)
+    v_tok = torch.cat([v, q.new_zeros(T, H, _EXTRA_DIMS)], dim=-1)
+    B = packed.n_cells
+    sink = q.new_zeros(B, H, Dh + _EXTRA_DIMS)
+    sink[..., Dh] = 1.0  # sink key == sink value == one-hot on channel Dh
+    token_at = torch.arange(T, device=q.device) + packed.token_cell  # (T,) slot of each token: cell c shifts by c
+    sink_at = packed.cu_seqlens[1:].long() + torch.arange(B, device=q.device)  # (B,) after each cell's tokens
+    slots = torch.cat([token_at, sink_at])  # (T + B,)
+    k_ext = q.new_zeros(T + B, H, Dh + _EXTRA_DIMS).index_copy(0, slots, torch.cat([k_tok, sink]))
+    v_ext = q.new_zeros(T + B, H, Dh + _EXTRA_DIMS).index_copy(0, slots, torch.cat([v_tok, sink]))
+    cu_k = cu + torch.arange(B + 1, device=cu.device, dtype=cu.dtype)  # (B+1,) one more key per cell
+    out = kernel(q_ext, k_ext, v_ext, cu, cu_k, max_len, max_len + 1, scale)  # (T, H, Dh + 8)
+    return out[..., :Dh] + out[..., Dh : Dh + 1] * v
+
+
+def packed_attention(q, k, v, packed: PackedCells, gen_mask=None, dropout_p: float = 0.0):
+    """Per-cell attention over a packed stream: the CUDA varlen kernel where it applies, else length buckets."""
+    varlen_ok = (
+        _varlen_attn is not None
+        and q.is_cuda
+        and q.dtype in (torch.float16, torch.bfloat16)
+        and dropout_p == 0.0
+        and q.shape[-1] % 8 == 0
+        and q.shape[-1] + _EXTRA_DIMS <= 256
+    )
+    if varlen_ok:
+        return packed_attention_varlen(q, k, v, packed, gen_mask)
+    return packed_attention_buckets(q, k, v, packed, gen_mask, dropout_p)
+
+
 class SelfAttention(nn.Module):
-    """Fused-QKV multi-head self-attention (rows of ``qkv`` are q; k; v like PyTorch's in_proj)."""
+    """Fused-QKV multi-head self-attention (rows of ``qkv`` are q; k; v like PyTorch's in_proj).
+
+    ``reference = True`` (``use_reference_attention``) runs the explicit-mask reference instead of the fast paths.
+    """
+
+    reference = False
 
     def __init__(self, d_model: int, n_heads: int, dropout: float = 0.0):
         super().__init__()
@@ -156,16 +333,42 @@ class SelfAttention(nn.Module):
         self.qkv = nn.Linear(d_model, 3 * d_model)
         self.out_proj = nn.Linear(d_model, d_model)
 
-    def forward(self, x, pad_mask, gen_mask=None):
-        """x: (B, L, d); pad_mask (B, L) True = pad; gen_mask (B, L) True = unknown token or None."""
+    def forward(self, x, pad_mask, gen_mask=None, packed: PackedCells | None = None):
+        """x: (B, L, d); pad_mask (B, L) True = pad; gen_mask (B, L) True = unknown token or None.
+
+        ``packed``: x is a packed (1, T, d) stream whose cells ``packed`` describes (pad_mask / gen_mask (1, T)).
+        """
         B, L, d = x.shape
+        p = self.dropout if self.training else 0.0
+        if self.reference:
+            return self._reference(x, pad_mask, gen_mask, packed)
+        if packed is not None:
+            if B != 1:
+                raise ValueError(f"a packed batch is one (1, T) stream, got x of shape {tuple(x.shape)}")
+            q, k, v = self.qkv(x).view(L, 3, self.n_heads, d // self.n_heads).unbind(1)  # (T, H, Dh) each
+            out = packed_attention(q, k, v, packed, None if gen_mask is None else gen_mask[0], p)
+            return self.out_proj(out.reshape(1, L, d))
         # one copy into (3, B, H, L, Dh): SDPA's CPU math kernel is many times slower on strided q/k/v
         q, k, v = (
             self.qkv(x).view(B, L, 3, self.n_heads, d // self.n_heads).permute(2, 0, 3, 1, 4).contiguous().unbind(0)
         )
-        p = self.dropout if self.training else 0.0
         if gen_mask is None:
             out = F.scaled_dot_product_attention(q, k, v, attn_mask=~pad_mask[:, None, None, :], dropout_p=p)
         else:
             out = generative_sdpa(q, k, v, ~pad_mask & ~gen_mask, gen_mask, dropout_p=p)
         return self.out_proj(out.transpose(1, 2).reshape(B, L, d))
+
+    def _reference(self, x, pad_mask, gen_mask, packed):
+        """The explicit-mask reference (no attention dropout): naive softmax over ``reference_attention_mask``."""
+        B, L, d = x.shape
+        q, k, v = self.qkv(x).view(B, L, 3, self.n_heads, d // self.n_heads).permute(2, 0, 3, 1, 4).unbind(0)
+        allowed = reference_attention_mask(pad_mask, gen_mask, None if packed is None else packed.token_cell[None])
+        return self.out_proj(naive_attention(q, k, v, allowed).transpose(1, 2).reshape(B, L, d))
+
+
+def use_reference_attention(model: nn.Module, on: bool = True) -> nn.Module:
+    """Switch every SelfAttention of ``model`` to the explicit-mask reference (``on``) or back to the fast paths."""
+    for module in model.modules():
+        if isinstance(module, SelfAttention):
+            module.reference = bool(on)
+    return model

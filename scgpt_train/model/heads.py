@@ -52,9 +52,18 @@ class MVCDecoder(nn.Module):
         self.W = nn.Linear(d_gene, d_cell, bias=False)
         self.W_zero_logit = nn.Linear(d_gene, d_cell) if explicit_zero_prob else None
 
-    def forward(self, cell_emb, gene_embs) -> dict:
-        """cell_emb (B, d_cell); gene_embs (B, L, d_gene) -> pred (B, L)."""
+    def forward(self, cell_emb, gene_embs, token_cell=None) -> dict:
+        """cell_emb (B, d_cell); gene_embs (B, L, d_gene) -> pred (B, L).
+
+        Packed batches: gene_embs (1, T, d_gene) and ``token_cell`` (T,), each token's cell -> pred (1, T).
+        """
         query = torch.sigmoid(self.gene2query(gene_embs))  # (B, L, d_gene)
+        if token_cell is not None:
+            cell = cell_emb[token_cell][None]  # (1, T, d_cell): each token's own cell
+            out = {"pred": (self.W(query) * cell).sum(-1)}
+            if self.W_zero_logit is not None:
+                out["zero_probs"] = torch.sigmoid((self.W_zero_logit(query) * cell).sum(-1))
+            return out
         cell = cell_emb.unsqueeze(2)  # (B, d_cell, 1)
         out = {"pred": torch.bmm(self.W(query), cell).squeeze(2)}
         if self.W_zero_logit is not None:

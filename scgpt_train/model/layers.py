@@ -5,7 +5,7 @@ from __future__ import annotations
 import torch.nn.functional as F
 from torch import nn
 
-from scgpt_train.model.attention import SelfAttention
+from scgpt_train.model.attention import PackedCells, SelfAttention
 
 
 class IdEmbedding(nn.Module):
@@ -62,10 +62,12 @@ class DomainSpecificBatchNorm(nn.Module):
         )
 
     def forward(self, x, domain_ids, pad_mask):
-        """x: (B, L, d); domain_ids: (B,) int64; pad_mask (B, L). Pads are left as they are."""
+        """x: (B, L, d); domain_ids: (B,) int64 per cell, or (B, L) per token (packed batches: the domain of each
+        token's cell); pad_mask (B, L). Pads are left as they are."""
         out = x
+        token_domain = domain_ids[:, None] if domain_ids.dim() == 1 else domain_ids  # (B, 1) or (B, L)
         for k, bn in enumerate(self.bns):  # loop over domains, not cells
-            token_sel = (domain_ids == k)[:, None] & ~pad_mask  # (B, L)
+            token_sel = (token_domain == k) & ~pad_mask  # (B, L)
             if not bool(token_sel.any()):
                 continue
             tokens = x[token_sel]  # (N_k, d)
@@ -106,9 +108,14 @@ class EncoderLayer(nn.Module):
     def _ff(self, x):
         return self.dropout2(self.linear2(self.dropout(F.relu(self.linear1(x)))))
 
-    def forward(self, x, pad_mask, gen_mask=None):  # x: (B, L, d)
+    def _attn(self, x, pad_mask, gen_mask, packed):
+        if packed is None:  # the padded call keeps its three-argument form
+            return self.self_attn(x, pad_mask, gen_mask)
+        return self.self_attn(x, pad_mask, gen_mask, packed=packed)
+
+    def forward(self, x, pad_mask, gen_mask=None, packed: PackedCells | None = None):  # x: (B, L, d) or (1, T, d)
         if self.pre_norm:
-            x = x + self.dropout1(self.self_attn(self.norm1(x), pad_mask, gen_mask))
+            x = x + self.dropout1(self._attn(self.norm1(x), pad_mask, gen_mask, packed))
             return x + self._ff(self.norm2(x))
-        x = self.norm1(x + self.dropout1(self.self_attn(x, pad_mask, gen_mask)))
+        x = self.norm1(x + self.dropout1(self._attn(x, pad_mask, gen_mask, packed)))
         return self.norm2(x + self._ff(x))

@@ -8,6 +8,7 @@ from torch import nn
 from torch.utils.checkpoint import checkpoint
 
 from data_modules.tokenize.layout import TokenLayout
+from scgpt_train.model.attention import PackedCells
 from scgpt_train.model.heads import AdversarialDiscriminator, AffineExprDecoder, ExprDecoder, MLPClassifier, MVCDecoder
 from scgpt_train.model.layers import (
     CategoryValueEncoder,
@@ -22,6 +23,10 @@ CELL_EMB_STYLES = ("cls", "avg-pool", "w-pool")
 
 class ScGPT(nn.Module):
     """scGPT encoder + heads. All constructor arguments are plain values (Hydra-instantiable).
+
+    Reads padded (B, L) batches or packed ones (one (1, T) token stream with ``cu_seqlens`` / ``token_cell``;
+    ``data_modules.batch``): attention then runs per cell without a mask over the stream, and the cell-level
+    outputs (cell_emb by every style, MVC, classifier, DAB, DSBN, batch labels) are computed per cell.
 
     ``layout``: the token layout the model reads (``data_modules.tokenize.layout.TokenLayout`` or its dict:
     value style, n_bins, pad / mask values); the pipeline refuses data whose layout differs.
@@ -154,8 +159,11 @@ class ScGPT(nn.Module):
         condition_ids=None,
         modality_ids=None,
         cell_prompt=None,
+        packed: PackedCells | None = None,
     ):
-        """Token input (B, L, d) and the gene embeddings (B, L, d) used by the MVC decoder."""
+        """Token input (B, L, d) and the gene embeddings (B, L, d) used by the MVC decoder.
+
+        ``packed``: the inputs are one (1, T) stream of cells (batch_labels and cell_prompt stay per cell)."""
         gene_embs = self.gene_encoder(gene_ids)  # (B, L, d)
         if gen_mask is not None:  # unknown values are never read: make them a valid input (a category id too)
             values = values.masked_fill(gen_mask, self.layout.input_pad)
@@ -173,32 +181,43 @@ class ScGPT(nn.Module):
         if self.modality_encoder is not None and not self.modality_concat and modality_ids is not None:
             x = x + self.modality_encoder(modality_ids)
         if cell_prompt is not None:  # (B, d) replaces the <cls> input
-            x = torch.cat([cell_prompt.unsqueeze(1).to(x.dtype), x[:, 1:]], dim=1)
+            if packed is None:
+                x = torch.cat([cell_prompt.unsqueeze(1).to(x.dtype), x[:, 1:]], dim=1)
+            else:
+                is_cls = torch.zeros_like(pad_mask).index_fill_(1, packed.cls_at, True)  # (1, T)
+                x = torch.where(is_cls.unsqueeze(-1), cell_prompt.to(x.dtype)[packed.token_cell][None], x)
         if self.dsbn is not None:
             if batch_labels is None:
                 raise ValueError("this model uses domain-specific batch norm: pass batch_labels")
-            x = self.dsbn(x, batch_labels, pad_mask)
+            x = self.dsbn(x, batch_labels if packed is None else batch_labels[packed.token_cell][None], pad_mask)
         return x, gene_embs
 
-    def encode(self, x, pad_mask, gen_mask=None):
-        """Run the transformer layers on the token input x (B, L, d)."""
+    def encode(self, x, pad_mask, gen_mask=None, packed: PackedCells | None = None):
+        """Run the transformer layers on the token input x (B, L, d) (packed: (1, T, d))."""
         use_ckpt = self.grad_checkpointing and self.training and torch.is_grad_enabled()
         for layer in self.layers:
             if use_ckpt:
-                x = checkpoint(layer, x, pad_mask, gen_mask, use_reentrant=False)
+                x = checkpoint(layer, x, pad_mask, gen_mask, packed, use_reentrant=False)
             else:
-                x = layer(x, pad_mask, gen_mask)
+                x = layer(x, pad_mask, gen_mask, packed)
         return self.final_norm(x) if self.final_norm is not None else x
 
-    def cell_embedding(self, h, values, pad_mask, gen_mask=None):
-        """(B, L, d) -> (B, d) by cell_emb_style. Pools ignore pads (and unknown tokens)."""
+    def cell_embedding(self, h, values, pad_mask, gen_mask=None, packed: PackedCells | None = None):
+        """(B, L, d) -> (B, d) by cell_emb_style. Pools ignore pads (and unknown tokens).
+
+        Packed: h (1, T, d) -> (B, d), each cell pooled over its own tokens."""
         if self.cell_emb_style == "cls":
-            return h[:, 0]
+            return h[:, 0] if packed is None else h[0, packed.cls_at]
         keep = ~pad_mask if gen_mask is None else ~pad_mask & ~gen_mask  # (B, L)
         if self.cell_emb_style == "avg-pool":
             w = keep.to(h.dtype)
+            if packed is not None:
+                total = _per_cell_sum(h[0] * w[0, :, None], packed)  # (B, d)
+                return total / _per_cell_sum(w[0, :, None], packed).clamp(min=1)
             return (h * w.unsqueeze(-1)).sum(1) / w.sum(1, keepdim=True).clamp(min=1)
         w = torch.where(keep, values.clamp(min=0), torch.zeros_like(values)).to(h.dtype)  # w-pool: value weights
+        if packed is not None:
+            return F.normalize(_per_cell_sum(h[0] * w[0, :, None], packed), p=2, dim=1)
         return F.normalize((h * w.unsqueeze(-1)).sum(1), p=2, dim=1)
 
     # ------------------------------------------------------------------ forward
@@ -213,30 +232,43 @@ class ScGPT(nn.Module):
         condition_ids=None,
         modality_ids=None,
         cell_prompt=None,
+        cu_seqlens=None,
+        token_cell=None,
+        max_seqlen=None,
     ) -> dict[str, torch.Tensor]:
         """gene_ids (B, L) int64, values (B, L) float, pad_mask (B, L) True = pad,
-        gen_mask (B, L) True = unknown gene (generative attention). Returns a dict of outputs."""
+        gen_mask (B, L) True = unknown gene (generative attention). Returns a dict of outputs.
+
+        Packed batches (``Batch.model_inputs()`` adds these): the token inputs are (1, T), ``cu_seqlens`` (B+1,)
+        int32, ``token_cell`` (1, T) int64, ``max_seqlen`` int; per-token outputs are then (1, T), per-cell
+        outputs (B, ...)."""
         if self.use_batch_labels and batch_labels is None:
             raise ValueError("this model uses batch labels: pass batch_labels (B,) int64")
+        packed = None
+        if cu_seqlens is not None:
+            if token_cell is None or gene_ids.shape[0] != 1:
+                raise ValueError("a packed batch is one (1, T) token stream with cu_seqlens and token_cell")
+            packed = PackedCells(cu_seqlens, token_cell, max_seqlen)
         if gen_mask is not None:
             gen_mask = gen_mask & ~pad_mask
         x, gene_embs = self.embed(
-            gene_ids, values, pad_mask, gen_mask, batch_labels, condition_ids, modality_ids, cell_prompt
+            gene_ids, values, pad_mask, gen_mask, batch_labels, condition_ids, modality_ids, cell_prompt, packed
         )
-        h = self.encode(x, pad_mask, gen_mask)  # (B, L, d)
+        h = self.encode(x, pad_mask, gen_mask, packed)  # (B, L, d)
         out: dict[str, torch.Tensor] = {"encoder_output": h}
 
         token_extra = cell_extra = None  # what the official models concatenate before the decoders
         if self.use_batch_labels:
             batch_emb = self.batch_encoder(batch_labels)  # (B, d)
-            token_extra = batch_emb.unsqueeze(1).expand_as(h)
+            token_extra = batch_emb.unsqueeze(1).expand_as(h) if packed is None else batch_emb[packed.token_cell][None]
             cell_extra = batch_emb
         if self.modality_concat:
             if modality_ids is None:
                 raise ValueError("modality_style='concat' needs modality_ids")
             mod_emb = self.modality_encoder(modality_ids)  # (B, L, d)
+            mod_cls = mod_emb[:, 0] if packed is None else mod_emb[0, packed.cls_at]  # (B, d) at each <cls>
             token_extra = mod_emb if token_extra is None else token_extra + mod_emb
-            cell_extra = mod_emb[:, 0] if cell_extra is None else cell_extra + mod_emb[:, 0]
+            cell_extra = mod_cls if cell_extra is None else cell_extra + mod_cls
             gene_embs = torch.cat([gene_embs, token_extra], dim=-1)
         h_dec = h if token_extra is None else torch.cat([h, token_extra], dim=-1)
 
@@ -249,11 +281,13 @@ class ScGPT(nn.Module):
         if "zero_probs" in expr:
             out["mlm_zero_probs"] = expr["zero_probs"]
 
-        cell_emb = self.cell_embedding(h, values, pad_mask, gen_mask)
+        cell_emb = self.cell_embedding(h, values, pad_mask, gen_mask, packed)
         out["cell_emb"] = cell_emb
         if self.mvc_decoder is not None:
             mvc = self.mvc_decoder(
-                cell_emb if cell_extra is None else torch.cat([cell_emb, cell_extra], dim=1), gene_embs
+                cell_emb if cell_extra is None else torch.cat([cell_emb, cell_extra], dim=1),
+                gene_embs,
+                None if packed is None else packed.token_cell,
             )
             out["mvc_output"] = mvc["pred"]
             if "zero_probs" in mvc:
@@ -263,3 +297,8 @@ class ScGPT(nn.Module):
         if self.dab_decoder is not None:
             out["dab_output"] = self.dab_decoder(cell_emb)
         return out
+
+
+def _per_cell_sum(x: torch.Tensor, packed: PackedCells) -> torch.Tensor:
+    """(T, d) per-token rows -> (B, d) sums over each cell's tokens of a packed stream."""
+    return x.new_zeros(packed.n_cells, x.shape[-1]).index_add(0, packed.token_cell, x)

@@ -188,7 +188,10 @@ class ExpressionMSEObjective(Objective):
 
     def forward(self, model, batch, outputs, step):
         where = ~batch.pad_mask
-        where[:, 0] = False
+        if batch.packed:  # every cell's <cls> (its first token in the stream)
+            where[0, batch.cu_seqlens[:-1].long()] = False
+        else:
+            where[:, 0] = False
         return {"expr_mse": masked_mse(outputs["mlm_output"], batch.target_values, where)}
 
 
