@@ -4,6 +4,8 @@
   ``obsm["X_scgpt"]``.
 - :func:`finetune` -> ``train.py experiment=finetune_annotation|finetune_integration`` (``scgpt_train.pipeline.run``):
   (fine-tuned model, predictions AnnData, metrics).
+- :func:`reference_map` -> ``scripts/reference_map.py`` (``scgpt_train.tasks.reference_map.run_reference_map``):
+  the query with the kNN cell types transferred from a reference (AnnData, h5ad or corpus), and the summary.
 - :func:`build_corpus` -> ``scripts/build_corpus.py h5ad`` (gene identifiers resolved per input, then
   ``data_modules.store.convert.convert_sources``): the corpus, ready for ``train.py data=corpus``.
 
@@ -81,6 +83,55 @@ def embed(
             drop_unmapped_cells=drop_unmapped_cells,
         )
         return ad.read_h5ad(out)
+
+
+# ---------------------------------------------------------------------------------------------------------------
+def reference_map(
+    query: ad.AnnData,
+    reference: ad.AnnData | str | os.PathLike,
+    checkpoint: str | os.PathLike,
+    label_key: str = "cell_type",
+    *,
+    k: int = 10,
+    baselines: Sequence[str] | None = None,
+    gene_column: str | None = None,
+    gene_table: str | os.PathLike | None = None,
+    use_raw: bool = False,
+    batch_size: int = 64,
+    seed: int = 0,
+    device: str | None = None,
+    progress: bool = False,
+    **options: Any,
+) -> tuple[ad.AnnData, dict]:
+    """Zero-shot reference mapping, as ``scripts/reference_map.py``: ``query`` and ``reference`` (an AnnData, an
+    h5ad path, or a corpus directory for atlas mode) embedded with ``checkpoint``, each query cell labelled by a
+    ``k``-nearest-neighbour vote over the reference's ``label_key``. Returns (the query with ``obsm["X_scgpt"]``,
+    the predictions / distances in ``obs`` and the neighbours in ``obsm``; the summary with the metrics when the
+    query carries ``label_key`` too). ``baselines`` defaults to the command line's (HVG+PCA kNN, L1-LR on the same
+    split); other ``run_reference_map`` options (``index_out`` to keep the kNN index, ``index_kind``, ``n_hvg``,
+    ...) pass through ``options``; without ``index_out`` the index lives in a temporary directory."""
+    from scgpt_train.tasks.reference_map import BASELINES, run_reference_map
+
+    with tempfile.TemporaryDirectory(prefix="scgpt_refmap_") as tmp:
+        ref = _write(reference, Path(tmp) / "reference.h5ad") if isinstance(reference, ad.AnnData) else reference
+        summary = run_reference_map(
+            checkpoint,
+            str(ref),
+            str(_write(query, Path(tmp) / "query.h5ad")),
+            label_key,
+            Path(tmp) / "mapped.h5ad",
+            k=k,
+            batch_size=batch_size,
+            gene_column=gene_column,
+            use_raw=use_raw,
+            gene_table=None if gene_table is None else str(gene_table),
+            seed=seed,
+            device=device,
+            baselines=BASELINES if baselines is None else tuple(baselines),
+            progress=progress,
+            **options,
+        )
+        return ad.read_h5ad(Path(tmp) / "mapped.h5ad"), summary
 
 
 # ---------------------------------------------------------------------------------------------------------------
@@ -272,4 +323,4 @@ def build_corpus(
     return corpus
 
 
-__all__ = ["embed", "finetune", "build_corpus"]
+__all__ = ["embed", "finetune", "reference_map", "build_corpus"]

@@ -294,3 +294,16 @@ def test_python_api_example_runs_as_documented(tmp_path, monkeypatch):
     assert list(embedded.obs_names) == list(pbmc.obs_names[query])
     corpus = namespace["corpus"]
     assert corpus.n_cells == pbmc.n_obs and (tmp_path / "corpora" / "pbmc" / "manifest.json").exists()
+
+
+def test_python_api_reference_map_transfers_labels(own):
+    """api.reference_map (scripts/reference_map.py's path) on in-memory AnnData: the query keeps its obs_names
+    and gets one predicted label per cell from the reference's cell types."""
+    from scgpt_train.api import reference_map
+
+    reference, query = own["ref"][:200].copy(), own["query"][:60].copy()
+    mapped, summary = reference_map(query, reference, own["ckpt"], "cell_type", k=5, baselines=[])
+    assert list(mapped.obs_names) == list(query.obs_names) and mapped.obsm["X_scgpt"].shape == (60, 32)
+    predicted = [c for c in mapped.obs.columns if c.endswith("pred")]
+    assert predicted and set(mapped.obs[predicted[0]].astype(str)) <= set(reference.obs["cell_type"])
+    assert isinstance(summary, dict)
