@@ -304,7 +304,7 @@ def test_atlas_mode_is_streaming_resumable_and_bounded(tmp_path, capsys, monkeyp
 
     model, vocab = rm.load_model(FIXTURES)
     kw = dict(batch_size=512, chunk_cells=8192, device="cpu", progress=False)
-    monkeypatch.setenv("SCGPT_REFMAP_PAUSE_S", "60")
+    monkeypatch.setenv("SCGPT_REFMAP_PAUSE_S", "2")  # after each chunk: time to interrupt
     previous = signal.signal(signal.SIGUSR1, interrupt)
     watcher = threading.Thread(target=watch, daemon=True)
     try:
@@ -410,3 +410,24 @@ def test_query_without_vocabulary_genes_is_refused(toy, tmp_path, capsys):
     assert rc == 2
     err = capsys.readouterr().err
     assert f"{query}: none of its 20 genes" in err and "checkpoint's vocabulary" in err
+
+
+def test_zeroshot_benchmark_writes_a_table_with_baselines(toy, tmp_path):
+    ref, query = toy
+    bench = {
+        "name": "zeroshot_toy",
+        "task": "zeroshot",
+        "dataset": "toy cell types",
+        "checkpoint": str(FIXTURES),
+        "data": {"reference": str(ref), "query": str(query), "label_key": "cell_type"},
+        "batch_size": 32,
+        "l1_c_grid": [1.0],
+        "umap": False,
+    }
+    result = rm.run_zeroshot_benchmark(bench, [0, 1], tmp_path / "bench")
+    assert result["summary"]["scgpt_knn"]["accuracy"]["values"] == [1.0, 1.0]
+    assert set(result["summary"]) == {"scgpt_knn", "hvg_pca_knn", "l1_lr"}
+    text = (tmp_path / "bench" / "benchmark.md").read_text()
+    assert "| scGPT zero-shot kNN | ours (2 seeds) | 1.000 ± 0.000 |" in text and "HVG + PCA kNN" in text
+    assert (tmp_path / "bench" / "confusion_matrix.png").exists()
+    assert json.loads((tmp_path / "bench" / "results.json").read_text())["seeds"] == [0, 1]
