@@ -1,5 +1,11 @@
-"""Preemption and crashes never lose finished work: kill -9 and SIGTERM mid-run, restart the same
-command, and the run continues exactly; a corrupt newest checkpoint falls back; non-finite guards."""
+"""Preemption and crashes never lose finished work: kill -9 and SIGTERM mid-run, restart the run's command, and
+the run continues exactly; a corrupt newest checkpoint falls back; non-finite guards.
+
+The interrupted runs are the shared demo run's command (conftest.DEMO_RUN: 32 steps, periodic checkpoints at
+10, 20, 30, validation at 15 and 30) with tests/helpers/stall.py holding them before step 12, so they are
+interrupted at the same step on any machine (the earlier version killed them 1 s after a checkpoint appeared, which
+a fast machine could outrun); the finished shared run (``demo_run``) is the uninterrupted reference.
+"""
 
 from __future__ import annotations
 
@@ -13,82 +19,79 @@ from pathlib import Path
 
 import pytest
 import torch
-from conftest import ROOT, run_cmd
+from conftest import DEMO_RUN_STEPS, ROOT, demo_train_args, run_cmd
+
+STALL_STEP = 12  # after the periodic checkpoint of step 10, before the validation (and checkpoints) of step 15
 
 
-def demo_args(demo_corpus: Path, run_dir: Path) -> list[str]:
-    return [
-        "train.py",
-        f"paths.cache_dir={demo_corpus.parent}",
-        f"hydra.run.dir={run_dir}",
-        "trainer.max_steps=24",
-        "trainer.val_check_interval=12",
-        "trainer.log_every_n_steps=1",
-        "callbacks.periodic_checkpoint.every_n_train_steps=8",
+def start_stalled(demo_corpus: Path, run_dir: Path, marker: Path) -> subprocess.Popen:
+    """The demo run's command, held before step ``STALL_STEP`` until SIGTERM; ``marker`` appears when it waits."""
+    stall = [
+        "+callbacks.stall._target_=helpers.stall.StallAtStep",
+        f"+callbacks.stall.step={STALL_STEP}",
+        f"+callbacks.stall.marker={marker}",
     ]
-
-
-def start(args: list[str]) -> subprocess.Popen:
+    pythonpath = os.pathsep.join(p for p in (str(ROOT / "tests"), os.environ.get("PYTHONPATH")) if p)
     return subprocess.Popen(
-        [sys.executable, *args],
+        [sys.executable, *demo_train_args(demo_corpus, run_dir, *stall)],
         cwd=ROOT,
         stdout=subprocess.DEVNULL,
         stderr=subprocess.PIPE,
         text=True,
-        env={**os.environ, "WANDB_MODE": "offline"},
+        env={**os.environ, "WANDB_MODE": "offline", "PYTHONPATH": pythonpath},
     )
 
 
-def wait_for(path_glob: str, directory: Path, proc: subprocess.Popen, timeout: float = 300) -> Path:
+def wait_for(path: Path, proc: subprocess.Popen, timeout: float = 300) -> None:
     deadline = time.time() + timeout
-    while time.time() < deadline:
-        found = sorted(directory.glob(path_glob))
-        if found:
-            return found[-1]
+    while not path.exists():
         if proc.poll() is not None:
             raise AssertionError(
-                f"training exited ({proc.returncode}) before {path_glob} appeared: {proc.stderr.read()[-3000:]}"
+                f"training exited ({proc.returncode}) before {path.name} appeared: {proc.stderr.read()[-3000:]}"
             )
-        time.sleep(0.2)
-    proc.kill()
-    raise AssertionError(f"{path_glob} did not appear in {directory}")
+        if time.time() > deadline:
+            proc.kill()
+            raise AssertionError(f"{path} did not appear")
+        time.sleep(0.1)
 
 
 @pytest.fixture(scope="module")
-def uninterrupted(demo_corpus, tmp_path_factory) -> dict:
-    run_dir = tmp_path_factory.mktemp("uninterrupted")
-    run_cmd(demo_args(demo_corpus, run_dir))
-    return json.loads((run_dir / "summary.json").read_text())
+def uninterrupted(demo_run) -> dict:
+    summary = json.loads((demo_run / "summary.json").read_text())
+    assert summary["steps"] == DEMO_RUN_STEPS and len(summary["train_losses"]) == DEMO_RUN_STEPS
+    return summary
 
 
 def test_kill9_then_rerun_continues_bitwise(demo_corpus, uninterrupted, tmp_path):
-    proc = start(demo_args(demo_corpus, tmp_path))
-    wait_for("checkpoints/periodic-step0000008.ckpt", tmp_path, proc)
-    time.sleep(1.0)  # let it run past the checkpoint, mid-epoch
+    run_dir, marker = tmp_path / "run", tmp_path / "stalled"
+    proc = start_stalled(demo_corpus, run_dir, marker)
+    wait_for(marker, proc)
     proc.send_signal(signal.SIGKILL)
     proc.wait()
-    assert not (tmp_path / "summary.json").exists()
-    rerun = run_cmd(demo_args(demo_corpus, tmp_path))  # the same command
+    assert not (run_dir / "summary.json").exists()
+    assert sorted(p.name for p in (run_dir / "checkpoints").glob("*.ckpt")) == ["periodic-step0000010.ckpt"]
+    rerun = run_cmd(demo_train_args(demo_corpus, run_dir))  # the run's command
     assert "auto-resume: continuing from" in rerun.stderr + rerun.stdout
-    resumed = json.loads((tmp_path / "summary.json").read_text())
-    assert resumed["steps"] == 24
+    assert "periodic-step0000010.ckpt" in rerun.stderr + rerun.stdout
+    resumed = json.loads((run_dir / "summary.json").read_text())
+    assert resumed["steps"] == DEMO_RUN_STEPS
     # the loss of every step equals the uninterrupted run's, bit for bit (CPU)
     assert resumed["train_losses"] == uninterrupted["train_losses"]
-    assert len(uninterrupted["train_losses"]) == 24
 
 
 def test_sigterm_saves_and_exits_cleanly_then_resumes(demo_corpus, uninterrupted, tmp_path):
-    proc = start(demo_args(demo_corpus, tmp_path))
-    wait_for("checkpoints/periodic-step0000008.ckpt", tmp_path, proc)
+    run_dir, marker = tmp_path / "run", tmp_path / "stalled"
+    proc = start_stalled(demo_corpus, run_dir, marker)
+    wait_for(marker, proc)
     proc.send_signal(signal.SIGTERM)
     assert proc.wait(timeout=120) == 0
-    preempted = sorted((tmp_path / "checkpoints").glob("preempted-step*.ckpt"))
+    preempted = sorted((run_dir / "checkpoints").glob("preempted-step*.ckpt"))
     assert len(preempted) == 1
     step = torch.load(preempted[0], map_location="cpu", weights_only=False)["global_step"]
-    assert 8 <= step < 24
-    run_cmd(demo_args(demo_corpus, tmp_path))
-    resumed = json.loads((tmp_path / "summary.json").read_text())
-    assert resumed["steps"] == 24 and resumed["train_losses"] == uninterrupted["train_losses"]
+    assert STALL_STEP <= step < DEMO_RUN_STEPS
+    run_cmd(demo_train_args(demo_corpus, run_dir))
+    resumed = json.loads((run_dir / "summary.json").read_text())
+    assert resumed["steps"] == DEMO_RUN_STEPS and resumed["train_losses"] == uninterrupted["train_losses"]
 
 
 def test_corrupt_newest_checkpoint_falls_back_to_the_previous(tmp_path, caplog):

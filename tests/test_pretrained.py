@@ -6,13 +6,18 @@ import json
 
 import pytest
 import torch
-from conftest import FIXTURES, run_cmd
+from conftest import FIXTURES, run_cmd, train_in_process
 
 
 @pytest.fixture(scope="module")
 def imported(tmp_path_factory):
+    """The fixture imported as scripts/import_scgpt.py does, in this process (the script itself runs in
+    tests/test_checkpoints.py and tests/test_embed.py)."""
+    from scgpt_train.checkpoints import load_official, save_checkpoint
+
     out = tmp_path_factory.mktemp("imported") / "tiny.pt"
-    run_cmd(["scripts/import_scgpt.py", str(FIXTURES), "--out", str(out)])
+    model, vocab = load_official(FIXTURES, return_vocab=True)
+    save_checkpoint(model, vocab, out)
     return out
 
 
@@ -76,14 +81,9 @@ def test_finetune_from_imported_checkpoint(imported, corpus_with_fixture_vocab, 
 
 
 def test_vocab_mismatch_is_refused_with_a_clear_message(imported, demo_corpus, tmp_path):
-    with pytest.raises(AssertionError, match="with the checkpoint's vocabulary"):
-        run_cmd(
-            [
-                "train.py",
-                "model=from_official",
-                f"pretrained={imported}",
-                f"paths.cache_dir={demo_corpus.parent}",
-                "trainer.max_steps=1",
-                f"hydra.run.dir={tmp_path}",
-            ]
+    """In-process: the refusal is raised while the run is built, before any training."""
+    with pytest.raises(Exception, match="with the checkpoint's vocabulary"):
+        train_in_process(
+            ["model=from_official", f"pretrained={imported}", f"paths.cache_dir={demo_corpus.parent}"], tmp_path
         )
+    assert not (tmp_path / "checkpoints").exists()

@@ -5,12 +5,20 @@ earlier attempt's metrics survive a resume, and the private Lightning names we p
 from __future__ import annotations
 
 import json
+import logging
 import os
 from pathlib import Path
 
 import pytest
 import torch
-from conftest import run_cmd
+from conftest import (
+    DEMO_RUN_PERIODIC_EVERY,
+    DEMO_RUN_STEPS,
+    DEMO_RUN_VAL_EVERY,
+    copy_run,
+    demo_overrides,
+    train_in_process,
+)
 
 
 def save_fake_checkpoint(path: Path, step: int) -> Path:
@@ -18,41 +26,29 @@ def save_fake_checkpoint(path: Path, step: int) -> Path:
     return path
 
 
-def test_last_ckpt_holds_the_final_step_off_the_intervals(demo_corpus, tmp_path):
-    run_cmd(
-        [
-            "train.py",
-            f"paths.cache_dir={demo_corpus.parent}",
-            f"hydra.run.dir={tmp_path}",
-            "trainer.max_steps=13",
-            "trainer.val_check_interval=10",
-            "callbacks.periodic_checkpoint.every_n_train_steps=25",
-            "validate_before_fit=false",
-        ]
-    )
-    last = torch.load(tmp_path / "checkpoints" / "last.ckpt", map_location="cpu", weights_only=False)
-    summary = json.loads((tmp_path / "summary.json").read_text())
-    assert last["global_step"] == 13
+def test_last_ckpt_holds_the_final_step_off_the_intervals(demo_run, demo_corpus, tmp_path, caplog):
+    """The shared demo run ends at step 32, on neither the validation (15) nor the periodic (10) interval. Its
+    rerun with a higher max_steps happens on a copy, in-process (``python train.py`` reruns are in
+    tests/test_fault_tolerance.py)."""
+    run_dir = copy_run(demo_run, tmp_path / "run")
+    last = torch.load(run_dir / "checkpoints" / "last.ckpt", map_location="cpu", weights_only=False)
+    summary = json.loads((run_dir / "summary.json").read_text())
+    assert last["global_step"] == DEMO_RUN_STEPS
+    assert DEMO_RUN_STEPS % DEMO_RUN_VAL_EVERY and DEMO_RUN_STEPS % DEMO_RUN_PERIODIC_EVERY  # off the intervals
     assert summary["steps"] == last["global_step"]
     assert Path(summary["last_checkpoint"]).name == "last.ckpt"
-    # a rerun of the same command resumes from step 13 and keeps the first attempt's metrics
-    first_metrics = (tmp_path / "csv" / "metrics.csv").read_text()
-    rerun = run_cmd(
-        [
-            "train.py",
-            f"paths.cache_dir={demo_corpus.parent}",
-            f"hydra.run.dir={tmp_path}",
-            "trainer.max_steps=15",
-            "trainer.val_check_interval=10",
-            "callbacks.periodic_checkpoint.every_n_train_steps=25",
-        ]
-    )
-    assert "auto-resume: continuing from" in rerun.stderr + rerun.stdout
-    assert (tmp_path / "csv" / "metrics.1.csv").read_text() == first_metrics
-    names = {p.name for p in (tmp_path / "checkpoints").iterdir()}
+    # a rerun of the same command with a higher max_steps resumes from the final step, keeps the first
+    # attempt's metrics and keeps writing last.ckpt
+    first_metrics = (run_dir / "csv" / "metrics.csv").read_text()
+    end = DEMO_RUN_STEPS + 2
+    with caplog.at_level(logging.WARNING, logger="scgpt_train.pipeline"):
+        train_in_process(demo_overrides(demo_corpus, f"trainer.max_steps={end}"), run_dir)
+    assert f"auto-resume: continuing from {run_dir / 'checkpoints' / 'last.ckpt'}" in caplog.text
+    assert (run_dir / "csv" / "metrics.1.csv").read_text() == first_metrics
+    names = {p.name for p in (run_dir / "checkpoints").iterdir()}
     assert "last-v1.ckpt" not in names, names
-    resumed = torch.load(tmp_path / "checkpoints" / "last.ckpt", map_location="cpu", weights_only=False)
-    assert resumed["global_step"] == 15
+    resumed = torch.load(run_dir / "checkpoints" / "last.ckpt", map_location="cpu", weights_only=False)
+    assert resumed["global_step"] == end
 
 
 def test_auto_resume_picks_the_highest_step_not_the_newest_file(tmp_path):

@@ -7,32 +7,18 @@ from pathlib import Path
 
 import pytest
 import yaml
-from conftest import run_cmd
-
-
-@pytest.fixture(scope="module")
-def demo_run(demo_corpus, tmp_path_factory) -> Path:
-    run_dir = tmp_path_factory.mktemp("demo_run")
-    run_cmd(
-        [
-            "train.py",
-            f"paths.cache_dir={demo_corpus.parent}",
-            f"hydra.run.dir={run_dir}",
-            "trainer.max_steps=40",
-            "trainer.val_check_interval=20",
-            "callbacks.periodic_checkpoint.every_n_train_steps=25",
-        ]
-    )
-    return run_dir
+from conftest import DEMO_RUN_STEPS, demo_overrides, run_cmd, train_in_process
 
 
 def test_demo_trains_validates_checkpoints_and_summarizes(demo_run):
+    """The shared demo run (conftest.DEMO_RUN: 32 steps, validation at 0, 15, 30). Measured on 5 seeds: validation
+    loss at step 30 0.28-0.47 of the untrained one (seed 42: 0.34), training loss last / first 0.38-0.57."""
     summary = json.loads((demo_run / "summary.json").read_text())
-    assert summary["steps"] == 40
-    assert summary["cells_seen"] == 40 * 16
+    assert summary["steps"] == DEMO_RUN_STEPS
+    assert summary["cells_seen"] == DEMO_RUN_STEPS * 16
     assert summary["cells_per_s"] > 0
-    # validation before fit, then at steps 20 and 40: the model really learns
-    assert [s for s, _ in summary["val_losses"]] == [0, 20, 40]
+    # validation before fit, then at steps 15 and 30: the model really learns
+    assert [s for s, _ in summary["val_losses"]] == [0, 15, 30]
     assert summary["val_loss_last"] < 0.7 * summary["val_loss_first"], summary["val_losses"]
     assert summary["train_loss_last"] < summary["train_loss_first"]
     ckpts = {p.name for p in (demo_run / "checkpoints").glob("*.ckpt")}
@@ -45,29 +31,26 @@ def test_demo_trains_validates_checkpoints_and_summarizes(demo_run):
 
 
 def test_resume_from_checkpoint_continues_the_step_count(demo_run, demo_corpus, tmp_path):
+    """An explicit ckpt_path into a new run dir (in-process: what is tested is the resume, not the entry point;
+    tests/test_fault_tolerance.py resumes through `python train.py`)."""
     import torch
 
     last = demo_run / "checkpoints" / "last.ckpt"
     state = torch.load(last, map_location="cpu", weights_only=False)
-    assert state["global_step"] == 40
+    assert state["global_step"] == DEMO_RUN_STEPS
     assert state["hyper_parameters"]["model"]["d_model"] == 128
-    run_cmd(
-        [
-            "train.py",
-            f"paths.cache_dir={demo_corpus.parent}",
-            f"hydra.run.dir={tmp_path}",
-            "trainer.max_steps=50",
-            "trainer.val_check_interval=10",
-            f"ckpt_path={last}",
-        ]
+    end = DEMO_RUN_STEPS + 4
+    train_in_process(
+        demo_overrides(demo_corpus, f"trainer.max_steps={end}", "trainer.val_check_interval=2", f"ckpt_path={last}"),
+        tmp_path,
     )
     summary = json.loads((tmp_path / "summary.json").read_text())
-    assert summary["steps"] == 50
+    assert summary["steps"] == end
     resumed = torch.load(tmp_path / "checkpoints" / "last.ckpt", map_location="cpu", weights_only=False)
-    assert resumed["global_step"] == 50
-    # the optimizer state was restored and moved on: Adam's step counter continues from 40
+    assert resumed["global_step"] == end
+    # the optimizer state was restored and moved on: Adam's step counter continues from the checkpoint's
     adam_steps = {int(s["step"]) for s in resumed["optimizer_states"][0]["state"].values()}
-    assert adam_steps == {50}
+    assert adam_steps == {end}
 
 
 @pytest.fixture(scope="module")
@@ -117,16 +100,15 @@ def test_pretrain_33m_smoke_runs_with_the_paper_values(short_corpus, tmp_path):
 
 
 def test_tensorboard_logger_writes_events(demo_corpus, tmp_path):
-    run_cmd(
+    train_in_process(
         [
-            "train.py",
             "logger=tensorboard",
             f"paths.cache_dir={demo_corpus.parent}",
-            f"hydra.run.dir={tmp_path}",
             "trainer.max_steps=2",
             "trainer.val_check_interval=2",
             "validate_before_fit=false",
-        ]
+        ],
+        tmp_path,
     )
     assert list((tmp_path / "tensorboard").glob("events.out.tfevents.*"))
     assert (tmp_path / "csv" / "metrics.csv").exists()
