@@ -180,7 +180,7 @@ def _demo_cells(corpus_dir: str):
     return corpus, corpus.read_cells(0, corpus.n_cells)
 
 
-def real_batches(demo_corpus, generative: bool, n_per_dataset: int = 4, seed: int = 0) -> tuple[Batch, Batch]:
+def real_batches(demo_corpus, generative: bool, n_per_dataset: int = 3, seed: int = 0) -> tuple[Batch, Batch]:
     """The same real cells (pbmc68k_reduced and celltypist's sample, mixed lengths) padded and packed, with the
     dataset as batch label and the cell type as label."""
     corpus, block = _demo_cells(str(demo_corpus))
@@ -205,10 +205,10 @@ def build_model(vocab_size, pad_id, seed=0, **kw) -> ScGPT:
     return ScGPT(vocab_size=vocab_size, pad_token_id=pad_id, **{**base, **kw})
 
 
-def objectives_for(model_kw: dict, generative: bool) -> dict:
+def objectives_for(model_kw: dict, generative: bool, cell_prompt: bool = True) -> dict:
     gepc = model_kw.get("use_mvc", True)
     if generative:
-        objs = {"gen": GenerativeObjective(use_gepc=gepc, cell_prompt_after_steps=0)}
+        objs = {"gen": GenerativeObjective(use_gepc=gepc, cell_prompt_after_steps=0 if cell_prompt else None)}
     else:
         objs = {"mlm": MLMObjective(use_gepc=gepc)}
     objs["ecs"] = ECSObjective(weight=1.0)
@@ -265,16 +265,16 @@ def test_packed_and_padded_give_the_same_losses_and_gradients(demo_corpus, case,
     """Real cells, one fp32 training step: every loss term, per-token output, cell-level output and parameter
     gradient of the packed batch is within 1e-5 of the padded batch's (scaled by the tensor's size when above 1).
 
-    Where the padded fp32 result is itself further than that from the exact (fp64) result (sums over thousands
-    of tokens with cancellation, gradients of size ~40 at an untrained model's loss of ~800), the packed result
-    must be within 1e-5 of the exact one instead."""
+    Where the two fp32 results differ by more (both rounded sums over thousands of tokens with cancellation,
+    gradients of size ~40 at an untrained model's loss of ~800), the packed result must be within 1e-5 of the
+    exact (fp64) one instead."""
     padded, packed = real_batches(demo_corpus, generative)
     assert padded.pad_mask.float().mean() > 0.2  # lengths really differ
     kw = MODEL_CASES[case]
     vocab = Corpus(demo_corpus).vocab
     model = build_model(len(vocab), vocab.pad_id, **kw).train()
     exact_model = copy.deepcopy(model).double()
-    objectives = objectives_for(kw, generative)
+    objectives = objectives_for(kw, generative, cell_prompt=case == "cls + MVC")  # the prompt pass: one case (time)
     pad, pack = step_outputs(model, padded, objectives), step_outputs(model, packed, objectives)
     assert pad.keys() == pack.keys()
     tol = 1e-5
@@ -287,11 +287,11 @@ def test_packed_and_padded_give_the_same_losses_and_gradients(demo_corpus, case,
         exact = step_outputs(exact_model, padded, objectives)
         for k in off:
             err_pack, err_pad = (float((x[k].double() - exact[k]).abs().max()) for x in (pack, pad))
-            assert err_pack <= tol * scale[k] < err_pad, f"{k}: packed off the exact result by {err_pack:.2e}"
+            assert err_pack <= tol * scale[k], f"{k}: packed {err_pack:.2e} off the exact result (padded {err_pad:.2e})"
     worst = max(diff, key=diff.get)
     print(
         f"\n{case} {'generative' if generative else 'plain'}: max |packed - padded| {diff[worst]:.2e} ({worst}, "
-        f"size {scale[worst]:.3g}); beyond 1e-5 of the size: {off} (padded's own fp32 error)"
+        f"size {scale[worst]:.3g}); beyond 1e-5 of the size: {off} (checked against fp64)"
     )
 
 
@@ -325,9 +325,10 @@ ATTENTION_PATHS = {
 @pytest.mark.parametrize("generative", [True, False], ids=["generative", "plain"])
 @pytest.mark.parametrize("path", list(ATTENTION_PATHS))
 @pytest.mark.parametrize("dtype,tol", [(torch.float64, 1e-10), (torch.float32, 1e-5)])
-def test_packed_attention_paths_equal_the_explicit_mask_reference(path, generative, dtype, tol):
-    """Ragged cells (a lone <cls>, a cell with every gene unknown, lengths across several buckets)."""
-    lengths = [1, 37, 5, 64, 60, 12, 33, 2]
+@pytest.mark.parametrize("lengths", [[1, 37, 5, 64, 60, 12, 33, 2], [24] * 8], ids=["ragged", "equal"])
+def test_packed_attention_paths_equal_the_explicit_mask_reference(path, generative, dtype, tol, lengths):
+    """Ragged cells (a lone <cls>, a cell with every gene unknown, lengths across several buckets), and cells of
+    one length (the stream is used as (n, L) rows without a gather)."""
     cu = torch.tensor(np.concatenate([[0], np.cumsum(lengths)]), dtype=torch.int32)
     token_cell = torch.repeat_interleave(torch.arange(len(lengths)), torch.tensor(lengths))
     T = int(cu[-1])
@@ -446,3 +447,60 @@ def test_cuda_packed_model_matches_padded(demo_corpus, generative):
     for key in ("loss loss", "cell_emb"):
         scale = max(1.0, float(pad[key].abs().max()))
         assert float((bf16[key].float() - pad[key]).abs().max()) <= 5e-2 * scale, key
+
+
+# ------------------------------------------------------------------------------------------
+# torch.compile of the model (model.compile: true compiles ScGPT in place, not the LightningModule)
+# ------------------------------------------------------------------------------------------
+@pytest.mark.slow
+@pytest.mark.parametrize("layout", ["padded", "packed"])
+def test_compiled_model_matches_eager(demo_corpus, layout):
+    """``ScGPT.compile()`` traced by dynamo + AOT autograd (backend aot_eager: the graph capture and autograd
+    split that inductor also uses, without CPU code generation, which takes minutes on a 2-core machine): the
+    same losses and gradients as eager on a plain (MLM + GEPC) step. Slow-marked: ~20 s per layout on the
+    shared 2-core machine (dynamo traces every graph piece between the host-side breaks)."""
+    torch._dynamo.reset()
+    padded, packed = real_batches(demo_corpus, generative=False, n_per_dataset=1)
+    batch = packed if layout == "packed" else padded
+    vocab = Corpus(demo_corpus).vocab
+    kw = MODEL_CASES["avg-pool + DSBN"]
+    model = build_model(len(vocab), vocab.pad_id, n_layers=1, **kw).train()
+    objectives = objectives_for(kw, generative=False)
+    eager = step_outputs(model, batch, objectives)
+    model.compile(backend="aot_eager")
+    compiled = step_outputs(model, batch, objectives)
+    assert eager.keys() == compiled.keys()
+    for key in eager:
+        scale = max(1.0, float(eager[key].abs().max()))
+        assert float((compiled[key] - eager[key]).abs().max()) <= 1e-5 * scale, key
+    torch._dynamo.reset()
+
+
+# ------------------------------------------------------------------------------------------
+# scripts/gpu_check.sh: what can be checked without a GPU (arguments, the command list, the summary)
+# ------------------------------------------------------------------------------------------
+def test_gpu_check_dry_run_lists_every_step_and_writes_the_summary(tmp_path):
+    import subprocess
+    from pathlib import Path
+
+    script = Path(__file__).resolve().parents[1] / "scripts" / "gpu_check.sh"
+    bad = subprocess.run(["bash", str(script), "--bogus"], capture_output=True, text=True)
+    assert bad.returncode == 2 and "unknown argument" in bad.stderr
+    bad = subprocess.run(["bash", str(script), "--skip", "env"], capture_output=True, text=True)
+    assert bad.returncode == 2 and "no step 'env'" in bad.stderr
+    out = tmp_path / "out"
+    proc = subprocess.run(
+        ["bash", str(script), "--dry-run", "--out", str(out), "--work", str(tmp_path / "work"), "--skip", "deepspeed"],
+        capture_output=True,
+        text=True,
+    )
+    assert proc.returncode == 0, proc.stderr
+    summary = json.loads((out / "summary.json").read_text())
+    steps = {s["step"]: s for s in summary["steps"]}
+    assert list(steps) == ["env", "cuda_tests", "pretrain", "deepspeed", "bench"]
+    assert steps["deepspeed"]["status"] == "skipped" and steps["pretrain"]["status"] == "dry-run"
+    assert "-m cuda" in steps["cuda_tests"]["command"]
+    assert "experiment=pretrain_33m" in steps["pretrain"]["command"] and "trainer=gpu" in steps["pretrain"]["command"]
+    assert "trainer.max_steps=50" in steps["pretrain"]["command"]
+    assert "--device cuda" in steps["bench"]["command"]
+    assert (out / "summary.md").read_text().startswith("# GPU check")

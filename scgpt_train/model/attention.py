@@ -248,6 +248,15 @@ def packed_attention_buckets(q, k, v, packed: PackedCells, gen_mask=None, dropou
     q, k, v: (T, H, Dh); gen_mask: (T,) bool True = unknown token, or None (plain attention). Returns (T, H, Dh).
     """
     buckets, order = packed.buckets(BUCKET_RATIO if ratio is None else ratio)
+    if len(buckets) == 1 and not buckets[0][2]:  # every cell equally long: the stream is already (n, L, H, Dh)
+        n, L_b = buckets[0][0].shape
+        qb, kb, vb = (t.reshape(n, L_b, *t.shape[1:]).transpose(1, 2).contiguous() for t in (q, k, v))
+        if gen_mask is None:
+            ob = F.scaled_dot_product_attention(qb, kb, vb, dropout_p=dropout_p)
+        else:
+            unknown = gen_mask.reshape(n, L_b)
+            ob = generative_sdpa(qb, kb, vb, ~unknown, unknown, dropout_p)
+        return ob.transpose(1, 2).reshape(q.shape)
     outs = []
     for index, valid, padded in buckets:
         qb, kb, vb = (t[index].transpose(1, 2).contiguous() for t in (q, k, v))  # (n, H, L_b, Dh)
