@@ -97,6 +97,10 @@ def test_annotation_benchmark_writes_table_figures_and_outputs(annotation_bench)
 
 
 def test_cls_finetune_is_well_above_chance_on_held_out_cells(annotation_bench):
+    """Measured at 8 epochs, seeds 0 / 1 / 2 / 3 / 4 / 42 (query majority class 0.344): accuracy 0.684 / 0.699 /
+    0.651 / 0.722 / 0.636 / 0.684, distinct predicted classes 6 / 6 / 4 / 8 / 6 / 6; at 4 epochs the classifier has
+    not formed yet (accuracy 0.34-0.47, 1-3 classes). Asserted: accuracy > majority + 0.2 (smallest margin seen
+    0.29) and >= 3 predicted classes (was >= 4, which seed 2 only just reached)."""
     adata = ad.read_h5ad(annotation_bench / "seed_0" / "predictions.h5ad")
     query = adata[adata.obs["split"] == "query"]
     truth, pred = query.obs["cell_type"].astype(str).to_numpy(), query.obs["scgpt_pred"].astype(str).to_numpy()
@@ -104,7 +108,7 @@ def test_cls_finetune_is_well_above_chance_on_held_out_cells(annotation_bench):
     majority = query.obs["cell_type"].value_counts(normalize=True).max()  # always predicting the largest class
     assert len(query) == 209
     assert accuracy > majority + 0.2, (accuracy, majority)
-    assert len(set(pred)) >= 4  # not a collapsed classifier
+    assert len(set(pred)) >= 3  # not a collapsed classifier
     metrics = json.loads((annotation_bench / "seed_0" / "metrics.json").read_text())["metrics"]
     assert metrics["test/accuracy"] == pytest.approx(accuracy)
     assert metrics["baseline/l1_lr/accuracy"] > majority  # the baseline ran on the same split
