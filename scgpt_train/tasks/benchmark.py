@@ -105,7 +105,7 @@ def run_benchmark(
 
     ``compose(overrides) -> DictConfig`` composes configs/train.yaml (Hydra's compose API by default)."""
     own_reports = {"perturbation": "run_perturbation_benchmark", "reverse_perturbation": "run_reverse_benchmark"}
-    if bench.get("task") == "zeroshot":  # no fine-tuning: scgpt_train/tasks/reference_map.py
+    if bench.get("task") == "zeroshot":  # no fine-tuning: scgpt_train/tasks/reference_map/benchmark.py
         from scgpt_train.tasks.reference_map import run_zeroshot_benchmark
 
         return run_zeroshot_benchmark(bench, seeds, out_dir, extra_overrides, compose)

@@ -1,0 +1,164 @@
+"""Embeddings of an h5ad in memory, through ``scripts/embed.py``'s code path.
+
+Embeddings go through the embedding code path of ``scripts/embed.py`` (:mod:`scgpt_train.tasks.embedding`):
+the same input checks (:func:`check_input_layout`, :func:`unmapped_cells`), the same
+:class:`~data_modules.anndata_module.AnnDataModule` (values as stored, the checkpoint's token layout, seeded
+tie-breaking in binning and seeded gene sampling: ``default_rng([seed, first cell, batch size])`` per batch),
+:func:`predict_cells`, then L2 normalization. A query embedded here equals ``embed.py --seed S`` on the same
+file with the same ``--batch-size``.
+"""
+
+from __future__ import annotations
+
+import logging
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import numpy as np
+import pandas as pd
+import scipy.sparse as sp
+import torch
+
+from data_modules.vocab import GeneVocab
+from scgpt_train.tasks.embedding import check_input_layout, predict_cells, unmapped_cells
+from scgpt_train.tasks.reference_map.common import ReferenceMapError
+
+log = logging.getLogger(__name__)
+
+
+# embeddings of an h5ad, in memory (the embed.py path without the file write)
+
+
+@dataclass
+class EmbeddedCells:
+    """Cell embeddings of one h5ad and the values the model read."""
+
+    path: str
+    emb: np.ndarray  # (N, d) float32, L2-normalized; NaN rows for cells the model cannot read
+    unmapped: np.ndarray  # (N,) bool: no expressed gene of the vocabulary
+    expression: sp.csr_matrix  # (N, G) values as stored, over the model genes (vocab ids ``gene_ids``)
+    gene_ids: np.ndarray  # (G,) int64 vocab id of each expression column
+    value_type: dict  # data_modules.value_types report of the file's values
+    gene_report: dict = field(default_factory=dict)
+
+
+def load_model(checkpoint) -> tuple[torch.nn.Module, GeneVocab]:
+    """(ScGPT, its vocabulary) of an official directory, an imported .pt or a Lightning .ckpt; refuses models
+    that need batch labels (DSBN / batch embedding: not a zero-shot model)."""
+    from scgpt_train.checkpoints import load_checkpoint
+
+    if not Path(checkpoint).exists():
+        raise ReferenceMapError(f"--checkpoint {checkpoint} does not exist")
+    model, vocab = load_checkpoint(checkpoint)
+    vocab = GeneVocab(vocab) if vocab else GeneVocab.from_checkpoint(checkpoint)
+    cfg = model.config()
+    if cfg.get("dsbn") or cfg.get("use_batch_labels"):
+        raise ReferenceMapError(
+            f"{checkpoint} uses batch labels (DSBN / batch embedding), so its embeddings depend on a batch id the "
+            "reference and query do not share; map with a pretrained (zero-shot) checkpoint instead"
+        )
+    return model, vocab
+
+
+def embed_adata(
+    model,
+    vocab: GeneVocab,
+    checkpoint,
+    path,
+    adata=None,
+    *,
+    batch_size: int = 64,
+    max_seq_len: int | None = None,
+    gene_column: str | None = None,
+    use_raw: bool = False,
+    gene_table: str | None = None,
+    cls_value: float | None = None,
+    seed: int = 0,
+    device: str | None = None,
+    progress: bool = True,
+    description: str = "embedding",
+) -> EmbeddedCells:
+    """Embed every cell of the h5ad ``path`` as ``embed_h5ad`` does (same checks, data module, seeds and
+    normalization), returning the embeddings in memory instead of writing a file."""
+    from torch.utils.data import DataLoader
+
+    from data_modules.anndata_module import AnnDataModule
+
+    if adata is None:
+        adata = read_h5ad_checked(path, "--query")
+    check_input_layout(adata, path, gene_column, use_raw, None)
+    unmapped = unmapped_cells(adata, path, vocab, gene_column, use_raw, gene_table=gene_table)
+    layout = model.layout if max_seq_len is None else model.layout.replace(max_seq_len=max_seq_len)
+    dm = AnnDataModule(
+        str(path),
+        vocab=str(checkpoint),
+        layout=layout,
+        tokenizer={"cls_value": cls_value},
+        preprocess={"gene_column": gene_column, "use_raw": use_raw, "gene_table": gene_table},
+        val_fraction=0.0,
+        batch_size=batch_size,
+        seed=seed,
+        model_outputs=(),
+    )
+    dm.setup()
+    n_cells = len(dm.split)
+    if n_cells != adata.n_obs:
+        raise RuntimeError(f"{path}: the data module holds {n_cells} cells, the file {adata.n_obs}")
+    if progress:
+        print(f"{Path(path).name}: genes: {dm.gene_report.summary()}")
+    mapped = np.flatnonzero(~unmapped)
+    if len(mapped) < n_cells:
+        msg = (
+            f"{n_cells - len(mapped)} of {n_cells} cells of {path} express no gene of the checkpoint's vocabulary "
+            f"(e.g. {[str(c) for c in adata.obs_names[unmapped][:5]]}); they get no embedding"
+        )
+        log.warning(msg)
+        if progress:
+            print(f"warning: {msg}")
+    device = device or ("cuda" if torch.cuda.is_available() else "cpu")
+    model.to(device)
+    loader = dm.loader("all", masked=False, batch_size=batch_size)
+    if len(mapped) < n_cells:
+        loader = DataLoader(mapped.tolist(), batch_size=batch_size, collate_fn=loader.collate_fn)
+    out = predict_cells(model, loader, n_cells, device=device, progress=progress, description=description)
+    emb = l2_normalize(out["cell_emb"])
+    return EmbeddedCells(
+        path=str(path),
+        emb=emb,
+        unmapped=unmapped,
+        expression=dm.expression("all"),
+        gene_ids=np.asarray(dm.gene_ids, dtype=np.int64),
+        value_type=dict(dm.value_reports[0]) if dm.value_reports else {},
+        gene_report={k: v for k, v in dm.gene_report.as_dict().items() if v is not None},
+    )
+
+
+def l2_normalize(x: np.ndarray) -> np.ndarray:
+    """Rows scaled to unit L2 norm (NaN rows stay NaN), float32."""
+    x = np.asarray(x, dtype=np.float32)
+    return x / np.maximum(np.linalg.norm(x, axis=1, keepdims=True), 1e-12)
+
+
+def read_h5ad_checked(path, option: str):
+    import anndata as ad
+
+    if not Path(path).is_file():
+        raise ReferenceMapError(f"{option} {path} does not exist (or is not a file); point it at an .h5ad file")
+    try:
+        return ad.read_h5ad(path)
+    except (OSError, KeyError, ValueError) as e:
+        raise ReferenceMapError(f"{option} {path} cannot be read as h5ad ({e}); re-export it") from None
+
+
+def obs_labels(obs: pd.DataFrame, label_key: str, path, option: str) -> np.ndarray:
+    """(N,) object array of labels as str, None where missing; raises naming the file and its columns."""
+    if label_key not in obs.columns:
+        cols = [str(c) for c in obs.columns]
+        raise ReferenceMapError(
+            f"{option} {path}: --label-key {label_key!r} is not an obs column (columns: {cols[:20]}"
+            f"{' ...' if len(cols) > 20 else ''}); name the column holding the cell types"
+        )
+    s = obs[label_key]
+    out = s.astype(str).to_numpy(dtype=object)
+    out[s.isna().to_numpy()] = None
+    return out
