@@ -25,7 +25,6 @@ query with no gene in the checkpoint's vocabulary, NaN values, ...) exit with st
 from __future__ import annotations
 
 import argparse
-import resource
 import sys
 from pathlib import Path
 
@@ -125,8 +124,9 @@ def run(argv=None) -> int:
         print(table, end="")
     times = ", ".join(f"{k} {v:.1f} s" for k, v in summary["timings_s"].items())
     print(f"timings: {times}")
-    peak_mib = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024  # Linux: KiB
-    print(f"peak RSS: {peak_mib:.0f} MiB")
+    from scgpt_train.tasks.reference_map.common import peak_rss_mib
+
+    print(f"peak RSS: {peak_rss_mib():.0f} MiB (VmHWM: this process only)")
     print(f"wrote {summary['out']}")
     return 0
 

@@ -275,7 +275,6 @@ def _mapping_cmd(corpus, query, out, index_dir, *extra):
     ]
 
 
-@pytest.mark.skip(reason="peak RSS 2,356 MiB > 2 GiB on the fresh-clone run (884 MiB when written); to investigate")
 def test_atlas_mode_is_streaming_resumable_and_bounded(tmp_path, capsys, monkeypatch):
     n_cells = 50_000
     src = tmp_path / "atlas.h5ad"
@@ -328,9 +327,14 @@ def test_atlas_mode_is_streaming_resumable_and_bounded(tmp_path, capsys, monkeyp
     assert "embedding reference corpus" in res.stderr  # the progress bar
     for c, mtime in chunks.items():  # finished chunks were not redone
         assert (index_dir / "chunks" / f"chunk-{c:06d}.npz").stat().st_mtime_ns == mtime
-    peak = float(re.search(r"peak RSS: (\d+) MiB", res.stdout).group(1))
+    # the CLI's own high-water mark (VmHWM). Not ru_maxrss: Linux carries the parent's peak across vfork + exec,
+    # so a CLI started from a long pytest session reported that session's peak (2,356 MiB on a fresh-clone run)
+    peak = float(re.search(r"peak RSS: (\d+) MiB \(VmHWM", res.stdout).group(1))
     with capsys.disabled():
-        print(f"\n[atlas mode] {n_cells} reference cells (corpus), IVF-PQ index: peak RSS {peak:.0f} MiB")
+        print(
+            f"\n[atlas mode] {n_cells} reference cells (corpus), IVF-PQ index: peak RSS of the mapping process "
+            f"{peak:.0f} MiB (this pytest process: {rm.peak_rss_mib():.0f} MiB)"
+        )
     assert peak < 2048
     state = json.loads(journal.read_text())
     assert state["complete"] and len(state["done"]) == 7

@@ -28,6 +28,7 @@ from scgpt_train.tasks.reference_map.common import (
     READ_BLOCK_CELLS,
     UNASSIGNED,
     ReferenceMapError,
+    peak_rss_mib,
 )
 from scgpt_train.tasks.reference_map.embed import (
     EmbeddedCells,
@@ -80,6 +81,7 @@ __all__ = [
     "load_model",
     "log_normalized",
     "obs_labels",
+    "peak_rss_mib",
     "pq_subquantizers",
     "read_h5ad_checked",
     "results_table",

@@ -18,3 +18,23 @@ METHOD_NAMES = {"scgpt_knn": "scGPT zero-shot kNN", "hvg_pca_knn": "HVG + PCA kN
 
 class ReferenceMapError(EmbedInputError):
     """A reference / query / option that reference mapping cannot use; the message names the file and key."""
+
+
+def peak_rss_mib() -> float:
+    """This process's own peak resident set size in MiB: ``VmHWM`` of ``/proc/self/status`` (Linux).
+
+    Not ``getrusage(RUSAGE_SELF).ru_maxrss``: Linux carries the parent's high-water mark across fork / vfork +
+    exec into it, so a script started from a large process (a long pytest session) reports the parent's peak.
+    Falls back to ``ru_maxrss`` where ``/proc`` is missing (KiB on Linux, bytes on macOS)."""
+    try:
+        with open("/proc/self/status") as f:
+            for line in f:
+                if line.startswith("VmHWM:"):
+                    return int(line.split()[1]) / 1024
+    except OSError:
+        pass
+    import resource
+    import sys
+
+    peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
+    return peak / 2**20 if sys.platform == "darwin" else peak / 1024
