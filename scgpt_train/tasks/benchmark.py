@@ -109,6 +109,10 @@ def run_benchmark(
         from scgpt_train.tasks.reference_map import run_zeroshot_benchmark
 
         return run_zeroshot_benchmark(bench, seeds, out_dir, extra_overrides, compose)
+    if bench.get("task") == "multiomic":  # variants x (multi-omic, RNA-only) runs: scgpt_train/tasks/multiomic/
+        from scgpt_train.tasks.multiomic.benchmark import run_multiomic_benchmark
+
+        return run_multiomic_benchmark(bench, seeds, out_dir, extra_overrides, compose)
     if bench.get("task") in own_reports:  # per-subgroup / top-K tables: scgpt_train/tasks/perturbation/benchmark.py
         from scgpt_train.tasks.perturbation import benchmark as perturbation
 

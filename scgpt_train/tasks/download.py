@@ -30,6 +30,13 @@ GDRIVE_FILE_URL = "https://drive.usercontent.google.com/download?id={id}&export=
 GDRIVE_FOLDER_URL = "https://drive.google.com/embeddedfolderview?id={id}"
 FIGSHARE_URL = "https://figshare.com/ndownloader/files/{id}"
 DATAVERSE_URL = "https://dataverse.harvard.edu/api/access/datafile/{id}"
+GEO_SUPPL = "https://ftp.ncbi.nlm.nih.gov/geo/series/{series}/suppl/{file}"
+BMMC_CITE = "GSE194122_openproblems_neurips2021_cite_BMMC_processed.h5ad"
+TENX_MULTIOME_URL = (
+    "https://cf.10xgenomics.com/samples/cell-arc/2.0.0/pbmc_granulocyte_sorted_10k/"
+    "pbmc_granulocyte_sorted_10k_filtered_feature_bc_matrix.h5"
+)
+PBMC_MULTIOME = "pbmc_granulocyte_sorted_10k.h5ad"  # what finetune_multiomic_pbmc_multiome reads
 GEARS_FILE = "perturb_processed.h5ad"  # what the perturbation experiments read, extracted from each GEARS zip
 
 
@@ -46,7 +53,7 @@ class Entry:
     """One downloadable item: a set of files from one public location."""
 
     name: str
-    kind: str  # gdrive_folder | gdrive_file | figshare | dataverse | scvi_pbmc
+    kind: str  # gdrive_folder | gdrive_file | figshare | dataverse | scvi_pbmc | url (id = the URL)
     id: str | None
     files: tuple[str, ...]
     description: str = ""
@@ -114,6 +121,22 @@ REGISTRY: dict[str, Entry] = {
                 ("replogle_k562_essential", "7458695", "Replogle K562 essential"),
                 ("replogle_rpe1_essential", "7458694", "Replogle RPE1 essential"),
             )
+        ),
+        Entry(
+            "bmmc_cite",
+            "url",
+            GEO_SUPPL.format(series="GSE194nnn/GSE194122", file=BMMC_CITE + ".gz"),
+            (BMMC_CITE + ".gz",),
+            "multi-omic: BMMC CITE-seq (RNA + 134 ADTs, 12 donors; NeurIPS 2021, GEO GSE194122); gunzipped beside it",
+            {"gunzip": BMMC_CITE},
+        ),
+        Entry(
+            "pbmc_multiome",
+            "url",
+            TENX_MULTIOME_URL,
+            (Path(TENX_MULTIOME_URL).name,),
+            "multi-omic: 10x Multiome PBMC (granulocyte-sorted 10k, RNA + ATAC); converted to an h5ad beside it",
+            {"convert_10x_h5": PBMC_MULTIOME},
         ),
         Entry(
             "pbmc10k",
@@ -300,6 +323,8 @@ def file_urls(entry: Entry, mirror: str | None = None, timeout: float = 60.0) ->
         return {entry.files[0]: FIGSHARE_URL.format(id=entry.id)}
     if entry.kind == "dataverse":
         return {entry.files[0]: DATAVERSE_URL.format(id=entry.id)}
+    if entry.kind == "url":
+        return {entry.files[0]: entry.id}
     if entry.kind == "gdrive_folder":
         url = GDRIVE_FOLDER_URL.format(id=entry.id)
         try:
@@ -328,6 +353,34 @@ def extract_member(archive: Path, name: str, dest: Path) -> Path:
                     out.write(chunk)
     except zipfile.BadZipFile as e:
         raise DownloadError(f"{archive} is not a zip archive ({e}); delete it and download again") from None
+    return dest
+
+
+def gunzip_file(archive: Path, name: str, dest: Path) -> Path:
+    """Decompress the gzip file ``archive`` to ``dest`` atomically (``name``: the file it holds)."""
+    import gzip
+
+    try:
+        with gzip.open(archive, "rb") as src, atomic_path(dest) as tmp, open(tmp, "wb") as out:
+            while chunk := src.read(CHUNK):
+                out.write(chunk)
+    except (OSError, EOFError) as e:
+        raise DownloadError(f"{archive} is not a complete gzip file ({e}); delete it and download again") from None
+    return dest
+
+
+def convert_10x_h5(archive: Path, name: str, dest: Path) -> Path:
+    """A 10x Cell Ranger (ARC) ``filtered_feature_bc_matrix.h5`` as an h5ad with every feature type
+    (``var["feature_types"]``: Gene Expression / Peaks / Antibody Capture), raw counts in X."""
+    import scanpy as sc
+
+    try:
+        adata = sc.read_10x_h5(archive, gex_only=False)
+    except (OSError, KeyError, ValueError) as e:
+        raise DownloadError(f"{archive} is not a readable 10x h5 matrix ({e}); delete it and download again") from None
+    adata.var_names_make_unique()
+    with atomic_path(dest, suffix=".h5ad") as tmp:
+        adata.write_h5ad(tmp)
     return dest
 
 
@@ -391,17 +444,20 @@ def download(
             digest = manifest.record(dest, urls[fname])
             status[manifest.key(dest)] = "downloaded"
             log(f"{name}/{fname}: downloaded (sha256 {digest})")
-    for name in names:  # archives whose data file is extracted next to them (GEARS zips)
+    for name in names:  # files derived next to a download: GEARS zips' member, gunzipped / converted files
         entry = REGISTRY[name]
-        member = entry.notes.get("extract")
-        if not member:
+        how = next((k for k in ("extract", "gunzip", "convert_10x_h5") if entry.notes.get(k)), None)
+        if how is None:
             continue
+        member = entry.notes[how]
         archive, target = root / name / entry.files[0], root / name / member
         if not archive.exists() or (target.exists() and not force):
             if target.exists():
                 status[manifest.key(target)] = manifest.verify(target)
             continue
-        extract_member(archive, member, target)
+        {"extract": extract_member, "gunzip": gunzip_file, "convert_10x_h5": convert_10x_h5}[how](
+            archive, member, target
+        )
         digest = manifest.record(target, f"extracted from {entry.files[0]}")
         status[manifest.key(target)] = "extracted"
         log(f"{name}/{member}: extracted (sha256 {digest})")

