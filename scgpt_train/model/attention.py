@@ -367,6 +367,13 @@ class SelfAttention(nn.Module):
             out = generative_sdpa(q, k, v, ~pad_mask & ~gen_mask, gen_mask, dropout_p=p)
         return self.out_proj(out.transpose(1, 2).reshape(B, L, d))
 
+    def project_qk(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """q and k (B, H, L, Dh) of the padded input x (B, L, d): what the attention logits are made of
+        (logits = q k^T * Dh^-0.5). For reading attention scores (attention GRNs) without running attention."""
+        B, L, d = x.shape
+        q, k, _ = self.qkv(x).view(B, L, 3, self.n_heads, d // self.n_heads).permute(2, 0, 3, 1, 4).unbind(0)
+        return q, k
+
     def _reference(self, x, pad_mask, gen_mask, packed):
         """The explicit-mask reference (no attention dropout): naive softmax over ``reference_attention_mask``."""
         B, L, d = x.shape

@@ -113,6 +113,11 @@ class EncoderLayer(nn.Module):
             return self.self_attn(x, pad_mask, gen_mask)
         return self.self_attn(x, pad_mask, gen_mask, packed=packed)
 
+    def attention_qk(self, x):
+        """q, k (B, H, L, Dh) this layer's self-attention computes from its input x (B, L, d) (pre-norm: of
+        norm1(x))."""
+        return self.self_attn.project_qk(self.norm1(x) if self.pre_norm else x)
+
     def forward(self, x, pad_mask, gen_mask=None, packed: PackedCells | None = None):  # x: (B, L, d) or (1, T, d)
         if self.pre_norm:
             x = x + self.dropout1(self._attn(self.norm1(x), pad_mask, gen_mask, packed))

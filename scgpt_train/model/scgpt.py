@@ -220,6 +220,20 @@ class ScGPT(nn.Module):
             return F.normalize(_per_cell_sum(h[0] * w[0, :, None], packed), p=2, dim=1)
         return F.normalize((h * w.unsqueeze(-1)).sum(1), p=2, dim=1)
 
+    def attention_qk(
+        self, gene_ids, values, pad_mask, *, layer: int = -1, batch_labels=None, condition_ids=None, modality_ids=None
+    ) -> tuple[torch.Tensor, torch.Tensor]:
+        """q and k (B, H, L, Dh) of encoder layer ``layer``'s self-attention (default the last) for a padded
+        batch (no generative split): the inputs are embedded and run through the layers before it only, so no
+        attention map of any layer is formed here. Attention logits of that layer are q k^T * Dh^-0.5."""
+        n = len(self.layers)
+        if not -n <= layer < n:
+            raise ValueError(f"layer {layer} out of range for a model of {n} layers")
+        x, _ = self.embed(gene_ids, values, pad_mask, None, batch_labels, condition_ids, modality_ids)
+        for block in self.layers[: layer % n]:
+            x = block(x, pad_mask)
+        return self.layers[layer % n].attention_qk(x)
+
     # ------------------------------------------------------------------ forward
     def forward(
         self,
