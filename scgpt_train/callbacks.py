@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import os
 import time
 from pathlib import Path
 
@@ -27,20 +28,32 @@ PEAK_BF16_FLOPS = {
 
 
 def peak_flops(device: torch.device) -> float | None:
+    """The GPU's dense bf16 peak in FLOP/s: ``BENCH_PEAK_TFLOPS``, else by device name; None on CPU or unknown."""
+    if os.environ.get("BENCH_PEAK_TFLOPS"):
+        return float(os.environ["BENCH_PEAK_TFLOPS"]) * 1e12
     if device.type != "cuda":
         return None
     name = torch.cuda.get_device_name(device)
     return next((v for k, v in PEAK_BF16_FLOPS.items() if k in name), None)
 
 
-def train_flops_per_cell(n_params_dense: int, n_layers: int, d_model: int, seq_len: float) -> float:
-    """Training FLOPs (fwd + bwd = 3 x fwd) for one cell of ``seq_len`` tokens.
+def train_flops(d_model: int, d_ff: int, n_layers: int, sum_len: float, sum_len_sq: float) -> float:
+    """FLOPs of one training step, the one formula of ``ThroughputLogger`` and ``scripts/bench_model.py``:
 
-    Dense matmuls cost 2 FLOPs per parameter per token in the forward; attention adds
-    2 x 2 x L x d per token per layer (scores and weighted sum).
-    """
-    fwd = 2 * n_params_dense * seq_len + 4 * n_layers * d_model * seq_len * seq_len
-    return 3 * fwd
+        3 * n_layers * sum over cells c of [ l_c * (8 d^2 + 4 d d_ff) + 4 l_c^2 d ]
+
+    l_c: useful tokens of cell c (<cls> included, no pad); backward = 2 x forward; 8 d^2: QKV + output
+    projections, 4 d d_ff: the FFN, 4 l_c^2 d: scores and weighted sum over all heads. Embeddings, decoders and
+    the optimizer are not counted. ``sum_len`` / ``sum_len_sq``: sums of l_c and l_c^2 over the cells."""
+    per_layer = sum_len * (8 * d_model * d_model + 4 * d_model * d_ff) + 4 * sum_len_sq * d_model
+    return 3.0 * n_layers * per_layer
+
+
+def cell_lengths(batch: Batch) -> torch.Tensor:
+    """Useful tokens per cell (n_cells,), from ``cu_seqlens`` when packed, else the non-pad count per row."""
+    if batch.cu_seqlens is not None:
+        return (batch.cu_seqlens[1:] - batch.cu_seqlens[:-1]).double()
+    return (~batch.pad_mask).sum(1).double()
 
 
 class ThroughputLogger(pl.Callback):
@@ -50,16 +63,13 @@ class ThroughputLogger(pl.Callback):
         self.window = window
         self._t0: float | None = None
         self._cells = self._tokens = self._slots = 0
-        self._flops = 0.0
+        self._len_sums = 0.0  # becomes a (2,) tensor on the batch's device: sums of l_c and l_c^2
         self._steps = 0
 
     @staticmethod
-    def _dense_params(pl_module: pl.LightningModule) -> tuple[int, int, int]:
-        model = pl_module.model
-        embedding = sum(m.weight.numel() for m in model.modules() if isinstance(m, torch.nn.Embedding))
-        total = sum(p.numel() for p in model.parameters())
-        cfg = model.config() if hasattr(model, "config") else {}
-        return total - embedding, int(cfg.get("n_layers", 0)), int(cfg.get("d_model", 0))
+    def _shape(pl_module: pl.LightningModule) -> tuple[int, int, int]:
+        cfg = pl_module.model.config() if hasattr(pl_module.model, "config") else {}
+        return int(cfg.get("d_model", 0)), int(cfg.get("d_ff", 0)), int(cfg.get("n_layers", 0))
 
     def on_train_batch_start(self, trainer, pl_module, batch: Batch, batch_idx):
         if self._t0 is None:
@@ -67,18 +77,18 @@ class ThroughputLogger(pl.Callback):
             self._t0 = time.perf_counter()
 
     def on_train_batch_end(self, trainer, pl_module, outputs, batch: Batch, batch_idx):
-        n_tokens = batch.n_tokens
         n_slots = batch.pad_mask.numel()
         self._cells += batch.n_cells
-        self._tokens += n_tokens
         self._slots += n_slots
-        dense, n_layers, d_model = self._dense_params(pl_module)
-        seq_len = batch.pad_mask.shape[1]
-        self._flops += batch.n_cells * train_flops_per_cell(dense, n_layers, d_model, seq_len)
+        lengths = cell_lengths(batch)  # stays on the device: no host sync per step
+        self._len_sums = self._len_sums + torch.stack([lengths.sum(), (lengths * lengths).sum()])
         self._steps += 1
         if self._steps < self.window:
             return
         self._sync(pl_module)
+        sum_len, sum_len_sq = self._len_sums.tolist()
+        self._tokens = sum_len
+        flops = train_flops(*self._shape(pl_module), sum_len=sum_len, sum_len_sq=sum_len_sq)
         dt = max(time.perf_counter() - self._t0, 1e-9)
         world = trainer.world_size
         metrics = {
@@ -88,7 +98,7 @@ class ThroughputLogger(pl.Callback):
         }
         peak = peak_flops(pl_module.device)
         if peak:
-            metrics["perf/mfu"] = self._flops / dt / peak
+            metrics["perf/mfu"] = flops / dt / peak
         pl_module.log_dict(metrics, on_step=True, on_epoch=False, rank_zero_only=True)
         pl_module.log(
             "cells/s",
@@ -101,7 +111,7 @@ class ThroughputLogger(pl.Callback):
         )
         self._t0 = time.perf_counter()
         self._cells = self._tokens = self._slots = self._steps = 0
-        self._flops = 0.0
+        self._len_sums = 0.0
 
     @staticmethod
     def _sync(pl_module):

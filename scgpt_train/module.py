@@ -5,6 +5,8 @@ Knows no file formats: it receives ``Batch`` objects from whichever DataModule i
 
 from __future__ import annotations
 
+import functools
+import inspect
 import sys
 from collections.abc import Callable, Mapping
 from typing import Any
@@ -36,6 +38,17 @@ def freeze_parameters(net: nn.Module, embeddings: bool = False, layers: int = 0)
             p.requires_grad_(False)
             frozen.append(name)
     return frozen
+
+
+def fused_optimizer_kwargs(factory: Callable, device_type: str) -> dict:
+    """``{"fused": True}`` when the parameters are on CUDA and the optimizer (a ``functools.partial`` of a torch
+    optimizer such as Adam / AdamW) has a fused CUDA kernel and the config did not choose; else ``{}``."""
+    if device_type != "cuda" or not isinstance(factory, functools.partial) or "fused" in factory.keywords:
+        return {}
+    cls = factory.func
+    if not (isinstance(cls, type) and issubclass(cls, torch.optim.Optimizer)):
+        return {}
+    return {"fused": True} if "fused" in inspect.signature(cls.__init__).parameters else {}
 
 
 class ScGPTLitModule(pl.LightningModule):
@@ -123,7 +136,8 @@ class ScGPTLitModule(pl.LightningModule):
 
     def configure_optimizers(self):
         params = [p for p in self.parameters() if p.requires_grad]
-        optimizer = self.optimizer_factory(params=params)
+        device_type = params[0].device.type if params else "cpu"
+        optimizer = self.optimizer_factory(params=params, **fused_optimizer_kwargs(self.optimizer_factory, device_type))
         if self.scheduler_factory is None:
             return optimizer
         total = self.scheduler_total_steps or self._estimated_total_steps()

@@ -20,8 +20,8 @@ backward, Adam. Cell lengths follow the real distribution of non-zero genes per 
 Reports cells/s, non-pad tokens/s, the step time median and activation memory (CPU: bytes saved for backward;
 GPU: peak allocated), and on CUDA achieved TFLOP/s and MFU against the GPU's bf16 dense peak
 (``scgpt_train.callbacks.PEAK_BF16_FLOPS`` by device name, or ``BENCH_PEAK_TFLOPS``). FLOPs of one training
-step (``train_flops``; backward = 2 x forward, encoder matmuls only, useful work only: no pad token, attention
-within each cell over all its tokens):
+step (``scgpt_train.callbacks.train_flops``, the same formula as the trainer's logged MFU; backward = 2 x
+forward, encoder matmuls only, useful work only: no pad token, attention within each cell over all its tokens):
 
     3 * n_layers * sum over cells c of [ l_c * (8 d^2 + 4 d d_ff) + 4 l_c^2 d ]
 
@@ -41,7 +41,6 @@ from __future__ import annotations
 
 import argparse
 import json
-import os
 import sys
 import time
 from pathlib import Path
@@ -54,7 +53,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from data_modules.atomic import write_text_atomic  # noqa: E402
 from data_modules.tokenize.layout import TokenLayout  # noqa: E402
-from scgpt_train.callbacks import PEAK_BF16_FLOPS  # noqa: E402
+from scgpt_train.callbacks import peak_flops, train_flops  # noqa: E402
 from scgpt_train.model import ScGPT, generative_attention_mask  # noqa: E402
 
 CONFIGS = {  # name: (model kwargs, L incl. <cls>, batch on CPU, batch on GPU)
@@ -223,24 +222,10 @@ def timed(step, device) -> float:
     return time.perf_counter() - t0
 
 
-def train_flops(cfg: dict, lengths) -> float:
-    """FLOPs of one training step (module docstring): 3 x forward, encoder matmuls, useful tokens only.
-
-    ``lengths``: tokens of each cell (<cls> included)."""
-    d, f, n_layers = cfg["d_model"], cfg["d_ff"], cfg["n_layers"]
+def step_flops(cfg: dict, lengths) -> float:
+    """FLOPs of one training step on cells of ``lengths`` tokens (<cls> included): ``callbacks.train_flops``."""
     lengths = np.asarray(lengths, dtype=np.float64)
-    per_layer = float((lengths * (8 * d * d + 4 * d * f) + 4 * lengths**2 * d).sum())
-    return 3.0 * n_layers * per_layer
-
-
-def bf16_peak(device) -> float | None:
-    """The GPU's dense bf16 peak in FLOP/s: BENCH_PEAK_TFLOPS, else by device name; None on CPU or if unknown."""
-    if os.environ.get("BENCH_PEAK_TFLOPS"):
-        return float(os.environ["BENCH_PEAK_TFLOPS"]) * 1e12
-    if device.type != "cuda":
-        return None
-    name = torch.cuda.get_device_name(device)
-    return next((v for k, v in PEAK_BF16_FLOPS.items() if k in name), None)
+    return train_flops(cfg["d_model"], cfg["d_ff"], cfg["n_layers"], lengths.sum(), (lengths**2).sum())
 
 
 def bench_config(name, gene_counts, steps, device, dtype, variants, cpu_batch=None):
@@ -251,8 +236,8 @@ def bench_config(name, gene_counts, steps, device, dtype, variants, cpu_batch=No
     batches = {"padded": to_device(padded, device), "packed": to_device(pack(padded), device)}
     lengths = (~padded["pad_mask"]).sum(1).numpy()
     tokens = int(lengths.sum())
-    flops = train_flops(kwargs, lengths)
-    peak = bf16_peak(device) if dtype == torch.bfloat16 else None
+    flops = step_flops(kwargs, lengths)
+    peak = peak_flops(device) if dtype == torch.bfloat16 else None
     steps_by_variant, mems = [], []
     for impl, generative, layout in variants:  # build + warm up every variant first
         torch.manual_seed(0)
@@ -419,7 +404,7 @@ def main(argv=None) -> int:
             None,
         )
 
-    peak = bf16_peak(device) if dtype == torch.bfloat16 else None
+    peak = peak_flops(device) if dtype == torch.bfloat16 else None
     result = {"device": str(device), "gpu": gpu, "dtype": str(dtype), "peak_bf16_flops": peak, "rows": rows}
     main_cfg = "51m" if "51m" in configs else configs[-1]
     result["summary_config"] = main_cfg

@@ -224,3 +224,19 @@ def test_loss_helpers():
     assert float(masked_mse(pred, target, mask)) == pytest.approx(2.0)
     p = torch.tensor([[0.9, 0.2, 0.5]])
     assert float(masked_bernoulli_nll(p, target, mask)) == pytest.approx(-(np.log(0.9) + np.log(0.8)) / 2, rel=1e-5)
+
+
+def test_adam_is_fused_on_cuda_unless_the_config_chose():
+    """The configured optimizer gets ``fused=True`` when the parameters are on CUDA (one kernel per step instead
+    of a loop over tensors); on CPU, with a config that set ``fused``, or an optimizer without it, nothing."""
+    import functools
+
+    from scgpt_train.module import fused_optimizer_kwargs
+
+    adam = functools.partial(torch.optim.Adam, lr=1e-4)
+    assert fused_optimizer_kwargs(adam, "cuda") == {"fused": True}
+    assert fused_optimizer_kwargs(functools.partial(torch.optim.AdamW, lr=1e-4), "cuda") == {"fused": True}
+    assert fused_optimizer_kwargs(adam, "cpu") == {}
+    assert fused_optimizer_kwargs(functools.partial(torch.optim.Adam, fused=False), "cuda") == {}
+    assert fused_optimizer_kwargs(functools.partial(torch.optim.LBFGS), "cuda") == {}
+    assert fused_optimizer_kwargs(lambda params: torch.optim.Adam(params), "cuda") == {}

@@ -23,6 +23,7 @@ from data_modules.datamodule import CorpusDataModule
 from data_modules.store.reader import Corpus
 from data_modules.stream import CellStream, Cursor, StreamLoader
 from data_modules.tokenize import Tokenizer
+from scgpt_train.callbacks import cell_lengths, train_flops
 from scgpt_train.model import ScGPT
 from scgpt_train.model.attention import (
     PackedCells,
@@ -298,6 +299,18 @@ def test_packed_and_padded_give_the_same_losses_and_gradients(demo_corpus, case,
         f"\n{case} {'generative' if generative else 'plain'}: max |packed - padded| {diff[worst]:.2e} ({worst}, "
         f"size {scale[worst]:.3g}); beyond 1e-5 of the size: {off} (checked against fp64)"
     )
+
+
+def test_trainer_flop_count_is_the_same_for_packed_and_padded_batches(demo_corpus):
+    """The logged MFU counts useful tokens per cell (no pad slot), so a packed batch of the same cells has the same
+    FLOPs; the formula on two hand-counted cells."""
+    padded, packed = real_batches(demo_corpus, generative=False)
+    lengths = cell_lengths(padded)
+    assert torch.equal(lengths, cell_lengths(packed)) and int(lengths.sum()) == padded.n_tokens
+    assert lengths.max() < padded.pad_mask.shape[1] or lengths.min() < lengths.max()
+    d, f, n_layers = 8, 16, 2  # cells of 3 and 5 tokens
+    per_layer = 3 * (8 * d * d + 4 * d * f) + 4 * 9 * d + 5 * (8 * d * d + 4 * d * f) + 4 * 25 * d
+    assert train_flops(d, f, n_layers, 8.0, 34.0) == 3 * n_layers * per_layer
 
 
 def _qkv(T, H=4, Dh=16, dtype=torch.float64, seed=0):
