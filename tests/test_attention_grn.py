@@ -292,3 +292,45 @@ def test_bad_inputs_are_refused_by_name(pbmc_case, capsys):
     rc = _script_main()(["--checkpoint", str(d / "tiny0.pt"), "--adata", str(d / "pbmc.h5ad"), "--tf-targets",
                          str(d / "missing.tsv"), "--out", str(d / "x")])  # fmt: skip
     assert rc == 2 and "--tf-targets" in capsys.readouterr().err
+
+
+def test_grn_benchmark_report_on_a_short_setting(pbmc_case, tmp_path):
+    """benchmark=grn_<dataset> on a shortened setting: gene programs (a GMT written here) and two attention-GRN
+    parts (real pbmc68k cells with a TSV resource; the perturbation demo with its planted programs)."""
+    from scgpt_train.tasks.benchmark import run_benchmark
+
+    d, cells = pbmc_case
+    g = list(cells.var_names)
+    (tmp_path / "sets.gmt").write_text(
+        "".join(f"SET{i}\tdesc\t" + "\t".join(g[i * 15 : i * 15 + 15]) + "\n" for i in range(8))
+    )
+    top = [g[i] for i in np.argsort(-np.asarray(cells.X.mean(0)).ravel(), kind="stable")[:80]]  # the 80-gene panel
+    pd.DataFrame([(top[0], t) for t in top[1:9]], columns=["source", "target"]).to_csv(
+        tmp_path / "tf.tsv", sep="\t", index=False
+    )
+    bench = {
+        "name": "grn_short",
+        "task": "grn",
+        "dataset": "pbmc68k cells, shortened",
+        "checkpoint": str(d / "tiny0.pt"),
+        "gene_programs": {"data": "pbmc68k", "label_key": "cell_type", "gmt": [str(tmp_path / "sets.gmt")],
+                          "resolutions": [1], "resolution": 1},
+        "attention_grn": [
+            {"name": "real", "data": "pbmc68k", "tf_targets": str(tmp_path / "tf.tsv"), "max_genes": 80,
+             "max_cells": 20, "n_random": 100, "top": 10},
+            {"name": "planted", "data": "perturbation_demo", "tf_targets": "planted", "condition_key": "condition",
+             "sources": ["CD52", "CD53"], "max_cells": 20, "n_random": 100, "top": 12},
+        ],
+        "paper": {"attention GRN": "qualitative"},
+    }  # fmt: skip
+    result = run_benchmark(bench, [0], tmp_path / "bench")
+    out = tmp_path / "bench"
+    text = (out / "report.md").read_text()
+    sections = ["## Gene-embedding programs", "## Attention GRN: real", "## Attention GRN: planted", "## The paper"]
+    assert all(s in text for s in sections), text
+    assert "| control | scGPT attention | 1 |" in text and "| difference | differential expression | 2 |" in text
+    assert "![grn_precision](planted/grn_precision.png)" in text
+    for f in ("gene_programs/report.md", "real/summary.tsv", "planted/grn_network.png", "results.json"):
+        assert (out / f).exists(), f
+    assert set(result["parts"]) == {"gene_programs", "real", "planted"}
+    assert (out / "planted" / "planted_targets.tsv").read_text().count("\nCD52\t") == 12

@@ -113,6 +113,10 @@ def run_benchmark(
         from scgpt_train.tasks.multiomic.benchmark import run_multiomic_benchmark
 
         return run_multiomic_benchmark(bench, seeds, out_dir, extra_overrides, compose)
+    if bench.get("task") == "grn":  # no fine-tuning: scgpt_train/tasks/attention_grn/benchmark.py
+        from scgpt_train.tasks.attention_grn.benchmark import run_grn_benchmark
+
+        return run_grn_benchmark(bench, seeds, out_dir, extra_overrides, compose)
     if bench.get("task") in own_reports:  # per-subgroup / top-K tables: scgpt_train/tasks/perturbation/benchmark.py
         from scgpt_train.tasks.perturbation import benchmark as perturbation
 

@@ -93,14 +93,20 @@ def run_grn_benchmark(bench: Mapping, seeds, out_dir, extra_overrides=(), compos
     from scgpt_train.tasks.reference_map import demo_checkpoint
     from scgpt_train.tasks.report import markdown_table, write_json, write_text
 
-    if extra_overrides:
-        logging.getLogger(__name__).warning("grn benchmarks train nothing: overrides %s ignored", list(extra_overrides))
+    cache = bench.get("cache_dir")
+    ignored = []
+    for o in extra_overrides:  # scripts/benchmark.py passes paths.cache_dir: the resource cache
+        if str(o).startswith("paths.cache_dir="):
+            cache = cache or str(o).split("=", 1)[1]
+        else:
+            ignored.append(o)
+    if ignored:
+        logging.getLogger(__name__).warning("grn benchmarks train nothing: overrides %s ignored", ignored)
     t0 = time.perf_counter()
     out_dir = Path(out_dir)
     out_dir.mkdir(parents=True, exist_ok=True)
     seed = int(list(seeds)[0]) if seeds else 0
     checkpoint = Path(bench["checkpoint"]) if bench.get("checkpoint") else demo_checkpoint()
-    cache = bench.get("cache_dir")
     sections, result = [], {"benchmark": dict(bench), "checkpoint": str(checkpoint), "seed": seed, "parts": {}}
     progress = bool(bench.get("progress", False))
 
