@@ -95,7 +95,11 @@ def test_demo_recipe_end_to_end_paired_and_mosaic(citeseq_file, tmp_path):
         assert np.isfinite(metrics["test/avg_bio"]) and np.isfinite(metrics["baseline/pca_concat/avg_bio"])
         pred = ad.read_h5ad(out / "predictions.h5ad")
         assert pred.obsm["X_scgpt"].shape == (200, 64) and np.isfinite(pred.obsm["X_scgpt"]).all()
-        assert pred.n_vars == 200 and pred.obsm["Protein"].shape == (200, 14)
+        assert (
+            pred.n_vars == 200
+            and pred.obsm["Protein"].shape == (200, 14)
+            and pred.uns["Protein_features"][0] == "prot:CD3"
+        )
         counts = pred.obs["modalities"].value_counts().to_dict()
         assert counts == ({"RNA+Protein": 200} if variant == "paired" else {"RNA+Protein": 100, "RNA": 100})
         report = json.loads((out / "data_report.json").read_text())
@@ -201,3 +205,9 @@ def test_paper_experiments_build_and_compute_a_loss(name, tmp_path):
     assert torch.isfinite(terms["loss"]) and set(terms) >= {"mlm/mlm", "mlm/gepc", "dar/dar"}
     if name == "asap_mosaic":
         assert dm.obs["modalities"].value_counts().to_dict() == {"RNA+Protein+ATAC": 8, "RNA+ATAC": 8}
+        from hydra.utils import instantiate
+
+        task = instantiate(_compose(over).task)
+        emb = np.random.default_rng(0).normal(size=(16, 8)).astype(np.float32)
+        task._write_h5mu(dm, emb, tmp_path)  # a MuData input gets its embeddings back in a .h5mu
+        np.testing.assert_array_equal(mudata.read_h5mu(tmp_path / "predictions.h5mu").obsm["X_scgpt"], emb)

@@ -34,7 +34,7 @@ def pca_concat_embedding(blocks: list[tuple[sp.csr_matrix, np.ndarray]], n_pcs: 
 
     scaled = []
     for x, present in blocks:
-        dense = np.asarray(x.todense() if sp.issparse(x) else x, dtype=np.float64)
+        dense = np.asarray(x.todense() if sp.issparse(x) else x, dtype=np.float32)
         z = np.zeros_like(dense)
         if present.any():
             sub = dense[present]

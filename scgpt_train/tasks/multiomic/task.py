@@ -10,6 +10,7 @@ from pathlib import Path
 import anndata as ad
 import numpy as np
 import pandas as pd
+import scipy.sparse as sp
 
 from scgpt_train.tasks.common import FineTuneTask
 from scgpt_train.tasks.integration import l2_normalize
@@ -98,7 +99,8 @@ class MultiomicIntegrationTask(FineTuneTask):
 
     def predictions_anndata(self, dm, obs, outputs) -> ad.AnnData:
         """All cells: X = the RNA values the model read (its genes), obs with ``has_<modality>`` / ``modalities``
-        / ``split``, ``obsm["X_scgpt"]``, and each other modality's preprocessed values in ``obsm["<name>"]``."""
+        / ``split``, ``obsm["X_scgpt"]``, and each other modality's preprocessed values in ``obsm["<name>"]`` (sparse;
+        feature tokens in ``uns["<name>_features"]``)."""
         rna = next((n for n, m in dm.mods.items() if m.kind == "rna"), None)
         first = rna or next(iter(dm.mods))
         obs = obs.copy()
@@ -106,10 +108,9 @@ class MultiomicIntegrationTask(FineTuneTask):
         var = pd.DataFrame(index=pd.Index(dm.mods[first].tokens).astype(str))
         adata = ad.AnnData(X=dm.expression(first), obs=obs, var=var)
         for name, m in dm.mods.items():
-            if name != first:
-                adata.obsm[name] = pd.DataFrame(
-                    np.asarray(m.values.todense()), index=adata.obs_names, columns=pd.Index(m.tokens).astype(str)
-                )
+            if name != first:  # sparse (peaks can be many); feature names in uns["<name>_features"]
+                adata.obsm[name] = sp.csr_matrix(m.values, dtype=np.float32)
+                adata.uns[f"{name}_features"] = np.asarray(m.tokens, dtype=str)
         adata.obsm["X_scgpt"] = outputs["cell_emb"]
         return adata
 
