@@ -211,3 +211,29 @@ def test_paper_experiments_build_and_compute_a_loss(name, tmp_path):
         emb = np.random.default_rng(0).normal(size=(16, 8)).astype(np.float32)
         task._write_h5mu(dm, emb, tmp_path)  # a MuData input gets its embeddings back in a .h5mu
         np.testing.assert_array_equal(mudata.read_h5mu(tmp_path / "predictions.h5mu").obsm["X_scgpt"], emb)
+
+
+def test_scvi_baselines_run_on_rna_protein_and_rna_atac(tmp_path):
+    """totalVI on RNA + protein, MultiVI on RNA + ATAC (synthetic counts, 2 epochs), pca_concat on both; a
+    baseline that does not fit the data's modalities is reported, never faked."""
+    pytest.importorskip("scvi", reason="scvi-tools (the baselines extra) not installed")
+    from test_multiomic_data import PROT, RNA, _atac_h5mu, _dm, _synthetic
+
+    from scgpt_train.tasks.multiomic import MultiomicIntegrationTask
+
+    settings = {"max_epochs": 2, "batch_size": 8}
+    task = MultiomicIntegrationTask(baselines=["pca_concat", "totalvi", "multivi"], totalvi=settings, multivi=settings)
+    path, _, _ = _atac_h5mu(tmp_path, n=24)
+    atac = {"kind": "atac", "values": "counts", "n_top": 10, "selection": "accessible"}
+    dm = _dm(path, {"RNA": RNA, "ATAC": atac}, batch_key="batch")
+    emb, rep = task.baseline_embeddings(dm, dm.obs["batch"].to_numpy())
+    assert set(emb) == {"pca_concat", "multivi"} and all(np.isfinite(e).all() for e in emb.values())
+    assert rep["skipped_baselines"] == {"totalvi": "not applicable (needs RNA + protein)"}
+    x, obs, genes = _synthetic(24)
+    a = ad.AnnData(sp.csr_matrix(x), obs=obs, var=pd.DataFrame(index=genes))
+    a.obsm["protein_expression"] = np.random.default_rng(3).poisson(15, (24, 3)).astype(np.float32) + 1
+    a.uns["protein_names"] = np.array(["CD3", "CD19", "CD56"])
+    a.write_h5ad(tmp_path / "p.h5ad")
+    dm = _dm(tmp_path / "p.h5ad", {"RNA": RNA, "Protein": PROT}, batch_key="batch")
+    emb, rep = task.baseline_embeddings(dm, dm.obs["batch"].to_numpy())
+    assert set(emb) == {"pca_concat", "totalvi"} and emb["totalvi"].shape[0] == 24

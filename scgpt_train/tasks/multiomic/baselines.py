@@ -92,30 +92,31 @@ def multivi_embedding(
     rna_counts, atac_counts, batches, seed: int = 0, n_latent: int | None = None, max_epochs: int = 50,
     batch_size: int = 64, num_threads: int | None = 1,
 ) -> np.ndarray:  # fmt: skip
-    """(N, d) MultiVI latent of RNA counts (first columns) + peaks (binarized), batch as the covariate."""
+    """(N, d) MultiVI latent of RNA counts + peaks (binarized), batch as the covariate (a MuData: scvi-tools 1.4
+    sets MultiVI up from MuData only)."""
     import anndata as ad
+    import mudata
     import pandas as pd
     import torch
 
     scvi = _scvi_settings(seed)
-    rna = sp.csr_matrix(rna_counts, dtype=np.float32)
-    atac = sp.csr_matrix((sp.csr_matrix(atac_counts) > 0).astype(np.float32))
-    x = sp.hstack([rna, atac], format="csr")
-    var = pd.DataFrame(
-        {"modality": ["Gene Expression"] * rna.shape[1] + ["Peaks"] * atac.shape[1]},
-        index=[f"g{i}" for i in range(rna.shape[1])] + [f"p{i}" for i in range(atac.shape[1])],
-    )
-    obs = pd.DataFrame({"batch": pd.Categorical(np.asarray(batches).astype(str))})
-    obs.index = obs.index.astype(str)
-    adata = ad.AnnData(X=x, obs=obs, var=var)
+    index = pd.Index([f"c{i}" for i in range(rna_counts.shape[0])])
+    rna = ad.AnnData(sp.csr_matrix(rna_counts, dtype=np.float32), obs=pd.DataFrame(index=index))
+    rna.var_names = [f"g{i}" for i in range(rna.n_vars)]
+    atac = ad.AnnData(sp.csr_matrix((sp.csr_matrix(atac_counts) > 0).astype(np.float32)), obs=pd.DataFrame(index=index))
+    atac.var_names = [f"p{i}" for i in range(atac.n_vars)]
+    mdata = mudata.MuData({"rna": rna, "atac": atac})
+    mdata.obs["batch"] = pd.Categorical(np.asarray(batches).astype(str))
     threads = torch.get_num_threads()
     try:
         if num_threads is not None:
             torch.set_num_threads(int(num_threads))
         with warnings.catch_warnings(), tempfile.TemporaryDirectory() as tmp:
             warnings.simplefilter("ignore")
-            scvi.model.MULTIVI.setup_anndata(adata, batch_key="batch")
-            model = scvi.model.MULTIVI(adata, n_genes=rna.shape[1], n_regions=atac.shape[1], n_latent=n_latent)
+            scvi.model.MULTIVI.setup_mudata(
+                mdata, batch_key="batch", modalities={"rna_layer": "rna", "atac_layer": "atac"}
+            )
+            model = scvi.model.MULTIVI(mdata, n_latent=n_latent)
             model.train(
                 max_epochs=int(max_epochs), batch_size=int(batch_size), accelerator="cpu", devices=1,
                 enable_progress_bar=False, default_root_dir=tmp,
