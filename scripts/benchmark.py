@@ -3,7 +3,10 @@
 
     python scripts/benchmark.py benchmark=annotation_demo
     python scripts/benchmark.py benchmark=integration_demo seeds=[0]
-    python scripts/benchmark.py benchmark=annotation_ms 'overrides=["trainer=gpu"]'
+    python scripts/benchmark.py benchmark=annotation_ms trainer=gpu
+
+Arguments that are not keys of configs/benchmark.yaml (``data.path=ref.h5ad``, ``trainer=gpu``,
+``pretrained=CKPT``) are train.py overrides for every seed (``scgpt_train.tasks.benchmark.split_cli_overrides``).
 
 Everything lands under the Hydra run dir (hydra.run.dir=...): benchmark.md, results.json, figures, and one
 full train.py run directory per seed (seed_<n>/).
@@ -23,14 +26,16 @@ import hydra  # noqa: E402
 from hydra.core.hydra_config import HydraConfig  # noqa: E402
 from omegaconf import DictConfig, OmegaConf  # noqa: E402
 
-from scgpt_train.tasks.benchmark import run_benchmark  # noqa: E402
+from scgpt_train.tasks.benchmark import run_benchmark, split_cli_overrides  # noqa: E402
+
+sys.argv[1:], TRAIN_OVERRIDES = split_cli_overrides(sys.argv[1:])
 
 
 @hydra.main(config_path=str(ROOT / "configs"), config_name="benchmark", version_base="1.3")
 def main(cfg: DictConfig) -> None:
     out_dir = Path(HydraConfig.get().runtime.output_dir)
     bench = OmegaConf.to_container(cfg.benchmark, resolve=True)
-    extra = list(cfg.overrides) + [f"paths.cache_dir={cfg.paths.cache_dir}"]
+    extra = list(cfg.overrides) + TRAIN_OVERRIDES + [f"paths.cache_dir={cfg.paths.cache_dir}"]
     run_benchmark(bench, list(cfg.seeds), out_dir, extra)
 
 

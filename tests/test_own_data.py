@@ -307,3 +307,34 @@ def test_python_api_reference_map_transfers_labels(own):
     predicted = [c for c in mapped.obs.columns if c.endswith("pred")]
     assert predicted and set(mapped.obs[predicted[0]].astype(str)) <= set(reference.obs["cell_type"])
     assert isinstance(summary, dict)
+
+
+def test_benchmark_takes_user_data_as_plain_overrides_and_reports_it(own, tmp_path):
+    """`scripts/benchmark.py benchmark=integration_demo data.path=cells.h5ad ...`: arguments that are not the
+    benchmark's own keys are train.py overrides for every seed (no quoted overrides=[...] list), and benchmark.md
+    describes the file, cells and values the fine-tune actually read (its data_report.json)."""
+    from hydra import compose, initialize_config_dir
+    from omegaconf import OmegaConf
+
+    from scgpt_train.tasks.benchmark import run_benchmark, split_cli_overrides
+
+    sample = np.random.default_rng(2).choice(own["counts"].n_obs, 120, replace=False)
+    cells = write(own["counts"][np.sort(sample)].copy(), tmp_path / "cells.h5ad")
+    user = [f"data.path={cells}", "data.batch_key=donor", "data.builder=null", "data.preprocess.n_hvg=60"]
+    user += ["layout.max_seq_len=61", *SHORT]
+    args = ["benchmark=integration_demo", "seeds=[0]", *user, "benchmark.baselines=[hvg_pca]", "--cfg", "job"]
+    own_args, train = split_cli_overrides(args)
+    assert own_args == ["benchmark=integration_demo", "seeds=[0]", "benchmark.baselines=[hvg_pca]", "--cfg", "job"]
+    assert train == user
+    with initialize_config_dir(str(ROOT / "configs"), version_base="1.3"):
+        cfg = compose("benchmark", overrides=own_args[:3])
+        bench = OmegaConf.to_container(cfg.benchmark, resolve=True)
+        result = run_benchmark(bench, [0], tmp_path / "bench", train)
+    report = (tmp_path / "bench" / "benchmark.md").read_text()
+    assert (
+        "its recipe on the data given by data.path" in report
+        and f"`data.path={cells}`" in report
+        and f"Data used: `{cells}`; 120 cells" in report
+    )
+    assert "Values of cells.h5ad: X: counts" in report and "normalize_total 10000, log1p" in report
+    assert {"scgpt", "hvg_pca"} <= set(result["summary"])

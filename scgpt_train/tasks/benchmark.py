@@ -44,6 +44,56 @@ METHOD_NAMES = {
 FIGURES = ("confusion_matrix.png", "confusion_matrix_l1_lr.png", "umap.png", "umap_hvg_pca.png")
 
 
+BENCHMARK_KEYS = ("benchmark", "seeds", "overrides", "paths", "hydra")  # configs/benchmark.yaml's own keys
+
+
+def split_cli_overrides(args: Sequence[str]) -> tuple[list[str], list[str]]:
+    """Command-line arguments of ``scripts/benchmark.py`` -> (its own, train.py overrides for every seed).
+
+    Keys of configs/benchmark.yaml (``benchmark=``, ``seeds=``, ``overrides=``, ``paths.*``, ``hydra.*``) and
+    flags (``--cfg job``, ``-m``) stay with the benchmark; anything else (``data.path=ref.h5ad``,
+    ``trainer=gpu``, ``pretrained=CKPT``) is a train.py override, as if written into ``overrides=[...]``."""
+    own: list[str] = []
+    train: list[str] = []
+    flag_value = False
+    for arg in args:
+        if flag_value:  # the value of a flag such as --cfg job / --package
+            own.append(arg)
+            flag_value = False
+            continue
+        if arg.startswith("-"):
+            own.append(arg)
+            flag_value = arg in ("--cfg", "-c", "--package", "-p", "--info", "-i", "--config-name", "-cn")
+            continue
+        key = arg.lstrip("+~").split("=", 1)[0]
+        root = key.split(".", 1)[0].split("/", 1)[0]
+        (own if root in BENCHMARK_KEYS else train).append(arg)
+    return own, train
+
+
+def describe_data(run_dir: Path) -> list[str]:
+    """Report lines on the data a fine-tune actually used, from its ``data_report.json`` (none if absent)."""
+    import json
+
+    path = Path(run_dir) / "data_report.json"
+    if not path.is_file():
+        return []
+    rep = json.loads(path.read_text())
+    files = ", ".join(f"`{p}`" for p in (rep.get("path"), rep.get("query_path")) if p)
+    split = ", ".join(f"{k} {v:,}" for k, v in (rep.get("cells_per_split") or {}).items() if v)
+    lines = [
+        f"Data used: {files or 'see data_report.json'}; {rep.get('n_cells', 0):,} cells ({split}); "
+        f"{rep.get('n_model_genes', 0):,} genes in the model; {len(rep.get('labels') or [])} labels"
+        + (f", {len(rep['batches'])} batches" if rep.get("batches") else "")
+        + "."
+    ]
+    for v in rep.get("values") or []:
+        steps = ", ".join(v.get("steps") or []) or "used as stored"
+        lines.append(f"Values of {v.get('source')}: {v.get('value_type')} ({v.get('evidence', '')}); {steps}.")
+    lines += [f"Data warning: {w}" for w in rep.get("warnings") or []]
+    return lines
+
+
 def train_overrides(bench: Mapping, seed: int, seed_dir: Path, extra: Sequence[str]) -> list[str]:
     """Overrides of configs/train.yaml for one seed of ``bench``."""
     over = [
@@ -147,11 +197,21 @@ def run_benchmark(
     table, summary = results_table(
         bench["task"], per_seed, list(bench.get("baselines") or []), bench.get("paper"), len(seeds)
     )
+    user = [o for o in extra_overrides if not o.startswith("paths.cache_dir=")]
+    own_data = any(o.split("=", 1)[0].lstrip("+") in ("data.path", "data.query_path") for o in user)
     notes = [
-        f"Benchmark `{bench['name']}`: {bench.get('dataset', '')}.",
+        f"Benchmark `{bench['name']}`: "
+        + (
+            f"its recipe on the data given by data.path (not its own: {bench.get('dataset', '')})."
+            if own_data
+            else f"{bench.get('dataset', '')}."
+        ),
         f"Fine-tune: `train.py experiment={bench['experiment']}`, seeds {list(seeds)}; ours = mean ± std over seeds.",
         "Baselines run on the same preprocessed genes and the same splits as the model.",
     ]
+    if user:
+        notes.append("Overrides given: " + " ".join(f"`{o}`" for o in user) + ".")
+    notes += describe_data(first)
     if bench["task"] == "integration":
         notes.append(
             f"Metrics: {INTEGRATION_BACKEND}; the paper used scib (Louvain), so values can differ slightly. "
