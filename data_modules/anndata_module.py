@@ -13,6 +13,7 @@ Splits (``obs["split"]`` of :attr:`AnnDataModule.adata`): ``train`` / ``val`` (s
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import logging
 import os
@@ -245,9 +246,11 @@ class AnnDataModule(VocabSizes, pl.LightningDataModule):
         if not Path(path).exists():
             raise FileNotFoundError(f"h5ad {path} does not exist")
         where = Path(path).name
+        cfg = self.preprocess_cfg
+        if path == self.query_path and cfg.query_gene_column is not None:  # the query names its genes differently
+            cfg = dataclasses.replace(cfg, gene_column=cfg.query_gene_column)
         if self.backed:
             data = ad.read_h5ad(path, backed="r")
-            cfg = self.preprocess_cfg
             if cfg.layer is not None:
                 raise ValueError(
                     f"{where}: backed=true reads X row by row; data.layer={cfg.layer!r} needs the file in memory "
@@ -268,7 +271,7 @@ class AnnDataModule(VocabSizes, pl.LightningDataModule):
             self._record_values(report.as_dict())
             self._input_columns.append(np.arange(data.n_vars, dtype=np.int64))
             return data, data.X, names
-        data, flavor = normalize_and_select(ad.read_h5ad(path), self.preprocess_cfg, genes, where)
+        data, flavor = normalize_and_select(ad.read_h5ad(path), cfg, genes, where)
         self.hvg_flavor = flavor if genes is None else getattr(self, "hvg_flavor", None)
         self._record_values(data.uns["value_type"])
         self._record_genes(data.uns["gene_ids"])

@@ -47,6 +47,7 @@ class PreprocessConfig:
     counts_layer: str | None = None  # layer holding raw counts (for seurat_v3); None = X before normalization
     use_raw: bool = False  # read .raw (X and var) instead of X
     gene_column: str | None = None  # var column with the gene names; None = var_names (or a column of the right key)
+    query_gene_column: str | None = None  # the query file's column when it differs from the reference's; None = same
     gene_key: str | None = None  # "symbol" | "ensembl": the key names are brought to; None = as read (set by the
     # data module from the vocabulary, or from the reference when training from scratch)
     gene_table: str | None = None  # CSV/TSV Ensembl id -> symbol; None = the shipped GENCODE v44 table

@@ -144,3 +144,34 @@ def test_duplicates_and_truncated_names_are_reported(files, tmp_path):
     assert rep.n_lost == rep.n_truncated == 21  # every name longer than 8 characters
     assert "RP11-782 (RP11-782C8.1?)" in rep.truncated_examples
     assert "look truncated" in rep.summary()
+
+
+def test_gene_column_per_input_file(files, tmp_path, capsys):
+    """Inputs that keep their gene names in different places: ``--gene-column FILE=COLUMN`` for build_corpus.py,
+    ``data.preprocess.query_gene_column`` for a fine-tune's query; a FILE that is no input is refused by name."""
+    counts = files["counts"]
+    odd = counts.copy()  # symbols in a column no detector knows, var_names that are no gene names at all
+    odd.var = pd.DataFrame({"hgnc": list(counts.var_names)}, index=[f"feature{i}" for i in range(counts.n_vars)])
+    odd_path = write(odd, tmp_path / "odd.h5ad")
+    out = tmp_path / "corpus"
+    args = ["h5ad", str(odd_path), str(files["symbols"]), "--out", str(out), "--no-split"]
+    rc = build_main([*args, "--gene-column", "odd.h5ad=hgnc"])
+    assert rc == 0, capsys.readouterr().err
+    manifest = json.loads((out / "manifest.json").read_text())
+    assert {d["name"]: d["n_genes_known"] for d in manifest["datasets"]} == {"odd": 765, "symbols": 765}
+    assert len(GeneVocab.from_json(out / "vocab.json").genes) == 765  # one vocabulary, not two halves
+    capsys.readouterr()
+    rc = build_main([*args[:-3], "--out", str(tmp_path / "c2"), "--no-split", "--gene-column", "other.h5ad=hgnc"])
+    err = capsys.readouterr().err
+    assert rc == 2 and "--gene-column other.h5ad=...: no input is 'other.h5ad'" in err, err
+    assert not (tmp_path / "c2").exists()
+    # fine-tuning: the reference by var_names, the query through its own column
+    dm = AnnDataModule(
+        str(files["symbols"]),
+        query_path=str(odd_path),
+        vocab=str(files["ckpt"]),
+        label_key="cell_type",
+        preprocess={"query_gene_column": "hgnc"},
+    )
+    dm.setup()
+    assert [(r["n_genes"], r["n_in_vocab"]) for r in dm.report()["genes"]] == [(765, 765), (765, 765)]

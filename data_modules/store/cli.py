@@ -185,10 +185,12 @@ def build_parser() -> argparse.ArgumentParser:
     h.add_argument("inputs", nargs="+", type=Path, help=".h5ad files or folders holding them")
     h.add_argument(
         "--gene-column",
-        help="var column with the gene names to match (default: var_names). Per input, Ensembl ids and symbols are "
-        "told apart; an input in the other key than the vocabulary's (without --vocab: symbols when any input uses "
-        "them) is mapped through its own gene_symbols / gene_names / feature_name (or gene_ids / feature_id) column, "
-        "else the id table",
+        action="append",
+        metavar="[FILE=]COLUMN",
+        help="var column with the gene names to match (default: var_names); FILE=COLUMN sets it for one input only "
+        "(repeat the option when inputs differ). Per input, Ensembl ids and symbols are told apart; an input in the "
+        "other key than the vocabulary's (without --vocab: symbols when any input uses them) is mapped through its "
+        "own gene_symbols / gene_names / feature_name (or gene_ids / feature_id) column, else the id table",
     )
     h.add_argument(
         "--gene-table",
@@ -250,6 +252,29 @@ def _expand_inputs(paths: list[Path]) -> list[Path]:
     return files
 
 
+def gene_columns_per_input(paths: list[Path], options: list[str]) -> list[str | None]:
+    """The ``--gene-column`` of each input: ``COLUMN`` for all of them, ``FILE=COLUMN`` for the input whose path
+    (as given, or its file name) is FILE. A FILE that names no input is refused with the inputs listed."""
+    default: str | None = None
+    per_file: dict[str, str] = {}
+    for option in options:
+        file, eq, column = option.rpartition("=")
+        if not eq:
+            default = column
+        elif not column or not file:
+            raise CorpusFormatError(f"--gene-column {option}: write COLUMN, or FILE=COLUMN for one input")
+        else:
+            per_file[file] = column
+    names = [{str(p), Path(p).name} for p in paths]
+    unmatched = [f for f in per_file if not any(f in n for n in names)]
+    if unmatched:
+        raise CorpusFormatError(
+            f"--gene-column {unmatched[0]}=...: no input is {unmatched[0]!r} (inputs: {[str(p) for p in paths][:10]}); "
+            "write FILE as the path given or its file name"
+        )
+    return [next((per_file[k] for k in sorted(n) if k in per_file), default) for n in names]
+
+
 def _obs_columns(spec: list[str]) -> tuple[list[str], dict[str, str]]:
     names, mapping = [], {}
     for item in spec:
@@ -279,13 +304,11 @@ def build_main(argv: list[str] | None = None) -> int:
             explicit = args.obs_columns is not None
             names, obs_map = _obs_columns(args.obs_columns if explicit else list(DEFAULT_OBS_COLUMNS))
             table = load_gene_table(args.gene_table, *args.gene_table_columns) if args.gene_table else None
-            sources = sources_from_paths(
-                _expand_inputs(args.inputs),
-                gene_column=args.gene_column,
-                use_raw=args.use_raw,
-                layer=args.layer,
-                obs_map=obs_map or None,
-            )
+            paths = _expand_inputs(args.inputs)
+            columns = gene_columns_per_input(paths, args.gene_column or [])
+            sources = sources_from_paths(paths, use_raw=args.use_raw, layer=args.layer, obs_map=obs_map or None)
+            for source, column in zip(sources, columns):
+                source.gene_column = column
             label = table_name(args.gene_table) if args.gene_table else None
             common["vocab"], table, id_reports = resolve_input_genes(sources, vocab, table, label, log)
             manifest = convert_sources(
