@@ -113,6 +113,15 @@ def test_scores_equal_a_naive_full_matrix_computation(norm_scheme):
     )  # fmt: skip
 
 
+def test_maps_are_formed_a_few_heads_at_a_time():
+    """The (M, M) work per step is bounded (max_bytes): one head per step gives the same maps as all at once."""
+    q, k = torch.randn(2, 4, 50, 8), torch.randn(2, 4, 50, 8)
+    whole = [m for _, m in ag.cell_maps(q, k)]
+    one_head = [m for _, m in ag.cell_maps(q, k, max_bytes=1)]
+    for a, b in zip(whole, one_head):
+        np.testing.assert_allclose(a, b, atol=1e-6)
+
+
 def test_softmax_and_unranked_options_match_the_naive_computation():
     n_genes, m = 30, 11
     model = tiny_model(n_genes)

@@ -31,7 +31,7 @@ from scgpt_train.tasks.attention_grn.targets import (
 METHOD_NAMES = {
     "attention": "scGPT attention",
     "random": "random (expression-matched)",
-    "coexpression": "co-expression |r|",
+    "coexpression": "co-expression (abs. r)",
     "de": "differential expression",
 }
 
@@ -295,7 +295,9 @@ def run_attention_grn(
         )
     agg = aggregate(table)
     figures = [plot_precision(agg, out_dir / "grn_precision.png", top)]
-    first = next((r for r in records if r["method"] == "attention"), None)
+    att_records = [r for r in records if r["method"] == "attention"]
+    # the network figure: the source with most known targets in its top K (the difference setting first)
+    first = max(att_records, key=lambda r: (r["setting"] == "difference", r["overlap"])) if att_records else None
     if first is not None:
         sub = pd.DataFrame(target_rows)
         sub = sub[(sub.source == first["source"]) & (sub.setting == first["setting"]) & (sub.method == "attention")]
