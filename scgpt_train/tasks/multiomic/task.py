@@ -91,7 +91,8 @@ class MultiomicIntegrationTask(FineTuneTask):
                     )
                 else:
                     embeddings[name] = multivi_embedding(rna, other, batches, self.seed, **self.multivi_kwargs)
-                inputs[name] = f"{name} on the stored counts of the model's features, settings {self.totalvi_kwargs}"
+                kw = self.totalvi_kwargs if name == "totalvi" else self.multivi_kwargs
+                inputs[name] = f"{name} on the stored counts of the model's features, batch covariate, settings {kw}"
             except Exception as err:  # a failing baseline must not lose the fine-tune's results
                 log.exception("baseline %s failed", name)
                 skipped[name] = f"failed: {type(err).__name__}: {err}"
