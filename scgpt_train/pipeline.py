@@ -46,7 +46,8 @@ def build_modules(cfg: DictConfig) -> tuple[pl.LightningDataModule, pl.Lightning
     datamodule.prepare_data()
     datamodule.setup("fit")
     if cfg.get("pretrained"):
-        check_checkpoint_vocab(cfg.pretrained, datamodule.vocab, resume=False)
+        extends = bool(getattr(datamodule, "extends_vocab", False))
+        check_checkpoint_vocab(cfg.pretrained, datamodule.vocab, resume=False, allow_extension=extends)
     objectives = {name: instantiate(c) for name, c in cfg.objective.items()}
     module = instantiate(
         cfg.model, net=model_kwargs_from_data(datamodule), objectives=objectives, vocab=datamodule.vocab.token_to_id
@@ -73,12 +74,18 @@ def checkpoint_vocab(path) -> GeneVocab | None:
         return None
 
 
-def check_checkpoint_vocab(path, data_vocab: GeneVocab, resume: bool) -> None:
+def check_checkpoint_vocab(path, data_vocab: GeneVocab, resume: bool, allow_extension: bool = False) -> None:
     """Refuse a checkpoint (``pretrained=`` or the one a run resumes from) whose vocabulary is not the data's:
-    training would silently map the data's genes onto other genes' embeddings."""
+    training would silently map the data's genes onto other genes' embeddings. ``allow_extension``: the data
+    appended new tokens on purpose (perturbation ``unknown_genes=new``); the checkpoint's tokens must then be the
+    data vocabulary's first ones, with the same ids."""
     ckpt_vocab = checkpoint_vocab(path)
     if ckpt_vocab is None:
         log.warning("checkpoint %s stores no vocabulary: cannot check that it matches the data's", path)
+        return
+    n = len(ckpt_vocab)
+    if allow_extension and len(data_vocab) > n and data_vocab.id_to_token[:n] == ckpt_vocab.id_to_token:
+        log.info("the data's vocabulary is the checkpoint's %d tokens + %d new ones", n, len(data_vocab) - n)
         return
     diff = ckpt_vocab.difference(data_vocab, names=("the checkpoint", "the data"))
     if diff is None:

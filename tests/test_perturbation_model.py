@@ -475,3 +475,33 @@ def test_prediction_refuses_a_model_without_flags(fixture_h5ad):
 
     with pytest.raises(PredictionInputError, match="not a perturbation model"):
         check_perturbation_model(model, "model.pt")
+
+
+@needs_fixtures
+def test_unknown_genes_as_new_learned_tokens(official, fixture_h5ad, tmp_path):
+    """``unknown_genes=new``: the fixture gene the checkpoint lacks is appended as a new token; the vocabulary
+    check accepts this extension (and only it); the model keeps the checkpoint's embedding rows bit for bit and
+    the new row gets a gradient, i.e. it is learned."""
+    from scgpt_train.pipeline import check_checkpoint_vocab
+    from scgpt_train.tasks.perturbation.model import perturbation_model
+
+    model, vocab = official
+    dm = datamodule(fixture_h5ad, vocab=str(FIXTURES), unknown_genes="new")
+    new_id = len(vocab)
+    assert dm.extends_vocab and dm.vocab_size == new_id + 1 and dm.appended_genes == dm.tokens.unknown_genes
+    assert dm.vocab.id_to_token[:new_id] == vocab.id_to_token
+    batch = dm.collate(subsample=True, seed=0)([(0, 3), (1, 4), (2, 5), (6, 6)])
+    assert (batch.gene_ids == new_id).any() and not (batch.gene_ids == dm.pad_id).any()
+    check_checkpoint_vocab(FIXTURES, dm.vocab, resume=False, allow_extension=True)
+    with pytest.raises(Exception, match="another vocabulary"):
+        check_checkpoint_vocab(FIXTURES, dm.vocab, resume=False)
+    shuffled = GeneVocab({**{t: i for i, t in enumerate(reversed(vocab.id_to_token))}, "NEW": new_id})
+    with pytest.raises(Exception, match="another vocabulary"):  # not the checkpoint's tokens first: refused
+        check_checkpoint_vocab(FIXTURES, shuffled, resume=False, allow_extension=True)
+    net = perturbation_model(FIXTURES, vocab_size=dm.vocab_size, pad_token_id=dm.pad_id, layout=dm.layout,
+                             **dm.model_kwargs)  # fmt: skip
+    rows = net.gene_encoder.embedding.weight
+    assert torch.equal(rows[:new_id], model.gene_encoder.embedding.weight)
+    module = ScGPTLitModule(net, {"perturb": PerturbationMSEObjective()}, optimizer=torch.optim.Adam).train()
+    module.compute_losses(batch, step=0)["loss"].backward()
+    assert rows.grad[new_id].abs().sum() > 0

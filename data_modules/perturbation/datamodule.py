@@ -37,6 +37,7 @@ from data_modules.perturbation.inputs import (
     ZERO_GENE_MODES,
     GeneTokens,
     PerturbationInputError,
+    extend_vocab,
     flag_columns,
     gene_positions,
     make_batch,
@@ -188,7 +189,8 @@ class PerturbationDataModule(VocabSizes, pl.LightningDataModule):
       layout: the TokenLayout (``max_genes`` caps training sequences; ``pad_value`` at padded positions).
       include_zero_genes: ``"all"`` (official) or ``"batch-wise"`` (genes non-zero in a control of the batch).
       keep_perturbed_genes: training subsets always keep the flagged genes (False: the tutorial's uniform draw).
-      unknown_genes: ``"pad"`` (official ``<pad>`` id), ``"mask"`` or ``"error"`` for genes outside the vocab.
+      unknown_genes: ``"pad"`` (official ``<pad>`` id), ``"mask"``, ``"new"`` (appended to the vocabulary as new
+        tokens; the model gets their embedding rows, learned) or ``"error"`` for genes outside the vocab.
       split_path: a split JSON to use; else the GEARS simulation split with ``split_seed``,
         ``train_gene_set_size``, ``combo_seen2_train_frac``; written to ``split_out`` when given.
       pairing_mode: ``"fixed"`` (official) or ``"redraw"``; ctrl_identity: ctrl -> ctrl pairs in training
@@ -243,6 +245,7 @@ class PerturbationDataModule(VocabSizes, pl.LightningDataModule):
         self.compute_missing_de, self.report_path = bool(compute_missing_de), report_path
         self.data: PerturbationData | None = None
         self._vocab: GeneVocab | None = None
+        self.appended_genes: list[str] = []
 
     # lifecycle ------------------------------------------------------------------------------------------------
     def prepare_data(self) -> None:
@@ -264,13 +267,20 @@ class PerturbationDataModule(VocabSizes, pl.LightningDataModule):
         if self._vocab is None:
             self._vocab = GeneVocab.from_genes(data.gene_names.tolist())
         self.tokens = map_data_genes(data.gene_names, self._vocab, self.unknown_genes, self.path)
+        if self.unknown_genes == "new":  # the same extension the token ids were computed in
+            self._vocab, self.appended_genes = extend_vocab(self._vocab, data.gene_names)
         if self.tokens.n_unknown:
+            handled = {
+                "pad": "official <pad> token, attended",
+                "mask": "masked out",
+                "new": f"new tokens appended after id {len(self._vocab) - len(self.appended_genes) - 1}, learned",
+            }
             log.warning(
                 "%s: %d of %d genes are not in the vocabulary (%s): %s",
                 self.path,
                 self.tokens.n_unknown,
                 len(self.tokens.ids),
-                "official <pad> token, attended" if self.unknown_genes == "pad" else "masked out",
+                handled[self.unknown_genes],
                 ", ".join(self.tokens.unknown_genes[:10]),
             )
         self.split = self._make_split(data)
@@ -316,6 +326,13 @@ class PerturbationDataModule(VocabSizes, pl.LightningDataModule):
     def model_kwargs(self) -> dict:
         """The condition embedding the flags need (official: 3 ids, padding row 0)."""
         return {"n_conditions": self.n_conditions, "condition_pad_id": self.flag_pad}
+
+    @property
+    def extends_vocab(self) -> bool:
+        """True when the vocabulary is the checkpoint's with new tokens appended (``unknown_genes="new"``): the
+        vocabulary check then accepts a checkpoint whose tokens are the first ones, unchanged."""
+        self.setup()
+        return bool(self.appended_genes)
 
     # cells and pairs ----------------------------------------------------------------------------------------------
     def cells(self, split: str) -> np.ndarray:

@@ -42,7 +42,7 @@ FLAG_NOT_PERTURBED = 0
 FLAG_PERTURBED = 1
 N_FLAGS = 3  # rows of the official pert_encoder
 OFFICIAL_FLAG_PAD = 0  # the tutorial's pert_pad_id (padding_idx of pert_encoder)
-UNKNOWN_GENE_MODES = ("pad", "mask", "error")
+UNKNOWN_GENE_MODES = ("pad", "mask", "new", "error")
 ZERO_GENE_MODES = ("all", "batch-wise")
 
 
@@ -100,9 +100,26 @@ def map_data_genes(
             f"{source}: none of the {len(names)} genes is in the vocabulary (e.g. {names[:5].tolist()}); the data "
             "must use the vocabulary's gene names (var['gene_name'])"
         )
+    if unknown_genes == "new":  # ids in the vocabulary extended by extend_vocab: learned new tokens
+        ids = extend_vocab(vocab, names)[0].map_genes(list(names)).ids.astype(np.int64)
+        return GeneTokens(names, ids, known, np.zeros(len(names), dtype=bool), unknown_genes, int(vocab.pad_id))
     ids = np.where(known, mapping.ids, vocab.pad_id).astype(np.int64)
     masked = ~known if unknown_genes == "mask" else np.zeros(len(names), dtype=bool)
     return GeneTokens(names, ids, known, masked, unknown_genes, int(vocab.pad_id))
+
+
+def extend_vocab(vocab, gene_names: Sequence[str]):
+    """``vocab`` (a ``GeneVocab``) with the genes it lacks appended in data order (their rows are new, learned
+    tokens); ids of the existing tokens do not change. Returns (vocab, appended gene names)."""
+    from data_modules.vocab import GeneVocab
+
+    mapping = dict(vocab.token_to_id)
+    appended = []
+    for g in np.asarray(gene_names).astype(str):
+        if g not in mapping:
+            mapping[g] = len(mapping)
+            appended.append(g)
+    return (GeneVocab(mapping) if appended else vocab), appended
 
 
 def gene_positions(gene_names: Sequence[str]) -> dict[str, int]:

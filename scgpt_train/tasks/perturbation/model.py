@@ -52,12 +52,16 @@ def perturbation_model(
         raise ValueError("perturbation fine-tuning from a checkpoint needs pretrained=PATH (the whole-human model)")
     source, _ = load_checkpoint(Path(path))
     cfg = source.config()
+    n_ckpt_tokens = int(cfg["vocab_size"])
     for name, given in (("vocab_size", vocab_size), ("pad_token_id", pad_token_id)):
-        if given is not None and int(given) != int(cfg[name]):
+        grows = name == "vocab_size" and given is not None and int(given) > n_ckpt_tokens  # unknown_genes=new
+        if given is not None and int(given) != int(cfg[name]) and not grows:
             raise ValueError(
                 f"{path}: the checkpoint has {name}={cfg[name]} but the data gives {given}; build the data with the "
                 f"checkpoint's vocabulary (data.vocab={path})"
             )
+    if vocab_size is not None:
+        cfg["vocab_size"] = int(vocab_size)
     cfg.update(PERTURBATION_ARCH)
     cfg.update(n_conditions=int(n_conditions), condition_pad_id=int(condition_pad_id))
     if layout is not None:
@@ -75,6 +79,15 @@ def perturbation_model(
         and tuple(own[k].shape) == tuple(v.shape)
         and (load_prefixes is None or any(k.startswith(p) for p in load_prefixes))
     }
+    emb = "gene_encoder.embedding.weight"
+    n_new = model.gene_encoder.embedding.weight.shape[0] - n_ckpt_tokens
+    if n_new > 0 and emb not in take and (load_prefixes is None or any(emb.startswith(p) for p in load_prefixes)):
+        # the data appended new gene tokens: the checkpoint's rows are kept bit for bit, the new rows (the model's
+        # uniform init) are learned
+        rows = model.state_dict()[emb].clone()
+        rows[:n_ckpt_tokens] = state[emb]
+        take[emb] = rows
+        log.info("gene embedding: %d rows from %s, %d new token rows (learned)", n_ckpt_tokens, path, n_new)
     model.load_state_dict(take, strict=False)
     fresh = sorted(k for k in own if k not in take)
     log.info("perturbation model from %s: %d weights loaded, %d fresh (%s)", path, len(take), len(fresh),
