@@ -182,6 +182,13 @@ def test_task_scores_a_perfect_prediction_and_every_baseline(toy, tmp_path):
     assert len(table) == 6 * len(dm.split.test)
     saved = json.loads((tmp_path / "metrics.json").read_text())
     assert saved["metrics"]["test/pearson_delta"] == pytest.approx(1.0)
+    # cell-eval's minimal profile, run through the package on ours and every baseline
+    assert saved["cell_eval"].startswith("profile minimal (cell-eval 0.8.2)")
+    assert metrics["test/cell_eval/pearson_delta"] == pytest.approx(1.0)
+    assert metrics["test/cell_eval/mse"] == pytest.approx(0.0, abs=1e-10)
+    assert metrics["baseline/train_mean/cell_eval/mse"] > 0
+    for method in ("scgpt", "no_change", "additive", "linear"):
+        assert (tmp_path / "cell_eval" / method / "results.csv").stat().st_size > 0
     for name in ("subgroups.png", "delta_top_de.png", "test_predictions.h5ad"):
         assert (tmp_path / name).stat().st_size > 0
 
@@ -239,6 +246,7 @@ def test_benchmark_writes_report_and_results(toy, tmp_path):
     frame = pd.read_csv(tmp_path / "results.csv")
     assert set(frame["method"]) == {"scgpt", "no_change", "train_mean", "non_control_mean", "additive", "linear"}
     assert {"all", "unseen_single"} <= set(frame["subgroup"])
+    assert "## cell-eval" in text and "pearson_delta" in text.split("## cell-eval")[1]
     assert (tmp_path / "subgroups.png").is_file() and (tmp_path / "delta_top_de.png").is_file()
     assert result["seeds"] == [1] and json.loads((tmp_path / "seed_1" / "split.json").read_text())["seed"] == 1
 

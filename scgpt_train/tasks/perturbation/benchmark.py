@@ -93,6 +93,20 @@ def overall_table(per_seed, methods, paper: Mapping | None, n_seeds: int) -> str
     return markdown_table(header, rows)
 
 
+def cell_eval_table(per_seed, methods) -> str | None:
+    """cell-eval's metrics (mean over perturbations; mean ± sd over seeds) per method, or None if it did not run."""
+    names = sorted(
+        {k.split("/", 1)[1] for m in methods for k in method_values(per_seed, m) if k.startswith("cell_eval/")}
+    )
+    if not names:
+        return None
+    rows = []
+    for method in methods:
+        values = method_values(per_seed, method)
+        rows.append([METHOD_NAMES.get(method, method)] + [mean_std(values.get(f"cell_eval/{n}", [])) for n in names])
+    return markdown_table(["method", *names], rows)
+
+
 def subgroup_table(per_seed, methods, metric: str) -> str:
     header = ["method"] + list(SUBGROUPS)
     rows = []
@@ -196,12 +210,23 @@ def run_perturbation_benchmark(
               beats(per_seed, "pearson_de_delta", True, other="additive"),
               beats(per_seed, "pearson_de_delta", True, other="linear")]  # fmt: skip
     checks = [c for c in checks if c]
+    cell_eval = cell_eval_table(per_seed, methods)
+    cell_eval_text = (
+        "\n## cell-eval\n\ncell-eval's metric profile (task.cell_eval; the package's own code) on the predicted test "
+        "cells (a baseline: its condition profile for each cell) against the real ones, both with the same control "
+        "cells; mean over perturbations, then mean ± sd over seeds. Outputs: seed_<n>/cell_eval/<method>/.\n\n"
+        + cell_eval
+        if cell_eval
+        else "\n## cell-eval\n\nNot run: task.cell_eval is off or the cell-eval package is not installed "
+        "(seed_<n>/metrics.json says which).\n"
+    )
     text = (
         f"# {bench['name']}\n\n" + "\n".join(f"- {n}" for n in notes) + "\n\n## All test conditions\n\n"
         + overall_table(per_seed, methods, bench.get("paper"), len(seeds))
         + "".join(f"\n## Per subgroup: {title}\n\n" + subgroup_table(per_seed, methods, metric)
                   for metric, title in SUBGROUP_METRICS)
         + ("\n## Against the simplest baselines\n\n" + "\n".join(f"- {c}" for c in checks) + "\n" if checks else "")
+        + cell_eval_text
         + "".join(f"\n![{f}]({f})\n" for f in figures)
     )  # fmt: skip
     write_text(text, out_dir / "report.md")

@@ -61,6 +61,8 @@ class PerturbationTask:
     use_best: reload the best checkpoint before predicting. baselines: names from
     ``scgpt_train.tasks.perturbation.baselines.BASELINES``. nan_policy: how undefined per-condition scores
     enter the means (see :mod:`.metrics`). n_figure_conditions: conditions in ``delta_top_de.png``.
+    cell_eval: cell-eval profile run on ours and the baselines (``minimal``, ``full``, ...; None: off); skipped,
+    and said so in metrics.json, when the package is not installed.
     """
 
     name = "perturbation"
@@ -75,6 +77,7 @@ class PerturbationTask:
         n_figure_conditions: int = 4,
         batch_size: int | None = None,
         seed: int = 0,
+        cell_eval: str | None = "minimal",
     ):
         unknown = set(baselines or []) - set(B.BASELINES)
         if unknown:
@@ -84,6 +87,7 @@ class PerturbationTask:
         self.use_best, self.baselines, self.nan_policy = bool(use_best), list(baselines or []), nan_policy
         self.figures, self.write_h5ad = bool(figures), bool(write_h5ad)
         self.n_figure_conditions, self.batch_size, self.seed = int(n_figure_conditions), batch_size, int(seed)
+        self.cell_eval = cell_eval or None
 
     def evaluate(self, trainer, module, datamodule, output_dir) -> dict[str, float]:
         if trainer is not None and not trainer.is_global_zero:
@@ -117,6 +121,7 @@ class PerturbationTask:
         metrics = {f"test/{k}": v for k, v in summaries["scgpt"].items()}
         for method in self.baselines:
             metrics.update({f"baseline/{method}/{k}": v for k, v in summaries[method].items()})
+        cell_eval_status = self._cell_eval(dm, preds, methods, output_dir, metrics)
         metrics = {k: float(v) for k, v in metrics.items()}
 
         subgroup_of = {c: g for g, members in subgroups.items() for c in members}
@@ -133,6 +138,7 @@ class PerturbationTask:
                 "summaries": summaries,
                 "subgroups": subgroups,
                 "nan_policy": self.nan_policy,
+                "cell_eval": cell_eval_status,
                 "data": dm.report(),
                 "simulated": getattr(dm, "simulated", None),
             },
@@ -146,6 +152,26 @@ class PerturbationTask:
             plot_delta_top_de(methods, true_means, ctrl_mean, de, data.gene_names, chosen,
                               output_dir / "delta_top_de.png")  # fmt: skip
         return metrics
+
+    def _cell_eval(self, dm, preds, methods, output_dir: Path, metrics: dict) -> str:
+        """cell-eval's profile for ours and every baseline (:mod:`.cell_eval`), into ``metrics`` as
+        ``test/cell_eval/<metric>`` and ``baseline/<name>/cell_eval/<metric>``; returns what was done."""
+        from scgpt_train.tasks.perturbation.cell_eval import cell_eval_available, cell_eval_methods
+
+        if self.cell_eval is None:
+            return "off (task.cell_eval=null)"
+        if not cell_eval_available():
+            log.warning("cell-eval is not installed (pip install cell-eval==0.8.2): its metric profile is not run")
+            return "not installed"
+        names = np.asarray(dm.conditions, dtype=object)[preds["condition"]].astype(str)
+        control = dm.data.adata.X[dm.data.control_cells]
+        control = control.toarray() if hasattr(control, "toarray") else np.asarray(control)
+        results = cell_eval_methods(methods, preds["pred"], preds["truth"], names, control, dm.data.gene_names,
+                                    output_dir / "cell_eval", self.cell_eval)  # fmt: skip
+        for method, values in results.items():
+            prefix = "test" if method == "scgpt" else f"baseline/{method}"
+            metrics.update({f"{prefix}/cell_eval/{k}": v for k, v in values.items()})
+        return f"profile {self.cell_eval} (cell-eval {_version('cell-eval')}), outputs in cell_eval/<method>/"
 
     def _write_predictions(self, dm, preds, subgroup_of, path: Path) -> None:
         names = np.asarray(dm.conditions, dtype=object)[preds["condition"]].astype(str)
@@ -163,6 +189,12 @@ class PerturbationTask:
         out = ad.AnnData(X=preds["pred"].astype(np.float32), obs=obs, var=var)
         out.layers["truth"] = preds["truth"].astype(np.float32)
         write_h5ad(out, path)
+
+
+def _version(package: str) -> str:
+    from importlib.metadata import version
+
+    return version(package)
 
 
 def pick_conditions(conditions, subgroup_of: dict, n: int) -> list[str]:
