@@ -36,6 +36,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 from conftest import FIXTURES, ROOT
+from helpers.mirror import write_10x_arc_h5, write_gzipped_h5ad
 
 DOC_FILES = [ROOT / "README.md", *sorted((ROOT / "docs").glob("*.md"))]
 PAPER_EXPERIMENTS = re.compile(
@@ -111,7 +112,11 @@ def runnable(cmd: str) -> str | None:
     """The command as this test runs it (see the module docstring), or None for ``make`` targets."""
     if cmd.startswith("make "):
         return None
-    tokens = shlex.split(re.sub(r"\s\[[^\]]*\]", "", cmd))  # [optional arguments] are left out
+    cmd = re.sub(r"\s\[[^\]]*\]", "", cmd)  # [optional arguments] are left out
+    placeholder = bool(re.search(r"\strain\.py\s.*<[^>]*>", cmd))  # train.py key=<what to put here>
+    if placeholder:
+        cmd = re.sub(r"<[^>]*>", "placeholder", cmd)
+    tokens = shlex.split(cmd)
     tokens = [t.replace("experiment=...", "experiment=finetune_annotation_demo") for t in tokens]
     for old, new in SUBSTITUTE.items():
         tokens = [t.replace(old, new) for t in tokens]
@@ -126,7 +131,8 @@ def runnable(cmd: str) -> str | None:
         return _join([*tokens, "--mirror", "mirror", "--quiet"])
     if script == "train.py":
         # DDP ranks are real processes: tests/test_distributed.py runs them; here the command is composed
-        if CLUSTER.search(cmd) or "trainer=ddp" in cmd or (PAPER_EXPERIMENTS.search(cmd) and "data.path=" not in cmd):
+        composed = CLUSTER.search(cmd) or "trainer=ddp" in cmd or placeholder
+        if composed or (PAPER_EXPERIMENTS.search(cmd) and "data.path=" not in cmd):
             if "--multirun" in tokens:  # --cfg job composes one job: the first value of every sweep
                 tokens = [_first_sweep_value(t) for t in tokens if t != "--multirun"]
             return _join(tokens if "--cfg" in tokens else [*tokens, "--cfg", "job"])
@@ -207,6 +213,10 @@ def workspace(tmp_path_factory, demo_corpus) -> tuple[Path, dict]:
             target.parent.mkdir(parents=True, exist_ok=True)
             if entry.name == "scgpt_human":
                 shutil.copyfile(FIXTURES / file, target)
+            elif entry.notes.get("gunzip"):
+                write_gzipped_h5ad(target)
+            elif entry.notes.get("convert_10x_h5"):
+                write_10x_arc_h5(target)
             elif file.endswith(".zip"):
                 with zipfile.ZipFile(target, "w") as zf:
                     zf.writestr(f"{entry.name}/{entry.notes['extract']}", f"{entry.name}\n")
@@ -215,7 +225,7 @@ def workspace(tmp_path_factory, demo_corpus) -> tuple[Path, dict]:
     cache = ws / ".cache"
     cache.mkdir()
     (cache / "demo_corpus").symlink_to(demo_corpus)
-    for name in ("wheels", "sdists"):  # the archives `make setup` fetched from PyPI: not downloaded again
+    for name in ("wheels", "sdists", "resources"):  # what `make setup` fetched from PyPI: not downloaded again
         (cache / name).mkdir()
         for archive in (ROOT / ".cache" / name).glob("*"):
             (cache / name / archive.name).symlink_to(archive)

@@ -4,7 +4,6 @@ composes, and the BMMC / 10x Multiome download entries work on local files."""
 
 from __future__ import annotations
 
-import gzip
 import json
 
 import anndata as ad
@@ -127,29 +126,13 @@ def test_multiomic_experiments_carry_the_paper_hyperparameters(name):
 def test_multiomic_downloads_on_local_files(tmp_path):
     """bmmc_cite (gzip from GEO, gunzipped beside it) and pbmc_multiome (10x h5, converted to h5ad) from a local
     mirror: sha256 recorded on first download and checked after."""
-    import h5py
+    from helpers.mirror import write_10x_arc_h5, write_gzipped_h5ad
 
     from scgpt_train.tasks import download as dl
 
     mirror = tmp_path / "mirror"
-    bmmc = ad.AnnData(sp.csr_matrix(np.eye(3, dtype=np.float32)))
-    (mirror / "bmmc_cite").mkdir(parents=True)
-    bmmc.write_h5ad(tmp_path / "b.h5ad")
-    with gzip.open(mirror / "bmmc_cite" / dl.REGISTRY["bmmc_cite"].files[0], "wb") as f:
-        f.write((tmp_path / "b.h5ad").read_bytes())
-    # a minimal Cell Ranger ARC matrix: 2 genes + 2 peaks, 3 cells
-    (mirror / "pbmc_multiome").mkdir()
-    m = sp.csc_matrix(np.array([[1, 0, 2], [0, 3, 0], [1, 1, 0], [0, 1, 1]], dtype=np.int32))  # features x cells
-    with h5py.File(mirror / "pbmc_multiome" / dl.REGISTRY["pbmc_multiome"].files[0], "w") as f:
-        g = f.create_group("matrix")
-        for k, v in (("data", m.data), ("indices", m.indices), ("indptr", m.indptr), ("shape", m.shape)):
-            g.create_dataset(k, data=v)
-        g.create_dataset("barcodes", data=np.array([b"A-1", b"B-1", b"C-1"]))
-        feats = g.create_group("features")
-        feats.create_dataset("id", data=np.array([b"ENSG1", b"ENSG2", b"chr1:10-50", b"chr2:5-90"]))
-        feats.create_dataset("name", data=np.array([b"CD3E", b"LYZ", b"chr1:10-50", b"chr2:5-90"]))
-        feats.create_dataset("feature_type", data=np.array([b"Gene Expression"] * 2 + [b"Peaks"] * 2))
-        feats.create_dataset("genome", data=np.array([b"GRCh38"] * 4))
+    write_gzipped_h5ad(mirror / "bmmc_cite" / dl.REGISTRY["bmmc_cite"].files[0])
+    write_10x_arc_h5(mirror / "pbmc_multiome" / dl.REGISTRY["pbmc_multiome"].files[0])
     root = tmp_path / "bench"
     status = dl.download(["bmmc_cite", "pbmc_multiome"], root, mirror=str(mirror), progress=False, log=lambda *_: None)
     assert status[f"bmmc_cite/{dl.BMMC_CITE}"] == "extracted"
