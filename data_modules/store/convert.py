@@ -2,9 +2,10 @@
 
 Readers (``sources.py``, ``census.py``) yield row chunks over their own genes; this module runs the
 loop that maps genes onto the vocabulary, validates values, drops empty cells and keeps per-dataset
-statistics (one chunk at a time: ``chunks.py``) and feeds :class:`CorpusWriter`. A journal (``journal.py``) makes a killed run
-resumable; a bad input removes everything the run wrote. ``overwrite`` over an existing corpus (or
-unfinished conversion) builds the new one in a temporary sibling and swaps it in only when complete.
+statistics (one chunk at a time: ``chunks.py``) and feeds :class:`CorpusWriter`. A journal
+(``journal.py``) makes a killed run resumable; a bad input removes everything the run wrote. ``overwrite``
+over an existing corpus (or unfinished conversion) builds the new one in a temporary sibling and swaps it
+in only when complete.
 
 Memory bound: one input chunk (``chunk_size`` rows as read, plus ~3 int/float arrays of its
 nnz) + the writer's pending cells (< ``shard_size + chunk_size`` cells of ids and counts) +
