@@ -54,6 +54,12 @@ def worker(rank: int, world: int, out: str, port: str) -> None:
     Path(out, f"rank{rank}.json").write_text(json.dumps({"losses": losses, "digest": digest}))
     dist.barrier()
     dist.destroy_process_group()
+    # Everything checked is on disk. Leave without interpreter finalization: one fresh-clone run had rank 1 abort
+    # there ("terminate called without an active exception", SIGABRT) while gloo / FSDP2 worker threads were torn
+    # down with the interpreter (pytorch/pytorch#179291 describes this shutdown race).
+    sys.stdout.flush()
+    sys.stderr.flush()
+    os._exit(0)
 
 
 if __name__ == "__main__":
