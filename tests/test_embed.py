@@ -28,9 +28,18 @@ def cells(tmp_path_factory):
     return path
 
 
+def script_main(name: str):
+    """``main`` of ``scripts/<name>``: the code ``python scripts/<name> ARGS`` runs, without a new interpreter."""
+    import runpy
+
+    return runpy.run_path(str(ROOT / "scripts" / name))["main"]
+
+
 def test_embed_with_imported_and_directory_checkpoints(cells, tmp_path):
+    """embed.py as a program on an imported .pt (the import script's own run is tested in test_checkpoints), and
+    through its main() on the official directory: the same embeddings."""
     ckpt = tmp_path / "tiny.pt"
-    run_cmd(["scripts/import_scgpt.py", str(FIXTURES), "--out", str(ckpt)])
+    assert script_main("import_scgpt.py")([str(FIXTURES), "--out", str(ckpt)]) == 0
     out1, out2 = tmp_path / "a.h5ad", tmp_path / "b.h5ad"
     proc = run_cmd(
         [
@@ -47,19 +56,8 @@ def test_embed_with_imported_and_directory_checkpoints(cells, tmp_path):
     )
     assert "60/62 genes in the vocabulary, 2 lost" in proc.stdout
     assert "embedding" in proc.stderr  # the progress bar
-    run_cmd(
-        [
-            "scripts/embed.py",
-            "--checkpoint",
-            str(FIXTURES),
-            "--input",
-            str(cells),
-            "--output",
-            str(out2),
-            "--batch-size",
-            "32",
-        ]
-    )
+    argv = ["--checkpoint", str(FIXTURES), "--input", str(cells), "--output", str(out2), "--batch-size", "32"]
+    assert script_main("embed.py")(argv) == 0
     a, b = ad.read_h5ad(out1), ad.read_h5ad(out2)
     assert a.obsm["X_scgpt"].shape == (150, 32)
     np.testing.assert_allclose(np.linalg.norm(a.obsm["X_scgpt"], axis=1), 1.0, rtol=1e-5)

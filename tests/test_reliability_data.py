@@ -175,8 +175,10 @@ def test_pretrained_with_another_vocabulary_is_refused(corpus_dir, tmp_path):
         build_modules(cfg)
 
 
-def test_check_run_reports_checkpoints_and_vocabulary(corpus_dir, tmp_path):
-    """scripts/check_run.py: the resume point, corrupt files, and a corpus whose vocabulary differs (exit 1)."""
+def test_check_run_reports_checkpoints_and_vocabulary(corpus_dir, tmp_path, capsys):
+    """scripts/check_run.py: the resume point, corrupt files, and a corpus whose vocabulary differs (exit 1). The
+    script runs once as a program; the other checks call its main() in this process (the same code, no start-up)."""
+    import runpy
     import subprocess
     import sys
 
@@ -185,19 +187,24 @@ def test_check_run_reports_checkpoints_and_vocabulary(corpus_dir, tmp_path):
     out = tmp_path / "run"
     run(_train_cfg(corpus_dir, out, []))
     script = Path(__file__).resolve().parents[1] / "scripts" / "check_run.py"
-
-    def check(*extra):
-        return subprocess.run([sys.executable, str(script), str(out), *extra], capture_output=True, text=True)
-
-    good = check("--corpus", str(corpus_dir))
+    good = subprocess.run(
+        [sys.executable, str(script), str(out), "--corpus", str(corpus_dir)], capture_output=True, text=True
+    )
     assert good.returncode == 0, good.stderr
     assert "resumes from" in good.stdout and "step 2)" in good.stdout and "the same" in good.stdout
+    main = runpy.run_path(str(script))["main"]
+
+    def check(*extra) -> tuple[int, str]:
+        capsys.readouterr()
+        code = main([str(out), *extra])
+        return code, capsys.readouterr().out
+
     other = tmp_path / "other"
     from helpers.corpora import _adata
 
     convert_sources([Source("a", _adata(np.random.default_rng(1), 80, 40, "x"))], other)
-    assert "VOCABULARY differs" in check("--corpus", str(other)).stdout
+    assert "VOCABULARY differs" in check("--corpus", str(other))[1]
     (out / "checkpoints" / "broken.ckpt").write_bytes(b"not a checkpoint")
-    bad = check()
-    assert bad.returncode == 1 and "CORRUPT" in bad.stdout
+    code, stdout = check()
+    assert code == 1 and "CORRUPT" in stdout
     assert (out / "checkpoints" / "broken.ckpt").exists()  # read-only: nothing moved
