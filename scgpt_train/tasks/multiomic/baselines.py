@@ -14,11 +14,12 @@ from __future__ import annotations
 
 import importlib.util
 import logging
-import tempfile
 import warnings
 
 import numpy as np
 import scipy.sparse as sp
+
+from scgpt_train.tasks.baselines import scvi_training
 
 log = logging.getLogger(__name__)
 MULTIOMIC_BASELINES = ("pca_concat", "totalvi", "multivi")
@@ -46,14 +47,6 @@ def pca_concat_embedding(blocks: list[tuple[sp.csr_matrix, np.ndarray]], n_pcs: 
     return PCA(n_components=n, random_state=seed).fit_transform(full).astype(np.float32)
 
 
-def _scvi_settings(seed: int):
-    import scvi
-
-    scvi.settings.verbosity = logging.WARNING
-    scvi.settings.seed = int(seed)
-    return scvi
-
-
 def totalvi_embedding(
     rna_counts, protein_counts, batches, seed: int = 0, n_latent: int = 20, max_epochs: int = 50,
     batch_size: int = 64, num_threads: int | None = 1, protein_names=None,
@@ -61,31 +54,18 @@ def totalvi_embedding(
     """(N, n_latent) totalVI latent means; proteins as ``obsm["protein_expression"]``."""
     import anndata as ad
     import pandas as pd
-    import torch
 
-    scvi = _scvi_settings(seed)
     obs = pd.DataFrame({"batch": pd.Categorical(np.asarray(batches).astype(str))})
     obs.index = obs.index.astype(str)
     adata = ad.AnnData(X=sp.csr_matrix(rna_counts, dtype=np.float32), obs=obs)
     prot = np.asarray(sp.csr_matrix(protein_counts).todense(), dtype=np.float32)
     names = list(protein_names) if protein_names is not None else [f"p{i}" for i in range(prot.shape[1])]
     adata.obsm["protein_expression"] = pd.DataFrame(prot, index=obs.index, columns=names)
-    threads = torch.get_num_threads()
-    try:
-        if num_threads is not None:
-            torch.set_num_threads(int(num_threads))
-        with warnings.catch_warnings(), tempfile.TemporaryDirectory() as tmp:
-            warnings.simplefilter("ignore")
-            scvi.model.TOTALVI.setup_anndata(adata, batch_key="batch", protein_expression_obsm_key="protein_expression")
-            model = scvi.model.TOTALVI(adata, n_latent=n_latent)
-            model.train(
-                max_epochs=int(max_epochs), batch_size=int(batch_size), accelerator="cpu", devices=1,
-                enable_progress_bar=False, default_root_dir=tmp,
-            )  # fmt: skip
-            z = model.get_latent_representation()
-    finally:
-        torch.set_num_threads(threads)
-    return np.ascontiguousarray(z, dtype=np.float32)
+    with scvi_training(seed, num_threads) as (scvi, tmp):
+        warnings.simplefilter("ignore")
+        scvi.model.TOTALVI.setup_anndata(adata, batch_key="batch", protein_expression_obsm_key="protein_expression")
+        model = scvi.model.TOTALVI(adata, n_latent=n_latent)
+        return _train_latent(model, max_epochs, batch_size, tmp)
 
 
 def multivi_embedding(
@@ -97,9 +77,7 @@ def multivi_embedding(
     import anndata as ad
     import mudata
     import pandas as pd
-    import torch
 
-    scvi = _scvi_settings(seed)
     index = pd.Index([f"c{i}" for i in range(rna_counts.shape[0])])
     rna = ad.AnnData(sp.csr_matrix(rna_counts, dtype=np.float32), obs=pd.DataFrame(index=index))
     rna.var_names = [f"g{i}" for i in range(rna.n_vars)]
@@ -107,21 +85,17 @@ def multivi_embedding(
     atac.var_names = [f"p{i}" for i in range(atac.n_vars)]
     mdata = mudata.MuData({"rna": rna, "atac": atac})
     mdata.obs["batch"] = pd.Categorical(np.asarray(batches).astype(str))
-    threads = torch.get_num_threads()
-    try:
-        if num_threads is not None:
-            torch.set_num_threads(int(num_threads))
-        with warnings.catch_warnings(), tempfile.TemporaryDirectory() as tmp:
-            warnings.simplefilter("ignore")
-            scvi.model.MULTIVI.setup_mudata(
-                mdata, batch_key="batch", modalities={"rna_layer": "rna", "atac_layer": "atac"}
-            )
-            model = scvi.model.MULTIVI(mdata, n_latent=n_latent)
-            model.train(
-                max_epochs=int(max_epochs), batch_size=int(batch_size), accelerator="cpu", devices=1,
-                enable_progress_bar=False, default_root_dir=tmp,
-            )  # fmt: skip
-            z = model.get_latent_representation()
-    finally:
-        torch.set_num_threads(threads)
-    return np.ascontiguousarray(z, dtype=np.float32)
+    with scvi_training(seed, num_threads) as (scvi, tmp):
+        warnings.simplefilter("ignore")
+        scvi.model.MULTIVI.setup_mudata(mdata, batch_key="batch", modalities={"rna_layer": "rna", "atac_layer": "atac"})
+        model = scvi.model.MULTIVI(mdata, n_latent=n_latent)
+        return _train_latent(model, max_epochs, batch_size, tmp)
+
+
+def _train_latent(model, max_epochs: int, batch_size: int, log_dir: str) -> np.ndarray:
+    """Train an scvi-tools model on the CPU, without a progress bar; its latent representation (N, d) float32."""
+    model.train(
+        max_epochs=int(max_epochs), batch_size=int(batch_size), accelerator="cpu", devices=1,
+        enable_progress_bar=False, default_root_dir=log_dir,
+    )  # fmt: skip
+    return np.ascontiguousarray(model.get_latent_representation(), dtype=np.float32)

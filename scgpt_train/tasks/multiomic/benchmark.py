@@ -10,11 +10,9 @@ import time
 from collections.abc import Mapping, Sequence
 from pathlib import Path
 
-import numpy as np
-
-from scgpt_train.tasks.benchmark import COLUMNS, method_metrics, train_overrides
+from scgpt_train.tasks.benchmark import COLUMNS, compose_train, ours_rows, train_overrides
 from scgpt_train.tasks.metrics import INTEGRATION_BACKEND
-from scgpt_train.tasks.report import markdown_table, mean_std, write_json, write_text
+from scgpt_train.tasks.report import markdown_table, write_json, write_text
 
 log = logging.getLogger(__name__)
 METHODS = {
@@ -29,20 +27,8 @@ FIGURES = ("umap.png", "umap_pca_concat.png", "umap_totalvi.png", "umap_multivi.
 
 def _variant_table(per_seed: list[dict], baselines: Sequence[str], skipped: dict, paper: Mapping | None, n: int):
     cols = COLUMNS["integration"]
-    rows, summary = [], {}
-    for method in ["scgpt", "scgpt_rna_only", *baselines]:
-        values = method_metrics(per_seed, method)
-        name = METHODS.get(method, method)
-        if not values:
-            reason = skipped.get(method, "no result")
-            rows.append([name, f"ours ({reason})"] + ["-"] * len(cols))
-            summary[method] = {"skipped": reason}
-            continue
-        summary[method] = {
-            k: {"mean": float(np.mean(v)), "std": float(np.std(v, ddof=1)) if len(v) > 1 else 0.0, "values": v}
-            for k, v in values.items()
-        }
-        rows.append([name, f"ours ({n} seeds)"] + [mean_std(values.get(k, [])) for k, _ in cols])
+    methods = ["scgpt", "scgpt_rna_only", *baselines]
+    rows, summary = ours_rows(per_seed, methods, cols, METHODS, lambda m: skipped.get(m, "no result"), n)
     for label, numbers in (paper or {}).items():
         rows.append([label, "paper"] + [f"{numbers[k]:.3f}" if k in numbers else "-" for k, _ in cols])
     return markdown_table(["method", "source"] + [t for _, t in cols], rows), summary
@@ -53,11 +39,7 @@ def run_multiomic_benchmark(
 ) -> dict:
     from scgpt_train.pipeline import run
 
-    if compose is None:
-        from hydra import compose as hydra_compose
-
-        def compose(overrides):
-            return hydra_compose(config_name="train", overrides=overrides)
+    compose = compose or compose_train
 
     started = time.perf_counter()
     if bench.get("fetch") == "citeseq_demo":

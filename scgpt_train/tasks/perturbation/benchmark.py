@@ -150,13 +150,9 @@ def run_perturbation_benchmark(
 ) -> dict:
     """Fine-tune + baselines for every seed, then report.md / results.csv / results.json / figures."""
     from scgpt_train.pipeline import run
-    from scgpt_train.tasks.benchmark import train_overrides
+    from scgpt_train.tasks.benchmark import compose_train, train_overrides
 
-    if compose is None:
-        from hydra import compose as hydra_compose
-
-        def compose(overrides):
-            return hydra_compose(config_name="train", overrides=overrides)
+    compose = compose or compose_train
 
     out_dir = Path(out_dir)
     out_dir.mkdir(parents=True, exist_ok=True)
@@ -252,15 +248,11 @@ def run_reverse_benchmark(
     correct@K and relevant@K over seeds (mean +- sd) beside the chance levels and the baselines."""
     from data_modules.perturbation import PerturbationSplit, read_gears
     from scgpt_train.pipeline import run
-    from scgpt_train.tasks.benchmark import train_overrides
+    from scgpt_train.tasks.benchmark import compose_train, train_overrides
     from scgpt_train.tasks.perturbation.predict import load_predictor
     from scgpt_train.tasks.perturbation.reverse_run import markdown, plot_topk, reverse_perturbation, write_outputs
 
-    if compose is None:
-        from hydra import compose as hydra_compose
-
-        def compose(overrides):
-            return hydra_compose(config_name="train", overrides=overrides)
+    compose = compose or compose_train
 
     out_dir = Path(out_dir)
     out_dir.mkdir(parents=True, exist_ok=True)
