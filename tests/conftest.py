@@ -14,8 +14,9 @@ ROOT = Path(__file__).resolve().parents[1]
 os.environ.setdefault("WANDB_MODE", "offline")
 os.environ.setdefault("TORCHINDUCTOR_COMPILE_THREADS", "1")
 os.environ.setdefault("PROJECT_ROOT", str(ROOT))
-SHARED = ROOT.parent / "shared"
-FIXTURES = SHARED / "fixtures" / "scgpt_official_tiny"
+# The official-format fixtures (tiny checkpoints, inputs and the official code's outputs; tests/fixtures/official/
+# README.md says what each file is and how it was made). The one place tests find them.
+FIXTURES = ROOT / "tests" / "fixtures" / "official"
 
 # The shared demo run (``demo_run``): 32 steps, validation before fit and at steps 15 and 30, periodic
 # checkpoints at steps 10, 20 and 30, so the final step (32) is on neither interval and only SaveFinalStep writes

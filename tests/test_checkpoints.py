@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import json
-import os
 import shutil
 import subprocess
 import sys
@@ -12,6 +11,7 @@ from pathlib import Path
 
 import pytest
 import torch
+from conftest import FIXTURES
 
 from scgpt_train.checkpoints import (
     export_official,
@@ -24,10 +24,6 @@ from scgpt_train.checkpoints import (
 from scgpt_train.model import ScGPT
 
 ROOT = Path(__file__).resolve().parents[1]
-FIXTURES = Path(os.environ.get("SCGPT_FIXTURES", ROOT.parent / "shared" / "fixtures" / "scgpt_official_tiny"))
-needs_fixtures = pytest.mark.skipif(
-    not (FIXTURES / "best_model.pt").is_file(), reason=f"official fixtures not found at {FIXTURES} (set SCGPT_FIXTURES)"
-)
 
 
 def _assert_same_weights(a: dict, b: dict):
@@ -42,7 +38,6 @@ def _vocab(n: int) -> dict:
     return vocab
 
 
-@needs_fixtures
 @pytest.mark.parametrize("sub", ["", "integration", "perturbation", "multiomic"])
 def test_import_then_export_reproduces_the_released_file(tmp_path, sub):
     src = FIXTURES / sub
@@ -104,7 +99,6 @@ def test_mapping_round_trip_and_mixed_layouts():
         official_state_dict_to_ours(official)
 
 
-@needs_fixtures
 def test_shape_mismatch_is_refused_and_extra_keys_listed(tmp_path):
     bad = tmp_path / "bad"
     shutil.copytree(FIXTURES, bad, ignore=shutil.ignore_patterns("integration", "perturbation", "multiomic"))
@@ -126,7 +120,6 @@ def test_shape_mismatch_is_refused_and_extra_keys_listed(tmp_path):
         load_official(bad)
 
 
-@needs_fixtures
 def test_import_script_writes_a_checkpoint_load_checkpoint_reads(tmp_path):
     out = tmp_path / "scgpt_tiny.pt"
     proc = subprocess.run(

@@ -2,17 +2,16 @@
 
 from __future__ import annotations
 
-import os
 from pathlib import Path
 
 import pytest
 import torch
+from conftest import FIXTURES
 from hydra import compose, initialize_config_dir
 from omegaconf import OmegaConf
 
 ROOT = Path(__file__).resolve().parents[1]
 CONFIGS = ROOT / "configs"
-FIXTURES = Path(os.environ.get("SCGPT_FIXTURES", ROOT.parent / "shared" / "fixtures" / "scgpt_official_tiny"))
 EXPERIMENTS = sorted(p.stem for p in (CONFIGS / "experiment").glob("*.yaml"))
 
 
@@ -137,8 +136,6 @@ def test_every_experiment_instantiates_its_data_module_and_model(experiment, tin
     uses_anndata = cfg.data._target_.endswith("AnnDataModule")
     overrides = [f"experiment={experiment}", f"paths.output_dir={tmp_path}", f"paths.corpus={demo_corpus}"]
     if cfg.model.net._target_.endswith("load_model"):
-        if not (FIXTURES / "best_model.pt").is_file():
-            pytest.skip(f"official fixtures not found at {FIXTURES}")
         overrides.append(f"pretrained={FIXTURES}")
     if uses_anndata:
         overrides += [f"data.path={tiny_h5ad}", "data.label_key=cell_type", "data.num_workers=0"]
@@ -170,8 +167,6 @@ def test_finetune_demo_from_a_checkpoint_takes_its_architecture_and_layout(tiny_
 
     from scgpt_train.pipeline import build_modules
 
-    if not (FIXTURES / "best_model.pt").is_file():
-        pytest.skip(f"official fixtures not found at {FIXTURES}")
     overrides = [
         "experiment=finetune_annotation_demo",
         "model=from_official",

@@ -3,26 +3,18 @@
 from __future__ import annotations
 
 import json
-import os
 import shutil
 from pathlib import Path
 
 import numpy as np
 import pytest
 import torch
+from conftest import FIXTURES
 
 from scgpt_train.checkpoints import load_official
 from scgpt_train.model import ScGPT, ecs_loss
 from scgpt_train.objectives import masked_mse
 
-FIXTURES = Path(
-    os.environ.get(
-        "SCGPT_FIXTURES", Path(__file__).resolve().parents[2] / "shared" / "fixtures" / "scgpt_official_tiny"
-    )
-)
-needs_fixtures = pytest.mark.skipif(
-    not (FIXTURES / "best_model.pt").is_file(), reason=f"official fixtures not found at {FIXTURES} (set SCGPT_FIXTURES)"
-)
 TOL = 1e-5
 
 
@@ -62,7 +54,6 @@ def _close(ours: torch.Tensor, expected: np.ndarray, where: np.ndarray | None = 
     assert err < TOL, f"max abs error {err:.3g} >= {TOL}"
 
 
-@needs_fixtures
 @pytest.mark.parametrize("layout", ["released", "torch", "impl"])
 def test_top_level_fixture_matches_official(tmp_path, layout):
     model = load_official(_official_dir(tmp_path, "", layout)).eval()
@@ -96,7 +87,6 @@ def test_top_level_fixture_matches_official(tmp_path, layout):
     _close(out_grad["encoder_output"], exp["transformer_output_gradpath"])
 
 
-@needs_fixtures
 def test_pad_row_is_kept_as_stored():
     sd = torch.load(FIXTURES / "best_model.pt", weights_only=True)
     model = load_official(FIXTURES)
@@ -106,7 +96,6 @@ def test_pad_row_is_kept_as_stored():
     assert torch.equal(model.gene_encoder.embedding.weight[pad], stored)
 
 
-@needs_fixtures
 @pytest.mark.parametrize("layout", ["released", "torch"])
 def test_integration_fixture_matches_official(tmp_path, layout):
     model = load_official(_official_dir(tmp_path, "integration", layout)).eval()
@@ -135,7 +124,6 @@ def test_integration_fixture_matches_official(tmp_path, layout):
     assert abs(float(ecs_loss(torch.from_numpy(exp["cell_emb"]), model.ecs_threshold)) - float(exp["loss_ecs"])) < TOL
 
 
-@needs_fixtures
 def test_perturbation_fixture_matches_official():
     """Condition tokens + affine decoder reproduce the official TransformerGenerator forward."""
     d = FIXTURES / "perturbation"
@@ -155,7 +143,6 @@ def test_perturbation_fixture_matches_official():
     _close(out["mlm_output"], exp["mlm_output"], real)
 
 
-@needs_fixtures
 def test_multiomic_fixture_matches_official():
     """Modality tokens in the official 'concat' style reproduce MultiOmicTransformerModel."""
     d = FIXTURES / "multiomic"

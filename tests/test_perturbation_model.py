@@ -16,6 +16,7 @@ import pytest
 import pytorch_lightning as pl
 import scipy.sparse as sp
 import torch
+from conftest import FIXTURES as OFFICIAL
 
 from data_modules.perturbation import PerturbationSplit
 from data_modules.perturbation.datamodule import PerturbationDataModule
@@ -40,10 +41,7 @@ from scgpt_train.tasks.perturbation.predict import (
 )
 
 ROOT = Path(__file__).resolve().parents[1]
-FIXTURES = ROOT.parent / "shared" / "fixtures" / "scgpt_official_tiny" / "perturbation"
-needs_fixtures = pytest.mark.skipif(
-    not (FIXTURES / "best_model.pt").is_file(), reason=f"official perturbation fixture not found at {FIXTURES}"
-)
+FIXTURES = OFFICIAL / "perturbation"
 TOL = 1e-5
 
 
@@ -316,7 +314,6 @@ def fixture_h5ad(tmp_path_factory) -> Path:
     return path
 
 
-@needs_fixtures
 def test_fixture_forward_through_our_inputs_equals_pred_perturb(official):
     """Flags as condition tokens through the affine decoder, every gene, the unknown gene as <pad>: the official
     pred_perturb(include_zero_gene='all') within 1e-5."""
@@ -336,7 +333,6 @@ def test_fixture_forward_through_our_inputs_equals_pred_perturb(official):
     assert np.abs(pred - exp["pred_perturb"]).max() < TOL
 
 
-@needs_fixtures
 def test_fixture_batchwise_official_drop_and_our_fix(official):
     """batch-wise: genes zero in every control of the batch are not read. The official run also drops the
     perturbed gene whose control expression is zero everywhere (reproduced with keep_perturbed_genes=False);
@@ -354,7 +350,6 @@ def test_fixture_batchwise_official_drop_and_our_fix(official):
     assert np.abs(kept - exp["pred_perturb_batchwise"]).max() > 1e-3
 
 
-@needs_fixtures
 def test_fixture_training_step_loss_through_the_data_module(official, fixture_h5ad):
     """The data module's batch (control input, flags, perturbed target, all genes) and the MSE objective give
     the tutorial's training-step loss and output within 1e-5."""
@@ -378,7 +373,6 @@ def test_fixture_training_step_loss_through_the_data_module(official, fixture_h5
     del model
 
 
-@needs_fixtures
 def test_fixture_pool_mean_through_the_library(official, fixture_h5ad):
     model, vocab = official
     exp = _npz(FIXTURES / "expected.npz")
@@ -399,7 +393,6 @@ def run_cli(*args) -> subprocess.CompletedProcess:
     )  # fmt: skip
 
 
-@needs_fixtures
 def test_predict_cli_pool_mean_equals_official_predict(fixture_h5ad, tmp_path):
     """scripts/predict_perturbation.py with the official checkpoint and --pool-size all: per-condition means equal
     the tutorial's predict() (fixture predict_pool_mean) within 1e-5; one row per (condition, pool cell)."""
@@ -437,7 +430,6 @@ def cli_main(capsys, *args) -> tuple[int, str]:
     return code, capsys.readouterr().err
 
 
-@needs_fixtures
 def test_predict_cli_bad_inputs_are_named(fixture_h5ad, tmp_path, capsys):
     out = tmp_path / "x.h5ad"
     code, err = cli_main(capsys, "--checkpoint", FIXTURES, "--controls", fixture_h5ad, "--conditions", "NOTAGENE+ctrl",
@@ -477,7 +469,6 @@ def test_prediction_refuses_a_model_without_flags(fixture_h5ad):
         check_perturbation_model(model, "model.pt")
 
 
-@needs_fixtures
 def test_unknown_genes_as_new_learned_tokens(official, fixture_h5ad, tmp_path):
     """``unknown_genes=new``: the fixture gene the checkpoint lacks is appended as a new token; the vocabulary
     check accepts this extension (and only it); the model keeps the checkpoint's embedding rows bit for bit and

@@ -6,14 +6,13 @@ its report."""
 from __future__ import annotations
 
 import json
-import os
 from pathlib import Path
 
 import numpy as np
 import pandas as pd
 import pytest
 import torch
-from conftest import train_in_process
+from conftest import FIXTURES, train_in_process
 from hydra import compose, initialize_config_dir
 from omegaconf import OmegaConf
 
@@ -23,10 +22,6 @@ from scgpt_train.tasks.perturbation.task import PerturbationTask
 
 ROOT = Path(__file__).resolve().parents[1]
 CONFIGS = ROOT / "configs"
-FIXTURES = Path(os.environ.get("SCGPT_FIXTURES", ROOT.parent / "shared" / "fixtures" / "scgpt_official_tiny"))
-needs_fixtures = pytest.mark.skipif(
-    not (FIXTURES / "best_model.pt").is_file(), reason=f"official fixtures not found at {FIXTURES}"
-)
 PERTURBATION_EXPERIMENTS = sorted(p.stem for p in (CONFIGS / "experiment").glob("finetune_perturbation*.yaml"))
 
 
@@ -100,8 +95,6 @@ def test_every_perturbation_experiment_builds_and_computes_a_loss(experiment, to
     if experiment == "finetune_perturbation_demo":
         overrides.append(f"data.path={toy}")
     else:
-        if not (FIXTURES / "best_model.pt").is_file():
-            pytest.skip(f"official fixtures not found at {FIXTURES}")
         overrides += [f"data.path={fixture_vocab_gears}", f"pretrained={FIXTURES}"]
     datamodule, module = build_modules(compose_cfg(overrides))
     assert isinstance(datamodule, PerturbationDataModule)
@@ -114,7 +107,6 @@ def test_every_perturbation_experiment_builds_and_computes_a_loss(experiment, to
     assert (tmp_path / "split.json").is_file()
 
 
-@needs_fixtures
 def test_pretrained_loader_takes_encoder_weights_as_the_tutorial(fixture_vocab_gears):
     """From a non-perturbation checkpoint: the gene embedding, value encoder and transformer layers are the
     checkpoint's; the flag embedding and the affine decoder are fresh; the layout is the data's."""
@@ -136,7 +128,6 @@ def test_pretrained_loader_takes_encoder_weights_as_the_tutorial(fixture_vocab_g
         perturbation_model(None)
 
 
-@needs_fixtures
 def test_official_perturbation_checkpoint_continues_whole():
     from scgpt_train.checkpoints import load_official
     from scgpt_train.tasks.perturbation.model import perturbation_model

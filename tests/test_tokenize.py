@@ -2,25 +2,23 @@
 
 from __future__ import annotations
 
-from pathlib import Path
-
 import numpy as np
 import pytest
 import scipy.sparse as sp
+from conftest import FIXTURES
 from omegaconf import OmegaConf
 
 from data_modules.store.reader import CellBlock
 from data_modules.tokenize import Tokenizer, TokenizerConfig, TokenLayout, bin_values, pad_fraction
 from data_modules.tokenize.binning import bin_edges
 
-FIXTURE = Path(__file__).resolve().parents[2] / "shared" / "fixtures" / "scgpt_official_tiny"
 PAD, CLS = 1000, 1001
 
 
 def test_binning_matches_official_fixture():
-    raw = np.load(FIXTURE / "raw.npy")  # (4, 20) float32 counts
-    official = np.load(FIXTURE / "binned.npy")
-    details = np.load(FIXTURE / "binning_details.npz")
+    raw = np.load(FIXTURES / "raw.npy")  # (4, 20) float32 counts
+    official = np.load(FIXTURES / "binned.npy")
+    details = np.load(FIXTURES / "binning_details.npz")
     left, right = details["left_digits"], details["right_digits"]
     csr = sp.csr_matrix(raw)
     for seed in range(5):
