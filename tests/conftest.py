@@ -85,10 +85,14 @@ def small_corpus(tmp_path_factory) -> Path:
 @pytest.fixture(scope="session")
 def demo_run(demo_corpus, tmp_path_factory) -> Path:
     """One finished ``python train.py`` demo run (``DEMO_RUN``), trained once per session. Tests only read it;
-    a test that trains on from it works on a copy (``copy_run``)."""
-    run_dir = tmp_path_factory.mktemp("demo_run")
-    run_cmd(demo_train_args(demo_corpus, run_dir))
-    return run_dir
+    a test that trains on from it works on a copy (``copy_run``). It is trained the way the zero-shot and GRN demos
+    get their checkpoint on a fresh clone (``scgpt_train.demo_run.demo_checkpoint``: none found, so ``train.py``
+    runs), in ``<root>/outputs/demo/runs/<time>/``."""
+    from scgpt_train.demo_run import demo_checkpoint
+
+    root = tmp_path_factory.mktemp("demo_root")
+    checkpoint = demo_checkpoint(min_steps=DEMO_RUN_STEPS, root=root, train_overrides=demo_overrides(demo_corpus))
+    return checkpoint.parent.parent
 
 
 def copy_run(run_dir: Path, dest: Path) -> Path:

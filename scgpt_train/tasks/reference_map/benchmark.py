@@ -2,38 +2,17 @@
 
 from __future__ import annotations
 
-import json
 import logging
-import os
 import time
 from pathlib import Path
 
 import numpy as np
 
+from scgpt_train.demo_run import demo_checkpoint
 from scgpt_train.tasks.reference_map.common import BASELINES, DEFAULT_K, METHOD_NAMES, ReferenceMapError
 from scgpt_train.tasks.reference_map.run import run_reference_map
 
 log = logging.getLogger(__name__)
-
-
-def demo_checkpoint(min_steps: int = 300, root=None) -> Path:
-    """The last checkpoint of the newest finished ``make train`` demo run (outputs/demo/runs/*, >= ``min_steps``)."""
-    root = Path(root or os.environ.get("PROJECT_ROOT") or Path(__file__).resolve().parents[3])
-    found = []
-    for summary in (root / "outputs" / "demo" / "runs").glob("*/summary.json"):
-        try:
-            s = json.loads(summary.read_text())
-        except (OSError, json.JSONDecodeError):
-            continue
-        ckpt = Path(s.get("last_checkpoint") or "")
-        if int(s.get("steps", 0)) >= min_steps and ckpt.is_file():
-            found.append((summary.stat().st_mtime, ckpt))
-    if not found:
-        raise ReferenceMapError(
-            f"no finished demo pretraining (>= {min_steps} steps) under {root / 'outputs/demo/runs'}: run `make train` "
-            "first, or set checkpoint: in the benchmark config"
-        )
-    return max(found)[1]
 
 
 def _demo_dataset(name: str):
