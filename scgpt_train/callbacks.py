@@ -12,6 +12,7 @@ import torch
 from pytorch_lightning.utilities import rank_zero_only
 
 from data_modules.batch import Batch
+from scgpt_train.objectives.per_gene import per_gene_ratios
 
 # Dense bf16 tensor-core peaks (FLOP/s) by device-name fragment, for the MFU estimate.
 PEAK_BF16_FLOPS = {
@@ -130,16 +131,23 @@ class RunSummary(pl.Callback):
         self.val_losses: list[tuple[int, float]] = []
         self.cells_seen = 0
         self.task_metrics: dict[str, float] = {}  # a fine-tuning task's test/... and baseline/<name>/... metrics
+        self.per_gene: dict[str, float] = {}  # last validation: the per-gene baselines and the model / baseline ratios
         self._fit_start: float | None = None
         self.fit_seconds = 0.0
 
     def state_dict(self) -> dict:
-        return {"train_losses": self.train_losses, "val_losses": self.val_losses, "cells_seen": self.cells_seen}
+        return {
+            "train_losses": self.train_losses,
+            "val_losses": self.val_losses,
+            "cells_seen": self.cells_seen,
+            "per_gene": self.per_gene,
+        }
 
     def load_state_dict(self, state: dict) -> None:
         self.train_losses = [tuple(x) for x in state.get("train_losses", [])]
         self.val_losses = [tuple(x) for x in state.get("val_losses", [])]
         self.cells_seen = int(state.get("cells_seen", 0))
+        self.per_gene = dict(state.get("per_gene", {}))
 
     def on_fit_start(self, trainer, pl_module):
         self._fit_start = time.perf_counter()
@@ -160,6 +168,12 @@ class RunSummary(pl.Callback):
         val = trainer.callback_metrics.get("val/loss")
         if val is not None:
             self.val_losses.append((trainer.global_step, float(val)))
+        metrics = trainer.callback_metrics
+        baselines = {
+            k: float(v) for k, v in metrics.items() if k.startswith("val/") and k.endswith("/per_gene_baseline")
+        }
+        if baselines:
+            self.per_gene = {**baselines, **per_gene_ratios(metrics)}
 
     def summary(self, trainer: pl.Trainer, output_dir: str | Path | None = None) -> dict:
         ckpt = trainer.checkpoint_callback
@@ -182,6 +196,8 @@ class RunSummary(pl.Callback):
             "log_dir": str(output_dir or trainer.default_root_dir),  # no trainer.log_dir: it broadcasts
             "train_losses": self.train_losses,
             "task_metrics": self.task_metrics,
+            # the pretraining-quality figure: validation loss / each gene's training mean's (1.0 = gene identity only)
+            "val_per_gene": self.per_gene,
         }
 
     @rank_zero_only

@@ -17,6 +17,7 @@ from torch import nn
 
 from data_modules.batch import Batch
 from scgpt_train.objectives import total_loss
+from scgpt_train.objectives.per_gene import PerGeneMean, per_gene_ratios
 
 ALWAYS_ON_STEP = sys.maxsize  # objectives gated by step (e.g. the cell prompt) are fully on in validation
 
@@ -78,15 +79,20 @@ class ScGPTLitModule(pl.LightningModule):
         self.frozen = freeze_parameters(net, **dict(freeze or {}))
         # The ScGPT constructor kwargs travel with every checkpoint so a .ckpt alone rebuilds the model.
         net_config = net.config() if hasattr(net, "config") else {}
+        # each gene's mean target over the training positions: the baseline the validation losses are compared to
+        self.per_gene = PerGeneMean(int(net_config.get("vocab_size") or 0))
         self.save_hyperparameters({"model": net_config, "objectives": sorted(objectives)})
 
     def on_save_checkpoint(self, checkpoint: dict) -> None:
         if self.vocab is not None:
             checkpoint["vocab"] = self.vocab
+        checkpoint["per_gene_mean"] = self.per_gene.state_dict()
 
     def on_load_checkpoint(self, checkpoint: dict) -> None:
         if self.vocab is None and checkpoint.get("vocab") is not None:
             self.vocab = dict(checkpoint["vocab"])
+        if checkpoint.get("per_gene_mean") is not None:  # absent in checkpoints written before it existed
+            self.per_gene.load_state_dict(checkpoint["per_gene_mean"])
 
     # forward --------------------------------------------------------------------------------
     def forward(self, batch: Batch) -> dict[str, torch.Tensor]:
@@ -102,6 +108,10 @@ class ScGPTLitModule(pl.LightningModule):
         n = batch.n_cells
         self.log("train/loss", terms["loss"], prog_bar=True, batch_size=n)
         self.log_dict({f"train/{k}": v for k, v in terms.items() if k != "loss"}, batch_size=n)
+        for objective in self.objectives.values():
+            where = objective.value_positions(batch)
+            if where is not None:
+                self.per_gene.update(batch.gene_ids, batch.target_values, where)
         return terms["loss"]
 
     def validation_step(self, batch: Batch, batch_idx: int) -> torch.Tensor:
@@ -110,12 +120,23 @@ class ScGPTLitModule(pl.LightningModule):
         n = batch.n_cells
         self.log("val/loss", terms["loss"], prog_bar=True, batch_size=n, sync_dist=True)
         self.log_dict({f"val/{k}": v for k, v in terms.items() if k != "loss"}, batch_size=n, sync_dist=True)
+        if not self.per_gene.empty:  # the same positions scored by each gene's training mean
+            for name, objective in self.objectives.items():
+                where = objective.value_positions(batch)
+                if where is not None:
+                    baseline = self.per_gene.loss(batch.gene_ids, batch.target_values, where)
+                    self.log(f"val/{name}/per_gene_baseline", baseline, batch_size=n, sync_dist=True)
         if "cls_output" in outputs and batch.labels is not None:  # annotation: held-out accuracy
             known = batch.labels >= 0
             if bool(known.any()):
                 acc = (outputs["cls_output"].argmax(-1)[known] == batch.labels[known]).float().mean()
                 self.log("val/accuracy", acc, batch_size=int(known.sum()), sync_dist=True)
         return terms["loss"]
+
+    def on_validation_epoch_end(self) -> None:
+        if not self.trainer.sanity_checking:  # the epoch means are in callback_metrics by now
+            for key, ratio in per_gene_ratios(self.trainer.callback_metrics).items():
+                self.log(key, ratio)
 
     def predict_step(self, batch: Batch, batch_idx: int = 0, dataloader_idx: int = 0) -> dict[str, torch.Tensor]:
         """Per cell: ``cell_index``, ``cell_emb`` (B, d); with a classifier also ``probs`` (B, C), ``pred`` (B,)."""

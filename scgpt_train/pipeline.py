@@ -288,6 +288,9 @@ def print_summary(s: dict, output_dir: Path) -> None:
     table.add_row("cells/s (fit wall time)", _fmt(s["cells_per_s"]))
     table.add_row("train loss first -> last", f"{_fmt(s['train_loss_first'])} -> {_fmt(s['train_loss_last'])}")
     table.add_row("val loss first -> last", f"{_fmt(s['val_loss_first'])} -> {_fmt(s['val_loss_last'])}")
+    for key, value in (s.get("val_per_gene") or {}).items():  # e.g. val/generative/gep_vs_per_gene
+        if key.endswith("_vs_per_gene"):
+            table.add_row(f"{key[4:]} (1.0 = gene means only)", f"{value:.3f}")
     table.add_row("checkpoint (last)", str(s["last_checkpoint"]))
     table.add_row("checkpoint (best)", str(s["best_checkpoint"]))
     table.add_row("logs", str(output_dir))

@@ -73,6 +73,11 @@ class Objective(nn.Module):
     def forward(self, model, batch: Batch, outputs: dict, step: int) -> dict[str, torch.Tensor]:
         raise NotImplementedError
 
+    def value_positions(self, batch: Batch) -> torch.Tensor | None:
+        """(B, L) bool: where this objective scores predicted expression values against ``target_values`` per gene
+        (GEP / MLM); None for objectives that do not (classification, batch terms, perturbation)."""
+        return None
+
 
 class GenerativeObjective(Objective):
     """Generative pretraining: GEP (gene prompt) + GEPC + (after N steps) cell-prompt pass, on unknown genes."""
@@ -84,9 +89,11 @@ class GenerativeObjective(Objective):
         self.use_gepc = use_gepc
         self.cell_prompt_after_steps = cell_prompt_after_steps
 
+    def value_positions(self, batch):
+        return _require_field(batch, "gen_mask", "GenerativeObjective") & ~batch.pad_mask  # (B, L) unknown genes
+
     def forward(self, model, batch, outputs, step):
-        gen_mask = _require_field(batch, "gen_mask", "GenerativeObjective")
-        unknown = gen_mask & ~batch.pad_mask  # (B, L)
+        unknown = self.value_positions(batch)  # (B, L)
         terms = {"gep": masked_mse(outputs["mlm_output"], batch.target_values, unknown)}
         if self.use_gepc:
             mvc = _require(outputs, "mvc_output", "GenerativeObjective(use_gepc=True)", "use_mvc=True")
@@ -106,8 +113,11 @@ class MLMObjective(Objective):
         super().__init__(weight)
         self.use_gepc = use_gepc
 
+    def value_positions(self, batch):
+        return _require_field(batch, "mlm_mask", "MLMObjective") & ~batch.pad_mask  # (B, L)
+
     def forward(self, model, batch, outputs, step):
-        masked = _require_field(batch, "mlm_mask", "MLMObjective") & ~batch.pad_mask
+        masked = self.value_positions(batch)
         terms = {"mlm": masked_mse(outputs["mlm_output"], batch.target_values, masked)}
         if self.use_gepc:
             mvc = _require(outputs, "mvc_output", "MLMObjective(use_gepc=True)", "use_mvc=True")
