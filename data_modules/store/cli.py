@@ -7,11 +7,12 @@ import json
 import sys
 from pathlib import Path
 
-from data_modules.atomic import atomic_path
+from data_modules.atomic import DiskFullError, atomic_path, is_disk_full
 from data_modules.store.census import CENSUS_OBS_COLUMNS, PAPER_CENSUS_VERSION, PAPER_FILTER, convert_census
 from data_modules.store.convert import (
     DEFAULT_OBS_COLUMNS,
     Source,
+    check_build_options,
     check_out_dir,
     convert_sources,
     open_reader,
@@ -26,6 +27,7 @@ from data_modules.store.inspect import (
     unfinished_conversion,
     verify_corpus,
 )
+from data_modules.store.lock import LockHeldError
 from data_modules.store.reader import Corpus
 from data_modules.vocab import (
     GeneIdReport,
@@ -210,6 +212,11 @@ def build_parser() -> argparse.ArgumentParser:
     )
     h.add_argument("--allow-normalized", action="store_true", help="accept non-integer values (stored as float32)")
     h.add_argument(
+        "--allow-duplicate-cells",
+        action="store_true",
+        help="do not warn about cell names repeated inside an input (the same file given twice is always refused)",
+    )
+    h.add_argument(
         "--duplicate-genes",
         choices=["error", "first"],
         default="error",
@@ -285,10 +292,25 @@ def _obs_columns(spec: list[str]) -> tuple[list[str], dict[str, str]]:
     return names, mapping
 
 
+def _warnings_only(msg: str) -> None:
+    if msg.startswith("warning:"):
+        print_log(msg)
+
+
+def disk_full_message(e: OSError, out: Path) -> str:
+    path = e.path if isinstance(e, DiskFullError) else (getattr(e, "filename", None) or out)
+    return (
+        f"no space left on device while writing {path}: free space or choose another --out. The partly written "
+        f"file was removed; the shards completed so far stay in {out}, and rerunning the same command resumes "
+        f"from them (delete {out} to drop them)"
+    )
+
+
 def build_main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
-    log = (lambda msg: None) if args.quiet else print_log
+    log = _warnings_only if args.quiet else print_log
     try:
+        check_build_options(args.shard_size, args.chunk_size, args.min_genes, _split(args))  # before any write
         check_out_dir(args.out)  # before opening inputs (or the Census)
         vocab = GeneVocab.from_checkpoint(args.vocab) if args.vocab else None
         common = dict(
@@ -319,6 +341,7 @@ def build_main(argv: list[str] | None = None) -> int:
                 gene_table=table,
                 require_obs=explicit,
                 on_duplicate=args.duplicate_genes,
+                allow_duplicate_cells=args.allow_duplicate_cells,
                 **common,
             )
         else:
@@ -332,8 +355,13 @@ def build_main(argv: list[str] | None = None) -> int:
                 obs_columns=args.obs_columns,
                 **common,
             )
-    except (CorpusFormatError, VocabError) as e:
+    except (CorpusFormatError, VocabError, LockHeldError) as e:
         print(f"error: {e}", file=sys.stderr)
+        return EXIT_BAD_INPUT
+    except OSError as e:
+        if not is_disk_full(e):
+            raise
+        print(f"error: {disk_full_message(e, args.out)}", file=sys.stderr)
         return EXIT_BAD_INPUT
     if not args.quiet:
         print_build_report(manifest, args.out)

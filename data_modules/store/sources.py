@@ -112,6 +112,13 @@ class H5adReader:
         else:
             self.n_rows, self._n_cols = self._X.shape
 
+    def cell_names(self) -> pd.Index:
+        """Every obs name of the file (read in one pass; bytes, not decoded)."""
+        try:
+            return pd.Index(self._obs_names[:])
+        except (OSError, ValueError, KeyError) as e:
+            raise _h5_error(self.path, e) from None
+
     def fingerprint(self) -> dict:
         st = self.path.stat()
         return {"path": str(self.path.resolve()), "bytes": st.st_size, "mtime_ns": st.st_mtime_ns}
@@ -223,6 +230,9 @@ class AnnDataReader:
 
     def has_obs(self, column: str) -> bool:
         return self.obs_map.get(column, column) in self.obs_columns
+
+    def cell_names(self) -> pd.Index:
+        return pd.Index(self.adata.obs_names)
 
     def read_chunk(self, lo: int, hi: int, obs_columns: list[str]) -> RawChunk:
         n = hi - lo
