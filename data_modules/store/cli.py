@@ -9,6 +9,7 @@ from pathlib import Path
 
 from data_modules.atomic import DiskFullError, atomic_path, is_disk_full
 from data_modules.store.census import CENSUS_OBS_COLUMNS, PAPER_CENSUS_VERSION, PAPER_FILTER, convert_census
+from data_modules.store.checksums import set_checksums
 from data_modules.store.convert import (
     DEFAULT_OBS_COLUMNS,
     Source,
@@ -464,6 +465,12 @@ def corpus_parser() -> argparse.ArgumentParser:
     v = sub.add_parser("verify", help="check every shard against the manifest (structure + sha256)")
     v.add_argument("root", type=Path)
     v.add_argument("--no-checksums", action="store_true", help="structure and sizes only")
+    v.add_argument(
+        "--write-checksums",
+        action="store_true",
+        help="first add per-block checksums to shards written without them (each shard's sha256 is checked "
+        "before it is rewritten), then verify",
+    )
     i = sub.add_parser("info", help="cells, genes, nnz, per-dataset counts, disk size")
     i.add_argument("root", type=Path)
     i.add_argument("--json", action="store_true", help="print JSON instead of tables")
@@ -474,6 +481,9 @@ def corpus_main(argv: list[str] | None = None) -> int:
     args = corpus_parser().parse_args(argv)
     try:
         if args.command == "verify":
+            if args.write_checksums and unfinished_conversion(args.root) is None:
+                n = set_checksums(args.root, on=True, log=print_log)
+                print(f"{args.root}: checksums written into {n} shard(s)", file=sys.stderr)
             report = verify_corpus(args.root, checksums=not args.no_checksums)
             if report.unfinished:  # not damaged: resumable; --overwrite would throw its progress away
                 print(f"not a corpus yet: {report.problems[0]}", file=sys.stderr)
@@ -509,6 +519,6 @@ def corpus_main(argv: list[str] | None = None) -> int:
             adata.write_h5ad(tmp)
         print(f"wrote {args.out}: {adata.n_obs} cells x {adata.n_vars} genes")
         return 0
-    except (CorpusFormatError, VocabError) as e:
+    except (CorpusFormatError, VocabError, LockHeldError) as e:
         print(f"error: {e}", file=sys.stderr)
         return EXIT_BAD_INPUT

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import hashlib
+import json
 import os
 
 import numpy as np
@@ -21,6 +22,13 @@ INDICES = "indices"  # (nnz,) vocab ids: uint16 when the vocab has <= 65,536 tok
 DATA = "data"  # (nnz,) counts: uint16 / uint32 when integral, float32 (normalized input) / float64
 SOURCE_ROW = "source_row"  # (n_cells,) int64 row in the source file (h5ad row / Census soma_joinid)
 OBS_GROUP = "obs"  # obs/<column>: (n_cells,) int32 codes into manifest["obs_columns"][column]
+
+# per-block checksums, checked by HDF5 on every read (docs/corpus_format.md "Checksums"): every non-empty dataset of
+# a shard is chunked and carries HDF5's fletcher32 filter; the shard's manifest entry and the attrs say so
+CHECKSUM = "fletcher32"
+ENTRY_CHUNK = 16384  # entries per checksummed block of indices / data
+CELL_CHUNK = 4096  # cells per checksummed block of indptr / source_row / obs codes
+MANIFEST_DIGEST = "manifest_sha256"  # sha256 of the manifest's canonical JSON without this key
 
 
 class CorpusFormatError(ValueError):
@@ -52,6 +60,12 @@ def narrowest_count_dtype(data: np.ndarray, allow_float: bool) -> np.dtype:
     if not allow_float and not is_int:
         raise CorpusFormatError("non-integer counts need allow_float")
     return np.dtype(np.float32)
+
+
+def manifest_digest(manifest: dict) -> str:
+    """sha256 of ``manifest`` (without its own digest) as canonical JSON: covers every table it holds."""
+    body = {k: v for k, v in manifest.items() if k != MANIFEST_DIGEST}
+    return hashlib.sha256(json.dumps(body, sort_keys=True, default=str).encode()).hexdigest()
 
 
 def file_sha256(path: str | os.PathLike, chunk: int = 1 << 22) -> str:

@@ -3,7 +3,10 @@
 from __future__ import annotations
 
 import json
+import logging
 import os
+from collections.abc import Iterator
+from contextlib import contextmanager
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -11,6 +14,7 @@ import h5py
 import numpy as np
 
 from data_modules.store.format import (
+    CHECKSUM,
     DATA,
     FORMAT_VERSION,
     INDICES,
@@ -23,6 +27,8 @@ from data_modules.store.format import (
 )
 from data_modules.store.split import split_membership
 from data_modules.vocab import GeneVocab
+
+log = logging.getLogger(__name__)
 
 
 @dataclass
@@ -108,6 +114,17 @@ class Corpus:
         self.obs_columns: dict[str, list[str]] = self.manifest.get("obs_columns", {})
         self._handles: dict[int, h5py.File] = {}
         self._pid = os.getpid()
+        unchecked = sum(1 for s in self.shards if s.get("checksums") != CHECKSUM)
+        if unchecked:
+            log.warning(
+                "%s: %d of %d shards were written without per-block checksums, so a corrupted byte there is found "
+                "only by data.verify=true; add them with `python scripts/corpus.py verify %s --write-checksums` "
+                "(or rebuild the corpus)",
+                self.root,
+                unchecked,
+                len(self.shards),
+                self.root,
+            )
 
     # sizes ----------------------------------------------------------------------------
     @property
@@ -160,10 +177,13 @@ class Corpus:
         raises :class:`CorpusFormatError` naming the shard and rows, never a bare ``IndexError`` later.
         """
         files = [self._file(shard) for shard, _, _ in spans]  # this process's handles
-        span_indptr = [f[INDPTR][start : stop + 1].astype(np.int64) for f, (_, start, stop) in zip(files, spans)]
-        for (shard, start, stop), ip in zip(spans, span_indptr):
+        span_indptr = []
+        for f, (shard, start, stop) in zip(files, spans):
+            with self._checked(shard, start, stop):
+                ip = f[INDPTR][start : stop + 1].astype(np.int64)
             if len(ip) != stop - start + 1 or (len(ip) > 1 and np.any(np.diff(ip) < 0)) or (len(ip) and ip[0] < 0):
                 self._damaged(shard, start, stop, f"{INDPTR} is not monotonic non-decreasing")
+            span_indptr.append(ip)
         span_nnz = np.array([int(ip[-1] - ip[0]) for ip in span_indptr], dtype=np.int64)
         first_entry = np.concatenate([[0], np.cumsum(span_nnz)])
         gene_ids = np.empty(int(first_entry[-1]), dtype=np.result_type(*[f[INDICES].dtype for f in files]))
@@ -174,8 +194,9 @@ class Corpus:
             if int(ip[-1]) > f[INDICES].shape[0]:
                 self._damaged(shard, start, stop, f"{INDPTR} points past the end of {INDICES}")
             source, dest = np.s_[int(ip[0]) : int(ip[-1])], np.s_[int(to) : int(to + n)]
-            f[INDICES].read_direct(gene_ids, source_sel=source, dest_sel=dest)
-            f[DATA].read_direct(counts, source_sel=source, dest_sel=dest)
+            with self._checked(shard, start, stop):
+                f[INDICES].read_direct(gene_ids, source_sel=source, dest_sel=dest)
+                f[DATA].read_direct(counts, source_sel=source, dest_sel=dest)
             ids = gene_ids[int(to) : int(to + n)]
             if ids.min() < 0 or ids.max() >= len(self.vocab):
                 self._damaged(
@@ -183,6 +204,11 @@ class Corpus:
                 )
         indptr = np.concatenate([[0]] + [ip[1:] - ip[0] + to for ip, to in zip(span_indptr, first_entry)])
         obs_keys = list(files[0][OBS_GROUP]) if OBS_GROUP in files[0] else []
+        obs = {k: [] for k in obs_keys}
+        for f, (shard, start, stop) in zip(files, spans):
+            with self._checked(shard, start, stop):
+                for k in obs_keys:
+                    obs[k].append(f[OBS_GROUP][k][start:stop])
         block = CellBlock(
             indptr=indptr.astype(np.int64),
             gene_ids=gene_ids,
@@ -190,13 +216,24 @@ class Corpus:
             cell_index=np.concatenate(
                 [np.arange(start, stop, dtype=np.int64) + self.shard_offsets[shard] for shard, start, stop in spans]
             ),
-            obs={
-                k: np.concatenate([f[OBS_GROUP][k][start:stop] for f, (_, start, stop) in zip(files, spans)])
-                for k in obs_keys
-            },
+            obs={k: np.concatenate(v) for k, v in obs.items()},
         )
         first_row = np.concatenate([[0], np.cumsum([stop - start for _, start, stop in spans])])[:-1]
         return block, first_row
+
+    @contextmanager
+    def _checked(self, shard: int, start: int, stop: int) -> Iterator[None]:
+        """HDF5 reads of ``shard`` rows ``start:stop``: a block failing its checksum (HDF5 raises a bare
+        OSError "filter returned failure during read") becomes an error naming the shard and rows."""
+        try:
+            yield
+        except OSError as e:
+            what = (
+                f"a stored block fails its {CHECKSUM} checksum (corrupted bytes)"
+                if "filter returned failure" in str(e)
+                else f"cannot be read ({e})"
+            )
+            self._damaged(shard, start, stop, what)
 
     def _damaged(self, shard: int, start: int, stop: int, what: str):
         raise CorpusFormatError(
@@ -206,14 +243,16 @@ class Corpus:
 
     def read_source_rows(self, shard: int, start: int, stop: int) -> np.ndarray:
         """(stop-start,) int64 row of each cell in its input (h5ad row / Census soma_joinid)."""
-        return self._file(shard)[SOURCE_ROW][start:stop]
+        with self._checked(shard, start, stop):
+            return self._file(shard)[SOURCE_ROW][start:stop]
 
     def read_obs_codes(self, shard: int, column: str) -> np.ndarray:
         """(rows of the shard,) codes of one stored obs column (e.g. "dataset") of a whole shard."""
         group = self._file(shard)[OBS_GROUP]
         if column not in group:
             raise KeyError(f"{self.shard_path(shard)} stores no obs column {column!r} (stored: {sorted(group)})")
-        return group[column][:]
+        with self._checked(shard, 0, int(self.shards[shard]["n_cells"])):
+            return group[column][:]
 
     def read_cells(self, start: int, stop: int) -> CellBlock:
         """Global cell ids ``start:stop``, possibly spanning shards."""
