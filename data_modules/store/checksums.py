@@ -1,10 +1,11 @@
 """Adding per-block checksums to a corpus written before them (``corpus.py verify --write-checksums``).
 
 Each shard whose manifest entry lacks ``"checksums"`` is first checked against its sha256 in the manifest (a shard
-already damaged is never sealed as good), then rewritten with the same arrays and dtypes in checksummed blocks
-(``write_shard(checksums=True)``, atomically) and its manifest entry updated; the manifest is rewritten after every
-shard, so a killed run leaves a corpus that reads and a rerun continues. Holds the corpus lock (store/lock.py)
-throughout, like a build. ``on=False`` does the reverse (only the benchmark uses it, to measure the cost).
+already damaged is never sealed as good), then rewritten with the same arrays and dtypes plus the digest of every
+block (``write_shard(checksums=True)``, atomically) and its manifest entry updated; the manifest is rewritten after
+every shard, so a killed run leaves a corpus that reads and a rerun continues. Holds the corpus lock (store/lock.py)
+throughout, like a build. ``on=False`` does the reverse (the benchmark measures the cost with it; tests make a
+corpus in the older layout with it).
 """
 
 from __future__ import annotations

@@ -5,16 +5,16 @@ from __future__ import annotations
 import json
 import logging
 import os
-from collections.abc import Iterator
-from contextlib import contextmanager
 from dataclasses import dataclass, field
 from pathlib import Path
 
 import h5py
 import numpy as np
+import xxhash
 
 from data_modules.store.format import (
     CHECKSUM,
+    CHECKSUM_GROUP,
     DATA,
     FORMAT_VERSION,
     INDICES,
@@ -29,6 +29,7 @@ from data_modules.store.split import split_membership
 from data_modules.vocab import GeneVocab
 
 log = logging.getLogger(__name__)
+_TOLD_UNCHECKED: set[str] = set()  # corpora without per-block checksums already reported in this process
 
 
 @dataclass
@@ -113,9 +114,11 @@ class Corpus:
         np.cumsum(counts, out=self.shard_offsets[1:])
         self.obs_columns: dict[str, list[str]] = self.manifest.get("obs_columns", {})
         self._handles: dict[int, h5py.File] = {}
+        self._digests: dict[tuple[int, str], tuple[int, np.ndarray] | None] = {}  # (shard, dataset) -> block digests
         self._pid = os.getpid()
         unchecked = sum(1 for s in self.shards if s.get("checksums") != CHECKSUM)
-        if unchecked:
+        if unchecked and str(self.root.resolve()) not in _TOLD_UNCHECKED:  # once per corpus and process
+            _TOLD_UNCHECKED.add(str(self.root.resolve()))
             log.warning(
                 "%s: %d of %d shards were written without per-block checksums, so a corrupted byte there is found "
                 "only by data.verify=true; add them with `python scripts/corpus.py verify %s --write-checksums` "
@@ -145,7 +148,7 @@ class Corpus:
     # reading --------------------------------------------------------------------------
     def _file(self, shard: int) -> h5py.File:
         if os.getpid() != self._pid:  # forked into a worker: never share HDF5 handles
-            self._handles = {}
+            self._handles, self._digests = {}, {}
             self._pid = os.getpid()
         f = self._handles.get(shard)
         if f is None:
@@ -178,9 +181,8 @@ class Corpus:
         """
         files = [self._file(shard) for shard, _, _ in spans]  # this process's handles
         span_indptr = []
-        for f, (shard, start, stop) in zip(files, spans):
-            with self._checked(shard, start, stop):
-                ip = f[INDPTR][start : stop + 1].astype(np.int64)
+        for shard, start, stop in spans:
+            ip = self._read(shard, INDPTR, start, stop + 1, (start, stop)).astype(np.int64)
             if len(ip) != stop - start + 1 or (len(ip) > 1 and np.any(np.diff(ip) < 0)) or (len(ip) and ip[0] < 0):
                 self._damaged(shard, start, stop, f"{INDPTR} is not monotonic non-decreasing")
             span_indptr.append(ip)
@@ -193,22 +195,22 @@ class Corpus:
                 continue
             if int(ip[-1]) > f[INDICES].shape[0]:
                 self._damaged(shard, start, stop, f"{INDPTR} points past the end of {INDICES}")
-            source, dest = np.s_[int(ip[0]) : int(ip[-1])], np.s_[int(to) : int(to + n)]
-            with self._checked(shard, start, stop):
-                f[INDICES].read_direct(gene_ids, source_sel=source, dest_sel=dest)
-                f[DATA].read_direct(counts, source_sel=source, dest_sel=dest)
-            ids = gene_ids[int(to) : int(to + n)]
+            lo, hi, to = int(ip[0]), int(ip[-1]), int(to)
+            self._read(shard, INDICES, lo, hi, (start, stop), out=gene_ids[to : to + n])
+            self._read(shard, DATA, lo, hi, (start, stop), out=counts[to : to + n])
+            ids = gene_ids[to : to + n]
             if ids.min() < 0 or ids.max() >= len(self.vocab):
                 self._damaged(
                     shard, start, stop, f"gene id {int(ids.max())} is outside the vocabulary (0:{len(self.vocab)})"
                 )
         indptr = np.concatenate([[0]] + [ip[1:] - ip[0] + to for ip, to in zip(span_indptr, first_entry)])
         obs_keys = list(files[0][OBS_GROUP]) if OBS_GROUP in files[0] else []
-        obs = {k: [] for k in obs_keys}
-        for f, (shard, start, stop) in zip(files, spans):
-            with self._checked(shard, start, stop):
-                for k in obs_keys:
-                    obs[k].append(f[OBS_GROUP][k][start:stop])
+        obs = {
+            k: np.concatenate(
+                [self._read(shard, f"{OBS_GROUP}/{k}", start, stop, (start, stop)) for shard, start, stop in spans]
+            )
+            for k in obs_keys
+        }
         block = CellBlock(
             indptr=indptr.astype(np.int64),
             gene_ids=gene_ids,
@@ -216,24 +218,68 @@ class Corpus:
             cell_index=np.concatenate(
                 [np.arange(start, stop, dtype=np.int64) + self.shard_offsets[shard] for shard, start, stop in spans]
             ),
-            obs={k: np.concatenate(v) for k, v in obs.items()},
+            obs=obs,
         )
         first_row = np.concatenate([[0], np.cumsum([stop - start for _, start, stop in spans])])[:-1]
         return block, first_row
 
-    @contextmanager
-    def _checked(self, shard: int, start: int, stop: int) -> Iterator[None]:
-        """HDF5 reads of ``shard`` rows ``start:stop``: a block failing its checksum (HDF5 raises a bare
-        OSError "filter returned failure during read") becomes an error naming the shard and rows."""
+    def _block_digests(self, shard: int, name: str) -> tuple[int, np.ndarray] | None:
+        """(block size, digest per block) of dataset ``name`` of ``shard``, None for a shard without checksums;
+        read once per shard and process (a few KB)."""
+        key = (shard, name)
+        if key not in self._digests:
+            ds = self._file(shard).get(f"{CHECKSUM_GROUP}/{name}")
+            self._digests[key] = None if ds is None else (int(ds.attrs["block"]), ds[:])
+        return self._digests[key]
+
+    def _read(
+        self, shard: int, name: str, lo: int, hi: int, rows: tuple[int, int], out: np.ndarray | None = None
+    ) -> np.ndarray:
+        """Elements ``lo:hi`` of dataset ``name`` of ``shard`` (into ``out`` when given), every block they touch
+        checked against its digest (format.CHECKSUM); a mismatch or an unreadable block raises naming the shard and
+        cell ``rows``. Blocks wholly inside ``lo:hi`` are hashed where they landed; the (at most two) blocks at the
+        edges are read separately, so a large read costs one extra hash pass and two small reads."""
         try:
-            yield
+            ds = self._file(shard)[name]
+            sums = self._block_digests(shard, name)
+            if sums is None or hi <= lo:
+                if out is None:
+                    return ds[lo:hi]
+                ds.read_direct(out, source_sel=np.s_[lo:hi], dest_sel=np.s_[0 : hi - lo])
+                return out
+            block, digests = sums
+            b0, b1 = lo // block, -(-hi // block)
+            if b1 > len(digests):
+                self._damaged(shard, *rows, f"{name} is longer than its checksum table")
+            if out is None or out.dtype != ds.dtype:  # small reads, or a dtype conversion: read whole blocks
+                a0, a1 = b0 * block, min(b1 * block, ds.shape[0])
+                buf = np.empty(a1 - a0, dtype=ds.dtype)
+                ds.read_direct(buf, source_sel=np.s_[a0:a1], dest_sel=np.s_[0 : a1 - a0])
+                for j in range(b0, b1):
+                    self._check_block(buf[j * block - a0 : (j + 1) * block - a0], digests[j], shard, name, j, rows)
+                if out is None:
+                    return buf[lo - a0 : hi - a0]
+                out[:] = buf[lo - a0 : hi - a0]
+                return out
+            ds.read_direct(out, source_sel=np.s_[lo:hi], dest_sel=np.s_[0 : hi - lo])
+            n = ds.shape[0]
+            for j in range(b0, b1):
+                s, e = j * block, min((j + 1) * block, n)
+                if s >= lo and e <= hi:
+                    piece = out[s - lo : e - lo]
+                else:
+                    piece = np.empty(e - s, dtype=ds.dtype)
+                    ds.read_direct(piece, source_sel=np.s_[s:e], dest_sel=np.s_[0 : e - s])
+                self._check_block(piece, digests[j], shard, name, j, rows)
+            return out
         except OSError as e:
-            what = (
-                f"a stored block fails its {CHECKSUM} checksum (corrupted bytes)"
-                if "filter returned failure" in str(e)
-                else f"cannot be read ({e})"
+            self._damaged(shard, *rows, f"{name} cannot be read ({e})")
+
+    def _check_block(self, values: np.ndarray, digest, shard: int, name: str, j: int, rows) -> None:
+        if xxhash.xxh3_64_intdigest(memoryview(values).cast("B")) != int(digest):
+            self._damaged(
+                shard, *rows, f"block {j} of {name} fails its {CHECKSUM} checksum (corrupted bytes; read refused)"
             )
-            self._damaged(shard, start, stop, what)
 
     def _damaged(self, shard: int, start: int, stop: int, what: str):
         raise CorpusFormatError(
@@ -243,16 +289,15 @@ class Corpus:
 
     def read_source_rows(self, shard: int, start: int, stop: int) -> np.ndarray:
         """(stop-start,) int64 row of each cell in its input (h5ad row / Census soma_joinid)."""
-        with self._checked(shard, start, stop):
-            return self._file(shard)[SOURCE_ROW][start:stop]
+        return self._read(shard, SOURCE_ROW, start, stop, (start, stop))
 
     def read_obs_codes(self, shard: int, column: str) -> np.ndarray:
         """(rows of the shard,) codes of one stored obs column (e.g. "dataset") of a whole shard."""
         group = self._file(shard)[OBS_GROUP]
         if column not in group:
             raise KeyError(f"{self.shard_path(shard)} stores no obs column {column!r} (stored: {sorted(group)})")
-        with self._checked(shard, 0, int(self.shards[shard]["n_cells"])):
-            return group[column][:]
+        n = int(self.shards[shard]["n_cells"])
+        return self._read(shard, f"{OBS_GROUP}/{column}", 0, n, (0, n))
 
     def read_cells(self, start: int, stop: int) -> CellBlock:
         """Global cell ids ``start:stop``, possibly spanning shards."""
@@ -285,7 +330,7 @@ class Corpus:
 
     def __getstate__(self):  # picklable for spawn-started workers: handles are reopened there
         state = self.__dict__.copy()
-        state["_handles"] = {}
+        state["_handles"], state["_digests"] = {}, {}
         return state
 
     def __enter__(self) -> Corpus:

@@ -113,9 +113,9 @@ class H5adReader:
             self.n_rows, self._n_cols = self._X.shape
 
     def cell_names(self) -> pd.Index:
-        """Every obs name of the file (read in one pass; bytes, not decoded)."""
+        """Every obs name of the file (read in one pass)."""
         try:
-            return pd.Index(self._obs_names[:])
+            return pd.Index(_plain(self._obs_names, 0, self.n_rows))
         except (OSError, ValueError, KeyError) as e:
             raise _h5_error(self.path, e) from None
 

@@ -13,10 +13,11 @@ import numpy as np
 
 from data_modules.atomic import atomic_path, write_text_atomic
 from data_modules.store.format import (
-    CELL_CHUNK,
+    CELL_BLOCK,
     CHECKSUM,
+    CHECKSUM_GROUP,
     DATA,
-    ENTRY_CHUNK,
+    ENTRY_BLOCK,
     FORMAT_VERSION,
     INDICES,
     INDPTR,
@@ -27,6 +28,7 @@ from data_modules.store.format import (
     SOURCE_ROW,
     VOCAB_NAME,
     CorpusFormatError,
+    block_digests,
     file_sha256,
     index_dtype,
     manifest_digest,
@@ -37,13 +39,13 @@ from data_modules.store.split import split_membership
 from data_modules.vocab import GeneVocab
 
 
-def _dataset(group, name: str, data: np.ndarray, chunk: int, checksums: bool) -> None:
-    """A dataset in blocks of ``chunk`` rows, each with a fletcher32 checksum HDF5 checks on every read
-    (``checksums``; an empty array has no block to check and is stored plain)."""
-    if checksums and data.size:
-        group.create_dataset(name, data=data, chunks=(min(chunk, len(data)),), fletcher32=True)
-    else:
-        group.create_dataset(name, data=data)
+def _dataset(f: h5py.File, name: str, data: np.ndarray, block: int, checksums: bool) -> None:
+    """A contiguous dataset and, with ``checksums``, the digest of each of its blocks of ``block`` elements in
+    ``checksums/<name>`` (format.block_digests; the reader checks them on every read)."""
+    f.create_dataset(name, data=data)
+    if checksums:
+        sums = f.create_dataset(f"{CHECKSUM_GROUP}/{name}", data=block_digests(data, block))
+        sums.attrs["block"] = block
 
 
 def write_shard(
@@ -60,30 +62,30 @@ def write_shard(
 ) -> dict:
     """Write one shard to a temp file, fsync, then rename. Returns its manifest entry.
 
-    ``checksums``: every dataset in checksummed blocks (format.CHECKSUM, checked by HDF5 on every read);
-    without, contiguous datasets (the format before checksums). ``exact_dtypes`` keeps the given dtypes (used
+    ``checksums``: the digest of every block of every dataset (format.CHECKSUM, checked on every read);
+    without, the datasets only (the format before checksums). ``exact_dtypes`` keeps the given dtypes (used
     for the journal's pending-cells file).
     """
     path.parent.mkdir(parents=True, exist_ok=True)
     n = len(indptr) - 1
     cdtype = counts.dtype if exact_dtypes else narrowest_count_dtype(counts, allow_float)
     idtype = gene_ids.dtype if exact_dtypes else index_dtype(vocab_size)
-    # The HDF5 file is assembled in memory and written with plain file I/O: HDF5 flushes chunked datasets when the
-    # file closes, and a full disk at that moment crashes the process (h5py 3.16 / HDF5 2.0: a segfault in close)
-    # instead of raising; a plain write raises OSError (ENOSPC), which atomic_path turns into DiskFullError.
+    # The HDF5 file is assembled in memory and written with plain file I/O: a full disk while HDF5 itself writes
+    # can crash the process when the file is closed (seen with h5py 3.16 / HDF5 2.0: a segfault in close) instead
+    # of raising; a plain write raises OSError (ENOSPC), which atomic_path turns into DiskFullError.
     with h5py.File(path.name, "w", driver="core", backing_store=False) as f:
         f.attrs["format_version"] = FORMAT_VERSION
         f.attrs["n_cells"] = n
         if checksums:
             f.attrs["checksums"] = CHECKSUM
-        _dataset(f, INDPTR, np.asarray(indptr, dtype=np.int64), CELL_CHUNK, checksums)
-        _dataset(f, INDICES, np.asarray(gene_ids).astype(idtype, copy=False), ENTRY_CHUNK, checksums)
-        _dataset(f, DATA, np.asarray(counts).astype(cdtype, copy=False), ENTRY_CHUNK, checksums)
+        _dataset(f, INDPTR, np.asarray(indptr, dtype=np.int64), CELL_BLOCK, checksums)
+        _dataset(f, INDICES, np.asarray(gene_ids).astype(idtype, copy=False), ENTRY_BLOCK, checksums)
+        _dataset(f, DATA, np.asarray(counts).astype(cdtype, copy=False), ENTRY_BLOCK, checksums)
         rows = np.full(n, -1, dtype=np.int64) if source_row is None else np.asarray(source_row, dtype=np.int64)
-        _dataset(f, SOURCE_ROW, rows, CELL_CHUNK, checksums)
-        g = f.create_group(OBS_GROUP)
+        _dataset(f, SOURCE_ROW, rows, CELL_BLOCK, checksums)
+        f.create_group(OBS_GROUP)
         for k, v in obs.items():
-            _dataset(g, k, np.asarray(v, dtype=np.int32), CELL_CHUNK, checksums)
+            _dataset(f, f"{OBS_GROUP}/{k}", np.asarray(v, dtype=np.int32), CELL_BLOCK, checksums)
         f.flush()
         image = f.id.get_file_image()
     with atomic_path(path) as tmp:  # fsynced and renamed into place
