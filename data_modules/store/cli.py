@@ -298,21 +298,25 @@ def _warnings_only(msg: str) -> None:
         print_log(msg)
 
 
-def disk_full_message(e: OSError, out: Path) -> str:
+def disk_full_message(e: OSError, out: Path, staged: bool = False) -> str:
     path = e.path if isinstance(e, DiskFullError) else (getattr(e, "filename", None) or out)
-    return (
-        f"no space left on device while writing {path}: free space or choose another --out. The partly written "
-        f"file was removed; the shards completed so far stay in {out}, and rerunning the same command resumes "
-        f"from them (delete {out} to drop them)"
+    kept = (
+        f"nothing was kept: the replacement being built was removed and {out} is as it was"
+        if staged
+        else f"the partly written file was removed; the shards completed so far stay in {out}, and rerunning the "
+        f"same command resumes from them (delete {out} to drop them)"
     )
+    return f"no space left on device while writing {path}: free space or choose another --out; {kept}"
 
 
 def build_main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     log = _warnings_only if args.quiet else print_log
+    staged = False
     try:
         check_build_options(args.shard_size, args.chunk_size, args.min_genes, _split(args))  # before any write
         check_out_dir(args.out)  # before opening inputs (or the Census)
+        staged = args.overwrite and args.out.is_dir() and any(args.out.iterdir())  # built in a sibling, swapped in
         vocab = GeneVocab.from_checkpoint(args.vocab) if args.vocab else None
         common = dict(
             vocab=vocab,
@@ -362,7 +366,7 @@ def build_main(argv: list[str] | None = None) -> int:
     except OSError as e:
         if not is_disk_full(e):
             raise
-        print(f"error: {disk_full_message(e, args.out)}", file=sys.stderr)
+        print(f"error: {disk_full_message(e, args.out, staged)}", file=sys.stderr)
         return EXIT_BAD_INPUT
     if not args.quiet:
         print_build_report(manifest, args.out)

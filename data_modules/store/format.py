@@ -24,11 +24,11 @@ SOURCE_ROW = "source_row"  # (n_cells,) int64 row in the source file (h5ad row /
 OBS_GROUP = "obs"  # obs/<column>: (n_cells,) int32 codes into manifest["obs_columns"][column]
 
 # per-block checksums, checked on every read (docs/corpus_format.md "Checksums"): the datasets stay contiguous; for each
-# one, CHECKSUM_GROUP/<dataset path> holds the xxh3-64 digest of every block of ``block`` elements (its attr)
+# one, CHECKSUM_GROUP/<dataset path> holds the xxh3-64 digest of every block of BLOCK_CELLS cells: for indices / data
+# the entries of those cells, for the per-cell arrays (indptr, source_row, obs codes) that many elements
 CHECKSUM = "xxh3_64"
 CHECKSUM_GROUP = "checksums"
-ENTRY_BLOCK = 16384  # entries per checksummed block of indices / data
-CELL_BLOCK = 1024  # cells per checksummed block of indptr / source_row / obs codes
+BLOCK_CELLS = 64  # divides the loader's block sizes (data.block_size 32 in the demo config is the one exception)
 MANIFEST_DIGEST = "manifest_sha256"  # sha256 of the manifest's canonical JSON without this key
 
 
@@ -70,6 +70,19 @@ def block_digests(values: np.ndarray, block: int) -> np.ndarray:
     raw = memoryview(np.ascontiguousarray(values)).cast("B")
     step = block * values.dtype.itemsize
     return np.array([xxhash.xxh3_64_intdigest(raw[i : i + step]) for i in range(0, len(raw), step)], dtype=np.uint64)
+
+
+def cell_block_digests(values: np.ndarray, indptr: np.ndarray, block: int) -> np.ndarray:
+    """(ceil(n_cells / block),) uint64: xxh3-64 of the entries (``values``, CSR order) of each ``block`` cells."""
+    import xxhash
+
+    raw = memoryview(np.ascontiguousarray(values)).cast("B")
+    size, n = values.dtype.itemsize, len(indptr) - 1
+    starts = range(0, n, block)
+    return np.array(
+        [xxhash.xxh3_64_intdigest(raw[indptr[a] * size : indptr[min(a + block, n)] * size]) for a in starts],
+        dtype=np.uint64,
+    )
 
 
 def manifest_digest(manifest: dict) -> str:

@@ -114,7 +114,7 @@ class Corpus:
         np.cumsum(counts, out=self.shard_offsets[1:])
         self.obs_columns: dict[str, list[str]] = self.manifest.get("obs_columns", {})
         self._handles: dict[int, h5py.File] = {}
-        self._digests: dict[tuple[int, str], tuple[int, np.ndarray] | None] = {}  # (shard, dataset) -> block digests
+        self._digests: dict[tuple[int, str], tuple] = {}  # (shard, dataset) -> Corpus._dataset
         self._pid = os.getpid()
         unchecked = sum(1 for s in self.shards if s.get("checksums") != CHECKSUM)
         if unchecked and str(self.root.resolve()) not in _TOLD_UNCHECKED:  # once per corpus and process
@@ -180,24 +180,27 @@ class Corpus:
         raises :class:`CorpusFormatError` naming the shard and rows, never a bare ``IndexError`` later.
         """
         files = [self._file(shard) for shard, _, _ in spans]  # this process's handles
-        span_indptr = []
+        span_indptr, span_cells = [], []  # indptr of each span's rows, and of the whole checksum blocks they touch
         for shard, start, stop in spans:
-            ip = self._read(shard, INDPTR, start, stop + 1, (start, stop)).astype(np.int64)
-            if len(ip) != stop - start + 1 or (len(ip) > 1 and np.any(np.diff(ip) < 0)) or (len(ip) and ip[0] < 0):
+            c0, c1 = self._cell_blocks(shard, start, stop)
+            ipx = self._read(shard, INDPTR, c0, c1 + 1, (start, stop)).astype(np.int64)
+            if len(ipx) != c1 - c0 + 1 or (len(ipx) > 1 and np.any(np.diff(ipx) < 0)) or (len(ipx) and ipx[0] < 0):
                 self._damaged(shard, start, stop, f"{INDPTR} is not monotonic non-decreasing")
-            span_indptr.append(ip)
+            span_indptr.append(ipx[start - c0 : stop - c0 + 1])
+            span_cells.append((c0, ipx))
         span_nnz = np.array([int(ip[-1] - ip[0]) for ip in span_indptr], dtype=np.int64)
         first_entry = np.concatenate([[0], np.cumsum(span_nnz)])
-        gene_ids = np.empty(int(first_entry[-1]), dtype=np.result_type(*[f[INDICES].dtype for f in files]))
-        counts = np.empty(int(first_entry[-1]), dtype=np.result_type(*[f[DATA].dtype for f in files]))
-        for f, ip, to, n, (shard, start, stop) in zip(files, span_indptr, first_entry, span_nnz, spans):
+        shards = [shard for shard, _, _ in spans]
+        gene_ids = np.empty(int(first_entry[-1]), dtype=np.result_type(*[self._dataset(i, INDICES)[1] for i in shards]))
+        counts = np.empty(int(first_entry[-1]), dtype=np.result_type(*[self._dataset(i, DATA)[1] for i in shards]))
+        for (c0, ipx), to, n, (shard, start, stop) in zip(span_cells, first_entry, span_nnz, spans):
             if not n:
                 continue
-            if int(ip[-1]) > f[INDICES].shape[0]:
+            if int(ipx[-1]) > self._dataset(shard, INDICES)[2]:
                 self._damaged(shard, start, stop, f"{INDPTR} points past the end of {INDICES}")
-            lo, hi, to = int(ip[0]), int(ip[-1]), int(to)
-            self._read(shard, INDICES, lo, hi, (start, stop), out=gene_ids[to : to + n])
-            self._read(shard, DATA, lo, hi, (start, stop), out=counts[to : to + n])
+            to = int(to)
+            self._read_entries(shard, INDICES, c0, ipx, (start, stop), gene_ids[to : to + n])
+            self._read_entries(shard, DATA, c0, ipx, (start, stop), counts[to : to + n])
             ids = gene_ids[to : to + n]
             if ids.min() < 0 or ids.max() >= len(self.vocab):
                 self._damaged(
@@ -223,57 +226,85 @@ class Corpus:
         first_row = np.concatenate([[0], np.cumsum([stop - start for _, start, stop in spans])])[:-1]
         return block, first_row
 
-    def _block_digests(self, shard: int, name: str) -> tuple[int, np.ndarray] | None:
-        """(block size, digest per block) of dataset ``name`` of ``shard``, None for a shard without checksums;
-        read once per shard and process (a few KB)."""
+    def _dataset(self, shard: int, name: str) -> tuple[h5py.Dataset, np.dtype, int, tuple[int, np.ndarray] | None]:
+        """(dataset ``name`` of ``shard``, its dtype, its length, (cells per block, digest per block) or None for a
+        shard without checksums), looked up once per shard and process: h5py lookups cost more than small reads."""
         key = (shard, name)
-        if key not in self._digests:
-            ds = self._file(shard).get(f"{CHECKSUM_GROUP}/{name}")
-            self._digests[key] = None if ds is None else (int(ds.attrs["block"]), ds[:])
-        return self._digests[key]
+        meta = self._digests.get(key)
+        if meta is None:
+            f = self._file(shard)
+            try:
+                ds = f[name]
+                sums = f.get(f"{CHECKSUM_GROUP}/{name}")
+                meta = (ds, ds.dtype, ds.shape[0], None if sums is None else (int(sums.attrs["block"]), sums[:]))
+            except (OSError, KeyError) as e:
+                self._damaged(shard, 0, int(self.shards[shard]["n_cells"]), f"{name} or its checksum table: {e}")
+            self._digests[key] = meta
+        return meta
 
-    def _read(
-        self, shard: int, name: str, lo: int, hi: int, rows: tuple[int, int], out: np.ndarray | None = None
-    ) -> np.ndarray:
-        """Elements ``lo:hi`` of dataset ``name`` of ``shard`` (into ``out`` when given), every block they touch
-        checked against its digest (format.CHECKSUM); a mismatch or an unreadable block raises naming the shard and
-        cell ``rows``. Blocks wholly inside ``lo:hi`` are hashed where they landed; the (at most two) blocks at the
-        edges are read separately, so a large read costs one extra hash pass and two small reads."""
+    def _block_digests(self, shard: int, name: str) -> tuple[int, np.ndarray] | None:
+        return self._dataset(shard, name)[3]
+
+    def _cell_blocks(self, shard: int, start: int, stop: int) -> tuple[int, int]:
+        """The rows of the whole checksum blocks that rows ``start:stop`` touch (``start:stop`` itself for a
+        shard without checksums; the loader's blocks are aligned to them, so it reads no extra row)."""
+        sums = self._block_digests(shard, INDICES)
+        if sums is None or stop <= start:
+            return start, stop
+        block = sums[0]
+        return start // block * block, min(-(-stop // block) * block, int(self.shards[shard]["n_cells"]))
+
+    def _read(self, shard: int, name: str, lo: int, hi: int, rows: tuple[int, int]) -> np.ndarray:
+        """Elements ``lo:hi`` of a per-cell dataset (``indptr``, ``source_row``, ``obs/<column>``) of ``shard``,
+        every block of elements they touch checked against its digest (format.CHECKSUM); a mismatch or an
+        unreadable block raises naming the shard and the cell ``rows``."""
+        ds, dtype, length, sums = self._dataset(shard, name)
         try:
-            ds = self._file(shard)[name]
-            sums = self._block_digests(shard, name)
             if sums is None or hi <= lo:
-                if out is None:
-                    return ds[lo:hi]
-                ds.read_direct(out, source_sel=np.s_[lo:hi], dest_sel=np.s_[0 : hi - lo])
-                return out
+                return ds[lo:hi]
             block, digests = sums
             b0, b1 = lo // block, -(-hi // block)
             if b1 > len(digests):
                 self._damaged(shard, *rows, f"{name} is longer than its checksum table")
-            if out is None or out.dtype != ds.dtype:  # small reads, or a dtype conversion: read whole blocks
-                a0, a1 = b0 * block, min(b1 * block, ds.shape[0])
-                buf = np.empty(a1 - a0, dtype=ds.dtype)
-                ds.read_direct(buf, source_sel=np.s_[a0:a1], dest_sel=np.s_[0 : a1 - a0])
-                for j in range(b0, b1):
-                    self._check_block(buf[j * block - a0 : (j + 1) * block - a0], digests[j], shard, name, j, rows)
-                if out is None:
-                    return buf[lo - a0 : hi - a0]
-                out[:] = buf[lo - a0 : hi - a0]
-                return out
-            ds.read_direct(out, source_sel=np.s_[lo:hi], dest_sel=np.s_[0 : hi - lo])
-            n = ds.shape[0]
-            for j in range(b0, b1):
-                s, e = j * block, min((j + 1) * block, n)
-                if s >= lo and e <= hi:
-                    piece = out[s - lo : e - lo]
-                else:
-                    piece = np.empty(e - s, dtype=ds.dtype)
-                    ds.read_direct(piece, source_sel=np.s_[s:e], dest_sel=np.s_[0 : e - s])
-                self._check_block(piece, digests[j], shard, name, j, rows)
-            return out
+            a0, a1 = b0 * block, min(b1 * block, length)
+            buf = np.empty(a1 - a0, dtype=dtype)
+            ds.read_direct(buf, source_sel=np.s_[a0:a1], dest_sel=np.s_[0 : a1 - a0])
         except OSError as e:
             self._damaged(shard, *rows, f"{name} cannot be read ({e})")
+        for j in range(b0, b1):
+            self._check_block(buf[j * block - a0 : (j + 1) * block - a0], digests[j], shard, name, j, rows)
+        return buf[lo - a0 : hi - a0]
+
+    def _read_entries(
+        self, shard: int, name: str, c0: int, ipx: np.ndarray, rows: tuple[int, int], out: np.ndarray
+    ) -> None:
+        """The entries (``indices`` / ``data``) of cells ``rows`` into ``out``. ``ipx`` is ``indptr`` of rows
+        ``c0:c0 + len(ipx) - 1``, the whole checksum blocks of cells around ``rows`` (see ``_cell_blocks``); each
+        block's entries are checked against its digest. When ``rows`` is aligned to the blocks (the loader's
+        reads), the entries are read straight into ``out`` and hashed there."""
+        start, stop = rows
+        lo, hi = int(ipx[start - c0]), int(ipx[stop - c0])
+        e0, e1 = int(ipx[0]), int(ipx[-1])
+        ds, dtype, _, sums = self._dataset(shard, name)
+        try:
+            if sums is None or (e0 == lo and e1 == hi and out.dtype == dtype):
+                ds.read_direct(out, source_sel=np.s_[lo:hi], dest_sel=np.s_[0 : hi - lo])
+                buf = out
+            else:
+                buf = np.empty(e1 - e0, dtype=dtype)
+                ds.read_direct(buf, source_sel=np.s_[e0:e1], dest_sel=np.s_[0 : e1 - e0])
+        except OSError as e:
+            self._damaged(shard, start, stop, f"{name} cannot be read ({e})")
+        if sums is not None:
+            block, digests = sums
+            c1 = c0 + len(ipx) - 1
+            for j in range(c0 // block, -(-c1 // block)):
+                a, b = int(ipx[j * block - c0]) - e0, int(ipx[min((j + 1) * block, c1) - c0]) - e0
+                if j >= len(digests):
+                    self._damaged(shard, start, stop, f"{name} is longer than its checksum table")
+                self._check_block(buf[a:b], digests[j], shard, name, j, rows)
+        if buf is not out:
+            out[:] = buf[lo - e0 : hi - e0]
 
     def _check_block(self, values: np.ndarray, digest, shard: int, name: str, j: int, rows) -> None:
         if xxhash.xxh3_64_intdigest(memoryview(values).cast("B")) != int(digest):

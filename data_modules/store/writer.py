@@ -13,11 +13,10 @@ import numpy as np
 
 from data_modules.atomic import atomic_path, write_text_atomic
 from data_modules.store.format import (
-    CELL_BLOCK,
+    BLOCK_CELLS,
     CHECKSUM,
     CHECKSUM_GROUP,
     DATA,
-    ENTRY_BLOCK,
     FORMAT_VERSION,
     INDICES,
     INDPTR,
@@ -29,6 +28,7 @@ from data_modules.store.format import (
     VOCAB_NAME,
     CorpusFormatError,
     block_digests,
+    cell_block_digests,
     file_sha256,
     index_dtype,
     manifest_digest,
@@ -39,13 +39,14 @@ from data_modules.store.split import split_membership
 from data_modules.vocab import GeneVocab
 
 
-def _dataset(f: h5py.File, name: str, data: np.ndarray, block: int, checksums: bool) -> None:
-    """A contiguous dataset and, with ``checksums``, the digest of each of its blocks of ``block`` elements in
-    ``checksums/<name>`` (format.block_digests; the reader checks them on every read)."""
+def _dataset(f: h5py.File, name: str, data: np.ndarray, checksums: bool, indptr: np.ndarray | None = None) -> None:
+    """A contiguous dataset and, with ``checksums``, the digest of each block of ``BLOCK_CELLS`` cells in
+    ``checksums/<name>``: of its entries when ``indptr`` is given (indices / data), else of that many elements
+    (format.block_digests / cell_block_digests; the reader checks them on every read)."""
     f.create_dataset(name, data=data)
     if checksums:
-        sums = f.create_dataset(f"{CHECKSUM_GROUP}/{name}", data=block_digests(data, block))
-        sums.attrs["block"] = block
+        digests = block_digests(data, BLOCK_CELLS) if indptr is None else cell_block_digests(data, indptr, BLOCK_CELLS)
+        f.create_dataset(f"{CHECKSUM_GROUP}/{name}", data=digests).attrs["block"] = BLOCK_CELLS
 
 
 def write_shard(
@@ -78,14 +79,15 @@ def write_shard(
         f.attrs["n_cells"] = n
         if checksums:
             f.attrs["checksums"] = CHECKSUM
-        _dataset(f, INDPTR, np.asarray(indptr, dtype=np.int64), CELL_BLOCK, checksums)
-        _dataset(f, INDICES, np.asarray(gene_ids).astype(idtype, copy=False), ENTRY_BLOCK, checksums)
-        _dataset(f, DATA, np.asarray(counts).astype(cdtype, copy=False), ENTRY_BLOCK, checksums)
+        indptr = np.asarray(indptr, dtype=np.int64)
+        _dataset(f, INDPTR, indptr, checksums)
+        _dataset(f, INDICES, np.asarray(gene_ids).astype(idtype, copy=False), checksums, indptr)
+        _dataset(f, DATA, np.asarray(counts).astype(cdtype, copy=False), checksums, indptr)
         rows = np.full(n, -1, dtype=np.int64) if source_row is None else np.asarray(source_row, dtype=np.int64)
-        _dataset(f, SOURCE_ROW, rows, CELL_BLOCK, checksums)
+        _dataset(f, SOURCE_ROW, rows, checksums)
         f.create_group(OBS_GROUP)
         for k, v in obs.items():
-            _dataset(f, f"{OBS_GROUP}/{k}", np.asarray(v, dtype=np.int32), CELL_BLOCK, checksums)
+            _dataset(f, f"{OBS_GROUP}/{k}", np.asarray(v, dtype=np.int32), checksums)
         f.flush()
         image = f.id.get_file_image()
     with atomic_path(path) as tmp:  # fsynced and renamed into place
