@@ -175,9 +175,12 @@ class Corpus:
         """The rows of ``(shard, start, stop)`` spans as ONE CellBlock, and the first row of each span in it.
 
         Each HDF5 slice is read straight into its place in the block's arrays (``read_direct``: no
-        per-span array, no dtype conversion; gene ids stay in the stored dtype). The CSR structure of
-        what was read is checked (monotonic ``indptr``, ids inside the vocabulary): a damaged shard
-        raises :class:`CorpusFormatError` naming the shard and rows, never a bare ``IndexError`` later.
+        per-span array, no dtype conversion; gene ids stay in the stored dtype) when the span is aligned to
+        the shard's 64-cell checksum blocks (the loader's always are), else through a buffer widened to them.
+        Every block read is hashed and compared with its stored digest (format.CHECKSUM; shards written before
+        checksums skip this), and the CSR structure of what was read is checked (monotonic ``indptr``, ids
+        inside the vocabulary): a damaged shard raises :class:`CorpusFormatError` naming the shard and rows,
+        never a bare ``IndexError`` or a silently wrong count later.
         """
         files = [self._file(shard) for shard, _, _ in spans]  # this process's handles
         span_indptr, span_cells = [], []  # indptr of each span's rows, and of the whole checksum blocks they touch
