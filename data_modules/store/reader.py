@@ -325,6 +325,11 @@ class Corpus:
         """(stop-start,) int64 row of each cell in its input (h5ad row / Census soma_joinid)."""
         return self._read(shard, SOURCE_ROW, start, stop, (start, stop))
 
+    def cell_lengths(self, shard: int) -> np.ndarray:
+        """(rows of the shard,) int64 non-zeros per cell, from its checked ``indptr`` alone (no gene data)."""
+        n = int(self.shards[shard]["n_cells"])
+        return np.diff(self._read(shard, INDPTR, 0, n + 1, (0, n)).astype(np.int64))
+
     def read_obs_codes(self, shard: int, column: str) -> np.ndarray:
         """(rows of the shard,) codes of one stored obs column (e.g. "dataset") of a whole shard."""
         group = self._file(shard)[OBS_GROUP]
