@@ -341,3 +341,22 @@ def test_finished_files_get_the_mode_the_umask_gives(inputs, tmp_path, umask, mo
     existing.chmod(0o664)  # replacing a file keeps its mode, as an ordinary write would
     write_json_atomic(existing, {"b": 2})
     assert existing.stat().st_mode & 0o777 == 0o664
+
+
+def test_a_forked_worker_reads_through_its_own_handles(built):
+    """The reader caches h5py datasets per shard; a forked DataLoader worker must drop the parent's and open its own
+    (HDF5 handles shared across fork corrupt reads)."""
+    corpus = Corpus(built)
+    expected = int(corpus.cell_lengths(0).sum())  # the parent's cache is warm
+    r, w = os.pipe()
+    pid = os.fork()
+    if pid == 0:  # pragma: no cover - the child
+        try:
+            got = int(corpus.cell_lengths(0).sum())
+            os.write(w, json.dumps([got, corpus._pid == os.getpid()]).encode())
+        finally:
+            os._exit(0)
+    os.close(w)
+    got, own = json.loads(os.read(r, 1000).decode())
+    os.waitpid(pid, 0)
+    assert got == expected and own

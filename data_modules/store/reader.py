@@ -146,10 +146,13 @@ class Corpus:
         return self.root / self.shards[shard]["path"]
 
     # reading --------------------------------------------------------------------------
-    def _file(self, shard: int) -> h5py.File:
-        if os.getpid() != self._pid:  # forked into a worker: never share HDF5 handles
+    def _own_handles(self) -> None:
+        if os.getpid() != self._pid:  # forked into a worker: never share HDF5 handles (nor datasets opened on them)
             self._handles, self._digests = {}, {}
             self._pid = os.getpid()
+
+    def _file(self, shard: int) -> h5py.File:
+        self._own_handles()
         f = self._handles.get(shard)
         if f is None:
             path = self.shard_path(shard)
@@ -232,6 +235,7 @@ class Corpus:
     def _dataset(self, shard: int, name: str) -> tuple[h5py.Dataset, np.dtype, int, tuple[int, np.ndarray] | None]:
         """(dataset ``name`` of ``shard``, its dtype, its length, (cells per block, digest per block) or None for a
         shard without checksums), looked up once per shard and process: h5py lookups cost more than small reads."""
+        self._own_handles()
         key = (shard, name)
         meta = self._digests.get(key)
         if meta is None:
