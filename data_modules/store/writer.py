@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import hashlib
+import io
 import json
 import os
 import time
@@ -74,7 +75,8 @@ def write_shard(
     # The HDF5 file is assembled in memory and written with plain file I/O: a full disk while HDF5 itself writes
     # can crash the process when the file is closed (seen with h5py 3.16 / HDF5 2.0: a segfault in close) instead
     # of raising; a plain write raises OSError (ENOSPC), which atomic_path turns into DiskFullError.
-    with h5py.File(path.name, "w", driver="core", backing_store=False) as f:
+    image = io.BytesIO()
+    with h5py.File(image, "w") as f:
         f.attrs["format_version"] = FORMAT_VERSION
         f.attrs["n_cells"] = n
         if checksums:
@@ -88,8 +90,7 @@ def write_shard(
         f.create_group(OBS_GROUP)
         for k, v in obs.items():
             _dataset(f, f"{OBS_GROUP}/{k}", np.asarray(v, dtype=np.int32), checksums)
-        f.flush()
-        image = f.id.get_file_image()
+    image = image.getbuffer()  # a view: the shard is held once in memory
     with atomic_path(path) as tmp:  # fsynced and renamed into place
         with open(tmp, "wb") as fh:
             fh.write(image)
