@@ -112,10 +112,10 @@ class H5adReader:
         else:
             self.n_rows, self._n_cols = self._X.shape
 
-    def cell_names(self) -> pd.Index:
-        """Every obs name of the file (read in one pass)."""
+    def cell_names(self, lo: int, hi: int) -> np.ndarray:
+        """Obs names of rows ``lo:hi``."""
         try:
-            return pd.Index(_plain(self._obs_names, 0, self.n_rows))
+            return np.asarray(_plain(self._obs_names, lo, hi)).astype(str)
         except (OSError, ValueError, KeyError) as e:
             raise _h5_error(self.path, e) from None
 
@@ -231,8 +231,9 @@ class AnnDataReader:
     def has_obs(self, column: str) -> bool:
         return self.obs_map.get(column, column) in self.obs_columns
 
-    def cell_names(self) -> pd.Index:
-        return pd.Index(self.adata.obs_names)
+    def cell_names(self, lo: int, hi: int) -> np.ndarray:
+        """Obs names of rows ``lo:hi``."""
+        return np.asarray(self.adata.obs_names[lo:hi]).astype(str)
 
     def read_chunk(self, lo: int, hi: int, obs_columns: list[str]) -> RawChunk:
         n = hi - lo
