@@ -172,6 +172,7 @@ def test_corpus_without_checksums_loads_says_so_once_and_gets_them(built, tmp_pa
     with caplog.at_level(logging.WARNING, logger="data_modules.store.reader"):
         corpus = Corpus(root)
         reference = corpus.read_block(0, 0, 100)
+        unaligned = corpus.read_cells(37, 555)  # spans shards, starts and ends inside 64-cell checksum blocks
     lines = [r.getMessage() for r in caplog.records]
     assert len(lines) == 1 and "without per-block checksums" in lines[0] and "--write-checksums" in lines[0]
     assert corpus_main(["verify", str(root), "--write-checksums"]) == 0
@@ -181,6 +182,12 @@ def test_corpus_without_checksums_loads_says_so_once_and_gets_them(built, tmp_pa
     again = upgraded.read_block(0, 0, 100)
     np.testing.assert_array_equal(again.counts, reference.counts)
     np.testing.assert_array_equal(again.gene_ids, reference.gene_ids)
+    widened = upgraded.read_cells(37, 555)  # read through buffers widened to whole blocks
+    for field in ("indptr", "gene_ids", "counts", "cell_index"):
+        np.testing.assert_array_equal(getattr(widened, field), getattr(unaligned, field))
+    assert widened.obs.keys() == unaligned.obs.keys()
+    for k in widened.obs:
+        np.testing.assert_array_equal(widened.obs[k], unaligned.obs[k])
     upgraded.close()  # HDF5 shares an open file (and its cached bytes) with a later open in the same process
     _flip_data_byte(root)
     with pytest.raises(CorpusFormatError, match="checksum"):
