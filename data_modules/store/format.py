@@ -24,11 +24,12 @@ SOURCE_ROW = "source_row"  # (n_cells,) int64 row in the source file (h5ad row /
 OBS_GROUP = "obs"  # obs/<column>: (n_cells,) int32 codes into manifest["obs_columns"][column]
 
 # per-block checksums, checked on every read (docs/corpus_format.md "Checksums"): the datasets stay contiguous; for each
-# one, CHECKSUM_GROUP/<dataset path> holds the xxh3-64 digest of every block of BLOCK_CELLS cells: for indices / data
-# the entries of those cells, for the per-cell arrays (indptr, source_row, obs codes) that many elements
+# one, CHECKSUM_GROUP/<dataset path> holds the xxh3-64 digest of every block (its attr "block"): for indices / data the
+# entries of BLOCK_CELLS cells, for the per-cell arrays (indptr, source_row, obs codes) BLOCK_ELEMENTS elements
 CHECKSUM = "xxh3_64"
 CHECKSUM_GROUP = "checksums"
 BLOCK_CELLS = 64  # divides the loader's block sizes (data.block_size 32 in the demo config is the one exception)
+BLOCK_ELEMENTS = 1024  # a few KB: one or two blocks per loader read, so few hash calls
 MANIFEST_DIGEST = "manifest_sha256"  # sha256 of the manifest's canonical JSON without this key
 
 

@@ -15,6 +15,7 @@ import numpy as np
 from data_modules.atomic import atomic_path, write_text_atomic
 from data_modules.store.format import (
     BLOCK_CELLS,
+    BLOCK_ELEMENTS,
     CHECKSUM,
     CHECKSUM_GROUP,
     DATA,
@@ -41,13 +42,14 @@ from data_modules.vocab import GeneVocab
 
 
 def _dataset(f: h5py.File, name: str, data: np.ndarray, checksums: bool, indptr: np.ndarray | None = None) -> None:
-    """A contiguous dataset and, with ``checksums``, the digest of each block of ``BLOCK_CELLS`` cells in
-    ``checksums/<name>``: of its entries when ``indptr`` is given (indices / data), else of that many elements
-    (format.block_digests / cell_block_digests; the reader checks them on every read)."""
+    """A contiguous dataset and, with ``checksums``, the digest of each of its blocks in ``checksums/<name>``: of
+    the entries of ``BLOCK_CELLS`` cells when ``indptr`` is given (indices / data), else of ``BLOCK_ELEMENTS``
+    elements (format.block_digests / cell_block_digests; the reader checks them on every read)."""
     f.create_dataset(name, data=data)
     if checksums:
-        digests = block_digests(data, BLOCK_CELLS) if indptr is None else cell_block_digests(data, indptr, BLOCK_CELLS)
-        f.create_dataset(f"{CHECKSUM_GROUP}/{name}", data=digests).attrs["block"] = BLOCK_CELLS
+        block = BLOCK_ELEMENTS if indptr is None else BLOCK_CELLS
+        digests = block_digests(data, block) if indptr is None else cell_block_digests(data, indptr, block)
+        f.create_dataset(f"{CHECKSUM_GROUP}/{name}", data=digests).attrs["block"] = block
 
 
 def write_shard(
