@@ -1,6 +1,6 @@
 """Benchmark the pretraining data pipeline against the usual anndata-backed loader.
 
-    python scripts/bench_loader.py [--cells 200000] [--json PATH] [--cache .cache/bench_loader]
+    python scripts/bench_loader.py [--cells 200000] [--json PATH] [--cache .cache/bench_loader] [--checksums both]
 
 Builds (once; reused from the cache dir) a synthetic corpus of ``--cells`` cells with ~2,000
 non-zeros per cell: ``--datasets`` raw-count h5ad files converted by the real converter. Before
@@ -8,7 +8,11 @@ every cold measurement the page cache of the files read is dropped (posix_fadvis
 Measures (a) raw block-shuffled reads, (b) tokenized batches (binning + sampling to 1,200 +
 generative split + tensors) with 0 and 2 dataloader workers, (c) the baseline: the same h5ad
 files opened with anndata backed mode, random rows through a torch DataLoader, and the
-shuffle quality of the stream. Prints a table; ``--json`` writes the numbers.
+shuffle quality of the stream. ``--checksums both`` (default) also measures the cost of the per-block
+checksums checked on every read: the same corpus rewritten without them (``corpus_nochecksums``, made once),
+tokenized with 2 workers (wall clock) and with 0 workers (cells per CPU-second of the one process, which a busy
+machine disturbs less), alternating on / off ``--checksum-repeats`` times in the same run (best of each).
+``on`` / ``off`` measure one layout only. Prints a table; ``--json`` writes the numbers.
 """
 
 from __future__ import annotations
@@ -16,6 +20,7 @@ from __future__ import annotations
 import argparse
 import json
 import os
+import shutil
 import sys
 import time
 from pathlib import Path
@@ -28,6 +33,7 @@ import numpy as np  # noqa: E402
 import torch  # noqa: E402
 import torch.utils.data  # noqa: E402
 
+from data_modules.store.checksums import set_checksums  # noqa: E402
 from data_modules.store.convert import Source, convert_sources  # noqa: E402
 from data_modules.store.reader import Corpus  # noqa: E402
 from data_modules.stream import CellStream, Cursor, LaneReader, StreamLoader  # noqa: E402
@@ -51,7 +57,7 @@ def drop_page_cache(paths: list[Path]) -> None:
 
 def build(cache: Path, n_cells: int, n_datasets: int, nnz: int, n_genes: int) -> tuple[Path, list[Path]]:
     """Synthetic h5ad parts and the corpus converted from them (reused when present)."""
-    tag = f"c{n_cells}_d{n_datasets}_nnz{nnz}_g{n_genes}"
+    tag = f"c{n_cells}_d{n_datasets}_nnz{nnz}_g{n_genes}_ck"  # _ck: shards with per-block checksums
     root = cache / tag
     root.mkdir(parents=True, exist_ok=True)
     per = [n_cells // n_datasets + (i < n_cells % n_datasets) for i in range(n_datasets)]
@@ -72,6 +78,17 @@ def build(cache: Path, n_cells: int, n_datasets: int, nnz: int, n_genes: int) ->
         )
         print(f"converted in {time.perf_counter() - t:.0f}s", file=sys.stderr, flush=True)
     return corpus, parts
+
+
+def without_checksums(corpus: Path) -> Path:
+    """A copy of ``corpus`` with its shards rewritten without per-block checksums (made once, reused)."""
+    off = corpus.with_name("corpus_nochecksums")
+    if not (off / "manifest.json").exists():
+        print(f"writing {off} (no checksums)", file=sys.stderr, flush=True)
+        shutil.rmtree(off, ignore_errors=True)
+        shutil.copytree(corpus, off)
+        set_checksums(off, on=False)
+    return off
 
 
 def shard_files(corpus: Path) -> list[Path]:
@@ -109,7 +126,7 @@ def bench_tokenized(
     stream.cursor = Cursor(epoch=0)
     loader = StreamLoader(stream, num_workers=workers, prefetch_factor=4 if workers else None)
     corpus_ = Corpus(corpus)
-    t, done, blocks, datasets, pads = time.perf_counter(), 0, [], [], []
+    t, cpu, done, blocks, datasets, pads = time.perf_counter(), time.process_time(), 0, [], [], []
     for batch in loader:
         done += batch.n_cells
         ids = batch.cell_index.numpy()
@@ -119,9 +136,10 @@ def bench_tokenized(
         pads.append(pad_fraction(batch))
         if done >= n_cells:
             break
-    dt = time.perf_counter() - t
+    dt, dcpu = time.perf_counter() - t, time.process_time() - cpu
     return {
         "cells_per_s": done / dt,
+        "cells_per_cpu_s": done / dcpu,  # this process only: the whole pipeline with 0 workers
         "blocks_per_batch": float(np.mean(blocks)),
         "datasets_per_batch": float(np.mean(datasets)),
         "pad_fraction": float(np.mean(pads)),
@@ -174,12 +192,23 @@ def main(argv: list[str] | None = None) -> dict:
     ap.add_argument("--batch-size", type=int, default=64)
     ap.add_argument("--block-size", type=int, default=256)
     ap.add_argument("--buffer-blocks", type=int, default=8)
+    ap.add_argument(
+        "--checksums",
+        choices=["both", "on", "off"],
+        default="both",
+        help="read shards with per-block checksums (on), without (off), or measure both in this run (default)",
+    )
+    ap.add_argument("--checksum-repeats", type=int, default=2, help="on/off alternations for --checksums both")
     ap.add_argument("--json", default=None)
     args = ap.parse_args(argv)
     if make_synthetic_h5ad is None:
         raise SystemExit("data_modules.store.synthetic.make_synthetic_h5ad is missing")
 
     corpus, parts = build(Path(args.cache), args.cells, args.datasets, args.nnz, args.genes)
+    if args.checksums != "on":
+        plain = without_checksums(corpus)
+        if args.checksums == "off":
+            corpus = plain
     load_before = os.getloadavg()[0]  # the machine may be shared: report how busy it was
     n = min(args.measure_cells, args.cells)
     layout = dict(block_size=args.block_size, buffer_blocks=args.buffer_blocks)
@@ -187,6 +216,20 @@ def main(argv: list[str] | None = None) -> dict:
     tok0 = bench_tokenized(corpus, n, 0, args.batch_size, **layout)
     tok2 = bench_tokenized(corpus, n, 2, args.batch_size, **layout)
     base = bench_baseline(parts, args.baseline_cells, 2, args.batch_size)
+    cost = None
+    if args.checksums == "both":  # alternate on / off; 2 workers (wall clock) and 0 workers (CPU time, robust to load)
+        runs = {"on": [], "off": [], "on_cpu": [], "off_cpu": []}
+        for _ in range(args.checksum_repeats):
+            for key, root in (("on", corpus), ("off", plain)):
+                runs[key].append(bench_tokenized(root, n, 2, args.batch_size, **layout)["cells_per_s"])
+                runs[f"{key}_cpu"].append(bench_tokenized(root, n, 0, args.batch_size, **layout)["cells_per_cpu_s"])
+        best = {k: max(v) for k, v in runs.items()}
+        cost = {
+            **best,
+            "cost_pct": 100 * (1 - best["on"] / best["off"]),
+            "cost_cpu_pct": 100 * (1 - best["on_cpu"] / best["off_cpu"]),
+            "runs": runs,
+        }
     load_after = os.getloadavg()[0]
     result = {
         "n_cells": Corpus(corpus).n_cells,
@@ -208,7 +251,18 @@ def main(argv: list[str] | None = None) -> dict:
         "buffer_blocks": args.buffer_blocks,
         "load_avg_1min_before": load_before,
         "load_avg_1min_after": load_after,
+        "checksums": args.checksums,
     }
+    if cost is not None:
+        result.update(
+            tokenized_cells_per_s_checksums_on=cost["on"],
+            tokenized_cells_per_s_checksums_off=cost["off"],
+            checksum_cost_pct=cost["cost_pct"],
+            tokenized_cells_per_cpu_s_0_workers_checksums_on=cost["on_cpu"],
+            tokenized_cells_per_cpu_s_0_workers_checksums_off=cost["off_cpu"],
+            checksum_cost_cpu_pct=cost["cost_cpu_pct"],
+            checksum_runs=cost["runs"],
+        )
     rows = [
         ("(a) raw block-shuffled reads, 1 process", f"{raw:,.0f} cells/s"),
         ("(b) tokenized, 0 workers", f"{tok0['cells_per_s']:,.0f} cells/s"),
@@ -220,6 +274,15 @@ def main(argv: list[str] | None = None) -> dict:
         (f"distinct datasets per batch (of {args.datasets})", f"{tok2['datasets_per_batch']:.2f}"),
         ("padding fraction of tokens", f"{tok2['pad_fraction']:.4f}"),
     ]
+    if cost is not None:
+        rows += [
+            ("tokenized, 2 workers, checksums on (best)", f"{cost['on']:,.0f} cells/s"),
+            ("tokenized, 2 workers, checksums off (best)", f"{cost['off']:,.0f} cells/s"),
+            ("cost of the checksums, 2 workers (wall clock)", f"{cost['cost_pct']:.1f}%"),
+            ("tokenized, 0 workers, checksums on (best)", f"{cost['on_cpu']:,.0f} cells per CPU-second"),
+            ("tokenized, 0 workers, checksums off (best)", f"{cost['off_cpu']:,.0f} cells per CPU-second"),
+            ("cost of the checksums, 0 workers (CPU time)", f"{cost['cost_cpu_pct']:.1f}%"),
+        ]
     width = max(len(r[0]) for r in rows)
     print(
         f"corpus: {result['n_cells']:,} cells x ~{args.nnz:,} nnz, {os.cpu_count()} CPU cores, cold page cache, "

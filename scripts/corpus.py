@@ -1,5 +1,5 @@
-"""Inspect a corpus: `corpus.py info DIR`, `corpus.py verify DIR`,
-`corpus.py export DIR --cells 0:1000 --out x.h5ad`."""
+"""Inspect a corpus: `corpus.py info DIR`, `corpus.py verify DIR` (`--write-checksums` adds per-block checksums
+to a corpus written before them), `corpus.py export DIR --cells 0:1000 --out x.h5ad`."""
 
 import sys
 from pathlib import Path

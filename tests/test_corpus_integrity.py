@@ -8,6 +8,7 @@ import h5py
 import numpy as np
 import pytest
 
+from data_modules.store.checksums import set_checksums
 from data_modules.store.format import INDICES, INDPTR, CorpusFormatError
 from data_modules.store.reader import Corpus
 from data_modules.stream import CellStream
@@ -16,6 +17,7 @@ from data_modules.stream import CellStream
 def _damaged_copy(demo_corpus, tmp_path, damage):
     root = tmp_path / "corpus"
     shutil.copytree(demo_corpus, root)
+    set_checksums(root, on=False)  # the CSR checks below are what guards a corpus without per-block checksums
     corpus = Corpus(root)
     path = corpus.shard_path(0)
     corpus.close()

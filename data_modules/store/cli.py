@@ -7,11 +7,13 @@ import json
 import sys
 from pathlib import Path
 
-from data_modules.atomic import atomic_path
+from data_modules.atomic import DiskFullError, atomic_path, is_disk_full
 from data_modules.store.census import CENSUS_OBS_COLUMNS, PAPER_CENSUS_VERSION, PAPER_FILTER, convert_census
+from data_modules.store.checksums import set_checksums
 from data_modules.store.convert import (
     DEFAULT_OBS_COLUMNS,
     Source,
+    check_build_options,
     check_out_dir,
     convert_sources,
     open_reader,
@@ -26,6 +28,7 @@ from data_modules.store.inspect import (
     unfinished_conversion,
     verify_corpus,
 )
+from data_modules.store.lock import LockHeldError
 from data_modules.store.reader import Corpus
 from data_modules.vocab import (
     GeneIdReport,
@@ -210,6 +213,11 @@ def build_parser() -> argparse.ArgumentParser:
     )
     h.add_argument("--allow-normalized", action="store_true", help="accept non-integer values (stored as float32)")
     h.add_argument(
+        "--allow-duplicate-cells",
+        action="store_true",
+        help="do not warn about cell names repeated inside an input (the same file given twice is always refused)",
+    )
+    h.add_argument(
         "--duplicate-genes",
         choices=["error", "first"],
         default="error",
@@ -285,11 +293,30 @@ def _obs_columns(spec: list[str]) -> tuple[list[str], dict[str, str]]:
     return names, mapping
 
 
+def _warnings_only(msg: str) -> None:
+    if msg.startswith("warning:"):
+        print_log(msg)
+
+
+def disk_full_message(e: OSError, out: Path, staged: bool = False) -> str:
+    path = e.path if isinstance(e, DiskFullError) else (getattr(e, "filename", None) or out)
+    kept = (
+        f"nothing was kept: the replacement being built was removed and {out} is as it was"
+        if staged
+        else f"the partly written file was removed; the shards completed so far stay in {out}, and rerunning the "
+        f"same command resumes from them (delete {out} to drop them)"
+    )
+    return f"no space left on device while writing {path}: free space or choose another --out; {kept}"
+
+
 def build_main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
-    log = (lambda msg: None) if args.quiet else print_log
+    log = _warnings_only if args.quiet else print_log
+    staged = False
     try:
+        check_build_options(args.shard_size, args.chunk_size, args.min_genes, _split(args))  # before any write
         check_out_dir(args.out)  # before opening inputs (or the Census)
+        staged = args.overwrite and args.out.is_dir() and any(args.out.iterdir())  # built in a sibling, swapped in
         vocab = GeneVocab.from_checkpoint(args.vocab) if args.vocab else None
         common = dict(
             vocab=vocab,
@@ -319,6 +346,7 @@ def build_main(argv: list[str] | None = None) -> int:
                 gene_table=table,
                 require_obs=explicit,
                 on_duplicate=args.duplicate_genes,
+                allow_duplicate_cells=args.allow_duplicate_cells,
                 **common,
             )
         else:
@@ -332,8 +360,13 @@ def build_main(argv: list[str] | None = None) -> int:
                 obs_columns=args.obs_columns,
                 **common,
             )
-    except (CorpusFormatError, VocabError) as e:
+    except (CorpusFormatError, VocabError, LockHeldError) as e:
         print(f"error: {e}", file=sys.stderr)
+        return EXIT_BAD_INPUT
+    except OSError as e:
+        if not is_disk_full(e):
+            raise
+        print(f"error: {disk_full_message(e, args.out, staged)}", file=sys.stderr)
         return EXIT_BAD_INPUT
     if not args.quiet:
         print_build_report(manifest, args.out)
@@ -436,6 +469,12 @@ def corpus_parser() -> argparse.ArgumentParser:
     v = sub.add_parser("verify", help="check every shard against the manifest (structure + sha256)")
     v.add_argument("root", type=Path)
     v.add_argument("--no-checksums", action="store_true", help="structure and sizes only")
+    v.add_argument(
+        "--write-checksums",
+        action="store_true",
+        help="first add per-block checksums to shards written without them (each shard's sha256 is checked "
+        "before it is rewritten), then verify",
+    )
     i = sub.add_parser("info", help="cells, genes, nnz, per-dataset counts, disk size")
     i.add_argument("root", type=Path)
     i.add_argument("--json", action="store_true", help="print JSON instead of tables")
@@ -446,6 +485,9 @@ def corpus_main(argv: list[str] | None = None) -> int:
     args = corpus_parser().parse_args(argv)
     try:
         if args.command == "verify":
+            if args.write_checksums and unfinished_conversion(args.root) is None:
+                n = set_checksums(args.root, on=True, log=print_log)
+                print(f"{args.root}: checksums written into {n} shard(s)", file=sys.stderr)
             report = verify_corpus(args.root, checksums=not args.no_checksums)
             if report.unfinished:  # not damaged: resumable; --overwrite would throw its progress away
                 print(f"not a corpus yet: {report.problems[0]}", file=sys.stderr)
@@ -481,6 +523,6 @@ def corpus_main(argv: list[str] | None = None) -> int:
             adata.write_h5ad(tmp)
         print(f"wrote {args.out}: {adata.n_obs} cells x {adata.n_vars} genes")
         return 0
-    except (CorpusFormatError, VocabError) as e:
+    except (CorpusFormatError, VocabError, LockHeldError) as e:
         print(f"error: {e}", file=sys.stderr)
         return EXIT_BAD_INPUT

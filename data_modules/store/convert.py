@@ -23,6 +23,7 @@ from pathlib import Path
 
 import anndata as ad
 import numpy as np
+import pandas as pd
 
 from data_modules.atomic import atomic_dir
 from data_modules.store.chunks import (
@@ -45,6 +46,7 @@ from data_modules.store.format import (
     index_dtype,
 )
 from data_modules.store.journal import Journal, fingerprint, remove_unlisted_shards
+from data_modules.store.lock import exclusive_lock
 from data_modules.store.sources import AnnDataReader, H5adReader
 from data_modules.store.writer import CorpusWriter
 from data_modules.vocab import GeneVocab
@@ -128,6 +130,63 @@ def check_out_dir(out: str | os.PathLike) -> None:
             break
 
 
+def check_build_options(shard_size: int, chunk_size: int, min_genes: int, split: dict | None) -> None:
+    """Refuse option values no build can use, before anything is read or written (names the option)."""
+    for option, value, least in (("--shard-size", shard_size, 1), ("--chunk-size", chunk_size, 1)):
+        if isinstance(value, bool) or not isinstance(value, (int, np.integer)) or value < least:
+            raise CorpusFormatError(f"{option} {value}: must be a whole number >= {least} (cells)")
+    if isinstance(min_genes, bool) or not isinstance(min_genes, (int, np.integer)) or min_genes < 0:
+        raise CorpusFormatError(f"--min-genes {min_genes}: must be a whole number >= 0")
+    if split and split.get("strategy") == "cell":
+        frac = split.get("val_fraction", 0.003)
+        if not isinstance(frac, (int, float)) or not 0.0 <= float(frac) < 1.0:
+            raise CorpusFormatError(f"--val-fraction {frac}: must be in [0, 1) (0 for no validation cells)")
+
+
+def check_inputs(readers: list, allow_duplicate_cells: bool, log: Callable[[str], None]) -> None:
+    """Refuse an input with no cells and the same input given twice (naming the file); warn about duplicate cell
+    names inside an input (count, examples) unless ``allow_duplicate_cells``. Names repeated *across* inputs are
+    not reported: barcodes such as ``AAACCTGAGAAGGCCT-1`` recur in every 10x sample."""
+    seen: dict[object, str] = {}
+    for r in readers:
+        where = str(getattr(r, "path", r.name))
+        if r.n_rows == 0:
+            raise CorpusFormatError(f"{where}: holds 0 cells; remove it from the inputs")
+        path = getattr(r, "path", None)
+        adata = getattr(r, "adata", None)
+        if adata is not None:
+            key: object = ("anndata", id(adata))
+        elif path is not None and Path(path).exists():
+            st = Path(path).stat()
+            key = ("file", st.st_dev, st.st_ino)
+        else:
+            continue
+        if key in seen:
+            raise CorpusFormatError(
+                f"{where}: this input is given twice (also as {seen[key]}); every cell would be stored twice. "
+                "Give each input once"
+            )
+        seen[key] = where
+    if allow_duplicate_cells:
+        return
+    for r in readers:
+        if not hasattr(r, "cell_names"):
+            continue
+        # 8 bytes a cell (a 64-bit hash of each name, read a million names at a time), not the names themselves
+        step = 1 << 20
+        hashes = np.concatenate(
+            [pd.util.hash_array(r.cell_names(lo, min(lo + step, r.n_rows))) for lo in range(0, r.n_rows, step)]
+        )
+        repeated = np.flatnonzero(pd.Series(hashes).duplicated().to_numpy())
+        if len(repeated):
+            examples = list(dict.fromkeys(str(r.cell_names(int(i), int(i) + 1)[0]) for i in repeated[:20]))[:3]
+            log(
+                f"warning: {getattr(r, 'path', r.name)}: {len(repeated):,} cells have a name another cell of the file "
+                f"already has (e.g. {examples}); the file may hold some cells twice. Converting anyway; pass "
+                "--allow-duplicate-cells (allow_duplicate_cells=True) to silence this"
+            )
+
+
 def _replaces_existing(out: Path, overwrite: bool) -> bool:
     """True when ``overwrite`` must replace corpus content already in ``out`` (a finished corpus or an unfinished
     conversion). That replacement is built in a temporary sibling and swapped in at the end, so ``out`` must hold
@@ -197,6 +256,7 @@ def run_conversion(
     resume: bool = True,
     log: Callable[[str], None] | None = None,
     extra_manifest: dict | None = None,
+    allow_duplicate_cells: bool = False,
 ) -> dict:
     """Convert ``readers`` into a corpus at ``out`` (see module docstring); returns the manifest.
 
@@ -219,30 +279,11 @@ def run_conversion(
     }
     fp = fingerprint(params)
     try:
+        check_build_options(shard_size, chunk_size, min_genes, split)
         check_out_dir(out)
-        replace = _replaces_existing(out, overwrite)
-        if not replace:
-            done = _check_existing(out, fp) if not overwrite else None
-            if done is not None:
-                log(f"{out}: already complete (same arguments), nothing to do")
-                return done
-        luts, reports = [], []
-        for r in readers:
-            lut, rep = map_reader_genes(r, vocab, gene_table, on_duplicate)
-            luts.append(lut)
-            reports.append(rep)
-        _check_split_request(split, readers)
-
-        def build(target: Path, created_dir: bool) -> dict:
-            return _convert_into(
-                readers,
-                target,
-                vocab,
-                obs_columns,
-                params,
-                fp,
-                luts,
-                reports,
+        check_inputs(readers, allow_duplicate_cells, log)
+        with exclusive_lock(out, "--out", log):
+            options = dict(
                 shard_size=shard_size,
                 chunk_size=chunk_size,
                 allow_float=allow_float,
@@ -251,20 +292,44 @@ def run_conversion(
                 resume=resume,
                 log=log,
                 extra_manifest=extra_manifest,
-                created_dir=created_dir,
             )
-
-        if replace:
-            for p in _leftover_siblings(out):
-                log(f"note: {p} is left over from an interrupted --overwrite run of {out}; delete it to free its space")
-            manifest = _swap_in(out, lambda tmp: build(tmp, False), log)
-        else:
-            manifest = build(out, not out.exists())
+            manifest = _locked_conversion(
+                readers, out, vocab, obs_columns, params, fp, gene_table, on_duplicate, overwrite, split, log, options
+            )
     finally:
         for r in readers:
             r.close()
     log(f"{out}: {manifest['n_cells']} cells in {len(manifest['shards'])} shards")
     return manifest
+
+
+def _locked_conversion(
+    readers, out, vocab, obs_columns, params, fp, gene_table, on_duplicate, overwrite, split, log, options
+) -> dict:
+    """run_conversion's work while it holds the lock of ``out``: resume, reuse, build in place or swap in."""
+    replace = _replaces_existing(out, overwrite)
+    if not replace:
+        done = _check_existing(out, fp) if not overwrite else None
+        if done is not None:
+            log(f"{out}: already complete (same arguments), nothing to do")
+            return done
+    luts, reports = [], []
+    for r in readers:
+        lut, rep = map_reader_genes(r, vocab, gene_table, on_duplicate)
+        luts.append(lut)
+        reports.append(rep)
+    _check_split_request(split, readers)
+
+    def build(target: Path, created_dir: bool) -> dict:
+        return _convert_into(
+            readers, target, vocab, obs_columns, params, fp, luts, reports, created_dir=created_dir, **options
+        )
+
+    if replace:
+        for p in _leftover_siblings(out):
+            log(f"note: {p} is left over from an interrupted --overwrite run of {out}; delete it to free its space")
+        return _swap_in(out, lambda tmp: build(tmp, False), log)
+    return build(out, not out.exists())
 
 
 def _convert_into(
@@ -437,12 +502,15 @@ def convert_sources(
     require_obs: bool = True,
     on_duplicate: str = "error",
     log: Callable[[str], None] | None = None,
+    allow_duplicate_cells: bool = False,
 ) -> dict:
     """Convert AnnData sources (objects or .h5ad paths) into a corpus at ``out``; returns the manifest.
 
     ``vocab=None`` builds the vocabulary from the union of the inputs' genes. ``require_obs``
-    raises when a requested obs column exists in no input (a likely typo).
+    raises when a requested obs column exists in no input (a likely typo). ``allow_duplicate_cells`` silences
+    the warning about cell names repeated inside an input.
     """
+    check_build_options(shard_size, chunk_size, min_genes, split)
     names = [s.name for s in sources]
     if len(set(names)) != len(names):
         raise CorpusFormatError(f"source names must be unique, got {names}")
@@ -487,6 +555,7 @@ def convert_sources(
         overwrite=overwrite,
         resume=resume,
         log=log,
+        allow_duplicate_cells=allow_duplicate_cells,
     )
 
 
@@ -503,5 +572,6 @@ __all__ = [
     "map_reader_genes",
     "DEFAULT_OBS_COLUMNS",
     "check_out_dir",
+    "check_build_options",
     "file_sha256",
 ]

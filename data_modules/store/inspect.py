@@ -14,6 +14,7 @@ import pandas as pd
 import scipy.sparse as sp
 
 from data_modules.store.format import (
+    CHECKSUM,
     DATA,
     FORMAT_VERSION,
     INDICES,
@@ -26,6 +27,7 @@ from data_modules.store.format import (
     CorpusFormatError,
     file_sha256,
 )
+from data_modules.store.integrity import metadata_problems
 from data_modules.store.journal import Journal
 from data_modules.store.reader import Corpus
 from data_modules.vocab import SPECIAL_TOKENS
@@ -79,9 +81,13 @@ def verify_corpus(root: str | os.PathLike, checksums: bool = True) -> VerifyRepo
         report.problems.append(f"{root / MANIFEST_NAME}: {e}")
         return report
     m = corpus.manifest
-    vocab_path = root / m["vocab"]["path"]
-    if checksums and file_sha256(vocab_path) != m["vocab"]["sha256"]:
-        report.problems.append(f"{vocab_path}: sha256 differs from the manifest (vocab file was modified)")
+    report.problems.extend(metadata_problems(corpus, manifest_too=True))
+    unchecked = sum(1 for s in corpus.shards if s.get("checksums") != CHECKSUM)
+    if unchecked:
+        report.warnings.append(
+            f"{unchecked} of {corpus.n_shards} shards have no per-block checksums (written before them): add them "
+            f"with `python scripts/corpus.py verify {root} --write-checksums`"
+        )
     n_cat = {c: len(t) for c, t in corpus.obs_columns.items()}
     for i, entry in enumerate(corpus.shards):
         problem = _verify_shard(root / entry["path"], entry, len(corpus.vocab), n_cat, checksums)

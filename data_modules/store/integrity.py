@@ -1,7 +1,9 @@
 """Integrity checks a training run makes when it opens a corpus, before it reads a cell.
 
 ``check_shard_files``: every shard the run will read exists and has the size the manifest records
-(one ``stat`` per shard: always on). ``verify_checksums``: the sha256 of every such shard against the
+(one ``stat`` per shard) and vocab.json has the manifest's sha256 (one small file): always on. Each shard's data is
+also checked block by block on every read (format.CHECKSUM, in ``Corpus.read_spans``). ``verify_checksums``:
+the manifest against its own digest and the sha256 of every such shard against the
 manifest (``data.verify=true``; default for ``experiment=pretrain_33m``), remembered per shard by
 (size, mtime) in ``<corpus>/.verified.json`` so a restarted job does not hash terabytes again; a
 shard rewritten since is hashed anew. Both name the shard and point to ``scripts/corpus.py verify``.
@@ -15,7 +17,14 @@ from collections.abc import Iterable
 from pathlib import Path
 
 from data_modules.atomic import write_json_atomic
-from data_modules.store.format import VERIFIED_CACHE, CorpusFormatError, file_sha256
+from data_modules.store.format import (
+    MANIFEST_DIGEST,
+    MANIFEST_NAME,
+    VERIFIED_CACHE,
+    CorpusFormatError,
+    file_sha256,
+    manifest_digest,
+)
 from data_modules.store.reader import Corpus
 
 log = logging.getLogger(__name__)
@@ -28,8 +37,40 @@ def _damaged(corpus: Corpus, shard: int, what: str) -> CorpusFormatError:
     )
 
 
+def metadata_problems(corpus: Corpus, manifest_too: bool) -> list[str]:
+    """What is wrong with the files beside the shards: vocab.json against the manifest's sha256, and (with
+    ``manifest_too``) the manifest against its own digest, which covers its obs category tables, split and shard
+    list. A manifest written before the digest existed is reported by ``corpus.py verify`` as a warning only."""
+    problems = []
+    m = corpus.manifest
+    vocab_path = corpus.root / m.get("vocab", {}).get("path", "vocab.json")
+    expected = m.get("vocab", {}).get("sha256")
+    if expected and vocab_path.is_file() and file_sha256(vocab_path) != expected:
+        problems.append(
+            f"{vocab_path}: its sha256 differs from the manifest (the vocabulary file was modified: gene ids would "
+            "be read as other genes)"
+        )
+    if manifest_too and MANIFEST_DIGEST in m and manifest_digest(m) != m[MANIFEST_DIGEST]:
+        problems.append(
+            f"{corpus.root / MANIFEST_NAME}: its content differs from its {MANIFEST_DIGEST} (the manifest was edited "
+            "or damaged: its category tables, split or shard list cannot be trusted)"
+        )
+    return problems
+
+
+def check_metadata(corpus: Corpus, manifest_too: bool = False) -> None:
+    problems = metadata_problems(corpus, manifest_too)
+    if problems:
+        raise CorpusFormatError(
+            f"{problems[0]}. Nothing was trained. Restore the file or rebuild the corpus; "
+            f"`python scripts/corpus.py verify {corpus.root}` checks everything"
+        )
+
+
 def check_shard_files(corpus: Corpus, shards: Iterable[int] | None = None) -> None:
-    """Every shard in ``shards`` (all by default) exists with the manifest's byte size."""
+    """vocab.json has the manifest's sha256, and every shard in ``shards`` (all by default) exists with the
+    manifest's byte size."""
+    check_metadata(corpus)
     for shard in range(corpus.n_shards) if shards is None else shards:
         path, expected = corpus.shard_path(shard), corpus.shards[shard]["bytes"]
         if not path.is_file():
@@ -40,7 +81,9 @@ def check_shard_files(corpus: Corpus, shards: Iterable[int] | None = None) -> No
 
 
 def verify_checksums(corpus: Corpus, shards: Iterable[int] | None = None) -> int:
-    """sha256 of every shard in ``shards`` against the manifest; returns how many were hashed (not cached)."""
+    """The manifest against its own digest, then the sha256 of every shard in ``shards`` against the manifest;
+    returns how many shards were hashed (not cached)."""
+    check_metadata(corpus, manifest_too=True)
     cache_path = corpus.root / VERIFIED_CACHE
     cache = _read_cache(cache_path)
     hashed = 0

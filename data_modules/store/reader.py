@@ -3,14 +3,18 @@
 from __future__ import annotations
 
 import json
+import logging
 import os
 from dataclasses import dataclass, field
 from pathlib import Path
 
 import h5py
 import numpy as np
+import xxhash
 
 from data_modules.store.format import (
+    CHECKSUM,
+    CHECKSUM_GROUP,
     DATA,
     FORMAT_VERSION,
     INDICES,
@@ -23,6 +27,9 @@ from data_modules.store.format import (
 )
 from data_modules.store.split import split_membership
 from data_modules.vocab import GeneVocab
+
+log = logging.getLogger(__name__)
+_TOLD_UNCHECKED: set[str] = set()  # corpora without per-block checksums already reported in this process
 
 
 @dataclass
@@ -107,7 +114,20 @@ class Corpus:
         np.cumsum(counts, out=self.shard_offsets[1:])
         self.obs_columns: dict[str, list[str]] = self.manifest.get("obs_columns", {})
         self._handles: dict[int, h5py.File] = {}
+        self._digests: dict[tuple[int, str], tuple] = {}  # (shard, dataset) -> Corpus._dataset
         self._pid = os.getpid()
+        unchecked = sum(1 for s in self.shards if s.get("checksums") != CHECKSUM)
+        if unchecked and str(self.root.resolve()) not in _TOLD_UNCHECKED:  # once per corpus and process
+            _TOLD_UNCHECKED.add(str(self.root.resolve()))
+            log.warning(
+                "%s: %d of %d shards were written without per-block checksums, so a corrupted byte there is found "
+                "only by data.verify=true; add them with `python scripts/corpus.py verify %s --write-checksums` "
+                "(or rebuild the corpus)",
+                self.root,
+                unchecked,
+                len(self.shards),
+                self.root,
+            )
 
     # sizes ----------------------------------------------------------------------------
     @property
@@ -126,10 +146,13 @@ class Corpus:
         return self.root / self.shards[shard]["path"]
 
     # reading --------------------------------------------------------------------------
-    def _file(self, shard: int) -> h5py.File:
-        if os.getpid() != self._pid:  # forked into a worker: never share HDF5 handles
-            self._handles = {}
+    def _own_handles(self) -> None:
+        if os.getpid() != self._pid:  # forked into a worker: never share HDF5 handles (nor datasets opened on them)
+            self._handles, self._digests = {}, {}
             self._pid = os.getpid()
+
+    def _file(self, shard: int) -> h5py.File:
+        self._own_handles()
         f = self._handles.get(shard)
         if f is None:
             path = self.shard_path(shard)
@@ -155,34 +178,48 @@ class Corpus:
         """The rows of ``(shard, start, stop)`` spans as ONE CellBlock, and the first row of each span in it.
 
         Each HDF5 slice is read straight into its place in the block's arrays (``read_direct``: no
-        per-span array, no dtype conversion; gene ids stay in the stored dtype). The CSR structure of
-        what was read is checked (monotonic ``indptr``, ids inside the vocabulary): a damaged shard
-        raises :class:`CorpusFormatError` naming the shard and rows, never a bare ``IndexError`` later.
+        per-span array, no dtype conversion; gene ids stay in the stored dtype) when the span is aligned to
+        the shard's 64-cell checksum blocks (the loader's always are), else through a buffer widened to them.
+        Every block read is hashed and compared with its stored digest (format.CHECKSUM; shards written before
+        checksums skip this), and the CSR structure of what was read is checked (monotonic ``indptr``, ids
+        inside the vocabulary): a damaged shard raises :class:`CorpusFormatError` naming the shard and rows,
+        never a bare ``IndexError`` or a silently wrong count later.
         """
         files = [self._file(shard) for shard, _, _ in spans]  # this process's handles
-        span_indptr = [f[INDPTR][start : stop + 1].astype(np.int64) for f, (_, start, stop) in zip(files, spans)]
-        for (shard, start, stop), ip in zip(spans, span_indptr):
-            if len(ip) != stop - start + 1 or (len(ip) > 1 and np.any(np.diff(ip) < 0)) or (len(ip) and ip[0] < 0):
+        span_indptr, span_cells = [], []  # indptr of each span's rows, and of the whole checksum blocks they touch
+        for shard, start, stop in spans:
+            c0, c1 = self._cell_blocks(shard, start, stop)
+            ipx = self._read(shard, INDPTR, c0, c1 + 1, (start, stop)).astype(np.int64)
+            if len(ipx) != c1 - c0 + 1 or (len(ipx) > 1 and np.any(np.diff(ipx) < 0)) or (len(ipx) and ipx[0] < 0):
                 self._damaged(shard, start, stop, f"{INDPTR} is not monotonic non-decreasing")
+            span_indptr.append(ipx[start - c0 : stop - c0 + 1])
+            span_cells.append((c0, ipx))
         span_nnz = np.array([int(ip[-1] - ip[0]) for ip in span_indptr], dtype=np.int64)
         first_entry = np.concatenate([[0], np.cumsum(span_nnz)])
-        gene_ids = np.empty(int(first_entry[-1]), dtype=np.result_type(*[f[INDICES].dtype for f in files]))
-        counts = np.empty(int(first_entry[-1]), dtype=np.result_type(*[f[DATA].dtype for f in files]))
-        for f, ip, to, n, (shard, start, stop) in zip(files, span_indptr, first_entry, span_nnz, spans):
+        shards = [shard for shard, _, _ in spans]
+        gene_ids = np.empty(int(first_entry[-1]), dtype=np.result_type(*[self._dataset(i, INDICES)[1] for i in shards]))
+        counts = np.empty(int(first_entry[-1]), dtype=np.result_type(*[self._dataset(i, DATA)[1] for i in shards]))
+        for (c0, ipx), to, n, (shard, start, stop) in zip(span_cells, first_entry, span_nnz, spans):
             if not n:
                 continue
-            if int(ip[-1]) > f[INDICES].shape[0]:
+            if int(ipx[-1]) > self._dataset(shard, INDICES)[2]:
                 self._damaged(shard, start, stop, f"{INDPTR} points past the end of {INDICES}")
-            source, dest = np.s_[int(ip[0]) : int(ip[-1])], np.s_[int(to) : int(to + n)]
-            f[INDICES].read_direct(gene_ids, source_sel=source, dest_sel=dest)
-            f[DATA].read_direct(counts, source_sel=source, dest_sel=dest)
-            ids = gene_ids[int(to) : int(to + n)]
+            to = int(to)
+            self._read_entries(shard, INDICES, c0, ipx, (start, stop), gene_ids[to : to + n])
+            self._read_entries(shard, DATA, c0, ipx, (start, stop), counts[to : to + n])
+            ids = gene_ids[to : to + n]
             if ids.min() < 0 or ids.max() >= len(self.vocab):
                 self._damaged(
                     shard, start, stop, f"gene id {int(ids.max())} is outside the vocabulary (0:{len(self.vocab)})"
                 )
         indptr = np.concatenate([[0]] + [ip[1:] - ip[0] + to for ip, to in zip(span_indptr, first_entry)])
         obs_keys = list(files[0][OBS_GROUP]) if OBS_GROUP in files[0] else []
+        obs = {
+            k: np.concatenate(
+                [self._read(shard, f"{OBS_GROUP}/{k}", start, stop, (start, stop)) for shard, start, stop in spans]
+            )
+            for k in obs_keys
+        }
         block = CellBlock(
             indptr=indptr.astype(np.int64),
             gene_ids=gene_ids,
@@ -190,13 +227,97 @@ class Corpus:
             cell_index=np.concatenate(
                 [np.arange(start, stop, dtype=np.int64) + self.shard_offsets[shard] for shard, start, stop in spans]
             ),
-            obs={
-                k: np.concatenate([f[OBS_GROUP][k][start:stop] for f, (_, start, stop) in zip(files, spans)])
-                for k in obs_keys
-            },
+            obs=obs,
         )
         first_row = np.concatenate([[0], np.cumsum([stop - start for _, start, stop in spans])])[:-1]
         return block, first_row
+
+    def _dataset(self, shard: int, name: str) -> tuple[h5py.Dataset, np.dtype, int, tuple[int, np.ndarray] | None]:
+        """(dataset ``name`` of ``shard``, its dtype, its length, (cells per block, digest per block) or None for a
+        shard without checksums), looked up once per shard and process: h5py lookups cost more than small reads."""
+        self._own_handles()
+        key = (shard, name)
+        meta = self._digests.get(key)
+        if meta is None:
+            f = self._file(shard)
+            try:
+                ds = f[name]
+                sums = f.get(f"{CHECKSUM_GROUP}/{name}")
+                meta = (ds, ds.dtype, ds.shape[0], None if sums is None else (int(sums.attrs["block"]), sums[:]))
+            except (OSError, KeyError) as e:
+                self._damaged(shard, 0, int(self.shards[shard]["n_cells"]), f"{name} or its checksum table: {e}")
+            self._digests[key] = meta
+        return meta
+
+    def _block_digests(self, shard: int, name: str) -> tuple[int, np.ndarray] | None:
+        return self._dataset(shard, name)[3]
+
+    def _cell_blocks(self, shard: int, start: int, stop: int) -> tuple[int, int]:
+        """The rows of the whole checksum blocks that rows ``start:stop`` touch (``start:stop`` itself for a
+        shard without checksums; the loader's blocks are aligned to them, so it reads no extra row)."""
+        sums = self._block_digests(shard, INDICES)
+        if sums is None or stop <= start:
+            return start, stop
+        block = sums[0]
+        return start // block * block, min(-(-stop // block) * block, int(self.shards[shard]["n_cells"]))
+
+    def _read(self, shard: int, name: str, lo: int, hi: int, rows: tuple[int, int]) -> np.ndarray:
+        """Elements ``lo:hi`` of a per-cell dataset (``indptr``, ``source_row``, ``obs/<column>``) of ``shard``,
+        every block of elements they touch checked against its digest (format.CHECKSUM); a mismatch or an
+        unreadable block raises naming the shard and the cell ``rows``."""
+        ds, dtype, length, sums = self._dataset(shard, name)
+        try:
+            if sums is None or hi <= lo:
+                return ds[lo:hi]
+            block, digests = sums
+            b0, b1 = lo // block, -(-hi // block)
+            if b1 > len(digests):
+                self._damaged(shard, *rows, f"{name} is longer than its checksum table")
+            a0, a1 = b0 * block, min(b1 * block, length)
+            buf = np.empty(a1 - a0, dtype=dtype)
+            ds.read_direct(buf, source_sel=np.s_[a0:a1], dest_sel=np.s_[0 : a1 - a0])
+        except OSError as e:
+            self._damaged(shard, *rows, f"{name} cannot be read ({e})")
+        for j in range(b0, b1):
+            self._check_block(buf[j * block - a0 : (j + 1) * block - a0], digests[j], shard, name, j, rows)
+        return buf[lo - a0 : hi - a0]
+
+    def _read_entries(
+        self, shard: int, name: str, c0: int, ipx: np.ndarray, rows: tuple[int, int], out: np.ndarray
+    ) -> None:
+        """The entries (``indices`` / ``data``) of cells ``rows`` into ``out``. ``ipx`` is ``indptr`` of rows
+        ``c0:c0 + len(ipx) - 1``, the whole checksum blocks of cells around ``rows`` (see ``_cell_blocks``); each
+        block's entries are checked against its digest. When ``rows`` is aligned to the blocks (the loader's
+        reads), the entries are read straight into ``out`` and hashed there."""
+        start, stop = rows
+        lo, hi = int(ipx[start - c0]), int(ipx[stop - c0])
+        e0, e1 = int(ipx[0]), int(ipx[-1])
+        ds, dtype, _, sums = self._dataset(shard, name)
+        try:
+            if sums is None or (e0 == lo and e1 == hi and out.dtype == dtype):
+                ds.read_direct(out, source_sel=np.s_[lo:hi], dest_sel=np.s_[0 : hi - lo])
+                buf = out
+            else:
+                buf = np.empty(e1 - e0, dtype=dtype)
+                ds.read_direct(buf, source_sel=np.s_[e0:e1], dest_sel=np.s_[0 : e1 - e0])
+        except OSError as e:
+            self._damaged(shard, start, stop, f"{name} cannot be read ({e})")
+        if sums is not None:
+            block, digests = sums
+            c1 = c0 + len(ipx) - 1
+            for j in range(c0 // block, -(-c1 // block)):
+                a, b = int(ipx[j * block - c0]) - e0, int(ipx[min((j + 1) * block, c1) - c0]) - e0
+                if j >= len(digests):
+                    self._damaged(shard, start, stop, f"{name} is longer than its checksum table")
+                self._check_block(buf[a:b], digests[j], shard, name, j, rows)
+        if buf is not out:
+            out[:] = buf[lo - e0 : hi - e0]
+
+    def _check_block(self, values: np.ndarray, digest, shard: int, name: str, j: int, rows) -> None:
+        if xxhash.xxh3_64_intdigest(memoryview(values).cast("B")) != int(digest):
+            self._damaged(
+                shard, *rows, f"block {j} of {name} fails its {CHECKSUM} checksum (corrupted bytes; read refused)"
+            )
 
     def _damaged(self, shard: int, start: int, stop: int, what: str):
         raise CorpusFormatError(
@@ -206,14 +327,20 @@ class Corpus:
 
     def read_source_rows(self, shard: int, start: int, stop: int) -> np.ndarray:
         """(stop-start,) int64 row of each cell in its input (h5ad row / Census soma_joinid)."""
-        return self._file(shard)[SOURCE_ROW][start:stop]
+        return self._read(shard, SOURCE_ROW, start, stop, (start, stop))
+
+    def cell_lengths(self, shard: int) -> np.ndarray:
+        """(rows of the shard,) int64 non-zeros per cell, from its checked ``indptr`` alone (no gene data)."""
+        n = int(self.shards[shard]["n_cells"])
+        return np.diff(self._read(shard, INDPTR, 0, n + 1, (0, n)).astype(np.int64))
 
     def read_obs_codes(self, shard: int, column: str) -> np.ndarray:
         """(rows of the shard,) codes of one stored obs column (e.g. "dataset") of a whole shard."""
         group = self._file(shard)[OBS_GROUP]
         if column not in group:
             raise KeyError(f"{self.shard_path(shard)} stores no obs column {column!r} (stored: {sorted(group)})")
-        return group[column][:]
+        n = int(self.shards[shard]["n_cells"])
+        return self._read(shard, f"{OBS_GROUP}/{column}", 0, n, (0, n))
 
     def read_cells(self, start: int, stop: int) -> CellBlock:
         """Global cell ids ``start:stop``, possibly spanning shards."""
@@ -246,7 +373,7 @@ class Corpus:
 
     def __getstate__(self):  # picklable for spawn-started workers: handles are reopened there
         state = self.__dict__.copy()
-        state["_handles"] = {}
+        state["_handles"], state["_digests"] = {}, {}
         return state
 
     def __enter__(self) -> Corpus:

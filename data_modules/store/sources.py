@@ -112,6 +112,13 @@ class H5adReader:
         else:
             self.n_rows, self._n_cols = self._X.shape
 
+    def cell_names(self, lo: int, hi: int) -> np.ndarray:
+        """Obs names of rows ``lo:hi``."""
+        try:
+            return np.asarray(_plain(self._obs_names, lo, hi)).astype(str)
+        except (OSError, ValueError, KeyError) as e:
+            raise _h5_error(self.path, e) from None
+
     def fingerprint(self) -> dict:
         st = self.path.stat()
         return {"path": str(self.path.resolve()), "bytes": st.st_size, "mtime_ns": st.st_mtime_ns}
@@ -223,6 +230,10 @@ class AnnDataReader:
 
     def has_obs(self, column: str) -> bool:
         return self.obs_map.get(column, column) in self.obs_columns
+
+    def cell_names(self, lo: int, hi: int) -> np.ndarray:
+        """Obs names of rows ``lo:hi``."""
+        return np.asarray(self.adata.obs_names[lo:hi]).astype(str)
 
     def read_chunk(self, lo: int, hi: int, obs_columns: list[str]) -> RawChunk:
         n = hi - lo

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import hashlib
+import io
 import json
 import os
 import time
@@ -12,23 +14,42 @@ import numpy as np
 
 from data_modules.atomic import atomic_path, write_text_atomic
 from data_modules.store.format import (
+    BLOCK_CELLS,
+    BLOCK_ELEMENTS,
+    CHECKSUM,
+    CHECKSUM_GROUP,
     DATA,
     FORMAT_VERSION,
     INDICES,
     INDPTR,
+    MANIFEST_DIGEST,
     MANIFEST_NAME,
     OBS_GROUP,
     SHARD_DIR,
     SOURCE_ROW,
     VOCAB_NAME,
     CorpusFormatError,
+    block_digests,
+    cell_block_digests,
     file_sha256,
     index_dtype,
+    manifest_digest,
     narrowest_count_dtype,
     shard_name,
 )
 from data_modules.store.split import split_membership
 from data_modules.vocab import GeneVocab
+
+
+def _dataset(f: h5py.File, name: str, data: np.ndarray, checksums: bool, indptr: np.ndarray | None = None) -> None:
+    """A contiguous dataset and, with ``checksums``, the digest of each of its blocks in ``checksums/<name>``: of
+    the entries of ``BLOCK_CELLS`` cells when ``indptr`` is given (indices / data), else of ``BLOCK_ELEMENTS``
+    elements (format.block_digests / cell_block_digests; the reader checks them on every read)."""
+    f.create_dataset(name, data=data)
+    if checksums:
+        block = BLOCK_ELEMENTS if indptr is None else BLOCK_CELLS
+        digests = block_digests(data, block) if indptr is None else cell_block_digests(data, indptr, block)
+        f.create_dataset(f"{CHECKSUM_GROUP}/{name}", data=digests).attrs["block"] = block
 
 
 def write_shard(
@@ -41,35 +62,51 @@ def write_shard(
     source_row: np.ndarray | None = None,
     vocab_size: int = 1 << 31,
     exact_dtypes: bool = False,
+    checksums: bool = True,
 ) -> dict:
-    """Write one shard (contiguous datasets) to a temp file, fsync, then rename. Returns its manifest entry.
+    """Write one shard to a temp file, fsync, then rename. Returns its manifest entry.
 
-    ``exact_dtypes`` keeps the given dtypes (used for the journal's pending-cells file).
+    ``checksums``: the digest of every block of every dataset (format.CHECKSUM, checked on every read);
+    without, the datasets only (the format before checksums). ``exact_dtypes`` keeps the given dtypes (used
+    for the journal's pending-cells file).
     """
     path.parent.mkdir(parents=True, exist_ok=True)
     n = len(indptr) - 1
     cdtype = counts.dtype if exact_dtypes else narrowest_count_dtype(counts, allow_float)
     idtype = gene_ids.dtype if exact_dtypes else index_dtype(vocab_size)
-    with atomic_path(path) as tmp:
-        with h5py.File(tmp, "w") as f:
-            f.attrs["format_version"] = FORMAT_VERSION
-            f.attrs["n_cells"] = n
-            f.create_dataset(INDPTR, data=np.asarray(indptr, dtype=np.int64))
-            f.create_dataset(INDICES, data=np.asarray(gene_ids).astype(idtype, copy=False))
-            f.create_dataset(DATA, data=np.asarray(counts).astype(cdtype, copy=False))
-            rows = np.full(n, -1, dtype=np.int64) if source_row is None else np.asarray(source_row, dtype=np.int64)
-            f.create_dataset(SOURCE_ROW, data=rows)
-            g = f.create_group(OBS_GROUP)
-            for k, v in obs.items():
-                g.create_dataset(k, data=np.asarray(v, dtype=np.int32))
-        sha = file_sha256(tmp)  # atomic_path fsyncs and renames it into place
-    return {
+    # The HDF5 file is assembled in memory and written with plain file I/O: a full disk while HDF5 itself writes
+    # can crash the process when the file is closed (seen with h5py 3.16 / HDF5 2.0: a segfault in close) instead
+    # of raising; a plain write raises OSError (ENOSPC), which atomic_path turns into DiskFullError.
+    image = io.BytesIO()
+    with h5py.File(image, "w") as f:
+        f.attrs["format_version"] = FORMAT_VERSION
+        f.attrs["n_cells"] = n
+        if checksums:
+            f.attrs["checksums"] = CHECKSUM
+        indptr = np.asarray(indptr, dtype=np.int64)
+        _dataset(f, INDPTR, indptr, checksums)
+        _dataset(f, INDICES, np.asarray(gene_ids).astype(idtype, copy=False), checksums, indptr)
+        _dataset(f, DATA, np.asarray(counts).astype(cdtype, copy=False), checksums, indptr)
+        rows = np.full(n, -1, dtype=np.int64) if source_row is None else np.asarray(source_row, dtype=np.int64)
+        _dataset(f, SOURCE_ROW, rows, checksums)
+        f.create_group(OBS_GROUP)
+        for k, v in obs.items():
+            _dataset(f, f"{OBS_GROUP}/{k}", np.asarray(v, dtype=np.int32), checksums)
+    image = image.getbuffer()  # a view: the shard is held once in memory
+    with atomic_path(path) as tmp:  # fsynced and renamed into place
+        with open(tmp, "wb") as fh:
+            fh.write(image)
+    sha = hashlib.sha256(image).hexdigest()
+    entry = {
         "n_cells": int(n),
         "nnz": int(indptr[-1]),
-        "bytes": path.stat().st_size,
+        "bytes": len(image),
         "sha256": sha,
         "dtype": np.dtype(cdtype).name,
     }
+    if checksums:
+        entry["checksums"] = CHECKSUM
+    return entry
 
 
 def read_pending(path: Path) -> tuple[np.ndarray, np.ndarray, np.ndarray, dict[str, np.ndarray], np.ndarray]:
@@ -98,8 +135,10 @@ class CorpusWriter:
         shard_size: int = 16384,
         allow_float: bool = False,
         creation: dict | None = None,
+        checksums: bool = True,
     ):
         self.out = Path(out)
+        self.checksums = checksums
         self.vocab = vocab
         self.obs_columns = list(obs_columns)
         if "dataset" not in self.obs_columns:
@@ -207,6 +246,7 @@ class CorpusWriter:
                 self.allow_float,
                 source_row=rows,
                 vocab_size=len(self.vocab),
+                checksums=self.checksums,
             )
         except CorpusFormatError as e:
             raise CorpusFormatError(f"{e}: pass allow_float=True (--allow-normalized) for normalized values") from None
@@ -273,7 +313,7 @@ class CorpusWriter:
             "creation": {"created_unix": time.time(), **self.creation},
             **(extra or {}),
         }
-        write_text_atomic(self.out / MANIFEST_NAME, json.dumps(manifest, indent=1))
+        write_manifest(self.out, manifest)
         return manifest
 
     def _count_validation(self, split: dict) -> int:
@@ -284,6 +324,13 @@ class CorpusWriter:
                 n += int(split_membership(split, ids, f[OBS_GROUP]["dataset"][:]).sum())
             offset += s["n_cells"]
         return n
+
+
+def write_manifest(root: Path, manifest: dict) -> None:
+    """``manifest`` sealed with its own digest (format.manifest_digest), written atomically (last)."""
+    manifest.pop(MANIFEST_DIGEST, None)
+    manifest[MANIFEST_DIGEST] = manifest_digest(manifest)
+    write_text_atomic(Path(root) / MANIFEST_NAME, json.dumps(manifest, indent=1))
 
 
 def resolve_split(split: dict | None, dataset_table: dict[str, int]) -> dict:

@@ -10,7 +10,6 @@ import torch
 import torch.utils.data
 
 from data_modules.batch import Batch
-from data_modules.store.format import INDPTR
 from data_modules.store.reader import CellBlock, Corpus
 from data_modules.stream.blocks import LaneReader, gather_parts
 from data_modules.stream.plan import (
@@ -56,8 +55,7 @@ def cells_for_token_budget(corpus: Corpus, max_tokens: int, max_seq_len: int) ->
     if corpus.n_shards == 0:
         return 1
     shards = np.unique(np.linspace(0, corpus.n_shards - 1, min(corpus.n_shards, BUDGET_SAMPLE_SHARDS)).astype(int))
-    # Corpus has no lengths-only reader: read each sampled shard's indptr (8 bytes a cell, no gene data)
-    lengths = np.concatenate([np.diff(corpus._file(int(s))[INDPTR][:].astype(np.int64)) for s in shards])
+    lengths = np.concatenate([corpus.cell_lengths(int(s)) for s in shards])  # each sampled shard's indptr only
     mean = float(np.minimum(lengths + 1, max_seq_len).mean()) if len(lengths) else float(max_seq_len)
     return max(1, int(max_tokens // mean))
 
