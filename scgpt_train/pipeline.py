@@ -7,6 +7,7 @@ import os
 import shutil
 import signal
 import sys
+import time
 from pathlib import Path
 
 import pytorch_lightning as pl
@@ -249,14 +250,24 @@ def run(cfg: DictConfig) -> dict[str, float]:
             lock.release()
 
 
-# What a run dir holds before the run itself writes anything: Hydra's records and log, the lock.
-_BEFORE_THE_RUN = {".hydra", LOCK_NAME, HOLDER_NAME}
+_STARTED = time.time() - 2.0  # this process's start, with slack for coarse file-system clocks
 
 
 def _holds_nothing_of_a_run(output_dir: Path) -> bool:
-    return not output_dir.exists() or all(
-        p.name in _BEFORE_THE_RUN or (p.suffix == ".log" and p.is_file()) for p in output_dir.iterdir()
-    )
+    """True when ``output_dir`` does not exist or holds only what this job wrote before the run: the lock and
+    Hydra's ``.hydra/`` records and ``*.log``, all written since this process started (a user's older files there,
+    logs included, make it a dir that is never removed)."""
+    if not output_dir.exists():
+        return True
+    for entry in output_dir.iterdir():
+        if entry.name in (LOCK_NAME, HOLDER_NAME):
+            continue
+        if entry.name != ".hydra" and not (entry.suffix == ".log" and entry.is_file()):
+            return False
+        files = [entry, *entry.rglob("*")] if entry.is_dir() else [entry]
+        if any(f.stat().st_mtime < _STARTED for f in files):
+            return False
+    return True
 
 
 def _run_locked(cfg: DictConfig, output_dir: Path) -> dict[str, float]:

@@ -229,7 +229,7 @@ def test_nonfinite_loss_stops_with_the_step_and_term(demo_corpus, tmp_path):
 HOLD_LOCK = (
     "import sys, time\n"
     "from scgpt_train.run_lock import RunDirLock\n"
-    "RunDirLock(sys.argv[1]).acquire()\n"
+    "lock = RunDirLock(sys.argv[1]).acquire()\n"
     "print('held', flush=True)\n"
     "time.sleep(600)\n"
 )
