@@ -17,6 +17,7 @@ from pathlib import Path
 import numpy as np
 
 from data_modules.atomic import write_text_atomic
+from data_modules.errors import UserInputError
 
 PAD_TOKEN = "<pad>"
 CLS_TOKEN = "<cls>"
@@ -24,7 +25,7 @@ EOC_TOKEN = "<eoc>"
 SPECIAL_TOKENS = (PAD_TOKEN, CLS_TOKEN, EOC_TOKEN)
 
 
-class VocabError(ValueError):
+class VocabError(UserInputError):
     """A vocabulary file or gene list that cannot be used as is."""
 
 

@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import json
 import os
 import time
 from pathlib import Path
@@ -11,6 +10,7 @@ import pytorch_lightning as pl
 import torch
 from pytorch_lightning.utilities import rank_zero_only
 
+from data_modules.atomic import write_json_atomic
 from data_modules.batch import Batch
 from scgpt_train.objectives.per_gene import per_gene_ratios
 
@@ -123,7 +123,8 @@ class ThroughputLogger(pl.Callback):
 class RunSummary(pl.Callback):
     """Collects what a user wants to see at the end: steps, cells, speed, losses first -> last, paths.
 
-    ``summary`` is filled during the run; ``write(path)`` saves it as JSON.
+    ``summary`` is filled during the run; ``write(path)`` saves it as JSON. ``finished`` is true when the run
+    reached its end; a run stopped early (preemption) is written with ``finished: false`` and ``stop_reason``.
     """
 
     def __init__(self):
@@ -175,13 +176,17 @@ class RunSummary(pl.Callback):
         if baselines:
             self.per_gene = {**baselines, **per_gene_ratios(metrics)}
 
-    def summary(self, trainer: pl.Trainer, output_dir: str | Path | None = None) -> dict:
+    def summary(
+        self, trainer: pl.Trainer, output_dir: str | Path | None = None, stop_reason: str | None = None
+    ) -> dict:
         ckpt = trainer.checkpoint_callback
         first_last = lambda xs: (xs[0][1], xs[-1][1]) if xs else (None, None)  # noqa: E731
         # smooth the noisy per-step train loss: mean of the first / last 10 steps
         tl = [x[1] for x in self.train_losses]
         k = min(10, max(1, len(tl) // 4)) if tl else 0
         return {
+            "finished": stop_reason is None,
+            "stop_reason": stop_reason,
             "steps": trainer.global_step,
             "cells_seen": self.cells_seen,
             "fit_seconds": round(self.fit_seconds, 2),
@@ -201,11 +206,10 @@ class RunSummary(pl.Callback):
         }
 
     @rank_zero_only
-    def write(self, trainer: pl.Trainer, path: str | Path) -> dict:
+    def write(self, trainer: pl.Trainer, path: str | Path, stop_reason: str | None = None) -> dict:
         path = Path(path)
-        data = self.summary(trainer, path.parent)
-        path.parent.mkdir(parents=True, exist_ok=True)
-        path.write_text(json.dumps(data, indent=1))
+        data = self.summary(trainer, path.parent, stop_reason=stop_reason)
+        write_json_atomic(path, data)
         return data
 
 

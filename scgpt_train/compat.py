@@ -45,6 +45,10 @@ def check_private_api() -> None:
     if "self._signal_connector = _SignalConnector(" not in inspect.getsource(pl.Trainer.__init__):
         _require(pl.Trainer, "_signal_connector", "pytorch_lightning.Trainer")
     _require(_SignalConnector(None), "received_sigterm", "pytorch_lightning.trainer.connectors._SignalConnector")
+    from pytorch_lightning.loops import _FitLoop, _TrainingEpochLoop
+
+    _require(_TrainingEpochLoop, "_should_check_val_fx", "pytorch_lightning.loops._TrainingEpochLoop")
+    _require(_FitLoop(None), "_data_fetcher", "pytorch_lightning.loops._FitLoop")
 
 
 def set_hydra_subprocess_cmd(command_fn: Callable[[int], tuple[list[str], str]]) -> None:
@@ -60,3 +64,12 @@ def request_graceful_stop(trainer: pl.Trainer) -> None:
     connector = trainer._signal_connector
     _require(connector, "received_sigterm", "pytorch_lightning.Trainer._signal_connector")
     connector.received_sigterm = True
+
+
+def validation_follows(trainer: pl.Trainer) -> bool:
+    """Whether Lightning runs a validation right after the training batch that just ended (the decision its
+    training epoch loop takes next, in ``on_advance_end``); for ``fault_tolerance.RunCheckpoint``."""
+    loop = trainer.fit_loop.epoch_loop
+    _require(loop, "_should_check_val_fx", "pytorch_lightning.loops._TrainingEpochLoop")
+    _require(trainer.fit_loop, "_data_fetcher", "pytorch_lightning.loops._FitLoop")
+    return bool(loop._should_check_val_fx(trainer.fit_loop._data_fetcher))

@@ -1,7 +1,12 @@
 """Long jobs never lose finished work: atomic checkpoints, preemption, auto-resume, step-keyed RNG,
 non-finite loss guards.
 
-- ``AtomicCheckpointIO``: every checkpoint is written to a temp file, fsynced, then renamed.
+- ``AtomicCheckpointIO``: every checkpoint is written to a temp file, fsynced, then renamed; a full disk is
+  reported by path (``NoSpaceLeftError``) and the partial file removed. ``remove_leftover_temp_files``: the temp
+  files a killed process left behind are removed at the next start.
+- ``RunCheckpoint``: Lightning's ``ModelCheckpoint``, except that a step-interval save at a step that a validation
+  follows is written after that validation (a checkpoint from before it would resume past it: the validation, its
+  score and the best checkpoint would be lost), and a best / top-k file that is gone at resume is forgotten.
 - ``PreemptionCheckpoint``: SIGTERM (and SIGUSR1, SLURM's pre-timeout warning, where Lightning's
   SLURM requeue does not already own it) stops after the current step and saves a checkpoint.
 - ``find_resume_checkpoint``: the checkpoint of a run dir with the highest global step that loads
@@ -15,34 +20,97 @@ non-finite loss guards.
 
 from __future__ import annotations
 
+import errno
 import logging
 import math
 import os
 import re
 import signal
+import tempfile
 from pathlib import Path
 from typing import Any
 
 import pytorch_lightning as pl
 import torch
 from lightning_fabric.plugins.io.torch_io import TorchCheckpointIO
+from pytorch_lightning.callbacks import ModelCheckpoint
 from pytorch_lightning.utilities.exceptions import SIGTERMException
 
 from data_modules.atomic import atomic_path
-from scgpt_train.compat import request_graceful_stop
+from scgpt_train.compat import request_graceful_stop, validation_follows
+from scgpt_train.errors import NoSpaceLeftError
 
 log = logging.getLogger(__name__)
 
 PREEMPT_PREFIX = "preempted-step"
 
 
+_NO_SPACE = (errno.ENOSPC, errno.EDQUOT)
+
+
+def out_of_space(directory: Path, error: BaseException) -> bool:
+    """Whether ``error`` (raised while writing into ``directory``) came from a full file system or quota.
+    torch's writer reports a full disk as ``RuntimeError: ... iostream error`` / ``unexpected pos``, without an
+    errno, so when the error carries none, a small probe write into ``directory`` asks the file system."""
+    cause: BaseException | None = error
+    while cause is not None:
+        if isinstance(cause, OSError) and cause.errno in _NO_SPACE:
+            return True
+        cause = cause.__cause__ or cause.__context__
+    try:
+        with tempfile.TemporaryFile(dir=directory) as probe:
+            probe.write(b"\0" * (1 << 20))
+            probe.flush()
+            os.fsync(probe.fileno())
+    except OSError as e:
+        return e.errno in _NO_SPACE
+    return False
+
+
 class AtomicCheckpointIO(TorchCheckpointIO):
     """``torch.save`` to a hidden temp file in the same dir, fsync, rename (``data_modules.atomic``):
-    a crash never leaves a half file."""
+    a crash never leaves a half file; a full disk raises ``NoSpaceLeftError`` naming the file, and the partial temp
+    file is removed."""
 
     def save_checkpoint(self, checkpoint: dict[str, Any], path, storage_options: Any | None = None) -> None:
-        with atomic_path(path) as tmp:
-            torch.save(checkpoint, tmp)
+        path = Path(path)
+        try:
+            with atomic_path(path) as tmp:
+                try:
+                    torch.save(checkpoint, tmp)
+                except Exception as e:  # decide while the partial file still takes its space
+                    if out_of_space(path.parent, e):
+                        raise NoSpaceLeftError(path, f"{type(e).__name__}: {e}") from e
+                    raise
+        except OSError as e:  # fsync / rename
+            if e.errno in _NO_SPACE:
+                raise NoSpaceLeftError(path, os.strerror(e.errno)) from e
+            raise
+
+
+_TEMP_FILE = re.compile(r"^\..+\.[A-Za-z0-9_]{6,}\.tmp$")  # data_modules.atomic: .<name>.<random>.tmp
+
+
+def leftover_temp_files(output_dir: str | os.PathLike) -> list[Path]:
+    """Temp files of atomic writes (``.last.ckpt.<random>.tmp``, ...) in a run dir and its ``checkpoints/``: what a
+    process killed while writing left behind. Read-only."""
+    output_dir = Path(output_dir)
+    found = []
+    for directory in (output_dir, output_dir / "checkpoints"):
+        if directory.is_dir():
+            found += [p for p in directory.iterdir() if p.is_file() and _TEMP_FILE.match(p.name)]
+    return sorted(found)
+
+
+def remove_leftover_temp_files(output_dir: str | os.PathLike) -> list[Path]:
+    """Remove ``leftover_temp_files`` (call it only while holding the run dir's lock: no writer is alive)."""
+    removed = []
+    for path in leftover_temp_files(output_dir):
+        size = path.stat().st_size
+        path.unlink(missing_ok=True)
+        removed.append(path)
+        log.warning("removed %s (%.1f MB), left by a process killed while writing it", path, size / 1e6)
+    return removed
 
 
 def checkpoint_is_valid(path: Path) -> bool:
@@ -130,14 +198,71 @@ def find_resume_checkpoint(output_dir: str | os.PathLike) -> Path | None:
     return valid[0][1] if valid else None
 
 
+class RunCheckpoint(ModelCheckpoint):
+    """``ModelCheckpoint`` that never writes a step-interval checkpoint from before the validation of its step.
+
+    Lightning saves ``every_n_train_steps`` checkpoints at the end of the training batch, before the validation
+    of that step; a run resumed from such a file skips the validation (Lightning treats it as done), so when a
+    kill came before the validation's own checkpoint was written, the validation result, the best checkpoint and its
+    score were lost for good. Here such a save waits for the end of that validation. At resume, best / top-k files
+    that no longer exist (moved aside as corrupt, deleted) are forgotten, so ``best_model_path`` names a real file.
+    The state key is ``ModelCheckpoint``'s, so checkpoints written before this class existed resume unchanged.
+    """
+
+    _after_validation_step: int | None = None
+
+    @property
+    def state_key(self) -> str:
+        return super().state_key.replace(type(self).__qualname__, ModelCheckpoint.__qualname__, 1)
+
+    def on_train_batch_end(self, trainer, pl_module, outputs, batch, batch_idx) -> None:
+        n = self._every_n_train_steps
+        if n >= 1 and trainer.global_step % n == 0 and validation_follows(trainer):
+            self._after_validation_step = trainer.global_step
+            return
+        super().on_train_batch_end(trainer, pl_module, outputs, batch, batch_idx)
+
+    def on_validation_end(self, trainer, pl_module) -> None:
+        super().on_validation_end(trainer, pl_module)
+        if self._after_validation_step is None or self._after_validation_step != trainer.global_step:
+            return
+        self._after_validation_step = None
+        if not self._should_skip_saving_checkpoint(trainer):
+            candidates = self._monitor_candidates(trainer)
+            self._save_topk_checkpoint(trainer, candidates)
+            self._save_last_checkpoint(trainer, candidates)
+
+    def load_state_dict(self, state_dict: dict[str, Any]) -> None:
+        super().load_state_dict(state_dict)
+        gone = [p for p in self.best_k_models if not Path(p).exists()]
+        for path in gone:
+            del self.best_k_models[path]
+        if self.best_model_path and not Path(self.best_model_path).exists():
+            gone.append(self.best_model_path)
+            self.best_model_path, self.best_model_score = "", None
+        if not gone:
+            return
+        log.warning("checkpoint(s) %s no longer exist: no longer counted as best / top-k", ", ".join(sorted(set(gone))))
+        if self.best_k_models:
+            best = (min if self.mode == "min" else max)(self.best_k_models, key=self.best_k_models.get)
+            self.best_model_path, self.best_model_score = best, self.best_k_models[best]
+            kth = (max if self.mode == "min" else min)(self.best_k_models, key=self.best_k_models.get)
+            self.kth_best_model_path, self.kth_value = kth, self.best_k_models[kth]
+        else:
+            self.kth_best_model_path = ""
+            self.kth_value = torch.tensor(math.inf if self.mode == "min" else -math.inf)
+
+
 class PreemptionCheckpoint(pl.Callback):
-    """Save ``checkpoints/preempted-step<N>.ckpt`` when the run is stopped by SIGTERM / SIGUSR1."""
+    """Save ``checkpoints/preempted-step<N>.ckpt`` when the run is stopped by SIGTERM / SIGUSR1; ``signum`` is the
+    signal that stopped it (SIGTERM unless one of the other requested signals came)."""
 
     def __init__(self, dirpath: str, signals: tuple[str, ...] = ("SIGTERM", "SIGUSR1")):
         self.dirpath = Path(dirpath)
         self.signals = tuple(signals)
         self._previous: dict[int, Any] = {}
         self.saved_path: Path | None = None
+        self.signum: int = signal.SIGTERM
 
     def on_fit_start(self, trainer, pl_module):
         # Lightning turns SIGTERM into a clean SIGTERMException after the current step; give other
@@ -149,7 +274,11 @@ class PreemptionCheckpoint(pl.Callback):
             current = signal.getsignal(signum)
             if current in (signal.SIG_DFL, signal.SIG_IGN, None):
                 self._previous[signum] = current
-                signal.signal(signum, lambda *_: request_graceful_stop(trainer))
+                signal.signal(signum, lambda received, _frame: self._stop(trainer, received))
+
+    def _stop(self, trainer, signum: int) -> None:
+        self.signum = signum
+        request_graceful_stop(trainer)
 
     def on_fit_end(self, trainer, pl_module):
         for signum, handler in self._previous.items():

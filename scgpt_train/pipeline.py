@@ -4,7 +4,10 @@ from __future__ import annotations
 
 import logging
 import os
+import shutil
+import signal
 import sys
+import time
 from pathlib import Path
 
 import pytorch_lightning as pl
@@ -13,6 +16,7 @@ from hydra.utils import instantiate
 from lightning_fabric.plugins.io.torch_io import TorchCheckpointIO
 from omegaconf import DictConfig, OmegaConf
 from pytorch_lightning.callbacks import LearningRateMonitor
+from pytorch_lightning.utilities.exceptions import SIGTERMException
 from rich.console import Console
 from rich.table import Table
 
@@ -20,7 +24,16 @@ from data_modules.atomic import write_json_atomic
 from data_modules.vocab import GeneVocab, VocabError
 from scgpt_train.callbacks import RunSummary
 from scgpt_train.compat import set_hydra_subprocess_cmd
-from scgpt_train.fault_tolerance import AtomicCheckpointIO, checkpoint_is_valid, find_resume_checkpoint
+from scgpt_train.config_checks import check_config
+from scgpt_train.errors import CheckpointPathError, RunInterrupted, find_user_input_error
+from scgpt_train.fault_tolerance import (
+    AtomicCheckpointIO,
+    PreemptionCheckpoint,
+    checkpoint_is_valid,
+    find_resume_checkpoint,
+    remove_leftover_temp_files,
+)
+from scgpt_train.run_lock import HOLDER_NAME, LOCK_NAME, RunDirLock, is_job_leader
 
 log = logging.getLogger(__name__)
 
@@ -143,9 +156,9 @@ def resolve_ckpt_path(ckpt_path: str | None, output_dir: str, auto_resume: bool 
         return str(found)
     path = Path(output_dir) / "checkpoints" / "last.ckpt" if ckpt_path == "last" else Path(ckpt_path)
     if not path.exists():
-        raise FileNotFoundError(f"ckpt_path={ckpt_path!r}: no checkpoint at {path}")
+        raise CheckpointPathError(f"ckpt_path={ckpt_path!r}: no checkpoint at {path}")
     if not checkpoint_is_valid(path):
-        raise ValueError(
+        raise CheckpointPathError(
             f"ckpt_path={ckpt_path!r}: {path} is not a training checkpoint of this project (it must be a "
             "Lightning .ckpt holding state_dict and global_step); to start from pretrained weights use "
             "pretrained=<path> instead"
@@ -154,25 +167,21 @@ def resolve_ckpt_path(ckpt_path: str | None, output_dir: str, auto_resume: bool 
 
 
 def keep_previous_metrics(output_dir: Path) -> Path | None:
-    """Rename ``<run dir>/csv/metrics.csv`` to the next free ``metrics.<n>.csv`` before a resumed run's
-    CSVLogger starts (it deletes an existing metrics.csv). Only the launching process renames."""
+    """Rename ``<run dir>/csv/metrics.csv`` to the next free ``metrics.<n>.csv`` before the run's CSVLogger starts
+    (it deletes an existing metrics.csv): whether the run resumes or restarts from scratch (every checkpoint
+    corrupt), the earlier attempt's metrics stay. Only the job's leader (global rank 0) renames."""
     metrics = output_dir / "csv" / "metrics.csv"
-    if not _is_launching_process() or not metrics.is_file():
+    if not is_job_leader() or not metrics.is_file():
         return None
     n = 1
     while (kept := metrics.with_name(f"metrics.{n}.csv")).exists():
         n += 1
     metrics.rename(kept)  # a move inside the run dir, not a write
-    log.warning("resume: kept the earlier attempt's metrics as %s", kept)
+    log.warning("kept the earlier attempt's metrics as %s", kept)
     return kept
 
 
 _DDP_LAUNCH_ENV = ("MASTER_ADDR", "MASTER_PORT", "NODE_RANK", "LOCAL_RANK", "WORLD_SIZE")
-
-
-def _is_launching_process() -> bool:
-    """True in the process a user started (not in DDP ranks that Lightning spawned from it)."""
-    return "LOCAL_RANK" not in os.environ or os.environ.get("LOCAL_RANK") == "0"
 
 
 def _job_subprocess_cmd(local_rank: int) -> tuple[list[str], str]:
@@ -229,17 +238,61 @@ def write_result(output_dir: Path, cfg: DictConfig, metrics: dict[str, float], s
 
 
 def run(cfg: DictConfig) -> dict[str, float]:
-    """Seed, build, (validate,) fit, print and save the summary; returns the final metrics."""
-    pl.seed_everything(cfg.seed, workers=True)
-    use_job_config_for_ddp_children()
+    """Check the config, lock the run dir, build, (validate,) fit, print and save the summary; returns the final
+    metrics. Raises a ``UserInputError`` for a refused input (a refused run leaves no run dir of its own behind) and
+    ``RunInterrupted`` when a preemption signal stopped the run after its checkpoint was saved."""
     output_dir = Path(cfg.paths.output_dir)
-    output_dir.mkdir(parents=True, exist_ok=True)
-    if _is_launching_process():
-        OmegaConf.save(cfg, output_dir / "config.yaml", resolve=True)
+    lock = RunDirLock(output_dir).acquire() if is_job_leader() else None  # the job's other ranks do not lock
+    try:
+        return _run_locked(cfg, output_dir)
+    finally:
+        if lock is not None:
+            lock.release()
 
+
+_STARTED = time.time() - 2.0  # this process's start, with slack for coarse file-system clocks
+
+
+def _holds_nothing_of_a_run(output_dir: Path) -> bool:
+    """True when ``output_dir`` does not exist or holds only what this job wrote before the run: the lock and
+    Hydra's ``.hydra/`` records and ``*.log``, all written since this process started (a user's older files there,
+    logs included, make it a dir that is never removed)."""
+    if not output_dir.exists():
+        return True
+    for entry in output_dir.iterdir():
+        if entry.name in (LOCK_NAME, HOLDER_NAME):
+            continue
+        if entry.name != ".hydra" and not (entry.suffix == ".log" and entry.is_file()):
+            return False
+        files = [entry, *entry.rglob("*")] if entry.is_dir() else [entry]
+        if any(f.stat().st_mtime < _STARTED for f in files):
+            return False
+    return True
+
+
+def _run_locked(cfg: DictConfig, output_dir: Path) -> dict[str, float]:
+    leader = is_job_leader()
+    new_dir = leader and _holds_nothing_of_a_run(output_dir)
     launch_env = {k: os.environ.get(k) for k in _DDP_LAUNCH_ENV}
     try:
-        return _fit_and_report(cfg, output_dir)
+        try:  # every refusal of the user's input comes before training starts
+            check_config(cfg)
+            if leader:
+                remove_leftover_temp_files(output_dir)
+            ckpt_path = resolve_ckpt_path(cfg.get("ckpt_path"), str(output_dir), bool(cfg.get("auto_resume", False)))
+            pl.seed_everything(cfg.seed, workers=True)
+            use_job_config_for_ddp_children()
+            datamodule, module, trainer = build(cfg)
+            if ckpt_path is not None:
+                check_checkpoint_vocab(ckpt_path, datamodule.vocab, resume=True)
+        except Exception as e:
+            if new_dir and find_user_input_error(e) is not None:
+                shutil.rmtree(output_dir, ignore_errors=True)  # a refused run leaves no run dir behind
+            raise
+        if leader:
+            OmegaConf.save(cfg, output_dir / "config.yaml", resolve=True)
+            keep_previous_metrics(output_dir)  # the earlier attempt's csv/metrics.csv -> csv/metrics.<n>.csv
+        return _fit_and_report(cfg, output_dir, datamodule, module, trainer, ckpt_path)
     finally:
         # A sweep runs several jobs in one process: each job's DDP group, and the environment that
         # Lightning's launcher set for it (which would make the next job think its ranks exist), go with it.
@@ -252,27 +305,48 @@ def run(cfg: DictConfig) -> dict[str, float]:
                 os.environ[key] = value
 
 
-def _fit_and_report(cfg: DictConfig, output_dir: Path) -> dict[str, float]:
-    datamodule, module, trainer = build(cfg)
-    ckpt_path = resolve_ckpt_path(cfg.get("ckpt_path"), str(output_dir), bool(cfg.get("auto_resume", False)))
-    if ckpt_path is not None:
-        check_checkpoint_vocab(ckpt_path, datamodule.vocab, resume=True)
-        keep_previous_metrics(output_dir)  # the earlier attempt's csv/metrics.csv -> csv/metrics.<n>.csv
+# A run stopped by a preemption signal exits 128 + the signal number (143 after SIGTERM, 138 after SIGUSR1): what a
+# shell reports for a process that signal ended, so `train.py && next_step` stops, SLURM records the job as failed
+# (not COMPLETED: an `afterok` dependency does not start on an unfinished model), and a cluster's slurm.conf can
+# requeue it with `RequeueExit=143,138`. The checkpoint is saved first; rerunning the same command resumes exactly.
+def preempted_exit_code(signum: int) -> int:
+    return 128 + int(signum)
+
+
+def _fit_and_report(cfg: DictConfig, output_dir: Path, datamodule, module, trainer, ckpt_path) -> dict[str, float]:
     if cfg.get("validate_before_fit") and ckpt_path is None:
         trainer.validate(module, datamodule=datamodule, verbose=False)
-    trainer.fit(module, datamodule=datamodule, ckpt_path=ckpt_path)
+    summary_cb = next((c for c in trainer.callbacks if isinstance(c, RunSummary)), None)
+    try:
+        trainer.fit(module, datamodule=datamodule, ckpt_path=ckpt_path)
+    except SIGTERMException:
+        raise _preempted(trainer, summary_cb, output_dir) from None
 
     metrics = {k: float(v) for k, v in trainer.callback_metrics.items() if torch.is_tensor(v) and v.numel() == 1}
     if cfg.get("task"):  # fine-tuning tasks evaluate after fit: predictions, metrics, figures
         task = instantiate(cfg.task)
         metrics.update(task.evaluate(trainer=trainer, module=module, datamodule=datamodule, output_dir=output_dir))
-    summary_cb = next((c for c in trainer.callbacks if isinstance(c, RunSummary)), None)
     if trainer.is_global_zero:
         summary = summary_cb.write(trainer, output_dir / "summary.json") if summary_cb is not None else None
         write_result(output_dir, cfg, metrics, summary)
         if summary is not None:
             print_summary(summary, output_dir)
     return metrics
+
+
+def _preempted(trainer: pl.Trainer, summary_cb: RunSummary | None, output_dir: Path) -> RunInterrupted:
+    """summary.json with ``finished: false`` and the reason; the exception ``train.py`` turns into its exit code."""
+    preemption = next((c for c in trainer.callbacks if isinstance(c, PreemptionCheckpoint)), None)
+    signum = preemption.signum if preemption is not None else signal.SIGTERM
+    saved = preemption.saved_path if preemption is not None else None
+    reason = (
+        f"stopped by {signal.Signals(signum).name} at step {trainer.global_step} before the end of training; "
+        + (f"saved {saved}; " if saved else "")
+        + "rerun the same command to resume"
+    )
+    if trainer.is_global_zero and summary_cb is not None:
+        summary_cb.write(trainer, output_dir / "summary.json", stop_reason=reason)
+    return RunInterrupted(reason, exit_code=preempted_exit_code(signum), checkpoint=str(saved) if saved else None)
 
 
 def _fmt(x) -> str:

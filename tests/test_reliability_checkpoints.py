@@ -1,12 +1,16 @@
 """Checkpoints you can rely on: the final step is always in last.ckpt, auto-resume picks the highest
-step (not the newest file), corrupt files are moved aside, bad ckpt_paths are refused by name, the
-earlier attempt's metrics survive a resume, and the private Lightning names we patch still exist."""
+step (not the newest file), corrupt files are moved aside (and forgotten as best), bad ckpt_paths are refused by
+name, the earlier attempt's metrics survive a resume or a restart from scratch, a full disk is reported by path
+with nothing kept, and the private Lightning names we patch still exist."""
 
 from __future__ import annotations
 
 import json
 import logging
 import os
+import re
+import subprocess
+import sys
 from pathlib import Path
 
 import pytest
@@ -15,8 +19,10 @@ from conftest import (
     DEMO_RUN_PERIODIC_EVERY,
     DEMO_RUN_STEPS,
     DEMO_RUN_VAL_EVERY,
+    ROOT,
     copy_run,
     demo_overrides,
+    demo_train_args,
     train_in_process,
 )
 
@@ -117,3 +123,87 @@ def test_request_graceful_stop_sets_lightnings_sigterm_flag():
     trainer = pl.Trainer(logger=False, enable_checkpointing=False, enable_progress_bar=False, accelerator="cpu")
     request_graceful_stop(trainer)
     assert trainer._signal_connector.received_sigterm is True
+
+
+def test_a_best_checkpoint_that_is_gone_is_forgotten_at_resume(tmp_path):
+    """A run resumed after its best checkpoint was moved aside as corrupt (or deleted) must not name it as best."""
+    from scgpt_train.fault_tolerance import RunCheckpoint
+
+    kept = save_fake_checkpoint(tmp_path / "step0000010.ckpt", 10)
+    gone = tmp_path / "step0000020.ckpt"  # moved aside to step0000020.ckpt.corrupt
+    callback = RunCheckpoint(dirpath=tmp_path, monitor="val/loss", mode="min", save_top_k=2)
+    callback.load_state_dict(
+        {
+            "dirpath": callback.dirpath,
+            "best_model_score": torch.tensor(1.0),
+            "best_model_path": str(gone),
+            "kth_best_model_path": str(kept),
+            "kth_value": torch.tensor(2.0),
+            "best_k_models": {str(kept): torch.tensor(2.0), str(gone): torch.tensor(1.0)},
+            "last_model_path": "",
+        }
+    )
+    assert callback.best_model_path == str(kept) and float(callback.best_model_score) == 2.0
+    assert list(callback.best_k_models) == [str(kept)]
+    assert callback.state_key.startswith("ModelCheckpoint{")  # checkpoints of earlier versions resume unchanged
+
+
+def test_restart_from_scratch_keeps_the_earlier_metrics(demo_corpus, tmp_path, caplog):
+    """Every checkpoint corrupt: the run starts from scratch and the earlier attempt's metrics.csv is kept as
+    metrics.1.csv, as for a resumed run."""
+    run_dir = tmp_path / "run"
+    (run_dir / "csv").mkdir(parents=True)
+    (run_dir / "checkpoints").mkdir()
+    earlier = "step,train/loss\n0,8.5\n"
+    (run_dir / "csv" / "metrics.csv").write_text(earlier)
+    (run_dir / "checkpoints" / "last.ckpt").write_bytes(b"truncated by a crash")
+    with caplog.at_level(logging.WARNING):
+        train_in_process(
+            demo_overrides(
+                demo_corpus,
+                "trainer.max_steps=2",
+                "trainer.val_check_interval=2",
+                "validate_before_fit=false",
+                "callbacks.periodic_checkpoint.every_n_train_steps=null",
+            ),
+            run_dir,
+        )
+    assert "starting from scratch" in caplog.text
+    assert (run_dir / "csv" / "metrics.1.csv").read_text() == earlier
+    assert (run_dir / "checkpoints" / "last.ckpt.corrupt").exists()
+    assert "train/loss" in (run_dir / "csv" / "metrics.csv").read_text()
+
+
+@pytest.fixture
+def small_tmpfs(tmp_path):
+    """An 8 MB tmpfs (a file system that fills up); skipped where mounting is not permitted."""
+    if os.geteuid() != 0:
+        pytest.skip("mounting a tmpfs needs root")
+    mount = tmp_path / "tmpfs"
+    mount.mkdir()
+    done = subprocess.run(["mount", "-t", "tmpfs", "-o", "size=8m", "tmpfs", str(mount)], capture_output=True)
+    if done.returncode != 0:
+        pytest.skip(f"mount -t tmpfs is not permitted here: {done.stderr.decode().strip()}")
+    yield mount
+    subprocess.run(["umount", "-l", str(mount)], check=False)
+
+
+def test_disk_full_while_saving_a_checkpoint_says_so_and_keeps_nothing(demo_corpus, small_tmpfs):
+    run_dir = small_tmpfs / "run"
+    args = demo_train_args(
+        demo_corpus,
+        run_dir,
+        "trainer.max_steps=2",
+        "trainer.val_check_interval=2",
+        "validate_before_fit=false",
+        "callbacks.periodic_checkpoint.every_n_train_steps=null",
+    )
+    done = subprocess.run([sys.executable, *args], cwd=ROOT, capture_output=True, text=True)
+    assert done.returncode == 2, done.stderr[-3000:]
+    message = re.findall(r"^error: no space left on device while writing (\S+): (.*)$", done.stderr, re.MULTILINE)
+    assert len(message) == 1, done.stderr[-3000:]
+    path, rest = message[0]
+    assert Path(path).parent == run_dir / "checkpoints" and path.endswith(".ckpt")
+    assert rest.startswith("free space or choose another hydra.run.dir; nothing was kept")
+    assert "Traceback" not in done.stderr
+    assert not [p.name for p in (run_dir / "checkpoints").iterdir()]  # no checkpoint, no temp file

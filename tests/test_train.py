@@ -1,13 +1,17 @@
-"""End to end through `python train.py`: the demo (shortened), resume, and the paper preset smoke run."""
+"""End to end through `python train.py`: the demo (shortened), resume, the paper preset smoke run, and refusals of
+config values and resumes (one message, exit 2, no run dir left)."""
 
 from __future__ import annotations
 
 import json
+import os
+import subprocess
+import sys
 from pathlib import Path
 
 import pytest
 import yaml
-from conftest import DEMO_RUN_STEPS, demo_overrides, run_cmd, train_in_process
+from conftest import DEMO_RUN_STEPS, ROOT, demo_overrides, run_cmd, train_in_process
 
 
 def test_demo_trains_validates_checkpoints_and_summarizes(demo_run):
@@ -112,3 +116,40 @@ def test_tensorboard_logger_writes_events(demo_corpus, tmp_path):
     )
     assert list((tmp_path / "tensorboard").glob("events.out.tfevents.*"))
     assert (tmp_path / "csv" / "metrics.csv").exists()
+
+
+def test_bad_config_values_are_refused_by_key_before_anything_is_built(tmp_path):
+    """One message naming every bad key, exit 2, no traceback, and no run dir left behind (Hydra had made it)."""
+    run_dir = tmp_path / "run"
+    bad = ["trainer.max_steps=abc", "model.net.d_model=-1", "data.batch_size=-4"]
+    done = subprocess.run(
+        [sys.executable, "train.py", f"hydra.run.dir={run_dir}", *bad], cwd=ROOT, capture_output=True, text=True
+    )
+    assert done.returncode == 2, done.stderr[-3000:]
+    errors = [line for line in done.stderr.splitlines() if line.startswith("error:")]
+    assert len(errors) == 1 and "Traceback" not in done.stderr, done.stderr[-3000:]
+    for named in ("trainer.max_steps='abc' (str) must be a whole number", "model.net.d_model=-1", "data.batch_size=-4"):
+        assert named in errors[0]
+    assert not run_dir.exists()
+    # the API gets the same refusal as a typed exception
+    from scgpt_train.errors import ConfigValueError, UserInputError
+
+    with pytest.raises(ConfigValueError, match=r"trainer.max_steps=-5 must be a whole number >= -1") as info:
+        train_in_process(["trainer.max_steps=-5"], tmp_path / "api_run")
+    assert isinstance(info.value, UserInputError) and not (tmp_path / "api_run").exists()
+
+
+def test_a_refused_resume_leaves_no_run_dir_and_hydra_full_error_adds_the_traceback(demo_corpus, tmp_path):
+    run_dir, missing = tmp_path / "run", tmp_path / "missing.ckpt"
+    done = subprocess.run(
+        [sys.executable, "train.py", f"hydra.run.dir={run_dir}", f"paths.cache_dir={demo_corpus.parent}"]
+        + [f"ckpt_path={missing}"],
+        cwd=ROOT,
+        capture_output=True,
+        text=True,
+        env={**os.environ, "HYDRA_FULL_ERROR": "1"},
+    )
+    assert done.returncode == 2, done.stderr[-3000:]
+    assert "Traceback" in done.stderr and "CheckpointPathError" in done.stderr
+    assert done.stderr.strip().splitlines()[-1] == f"error: ckpt_path='{missing}': no checkpoint at {missing}"
+    assert not run_dir.exists()

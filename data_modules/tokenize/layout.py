@@ -17,6 +17,7 @@ from dataclasses import asdict, dataclass, fields
 from typing import Any
 
 from data_modules.config import dataclass_from_any
+from data_modules.errors import UserInputError
 
 VALUE_STYLES = ("continuous", "category", "scaling")
 # fields a trained model depends on: a checkpoint and its data must agree on these
@@ -97,7 +98,7 @@ class TokenLayout:
         if diff:
             details = "; ".join(f"{k}: model {a!r}, data {b!r}" for k, (a, b) in diff.items())
             fixes = " ".join(f"layout.{k}={a}" for k, (a, _) in diff.items())
-            raise ValueError(
+            raise UserInputError(
                 f"token layout of {model_source} and of the data differ ({details}). "
                 f"Set the data's layout to the model's ({fixes}) or train a new model."
             )

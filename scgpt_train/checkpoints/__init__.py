@@ -13,6 +13,7 @@ from pathlib import Path
 import torch
 
 from data_modules.atomic import atomic_path, write_json_atomic
+from data_modules.errors import UserInputError
 from scgpt_train.checkpoints.mapping import (
     ATTENTION_LAYOUTS,
     MappingReport,
@@ -123,7 +124,7 @@ def apply_overrides(cfg: dict, overrides: dict, source) -> dict:
     if conflicts:
         listed = ", ".join(f"model.net.{k}={a!r} (the checkpoint has {b!r})" for k, (a, b) in conflicts.items())
         drops = " ".join(f"~model.net.{k}" for k in conflicts)
-        raise ValueError(
+        raise UserInputError(
             f"{source}: fine-tuning takes the architecture from the checkpoint, but the config overrides it: "
             f"{listed}. Remove these overrides (on the command line: {drops}; or from the experiment's model.net), "
             "or train a new model from scratch without pretrained="
