@@ -6,7 +6,7 @@
     python scripts/benchmark.py benchmark=annotation_ms trainer=gpu
 
 Arguments that are not keys of configs/benchmark.yaml (``data.path=ref.h5ad``, ``trainer=gpu``,
-``pretrained=CKPT``) are train.py overrides for every seed (``scgpt_train.tasks.benchmark.split_cli_overrides``).
+``pretrained=CKPT``) are train.py overrides for every seed (``scgpt_train.benchmarks.harness.split_cli_overrides``).
 
 Everything lands under the Hydra run dir (hydra.run.dir=...): benchmark.md, results.json, figures, and one
 full train.py run directory per seed (seed_<n>/).
@@ -26,7 +26,7 @@ import hydra  # noqa: E402
 from hydra.core.hydra_config import HydraConfig  # noqa: E402
 from omegaconf import DictConfig, OmegaConf  # noqa: E402
 
-from scgpt_train.tasks.benchmark import run_benchmark, split_cli_overrides  # noqa: E402
+from scgpt_train.benchmarks.harness import run_benchmark, split_cli_overrides  # noqa: E402
 
 sys.argv[1:], TRAIN_OVERRIDES = split_cli_overrides(sys.argv[1:])
 

@@ -14,7 +14,7 @@ co-expression baseline through the same steps, and with --label-key a heatmap of
 
 DIR: report.md, summary.json, programs.tsv, enrichment.tsv, networks.tsv (within-program cosine networks),
 background_genes.txt, scores.h5ad, program_heatmap.png, family_network.png (--family, default HLA-* and CD3D/E/G).
-The MSigDB Hallmark and C2:CP files: python -c "from scgpt_train.tasks.resources import fetch_resources;
+The MSigDB Hallmark and C2:CP files: python -c "from scgpt_train.resources.pypi import fetch_resources;
 fetch_resources()" (into .cache/resources/). Input errors exit with status 2.
 """
 
@@ -31,7 +31,7 @@ sys.path.insert(0, str(ROOT))
 def main(argv=None) -> int:
     from data_modules.value_types import ValueTypeError
     from data_modules.vocab import VocabError
-    from scgpt_train.tasks.embedding import EmbedInputError
+    from scgpt_train.inference import EmbedInputError
     from scgpt_train.tasks.gene_programs import GeneProgramError
 
     try:

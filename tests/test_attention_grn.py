@@ -306,7 +306,7 @@ def test_bad_inputs_are_refused_by_name(pbmc_case, capsys):
 def test_grn_benchmark_report_on_a_short_setting(pbmc_case, tmp_path):
     """benchmark=grn_<dataset> on a shortened setting: gene programs (a GMT written here) and two attention-GRN
     parts (real pbmc68k cells with a TSV resource; the perturbation demo with its planted programs)."""
-    from scgpt_train.tasks.benchmark import run_benchmark
+    from scgpt_train.benchmarks.harness import run_benchmark
 
     d, cells = pbmc_case
     g = list(cells.var_names)

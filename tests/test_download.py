@@ -11,7 +11,7 @@ import threading
 import pytest
 from conftest import ROOT, run_cmd
 
-from scgpt_train.tasks import download as dl
+from scgpt_train.resources import download as dl
 
 
 class RangeHandler(http.server.BaseHTTPRequestHandler):

@@ -1,4 +1,4 @@
-"""Gene-embedding programs (scgpt_train/tasks/gene_programs.py, scripts/gene_programs.py): enrichment statistics
+"""Gene-embedding programs (scgpt_train/tasks/gene_programs/, scripts/gene_programs.py): enrichment statistics
 against hand-computed counts, seeded Leiden, a GMT the vocabulary does not share, and an end-to-end run on the
 official tiny checkpoint with real AnnData and a GMT written here."""
 

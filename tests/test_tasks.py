@@ -74,7 +74,7 @@ def integration_bench(tmp_path_factory) -> Path:
     from hydra import compose, initialize_config_dir
     from omegaconf import OmegaConf
 
-    from scgpt_train.tasks.benchmark import run_benchmark
+    from scgpt_train.benchmarks.harness import run_benchmark
 
     out = tmp_path_factory.mktemp("integration_bench")
     overrides = [
@@ -113,7 +113,8 @@ def test_missing_baseline_packages_are_reported_not_fatal(monkeypatch, tmp_path)
     import numpy as np
     import pandas as pd
 
-    from scgpt_train.tasks import benchmark, integration
+    from scgpt_train.benchmarks import harness as benchmark
+    from scgpt_train.tasks.integration import task as integration
 
     absent = {"harmony": False, "scvi": False}
     monkeypatch.setattr(integration, "available_baselines", lambda: absent)

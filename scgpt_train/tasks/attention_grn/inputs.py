@@ -32,7 +32,7 @@ def read_tf_targets(path) -> dict[str, set[str]]:
     if not path.is_file():
         raise GRNError(
             f"--tf-targets {path} does not exist; fetch CollecTRI with "
-            "`python -c 'from scgpt_train.tasks.resources import fetch_tf_targets; fetch_tf_targets()'`"
+            "`python -c 'from scgpt_train.resources.pypi import fetch_tf_targets; fetch_tf_targets()'`"
         )
     table = pd.read_csv(path, sep="," if path.suffix == ".csv" else "\t", dtype=str)
     missing = {"source", "target"} - set(table.columns)

@@ -136,8 +136,8 @@ def run_attention_grn(
     import anndata as ad
     import torch
 
+    from scgpt_train.evaluation.report import markdown_table, write_json, write_text
     from scgpt_train.tasks.reference_map import log_normalized
-    from scgpt_train.tasks.report import markdown_table, write_json, write_text
 
     say = print if progress else (lambda *a, **k: None)
     t0 = time.perf_counter()
@@ -445,7 +445,7 @@ def plot_precision(agg: pd.DataFrame, path, k: int) -> Path:
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    from scgpt_train.tasks.report import _save_fig
+    from scgpt_train.evaluation.report import _save_fig
 
     settings = list(dict.fromkeys(agg["setting"]))
     methods = list(dict.fromkeys(agg["method"]))
@@ -468,7 +468,7 @@ def plot_targets(source: str, rows: pd.DataFrame, path, setting: str) -> Path:
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    from scgpt_train.tasks.report import _save_fig
+    from scgpt_train.evaluation.report import _save_fig
 
     n = len(rows)
     ang = np.linspace(0, 2 * np.pi, n, endpoint=False)

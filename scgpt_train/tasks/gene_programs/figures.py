@@ -16,7 +16,7 @@ def plot_program_heatmap(scores: pd.DataFrame, cell_types, path, title: str) -> 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    from scgpt_train.tasks.report import _save_fig
+    from scgpt_train.evaluation.report import _save_fig
 
     means = scores.groupby(np.asarray(cell_types).astype(str)).mean().T  # (programs, types)
     z = means.sub(means.mean(1), axis=0).div(means.std(1).replace(0, 1), axis=0)
@@ -46,7 +46,7 @@ def plot_family_network(
     import matplotlib.pyplot as plt
     import networkx as nx
 
-    from scgpt_train.tasks.report import _save_fig
+    from scgpt_train.evaluation.report import _save_fig
 
     pos = {g: i for i, g in enumerate(genes)}
     idx = np.array([pos[g] for g in family])

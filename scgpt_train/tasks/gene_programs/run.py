@@ -75,8 +75,8 @@ def run_gene_programs(
 ) -> dict:
     """Gene-embedding programs of ``checkpoint`` with enrichment, scores and the co-expression baseline; writes
     ``out_dir`` (see docs/grn.md) and returns the summary."""
+    from scgpt_train.evaluation.report import markdown_table, write_h5ad, write_json
     from scgpt_train.tasks.reference_map import load_model
-    from scgpt_train.tasks.report import markdown_table, write_h5ad, write_json
 
     say = print if progress else (lambda *a, **k: None)
     out_dir = Path(out_dir)

@@ -310,7 +310,7 @@ def predict_h5ad(
     device: str | None = None,
 ) -> ad.AnnData:
     """``scripts/predict_perturbation.py``: load, predict every (condition, pool cell), write ``out_path``."""
-    from scgpt_train.tasks.report import write_h5ad
+    from scgpt_train.evaluation.report import write_h5ad
 
     device = device or ("cuda" if torch.cuda.is_available() else "cpu")
     model, vocab = load_predictor(checkpoint)

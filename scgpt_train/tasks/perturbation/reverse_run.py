@@ -161,7 +161,7 @@ def plot_topk(means: pd.DataFrame, path, sds: pd.DataFrame | None = None):
 
 def markdown(result_means: pd.DataFrame, result_sds: pd.DataFrame | None, ks=(1, 2, 4, 8)) -> str:
     """Table: one row per method, correct@K and relevant@K columns (mean +- sd over runs when ``sds``)."""
-    from scgpt_train.tasks.report import markdown_table
+    from scgpt_train.evaluation.report import markdown_table
 
     header = ["method"] + [f"correct@{k}" for k in ks] + [f"relevant@{k}" for k in ks]
     rows = []
@@ -183,7 +183,7 @@ def write_outputs(result: ReverseResult, out_dir, title: str, notes: list[str] |
     ``reverse_topk.png`` in ``out_dir``; returns the report text."""
     from pathlib import Path
 
-    from scgpt_train.tasks.report import write_json, write_text
+    from scgpt_train.evaluation.report import write_json, write_text
 
     out_dir = Path(out_dir)
     out_dir.mkdir(parents=True, exist_ok=True)

@@ -30,11 +30,11 @@ import torch
 
 from data_modules.atomic import atomic_path
 from data_modules.perturbation.conditions import CTRL
-from scgpt_train.tasks.embedding import load_best_weights
+from scgpt_train.evaluation.report import write_h5ad, write_json, write_text
+from scgpt_train.inference import load_best_weights
 from scgpt_train.tasks.perturbation import baselines as B
 from scgpt_train.tasks.perturbation import metrics as M
 from scgpt_train.tasks.perturbation.predict import mean_by_condition, predict_loader
-from scgpt_train.tasks.report import write_h5ad, write_json, write_text
 
 log = logging.getLogger(__name__)
 

@@ -22,7 +22,7 @@ import torch
 
 from data_modules.atomic import atomic_path, write_json_atomic
 from data_modules.vocab import GeneVocab
-from scgpt_train.tasks.embedding import predict_cells
+from scgpt_train.inference import predict_cells
 from scgpt_train.tasks.reference_map.common import (
     CORPUS_UNKNOWN,
     DEFAULT_CHUNK_CELLS,

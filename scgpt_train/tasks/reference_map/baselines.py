@@ -59,7 +59,7 @@ def run_baselines(
     values over the same genes; ``y_ref``: str labels (no missing)."""
     from sklearn.decomposition import PCA
 
-    from scgpt_train.tasks.baselines import PAPER_C_GRID, l1_logistic_regression
+    from scgpt_train.evaluation.baselines import PAPER_C_GRID, l1_logistic_regression
 
     unknown = set(baselines) - set(BASELINES)
     if unknown:

@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from scgpt_train.tasks.embedding import EmbedInputError
+from scgpt_train.inference import EmbedInputError
 
 DEFAULT_K = 10
 FLAT_MAX_CELLS = 100_000  # "auto": exact flat index up to this many reference cells, IVF-PQ above

@@ -1,6 +1,6 @@
 """Embeddings of an h5ad in memory, through ``scripts/embed.py``'s code path.
 
-Embeddings go through the embedding code path of ``scripts/embed.py`` (:mod:`scgpt_train.tasks.embedding`):
+Embeddings go through the embedding code path of ``scripts/embed.py`` (:mod:`scgpt_train.inference`):
 the same input checks (:func:`check_input_layout`, :func:`unmapped_cells`), the same
 :class:`~data_modules.anndata_module.AnnDataModule` (values as stored, the checkpoint's token layout, seeded
 tie-breaking in binning and seeded gene sampling: ``default_rng([seed, first cell, batch size])`` per batch),
@@ -20,7 +20,7 @@ import scipy.sparse as sp
 import torch
 
 from data_modules.vocab import GeneVocab
-from scgpt_train.tasks.embedding import check_input_layout, predict_cells, unmapped_cells
+from scgpt_train.inference import check_input_layout, predict_cells, unmapped_cells
 from scgpt_train.tasks.reference_map.common import ReferenceMapError
 
 log = logging.getLogger(__name__)

@@ -29,7 +29,7 @@ from scgpt_train.tasks.reference_map.index import build_index, knn_vote
 
 
 def _metrics(truth: np.ndarray, pred: np.ndarray) -> dict:
-    from scgpt_train.tasks.metrics import classification_metrics
+    from scgpt_train.evaluation.metrics import classification_metrics
 
     has = np.array([t is not None for t in truth])
     m = classification_metrics(truth[has].astype(str), np.asarray(pred)[has].astype(str))
@@ -73,7 +73,7 @@ def run_reference_map(
     """Map ``query`` onto ``reference`` (an h5ad, or a corpus directory: atlas mode) and write ``out``: the query
     AnnData (same obs_names, all genes) with ``obsm["X_scgpt"]``, the kNN predictions and distances in ``obs``,
     the neighbours in ``obsm`` and ``uns["reference_map"]`` (parameters, index, metrics). Returns that summary."""
-    from scgpt_train.tasks.report import write_h5ad
+    from scgpt_train.evaluation.report import write_h5ad
 
     if k < 1:
         raise ReferenceMapError(f"--k must be >= 1, got {k}")
@@ -238,7 +238,7 @@ def _jsonable(obj):
 
 def results_table(summary: dict) -> str:
     """Markdown table of the metrics per method (empty when the query has no labels)."""
-    from scgpt_train.tasks.report import markdown_table
+    from scgpt_train.evaluation.report import markdown_table
 
     metrics = summary.get("metrics") or {}
     rows = [

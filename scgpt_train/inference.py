@@ -222,7 +222,7 @@ def embed_h5ad(
 
     from data_modules.anndata_module import AnnDataModule
     from scgpt_train.checkpoints import load_checkpoint
-    from scgpt_train.tasks.report import write_h5ad
+    from scgpt_train.evaluation.report import write_h5ad
 
     if not Path(input_path).is_file():
         raise EmbedInputError(f"--input {input_path} does not exist (or is not a file); point it at an .h5ad file")

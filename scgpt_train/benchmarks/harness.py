@@ -10,9 +10,9 @@ from pathlib import Path
 
 import numpy as np
 
-from scgpt_train.tasks.baselines import available_baselines
-from scgpt_train.tasks.metrics import INTEGRATION_BACKEND
-from scgpt_train.tasks.report import markdown_table, mean_std, write_json, write_text
+from scgpt_train.evaluation.baselines import available_baselines
+from scgpt_train.evaluation.metrics import INTEGRATION_BACKEND
+from scgpt_train.evaluation.report import markdown_table, mean_std, write_json, write_text
 
 log = logging.getLogger(__name__)
 
@@ -181,19 +181,19 @@ def run_benchmark(
 
     ``compose(overrides) -> DictConfig`` composes configs/train.yaml (Hydra's compose API by default)."""
     own_reports = {"perturbation": "run_perturbation_benchmark", "reverse_perturbation": "run_reverse_benchmark"}
-    if bench.get("task") == "zeroshot":  # no fine-tuning: scgpt_train/tasks/reference_map/benchmark.py
-        from scgpt_train.tasks.reference_map import run_zeroshot_benchmark
+    if bench.get("task") == "zeroshot":  # no fine-tuning: scgpt_train/benchmarks/zeroshot.py
+        from scgpt_train.benchmarks.zeroshot import run_zeroshot_benchmark
 
         return run_zeroshot_benchmark(bench, seeds, out_dir, extra_overrides, compose)
     if bench.get("task") == "multiomic":  # variants x (multi-omic, RNA-only) runs: scgpt_train/tasks/multiomic/
-        from scgpt_train.tasks.multiomic.benchmark import run_multiomic_benchmark
+        from scgpt_train.benchmarks.multiomic import run_multiomic_benchmark
 
         return run_multiomic_benchmark(bench, seeds, out_dir, extra_overrides, compose)
-    if bench.get("task") == "grn":  # no fine-tuning: scgpt_train/tasks/attention_grn/benchmark.py
-        from scgpt_train.tasks.attention_grn.benchmark import run_grn_benchmark
+    if bench.get("task") == "grn":  # no fine-tuning: scgpt_train/benchmarks/grn.py
+        from scgpt_train.benchmarks.grn import run_grn_benchmark
 
         return run_grn_benchmark(bench, seeds, out_dir, extra_overrides, compose)
-    if bench.get("task") in own_reports:  # per-subgroup / top-K tables: scgpt_train/tasks/perturbation/benchmark.py
+    if bench.get("task") in own_reports:  # per-subgroup / top-K tables: scgpt_train/benchmarks/perturbation.py
         from scgpt_train.tasks.perturbation import benchmark as perturbation
 
         return getattr(perturbation, own_reports[bench["task"]])(bench, seeds, out_dir, extra_overrides, compose)

@@ -40,7 +40,7 @@ def load_data(name, out_dir: Path):
         raise GRNError(f"benchmark data {name!r}: use pbmc68k, perturbation_demo or an existing h5ad path")
     path = out_dir / f"{name}.h5ad"
     if not path.exists():
-        from scgpt_train.tasks.report import write_h5ad
+        from scgpt_train.evaluation.report import write_h5ad
 
         write_h5ad(adata, path)
     return adata, path
@@ -59,7 +59,7 @@ def planted_targets(adata, path: Path) -> Path:
 
 def resolve_tf_targets(spec, adata, out_dir: Path, cache_dir=None) -> Path:
     if spec == "collectri":
-        from scgpt_train.tasks.resources import fetch_tf_targets
+        from scgpt_train.resources.pypi import fetch_tf_targets
 
         return fetch_tf_targets(cache_dir)
     if spec == "planted":
@@ -70,7 +70,7 @@ def resolve_tf_targets(spec, adata, out_dir: Path, cache_dir=None) -> Path:
 
 
 def resolve_gmts(names, cache_dir=None) -> list[Path]:
-    from scgpt_train.tasks.resources import default_cache_dir, fetch_resources
+    from scgpt_train.resources.pypi import default_cache_dir, fetch_resources
 
     out = []
     for n in names:
@@ -89,9 +89,9 @@ def run_grn_benchmark(bench: Mapping, seeds, out_dir, extra_overrides=(), compos
     and figures in ``out_dir``."""
     import logging
 
+    from scgpt_train.benchmarks.zeroshot import demo_checkpoint
+    from scgpt_train.evaluation.report import markdown_table, write_json, write_text
     from scgpt_train.tasks.gene_programs import run_gene_programs
-    from scgpt_train.tasks.reference_map import demo_checkpoint
-    from scgpt_train.tasks.report import markdown_table, write_json, write_text
 
     cache = bench.get("cache_dir")
     ignored = []

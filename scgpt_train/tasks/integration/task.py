@@ -9,15 +9,15 @@ from pathlib import Path
 import numpy as np
 import scipy.sparse as sp
 
-from scgpt_train.tasks.baselines import (
+from scgpt_train.evaluation.baselines import (
     available_baselines,
     harmony_embedding,
     has_integer_values,
     hvg_pca_embedding,
     scvi_embedding,
 )
-from scgpt_train.tasks.common import FineTuneTask
-from scgpt_train.tasks.metrics import INTEGRATION_BACKEND, integration_metrics
+from scgpt_train.evaluation.metrics import INTEGRATION_BACKEND, integration_metrics
+from scgpt_train.tasks.base import FineTuneTask
 
 log = logging.getLogger(__name__)
 
@@ -32,7 +32,7 @@ class IntegrationTask(FineTuneTask):
 
     n_pcs: PCs of the HVG+PCA baseline (Harmony corrects the same PCs).
     harmony: keyword arguments of ``harmonypy.run_harmony`` (theta, max_iter_harmony, ...).
-    scvi: settings of :func:`scgpt_train.tasks.baselines.scvi_embedding` (model size, epochs, threads).
+    scvi: settings of :func:`scgpt_train.evaluation.baselines.scvi_embedding` (model size, epochs, threads).
     Harmony / scVI are skipped (and listed in ``metrics.json`` under ``skipped_baselines`` with the reason)
     when their packages are not installed or when they fail; the fine-tune's metrics are kept either way."""
 
