@@ -319,6 +319,8 @@ def test_grn_benchmark_report_on_a_short_setting(pbmc_case, tmp_path):
     )
     bench = {
         "name": "grn_short",
+        "_target_": "scgpt_train.benchmarks.grn.run_grn_benchmark",
+        "_partial_": True,
         "task": "grn",
         "dataset": "pbmc68k cells, shortened",
         "checkpoint": str(d / "tiny0.pt"),

@@ -1,5 +1,5 @@
 """``benchmark=grn_<dataset>``: gene-embedding programs vs co-expression with enrichment, and attention-GRN targets
-vs random / co-expression / DE baselines, in one report (``scripts/benchmark.py`` dispatches task ``grn`` here).
+vs random / co-expression / DE baselines, in one report (no fine-tuning).
 
 Config keys (``configs/benchmark/grn_demo.yaml``): ``checkpoint`` (null: the newest ``make train`` demo run),
 ``gene_programs`` (``data``, ``label_key``, ``gmt`` files, ``n_hvg``, ``resolutions``, ``resolution``; omitted:
@@ -18,6 +18,7 @@ from pathlib import Path
 
 import pandas as pd
 
+from scgpt_train.benchmarks.harness import demo_checkpoint, write_report
 from scgpt_train.tasks.attention_grn.common import GRNError
 from scgpt_train.tasks.attention_grn.run import METHOD_NAMES, run_attention_grn
 
@@ -89,8 +90,7 @@ def run_grn_benchmark(bench: Mapping, seeds, out_dir, extra_overrides=(), compos
     and figures in ``out_dir``."""
     import logging
 
-    from scgpt_train.benchmarks.zeroshot import demo_checkpoint
-    from scgpt_train.evaluation.report import markdown_table, write_json, write_text
+    from scgpt_train.evaluation.report import markdown_table
     from scgpt_train.tasks.gene_programs import run_gene_programs
 
     cache = bench.get("cache_dir")
@@ -212,14 +212,12 @@ def run_grn_benchmark(bench: Mapping, seeds, out_dir, extra_overrides=(), compos
     if paper:
         sections.append("## The paper\n\n" + "\n".join(f"- {k}: {v}" for k, v in paper.items()) + "\n")
     wall = time.perf_counter() - t0
-    text = (
-        f"# {bench['name']}\n\n- {bench.get('dataset', '')}\n- Checkpoint `{checkpoint}` (no fine-tuning); seed "
-        f"{seed}; wall time {wall:.0f} s.\n\n" + "\n".join(sections)
-    )
-    write_text(text, out_dir / "report.md")
     result["seconds"] = wall
-    write_json(result, out_dir / "results.json")
-    print(text)
+    notes = [
+        bench.get("dataset", ""),
+        f"Checkpoint `{checkpoint}` (no fine-tuning); seed {seed}; wall time {wall:.0f} s.",
+    ]
+    write_report(out_dir, bench["name"], notes, "\n".join(sections), result, file="report.md")
     return result
 
 

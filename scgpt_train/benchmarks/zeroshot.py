@@ -1,39 +1,18 @@
-"""``benchmark=zeroshot_<dataset>``: ``scripts/benchmark.py`` dispatches task ``zeroshot`` here."""
+"""``benchmark=zeroshot_<dataset>``: zero-shot reference mapping over seeds, beside its baselines (no fine-tuning)."""
 
 from __future__ import annotations
 
-import json
 import logging
-import os
 import time
 from pathlib import Path
 
 import numpy as np
 
+from scgpt_train.benchmarks.harness import demo_checkpoint, write_report
 from scgpt_train.tasks.reference_map.common import BASELINES, DEFAULT_K, METHOD_NAMES, ReferenceMapError
 from scgpt_train.tasks.reference_map.run import run_reference_map
 
 log = logging.getLogger(__name__)
-
-
-def demo_checkpoint(min_steps: int = 300, root=None) -> Path:
-    """The last checkpoint of the newest finished ``make train`` demo run (outputs/demo/runs/*, >= ``min_steps``)."""
-    root = Path(root or os.environ.get("PROJECT_ROOT") or Path(__file__).resolve().parents[3])
-    found = []
-    for summary in (root / "outputs" / "demo" / "runs").glob("*/summary.json"):
-        try:
-            s = json.loads(summary.read_text())
-        except (OSError, json.JSONDecodeError):
-            continue
-        ckpt = Path(s.get("last_checkpoint") or "")
-        if int(s.get("steps", 0)) >= min_steps and ckpt.is_file():
-            found.append((summary.stat().st_mtime, ckpt))
-    if not found:
-        raise ReferenceMapError(
-            f"no finished demo pretraining (>= {min_steps} steps) under {root / 'outputs/demo/runs'}: run `make train` "
-            "first, or set checkpoint: in the benchmark config"
-        )
-    return max(found)[1]
 
 
 def _demo_dataset(name: str):
@@ -57,8 +36,6 @@ def run_zeroshot_benchmark(bench, seeds, out_dir, extra_overrides=(), compose=No
         plot_confusion,
         plot_umap,
         umap_coordinates,
-        write_json,
-        write_text,
     )
 
     if extra_overrides:
@@ -134,14 +111,6 @@ def run_zeroshot_benchmark(bench, seeds, out_dir, extra_overrides=(), compose=No
         + " and the embedding seed; ours = mean ± std over seeds. Wall time "
         f"{time.perf_counter() - t0:.0f} s.",
     ]
-    text = (
-        f"# {bench['name']}\n\n"
-        + "\n".join(f"- {n}" for n in notes)
-        + "\n\n"
-        + table
-        + "".join(f"\n![{Path(f).name}]({Path(f).name})\n" for f in figures)
-    )
-    write_text(text, out_dir / "benchmark.md")
     result = {
         "benchmark": dict(bench),
         "checkpoint": str(checkpoint),
@@ -150,6 +119,5 @@ def run_zeroshot_benchmark(bench, seeds, out_dir, extra_overrides=(), compose=No
         "summary": agg,
         "table": table,
     }
-    write_json(result, out_dir / "results.json")
-    print(text)
+    write_report(out_dir, bench["name"], notes, table, result, [Path(f).name for f in figures])
     return result
