@@ -37,18 +37,12 @@ METHOD_NAMES = {
 
 
 def load_grn_model(checkpoint):
-    """(model, vocab) of a checkpoint; refuses models that need batch labels (DSBN / batch embedding)."""
-    from data_modules.vocab import GeneVocab
-    from scgpt_train.checkpoints import load_checkpoint
+    """:func:`~scgpt_train.inference.load_for_inference`, refusing models that need batch labels."""
+    from scgpt_train.inference import load_for_inference
 
-    if not Path(checkpoint).exists():
-        raise GRNError(f"--checkpoint {checkpoint} does not exist")
-    model, vocab = load_checkpoint(checkpoint)
-    vocab = GeneVocab(vocab) if vocab else GeneVocab.from_checkpoint(checkpoint)
-    cfg = model.config()
-    if cfg.get("dsbn") or cfg.get("use_batch_labels"):
-        raise GRNError(f"{checkpoint} needs batch labels (DSBN / batch embedding); use a checkpoint without them")
-    return model, vocab
+    return load_for_inference(
+        checkpoint, GRNError, "needs batch labels (DSBN / batch embedding); use a checkpoint without them"
+    )
 
 
 def perturbed_condition_of(source: str, conditions: Sequence[str]) -> str | None:
@@ -136,8 +130,8 @@ def run_attention_grn(
     import anndata as ad
     import torch
 
+    from scgpt_train.evaluation.baselines import log_normalized
     from scgpt_train.evaluation.report import markdown_table, write_json, write_text
-    from scgpt_train.tasks.reference_map import log_normalized
 
     say = print if progress else (lambda *a, **k: None)
     t0 = time.perf_counter()

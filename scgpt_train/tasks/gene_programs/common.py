@@ -9,6 +9,8 @@ MIN_TERM_GENES = 3
 ALPHA = 0.05
 DEFAULT_FAMILY = r"^(HLA-|CD3[DEG]$)"
 COEXPR_PCS = 50
+# why a checkpoint is refused (its gene embeddings are read without batch labels)
+NO_BATCH_LABELS = "needs batch labels (DSBN / batch embedding); use a checkpoint without them"
 
 
 class GeneProgramError(ValueError):

@@ -95,7 +95,7 @@ def adata_gene_names(adata, gene_column: str | None, use_raw: bool, path) -> lis
 def log_expression(adata, gene_column: str | None, use_raw: bool, path) -> tuple[sp.csr_matrix, list[str]]:
     """(cells x genes) log-normalized CSR of an AnnData (counts normalized to 1e4 + log1p; log values as stored)
     and its gene names; duplicated names keep their first column."""
-    from scgpt_train.tasks.reference_map import log_normalized
+    from scgpt_train.evaluation.baselines import log_normalized
 
     names = adata_gene_names(adata, gene_column, use_raw, path)
     x = adata.raw.X if use_raw else adata.X
@@ -127,7 +127,7 @@ def select_hvgs(adata, names: list[str], vocab: GeneVocab, n_hvg: int, gene_colu
     cols = [col[g] for g in in_vocab]
     counts = x_raw[:, cols]
     is_counts = detect_value_type(counts, str(path)).value_type == "counts"
-    from scgpt_train.tasks.reference_map import log_normalized
+    from scgpt_train.evaluation.baselines import log_normalized
 
     logx = log_normalized(counts, str(path))
     probe = ad.AnnData(X=logx, var=pd.DataFrame(index=in_vocab))

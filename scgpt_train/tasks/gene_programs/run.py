@@ -17,6 +17,7 @@ from scgpt_train.tasks.gene_programs.common import (
     DEFAULT_RESOLUTIONS,
     MIN_PROGRAM_GENES,
     MIN_TERM_GENES,
+    NO_BATCH_LABELS,
     OFFICIAL_RESOLUTION,
     GeneProgramError,
 )
@@ -76,7 +77,7 @@ def run_gene_programs(
     """Gene-embedding programs of ``checkpoint`` with enrichment, scores and the co-expression baseline; writes
     ``out_dir`` (see docs/grn.md) and returns the summary."""
     from scgpt_train.evaluation.report import markdown_table, write_h5ad, write_json
-    from scgpt_train.tasks.reference_map import load_model
+    from scgpt_train.inference import load_for_inference, read_h5ad_checked
 
     say = print if progress else (lambda *a, **k: None)
     out_dir = Path(out_dir)
@@ -88,14 +89,12 @@ def run_gene_programs(
             if term in gene_sets:
                 raise GeneProgramError(f"gene set {term!r} of {path} is also in an earlier --gmt file")
             gene_sets[term] = genes
-    model, vocab = load_model(checkpoint)
+    model, vocab = load_for_inference(checkpoint, GeneProgramError, NO_BATCH_LABELS)
 
     adata = x_log = None
     names: list[str] = []
     if adata_path is not None:
-        from scgpt_train.tasks.reference_map import read_h5ad_checked
-
-        adata = read_h5ad_checked(adata_path, "--adata")
+        adata = read_h5ad_checked(adata_path, "--adata", GeneProgramError)
         if label_key is not None and label_key not in adata.obs.columns:
             raise GeneProgramError(
                 f"--adata {adata_path}: --label-key {label_key!r} is not an obs column "

@@ -17,6 +17,7 @@ from scgpt_train.evaluation.baselines import (
     scvi_embedding,
 )
 from scgpt_train.evaluation.metrics import INTEGRATION_BACKEND, integration_metrics
+from scgpt_train.inference import l2_normalize
 from scgpt_train.tasks.base import FineTuneTask
 
 log = logging.getLogger(__name__)
@@ -110,10 +111,6 @@ class IntegrationTask(FineTuneTask):
                 log.exception("baseline %s failed", name)
                 skipped[name] = f"failed: {type(err).__name__}: {err}"
         return embeddings, {"skipped_baselines": skipped, "baseline_inputs": inputs}
-
-
-def l2_normalize(x: np.ndarray) -> np.ndarray:
-    return x / np.maximum(np.linalg.norm(x, axis=1, keepdims=True), 1e-12)
 
 
 def raw_counts(dm) -> sp.csr_matrix:

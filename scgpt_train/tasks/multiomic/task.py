@@ -13,8 +13,8 @@ import pandas as pd
 import scipy.sparse as sp
 
 from scgpt_train.evaluation.metrics import INTEGRATION_BACKEND, integration_metrics
+from scgpt_train.inference import l2_normalize
 from scgpt_train.tasks.base import FineTuneTask
-from scgpt_train.tasks.integration.task import l2_normalize
 from scgpt_train.tasks.multiomic.baselines import (
     MULTIOMIC_BASELINES,
     multivi_embedding,

@@ -68,17 +68,13 @@ def check_perturbation_model(model, source: str = "the checkpoint") -> None:
 
 
 def load_predictor(checkpoint) -> tuple[torch.nn.Module, GeneVocab]:
-    """(model in eval mode, vocabulary) of an official directory, an imported ``.pt`` or a Lightning ``.ckpt``."""
-    from scgpt_train.checkpoints import load_checkpoint
+    """(model in eval mode, vocabulary) of an official directory, an imported ``.pt`` or a Lightning ``.ckpt``
+    (:func:`~scgpt_train.inference.load_for_inference`); refuses a model without perturbation flags."""
+    from scgpt_train.inference import load_for_inference
 
-    path = Path(checkpoint)
-    if not path.exists():
-        raise FileNotFoundError(f"checkpoint {path} does not exist")
-    model, vocab = load_checkpoint(path)
-    if vocab is None:
-        raise PredictionInputError(f"checkpoint {path} stores no vocabulary; cannot map genes to tokens")
-    check_perturbation_model(model, str(path))
-    return model.eval(), GeneVocab(dict(vocab))
+    model, vocab = load_for_inference(checkpoint, PredictionInputError)
+    check_perturbation_model(model, str(checkpoint))
+    return model.eval(), vocab
 
 
 def _flag_pad(model) -> int:

@@ -12,8 +12,10 @@ One module per job:
 Everything public is re-exported here (``from scgpt_train.tasks.reference_map import ...``).
 """
 
+from scgpt_train.evaluation.baselines import log_normalized
+from scgpt_train.inference import l2_normalize, read_h5ad_checked
 from scgpt_train.tasks.reference_map.atlas import CorpusEmbedder, check_corpus_label, checkpoint_digest, is_corpus
-from scgpt_train.tasks.reference_map.baselines import align_genes, hvg_mask, log_normalized, run_baselines
+from scgpt_train.tasks.reference_map.baselines import align_genes, hvg_mask, run_baselines
 from scgpt_train.tasks.reference_map.common import (
     BASELINE_MAX_CELLS,
     BASELINES,
@@ -31,10 +33,8 @@ from scgpt_train.tasks.reference_map.common import (
 from scgpt_train.tasks.reference_map.embed import (
     EmbeddedCells,
     embed_adata,
-    l2_normalize,
     load_model,
     obs_labels,
-    read_h5ad_checked,
 )
 from scgpt_train.tasks.reference_map.index import (
     IndexSpec,

@@ -15,6 +15,12 @@ UNASSIGNED = "unassigned"  # prediction of a query cell the model cannot read (n
 CORPUS_UNKNOWN = "unknown"  # a corpus' label of a cell whose dataset lacks the column (store/format.py)
 METHOD_NAMES = {"scgpt_knn": "scGPT zero-shot kNN", "hvg_pca_knn": "HVG + PCA kNN", "l1_lr": "L1 logistic regression"}
 
+# why load_model refuses a checkpoint whose embeddings need batch labels
+ZERO_SHOT_ONLY = (
+    "uses batch labels (DSBN / batch embedding), so its embeddings depend on a batch id the reference and query do "
+    "not share; map with a pretrained (zero-shot) checkpoint instead"
+)
+
 
 class ReferenceMapError(EmbedInputError):
     """A reference / query / option that reference mapping cannot use; the message names the file and key."""
