@@ -29,14 +29,9 @@ def run_zeroshot_benchmark(bench, seeds, out_dir, extra_overrides=(), compose=No
     seeded embeddings, scGPT kNN beside HVG+PCA kNN and L1-LR; ``benchmark.md`` (mean ± std over seeds),
     ``results.json``, the first seed's confusion matrix and query UMAPs in ``out_dir``."""
     from data_modules.preprocess import stratified_split
+    from scgpt_train.evaluation.figures import plot_confusion, plot_umap, umap_coordinates
     from scgpt_train.evaluation.metrics import confusion_matrix
-    from scgpt_train.evaluation.report import (
-        markdown_table,
-        mean_std,
-        plot_confusion,
-        plot_umap,
-        umap_coordinates,
-    )
+    from scgpt_train.evaluation.report import markdown_table, mean_std
 
     if extra_overrides:
         log.warning("zero-shot benchmarks train nothing: overrides %s are ignored", list(extra_overrides))

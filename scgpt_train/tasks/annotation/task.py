@@ -10,8 +10,8 @@ import pytorch_lightning as pl
 import torch
 
 from scgpt_train.evaluation.baselines import PAPER_C_GRID, l1_logistic_regression
+from scgpt_train.evaluation.figures import plot_confusion
 from scgpt_train.evaluation.metrics import classification_metrics, confusion_matrix
-from scgpt_train.evaluation.report import plot_confusion
 from scgpt_train.tasks.base import FineTuneTask, matrix_sha256, value_summary
 
 ANNOTATION_BASELINES = ("l1_lr",)

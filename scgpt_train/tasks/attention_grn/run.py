@@ -434,12 +434,9 @@ def _p(v) -> str:
 
 def plot_precision(agg: pd.DataFrame, path, k: int) -> Path:
     """Mean precision@K per method, one group of bars per setting."""
-    import matplotlib
+    from scgpt_train.evaluation.figures import pyplot, save_figure
 
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
-    from scgpt_train.evaluation.report import _save_fig
+    plt = pyplot()
 
     settings = list(dict.fromkeys(agg["setting"]))
     methods = list(dict.fromkeys(agg["method"]))
@@ -452,17 +449,14 @@ def plot_precision(agg: pd.DataFrame, path, k: int) -> Path:
     ax.set_ylabel(f"known targets in top {k} / {k}")
     ax.legend(fontsize=7, frameon=False)
     ax.set_title("attention GRN vs baselines (mean over source genes)", fontsize=9)
-    return _save_fig(fig, Path(path))
+    return save_figure(fig, Path(path))
 
 
 def plot_targets(source: str, rows: pd.DataFrame, path, setting: str) -> Path:
     """The source gene and its top targets as a star; known targets highlighted."""
-    import matplotlib
+    from scgpt_train.evaluation.figures import pyplot, save_figure
 
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
-    from scgpt_train.evaluation.report import _save_fig
+    plt = pyplot()
 
     n = len(rows)
     ang = np.linspace(0, 2 * np.pi, n, endpoint=False)
@@ -478,4 +472,4 @@ def plot_targets(source: str, rows: pd.DataFrame, path, setting: str) -> Path:
     ax.set_ylim(-1.35, 1.35)
     ax.axis("off")
     ax.set_title(f"{source}: top {n} attention targets ({setting}); blue = known target", fontsize=9)
-    return _save_fig(fig, Path(path))
+    return save_figure(fig, Path(path))

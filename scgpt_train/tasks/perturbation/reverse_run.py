@@ -135,12 +135,9 @@ def reverse_perturbation(
 
 def plot_topk(means: pd.DataFrame, path, sds: pd.DataFrame | None = None):
     """correct@K and relevant@K curves per method (``means``: columns method, K, correct, relevant)."""
-    import matplotlib
+    from scgpt_train.evaluation.figures import pyplot, save_figure
 
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
-    from scgpt_train.tasks.perturbation.task import _save
+    plt = pyplot()
 
     fig, axes = plt.subplots(1, 2, figsize=(11, 4))
     for ax, what in zip(axes, ("correct", "relevant")):
@@ -156,7 +153,7 @@ def plot_topk(means: pd.DataFrame, path, sds: pd.DataFrame | None = None):
         ax.set_title(f"{what} hit in the top K")
     axes[1].legend(fontsize=7, loc="lower right")
     fig.tight_layout()
-    return _save(fig, path)
+    return save_figure(fig, path)
 
 
 def markdown(result_means: pd.DataFrame, result_sds: pd.DataFrame | None, ks=(1, 2, 4, 8)) -> str:
