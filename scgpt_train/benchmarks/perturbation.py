@@ -68,6 +68,17 @@ def results_frame(per_seed: Sequence[Mapping[str, float]], methods: Sequence[str
     return pd.DataFrame(rows, columns=["method", "subgroup", "metric", "mean", "sd", "n_seeds", "values", "seeds"])
 
 
+def simulated_note(simulated, bench: Mapping, shows: str) -> list[str]:
+    """The report's first line when the data are simulated (the data's own description, else the config's)."""
+    if not (simulated or bench.get("simulated")):
+        return []
+    what = str(simulated or bench.get("dataset", ""))
+    return [
+        f"**The data are SIMULATED**: {what} Numbers here show that the pipeline {shows}; they say nothing about "
+        "real perturbation data."
+    ]
+
+
 def overall_table(per_seed, methods, paper: Mapping | None, n_seeds: int) -> str:
     header = ["method", "source"] + [title for _, title in TABLE_METRICS]
     rows = []
@@ -153,12 +164,7 @@ def run_perturbation_benchmark(
         shutil.copyfile(first, out_dir / "delta_top_de.png")
         figures.append("delta_top_de.png")
 
-    notes = []
-    if simulated or bench.get("simulated"):
-        notes.append(
-            "**The data are SIMULATED**: " + str(simulated or bench.get("dataset", "")) + " Numbers here show "
-            "that the pipeline runs and learns; they say nothing about real perturbation data."
-        )
+    notes = simulated_note(simulated, bench, "runs and learns")
     notes += [
         f"Benchmark `{bench['name']}`: {bench.get('dataset', '')}.",
         f"Fine-tune: `train.py experiment={bench['experiment']}`, seeds {list(seeds)}"
@@ -248,12 +254,7 @@ def run_reverse_benchmark(
     means = grouped.mean().reset_index()
     sds = grouped.std(ddof=1).reset_index() if len(seeds) > 1 else None
     plot_topk(means, out_dir / "reverse_topk.png", sds)
-    notes = []
-    if simulated or bench.get("simulated"):
-        notes.append(
-            "**The data are SIMULATED**: " + str(simulated or bench.get("dataset", "")) + " Numbers here show "
-            "that the pipeline runs; they say nothing about real perturbation data."
-        )
+    notes = simulated_note(simulated, bench, "runs")
     notes += [
         f"Benchmark `{bench['name']}`: {bench.get('dataset', '')}.",
         f"Per seed: `train.py experiment={bench['experiment']}` (seeds {list(seeds)}"

@@ -42,11 +42,13 @@ class FineTuneTask:
     """Base: ``evaluate(trainer, module, datamodule, output_dir) -> metrics`` (rank zero only).
 
     use_best: reload the best checkpoint (lowest monitored validation metric) before evaluating.
-    baselines: names of baselines to run on the same data and split (task specific).
+    baselines: names of baselines to run on the same data and split (of the task's ``known_baselines``).
     umap: write UMAP figures; write_h5ad: write ``predictions.h5ad`` (obs ``scgpt_pred``, obsm ``X_scgpt``).
     """
 
     name = "task"
+    title = "task"  # how error messages name the task
+    known_baselines: tuple[str, ...] = ()  # the baselines the task can run (others are refused)
 
     def __init__(
         self,
@@ -59,6 +61,9 @@ class FineTuneTask:
         batch_size: int | None = None,
     ):
         self.use_best, self.baselines = use_best, list(baselines or [])
+        unknown = set(self.baselines) - set(self.known_baselines)
+        if unknown:
+            raise ValueError(f"{self.title} baselines are {self.known_baselines}, got {sorted(unknown)}")
         self.umap, self.write_h5ad, self.progress = umap, write_h5ad, progress
         self.seed, self.batch_size = int(seed), batch_size
 

@@ -22,13 +22,11 @@ class AnnotationTask(FineTuneTask):
     baseline's under ``baseline/l1_lr/...``), ``confusion_matrix.png``, ``umap.png`` (query cells by true
     label, prediction and batch), ``predictions.h5ad`` with every cell's ``scgpt_pred``."""
 
-    name = "annotation"
+    name = title = "annotation"
+    known_baselines = ANNOTATION_BASELINES
 
     def __init__(self, l1_c_grid: list[float] | None = None, l1_cv: int = 5, **kw):
         super().__init__(**kw)
-        unknown = set(self.baselines) - set(ANNOTATION_BASELINES)
-        if unknown:
-            raise ValueError(f"annotation baselines are {ANNOTATION_BASELINES}, got {sorted(unknown)}")
         self.l1_c_grid = tuple(l1_c_grid) if l1_c_grid else PAPER_C_GRID
         self.l1_cv = int(l1_cv)
 

@@ -37,15 +37,13 @@ class IntegrationTask(FineTuneTask):
     Harmony / scVI are skipped (and listed in ``metrics.json`` under ``skipped_baselines`` with the reason)
     when their packages are not installed or when they fail; the fine-tune's metrics are kept either way."""
 
-    name = "integration"
+    name = title = "integration"
+    known_baselines = INTEGRATION_BASELINES
 
     def __init__(
         self, n_pcs: int = 50, n_neighbors: int = 15, harmony: dict | None = None, scvi: dict | None = None, **kw
     ):
         super().__init__(**kw)
-        unknown = set(self.baselines) - set(INTEGRATION_BASELINES)
-        if unknown:
-            raise ValueError(f"integration baselines are {INTEGRATION_BASELINES}, got {sorted(unknown)}")
         self.n_pcs, self.n_neighbors = int(n_pcs), int(n_neighbors)
         self.harmony_kwargs = {str(k): v for k, v in (harmony or {}).items()}
         self.scvi_kwargs = {str(k): v for k, v in (scvi or {}).items()}

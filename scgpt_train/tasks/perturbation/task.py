@@ -65,7 +65,8 @@ class PerturbationTask(FineTuneTask):
     and said so in metrics.json, when the package is not installed.
     """
 
-    name = "perturbation"
+    name = title = "perturbation"
+    known_baselines = B.BASELINES
 
     def __init__(
         self,
@@ -79,9 +80,6 @@ class PerturbationTask(FineTuneTask):
         seed: int = 0,
         cell_eval: str | None = "minimal",
     ):
-        unknown = set(baselines or []) - set(B.BASELINES)
-        if unknown:
-            raise ValueError(f"perturbation baselines are {B.BASELINES}, got {sorted(unknown)}")
         if nan_policy not in M.NAN_POLICIES:
             raise ValueError(f"nan_policy must be one of {M.NAN_POLICIES}, got {nan_policy!r}")
         super().__init__(bool(use_best), baselines, False, bool(write_h5ad), True, seed, batch_size)
