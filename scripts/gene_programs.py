@@ -67,17 +67,9 @@ def run(argv=None) -> int:
     p.add_argument("--seed", type=int, default=0)
     args = p.parse_args(argv)
 
-    summary = gp.run_gene_programs(
-        args.checkpoint,
-        args.gmt,
-        args.out,
-        genes_file=args.genes,
-        adata_path=args.adata,
+    params = gp.GeneProgramParams(
         n_hvg=args.n_hvg,
-        gene_column=args.gene_column,
-        use_raw=args.use_raw,
-        label_key=args.label_key,
-        resolutions=[float(r) for r in args.resolutions.split(",") if r.strip()],
+        resolutions=tuple(float(r) for r in args.resolutions.split(",") if r.strip()),
         resolution=args.resolution,
         n_neighbors=args.k,
         metric=args.metric,
@@ -87,6 +79,17 @@ def run(argv=None) -> int:
         family=args.family,
         network_threshold=args.network_threshold,
         seed=args.seed,
+    )
+    summary = gp.run_gene_programs(
+        args.checkpoint,
+        args.gmt,
+        args.out,
+        params,
+        genes_file=args.genes,
+        adata_path=args.adata,
+        gene_column=args.gene_column,
+        use_raw=args.use_raw,
+        label_key=args.label_key,
     )
     for r in summary["per_resolution"]:
         print(

@@ -91,7 +91,7 @@ def run_grn_benchmark(bench: Mapping, seeds, out_dir, extra_overrides=(), compos
     import logging
 
     from scgpt_train.evaluation.report import markdown_table
-    from scgpt_train.tasks.gene_programs import run_gene_programs
+    from scgpt_train.tasks.gene_programs import GeneProgramParams, run_gene_programs
 
     cache = bench.get("cache_dir")
     ignored = []
@@ -119,12 +119,14 @@ def run_grn_benchmark(bench: Mapping, seeds, out_dir, extra_overrides=(), compos
             checkpoint,
             resolve_gmts(gp_cfg.get("gmt") or ["h.all.v7.5.1.symbols.gmt", "c2.cp.v7.5.1.symbols.gmt"], cache),
             gp_dir,
+            GeneProgramParams(
+                n_hvg=int(gp_cfg.get("n_hvg", 1200)),
+                resolutions=tuple(float(r) for r in gp_cfg.get("resolutions", [1, 5, 10, 20, 40])),
+                resolution=float(gp_cfg.get("resolution", 40)),
+                seed=seed,
+            ),
             adata_path=path,
-            n_hvg=int(gp_cfg.get("n_hvg", 1200)),
             label_key=gp_cfg.get("label_key"),
-            resolutions=[float(r) for r in gp_cfg.get("resolutions", [1, 5, 10, 20, 40])],
-            resolution=float(gp_cfg.get("resolution", 40)),
-            seed=seed,
             progress=progress,
         )
         rows = [

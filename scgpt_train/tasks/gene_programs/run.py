@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import re
 from collections.abc import Mapping, Sequence
+from dataclasses import replace
 from pathlib import Path
 
 import pandas as pd
@@ -11,15 +12,10 @@ import pandas as pd
 from data_modules.atomic import write_text_atomic
 from scgpt_train.tasks.gene_programs.coexpression import coexpression_features, program_scores
 from scgpt_train.tasks.gene_programs.common import (
-    ALPHA,
     COEXPR_PCS,
-    DEFAULT_FAMILY,
-    DEFAULT_RESOLUTIONS,
-    MIN_PROGRAM_GENES,
-    MIN_TERM_GENES,
     NO_BATCH_LABELS,
-    OFFICIAL_RESOLUTION,
     GeneProgramError,
+    GeneProgramParams,
 )
 from scgpt_train.tasks.gene_programs.enrichment import check_gene_sets, enrichment
 from scgpt_train.tasks.gene_programs.figures import plot_family_network, plot_program_heatmap
@@ -55,27 +51,29 @@ def run_gene_programs(
     checkpoint,
     gmt: Sequence | str,
     out_dir,
+    params: GeneProgramParams | None = None,
     *,
     genes_file=None,
     adata_path=None,
-    n_hvg: int = 1200,
     gene_column: str | None = None,
     use_raw: bool = False,
     label_key: str | None = None,
-    resolutions: Sequence[float] = DEFAULT_RESOLUTIONS,
-    resolution: float = OFFICIAL_RESOLUTION,
-    n_neighbors: int = 15,
-    metric: str = "euclidean",
-    min_genes: int = MIN_PROGRAM_GENES,
-    min_term_genes: int = MIN_TERM_GENES,
-    alpha: float = ALPHA,
-    family: str = DEFAULT_FAMILY,
-    network_threshold: float = 0.3,
-    seed: int = 0,
     progress: bool = True,
+    **settings,
 ) -> dict:
     """Gene-embedding programs of ``checkpoint`` with enrichment, scores and the co-expression baseline; writes
-    ``out_dir`` (see docs/grn.md) and returns the summary."""
+    ``out_dir`` (see docs/grn.md) and returns the summary.
+
+    Parameters
+    ----------
+    checkpoint, gmt, out_dir: the model, the gene-set file(s) and the output directory.
+    params: the analysis settings (:class:`GeneProgramParams`); ``settings`` (its field names) override fields.
+    genes_file / adata_path: the genes tested (a list, or the HVGs of an AnnData; neither: the whole vocabulary);
+    gene_column / use_raw / label_key: how the AnnData is read (label_key: cell types of the heatmap)."""
+    p = replace(params or GeneProgramParams(), **settings)
+    n_hvg, resolutions, resolution, n_neighbors, metric = p.n_hvg, p.resolutions, p.resolution, p.n_neighbors, p.metric
+    min_genes, min_term_genes, alpha, family = p.min_genes, p.min_term_genes, p.alpha, p.family
+    network_threshold, seed = p.network_threshold, p.seed
     from scgpt_train.evaluation.report import markdown_table, write_h5ad, write_json
     from scgpt_train.inference import load_for_inference, read_h5ad_checked
 
