@@ -5,6 +5,7 @@ one record of digests (:class:`Manifest`) and one way to take a file out of an a
 from __future__ import annotations
 
 import json
+import os
 import time
 from pathlib import Path
 
@@ -28,7 +29,17 @@ class Manifest:
         write_text_atomic(self.path, json.dumps(self.data, indent=2, sort_keys=True))
 
     def key(self, path: Path) -> str:
-        return str(Path(path).resolve().relative_to(self.root.resolve()))
+        """``path`` relative to the root: as written (a file that is a link to elsewhere, as a shared cache's files
+        can be, keeps its name below the root), else with links resolved on both sides."""
+        for p, root in (
+            (Path(os.path.abspath(path)), Path(os.path.abspath(self.root))),
+            (Path(path).resolve(), self.root.resolve()),
+        ):
+            try:
+                return str(p.relative_to(root))
+            except ValueError:
+                continue
+        raise ValueError(f"{path} is not below {self.root}: a manifest records only files below its own directory")
 
     def record(self, path: Path, **fields) -> str:
         """Record ``path``'s sha256 (and ``fields``); returns the digest. Call :meth:`save` to write the file."""
