@@ -227,9 +227,10 @@ def unmapped_cells(
         n_expressed[lo:hi] = np.bincount(rows[expressed], minlength=hi - lo)
     unmapped = n_expressed == 0
     if unmapped.all():
+        examples = [g for g, k in zip(genes, known, strict=True) if k][:3]
         raise EmbedInputError(
             f"{path}: none of its {n} cells has a non-zero value in one of the {int(known.sum())} genes it shares "
-            f"with the checkpoint's vocabulary (e.g. {[g for g, k in zip(genes, known) if k][:3]}); check that "
+            f"with the checkpoint's vocabulary (e.g. {examples}); check that "
             f"{where} holds expression values and that --gene-column names the right gene column"
         )
     return unmapped

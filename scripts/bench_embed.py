@@ -146,7 +146,7 @@ def bench_index(n_ref: int, n_query: int, d: int = 512, k: int = 10, seed: int =
         t_query = time.perf_counter() - t1
         if exact is None:
             exact = nb
-        recall = float(np.mean([len(set(a) & set(b)) / k for a, b in zip(nb, exact)]))
+        recall = float(np.mean([len(set(a) & set(b)) / k for a, b in zip(nb, exact, strict=True)]))
         row = {
             "index": f"{spec.backend} {spec.kind}",
             "params": spec.as_dict(),

@@ -118,7 +118,7 @@ def test_maps_are_formed_a_few_heads_at_a_time():
     q, k = torch.randn(2, 4, 50, 8), torch.randn(2, 4, 50, 8)
     whole = [m for _, m in ag.cell_maps(q, k)]
     one_head = [m for _, m in ag.cell_maps(q, k, max_bytes=1)]
-    for a, b in zip(whole, one_head):
+    for a, b in zip(whole, one_head, strict=True):
         np.testing.assert_allclose(a, b, atol=1e-6)
 
 
@@ -145,7 +145,7 @@ def test_every_cell_counts_the_official_first_cell_bug_is_fixed():
     ours = ag.condition_attention(model, [(inputs, conditions)], m)
     # the official loop: a condition's sum starts as zeros at its first cell, later cells are added, / all cells
     official, counts = {}, {}
-    for cell_map, c in zip(per_cell, conditions):
+    for cell_map, c in zip(per_cell, conditions, strict=True):
         counts[c] = counts.get(c, 0) + 1
         if c not in official:
             official[c] = np.zeros((m, m))

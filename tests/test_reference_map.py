@@ -193,7 +193,7 @@ def test_without_faiss_the_sklearn_fallback_finds_the_exact_neighbours(toy_embed
     if exact is not None:
         np.testing.assert_allclose(dist, exact[0], atol=1e-5)
         # the same neighbour sets (order may differ only between equidistant cells)
-        assert all(set(a) == set(b) for a, b in zip(nb, exact[1]))
+        assert all(set(a) == set(b) for a, b in zip(nb, exact[1], strict=True))
 
 
 def test_knn_vote_ties_go_to_the_closer_label():

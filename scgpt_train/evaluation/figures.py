@@ -48,7 +48,7 @@ def plot_confusion(cm: np.ndarray, classes: Sequence[str], path, title: str = "c
     ax.set_xlabel("predicted")
     ax.set_ylabel("true")
     ax.set_title(title)
-    for i, j in zip(*np.nonzero(cm)):
+    for i, j in zip(*np.nonzero(cm), strict=True):
         ax.text(
             j, i, str(cm[i, j]), ha="center", va="center", fontsize=6, color="white" if frac[i, j] > 0.5 else "black"
         )
@@ -72,7 +72,7 @@ def plot_umap(coords: np.ndarray, colors: dict[str, Sequence], path, title: str 
     plt = pyplot()
 
     fig, axes = plt.subplots(1, len(colors), figsize=(5.5 * len(colors), 4.5), squeeze=False)
-    for ax, (name, values) in zip(axes[0], colors.items()):
+    for ax, (name, values) in zip(axes[0], colors.items(), strict=True):
         values = np.asarray(values).astype(str)
         cats = sorted(set(values))
         cmap = plt.get_cmap("tab20" if len(cats) > 10 else "tab10")

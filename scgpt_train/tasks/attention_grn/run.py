@@ -461,7 +461,7 @@ def plot_targets(source: str, rows: pd.DataFrame, path, setting: str) -> Path:
     n = len(rows)
     ang = np.linspace(0, 2 * np.pi, n, endpoint=False)
     fig, ax = plt.subplots(figsize=(5, 5))
-    for a, (_, r) in zip(ang, rows.iterrows()):
+    for a, (_, r) in zip(ang, rows.iterrows(), strict=True):
         x, y = np.cos(a), np.sin(a)
         hit = bool(r["known_target"])
         ax.plot([0, x], [0, y], color="slateblue" if hit else "lightgrey", lw=2.5 if hit else 1, zorder=1)

@@ -49,7 +49,7 @@ def plot_family_network(
     sim = unit @ unit.T
     graph = nx.Graph()
     graph.add_nodes_from(family)
-    for a, b in zip(*np.triu_indices(len(family), 1)):
+    for a, b in zip(*np.triu_indices(len(family), 1), strict=True):
         if sim[a, b] >= threshold:
             graph.add_edge(family[a], family[b], weight=float(sim[a, b]))
     layout = nx.spring_layout(graph, seed=0, weight="weight")

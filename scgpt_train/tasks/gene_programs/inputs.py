@@ -77,8 +77,8 @@ def gene_embeddings(model, vocab: GeneVocab, genes: Sequence[str], where: str = 
         out = model.gene_encoder(torch.as_tensor(ids[known], device=device)).float().cpu().numpy()
     finally:
         model.train(was_training)
-    kept = [g for g, k in zip(genes, known) if k]
-    return GeneEmbeddings(kept, out.astype(np.float32), [g for g, k in zip(genes, known) if not k])
+    kept = [g for g, k in zip(genes, known, strict=True) if k]
+    return GeneEmbeddings(kept, out.astype(np.float32), [g for g, k in zip(genes, known, strict=True) if not k])
 
 
 def adata_gene_names(adata, gene_column: str | None, use_raw: bool, path) -> list[str]:
@@ -133,4 +133,4 @@ def select_hvgs(adata, names: list[str], vocab: GeneVocab, n_hvg: int, gene_colu
     probe = ad.AnnData(X=logx, var=pd.DataFrame(index=in_vocab))
     mask, flavor = select_hvg(probe, n_hvg, "seurat_v3" if is_counts else "seurat", counts if is_counts else None)
     log.info("%d HVGs (%s) among %d vocabulary genes of %s", int(mask.sum()), flavor, len(in_vocab), path)
-    return [g for g, m in zip(in_vocab, mask) if m]
+    return [g for g, m in zip(in_vocab, mask, strict=True) if m]

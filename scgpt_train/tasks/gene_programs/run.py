@@ -135,7 +135,7 @@ def run_gene_programs(
         col = {g: i for i, g in enumerate(names)}
         xg = x_log[:, [col[g] for g in genes]]
         feats, ok = coexpression_features(xg, COEXPR_PCS, seed)
-        c_genes = [g for g, k in zip(genes, ok) if k]
+        c_genes = [g for g, k in zip(genes, ok, strict=True) if k]
         c_programs, _ = leiden_programs(feats, c_genes, resolutions, n_neighbors, "euclidean", min_genes, seed)
         c_programs = {r: {f"coexpr_{n}": g for n, g in p.items()} for r, p in c_programs.items()}
         results["coexpression"] = (c_programs, enrich(c_programs))

@@ -246,7 +246,7 @@ def predict_conditions(
     except PerturbationInputError as e:
         raise PredictionInputError(str(e)) from None
     tokens = map_data_genes(controls.gene_names, vocab, unknown_genes, controls.source)
-    for c, f in zip(canonical, flags):
+    for c, f in zip(canonical, flags, strict=True):
         unknown = [controls.gene_names[j] for j in f if not tokens.known[j]]
         if unknown:
             log.warning("condition %s: perturbed gene(s) %s not in the model's vocabulary (<pad> token)", c, unknown)
@@ -255,7 +255,7 @@ def predict_conditions(
     except ValueError as e:
         raise PredictionInputError(f"{controls.source}: {e}") from None
     xs, rows_cond, rows_input, rows_ctrl = [], [], [], []
-    for given, cond, f in zip(conditions, canonical, flags):
+    for given, cond, f in zip(conditions, canonical, flags, strict=True):
         x = controls.x[pool]
         pred = predict_expression(
             model, x, [f] * len(pool), tokens, batch_size, include_zero_genes, keep_perturbed_genes, device

@@ -140,7 +140,7 @@ def plot_topk(means: pd.DataFrame, path, sds: pd.DataFrame | None = None):
     plt = pyplot()
 
     fig, axes = plt.subplots(1, 2, figsize=(11, 4))
-    for ax, what in zip(axes, ("correct", "relevant")):
+    for ax, what in zip(axes, ("correct", "relevant"), strict=True):
         for method in dict.fromkeys(means["method"]):
             m = means[means["method"] == method]
             err = None if sds is None else sds[sds["method"] == method][what].to_numpy()

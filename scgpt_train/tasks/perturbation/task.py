@@ -213,7 +213,7 @@ def plot_subgroups(summaries: dict, subgroups: list[str], path, errors: dict | N
     fig, axes = plt.subplots(1, len(FIGURE_METRICS), figsize=(6.5 * len(FIGURE_METRICS), 4.2), squeeze=False)
     width = 0.8 / max(1, len(methods))
     cmap = plt.get_cmap("tab10")
-    for ax, (metric, title) in zip(axes[0], FIGURE_METRICS):
+    for ax, (metric, title) in zip(axes[0], FIGURE_METRICS, strict=True):
         for k, method in enumerate(methods):
             keys = [metric if g == "all" else f"{g}/{metric}" for g in groups]
             vals = [summaries[method].get(key, np.nan) for key in keys]
@@ -235,7 +235,7 @@ def plot_delta_top_de(methods, true_means, ctrl_mean, de, gene_names, conditions
     n = max(1, len(conditions))
     fig, axes = plt.subplots(n, 1, figsize=(10, 2.6 * n), squeeze=False)
     cmap = plt.get_cmap("tab10")
-    for ax, cond in zip(axes[:, 0], conditions):
+    for ax, cond in zip(axes[:, 0], conditions, strict=True):
         genes = np.asarray(de[cond])
         xs = np.arange(len(genes))
         ax.scatter(xs, (true_means[cond] - ctrl_mean)[genes], color="black", marker="_", s=250, label="true",
