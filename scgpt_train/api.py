@@ -1,6 +1,6 @@
 """Python API for notebooks: AnnData in, AnnData out, over the same code paths as the command lines.
 
-- :func:`embed` -> ``scripts/embed.py`` (``scgpt_train.tasks.embedding.embed_h5ad``): the input with
+- :func:`embed` -> ``scripts/embed.py`` (``scgpt_train.inference.embed_h5ad``): the input with
   ``obsm["X_scgpt"]``.
 - :func:`finetune` -> ``train.py experiment=finetune_annotation|finetune_integration`` (``scgpt_train.pipeline.run``):
   (fine-tuned model, predictions AnnData, metrics).
@@ -30,7 +30,7 @@ TASKS = ("annotation", "integration")
 
 
 def _write(adata: ad.AnnData, path: Path) -> Path:
-    from scgpt_train.tasks.report import write_h5ad
+    from scgpt_train.evaluation.report import write_h5ad
 
     if not isinstance(adata, ad.AnnData):
         raise TypeError(f"expected an AnnData, got {type(adata).__name__}")
@@ -60,7 +60,7 @@ def embed(
     project), as ``scripts/embed.py``: returns the input AnnData (same obs_names, X untouched) with
     ``obsm[key]`` (L2-normalized unless ``normalize=False``), ``obs["scgpt_pred"]`` when the checkpoint has a
     classifier, and the gene mapping reports in ``uns``. Raises ``EmbedInputError`` for inputs it cannot embed."""
-    from scgpt_train.tasks.embedding import embed_h5ad
+    from scgpt_train.inference import embed_h5ad
 
     with tempfile.TemporaryDirectory(prefix="scgpt_embed_") as tmp:
         src = _write(adata, Path(tmp) / "input.h5ad")

@@ -35,7 +35,7 @@ def collect_sweep(sweep_dir: str | os.PathLike, metrics: list[str] | None = None
     if len(results) > 1:
         keys = [k for k in keys if len({o.get(k) for o in overrides}) > 1]
     rows = []
-    for path, result, items in zip(paths, results, overrides):
+    for path, result, items in zip(paths, results, overrides, strict=True):
         row = {"job": str(path.parent.relative_to(sweep_dir))}
         row.update({k: items.get(k) for k in keys})
         row["steps"] = result.get("steps")

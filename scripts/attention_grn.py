@@ -20,7 +20,7 @@ values as stored + perturbation flags for perturbation models (--input-style aut
 
 DIR: report.md, summary.json, summary.tsv (source x setting x method: overlap, expected, hypergeometric p,
 random mean / empirical p), targets.tsv (the top-K lists), grn_precision.png, grn_network.png,
-attention_maps.npz (--save-maps). CollecTRI TF-target edges: python -c "from scgpt_train.tasks.resources import
+attention_maps.npz (--save-maps). CollecTRI TF-target edges: python -c "from scgpt_train.resources.pypi import
 fetch_tf_targets; fetch_tf_targets()". Input errors exit with status 2.
 """
 

@@ -8,7 +8,7 @@ Embedding: the paper's whole-human architecture (12 layers, 8 heads, d 512, FFN 
 randomly initialized: the cost does not depend on the weights) in eval mode, cells of the real celltypist sample
 (559 cells, their real non-zero genes and counts; genes as distinct vocabulary ids) tokenized by the project's
 Tokenizer with L = 1,201 (1,200 genes + <cls>, the checkpoint layout), ``--batch-size`` cells a batch, through
-``scgpt_train.tasks.embedding.predict_cells`` (the embed.py / reference-mapping path: tokenization, forward,
+``scgpt_train.inference.predict_cells`` (the embed.py / reference-mapping path: tokenization, forward,
 gathering). One warm-up batch, then ``--batches`` timed batches; cells/s is the median over them.
 
 Index: ``--n-ref`` L2-normalized 512-d vectors drawn around 64 random centres of a 16-d latent space lifted to
@@ -64,8 +64,8 @@ def real_cells():
 
 def bench_embedding(model_name: str, batch_size: int, n_batches: int, device: torch.device) -> dict:
     from data_modules.tokenize import Tokenizer, TokenizerConfig
+    from scgpt_train.inference import predict_cells
     from scgpt_train.model import ScGPT
-    from scgpt_train.tasks.embedding import predict_cells
 
     layout = TokenLayout()  # L = 1,201
     torch.manual_seed(0)
@@ -146,7 +146,7 @@ def bench_index(n_ref: int, n_query: int, d: int = 512, k: int = 10, seed: int =
         t_query = time.perf_counter() - t1
         if exact is None:
             exact = nb
-        recall = float(np.mean([len(set(a) & set(b)) / k for a, b in zip(nb, exact)]))
+        recall = float(np.mean([len(set(a) & set(b)) / k for a, b in zip(nb, exact, strict=True)]))
         row = {
             "index": f"{spec.backend} {spec.kind}",
             "params": spec.as_dict(),

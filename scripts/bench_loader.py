@@ -62,7 +62,7 @@ def build(cache: Path, n_cells: int, n_datasets: int, nnz: int, n_genes: int) ->
     root.mkdir(parents=True, exist_ok=True)
     per = [n_cells // n_datasets + (i < n_cells % n_datasets) for i in range(n_datasets)]
     parts = [root / f"part{i}.h5ad" for i in range(n_datasets)]
-    for i, (path, n) in enumerate(zip(parts, per)):
+    for i, (path, n) in enumerate(zip(parts, per, strict=True)):
         if not path.exists():
             print(f"writing {path} ({n:,} cells)", file=sys.stderr, flush=True)
             make_synthetic_h5ad(path, n_cells=n, nnz_per_cell=nnz, n_genes=n_genes, seed=i)

@@ -262,7 +262,7 @@ def bench_config(name, gene_counts, steps, device, dtype, variants, cpu_batch=No
         for i, step in enumerate(steps_by_variant):
             times[i].append(timed(step, device))
     rows = []
-    for (impl, generative, layout), ts, mem in zip(variants, times, mems):
+    for (impl, generative, layout), ts, mem in zip(variants, times, mems, strict=True):
         sec = float(np.median(ts))
         row = dict(
             config=name,
@@ -353,7 +353,7 @@ def build_variants(layouts, skip_naive: bool, official_dropout: bool) -> list[tu
 
 def paired_ratio(a: dict, b: dict) -> float:
     """Median over rounds of a's step time / b's step time in the same round."""
-    return float(np.median([x / y for x, y in zip(a["step_s_rounds"], b["step_s_rounds"])]))
+    return float(np.median([x / y for x, y in zip(a["step_s_rounds"], b["step_s_rounds"], strict=True)]))
 
 
 def main(argv=None) -> int:

@@ -5,8 +5,12 @@
     python scripts/benchmark.py benchmark=integration_demo seeds=[0]
     python scripts/benchmark.py benchmark=annotation_ms trainer=gpu
 
+configs/benchmark/<name>.yaml names its runner with ``_target_`` (``_partial_: true``); the harness
+(``scgpt_train.benchmarks.harness.run_benchmark``) instantiates it and calls it. A config dir of your own joins
+with ``hydra.searchpath=[file:///path/to/conf]`` (its ``benchmark/<name>.yaml``).
+
 Arguments that are not keys of configs/benchmark.yaml (``data.path=ref.h5ad``, ``trainer=gpu``,
-``pretrained=CKPT``) are train.py overrides for every seed (``scgpt_train.tasks.benchmark.split_cli_overrides``).
+``pretrained=CKPT``) are train.py overrides for every seed (``split_cli_overrides``).
 
 Everything lands under the Hydra run dir (hydra.run.dir=...): benchmark.md, results.json, figures, and one
 full train.py run directory per seed (seed_<n>/).
@@ -26,7 +30,7 @@ import hydra  # noqa: E402
 from hydra.core.hydra_config import HydraConfig  # noqa: E402
 from omegaconf import DictConfig, OmegaConf  # noqa: E402
 
-from scgpt_train.tasks.benchmark import run_benchmark, split_cli_overrides  # noqa: E402
+from scgpt_train.benchmarks.harness import BenchmarkConfigError, run_benchmark, split_cli_overrides  # noqa: E402
 
 sys.argv[1:], TRAIN_OVERRIDES = split_cli_overrides(sys.argv[1:])
 
@@ -36,7 +40,11 @@ def main(cfg: DictConfig) -> None:
     out_dir = Path(HydraConfig.get().runtime.output_dir)
     bench = OmegaConf.to_container(cfg.benchmark, resolve=True)
     extra = list(cfg.overrides) + TRAIN_OVERRIDES + [f"paths.cache_dir={cfg.paths.cache_dir}"]
-    run_benchmark(bench, list(cfg.seeds), out_dir, extra)
+    try:
+        run_benchmark(bench, list(cfg.seeds), out_dir, extra)
+    except BenchmarkConfigError as e:
+        print(f"error: {e}", file=sys.stderr)
+        raise SystemExit(2) from None
 
 
 if __name__ == "__main__":

@@ -21,7 +21,7 @@ from pathlib import Path
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
-from scgpt_train.tasks.download import REGISTRY, DownloadError, download  # noqa: E402
+from scgpt_train.resources.download import REGISTRY, DownloadError, download  # noqa: E402
 
 
 def main(argv=None) -> int:

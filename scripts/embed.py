@@ -32,7 +32,7 @@ sys.path.insert(0, str(ROOT))
 def main(argv=None) -> int:
     """``run`` with input errors (no cells, NaN / inf, options that do not fit the file) as status 2."""
     from data_modules.vocab import VocabError
-    from scgpt_train.tasks.embedding import EmbedInputError
+    from scgpt_train.inference import EmbedInputError
 
     try:
         return run(argv)
@@ -72,7 +72,7 @@ def run(argv=None) -> int:
     )
     args = p.parse_args(argv)
 
-    from scgpt_train.tasks.embedding import embed_h5ad
+    from scgpt_train.inference import embed_h5ad
 
     out = embed_h5ad(
         args.checkpoint,

@@ -14,7 +14,7 @@ co-expression baseline through the same steps, and with --label-key a heatmap of
 
 DIR: report.md, summary.json, programs.tsv, enrichment.tsv, networks.tsv (within-program cosine networks),
 background_genes.txt, scores.h5ad, program_heatmap.png, family_network.png (--family, default HLA-* and CD3D/E/G).
-The MSigDB Hallmark and C2:CP files: python -c "from scgpt_train.tasks.resources import fetch_resources;
+The MSigDB Hallmark and C2:CP files: python -c "from scgpt_train.resources.pypi import fetch_resources;
 fetch_resources()" (into .cache/resources/). Input errors exit with status 2.
 """
 
@@ -31,7 +31,7 @@ sys.path.insert(0, str(ROOT))
 def main(argv=None) -> int:
     from data_modules.value_types import ValueTypeError
     from data_modules.vocab import VocabError
-    from scgpt_train.tasks.embedding import EmbedInputError
+    from scgpt_train.inference import EmbedInputError
     from scgpt_train.tasks.gene_programs import GeneProgramError
 
     try:
@@ -67,17 +67,9 @@ def run(argv=None) -> int:
     p.add_argument("--seed", type=int, default=0)
     args = p.parse_args(argv)
 
-    summary = gp.run_gene_programs(
-        args.checkpoint,
-        args.gmt,
-        args.out,
-        genes_file=args.genes,
-        adata_path=args.adata,
+    params = gp.GeneProgramParams(
         n_hvg=args.n_hvg,
-        gene_column=args.gene_column,
-        use_raw=args.use_raw,
-        label_key=args.label_key,
-        resolutions=[float(r) for r in args.resolutions.split(",") if r.strip()],
+        resolutions=tuple(float(r) for r in args.resolutions.split(",") if r.strip()),
         resolution=args.resolution,
         n_neighbors=args.k,
         metric=args.metric,
@@ -87,6 +79,17 @@ def run(argv=None) -> int:
         family=args.family,
         network_threshold=args.network_threshold,
         seed=args.seed,
+    )
+    summary = gp.run_gene_programs(
+        args.checkpoint,
+        args.gmt,
+        args.out,
+        params,
+        genes_file=args.genes,
+        adata_path=args.adata,
+        gene_column=args.gene_column,
+        use_raw=args.use_raw,
+        label_key=args.label_key,
     )
     for r in summary["per_resolution"]:
         print(

@@ -35,7 +35,7 @@ sys.path.insert(0, str(ROOT))
 def main(argv=None) -> int:
     from data_modules.store.format import CorpusFormatError
     from data_modules.vocab import VocabError
-    from scgpt_train.tasks.embedding import EmbedInputError
+    from scgpt_train.inference import EmbedInputError
 
     try:
         return run(argv)

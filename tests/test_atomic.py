@@ -18,7 +18,7 @@ ALLOWED = {
     "scgpt_train/fault_tolerance.py": None,  # being migrated by its owner
     # resumable downloads: <file>.part must survive a failure so the next run resumes it with a Range request,
     # which atomic_path (removes its temp file on error) cannot do
-    "scgpt_train/tasks/download.py": {"os.replace(part, dest)"},
+    "scgpt_train/resources/download.py": {"os.replace(part, dest)"},
 }
 
 

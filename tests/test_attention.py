@@ -29,7 +29,7 @@ def _check_against_reference(attn_fn, q, k, v, pad_mask, gen_mask, tol):
     ref = naive_attention(q, k, v, allowed)
     grads_ref = torch.autograd.grad((ref * upstream).sum(), (q, k, v))
     torch.testing.assert_close(ours, ref, rtol=0, atol=tol)
-    for a, b in zip(grads_ours, grads_ref):
+    for a, b in zip(grads_ours, grads_ref, strict=True):
         torch.testing.assert_close(a, b, rtol=0, atol=tol)
 
 

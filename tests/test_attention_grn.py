@@ -118,7 +118,7 @@ def test_maps_are_formed_a_few_heads_at_a_time():
     q, k = torch.randn(2, 4, 50, 8), torch.randn(2, 4, 50, 8)
     whole = [m for _, m in ag.cell_maps(q, k)]
     one_head = [m for _, m in ag.cell_maps(q, k, max_bytes=1)]
-    for a, b in zip(whole, one_head):
+    for a, b in zip(whole, one_head, strict=True):
         np.testing.assert_allclose(a, b, atol=1e-6)
 
 
@@ -145,7 +145,7 @@ def test_every_cell_counts_the_official_first_cell_bug_is_fixed():
     ours = ag.condition_attention(model, [(inputs, conditions)], m)
     # the official loop: a condition's sum starts as zeros at its first cell, later cells are added, / all cells
     official, counts = {}, {}
-    for cell_map, c in zip(per_cell, conditions):
+    for cell_map, c in zip(per_cell, conditions, strict=True):
         counts[c] = counts.get(c, 0) + 1
         if c not in official:
             official[c] = np.zeros((m, m))
@@ -306,7 +306,7 @@ def test_bad_inputs_are_refused_by_name(pbmc_case, capsys):
 def test_grn_benchmark_report_on_a_short_setting(pbmc_case, tmp_path):
     """benchmark=grn_<dataset> on a shortened setting: gene programs (a GMT written here) and two attention-GRN
     parts (real pbmc68k cells with a TSV resource; the perturbation demo with its planted programs)."""
-    from scgpt_train.tasks.benchmark import run_benchmark
+    from scgpt_train.benchmarks.harness import run_benchmark
 
     d, cells = pbmc_case
     g = list(cells.var_names)
@@ -319,6 +319,8 @@ def test_grn_benchmark_report_on_a_short_setting(pbmc_case, tmp_path):
     )
     bench = {
         "name": "grn_short",
+        "_target_": "scgpt_train.benchmarks.grn.run_grn_benchmark",
+        "_partial_": True,
         "task": "grn",
         "dataset": "pbmc68k cells, shortened",
         "checkpoint": str(d / "tiny0.pt"),

@@ -65,8 +65,8 @@ def test_raw_counts_are_the_stored_values_behind_the_model_inputs(demo_dm):
 
 
 def test_harmony_and_scvi_rows_have_finite_scib_numbers(demo_dm, tmp_path):
-    from scgpt_train.tasks.baselines import hvg_pca_embedding
-    from scgpt_train.tasks.benchmark import results_table
+    from scgpt_train.benchmarks.harness import results_table
+    from scgpt_train.evaluation.baselines import hvg_pca_embedding
     from scgpt_train.tasks.integration import IntegrationTask
 
     baselines = ["hvg_pca", "harmony", "scvi"]

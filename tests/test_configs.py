@@ -52,7 +52,12 @@ def test_every_trainer_preset_composes(trainer):
 
 @pytest.mark.parametrize("logger", sorted(p.stem for p in (CONFIGS / "logger").glob("*.yaml")))
 def test_every_logger_composes(logger):
-    resolved(compose_cfg([f"logger={logger}"]))
+    """Each logger preset resolves to Lightning loggers (``none``: no logger at all)."""
+    loggers = resolved(compose_cfg([f"logger={logger}"])).get("logger") or {}
+    assert (logger == "none") == (not loggers), loggers
+    for name, spec in loggers.items():
+        assert spec["_target_"].startswith("pytorch_lightning.loggers."), name
+        assert spec["save_dir"] == "/tmp/out", name  # every logger writes into the run dir
 
 
 def test_default_is_demo():

@@ -86,7 +86,7 @@ def test_lightning_checkpoint_resume_mid_epoch_is_exact(corpus, tmp_path):
     assert state["cursor"]["rr_done"] == 25  # 25 trained batches, not 26 fetched ones
     resumed = fit(corpus, tmp_path / "run", num_workers=1, ckpt_path=str(ckpt), max_epochs=2).seen
     assert len(interrupted) == 25 and len(interrupted) + len(resumed) == len(reference)
-    for a, b in zip(interrupted + resumed, reference):
+    for a, b in zip(interrupted + resumed, reference, strict=True):
         np.testing.assert_array_equal(a, b)
     epoch_len = len(reference) // 2
     for epoch in (reference[:epoch_len], reference[epoch_len:]):

@@ -205,7 +205,7 @@ def workspace(tmp_path_factory, demo_corpus) -> tuple[Path, dict]:
     subdirs = lambda d, names: [n for n in names if (Path(d) / n).is_dir()]  # noqa: E731
     shutil.copytree(FIXTURES, ws / "path" / "to" / "scGPT_human", ignore=subdirs)
     mirror = ws / "mirror"
-    from scgpt_train.tasks.download import REGISTRY
+    from scgpt_train.resources.download import REGISTRY
 
     for entry in REGISTRY.values():  # the official tiny checkpoint as scgpt_human, stand-in bytes for the rest
         for file in entry.files:

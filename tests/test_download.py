@@ -11,7 +11,7 @@ import threading
 import pytest
 from conftest import ROOT, run_cmd
 
-from scgpt_train.tasks import download as dl
+from scgpt_train.resources import download as dl
 
 
 class RangeHandler(http.server.BaseHTTPRequestHandler):
@@ -189,3 +189,43 @@ def test_gears_dataverse_archive_is_fetched_extracted_and_checked(tmp_path):
     (root / "adamson" / "perturb_processed.h5ad").write_bytes(b"changed")
     with pytest.raises(dl.ChecksumMismatch, match="perturb_processed.h5ad"):
         dl.download(["adamson"], root, mirror=str(tmp_path / "mirror"), progress=False, log=lambda *_: None)
+
+
+def test_one_extract_member_reads_wheels_and_sdists_and_one_manifest_both_record_files(tmp_path):
+    """scgpt_train/resources/archives.py: the zip (wheel / GEARS zip) and tar (sdist) paths of extract_member,
+    by member path and by file name, its errors, and a Manifest reading resources.json's ``files`` section."""
+    import tarfile
+    import zipfile
+
+    from scgpt_train.resources.archives import Manifest, extract_member, file_sha256
+
+    (tmp_path / "a.txt").write_text("alpha\n")
+    with zipfile.ZipFile(tmp_path / "w.whl", "w") as z:
+        z.write(tmp_path / "a.txt", "pkg/data/a.txt")
+    with tarfile.open(tmp_path / "s.tar.gz", "w:gz") as t:
+        t.add(tmp_path / "a.txt", "pkg-1.0/tests/a.txt")
+    for archive, member, by_name in (("w.whl", "pkg/data/a.txt", False), ("s.tar.gz", "a.txt", True)):
+        out = extract_member(tmp_path / archive, member, tmp_path / f"out_{archive}.txt", by_name=by_name)
+        assert out.read_text() == "alpha\n"
+    with pytest.raises(KeyError, match=r"w\.whl: expected one pkg/b\.txt inside, found none"):
+        extract_member(tmp_path / "w.whl", "pkg/b.txt", tmp_path / "b.txt", KeyError)
+    with pytest.raises(KeyError, match=r"a\.txt is not a readable tar archive"):
+        extract_member(tmp_path / "a.txt", "x", tmp_path / "x.txt", KeyError)
+    assert not (tmp_path / "b.txt").exists() and not (tmp_path / "x.txt").exists()
+
+    old = {"files": {"a.txt": {"sha256": file_sha256(tmp_path / "a.txt"), "source": "s"}}}  # as fetch_* wrote it
+    (tmp_path / "resources.json").write_text(json.dumps(old, indent=1))
+    m = Manifest(tmp_path, "resources.json", section="files")
+    assert m.is_current(tmp_path / "a.txt") and not m.is_current(tmp_path / "out_w.whl.txt")
+    m.record(tmp_path / "out_w.whl.txt", source="w.whl")
+    m.save()
+    assert set(Manifest(tmp_path, "resources.json", "files").entries) == {"a.txt", "out_w.whl.txt"}
+    shared = tmp_path / "shared"  # a cache whose files are links into a shared one (the docs-commands workspace)
+    shared.mkdir()
+    (shared / "a.txt").symlink_to(tmp_path / "a.txt")
+    linked = Manifest(shared, "resources.json", "files")
+    linked.record(shared / "a.txt", source="link")
+    assert list(linked.entries) == ["a.txt"] and linked.is_current(shared / "a.txt")
+    (tmp_path / "a.txt").write_text("changed\n")
+    with pytest.raises(KeyError, match="a.txt: sha256 .* differs from the recorded"):
+        m.verify(tmp_path / "a.txt", KeyError)

@@ -75,7 +75,7 @@ def test_embed_matches_the_official_cell_embedding(tmp_path):
 
     from data_modules.batch import Batch
     from scgpt_train.checkpoints import load_checkpoint
-    from scgpt_train.tasks.embedding import predict_cells
+    from scgpt_train.inference import predict_cells
 
     inputs, expected = np.load(FIXTURES / "inputs.npz"), np.load(FIXTURES / "expected.npz")
     model, _ = load_checkpoint(FIXTURES)

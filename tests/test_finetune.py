@@ -9,6 +9,7 @@ import anndata as ad
 import pytest
 import torch
 from conftest import run_cmd
+from helpers.figures import assert_drawn_png
 
 
 def tiny_module(**kw):
@@ -84,7 +85,7 @@ def test_annotation_benchmark_writes_table_figures_and_outputs(annotation_bench)
     table = (annotation_bench / "benchmark.md").read_text()
     assert "| scGPT fine-tuned | ours (1 seeds) |" in table and "| L1 logistic regression | ours (1 seeds) |" in table
     for fig in ("confusion_matrix.png", "umap.png", "confusion_matrix_l1_lr.png"):
-        assert (annotation_bench / fig).stat().st_size > 5000, fig
+        assert_drawn_png(annotation_bench / fig)
     seed = annotation_bench / "seed_0"
     adata = ad.read_h5ad(seed / "predictions.h5ad")
     assert adata.n_obs == 700 and adata.obsm["X_scgpt"].shape == (700, 64)

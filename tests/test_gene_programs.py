@@ -1,4 +1,4 @@
-"""Gene-embedding programs (scgpt_train/tasks/gene_programs.py, scripts/gene_programs.py): enrichment statistics
+"""Gene-embedding programs (scgpt_train/tasks/gene_programs/, scripts/gene_programs.py): enrichment statistics
 against hand-computed counts, seeded Leiden, a GMT the vocabulary does not share, and an end-to-end run on the
 official tiny checkpoint with real AnnData and a GMT written here."""
 
@@ -15,6 +15,7 @@ import pytest
 import scipy.sparse as sp
 import torch
 from conftest import FIXTURES, ROOT
+from helpers.figures import assert_drawn_png
 
 from scgpt_train.tasks import gene_programs as gp
 
@@ -183,7 +184,8 @@ def test_end_to_end_on_the_official_tiny_checkpoint(tmp_path, capsys):
     main = scgpt_progs[scgpt_progs["resolution"] == 1.0]["program"]
     assert list(scored.obs_names) == [f"cell-{i}" for i in range(240)] and scored.n_vars == 120
     assert {f"gp_{p}" for p in main} <= set(scored.obs.columns) and len(main) > 0
-    assert (out / "program_heatmap.png").stat().st_size > 0 and (out / "family_network.png").stat().st_size > 0
+    assert_drawn_png(out / "program_heatmap.png")
+    assert_drawn_png(out / "family_network.png")
     report = (out / "report.md").read_text()
     for section in ("## Per resolution", "## Programs at resolution 1", "gene embeddings vs co-expression"):
         assert section in report

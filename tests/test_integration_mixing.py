@@ -2,7 +2,7 @@
 
 Two short CPU fine-tunes of ``finetune_integration_demo`` (avg-pool cell embedding) on the same cells, seed
 and epochs, both without DAR: with domain-specific batch norm and without it. Scored by the task's scIB
-metrics (``scgpt_train.tasks.metrics.integration_metrics``), batch ASW and AvgBATCH must rise by a clear
+metrics (``scgpt_train.evaluation.metrics.integration_metrics``), batch ASW and AvgBATCH must rise by a clear
 margin while label ASW stays within a small tolerance (AvgBIO's Leiden-based terms are not reproducible
 across machines, so it is reported, not asserted).
 

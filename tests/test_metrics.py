@@ -5,7 +5,7 @@ from __future__ import annotations
 import numpy as np
 import pytest
 
-from scgpt_train.tasks.metrics import (
+from scgpt_train.evaluation.metrics import (
     aggregate_integration,
     classification_metrics,
     confusion_matrix,

@@ -261,7 +261,7 @@ def test_dsbn_is_per_cell():
     labels = torch.tensor([0, 1, 0])
     # eval: each cell is normalised with its own domain's running stats, independent of the others
     with torch.no_grad():
-        for bn, mean in zip(model.dsbn.bns, (0.5, -0.5)):
+        for bn, mean in zip(model.dsbn.bns, (0.5, -0.5), strict=True):
             bn.running_mean.fill_(mean)
     model.eval()
     out = model(gene_ids, values, pad_mask, batch_labels=labels)

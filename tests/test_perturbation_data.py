@@ -201,7 +201,7 @@ def test_simulation_split_equals_gears(monkeypatch):
         out, groups = data_utils.DataSplitter(adata, split_type="simulation").split_data(
             seed=seed, train_gene_set_size=0.75, combo_seen2_train_frac=0.75
         )
-        theirs = {normalize_condition(c): s for c, s in zip(out.obs["condition"], out.obs["split"])}
+        theirs = {normalize_condition(c): s for c, s in zip(out.obs["condition"], out.obs["split"], strict=True)}
         ours = simulation_split(conds, seed=seed)
         assert theirs == ours.assignment()
         for key, ours_groups in (("test_subgroup", ours.test_subgroup), ("val_subgroup", ours.val_subgroup)):
@@ -438,7 +438,7 @@ def test_computed_de_equals_gears(monkeypatch, demo):
     theirs = data_utils.get_dropout_non_zero_genes(data_utils.get_DE_genes(theirs, False))
     ours = from_anndata(ad.AnnData(X=demo.X, obs=demo.obs[["condition", "cell_type"]].copy(), var=demo.var.copy()))
     assert ours.de_source == "computed"
-    to_condition = dict(zip(theirs.obs["condition_name"].astype(str), theirs.obs["condition"].astype(str)))
+    to_condition = dict(zip(theirs.obs["condition_name"].astype(str), theirs.obs["condition"].astype(str), strict=True))
     names = ours.gene_names
     assert len(theirs.uns[TOP20_KEY]) == len(ours.top_de_20) == 50
     for key, genes in theirs.uns[TOP20_KEY].items():

@@ -114,7 +114,7 @@ def test_flagged_genes_always_kept_when_subsampling(toy):
     dm = datamodule(toy, layout={"max_seq_len": 31, "pad_value": 0.0}, ctrl_identity=False)
     collate = dm.collate(subsample=True, seed=3)
     pairs = dm.pairing("train").pairs()
-    items = list(zip(pairs.perturbed.tolist(), pairs.control.tolist()))
+    items = list(zip(pairs.perturbed.tolist(), pairs.control.tolist(), strict=True))
     for start in range(0, len(items), 8):
         batch = collate(items[start : start + 8])
         cols = batch_columns(dm, batch)
@@ -133,7 +133,11 @@ def test_official_uniform_draw_drops_flagged_genes_reproducibly(toy):
     max_genes / n_genes (30%), so ~70% of singles lose their perturbed gene; the same seed gives the same subsets."""
     dm = datamodule(toy, layout={"max_seq_len": 31, "pad_value": 0.0}, ctrl_identity=False, keep_perturbed_genes=False)
     pairs = dm.pairing("train").pairs()
-    singles = [(p, c) for p, c in zip(pairs.perturbed, pairs.control) if len(dm.condition_flags[dm.cell_codes[p]]) == 1]
+    singles = [
+        (p, c)
+        for p, c in zip(pairs.perturbed, pairs.control, strict=True)
+        if len(dm.condition_flags[dm.cell_codes[p]]) == 1
+    ]
     collate = dm.collate(subsample=True, seed=11)
     kept = []
     for _ in range(150):
@@ -185,7 +189,7 @@ class RecordPairs(pl.Callback):
         self.epochs.append([])
 
     def on_train_batch_end(self, trainer, pl_module, outputs, batch, batch_idx):
-        self.epochs[-1] += list(zip(batch.cell_index.tolist(), batch.obs["control_index"].tolist()))
+        self.epochs[-1] += list(zip(batch.cell_index.tolist(), batch.obs["control_index"].tolist(), strict=True))
 
 
 def tiny_module(dm) -> ScGPTLitModule:
@@ -219,7 +223,9 @@ def test_fixed_pairing_is_the_same_every_epoch_under_a_trainer(toy, tmp_path):
 def test_redraw_pairing_changes_every_epoch_under_a_trainer(toy, tmp_path):
     dm = datamodule(toy, pairing_mode="redraw")
     epochs = fit_pairs(dm, tmp_path)
-    fixed = dict(zip(*[a.tolist() for a in (lambda p: (p.perturbed, p.control))(dm.pairing("train").pairs(0))]))
+    fixed = dict(
+        zip(*[a.tolist() for a in (lambda p: (p.perturbed, p.control))(dm.pairing("train").pairs(0))], strict=True)
+    )
     assert epochs[0] == fixed  # epoch 0 of redraw is the fixed pairing
     assert epochs[0] != epochs[1] != epochs[2]
     assert set(epochs[0]) == set(epochs[1])  # the same perturbed cells, other controls

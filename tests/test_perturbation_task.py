@@ -222,7 +222,7 @@ def test_demo_experiment_trains_selects_by_val_pearson_delta_and_evaluates(toy, 
 def test_benchmark_writes_report_and_results(toy, tmp_path):
     """The perturbation benchmark harness (scripts/benchmark.py benchmark=perturbation_demo) on the toy data,
     one seed, one epoch: report.md lists every baseline and the subgroups, results.csv has mean / sd rows."""
-    from scgpt_train.tasks.benchmark import run_benchmark
+    from scgpt_train.benchmarks.harness import run_benchmark
 
     with initialize_config_dir(str(CONFIGS), version_base="1.3"):
         bench = OmegaConf.to_container(compose("benchmark", overrides=["benchmark=perturbation_demo"]).benchmark)
@@ -287,7 +287,7 @@ def test_reverse_perturbation_script_on_a_saved_model(toy, tmp_path):
 
 
 def test_reverse_benchmark_writes_report(toy, tmp_path):
-    from scgpt_train.tasks.benchmark import run_benchmark
+    from scgpt_train.benchmarks.harness import run_benchmark
 
     with initialize_config_dir(str(CONFIGS), version_base="1.3"):
         bench = OmegaConf.to_container(

@@ -1,4 +1,4 @@
-"""Zero-shot reference mapping (scgpt_train/tasks/reference_map.py, scripts/reference_map.py) with the official tiny
+"""Zero-shot reference mapping (scgpt_train/tasks/reference_map/, scripts/reference_map.py) with the official tiny
 checkpoint on real h5ad files and real corpora built by the project's converter: separable toy cell types map
 perfectly, shuffled reference labels map at chance, saved indexes give the same neighbours, atlas mode on a
 50,000-cell corpus is resumable with bounded memory, and bad inputs are refused by name."""
@@ -23,6 +23,7 @@ import scipy.sparse as sp
 import torch
 from conftest import FIXTURES, ROOT
 
+from scgpt_train.benchmarks.zeroshot import run_zeroshot_benchmark
 from scgpt_train.tasks import reference_map as rm
 
 TYPES = ("T cell", "B cell", "NK cell", "monocyte")
@@ -121,7 +122,7 @@ def test_separable_toy_reference_maps_with_accuracy_one(toy, tmp_path, backend):
 
 def test_query_embedding_equals_embed_py(toy, toy_embeddings, tmp_path):
     """Reference mapping embeds through embed.py's path: the same seed and batch size give the same vectors."""
-    from scgpt_train.tasks.embedding import embed_h5ad
+    from scgpt_train.inference import embed_h5ad
 
     _, query = toy
     out = embed_h5ad(FIXTURES, query, tmp_path / "embedded.h5ad", batch_size=32, seed=0, device="cpu", progress=False)
@@ -192,7 +193,7 @@ def test_without_faiss_the_sklearn_fallback_finds_the_exact_neighbours(toy_embed
     if exact is not None:
         np.testing.assert_allclose(dist, exact[0], atol=1e-5)
         # the same neighbour sets (order may differ only between equidistant cells)
-        assert all(set(a) == set(b) for a, b in zip(nb, exact[1]))
+        assert all(set(a) == set(b) for a, b in zip(nb, exact[1], strict=True))
 
 
 def test_knn_vote_ties_go_to_the_closer_label():
@@ -429,7 +430,7 @@ def test_zeroshot_benchmark_writes_a_table_with_baselines(toy, tmp_path):
         "l1_c_grid": [1.0],
         "umap": False,
     }
-    result = rm.run_zeroshot_benchmark(bench, [0, 1], tmp_path / "bench")
+    result = run_zeroshot_benchmark(bench, [0, 1], tmp_path / "bench")
     assert result["summary"]["scgpt_knn"]["accuracy"]["values"] == [1.0, 1.0]
     assert set(result["summary"]) == {"scgpt_knn", "hvg_pca_knn", "l1_lr"}
     text = (tmp_path / "bench" / "benchmark.md").read_text()

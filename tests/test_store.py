@@ -196,7 +196,7 @@ def test_map_by_ensembl_id_and_by_gene_column(tmp_path):
     vocab = GeneVocab.from_genes(["ACTB", "CD3E", "GAPDH", "MS4A1"])
     vocab.to_json(tmp_path / "vocab.json")
     (tmp_path / "table.tsv").write_text(
-        "feature_id\tfeature_name\n" + "\n".join(f"{i}\t{s}" for i, s in zip(genes.index, genes.symbol))
+        "feature_id\tfeature_name\n" + "\n".join(f"{i}\t{s}" for i, s in zip(genes.index, genes.symbol, strict=True))
     )
     common = [str(tmp_path / "ens.h5ad"), "--vocab", str(tmp_path / "vocab.json"), "--no-split", "--quiet"]
     assert (

@@ -107,7 +107,7 @@ def test_same_order_with_0_1_2_workers(corpus):
     runs = {w: collect(StreamLoader(stream(corpus), num_workers=w)) for w in (0, 1, 2)}
     for w in (1, 2):
         assert len(runs[w]) == len(runs[0])
-        for a, b in zip(runs[0], runs[w]):
+        for a, b in zip(runs[0], runs[w], strict=True):
             np.testing.assert_array_equal(a.cell_index.numpy(), b.cell_index.numpy())
             np.testing.assert_array_equal(a.gene_ids.numpy(), b.gene_ids.numpy())  # same tokenization RNG too
             np.testing.assert_array_equal(a.gen_mask.numpy(), b.gen_mask.numpy())
@@ -133,7 +133,7 @@ def test_mid_epoch_resume_is_exact(corpus, stop):
     second.load_state_dict(state)
     after = collect(second)
     assert len(before) + len(after) == len(reference)
-    for a, b in zip(before + after, reference):
+    for a, b in zip(before + after, reference, strict=True):
         np.testing.assert_array_equal(a.cell_index.numpy(), b.cell_index.numpy())
         np.testing.assert_array_equal(a.values.numpy(), b.values.numpy())
 
@@ -146,7 +146,7 @@ def test_end_of_epoch_state_starts_next_epoch(corpus):
     expected = cells_of(collect(loader))
     fresh = StreamLoader(stream(corpus), num_workers=0)
     fresh.load_state_dict(state)
-    for a, b in zip(cells_of(collect(fresh)), expected):
+    for a, b in zip(cells_of(collect(fresh)), expected, strict=True):
         np.testing.assert_array_equal(a, b)
 
 
@@ -192,7 +192,7 @@ def test_validation_stream_is_deterministic_and_complete(corpus):
         return collect(StreamLoader(s, num_workers=0))
 
     a, b = val_cells(), val_cells()
-    for x, y in zip(a, b):
+    for x, y in zip(a, b, strict=True):
         np.testing.assert_array_equal(x.values.numpy(), y.values.numpy())
     corpus_ = Corpus(corpus)
     block = corpus_.read_cells(0, corpus_.n_cells)

@@ -1,5 +1,5 @@
 """The CPU demo data: real CITE-seq PBMCs (200 cells, 16,727 genes, 14 ADTs) from the scvi-tools 1.4.2 sdist
-(``tests/test_data/pbmc_10k_protein_v3.h5ad``; fetched by ``scgpt_train.tasks.resources.fetch_citeseq_demo``).
+(``tests/test_data/pbmc_10k_protein_v3.h5ad``; fetched by ``scgpt_train.resources.pypi.fetch_citeseq_demo``).
 
 - Coarse cell types gated from the ADTs, on Seurat's per-cell CLR of the 14 ADT counts with one threshold
   (``GATE`` = 1.5, the gap between the negative and positive modes of every gating marker in this file), in this
@@ -100,7 +100,7 @@ def build_citeseq_demo(path: str | os.PathLike, source: str | os.PathLike, mosai
     """Write the demo file to ``path`` (``source``: the fetched scvi-tools test file)."""
     if not Path(source).is_file():
         raise FileNotFoundError(
-            f'{source} does not exist: fetch it with `.venv/bin/python -c "from scgpt_train.tasks.resources import '
+            f'{source} does not exist: fetch it with `.venv/bin/python -c "from scgpt_train.resources.pypi import '
             'fetch_citeseq_demo; fetch_citeseq_demo()"` (downloads the scvi-tools 1.4.2 sdist from PyPI)'
         )
     adata = make_citeseq_demo(source, mosaic=mosaic)

@@ -188,8 +188,8 @@ def compute_de(
                 raise PerturbationDataError(
                     f"{source}: condition {g!r} occurs in several cell types; DE per condition needs one cell type"
                 )
-        multi = [str(g) for g, n in zip(groups, counts) if n >= 2]
-        for g, n in zip(groups, counts):
+        multi = [str(g) for g, n in zip(groups, counts, strict=True) if n >= 2]
+        for g, n in zip(groups, counts, strict=True):
             if n < 2:
                 ranked[str(g)] = _rank_group(x, np.flatnonzero(in_ct & (conditions == g)), ctrl)
         if multi:
@@ -246,7 +246,7 @@ def _de_from_uns(adata: ad.AnnData, conditions: np.ndarray, source: str):
         return None
     name_map: dict[str, str] = {}
     if "condition_name" in adata.obs:
-        name_map = dict(zip(adata.obs["condition_name"].astype(str), conditions))
+        name_map = dict(zip(adata.obs["condition_name"].astype(str), conditions, strict=True))
     cell_types = list(dict.fromkeys(adata.obs["cell_type"].astype(str)))
     by_id = {v: i for i, v in enumerate(adata.var_names.astype(str))}
     by_name = {v: i for i, v in enumerate(adata.var["gene_name"].astype(str))}
@@ -375,7 +375,7 @@ def to_gears_anndata(
     gene_names = np.asarray(gene_names).astype(str)
     var = pd.DataFrame({"gene_name": gene_names}, index=gene_names)
     ranked, top20 = compute_de(x, conditions, np.full(len(conditions), cell_type))
-    name_of = dict(zip(conditions, names))
+    name_of = dict(zip(conditions, names, strict=True))
     out_uns = dict(uns or {})
     out_uns[RANK_KEY] = {name_of[c]: gene_names[r] for c, r in ranked.items()}
     out_uns[TOP20_KEY] = {name_of[c]: gene_names[t] for c, t in top20.items()}

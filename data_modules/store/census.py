@@ -75,7 +75,7 @@ class CensusReader:
         self.genes = [str(g) for g in genes]
         self.gene_source = f"ms/RNA/var[{gene_column!r}]"
         self.var_table = (
-            dict(zip(var["feature_id"].astype(str), var["feature_name"].astype(str)))
+            dict(zip(var["feature_id"].astype(str), var["feature_name"].astype(str), strict=True))
             if {"feature_id", "feature_name"} <= set(var.columns)
             else None
         )

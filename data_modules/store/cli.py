@@ -68,7 +68,7 @@ def resolve_input_genes(
         keys = [guess_gene_key(r.genes) for r in readers]
         target = vocab.keyed_by if vocab is not None else ("symbol" if "symbol" in keys else keys[0])
         resolved, reports = [], []
-        for src, reader in zip(sources, readers):
+        for src, reader in zip(sources, readers, strict=True):
             where = str(getattr(reader, "path", src.name))
             names, rep = resolve_gene_names(
                 reader.var, target, src.gene_column, table=table, table_label=table_label, vocab=vocab, where=where
@@ -104,12 +104,14 @@ def resolve_input_genes(
                         f"note: {src.name}: {len(truncated)} gene names unknown to the vocabulary look truncated "
                         f"(e.g. {', '.join(truncated[:3])}): re-export the file with full gene names"
                     )
-        changed = any(n != g for names, r in zip(resolved, readers) for n, g in zip(names, r.genes))
+        changed = any(
+            n != g for names, r in zip(resolved, readers, strict=True) for n, g in zip(names, r.genes, strict=True)
+        )
         if not changed and table is None:
             return vocab, None, reports
         mapping: dict[str, str] = {}
-        for names, reader in zip(resolved, readers):
-            for name, raw in zip(names, reader.genes):
+        for names, reader in zip(resolved, readers, strict=True):
+            for name, raw in zip(names, reader.genes, strict=True):
                 if mapping.setdefault(raw, name) != name:
                     raise CorpusFormatError(
                         f"{getattr(reader, 'path', reader.name)}: gene {raw!r} maps to {name!r} here and to "
@@ -334,7 +336,7 @@ def build_main(argv: list[str] | None = None) -> int:
             paths = _expand_inputs(args.inputs)
             columns = gene_columns_per_input(paths, args.gene_column or [])
             sources = sources_from_paths(paths, use_raw=args.use_raw, layer=args.layer, obs_map=obs_map or None)
-            for source, column in zip(sources, columns):
+            for source, column in zip(sources, columns, strict=True):
                 source.gene_column = column
             label = table_name(args.gene_table) if args.gene_table else None
             common["vocab"], table, id_reports = resolve_input_genes(sources, vocab, table, label, log)

@@ -407,7 +407,10 @@ def _convert_into(
         writer.datasets = _dataset_entries(readers, reports, stats, obs_columns)
         manifest = writer.finish(
             split,
-            extra={"sources": [_source_entry(r, rep) for r, rep in zip(readers, reports)], **(extra_manifest or {})},
+            extra={
+                "sources": [_source_entry(r, rep) for r, rep in zip(readers, reports, strict=True)],
+                **(extra_manifest or {}),
+            },
         )
     except CorpusFormatError:
         _clear_corpus_files(out)  # a bad input leaves nothing partial behind
@@ -467,7 +470,7 @@ def _source_entry(reader, rep: GeneReport) -> dict:
 def _dataset_entries(readers: list, reports: list[GeneReport], stats: dict, obs_columns: list[str]) -> list[dict]:
     """One entry per dataset label: counts, losses to unknown genes, and the gene report of its input."""
     entries = []
-    for r, rep in zip(readers, reports):
+    for r, rep in zip(readers, reports, strict=True):
         for name in getattr(r, "dataset_names", [r.name]):
             s = stats.get(name, {k: 0 for k in STAT_KEYS})
             total = s["counts_total"]
@@ -535,7 +538,7 @@ def convert_sources(
                 "obs_map": s.obs_map,
                 **r.fingerprint(),
             }
-            for s, r in zip(sources, readers)
+            for s, r in zip(sources, readers, strict=True)
         ],
         "gene_table": _table_digest(gene_table),
     }

@@ -75,7 +75,7 @@ class LaneReader:
         in_val = self.corpus.in_validation(window)
         in_split = in_val if self.split == "val" else ~in_val
         block_of, rows = [], []
-        for j, (i, b) in enumerate(zip(range(first, last), ids)):
+        for j, (i, b) in enumerate(zip(range(first, last), ids, strict=True)):
             r0 = int(first_row[j])
             selected = np.flatnonzero(in_split[r0 : r0 + int(table.stop[b] - table.start[b])])[: table.n_selected[b]]
             a, z = max(lo - int(plan.cum[i]), 0), min(hi, int(plan.cum[i + 1])) - int(plan.cum[i])

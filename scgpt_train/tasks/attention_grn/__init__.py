@@ -3,7 +3,8 @@
 One module per job: :mod:`.scores` (last-layer q.k^T per head, rank normalization, head mean, per-condition
 means with every cell counted), :mod:`.inputs` (TF-target resource, gene panel, token batches), :mod:`.targets`
 (top-K targets of a source gene, hypergeometric test, expression-matched random / co-expression / DE baselines),
-:mod:`.run` (:func:`run_attention_grn`: tables, report, figures), :mod:`.benchmark` (``benchmark=grn_<dataset>``).
+:mod:`.run` (:func:`run_attention_grn`: tables, report, figures). ``benchmark=grn_<dataset>``:
+scgpt_train/benchmarks/grn.py.
 """
 
 from scgpt_train.tasks.attention_grn.common import DEFAULT_N_RANDOM, DEFAULT_TOP_K, SETTINGS, GRNError

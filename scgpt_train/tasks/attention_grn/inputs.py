@@ -32,7 +32,7 @@ def read_tf_targets(path) -> dict[str, set[str]]:
     if not path.is_file():
         raise GRNError(
             f"--tf-targets {path} does not exist; fetch CollecTRI with "
-            "`python -c 'from scgpt_train.tasks.resources import fetch_tf_targets; fetch_tf_targets()'`"
+            "`python -c 'from scgpt_train.resources.pypi import fetch_tf_targets; fetch_tf_targets()'`"
         )
     table = pd.read_csv(path, sep="," if path.suffix == ".csv" else "\t", dtype=str)
     missing = {"source", "target"} - set(table.columns)
@@ -40,7 +40,7 @@ def read_tf_targets(path) -> dict[str, set[str]]:
         raise GRNError(f"--tf-targets {path}: needs columns source and target, lacks {sorted(missing)}")
     table = table.dropna(subset=["source", "target"])
     out: dict[str, set[str]] = {}
-    for s, t in zip(table["source"], table["target"]):
+    for s, t in zip(table["source"], table["target"], strict=True):
         out.setdefault(s, set()).add(t)
     if not out:
         raise GRNError(f"--tf-targets {path} holds no edge")
@@ -78,7 +78,7 @@ def build_panel(
     first: dict[str, int] = {}
     for j, g in enumerate(names):
         first.setdefault(g, j)
-    in_vocab = {g for g, i in zip(first, vocab.map_genes(list(first)).ids) if i >= 0}
+    in_vocab = {g for g, i in zip(first, vocab.map_genes(list(first)).ids, strict=True) if i >= 0}
     if not in_vocab:
         raise GRNError(
             f"{where}: none of its {len(names)} genes (e.g. {names[:3]}) is in the checkpoint's vocabulary "

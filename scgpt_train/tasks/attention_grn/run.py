@@ -37,18 +37,12 @@ METHOD_NAMES = {
 
 
 def load_grn_model(checkpoint):
-    """(model, vocab) of a checkpoint; refuses models that need batch labels (DSBN / batch embedding)."""
-    from data_modules.vocab import GeneVocab
-    from scgpt_train.checkpoints import load_checkpoint
+    """:func:`~scgpt_train.inference.load_for_inference`, refusing models that need batch labels."""
+    from scgpt_train.inference import load_for_inference
 
-    if not Path(checkpoint).exists():
-        raise GRNError(f"--checkpoint {checkpoint} does not exist")
-    model, vocab = load_checkpoint(checkpoint)
-    vocab = GeneVocab(vocab) if vocab else GeneVocab.from_checkpoint(checkpoint)
-    cfg = model.config()
-    if cfg.get("dsbn") or cfg.get("use_batch_labels"):
-        raise GRNError(f"{checkpoint} needs batch labels (DSBN / batch embedding); use a checkpoint without them")
-    return model, vocab
+    return load_for_inference(
+        checkpoint, GRNError, "needs batch labels (DSBN / batch embedding); use a checkpoint without them"
+    )
 
 
 def perturbed_condition_of(source: str, conditions: Sequence[str]) -> str | None:
@@ -136,8 +130,8 @@ def run_attention_grn(
     import anndata as ad
     import torch
 
-    from scgpt_train.tasks.reference_map import log_normalized
-    from scgpt_train.tasks.report import markdown_table, write_json, write_text
+    from scgpt_train.evaluation.baselines import log_normalized
+    from scgpt_train.evaluation.report import markdown_table, write_json, write_text
 
     say = print if progress else (lambda *a, **k: None)
     t0 = time.perf_counter()
@@ -440,12 +434,9 @@ def _p(v) -> str:
 
 def plot_precision(agg: pd.DataFrame, path, k: int) -> Path:
     """Mean precision@K per method, one group of bars per setting."""
-    import matplotlib
+    from scgpt_train.evaluation.figures import pyplot, save_figure
 
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
-    from scgpt_train.tasks.report import _save_fig
+    plt = pyplot()
 
     settings = list(dict.fromkeys(agg["setting"]))
     methods = list(dict.fromkeys(agg["method"]))
@@ -458,22 +449,19 @@ def plot_precision(agg: pd.DataFrame, path, k: int) -> Path:
     ax.set_ylabel(f"known targets in top {k} / {k}")
     ax.legend(fontsize=7, frameon=False)
     ax.set_title("attention GRN vs baselines (mean over source genes)", fontsize=9)
-    return _save_fig(fig, Path(path))
+    return save_figure(fig, Path(path))
 
 
 def plot_targets(source: str, rows: pd.DataFrame, path, setting: str) -> Path:
     """The source gene and its top targets as a star; known targets highlighted."""
-    import matplotlib
+    from scgpt_train.evaluation.figures import pyplot, save_figure
 
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
-    from scgpt_train.tasks.report import _save_fig
+    plt = pyplot()
 
     n = len(rows)
     ang = np.linspace(0, 2 * np.pi, n, endpoint=False)
     fig, ax = plt.subplots(figsize=(5, 5))
-    for a, (_, r) in zip(ang, rows.iterrows()):
+    for a, (_, r) in zip(ang, rows.iterrows(), strict=True):
         x, y = np.cos(a), np.sin(a)
         hit = bool(r["known_target"])
         ax.plot([0, x], [0, y], color="slateblue" if hit else "lightgrey", lw=2.5 if hit else 1, zorder=1)
@@ -484,4 +472,4 @@ def plot_targets(source: str, rows: pd.DataFrame, path, setting: str) -> Path:
     ax.set_ylim(-1.35, 1.35)
     ax.axis("off")
     ax.set_title(f"{source}: top {n} attention targets ({setting}); blue = known target", fontsize=9)
-    return _save_fig(fig, Path(path))
+    return save_figure(fig, Path(path))

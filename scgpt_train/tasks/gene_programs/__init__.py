@@ -37,6 +37,7 @@ from scgpt_train.tasks.gene_programs.common import (
     MIN_TERM_GENES,
     OFFICIAL_RESOLUTION,
     GeneProgramError,
+    GeneProgramParams,
 )
 from scgpt_train.tasks.gene_programs.enrichment import EnrichmentResult, check_gene_sets, enrichment
 from scgpt_train.tasks.gene_programs.figures import plot_family_network, plot_program_heatmap
@@ -69,6 +70,7 @@ __all__ = [
     "EnrichmentResult",
     "GeneEmbeddings",
     "GeneProgramError",
+    "GeneProgramParams",
     "adata_gene_names",
     "check_gene_sets",
     "coexpression_features",

@@ -72,7 +72,7 @@ def enrichment(
     if len(pi):
         k = overlap[pi, tj]
         p = hypergeom.sf(k - 1, m, n_term[tj], n_prog[pi])
-        for a, b, kk, pv in zip(pi, tj, k, p):
+        for a, b, kk, pv in zip(pi, tj, k, p, strict=True):
             genes = [bg[c] for c in np.flatnonzero(prog[a] & term_mat[b])]
             rows.append(
                 {

@@ -11,12 +11,9 @@ import pandas as pd
 
 def plot_program_heatmap(scores: pd.DataFrame, cell_types, path, title: str) -> Path:
     """Mean program score per cell type, z-scored per program across cell types."""
-    import matplotlib
+    from scgpt_train.evaluation.figures import pyplot, save_figure
 
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
-    from scgpt_train.tasks.report import _save_fig
+    plt = pyplot()
 
     means = scores.groupby(np.asarray(cell_types).astype(str)).mean().T  # (programs, types)
     z = means.sub(means.mean(1), axis=0).div(means.std(1).replace(0, 1), axis=0)
@@ -26,7 +23,7 @@ def plot_program_heatmap(scores: pd.DataFrame, cell_types, path, title: str) -> 
     ax.set_yticks(range(z.shape[0]), z.index, fontsize=7)
     ax.set_title(title, fontsize=9)
     fig.colorbar(im, ax=ax, fraction=0.046, label="mean score (z across cell types)")
-    return _save_fig(fig, Path(path))
+    return save_figure(fig, Path(path))
 
 
 def plot_family_network(
@@ -40,13 +37,11 @@ def plot_family_network(
 ) -> Path:
     """Genes of a family as nodes, edges where the embeddings' cosine similarity >= ``threshold`` (width ~ cosine),
     nodes coloured by program."""
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
     import networkx as nx
 
-    from scgpt_train.tasks.report import _save_fig
+    from scgpt_train.evaluation.figures import pyplot, save_figure
+
+    plt = pyplot()
 
     pos = {g: i for i, g in enumerate(genes)}
     idx = np.array([pos[g] for g in family])
@@ -54,7 +49,7 @@ def plot_family_network(
     sim = unit @ unit.T
     graph = nx.Graph()
     graph.add_nodes_from(family)
-    for a, b in zip(*np.triu_indices(len(family), 1)):
+    for a, b in zip(*np.triu_indices(len(family), 1), strict=True):
         if sim[a, b] >= threshold:
             graph.add_edge(family[a], family[b], weight=float(sim[a, b]))
     layout = nx.spring_layout(graph, seed=0, weight="weight")
@@ -71,4 +66,4 @@ def plot_family_network(
     ax.legend(fontsize=6, loc="center left", bbox_to_anchor=(1, 0.5), frameon=False, title="program", title_fontsize=7)
     ax.set_title(f"{title} (edges: cosine >= {threshold:g})", fontsize=9)
     ax.axis("off")
-    return _save_fig(fig, Path(path))
+    return save_figure(fig, Path(path))

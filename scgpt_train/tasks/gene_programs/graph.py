@@ -44,7 +44,7 @@ def programs_from_labels(
     """{name: genes} of the clusters with >= ``min_genes`` genes, largest first (ties: first gene), named
     ``r<resolution>_<k>``."""
     groups: dict[int, list[str]] = {}
-    for g, lab in zip(genes, labels):
+    for g, lab in zip(genes, labels, strict=True):
         groups.setdefault(int(lab), []).append(g)
     kept = sorted((sorted(v) for v in groups.values() if len(v) >= min_genes), key=lambda v: (-len(v), v[0]))
     tag = f"{resolution:g}"

@@ -77,8 +77,8 @@ def gene_embeddings(model, vocab: GeneVocab, genes: Sequence[str], where: str = 
         out = model.gene_encoder(torch.as_tensor(ids[known], device=device)).float().cpu().numpy()
     finally:
         model.train(was_training)
-    kept = [g for g, k in zip(genes, known) if k]
-    return GeneEmbeddings(kept, out.astype(np.float32), [g for g, k in zip(genes, known) if not k])
+    kept = [g for g, k in zip(genes, known, strict=True) if k]
+    return GeneEmbeddings(kept, out.astype(np.float32), [g for g, k in zip(genes, known, strict=True) if not k])
 
 
 def adata_gene_names(adata, gene_column: str | None, use_raw: bool, path) -> list[str]:
@@ -95,7 +95,7 @@ def adata_gene_names(adata, gene_column: str | None, use_raw: bool, path) -> lis
 def log_expression(adata, gene_column: str | None, use_raw: bool, path) -> tuple[sp.csr_matrix, list[str]]:
     """(cells x genes) log-normalized CSR of an AnnData (counts normalized to 1e4 + log1p; log values as stored)
     and its gene names; duplicated names keep their first column."""
-    from scgpt_train.tasks.reference_map import log_normalized
+    from scgpt_train.evaluation.baselines import log_normalized
 
     names = adata_gene_names(adata, gene_column, use_raw, path)
     x = adata.raw.X if use_raw else adata.X
@@ -127,10 +127,10 @@ def select_hvgs(adata, names: list[str], vocab: GeneVocab, n_hvg: int, gene_colu
     cols = [col[g] for g in in_vocab]
     counts = x_raw[:, cols]
     is_counts = detect_value_type(counts, str(path)).value_type == "counts"
-    from scgpt_train.tasks.reference_map import log_normalized
+    from scgpt_train.evaluation.baselines import log_normalized
 
     logx = log_normalized(counts, str(path))
     probe = ad.AnnData(X=logx, var=pd.DataFrame(index=in_vocab))
     mask, flavor = select_hvg(probe, n_hvg, "seurat_v3" if is_counts else "seurat", counts if is_counts else None)
     log.info("%d HVGs (%s) among %d vocabulary genes of %s", int(mask.sum()), flavor, len(in_vocab), path)
-    return [g for g, m in zip(in_vocab, mask) if m]
+    return [g for g, m in zip(in_vocab, mask, strict=True) if m]

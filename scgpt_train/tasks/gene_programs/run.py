@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import re
 from collections.abc import Mapping, Sequence
+from dataclasses import replace
 from pathlib import Path
 
 import pandas as pd
@@ -11,14 +12,10 @@ import pandas as pd
 from data_modules.atomic import write_text_atomic
 from scgpt_train.tasks.gene_programs.coexpression import coexpression_features, program_scores
 from scgpt_train.tasks.gene_programs.common import (
-    ALPHA,
     COEXPR_PCS,
-    DEFAULT_FAMILY,
-    DEFAULT_RESOLUTIONS,
-    MIN_PROGRAM_GENES,
-    MIN_TERM_GENES,
-    OFFICIAL_RESOLUTION,
+    NO_BATCH_LABELS,
     GeneProgramError,
+    GeneProgramParams,
 )
 from scgpt_train.tasks.gene_programs.enrichment import check_gene_sets, enrichment
 from scgpt_train.tasks.gene_programs.figures import plot_family_network, plot_program_heatmap
@@ -54,29 +51,31 @@ def run_gene_programs(
     checkpoint,
     gmt: Sequence | str,
     out_dir,
+    params: GeneProgramParams | None = None,
     *,
     genes_file=None,
     adata_path=None,
-    n_hvg: int = 1200,
     gene_column: str | None = None,
     use_raw: bool = False,
     label_key: str | None = None,
-    resolutions: Sequence[float] = DEFAULT_RESOLUTIONS,
-    resolution: float = OFFICIAL_RESOLUTION,
-    n_neighbors: int = 15,
-    metric: str = "euclidean",
-    min_genes: int = MIN_PROGRAM_GENES,
-    min_term_genes: int = MIN_TERM_GENES,
-    alpha: float = ALPHA,
-    family: str = DEFAULT_FAMILY,
-    network_threshold: float = 0.3,
-    seed: int = 0,
     progress: bool = True,
+    **settings,
 ) -> dict:
     """Gene-embedding programs of ``checkpoint`` with enrichment, scores and the co-expression baseline; writes
-    ``out_dir`` (see docs/grn.md) and returns the summary."""
-    from scgpt_train.tasks.reference_map import load_model
-    from scgpt_train.tasks.report import markdown_table, write_h5ad, write_json
+    ``out_dir`` (see docs/grn.md) and returns the summary.
+
+    Parameters
+    ----------
+    checkpoint, gmt, out_dir: the model, the gene-set file(s) and the output directory.
+    params: the analysis settings (:class:`GeneProgramParams`); ``settings`` (its field names) override fields.
+    genes_file / adata_path: the genes tested (a list, or the HVGs of an AnnData; neither: the whole vocabulary);
+    gene_column / use_raw / label_key: how the AnnData is read (label_key: cell types of the heatmap)."""
+    p = replace(params or GeneProgramParams(), **settings)
+    n_hvg, resolutions, resolution, n_neighbors, metric = p.n_hvg, p.resolutions, p.resolution, p.n_neighbors, p.metric
+    min_genes, min_term_genes, alpha, family = p.min_genes, p.min_term_genes, p.alpha, p.family
+    network_threshold, seed = p.network_threshold, p.seed
+    from scgpt_train.evaluation.report import markdown_table, write_h5ad, write_json
+    from scgpt_train.inference import load_for_inference, read_h5ad_checked
 
     say = print if progress else (lambda *a, **k: None)
     out_dir = Path(out_dir)
@@ -88,14 +87,12 @@ def run_gene_programs(
             if term in gene_sets:
                 raise GeneProgramError(f"gene set {term!r} of {path} is also in an earlier --gmt file")
             gene_sets[term] = genes
-    model, vocab = load_model(checkpoint)
+    model, vocab = load_for_inference(checkpoint, GeneProgramError, NO_BATCH_LABELS)
 
     adata = x_log = None
     names: list[str] = []
     if adata_path is not None:
-        from scgpt_train.tasks.reference_map import read_h5ad_checked
-
-        adata = read_h5ad_checked(adata_path, "--adata")
+        adata = read_h5ad_checked(adata_path, "--adata", GeneProgramError)
         if label_key is not None and label_key not in adata.obs.columns:
             raise GeneProgramError(
                 f"--adata {adata_path}: --label-key {label_key!r} is not an obs column "
@@ -138,7 +135,7 @@ def run_gene_programs(
         col = {g: i for i, g in enumerate(names)}
         xg = x_log[:, [col[g] for g in genes]]
         feats, ok = coexpression_features(xg, COEXPR_PCS, seed)
-        c_genes = [g for g, k in zip(genes, ok) if k]
+        c_genes = [g for g, k in zip(genes, ok, strict=True) if k]
         c_programs, _ = leiden_programs(feats, c_genes, resolutions, n_neighbors, "euclidean", min_genes, seed)
         c_programs = {r: {f"coexpr_{n}": g for n, g in p.items()} for r, p in c_programs.items()}
         results["coexpression"] = (c_programs, enrich(c_programs))

@@ -19,7 +19,7 @@ import warnings
 import numpy as np
 import scipy.sparse as sp
 
-from scgpt_train.tasks.baselines import scvi_training
+from scgpt_train.evaluation.baselines import scvi_training
 
 log = logging.getLogger(__name__)
 MULTIOMIC_BASELINES = ("pca_concat", "totalvi", "multivi")

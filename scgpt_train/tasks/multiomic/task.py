@@ -12,9 +12,9 @@ import numpy as np
 import pandas as pd
 import scipy.sparse as sp
 
-from scgpt_train.tasks.common import FineTuneTask
-from scgpt_train.tasks.integration import l2_normalize
-from scgpt_train.tasks.metrics import INTEGRATION_BACKEND, integration_metrics
+from scgpt_train.evaluation.metrics import INTEGRATION_BACKEND, integration_metrics
+from scgpt_train.inference import l2_normalize
+from scgpt_train.tasks.base import FineTuneTask
 from scgpt_train.tasks.multiomic.baselines import (
     MULTIOMIC_BASELINES,
     multivi_embedding,
@@ -33,14 +33,13 @@ class MultiomicIntegrationTask(FineTuneTask):
     totalvi / multivi: keyword settings of the scvi-tools runs (epochs, latent size, threads)."""
 
     name = "multiomic"
+    title = "multi-omic"
+    known_baselines = MULTIOMIC_BASELINES
 
     def __init__(
         self, n_pcs: int = 50, n_neighbors: int = 15, totalvi: dict | None = None, multivi: dict | None = None, **kw
     ):
         super().__init__(**kw)
-        unknown = set(self.baselines) - set(MULTIOMIC_BASELINES)
-        if unknown:
-            raise ValueError(f"multi-omic baselines are {MULTIOMIC_BASELINES}, got {sorted(unknown)}")
         self.n_pcs, self.n_neighbors = int(n_pcs), int(n_neighbors)
         self.totalvi_kwargs = dict(totalvi or {})
         self.multivi_kwargs = dict(multivi or {})

@@ -76,8 +76,8 @@ class PerturbationValMetrics(pl.Callback):
         if seen.size == 0:
             return
         names = [dm.conditions[i] for i in seen]
-        pred = {c: pred_sum[i] / count[i] for c, i in zip(names, seen)}
-        true = {c: true_sum[i] / count[i] for c, i in zip(names, seen)}
+        pred = {c: pred_sum[i] / count[i] for c, i in zip(names, seen, strict=True)}
+        true = {c: true_sum[i] / count[i] for c, i in zip(names, seen, strict=True)}
         ctrl = dm.data.control_mean
         de = {c: dm.data.top_de_20[c] for c in names}
         scores = {

@@ -68,17 +68,13 @@ def check_perturbation_model(model, source: str = "the checkpoint") -> None:
 
 
 def load_predictor(checkpoint) -> tuple[torch.nn.Module, GeneVocab]:
-    """(model in eval mode, vocabulary) of an official directory, an imported ``.pt`` or a Lightning ``.ckpt``."""
-    from scgpt_train.checkpoints import load_checkpoint
+    """(model in eval mode, vocabulary) of an official directory, an imported ``.pt`` or a Lightning ``.ckpt``
+    (:func:`~scgpt_train.inference.load_for_inference`); refuses a model without perturbation flags."""
+    from scgpt_train.inference import load_for_inference
 
-    path = Path(checkpoint)
-    if not path.exists():
-        raise FileNotFoundError(f"checkpoint {path} does not exist")
-    model, vocab = load_checkpoint(path)
-    if vocab is None:
-        raise PredictionInputError(f"checkpoint {path} stores no vocabulary; cannot map genes to tokens")
-    check_perturbation_model(model, str(path))
-    return model.eval(), GeneVocab(dict(vocab))
+    model, vocab = load_for_inference(checkpoint, PredictionInputError)
+    check_perturbation_model(model, str(checkpoint))
+    return model.eval(), vocab
 
 
 def _flag_pad(model) -> int:
@@ -250,7 +246,7 @@ def predict_conditions(
     except PerturbationInputError as e:
         raise PredictionInputError(str(e)) from None
     tokens = map_data_genes(controls.gene_names, vocab, unknown_genes, controls.source)
-    for c, f in zip(canonical, flags):
+    for c, f in zip(canonical, flags, strict=True):
         unknown = [controls.gene_names[j] for j in f if not tokens.known[j]]
         if unknown:
             log.warning("condition %s: perturbed gene(s) %s not in the model's vocabulary (<pad> token)", c, unknown)
@@ -259,7 +255,7 @@ def predict_conditions(
     except ValueError as e:
         raise PredictionInputError(f"{controls.source}: {e}") from None
     xs, rows_cond, rows_input, rows_ctrl = [], [], [], []
-    for given, cond, f in zip(conditions, canonical, flags):
+    for given, cond, f in zip(conditions, canonical, flags, strict=True):
         x = controls.x[pool]
         pred = predict_expression(
             model, x, [f] * len(pool), tokens, batch_size, include_zero_genes, keep_perturbed_genes, device
@@ -310,7 +306,7 @@ def predict_h5ad(
     device: str | None = None,
 ) -> ad.AnnData:
     """``scripts/predict_perturbation.py``: load, predict every (condition, pool cell), write ``out_path``."""
-    from scgpt_train.tasks.report import write_h5ad
+    from scgpt_train.evaluation.report import write_h5ad
 
     device = device or ("cuda" if torch.cuda.is_available() else "cpu")
     model, vocab = load_predictor(checkpoint)

@@ -253,7 +253,7 @@ def top_de_rankings(
         diff = np.abs(xq.mean(axis=0) - c_mean)
         t = np.divide(diff, se, out=np.where(diff > 0, np.inf, 0.0), where=se > 0)
         null = float(np.quantile(t[np.isfinite(t)], null_quantile)) if np.isfinite(t).any() else 0.0
-        out[q] = rank_by_gene_scores(dict(zip(gene_names, t)), candidates, null=null)
+        out[q] = rank_by_gene_scores(dict(zip(gene_names, t, strict=True)), candidates, null=null)
     return out
 
 
@@ -276,5 +276,7 @@ def expression_oracle_rankings(
         change = np.asarray(m, dtype=np.float64) - np.asarray(ctrl_mean, dtype=np.float64)
         score = np.abs(change) if sign is None else sign * change
         null = float(np.quantile(score, null_quantile))
-        out[normalize_condition(q)] = rank_by_gene_scores(dict(zip(gene_names, score)), candidates, null=null)
+        out[normalize_condition(q)] = rank_by_gene_scores(
+            dict(zip(gene_names, score, strict=True)), candidates, null=null
+        )
     return out

@@ -135,15 +135,12 @@ def reverse_perturbation(
 
 def plot_topk(means: pd.DataFrame, path, sds: pd.DataFrame | None = None):
     """correct@K and relevant@K curves per method (``means``: columns method, K, correct, relevant)."""
-    import matplotlib
+    from scgpt_train.evaluation.figures import pyplot, save_figure
 
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
-    from scgpt_train.tasks.perturbation.task import _save
+    plt = pyplot()
 
     fig, axes = plt.subplots(1, 2, figsize=(11, 4))
-    for ax, what in zip(axes, ("correct", "relevant")):
+    for ax, what in zip(axes, ("correct", "relevant"), strict=True):
         for method in dict.fromkeys(means["method"]):
             m = means[means["method"] == method]
             err = None if sds is None else sds[sds["method"] == method][what].to_numpy()
@@ -156,12 +153,12 @@ def plot_topk(means: pd.DataFrame, path, sds: pd.DataFrame | None = None):
         ax.set_title(f"{what} hit in the top K")
     axes[1].legend(fontsize=7, loc="lower right")
     fig.tight_layout()
-    return _save(fig, path)
+    return save_figure(fig, path)
 
 
 def markdown(result_means: pd.DataFrame, result_sds: pd.DataFrame | None, ks=(1, 2, 4, 8)) -> str:
     """Table: one row per method, correct@K and relevant@K columns (mean +- sd over runs when ``sds``)."""
-    from scgpt_train.tasks.report import markdown_table
+    from scgpt_train.evaluation.report import markdown_table
 
     header = ["method"] + [f"correct@{k}" for k in ks] + [f"relevant@{k}" for k in ks]
     rows = []
@@ -183,7 +180,7 @@ def write_outputs(result: ReverseResult, out_dir, title: str, notes: list[str] |
     ``reverse_topk.png`` in ``out_dir``; returns the report text."""
     from pathlib import Path
 
-    from scgpt_train.tasks.report import write_json, write_text
+    from scgpt_train.evaluation.report import write_json, write_text
 
     out_dir = Path(out_dir)
     out_dir.mkdir(parents=True, exist_ok=True)

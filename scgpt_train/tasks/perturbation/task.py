@@ -26,15 +26,14 @@ from pathlib import Path
 import anndata as ad
 import numpy as np
 import pandas as pd
-import torch
 
-from data_modules.atomic import atomic_path
 from data_modules.perturbation.conditions import CTRL
-from scgpt_train.tasks.embedding import load_best_weights
+from scgpt_train.evaluation.figures import pyplot, save_figure
+from scgpt_train.evaluation.report import write_h5ad, write_json, write_text
+from scgpt_train.tasks.base import FineTuneTask
 from scgpt_train.tasks.perturbation import baselines as B
 from scgpt_train.tasks.perturbation import metrics as M
 from scgpt_train.tasks.perturbation.predict import mean_by_condition, predict_loader
-from scgpt_train.tasks.report import write_h5ad, write_json, write_text
 
 log = logging.getLogger(__name__)
 
@@ -55,8 +54,9 @@ def score_profiles(pred, true, ctrl_mean, de_genes, train_means, subgroups, nan_
     return table, M.summarize(table, subgroups, nan_policy)
 
 
-class PerturbationTask:
-    """Evaluation of a perturbation fine-tune on the test conditions, beside the baselines.
+class PerturbationTask(FineTuneTask):
+    """Evaluation of a perturbation fine-tune on the test conditions, beside the baselines: a
+    :class:`FineTuneTask` whose prediction hook (:meth:`predict`) reads the test conditions' profiles.
 
     use_best: reload the best checkpoint before predicting. baselines: names from
     ``scgpt_train.tasks.perturbation.baselines.BASELINES``. nan_policy: how undefined per-condition scores
@@ -65,7 +65,8 @@ class PerturbationTask:
     and said so in metrics.json, when the package is not installed.
     """
 
-    name = "perturbation"
+    name = title = "perturbation"
+    known_baselines = B.BASELINES
 
     def __init__(
         self,
@@ -79,25 +80,18 @@ class PerturbationTask:
         seed: int = 0,
         cell_eval: str | None = "minimal",
     ):
-        unknown = set(baselines or []) - set(B.BASELINES)
-        if unknown:
-            raise ValueError(f"perturbation baselines are {B.BASELINES}, got {sorted(unknown)}")
         if nan_policy not in M.NAN_POLICIES:
             raise ValueError(f"nan_policy must be one of {M.NAN_POLICIES}, got {nan_policy!r}")
-        self.use_best, self.baselines, self.nan_policy = bool(use_best), list(baselines or []), nan_policy
-        self.figures, self.write_h5ad = bool(figures), bool(write_h5ad)
-        self.n_figure_conditions, self.batch_size, self.seed = int(n_figure_conditions), batch_size, int(seed)
+        super().__init__(bool(use_best), baselines, False, bool(write_h5ad), True, seed, batch_size)
+        self.nan_policy, self.figures, self.n_figure_conditions = nan_policy, bool(figures), int(n_figure_conditions)
         self.cell_eval = cell_eval or None
 
-    def evaluate(self, trainer, module, datamodule, output_dir) -> dict[str, float]:
-        if trainer is not None and not trainer.is_global_zero:
-            return {}
-        output_dir = Path(output_dir)
-        best = load_best_weights(module, trainer) if (self.use_best and trainer is not None) else None
-        device = trainer.strategy.root_device if trainer is not None else torch.device("cpu")
-        module.to(device)
-        preds = predict_loader(module.model, datamodule.loader("test", self.batch_size), device)
-        return self.score(datamodule, preds, output_dir, best)
+    def predict(self, module, datamodule, device) -> dict[str, np.ndarray]:
+        """The test conditions' predicted profiles (:func:`.predict.predict_loader`)."""
+        return predict_loader(module.model, datamodule.loader("test", self.batch_size), device)
+
+    def report(self, trainer, datamodule, outputs: dict, output_dir: Path, best: str | None) -> dict[str, float]:
+        return self.score(datamodule, outputs, output_dir, best)
 
     def score(self, dm, preds: dict[str, np.ndarray], output_dir: Path, best: str | None = None) -> dict[str, float]:
         data, split = dm.data, dm.split
@@ -210,37 +204,16 @@ def pick_conditions(conditions, subgroup_of: dict, n: int) -> list[str]:
     return chosen
 
 
-def _plt():
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
-    return plt
-
-
-def _save(fig, path: Path) -> Path:
-    """PNG through data_modules/atomic.py (written under a temporary name, renamed into place)."""
-    import matplotlib.pyplot as plt
-
-    try:
-        with atomic_path(path, ".png") as tmp:
-            fig.savefig(tmp, dpi=110, bbox_inches="tight", format="png")
-    finally:
-        plt.close(fig)
-    return Path(path)
-
-
 def plot_subgroups(summaries: dict, subgroups: list[str], path, errors: dict | None = None) -> Path:
     """Grouped bars: per subgroup (and all test conditions), one bar per method, for each figure metric.
     ``summaries``: {method: {metric or <subgroup>/<metric>: value}}; ``errors`` the same layout (bar sd)."""
-    plt = _plt()
+    plt = pyplot()
     groups = ["all", *subgroups]
     methods = list(summaries)
     fig, axes = plt.subplots(1, len(FIGURE_METRICS), figsize=(6.5 * len(FIGURE_METRICS), 4.2), squeeze=False)
     width = 0.8 / max(1, len(methods))
     cmap = plt.get_cmap("tab10")
-    for ax, (metric, title) in zip(axes[0], FIGURE_METRICS):
+    for ax, (metric, title) in zip(axes[0], FIGURE_METRICS, strict=True):
         for k, method in enumerate(methods):
             keys = [metric if g == "all" else f"{g}/{metric}" for g in groups]
             vals = [summaries[method].get(key, np.nan) for key in keys]
@@ -253,16 +226,16 @@ def plot_subgroups(summaries: dict, subgroups: list[str], path, errors: dict | N
         ax.axhline(0, color="black", linewidth=0.5)
     axes[0][0].legend(fontsize=7, loc="best")
     fig.tight_layout()
-    return _save(fig, path)
+    return save_figure(fig, path)
 
 
 def plot_delta_top_de(methods, true_means, ctrl_mean, de, gene_names, conditions, path) -> Path:
     """Per chosen condition: true vs predicted change against control on its top-20 DE genes, every method."""
-    plt = _plt()
+    plt = pyplot()
     n = max(1, len(conditions))
     fig, axes = plt.subplots(n, 1, figsize=(10, 2.6 * n), squeeze=False)
     cmap = plt.get_cmap("tab10")
-    for ax, cond in zip(axes[:, 0], conditions):
+    for ax, cond in zip(axes[:, 0], conditions, strict=True):
         genes = np.asarray(de[cond])
         xs = np.arange(len(genes))
         ax.scatter(xs, (true_means[cond] - ctrl_mean)[genes], color="black", marker="_", s=250, label="true",
@@ -276,4 +249,4 @@ def plot_delta_top_de(methods, true_means, ctrl_mean, de, gene_names, conditions
         ax.set_title(cond, fontsize=9)
     axes[0][0].legend(fontsize=6, ncol=4, loc="best")
     fig.tight_layout()
-    return _save(fig, path)
+    return save_figure(fig, path)

@@ -8,14 +8,14 @@ One module per job:
 - :mod:`.atlas`: atlas mode, a corpus reference embedded streaming and resumably (journalled chunks);
 - :mod:`.baselines`: HVG+PCA kNN and L1 logistic regression on the same split;
 - :mod:`.run`: the whole run (:func:`run_reference_map`) and its metrics table;
-- :mod:`.benchmark`: ``benchmark=zeroshot_<dataset>`` (:func:`run_zeroshot_benchmark`).
 
 Everything public is re-exported here (``from scgpt_train.tasks.reference_map import ...``).
 """
 
+from scgpt_train.evaluation.baselines import log_normalized
+from scgpt_train.inference import l2_normalize, read_h5ad_checked
 from scgpt_train.tasks.reference_map.atlas import CorpusEmbedder, check_corpus_label, checkpoint_digest, is_corpus
-from scgpt_train.tasks.reference_map.baselines import align_genes, hvg_mask, log_normalized, run_baselines
-from scgpt_train.tasks.reference_map.benchmark import demo_checkpoint, run_zeroshot_benchmark
+from scgpt_train.tasks.reference_map.baselines import align_genes, hvg_mask, run_baselines
 from scgpt_train.tasks.reference_map.common import (
     BASELINE_MAX_CELLS,
     BASELINES,
@@ -33,10 +33,8 @@ from scgpt_train.tasks.reference_map.common import (
 from scgpt_train.tasks.reference_map.embed import (
     EmbeddedCells,
     embed_adata,
-    l2_normalize,
     load_model,
     obs_labels,
-    read_h5ad_checked,
 )
 from scgpt_train.tasks.reference_map.index import (
     IndexSpec,
@@ -71,7 +69,6 @@ __all__ = [
     "checkpoint_digest",
     "choose_index",
     "default_index_dir",
-    "demo_checkpoint",
     "embed_adata",
     "faiss_available",
     "hvg_mask",
@@ -87,5 +84,4 @@ __all__ = [
     "results_table",
     "run_baselines",
     "run_reference_map",
-    "run_zeroshot_benchmark",
 ]

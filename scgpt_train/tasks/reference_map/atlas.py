@@ -22,7 +22,7 @@ import torch
 
 from data_modules.atomic import atomic_path, write_json_atomic
 from data_modules.vocab import GeneVocab
-from scgpt_train.tasks.embedding import predict_cells
+from scgpt_train.inference import l2_normalize, predict_cells
 from scgpt_train.tasks.reference_map.common import (
     CORPUS_UNKNOWN,
     DEFAULT_CHUNK_CELLS,
@@ -31,7 +31,6 @@ from scgpt_train.tasks.reference_map.common import (
     READ_BLOCK_CELLS,
     ReferenceMapError,
 )
-from scgpt_train.tasks.reference_map.embed import l2_normalize
 from scgpt_train.tasks.reference_map.index import KnnIndex, choose_index
 
 log = logging.getLogger(__name__)

@@ -21,16 +21,6 @@ from scgpt_train.tasks.reference_map.index import IndexSpec, KnnIndex, knn_vote
 # baselines on the same split
 
 
-def log_normalized(x: sp.csr_matrix, source: str) -> sp.csr_matrix:
-    """Log-normalized values (the annotation recipe's normalize_total 1e4 + log1p, through
-    ``data_modules.value_types``: counts / other normalized values get both, log1p values are used as stored)."""
-    from data_modules.value_types import apply_steps, detect_value_type, preprocessing_steps
-
-    x = sp.csr_matrix(x, dtype=np.float64, copy=True)
-    steps = preprocessing_steps(detect_value_type(x, source), 1e4, True)
-    return apply_steps(x, steps).astype(np.float32)
-
-
 def hvg_mask(x_ref_log: sp.csr_matrix, n_hvg: int) -> np.ndarray:
     """(G,) bool: the ``n_hvg`` most variable genes of the reference (scanpy "seurat" flavour on log values)."""
     import anndata as ad
@@ -59,7 +49,7 @@ def run_baselines(
     values over the same genes; ``y_ref``: str labels (no missing)."""
     from sklearn.decomposition import PCA
 
-    from scgpt_train.tasks.baselines import PAPER_C_GRID, l1_logistic_regression
+    from scgpt_train.evaluation.baselines import PAPER_C_GRID, l1_logistic_regression
 
     unknown = set(baselines) - set(BASELINES)
     if unknown:

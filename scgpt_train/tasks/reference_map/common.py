@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from scgpt_train.tasks.embedding import EmbedInputError
+from scgpt_train.inference import EmbedInputError
 
 DEFAULT_K = 10
 FLAT_MAX_CELLS = 100_000  # "auto": exact flat index up to this many reference cells, IVF-PQ above
@@ -14,6 +14,12 @@ BASELINES = ("hvg_pca_knn", "l1_lr")
 UNASSIGNED = "unassigned"  # prediction of a query cell the model cannot read (no gene of the vocabulary)
 CORPUS_UNKNOWN = "unknown"  # a corpus' label of a cell whose dataset lacks the column (store/format.py)
 METHOD_NAMES = {"scgpt_knn": "scGPT zero-shot kNN", "hvg_pca_knn": "HVG + PCA kNN", "l1_lr": "L1 logistic regression"}
+
+# why load_model refuses a checkpoint whose embeddings need batch labels
+ZERO_SHOT_ONLY = (
+    "uses batch labels (DSBN / batch embedding), so its embeddings depend on a batch id the reference and query do "
+    "not share; map with a pretrained (zero-shot) checkpoint instead"
+)
 
 
 class ReferenceMapError(EmbedInputError):

@@ -1,6 +1,6 @@
 """Embeddings of an h5ad in memory, through ``scripts/embed.py``'s code path.
 
-Embeddings go through the embedding code path of ``scripts/embed.py`` (:mod:`scgpt_train.tasks.embedding`):
+Embeddings go through the embedding code path of ``scripts/embed.py`` (:mod:`scgpt_train.inference`):
 the same input checks (:func:`check_input_layout`, :func:`unmapped_cells`), the same
 :class:`~data_modules.anndata_module.AnnDataModule` (values as stored, the checkpoint's token layout, seeded
 tie-breaking in binning and seeded gene sampling: ``default_rng([seed, first cell, batch size])`` per batch),
@@ -20,8 +20,15 @@ import scipy.sparse as sp
 import torch
 
 from data_modules.vocab import GeneVocab
-from scgpt_train.tasks.embedding import check_input_layout, predict_cells, unmapped_cells
-from scgpt_train.tasks.reference_map.common import ReferenceMapError
+from scgpt_train.inference import (
+    check_input_layout,
+    l2_normalize,
+    load_for_inference,
+    predict_cells,
+    read_h5ad_checked,
+    unmapped_cells,
+)
+from scgpt_train.tasks.reference_map.common import ZERO_SHOT_ONLY, ReferenceMapError
 
 log = logging.getLogger(__name__)
 
@@ -43,21 +50,9 @@ class EmbeddedCells:
 
 
 def load_model(checkpoint) -> tuple[torch.nn.Module, GeneVocab]:
-    """(ScGPT, its vocabulary) of an official directory, an imported .pt or a Lightning .ckpt; refuses models
-    that need batch labels (DSBN / batch embedding: not a zero-shot model)."""
-    from scgpt_train.checkpoints import load_checkpoint
-
-    if not Path(checkpoint).exists():
-        raise ReferenceMapError(f"--checkpoint {checkpoint} does not exist")
-    model, vocab = load_checkpoint(checkpoint)
-    vocab = GeneVocab(vocab) if vocab else GeneVocab.from_checkpoint(checkpoint)
-    cfg = model.config()
-    if cfg.get("dsbn") or cfg.get("use_batch_labels"):
-        raise ReferenceMapError(
-            f"{checkpoint} uses batch labels (DSBN / batch embedding), so its embeddings depend on a batch id the "
-            "reference and query do not share; map with a pretrained (zero-shot) checkpoint instead"
-        )
-    return model, vocab
+    """:func:`~scgpt_train.inference.load_for_inference` for zero-shot mapping: refuses models that need batch
+    labels (DSBN / batch embedding: not a zero-shot model)."""
+    return load_for_inference(checkpoint, ReferenceMapError, ZERO_SHOT_ONLY)
 
 
 def embed_adata(
@@ -85,7 +80,7 @@ def embed_adata(
     from data_modules.anndata_module import AnnDataModule
 
     if adata is None:
-        adata = read_h5ad_checked(path, "--query")
+        adata = read_h5ad_checked(path, "--query", ReferenceMapError)
     check_input_layout(adata, path, gene_column, use_raw, None)
     unmapped = unmapped_cells(adata, path, vocab, gene_column, use_raw, gene_table=gene_table)
     layout = model.layout if max_seq_len is None else model.layout.replace(max_seq_len=max_seq_len)
@@ -131,23 +126,6 @@ def embed_adata(
         value_type=dict(dm.value_reports[0]) if dm.value_reports else {},
         gene_report={k: v for k, v in dm.gene_report.as_dict().items() if v is not None},
     )
-
-
-def l2_normalize(x: np.ndarray) -> np.ndarray:
-    """Rows scaled to unit L2 norm (NaN rows stay NaN), float32."""
-    x = np.asarray(x, dtype=np.float32)
-    return x / np.maximum(np.linalg.norm(x, axis=1, keepdims=True), 1e-12)
-
-
-def read_h5ad_checked(path, option: str):
-    import anndata as ad
-
-    if not Path(path).is_file():
-        raise ReferenceMapError(f"{option} {path} does not exist (or is not a file); point it at an .h5ad file")
-    try:
-        return ad.read_h5ad(path)
-    except (OSError, KeyError, ValueError) as e:
-        raise ReferenceMapError(f"{option} {path} cannot be read as h5ad ({e}); re-export it") from None
 
 
 def obs_labels(obs: pd.DataFrame, label_key: str, path, option: str) -> np.ndarray:

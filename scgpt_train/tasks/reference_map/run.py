@@ -10,8 +10,10 @@ from pathlib import Path
 import numpy as np
 import pandas as pd
 
+from scgpt_train.evaluation.baselines import log_normalized
+from scgpt_train.inference import read_h5ad_checked
 from scgpt_train.tasks.reference_map.atlas import CorpusEmbedder, check_corpus_label, is_corpus
-from scgpt_train.tasks.reference_map.baselines import align_genes, log_normalized, run_baselines
+from scgpt_train.tasks.reference_map.baselines import align_genes, run_baselines
 from scgpt_train.tasks.reference_map.common import (
     BASELINE_MAX_CELLS,
     BASELINES,
@@ -22,14 +24,14 @@ from scgpt_train.tasks.reference_map.common import (
     UNASSIGNED,
     ReferenceMapError,
 )
-from scgpt_train.tasks.reference_map.embed import embed_adata, load_model, obs_labels, read_h5ad_checked
+from scgpt_train.tasks.reference_map.embed import embed_adata, load_model, obs_labels
 from scgpt_train.tasks.reference_map.index import build_index, knn_vote
 
 # the whole run
 
 
 def _metrics(truth: np.ndarray, pred: np.ndarray) -> dict:
-    from scgpt_train.tasks.metrics import classification_metrics
+    from scgpt_train.evaluation.metrics import classification_metrics
 
     has = np.array([t is not None for t in truth])
     m = classification_metrics(truth[has].astype(str), np.asarray(pred)[has].astype(str))
@@ -73,7 +75,7 @@ def run_reference_map(
     """Map ``query`` onto ``reference`` (an h5ad, or a corpus directory: atlas mode) and write ``out``: the query
     AnnData (same obs_names, all genes) with ``obsm["X_scgpt"]``, the kNN predictions and distances in ``obs``,
     the neighbours in ``obsm`` and ``uns["reference_map"]`` (parameters, index, metrics). Returns that summary."""
-    from scgpt_train.tasks.report import write_h5ad
+    from scgpt_train.evaluation.report import write_h5ad
 
     if k < 1:
         raise ReferenceMapError(f"--k must be >= 1, got {k}")
@@ -83,13 +85,13 @@ def run_reference_map(
             f"--reference {reference} is neither an .h5ad file nor a corpus directory (no manifest.json)"
         )
     t0 = time.perf_counter()
-    q_adata = read_h5ad_checked(query, "--query")
+    q_adata = read_h5ad_checked(query, "--query", ReferenceMapError)
     q_truth = obs_labels(q_adata.obs, label_key, query, "--query") if label_key in q_adata.obs.columns else None
     ref_adata = None
     if atlas:
         check_corpus_label(reference, label_key)
     else:
-        ref_adata = read_h5ad_checked(reference, "--reference")
+        ref_adata = read_h5ad_checked(reference, "--reference", ReferenceMapError)
         ref_labels = obs_labels(ref_adata.obs, label_key, reference, "--reference")
     model, vocab = load_model(checkpoint)
     embed_kw = dict(
@@ -238,7 +240,7 @@ def _jsonable(obj):
 
 def results_table(summary: dict) -> str:
     """Markdown table of the metrics per method (empty when the query has no labels)."""
-    from scgpt_train.tasks.report import markdown_table
+    from scgpt_train.evaluation.report import markdown_table
 
     metrics = summary.get("metrics") or {}
     rows = [

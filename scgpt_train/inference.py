@@ -1,4 +1,7 @@
-"""Batched inference: cell embeddings and class predictions for every cell a loader yields."""
+"""Inference: the one way every CLI, the API and the tasks load a checkpoint for inference
+(:func:`load_for_inference`) and read an h5ad (:func:`read_h5ad_checked`); batched cell embeddings and class
+predictions for every cell a loader yields (:func:`predict_cells`); the embedding of an h5ad file
+(:func:`embed_h5ad`, ``scripts/embed.py``)."""
 
 from __future__ import annotations
 
@@ -60,6 +63,47 @@ def predict_cells(
     finally:
         model.train(was_training)
     return result
+
+
+def load_for_inference(
+    checkpoint, error: type[Exception] = None, batch_labels: str | None = None
+) -> tuple[nn.Module, GeneVocab]:
+    """(ScGPT, its vocabulary) of an official checkpoint directory, an imported ``.pt`` or a Lightning ``.ckpt``.
+
+    A missing path raises ``error`` (default :class:`EmbedInputError`) naming ``--checkpoint``; a checkpoint
+    without a stored vocabulary uses the ``vocab.json`` beside it (``GeneVocab.from_checkpoint``). With
+    ``batch_labels`` (what to do instead), a model that needs batch labels (DSBN / batch embedding) is refused."""
+    from scgpt_train.checkpoints import load_checkpoint
+
+    error = error or EmbedInputError
+    if not Path(checkpoint).exists():
+        raise error(f"--checkpoint {checkpoint} does not exist")
+    model, vocab = load_checkpoint(checkpoint)
+    vocab = GeneVocab(dict(vocab)) if vocab else GeneVocab.from_checkpoint(checkpoint)
+    cfg = model.config()
+    if batch_labels is not None and (cfg.get("dsbn") or cfg.get("use_batch_labels")):
+        raise error(f"{checkpoint} {batch_labels}")
+    return model, vocab
+
+
+def read_h5ad_checked(path, option: str, error: type[Exception] = None):
+    """The AnnData of ``path``; a missing or unreadable file raises ``error`` (default :class:`EmbedInputError`)
+    naming the command-line ``option`` that gave it."""
+    import anndata as ad
+
+    error = error or EmbedInputError
+    if not Path(path).is_file():
+        raise error(f"{option} {path} does not exist (or is not a file); point it at an .h5ad file")
+    try:
+        return ad.read_h5ad(path)
+    except (OSError, KeyError, ValueError) as e:
+        raise error(f"{option} {path} cannot be read as h5ad ({e}); re-export it") from None
+
+
+def l2_normalize(x: np.ndarray) -> np.ndarray:
+    """Rows scaled to unit L2 norm (NaN rows stay NaN), float32."""
+    x = np.asarray(x, dtype=np.float32)
+    return x / np.maximum(np.linalg.norm(x, axis=1, keepdims=True), 1e-12)
 
 
 def load_best_weights(module, trainer) -> str | None:
@@ -183,9 +227,10 @@ def unmapped_cells(
         n_expressed[lo:hi] = np.bincount(rows[expressed], minlength=hi - lo)
     unmapped = n_expressed == 0
     if unmapped.all():
+        examples = [g for g, k in zip(genes, known, strict=True) if k][:3]
         raise EmbedInputError(
             f"{path}: none of its {n} cells has a non-zero value in one of the {int(known.sum())} genes it shares "
-            f"with the checkpoint's vocabulary (e.g. {[g for g, k in zip(genes, known) if k][:3]}); check that "
+            f"with the checkpoint's vocabulary (e.g. {examples}); check that "
             f"{where} holds expression values and that --gene-column names the right gene column"
         )
     return unmapped
@@ -217,22 +262,14 @@ def embed_h5ad(
     file. Cells with no expressed gene in the checkpoint's vocabulary are reported; their ``obsm[key]`` rows are
     NaN (predictions -1 / NaN), or, with ``drop_unmapped_cells``, they are left out of the output.
     """
-    import anndata as ad
     from torch.utils.data import DataLoader
 
     from data_modules.anndata_module import AnnDataModule
-    from scgpt_train.checkpoints import load_checkpoint
-    from scgpt_train.tasks.report import write_h5ad
+    from scgpt_train.evaluation.report import write_h5ad
 
-    if not Path(input_path).is_file():
-        raise EmbedInputError(f"--input {input_path} does not exist (or is not a file); point it at an .h5ad file")
-    try:
-        adata = ad.read_h5ad(input_path)
-    except (OSError, KeyError, ValueError) as e:
-        raise EmbedInputError(f"--input {input_path} cannot be read as h5ad ({e}); re-export it") from None
+    adata = read_h5ad_checked(input_path, "--input")
     check_input_layout(adata, input_path, gene_column, use_raw, batch_key)
-    model, vocab = load_checkpoint(checkpoint)
-    vocab = GeneVocab(vocab) if vocab else GeneVocab.from_checkpoint(checkpoint)
+    model, vocab = load_for_inference(checkpoint)
     unmapped = unmapped_cells(adata, input_path, vocab, gene_column, use_raw, gene_table=gene_table)
     cfg = model.config()
     if (cfg.get("dsbn") or cfg.get("use_batch_labels")) and batch_key is None:
@@ -288,9 +325,7 @@ def embed_h5ad(
     if len(mapped) < n_cells:  # only cells the model can read; the others keep predict_cells' NaN / -1
         loader = DataLoader(mapped.tolist(), batch_size=batch_size, collate_fn=loader.collate_fn)
     out = predict_cells(model, loader, n_cells, device=device, progress=progress)
-    emb = out["cell_emb"]
-    if normalize:
-        emb = emb / np.maximum(np.linalg.norm(emb, axis=1, keepdims=True), 1e-12)
+    emb = l2_normalize(out["cell_emb"]) if normalize else out["cell_emb"]
     keep = mapped if drop_unmapped_cells else np.arange(n_cells)
     if len(keep) < n_cells:
         adata = adata[keep].copy()

@@ -35,6 +35,16 @@ def available_baselines() -> dict[str, bool]:
     return {name: importlib.util.find_spec(pkg) is not None for name, pkg in OPTIONAL_PACKAGES.items()}
 
 
+def log_normalized(x: sp.csr_matrix, source: str) -> sp.csr_matrix:
+    """Log-normalized values (the annotation recipe's normalize_total 1e4 + log1p, through
+    ``data_modules.value_types``: counts / other normalized values get both, log1p values are used as stored)."""
+    from data_modules.value_types import apply_steps, detect_value_type, preprocessing_steps
+
+    x = sp.csr_matrix(x, dtype=np.float64, copy=True)
+    steps = preprocessing_steps(detect_value_type(x, source), 1e4, True)
+    return apply_steps(x, steps).astype(np.float32)
+
+
 def l1_logistic_regression(
     x_train, y_train, x_test, c_grid=PAPER_C_GRID, cv: int = 5, seed: int = 0, max_iter: int = 1000
 ) -> tuple[np.ndarray, float]:

@@ -9,15 +9,16 @@ from pathlib import Path
 import numpy as np
 import scipy.sparse as sp
 
-from scgpt_train.tasks.baselines import (
+from scgpt_train.evaluation.baselines import (
     available_baselines,
     harmony_embedding,
     has_integer_values,
     hvg_pca_embedding,
     scvi_embedding,
 )
-from scgpt_train.tasks.common import FineTuneTask
-from scgpt_train.tasks.metrics import INTEGRATION_BACKEND, integration_metrics
+from scgpt_train.evaluation.metrics import INTEGRATION_BACKEND, integration_metrics
+from scgpt_train.inference import l2_normalize
+from scgpt_train.tasks.base import FineTuneTask
 
 log = logging.getLogger(__name__)
 
@@ -32,19 +33,17 @@ class IntegrationTask(FineTuneTask):
 
     n_pcs: PCs of the HVG+PCA baseline (Harmony corrects the same PCs).
     harmony: keyword arguments of ``harmonypy.run_harmony`` (theta, max_iter_harmony, ...).
-    scvi: settings of :func:`scgpt_train.tasks.baselines.scvi_embedding` (model size, epochs, threads).
+    scvi: settings of :func:`scgpt_train.evaluation.baselines.scvi_embedding` (model size, epochs, threads).
     Harmony / scVI are skipped (and listed in ``metrics.json`` under ``skipped_baselines`` with the reason)
     when their packages are not installed or when they fail; the fine-tune's metrics are kept either way."""
 
-    name = "integration"
+    name = title = "integration"
+    known_baselines = INTEGRATION_BASELINES
 
     def __init__(
         self, n_pcs: int = 50, n_neighbors: int = 15, harmony: dict | None = None, scvi: dict | None = None, **kw
     ):
         super().__init__(**kw)
-        unknown = set(self.baselines) - set(INTEGRATION_BASELINES)
-        if unknown:
-            raise ValueError(f"integration baselines are {INTEGRATION_BASELINES}, got {sorted(unknown)}")
         self.n_pcs, self.n_neighbors = int(n_pcs), int(n_neighbors)
         self.harmony_kwargs = {str(k): v for k, v in (harmony or {}).items()}
         self.scvi_kwargs = {str(k): v for k, v in (scvi or {}).items()}
@@ -110,10 +109,6 @@ class IntegrationTask(FineTuneTask):
                 log.exception("baseline %s failed", name)
                 skipped[name] = f"failed: {type(err).__name__}: {err}"
         return embeddings, {"skipped_baselines": skipped, "baseline_inputs": inputs}
-
-
-def l2_normalize(x: np.ndarray) -> np.ndarray:
-    return x / np.maximum(np.linalg.norm(x, axis=1, keepdims=True), 1e-12)
 
 
 def raw_counts(dm) -> sp.csr_matrix:

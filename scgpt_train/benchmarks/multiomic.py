@@ -4,17 +4,15 @@ with ``data.use_modalities=[RNA]``), one table per variant with the paper's numb
 
 from __future__ import annotations
 
-import logging
 import shutil
 import time
 from collections.abc import Mapping, Sequence
 from pathlib import Path
 
-from scgpt_train.tasks.benchmark import COLUMNS, compose_train, ours_rows, train_overrides
-from scgpt_train.tasks.metrics import INTEGRATION_BACKEND
-from scgpt_train.tasks.report import markdown_table, write_json, write_text
+from scgpt_train.benchmarks.harness import COLUMNS, ours_rows, run_seed, seed_config, write_report
+from scgpt_train.evaluation.metrics import INTEGRATION_BACKEND
+from scgpt_train.evaluation.report import markdown_table
 
-log = logging.getLogger(__name__)
 METHODS = {
     "scgpt": "scGPT multi-omic",
     "scgpt_rna_only": "scGPT RNA only",
@@ -37,13 +35,9 @@ def _variant_table(per_seed: list[dict], baselines: Sequence[str], skipped: dict
 def run_multiomic_benchmark(
     bench: Mapping, seeds: Sequence[int], out_dir: Path, extra_overrides: Sequence[str] = (), compose=None
 ) -> dict:
-    from scgpt_train.pipeline import run
-
-    compose = compose or compose_train
-
     started = time.perf_counter()
     if bench.get("fetch") == "citeseq_demo":
-        from scgpt_train.tasks.resources import fetch_citeseq_demo
+        from scgpt_train.resources.pypi import fetch_citeseq_demo
 
         cache = next((o.split("=", 1)[1] for o in extra_overrides if o.startswith("paths.cache_dir=")), None)
         fetch_citeseq_demo(cache)
@@ -56,19 +50,16 @@ def run_multiomic_benchmark(
         per_seed, skipped = [], {}
         for seed in seeds:
             seed_dir = out_dir / variant / f"seed_{seed}"
-            over = train_overrides(bench, seed, seed_dir, [*(variant_over or []), *extra_overrides])
-            log.info("benchmark %s / %s: seed %s -> %s", bench["name"], variant, seed, seed_dir)
-            metrics = {k: float(v) for k, v in run(compose(over)).items()}
+            extra = [*(variant_over or []), *extra_overrides]
+            metrics = run_seed(seed_config(bench, seed, seed_dir, extra, compose))
             skipped.update(_skipped(seed_dir))
             if bench.get("rna_only", True):
                 rna_dir = out_dir / variant / f"seed_{seed}_rna_only"
-                rna_over = train_overrides(
-                    {**bench, "baselines": []}, seed, rna_dir, [*(variant_over or []), *extra_overrides]
-                ) + ["data.use_modalities=[RNA]"]
-                rna = run(compose(rna_over))
-                metrics.update(
-                    {f"baseline/scgpt_rna_only/{k[5:]}": float(v) for k, v in rna.items() if k[:5] == "test/"}
+                rna_cfg = seed_config(
+                    {**bench, "baselines": []}, seed, rna_dir, extra, compose, ["data.use_modalities=[RNA]"]
                 )
+                rna = run_seed(rna_cfg)
+                metrics.update({f"baseline/scgpt_rna_only/{k[5:]}": v for k, v in rna.items() if k[:5] == "test/"})
             per_seed.append(metrics)
         figures = []
         for name in FIGURES:
@@ -90,11 +81,8 @@ def run_multiomic_benchmark(
         f"Wall time: {minutes:.1f} min.",
     ]
     notes += [f"{n}" for n in bench.get("notes") or []]
-    text = f"# {bench['name']}\n\n" + "\n".join(f"- {n}" for n in notes) + "\n\n" + "\n\n".join(sections)
-    write_text(text, out_dir / "benchmark.md")
     result = {"benchmark": dict(bench), "seeds": list(seeds), "variants": results, "wall_minutes": minutes}
-    write_json(result, out_dir / "results.json")
-    print(text)
+    write_report(out_dir, bench["name"], notes, "\n\n".join(sections), result)
     return result
 
 

@@ -1,4 +1,4 @@
-"""``benchmark=zeroshot_<dataset>``: ``scripts/benchmark.py`` dispatches task ``zeroshot`` here."""
+"""``benchmark=zeroshot_<dataset>``: zero-shot reference mapping over seeds, beside its baselines (no fine-tuning)."""
 
 from __future__ import annotations
 
@@ -8,7 +8,7 @@ from pathlib import Path
 
 import numpy as np
 
-from scgpt_train.demo_run import demo_checkpoint
+from scgpt_train.benchmarks.harness import demo_checkpoint, write_report
 from scgpt_train.tasks.reference_map.common import BASELINES, DEFAULT_K, METHOD_NAMES, ReferenceMapError
 from scgpt_train.tasks.reference_map.run import run_reference_map
 
@@ -29,16 +29,9 @@ def run_zeroshot_benchmark(bench, seeds, out_dir, extra_overrides=(), compose=No
     seeded embeddings, scGPT kNN beside HVG+PCA kNN and L1-LR; ``benchmark.md`` (mean ± std over seeds),
     ``results.json``, the first seed's confusion matrix and query UMAPs in ``out_dir``."""
     from data_modules.preprocess import stratified_split
-    from scgpt_train.tasks.metrics import confusion_matrix
-    from scgpt_train.tasks.report import (
-        markdown_table,
-        mean_std,
-        plot_confusion,
-        plot_umap,
-        umap_coordinates,
-        write_json,
-        write_text,
-    )
+    from scgpt_train.evaluation.figures import plot_confusion, plot_umap, umap_coordinates
+    from scgpt_train.evaluation.metrics import confusion_matrix
+    from scgpt_train.evaluation.report import markdown_table, mean_std
 
     if extra_overrides:
         log.warning("zero-shot benchmarks train nothing: overrides %s are ignored", list(extra_overrides))
@@ -55,7 +48,7 @@ def run_zeroshot_benchmark(bench, seeds, out_dir, extra_overrides=(), compose=No
         if data.get("reference"):
             ref, query = Path(data["reference"]), Path(data["query"])
         else:
-            from scgpt_train.tasks.report import write_h5ad
+            from scgpt_train.evaluation.report import write_h5ad
 
             cells = _demo_dataset(data.get("builder", "pbmc68k"))
             tr, te = stratified_split(
@@ -113,14 +106,6 @@ def run_zeroshot_benchmark(bench, seeds, out_dir, extra_overrides=(), compose=No
         + " and the embedding seed; ours = mean ± std over seeds. Wall time "
         f"{time.perf_counter() - t0:.0f} s.",
     ]
-    text = (
-        f"# {bench['name']}\n\n"
-        + "\n".join(f"- {n}" for n in notes)
-        + "\n\n"
-        + table
-        + "".join(f"\n![{Path(f).name}]({Path(f).name})\n" for f in figures)
-    )
-    write_text(text, out_dir / "benchmark.md")
     result = {
         "benchmark": dict(bench),
         "checkpoint": str(checkpoint),
@@ -129,6 +114,5 @@ def run_zeroshot_benchmark(bench, seeds, out_dir, extra_overrides=(), compose=No
         "summary": agg,
         "table": table,
     }
-    write_json(result, out_dir / "results.json")
-    print(text)
+    write_report(out_dir, bench["name"], notes, table, result, [Path(f).name for f in figures])
     return result

@@ -12,8 +12,9 @@ import numpy as np
 import scipy.sparse as sp
 import torch
 
-from scgpt_train.tasks.embedding import load_best_weights, predict_cells
-from scgpt_train.tasks.report import plot_umap, umap_coordinates, write_h5ad, write_json
+from scgpt_train.evaluation.figures import plot_umap, umap_coordinates
+from scgpt_train.evaluation.report import write_h5ad, write_json
+from scgpt_train.inference import load_best_weights, predict_cells
 
 log = logging.getLogger(__name__)
 
@@ -41,11 +42,13 @@ class FineTuneTask:
     """Base: ``evaluate(trainer, module, datamodule, output_dir) -> metrics`` (rank zero only).
 
     use_best: reload the best checkpoint (lowest monitored validation metric) before evaluating.
-    baselines: names of baselines to run on the same data and split (task specific).
+    baselines: names of baselines to run on the same data and split (of the task's ``known_baselines``).
     umap: write UMAP figures; write_h5ad: write ``predictions.h5ad`` (obs ``scgpt_pred``, obsm ``X_scgpt``).
     """
 
     name = "task"
+    title = "task"  # how error messages name the task
+    known_baselines: tuple[str, ...] = ()  # the baselines the task can run (others are refused)
 
     def __init__(
         self,
@@ -58,17 +61,26 @@ class FineTuneTask:
         batch_size: int | None = None,
     ):
         self.use_best, self.baselines = use_best, list(baselines or [])
+        unknown = set(self.baselines) - set(self.known_baselines)
+        if unknown:
+            raise ValueError(f"{self.title} baselines are {self.known_baselines}, got {sorted(unknown)}")
         self.umap, self.write_h5ad, self.progress = umap, write_h5ad, progress
         self.seed, self.batch_size = int(seed), batch_size
 
     def evaluate(self, trainer, module, datamodule, output_dir) -> dict[str, float]:
+        """On rank zero: the best weights (``use_best``), :meth:`predict` on the trainer's device, :meth:`report`."""
         if trainer is not None and not trainer.is_global_zero:
             return {}
-        output_dir = Path(output_dir)
         best = load_best_weights(module, trainer) if (self.use_best and trainer is not None) else None
         device = trainer.strategy.root_device if trainer is not None else torch.device("cpu")
         module.to(device)
-        outputs = predict_cells(
+        outputs = self.predict(module, datamodule, device)
+        return self.report(trainer, datamodule, outputs, Path(output_dir), best)
+
+    def predict(self, module, datamodule, device) -> dict[str, np.ndarray]:
+        """The prediction hook: every cell of the data module through :func:`predict_cells` (``cell_emb``, and
+        ``probs`` / ``pred`` with a classifier), rows in the data module's cell order."""
+        return predict_cells(
             module,
             datamodule.loader("all", masked=False, batch_size=self.batch_size),
             len(datamodule.split),
@@ -76,6 +88,9 @@ class FineTuneTask:
             progress=self.progress,
             description=f"{self.name}: predicting",
         )
+
+    def report(self, trainer, datamodule, outputs: dict, output_dir: Path, best: str | None) -> dict[str, float]:
+        """:meth:`score` the predictions; write ``metrics.json`` (and ``predictions.h5ad``); return the metrics."""
         metrics, obs, extra = self.score(datamodule, outputs, output_dir)
         metrics = {k: float(v) for k, v in metrics.items()}
         extra = {"selection": self.selection(trainer, best), **extra}

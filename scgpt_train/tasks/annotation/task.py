@@ -9,10 +9,10 @@ import numpy as np
 import pytorch_lightning as pl
 import torch
 
-from scgpt_train.tasks.baselines import PAPER_C_GRID, l1_logistic_regression
-from scgpt_train.tasks.common import FineTuneTask, matrix_sha256, value_summary
-from scgpt_train.tasks.metrics import classification_metrics, confusion_matrix
-from scgpt_train.tasks.report import plot_confusion
+from scgpt_train.evaluation.baselines import PAPER_C_GRID, l1_logistic_regression
+from scgpt_train.evaluation.figures import plot_confusion
+from scgpt_train.evaluation.metrics import classification_metrics, confusion_matrix
+from scgpt_train.tasks.base import FineTuneTask, matrix_sha256, value_summary
 
 ANNOTATION_BASELINES = ("l1_lr",)
 
@@ -22,13 +22,11 @@ class AnnotationTask(FineTuneTask):
     baseline's under ``baseline/l1_lr/...``), ``confusion_matrix.png``, ``umap.png`` (query cells by true
     label, prediction and batch), ``predictions.h5ad`` with every cell's ``scgpt_pred``."""
 
-    name = "annotation"
+    name = title = "annotation"
+    known_baselines = ANNOTATION_BASELINES
 
     def __init__(self, l1_c_grid: list[float] | None = None, l1_cv: int = 5, **kw):
         super().__init__(**kw)
-        unknown = set(self.baselines) - set(ANNOTATION_BASELINES)
-        if unknown:
-            raise ValueError(f"annotation baselines are {ANNOTATION_BASELINES}, got {sorted(unknown)}")
         self.l1_c_grid = tuple(l1_c_grid) if l1_c_grid else PAPER_C_GRID
         self.l1_cv = int(l1_cv)
 
@@ -75,7 +73,7 @@ class AnnotationTask(FineTuneTask):
 
 class ValidationMacroF1(pl.Callback):
     """Logs ``val/macro_f1`` (macro F1 over the classes in the validation labels or predictions, as
-    :func:`scgpt_train.tasks.metrics.classification_metrics`) after every validation pass, from the classifier
+    :func:`scgpt_train.evaluation.metrics.classification_metrics`) after every validation pass, from the classifier
     outputs of the validation step itself (a forward hook on the model: no second forward).
 
     The annotation recipes select the checkpoint by it (``optimized_metric: val/macro_f1``, checkpoint mode max):

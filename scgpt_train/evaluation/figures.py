@@ -1,5 +1,5 @@
-"""Outputs of a fine-tuning task: JSON, h5ad, confusion-matrix and UMAP figures, markdown tables.
-Every file is written to a temporary name and renamed into place."""
+"""Figures of tasks and benchmarks: the one matplotlib set-up (:func:`pyplot`, the Agg backend: files only) and
+the one way to save a figure (:func:`save_figure`); the confusion-matrix and UMAP plots the tasks share."""
 
 from __future__ import annotations
 
@@ -8,25 +8,24 @@ from pathlib import Path
 
 import numpy as np
 
-from data_modules.atomic import atomic_path, write_json_atomic, write_text_atomic
+from data_modules.atomic import atomic_path
 
 
-def write_json(obj, path) -> Path:
-    return write_json_atomic(path, obj, indent=2)
+def pyplot():
+    """``matplotlib.pyplot`` on the non-interactive Agg backend (imported here, on first use: matplotlib costs
+    start-up time that scripts which draw nothing should not pay)."""
+    import matplotlib
 
-
-def write_text(text: str, path) -> Path:
-    return write_text_atomic(path, text)
-
-
-def write_h5ad(adata, path) -> Path:
-    with atomic_path(path, ".h5ad") as tmp:
-        adata.write_h5ad(tmp)
-    return Path(path)
-
-
-def _save_fig(fig, path: Path) -> Path:
+    matplotlib.use("Agg")
     import matplotlib.pyplot as plt
+
+    return plt
+
+
+def save_figure(fig, path) -> Path:
+    """``fig`` as a PNG at ``path`` (written under a temporary name, renamed into place: data_modules/atomic.py),
+    then closed."""
+    plt = pyplot()
 
     try:
         with atomic_path(path, ".png") as tmp:
@@ -38,10 +37,7 @@ def _save_fig(fig, path: Path) -> Path:
 
 def plot_confusion(cm: np.ndarray, classes: Sequence[str], path, title: str = "confusion matrix") -> Path:
     """Row-normalized confusion matrix (true x predicted) with counts in the cells."""
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
+    plt = pyplot()
 
     frac = cm / np.maximum(cm.sum(1, keepdims=True), 1)
     size = max(4.0, 0.45 * len(classes) + 2)
@@ -52,12 +48,12 @@ def plot_confusion(cm: np.ndarray, classes: Sequence[str], path, title: str = "c
     ax.set_xlabel("predicted")
     ax.set_ylabel("true")
     ax.set_title(title)
-    for i, j in zip(*np.nonzero(cm)):
+    for i, j in zip(*np.nonzero(cm), strict=True):
         ax.text(
             j, i, str(cm[i, j]), ha="center", va="center", fontsize=6, color="white" if frac[i, j] > 0.5 else "black"
         )
     fig.colorbar(im, ax=ax, fraction=0.046)
-    return _save_fig(fig, Path(path))
+    return save_figure(fig, Path(path))
 
 
 def umap_coordinates(embedding: np.ndarray, seed: int = 0, n_neighbors: int = 15) -> np.ndarray:
@@ -73,13 +69,10 @@ def umap_coordinates(embedding: np.ndarray, seed: int = 0, n_neighbors: int = 15
 
 def plot_umap(coords: np.ndarray, colors: dict[str, Sequence], path, title: str = "") -> Path:
     """One panel per entry of ``colors`` (name -> per-cell category), side by side."""
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
+    plt = pyplot()
 
     fig, axes = plt.subplots(1, len(colors), figsize=(5.5 * len(colors), 4.5), squeeze=False)
-    for ax, (name, values) in zip(axes[0], colors.items()):
+    for ax, (name, values) in zip(axes[0], colors.items(), strict=True):
         values = np.asarray(values).astype(str)
         cats = sorted(set(values))
         cmap = plt.get_cmap("tab20" if len(cats) > 10 else "tab10")
@@ -91,21 +84,4 @@ def plot_umap(coords: np.ndarray, colors: dict[str, Sequence], path, title: str 
         ax.set_yticks([])
         ax.legend(fontsize=6, markerscale=2, loc="center left", bbox_to_anchor=(1, 0.5), frameon=False)
     fig.tight_layout()
-    return _save_fig(fig, Path(path))
-
-
-def markdown_table(header: Sequence[str], rows: Sequence[Sequence]) -> str:
-    def fmt(v):
-        return f"{v:.3f}" if isinstance(v, float) else ("-" if v is None else str(v))
-
-    lines = ["| " + " | ".join(header) + " |", "|" + "|".join("---" for _ in header) + "|"]
-    lines += ["| " + " | ".join(fmt(v) for v in row) + " |" for row in rows]
-    return "\n".join(lines) + "\n"
-
-
-def mean_std(values: Sequence[float]) -> str:
-    """ "0.812 ± 0.010" (sample std; just the mean for one value)."""
-    v = np.asarray([x for x in values if x is not None and np.isfinite(x)], dtype=np.float64)
-    if len(v) == 0:
-        return "-"
-    return f"{v.mean():.3f}" if len(v) == 1 else f"{v.mean():.3f} ± {v.std(ddof=1):.3f}"
+    return save_figure(fig, Path(path))

@@ -1,5 +1,5 @@
 """``benchmark=grn_<dataset>``: gene-embedding programs vs co-expression with enrichment, and attention-GRN targets
-vs random / co-expression / DE baselines, in one report (``scripts/benchmark.py`` dispatches task ``grn`` here).
+vs random / co-expression / DE baselines, in one report (no fine-tuning).
 
 Config keys (``configs/benchmark/grn_demo.yaml``): ``checkpoint`` (null: the newest ``make train`` demo run),
 ``gene_programs`` (``data``, ``label_key``, ``gmt`` files, ``n_hvg``, ``resolutions``, ``resolution``; omitted:
@@ -18,6 +18,7 @@ from pathlib import Path
 
 import pandas as pd
 
+from scgpt_train.benchmarks.harness import demo_checkpoint, write_report
 from scgpt_train.tasks.attention_grn.common import GRNError
 from scgpt_train.tasks.attention_grn.run import METHOD_NAMES, run_attention_grn
 
@@ -40,7 +41,7 @@ def load_data(name, out_dir: Path):
         raise GRNError(f"benchmark data {name!r}: use pbmc68k, perturbation_demo or an existing h5ad path")
     path = out_dir / f"{name}.h5ad"
     if not path.exists():
-        from scgpt_train.tasks.report import write_h5ad
+        from scgpt_train.evaluation.report import write_h5ad
 
         write_h5ad(adata, path)
     return adata, path
@@ -59,7 +60,7 @@ def planted_targets(adata, path: Path) -> Path:
 
 def resolve_tf_targets(spec, adata, out_dir: Path, cache_dir=None) -> Path:
     if spec == "collectri":
-        from scgpt_train.tasks.resources import fetch_tf_targets
+        from scgpt_train.resources.pypi import fetch_tf_targets
 
         return fetch_tf_targets(cache_dir)
     if spec == "planted":
@@ -70,7 +71,7 @@ def resolve_tf_targets(spec, adata, out_dir: Path, cache_dir=None) -> Path:
 
 
 def resolve_gmts(names, cache_dir=None) -> list[Path]:
-    from scgpt_train.tasks.resources import default_cache_dir, fetch_resources
+    from scgpt_train.resources.pypi import default_cache_dir, fetch_resources
 
     out = []
     for n in names:
@@ -89,9 +90,8 @@ def run_grn_benchmark(bench: Mapping, seeds, out_dir, extra_overrides=(), compos
     and figures in ``out_dir``."""
     import logging
 
-    from scgpt_train.tasks.gene_programs import run_gene_programs
-    from scgpt_train.tasks.reference_map import demo_checkpoint
-    from scgpt_train.tasks.report import markdown_table, write_json, write_text
+    from scgpt_train.evaluation.report import markdown_table
+    from scgpt_train.tasks.gene_programs import GeneProgramParams, run_gene_programs
 
     cache = bench.get("cache_dir")
     ignored = []
@@ -119,12 +119,14 @@ def run_grn_benchmark(bench: Mapping, seeds, out_dir, extra_overrides=(), compos
             checkpoint,
             resolve_gmts(gp_cfg.get("gmt") or ["h.all.v7.5.1.symbols.gmt", "c2.cp.v7.5.1.symbols.gmt"], cache),
             gp_dir,
+            GeneProgramParams(
+                n_hvg=int(gp_cfg.get("n_hvg", 1200)),
+                resolutions=tuple(float(r) for r in gp_cfg.get("resolutions", [1, 5, 10, 20, 40])),
+                resolution=float(gp_cfg.get("resolution", 40)),
+                seed=seed,
+            ),
             adata_path=path,
-            n_hvg=int(gp_cfg.get("n_hvg", 1200)),
             label_key=gp_cfg.get("label_key"),
-            resolutions=[float(r) for r in gp_cfg.get("resolutions", [1, 5, 10, 20, 40])],
-            resolution=float(gp_cfg.get("resolution", 40)),
-            seed=seed,
             progress=progress,
         )
         rows = [
@@ -212,14 +214,12 @@ def run_grn_benchmark(bench: Mapping, seeds, out_dir, extra_overrides=(), compos
     if paper:
         sections.append("## The paper\n\n" + "\n".join(f"- {k}: {v}" for k, v in paper.items()) + "\n")
     wall = time.perf_counter() - t0
-    text = (
-        f"# {bench['name']}\n\n- {bench.get('dataset', '')}\n- Checkpoint `{checkpoint}` (no fine-tuning); seed "
-        f"{seed}; wall time {wall:.0f} s.\n\n" + "\n".join(sections)
-    )
-    write_text(text, out_dir / "report.md")
     result["seconds"] = wall
-    write_json(result, out_dir / "results.json")
-    print(text)
+    notes = [
+        bench.get("dataset", ""),
+        f"Checkpoint `{checkpoint}` (no fine-tuning); seed {seed}; wall time {wall:.0f} s.",
+    ]
+    write_report(out_dir, bench["name"], notes, "\n".join(sections), result, file="report.md")
     return result
 
 

