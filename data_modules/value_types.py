@@ -24,12 +24,14 @@ from dataclasses import asdict, dataclass, field
 import numpy as np
 import scipy.sparse as sp
 
+from scgpt_train.errors import UserInputError
+
 VALUE_TYPES = ("counts", "log1p", "normalized")  # what a user may declare with data.preprocess.value_type
 LOG1P_MAX = 30.0  # log1p values above this would come from values > 1e13: not log data
 CONSTANT_SPREAD = 0.01  # rows "sum to one constant" when their 5th-95th percentile spread is < 1% of the median
 
 
-class ValueTypeError(ValueError):
+class ValueTypeError(UserInputError):
     """Values a recipe cannot use (NaN / inf, negative values, a declared type the data contradicts)."""
 
 

@@ -37,6 +37,7 @@ import torch
 
 from data_modules.batch import Batch
 from data_modules.perturbation.conditions import condition_genes
+from scgpt_train.errors import UserInputError
 
 FLAG_NOT_PERTURBED = 0
 FLAG_PERTURBED = 1
@@ -46,7 +47,7 @@ UNKNOWN_GENE_MODES = ("pad", "mask", "new", "error")
 ZERO_GENE_MODES = ("all", "batch-wise")
 
 
-class PerturbationInputError(ValueError):
+class PerturbationInputError(UserInputError):
     """Perturbation inputs that cannot be built (names the gene / condition / source)."""
 
 

@@ -7,6 +7,8 @@ import os
 
 import numpy as np
 
+from scgpt_train.errors import UserInputError
+
 FORMAT_VERSION = 1
 MANIFEST_NAME = "manifest.json"
 VOCAB_NAME = "vocab.json"
@@ -23,7 +25,7 @@ SOURCE_ROW = "source_row"  # (n_cells,) int64 row in the source file (h5ad row /
 OBS_GROUP = "obs"  # obs/<column>: (n_cells,) int32 codes into manifest["obs_columns"][column]
 
 
-class CorpusFormatError(ValueError):
+class CorpusFormatError(UserInputError):
     """A corpus directory, shard or input that does not follow the format."""
 
 
