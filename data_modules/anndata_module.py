@@ -51,6 +51,7 @@ from data_modules.vocab import (
     resolve_gene_names,
     table_name,
 )
+from scgpt_train.errors import UserInputError
 
 log = logging.getLogger(__name__)
 SPLITS = ("train", "val", "query")
@@ -272,7 +273,7 @@ class AnnDataModule(VocabSizes, pl.LightningDataModule):
             cfg = dataclasses.replace(cfg, gene_column=cfg.query_gene_column)
         if self.backed:
             if keep is not None:
-                raise ValueError(
+                raise UserInputError(
                     f"{path}: data.drop_unlabeled=true leaves cells out, but backed=true reads X row by row as stored; "
                     "set data.backed=false, or drop the unlabelled cells from the file"
                 )
@@ -326,7 +327,7 @@ class AnnDataModule(VocabSizes, pl.LightningDataModule):
         with h5py.File(path, "r") as f:
             obs = read_elem(f["obs"])
         if self.label_key not in obs.columns:
-            raise KeyError(
+            raise UserInputError(
                 f"data.label_key={self.label_key!r} is not an obs column of {path} (columns: {list(obs.columns)})"
             )
         missing = unlabeled_mask(obs[self.label_key])
@@ -335,12 +336,12 @@ class AnnDataModule(VocabSizes, pl.LightningDataModule):
             return None
         examples = ", ".join(map(str, obs.index[missing][:5]))
         if n == len(obs):
-            raise ValueError(
+            raise UserInputError(
                 f"{path}: no cell has a label in obs[{self.label_key!r}] (all {n:,} are NaN / None / empty, e.g. "
                 f"{examples}); point data.label_key at the column holding the cell types"
             )
         if not self.drop_unlabeled:
-            raise ValueError(
+            raise UserInputError(
                 f"{path}: {n:,} of {len(obs):,} cells have no label in obs[{self.label_key!r}] (NaN / None / empty; "
                 f"e.g. {examples}); they would become a class of their own. Label them, or set "
                 "data.drop_unlabeled=true to leave them out"
@@ -368,7 +369,7 @@ class AnnDataModule(VocabSizes, pl.LightningDataModule):
         union_ids = union_ids[union_ids >= 0]
         if len(union_ids) == 0:
             n = ", ".join(f"{len(g):,} in {p}" for p, (_, g, _) in zip(self._paths(), parts))
-            raise ValueError(
+            raise UserInputError(
                 f"none of the genes of the input ({n}) is in the vocabulary {self.vocab_path} "
                 f"({len(vocab.genes):,} genes, e.g. {', '.join(vocab.genes[:3])}); use matching gene symbols "
                 "(data.preprocess.gene_column)"
@@ -402,7 +403,7 @@ class AnnDataModule(VocabSizes, pl.LightningDataModule):
         """A classifier needs two classes or more; classes too small for the validation split are warned about."""
         classes, counts = np.unique(labels, return_counts=True)
         if len(classes) < 2:
-            raise ValueError(
+            raise UserInputError(
                 f"{self.path}: the cells trained on have a single class in obs[{self.label_key!r}] "
                 f"({classes[0] if len(classes) else 'none'!r}, {int(counts.sum()):,} cells): annotation needs two "
                 "classes or more (a classifier of one class reports accuracy 1.0 and learns nothing)"

@@ -31,6 +31,7 @@ from data_modules.value_types import (
     preprocessing_steps,
 )
 from data_modules.vocab import GeneVocab, gene_table, resolve_gene_names, table_name, truncated_names
+from scgpt_train.errors import UserInputError
 
 log = logging.getLogger(__name__)
 UNKNOWN_LABEL = -1
@@ -219,8 +220,8 @@ def map_genes(
     )
     if mapping.n_known == 0:
         if len(mapping.ids) == 0:
-            raise ValueError(f"{where} has no genes (0 columns); point the data at a file with expression values")
-        raise ValueError(
+            raise UserInputError(f"{where} has no genes (0 columns); point the data at a file with expression values")
+        raise UserInputError(
             f"{where}: none of its {len(mapping.ids):,} genes is in the vocabulary of {len(vocab.genes):,} genes "
             f"(the file's: {', '.join(map(str, list(var_names)[:5]))}; the vocabulary's: "
             f"{', '.join(vocab.genes[:5])}); use the checkpoint's vocab.json and a var column with matching gene "
@@ -245,7 +246,7 @@ def normalize_and_select(
     if genes is not None:
         shared = data.var_names.isin(genes)
         if not shared.any():
-            raise ValueError(
+            raise UserInputError(
                 f"{where}: none of its {data.n_vars:,} genes (e.g. {', '.join(data.var_names[:5])}) is among the "
                 f"{len(genes):,} genes the model reads from the reference (e.g. {', '.join(map(str, genes[:5]))}); "
                 "the two files name their genes differently: give the query a var column with the reference's kind "
