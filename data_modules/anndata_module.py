@@ -474,12 +474,17 @@ class AnnDataModule(VocabSizes, pl.LightningDataModule):
         self.split = split
         self.is_query = query
         n_val = int((split == "val").sum())
-        if self.labels is not None and 0 < n_val < SMALL_VALIDATION:
+        if 0 < n_val < SMALL_VALIDATION and (self.labels is not None or self.train_on == "all"):
             msg = (
                 f"the validation split of {self.path} has only {n_val} cells (< {SMALL_VALIDATION}): the checkpoint "
-                "picked by a validation metric is a noisy choice; the annotation recipes select by val/macro_f1 "
-                "(a majority-class checkpoint scores lowest there), and data.val_fraction raises the split's size "
-                "(task.use_best=false evaluates the last epoch instead)"
+                "picked by a validation metric is a noisy choice; "
+                + (
+                    "the annotation recipes select by val/macro_f1 (a majority-class checkpoint scores lowest "
+                    "there), and "
+                    if "n_cls" in self.model_outputs
+                    else ""
+                )
+                + "data.val_fraction raises the split's size (task.use_best=false evaluates the last epoch instead)"
             )
             log.warning(msg)
             self.warnings.append(msg)

@@ -82,7 +82,9 @@ def test_classes_too_small_for_the_validation_split_are_warned_about(cells, tmp_
 
 
 # item 14: collapsed predictions ----------------------------------------------------------------------------------
-def test_predictions_no_better_than_the_majority_are_flagged_in_log_summary_and_benchmark(cells, tmp_path, caplog):
+def test_predictions_no_better_than_the_majority_are_flagged_in_log_summary_and_benchmark(
+    cells, tmp_path, caplog, capsys
+):
     """Labels that do not follow the expression, one class 98% of the cells: a real (tiny) fine-tune can only learn
     the prior. The log warns with the likely causes; metrics.json / summary.json carry the flags beside the
     numbers; the benchmark table marks the numbers."""
@@ -111,6 +113,8 @@ def test_predictions_no_better_than_the_majority_are_flagged_in_log_summary_and_
     row = next(line for line in table.splitlines() if line.startswith("| scGPT"))
     assert "‡" in row and "no better than always predicting the majority class in 2 of 2 seeds" in table
     assert agg["scgpt"]["flags"]["no_better_than_majority"] == 2
+    printed = capsys.readouterr().out  # item 22: the model summary without Lightning's uncounted FLOPs
+    assert "Total params" in printed and "FLOPs" not in printed
 
 
 def test_collapse_flags_on_real_labels():
@@ -323,3 +327,33 @@ def test_api_raises_one_family_naming_the_anndata_argument(cells, tmp_path):
     assert "`adata`" in str(e.value) and "input.h5ad" not in str(e.value) and "scgpt_embed_" not in str(e.value)
     with pytest.raises(UserInputError, match="adata: expected an AnnData, got list"):
         api.embed([1, 2], ckpt)
+
+
+# item 22: what a user reads on every run ------------------------------------------------------------------------
+def test_step_limited_progress_bar_and_integration_warning_read_right(cells, tmp_path, capsys):
+    import pytorch_lightning as pl
+
+    from data_modules.store.cli import build_main
+    from scgpt_train.console import ProgressBar
+
+    for limits, title in (
+        ({"max_steps": 1000, "max_epochs": -1}, "Epoch 4 (max_steps 1000)"),
+        ({"max_epochs": 10}, "Epoch 4/9"),
+    ):
+        bar = ProgressBar()
+        bar._trainer = pl.Trainer(**limits, callbacks=[bar], logger=False, enable_checkpointing=False)
+        assert bar._get_train_description(4).strip() == title  # the step-limited one read "Epoch 4/-2"
+    # an integration run (no classifier) is not told about the annotation recipes' macro-F1 selection
+    small = write(cells["counts"][:200].copy(), tmp_path / "small.h5ad")
+    integ = AnnDataModule(str(small), label_key="cell_type", batch_key="donor", train_on="all", model_outputs=[])
+    integ.setup()
+    assert any("has only 20 cells" in w for w in integ.warnings) and "macro_f1" not in " ".join(integ.warnings)
+    annot = AnnDataModule(str(small), label_key="cell_type")
+    annot.setup()
+    assert any("val/macro_f1" in w for w in annot.warnings)
+    # build_corpus says that a file's own obs column 'dataset' gives way to the input's name
+    own = cells["counts"][:100].copy()
+    own.obs["dataset"] = "study_7"
+    rc = build_main(["h5ad", str(write(own, tmp_path / "own.h5ad")), "--out", str(tmp_path / "c"), "--no-split"])
+    err = capsys.readouterr().err
+    assert rc == 0 and "own.h5ad: its own obs column 'dataset' is not kept" in err and "--obs-columns" in err
