@@ -55,6 +55,7 @@ from scgpt_train.errors import UserInputError
 
 log = logging.getLogger(__name__)
 SPLITS = ("train", "val", "query")
+LOST_EXPRESSION_WARNING = 0.05  # a larger share of the expression in genes the vocabulary lacks: a warning
 SMALL_VALIDATION = 50  # fewer validation cells than this: a warning (checkpoint selection becomes noisy)
 
 
@@ -387,8 +388,16 @@ class AnnDataModule(VocabSizes, pl.LightningDataModule):
         self.gene_ids = union_ids.astype(np.int64)  # (G,) vocab id of each model gene column
         self.gene_report = reports[0]
         self.gene_reports = reports
-        for name, r in zip(("reference", "query"), reports):
-            log.info("%s: %s", name, r.summary())
+        for name, path, r in zip(("reference", "query"), self._paths(), reports):
+            if r.lost_expression_fraction >= LOST_EXPRESSION_WARNING:
+                msg = (
+                    f"{path}: {100 * r.lost_expression_fraction:.0f}% of the expression is in genes the vocabulary "
+                    f"lacks ({r.summary()}); check the gene names (data.preprocess.gene_column, the gene_ids report)"
+                )
+                log.warning(msg)
+                self.warnings.append(msg)
+            else:
+                log.info("%s: %s", name, r.summary())
         self.store = RowStore(store_parts, len(union_ids))
         obs = pd.concat(obs_frames, axis=0)
         obs.index = obs.index.astype(str)

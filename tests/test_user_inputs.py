@@ -17,6 +17,7 @@ from conftest import ROOT, train_in_process
 from test_own_data import pbmc_counts, tiny_checkpoint, write
 
 from data_modules.anndata_module import AnnDataModule
+from data_modules.vocab import GeneVocab
 from scgpt_train.errors import UserInputError
 
 TINY = ["trainer.max_epochs=1", "data.num_workers=0", "callbacks.progress_bar=null", "task.umap=false"]
@@ -159,8 +160,6 @@ def damaged(tmp_path_factory) -> dict:
     sub.var = pd.DataFrame({"gene_symbols": symbols}, index=[ids[g] for g in keep])
     sub.obs["cell_type"] = np.tile(["x", "y"], sub.n_obs)[: sub.n_obs]
     vocab = out / "vocab.json"
-    from data_modules.vocab import GeneVocab
-
     GeneVocab.from_genes(keep).to_json(vocab)
     return {"dir": out, "path": write(sub, out / "damaged.h5ad"), "vocab": vocab, "genes": keep, "ids": ids}
 
@@ -181,6 +180,14 @@ def test_ids_decide_when_the_symbol_column_disagrees(damaged, caplog):
     assert "51 of 1,500 genes have a symbol column that disagrees" in caplog.text
     assert _token_of(dm, cfh) == "CFH"  # CFH's counts are fed to the model as CFH
     assert dm.gene_report.n_in_vocab == 1500 and rep["n_duplicates"] == 0
+
+    # a large expression loss is a warning, not an info line
+    half = GeneVocab.from_genes(damaged["genes"][::2])
+    half.to_json(damaged["dir"] / "half.json")
+    lossy = AnnDataModule(str(damaged["path"]), vocab=str(damaged["dir"] / "half.json"), report_path=None)
+    lossy.setup()
+    assert any("% of the expression is in genes the vocabulary lacks" in w for w in lossy.warnings)
+    assert not any("expression is in genes" in w for w in dm.warnings)
 
     pref = AnnDataModule(
         str(damaged["path"]), vocab=str(damaged["vocab"]), preprocess={"prefer_gene_column": True}, report_path=None
