@@ -31,6 +31,7 @@ from torch.utils.data import DataLoader
 
 from data_modules.atomic import write_text_atomic
 from data_modules.batch import Batch
+from data_modules.errors import UserInputError
 from data_modules.preprocess import (
     PreprocessConfig,
     encode_categories,
@@ -51,7 +52,6 @@ from data_modules.vocab import (
     resolve_gene_names,
     table_name,
 )
-from scgpt_train.errors import UserInputError
 
 log = logging.getLogger(__name__)
 SPLITS = ("train", "val", "query")

@@ -19,9 +19,9 @@ import pandas as pd
 import scipy.sparse as sp
 
 from data_modules.atomic import atomic_dir, atomic_path
+from data_modules.errors import UserInputError
 from data_modules.preprocess import stratified_split
 from data_modules.store.convert import Source, convert_sources
-from scgpt_train.errors import UserInputError
 
 DEMO_SPLIT = {"strategy": "cell", "seed": 0, "val_fraction": 0.1}
 

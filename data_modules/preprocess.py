@@ -23,6 +23,7 @@ import pandas as pd
 import scipy.sparse as sp
 
 from data_modules.config import dataclass_from_any
+from data_modules.errors import UserInputError
 from data_modules.value_types import (
     ValueTypeReport,
     apply_steps,
@@ -31,7 +32,6 @@ from data_modules.value_types import (
     preprocessing_steps,
 )
 from data_modules.vocab import GeneVocab, gene_table, resolve_gene_names, table_name, truncated_names
-from scgpt_train.errors import UserInputError
 
 log = logging.getLogger(__name__)
 UNKNOWN_LABEL = -1

@@ -24,7 +24,7 @@ from dataclasses import asdict, dataclass, field
 import numpy as np
 import scipy.sparse as sp
 
-from scgpt_train.errors import UserInputError
+from data_modules.errors import UserInputError
 
 VALUE_TYPES = ("counts", "log1p", "normalized")  # what a user may declare with data.preprocess.value_type
 LOG1P_MAX = 30.0  # log1p values above this would come from values > 1e13: not log data

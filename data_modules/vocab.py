@@ -18,7 +18,7 @@ from pathlib import Path
 import numpy as np
 
 from data_modules.atomic import write_text_atomic
-from scgpt_train.errors import UserInputError
+from data_modules.errors import UserInputError
 
 log = logging.getLogger(__name__)
 

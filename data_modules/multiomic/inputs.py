@@ -23,7 +23,7 @@ import numpy as np
 import pandas as pd
 import scipy.sparse as sp
 
-from scgpt_train.errors import UserInputError
+from data_modules.errors import UserInputError
 
 # default keys of each modality kind per layout (a recipe's ``key`` replaces them)
 MUDATA_KEYS = {"rna": ("rna", "RNA", "gex", "GEX"), "protein": ("prot", "protein", "adt", "ADT"), "atac": ("atac",)}

@@ -10,7 +10,7 @@ from __future__ import annotations
 
 from collections.abc import Iterable
 
-from scgpt_train.errors import UserInputError
+from data_modules.errors import UserInputError
 
 CTRL = "ctrl"
 SEP = "+"

@@ -32,10 +32,10 @@ import pandas as pd
 import scipy.sparse as sp
 
 from data_modules.atomic import atomic_path
+from data_modules.errors import UserInputError
 from data_modules.perturbation.conditions import CTRL, ConditionError, check_genes_measured
 from data_modules.perturbation.conditions import normalize_condition as _normalize
 from data_modules.value_types import detect_value_type
-from scgpt_train.errors import UserInputError
 
 log = logging.getLogger(__name__)
 

@@ -36,8 +36,8 @@ import numpy as np
 import torch
 
 from data_modules.batch import Batch
+from data_modules.errors import UserInputError
 from data_modules.perturbation.conditions import condition_genes
-from scgpt_train.errors import UserInputError
 
 FLAG_NOT_PERTURBED = 0
 FLAG_PERTURBED = 1

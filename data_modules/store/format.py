@@ -7,7 +7,7 @@ import os
 
 import numpy as np
 
-from scgpt_train.errors import UserInputError
+from data_modules.errors import UserInputError
 
 FORMAT_VERSION = 1
 MANIFEST_NAME = "manifest.json"
