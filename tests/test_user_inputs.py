@@ -364,3 +364,23 @@ def test_step_limited_progress_bar_and_integration_warning_read_right(cells, tmp
     rc = build_main(["h5ad", str(write(own, tmp_path / "own.h5ad")), "--out", str(tmp_path / "c"), "--no-split"])
     err = capsys.readouterr().err
     assert rc == 0 and "own.h5ad: its own obs column 'dataset' is not kept" in err and "--obs-columns" in err
+
+
+def test_zero_shot_reference_mapping_flags_majority_predictions(cells, tmp_path, caplog):
+    """The zero-shot kNN transfer (api.reference_map, the zeroshot benchmark) gets the same flags: a reference whose
+    labels are 98% one class and do not follow the expression yields predictions no better than that class."""
+    from scgpt_train import api
+    from scgpt_train.tasks.reference_map.benchmark import collapse_marks
+
+    skewed = cells["counts"].copy()
+    skewed.obs["cell_type"] = np.where(np.random.default_rng(1).random(skewed.n_obs) < 0.02, "B", "A")
+    ckpt = tiny_checkpoint(list(skewed.var_names), tmp_path / "tiny.pt")
+    with caplog.at_level(logging.WARNING):
+        _, summary = api.reference_map(skewed[500:].copy(), skewed[:500].copy(), ckpt, baselines=[], batch_size=128)
+    flags = summary["metrics"]["scgpt_knn"]
+    assert flags["no_better_than_majority"] == 1.0 and "scgpt_knn on the query" in caplog.text
+    row, agg = ["scGPT zero-shot kNN", "ours (2 seeds)", "0.980", "0.495"], {}
+    legend = collapse_marks(row, [flags, flags], agg)
+    assert (
+        row[2].endswith("‡") and legend[-1].endswith("in 2 of 2 seeds") and agg["flags"]["no_better_than_majority"] == 2
+    )

@@ -44,6 +44,23 @@ def _demo_dataset(name: str):
     return pbmc68k_log_normalized()
 
 
+def collapse_marks(row: list, seeds: list[dict], agg: dict) -> list[str]:
+    """Mark a method's numbers † / ‡ (tasks.benchmark.COLLAPSE_MARKS) when its kNN / baseline predictions collapsed
+    to one class or were no better than the reference's majority class in some seed; returns the legend lines."""
+    from scgpt_train.tasks.benchmark import COLLAPSE_MARKS
+
+    legend, marks = [], ""
+    for key, (mark, text) in COLLAPSE_MARKS.items():
+        hit = sum(float(s.get(key, 0.0)) > 0 for s in seeds)
+        if hit:
+            marks += mark
+            agg.setdefault("flags", {})[key] = hit
+            legend.append(f"{mark} {row[0]}: {text} in {hit} of {len(seeds)} seeds")
+    if marks:
+        row[2:] = [f"{c} {marks}" for c in row[2:]]
+    return legend
+
+
 def run_zeroshot_benchmark(bench, seeds, out_dir, extra_overrides=(), compose=None) -> dict:
     """Zero-shot reference mapping over ``seeds``: for each seed a stratified reference / query split (from
     ``data.builder`` with ``data.query_fraction``; or the fixed ``data.reference`` / ``data.query`` files) and
@@ -115,15 +132,17 @@ def run_zeroshot_benchmark(bench, seeds, out_dir, extra_overrides=(), compose=No
                 colors = {"cell type": truth, "kNN prediction": pred}
                 figures.append(plot_umap(coords, colors, out_dir / "umap.png", "scGPT zero-shot, query"))
     methods = list(per_seed[0])
-    rows = []
+    rows, legend = [], []
     agg = {}
     for m in methods:
         vals = {key: [s[m][key] for s in per_seed] for key in ("accuracy", "macro_f1", "precision", "recall")}
         agg[m] = {key: {"mean": float(np.mean(v)), "values": v} for key, v in vals.items()}
         rows.append([METHOD_NAMES.get(m, m), f"ours ({len(seeds)} seeds)"] + [mean_std(vals[c]) for c in vals])
+        legend += collapse_marks(rows[-1], [s[m] for s in per_seed], agg[m])
     for m, numbers in (bench.get("paper") or {}).items():
         rows.append([METHOD_NAMES.get(m, m), "paper / re-evaluation"] + [numbers.get(c, "-") for c in agg[methods[0]]])
     table = markdown_table(["method", "source", "accuracy", "macro F1", "macro precision", "macro recall"], rows)
+    table += "".join(f"\n{line}\n" for line in legend)
     notes = [
         f"Benchmark `{bench['name']}`: {bench.get('dataset', '')}.",
         f"Checkpoint `{checkpoint}` (zero-shot: no fine-tuning); L2-normalized cell embeddings, kNN vote k = {k}.",
