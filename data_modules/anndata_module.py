@@ -31,6 +31,7 @@ from torch.utils.data import DataLoader
 
 from data_modules.atomic import write_text_atomic
 from data_modules.batch import Batch
+from data_modules.errors import UserInputError
 from data_modules.preprocess import (
     PreprocessConfig,
     encode_categories,
@@ -42,10 +43,19 @@ from data_modules.preprocess import (
 )
 from data_modules.store.reader import CellBlock
 from data_modules.tokenize import Tokenizer, TokenizerConfig, tokenize_with_zeros
-from data_modules.vocab import GeneIdReport, GeneVocab, VocabSizes, guess_gene_key, resolve_gene_names
+from data_modules.vocab import (
+    GeneIdReport,
+    GeneVocab,
+    VocabSizes,
+    gene_table,
+    guess_gene_key,
+    resolve_gene_names,
+    table_name,
+)
 
 log = logging.getLogger(__name__)
 SPLITS = ("train", "val", "query")
+LOST_EXPRESSION_WARNING = 0.05  # a larger share of the expression in genes the vocabulary lacks: a warning
 SMALL_VALIDATION = 50  # fewer validation cells than this: a warning (checkpoint selection becomes noisy)
 
 
@@ -131,6 +141,12 @@ class CellCollate:
         return batch
 
 
+def unlabeled_mask(values: pd.Series) -> np.ndarray:
+    """(N,) bool: cells whose label is missing: NaN / None, or a string that is empty or reads "nan" / "None"."""
+    text = values.astype(object).where(values.notna(), "").astype(str).str.strip()
+    return (values.isna() | text.isin(["", "nan", "NaN", "None"])).to_numpy()
+
+
 # the data module ---------------------------------------------------------------------------
 class AnnDataModule(VocabSizes, pl.LightningDataModule):
     """Fine-tuning data from one h5ad (optionally + a query h5ad). Plain constructor values (Hydra).
@@ -149,6 +165,8 @@ class AnnDataModule(VocabSizes, pl.LightningDataModule):
       query_key + query_values / query_fraction: the query split when there is no query file.
       train_on: "reference" (annotation) or "all" (integration: every cell, query included, is trained on).
       model_outputs: which data-decided model kwargs to expose: "n_cls", "num_batch_labels".
+      drop_unlabeled: cells whose ``label_key`` is empty (NaN / None / "") are refused by default (the file, the
+        count and examples named); true leaves them out and reports how many.
     """
 
     def __init__(
@@ -176,6 +194,7 @@ class AnnDataModule(VocabSizes, pl.LightningDataModule):
         backed: bool = False,
         model_outputs: list[str] | tuple[str, ...] = ("n_cls",),
         report_path: str | None = None,
+        drop_unlabeled: bool = False,
     ):
         super().__init__()
         if train_on not in ("reference", "all"):
@@ -202,6 +221,9 @@ class AnnDataModule(VocabSizes, pl.LightningDataModule):
         if unknown:
             raise ValueError(f"model_outputs may hold 'n_cls' and 'num_batch_labels', got {sorted(unknown)}")
         self.report_path = report_path
+        self.drop_unlabeled = bool(drop_unlabeled)
+        self._kept_rows: list[np.ndarray | None] = []  # per file: the rows kept (None = all; data.drop_unlabeled)
+        self.warnings: list[str] = []
         self._vocab: GeneVocab | None = None
         self.adata: ad.AnnData | None = None  # all cells, model genes; obs: split, label / batch codes
 
@@ -214,7 +236,6 @@ class AnnDataModule(VocabSizes, pl.LightningDataModule):
                 f"{self.path} does not exist: download it (python scripts/download_benchmarks.py "
                 f"NAME) or point data.path at your h5ad"
             )
-        Path(self.path).parent.mkdir(parents=True, exist_ok=True)
         self.builder(self.path)
 
     def setup(self, stage: str | None = None) -> None:
@@ -247,16 +268,31 @@ class AnnDataModule(VocabSizes, pl.LightningDataModule):
             raise FileNotFoundError(f"h5ad {path} does not exist")
         where = Path(path).name
         cfg = self.preprocess_cfg
+        keep = self._labelled_rows(path)
+        self._kept_rows.append(keep)
         if path == self.query_path and cfg.query_gene_column is not None:  # the query names its genes differently
             cfg = dataclasses.replace(cfg, gene_column=cfg.query_gene_column)
         if self.backed:
+            if keep is not None:
+                raise UserInputError(
+                    f"{path}: data.drop_unlabeled=true leaves cells out, but backed=true reads X row by row as stored; "
+                    "set data.backed=false, or drop the unlabelled cells from the file"
+                )
             data = ad.read_h5ad(path, backed="r")
             if cfg.layer is not None:
                 raise ValueError(
                     f"{where}: backed=true reads X row by row; data.layer={cfg.layer!r} needs the file in memory "
                     "(set data.backed=false)"
                 )
-            names, id_report = resolve_gene_names(data.var, cfg.gene_key, cfg.gene_column, where=where)
+            names, id_report = resolve_gene_names(
+                data.var,
+                cfg.gene_key,
+                cfg.gene_column,
+                table=gene_table(cfg.gene_table) if cfg.gene_table else None,
+                table_label=table_name(cfg.gene_table) if cfg.gene_table else None,
+                where=where,
+                prefer_column=cfg.prefer_gene_column,
+            )
             names = np.asarray(pd.Index(names).astype(str))
             self._record_genes(id_report.as_dict())
             sample = read_input(data[: min(data.n_obs, 2000)].to_memory(), cfg, where)  # the first cells
@@ -271,12 +307,52 @@ class AnnDataModule(VocabSizes, pl.LightningDataModule):
             self._record_values(report.as_dict())
             self._input_columns.append(np.arange(data.n_vars, dtype=np.int64))
             return data, data.X, names
-        data, flavor = normalize_and_select(ad.read_h5ad(path), cfg, genes, where)
+        data = ad.read_h5ad(path)
+        if keep is not None:
+            data = data[keep].copy()
+        data, flavor = normalize_and_select(data, cfg, genes, where)
         self.hvg_flavor = flavor if genes is None else getattr(self, "hvg_flavor", None)
         self._record_values(data.uns["value_type"])
         self._record_genes(data.uns["gene_ids"])
         self._input_columns.append(data.var["input_column"].to_numpy(np.int64))  # kept genes' input columns
         return data, data.X, data.var_names.to_numpy()
+
+    def _labelled_rows(self, path: str) -> np.ndarray | None:
+        """Check ``label_key`` in ``path``'s obs: None when every cell has a label; with ``drop_unlabeled`` the rows
+        to keep; else cells without a label (NaN / None / empty) are refused naming the file, key, count, examples."""
+        if self.label_key is None:
+            return None
+        import h5py
+        from anndata.io import read_elem
+
+        with h5py.File(path, "r") as f:
+            obs = read_elem(f["obs"])
+        if self.label_key not in obs.columns:
+            raise UserInputError(
+                f"data.label_key={self.label_key!r} is not an obs column of {path} (columns: {list(obs.columns)})"
+            )
+        missing = unlabeled_mask(obs[self.label_key])
+        n = int(missing.sum())
+        if n == 0:
+            return None
+        examples = ", ".join(map(str, obs.index[missing][:5]))
+        if n == len(obs):
+            raise UserInputError(
+                f"{path}: no cell has a label in obs[{self.label_key!r}] (all {n:,} are NaN / None / empty, e.g. "
+                f"{examples}); point data.label_key at the column holding the cell types"
+            )
+        if not self.drop_unlabeled:
+            raise UserInputError(
+                f"{path}: {n:,} of {len(obs):,} cells have no label in obs[{self.label_key!r}] (NaN / None / empty; "
+                f"e.g. {examples}); they would become a class of their own. Label them, or set "
+                "data.drop_unlabeled=true to leave them out"
+            )
+        msg = (
+            f"{path}: left out {n:,} of {len(obs):,} cells without a label in obs[{self.label_key!r}] (e.g. {examples})"
+        )
+        log.warning(msg)
+        self.warnings.append(msg)
+        return ~missing
 
     def _record_genes(self, report: dict) -> None:
         self.gene_id_reports.append(report)
@@ -293,14 +369,16 @@ class AnnDataModule(VocabSizes, pl.LightningDataModule):
         union_ids = np.unique(np.concatenate([vocab.map_genes(list(g)).ids for _, g, _ in parts]))
         union_ids = union_ids[union_ids >= 0]
         if len(union_ids) == 0:
-            raise ValueError(
-                f"none of the genes of {self.path} is in the vocabulary {self.vocab_path}; use matching "
-                f"gene symbols (data.preprocess.gene_column)"
+            n = ", ".join(f"{len(g):,} in {p}" for p, (_, g, _) in zip(self._paths(), parts, strict=True))
+            raise UserInputError(
+                f"none of the genes of the input ({n}) is in the vocabulary {self.vocab_path} "
+                f"({len(vocab.genes):,} genes, e.g. {', '.join(vocab.genes[:3])}); use matching gene symbols "
+                "(data.preprocess.gene_column)"
             )
         pos_of_id = {int(i): p for p, i in enumerate(union_ids)}
         store_parts, reports, obs_frames = [], [], []
-        for x, genes, obs in parts:
-            ids, report = map_genes(genes, vocab, None if self.backed else x)
+        for path, (x, genes, obs) in zip(self._paths(), parts, strict=True):
+            ids, report = map_genes(genes, vocab, None if self.backed else x, where=path)
             colmap = np.array([pos_of_id.get(int(i), -1) for i in ids], dtype=np.int64)
             store_parts.append((x, colmap))
             input_cols = self._input_columns[len(store_parts) - 1]
@@ -310,8 +388,16 @@ class AnnDataModule(VocabSizes, pl.LightningDataModule):
         self.gene_ids = union_ids.astype(np.int64)  # (G,) vocab id of each model gene column
         self.gene_report = reports[0]
         self.gene_reports = reports
-        for name, r in zip(("reference", "query"), reports, strict=False):
-            log.info("%s: %s", name, r.summary())
+        for name, path, r in zip(("reference", "query"), self._paths(), reports, strict=False):
+            if r.lost_expression_fraction >= LOST_EXPRESSION_WARNING:
+                msg = (
+                    f"{path}: {100 * r.lost_expression_fraction:.0f}% of the expression is in genes the vocabulary "
+                    f"lacks ({r.summary()}); check the gene names (data.preprocess.gene_column, the gene_ids report)"
+                )
+                log.warning(msg)
+                self.warnings.append(msg)
+            else:
+                log.info("%s: %s", name, r.summary())
         self.store = RowStore(store_parts, len(union_ids))
         obs = pd.concat(obs_frames, axis=0)
         obs.index = obs.index.astype(str)
@@ -321,6 +407,28 @@ class AnnDataModule(VocabSizes, pl.LightningDataModule):
         is_query = np.zeros(len(obs), dtype=bool)
         is_query[n_ref:] = True
         self._encode_obs(obs, is_query)
+
+    def _check_classes(self, labels: np.ndarray) -> None:
+        """A classifier needs two classes or more; classes too small for the validation split are warned about."""
+        classes, counts = np.unique(labels, return_counts=True)
+        if len(classes) < 2:
+            raise UserInputError(
+                f"{self.path}: the cells trained on have a single class in obs[{self.label_key!r}] "
+                f"({classes[0] if len(classes) else 'none'!r}, {int(counts.sum()):,} cells): annotation needs two "
+                "classes or more (a classifier of one class reports accuracy 1.0 and learns nothing)"
+            )
+        # stratified_split: round(n * val_fraction) cells of a class go to validation, at least one stays in training
+        n_val = np.minimum(np.round(counts * self.val_fraction), counts - 1)
+        small = [(c, int(k)) for c, k, v in zip(classes, counts, n_val, strict=True) if v < 1 and self.val_fraction > 0]
+        if small:
+            shown = ", ".join(f"{c!r} ({k})" for c, k in small[:8]) + (", ..." if len(small) > 8 else "")
+            msg = (
+                f"{self.path}: {len(small)} of {len(classes)} classes in obs[{self.label_key!r}] have too few cells "
+                f"for the validation split (data.val_fraction={self.val_fraction:g} gives them no validation cell): "
+                f"{shown}; they are trained on but never validated"
+            )
+            log.warning(msg)
+            self.warnings.append(msg)
 
     def _query_mask(self, obs: pd.DataFrame, is_query: np.ndarray) -> np.ndarray:
         if self.query_path is not None:
@@ -362,6 +470,8 @@ class AnnDataModule(VocabSizes, pl.LightningDataModule):
             self.query_only_labels = sorted(set(raw[self.labels < 0]))
             if self.query_only_labels:
                 log.warning("labels only in the query (not learnable; counted as errors): %s", self.query_only_labels)
+        if self.label_key is not None and "n_cls" in self.model_outputs:
+            self._check_classes(raw[~query] if self.train_on == "reference" else raw)
         if self.batch_key is not None:
             self.batch_labels, self.batch_names = encode_categories(obs[self.batch_key].astype(str).to_numpy())
         pool_idx = np.flatnonzero(~query) if self.train_on == "reference" else np.arange(n)
@@ -372,14 +482,18 @@ class AnnDataModule(VocabSizes, pl.LightningDataModule):
         split[pool_idx[va]] = "val"
         self.split = split
         self.is_query = query
-        self.warnings: list[str] = []
         n_val = int((split == "val").sum())
-        if self.labels is not None and 0 < n_val < SMALL_VALIDATION:
+        if 0 < n_val < SMALL_VALIDATION and (self.labels is not None or self.train_on == "all"):
             msg = (
                 f"the validation split of {self.path} has only {n_val} cells (< {SMALL_VALIDATION}): the checkpoint "
-                "picked by a validation metric is a noisy choice; the annotation recipes select by val/macro_f1 "
-                "(a majority-class checkpoint scores lowest there), and data.val_fraction raises the split's size "
-                "(task.use_best=false evaluates the last epoch instead)"
+                "picked by a validation metric is a noisy choice; "
+                + (
+                    "the annotation recipes select by val/macro_f1 (a majority-class checkpoint scores lowest "
+                    "there), and "
+                    if "n_cls" in self.model_outputs
+                    else ""
+                )
+                + "data.val_fraction raises the split's size (task.use_best=false evaluates the last epoch instead)"
             )
             log.warning(msg)
             self.warnings.append(msg)
@@ -420,8 +534,10 @@ class AnnDataModule(VocabSizes, pl.LightningDataModule):
         self.setup()
         parts, offset = [], 0
         tokens = np.asarray(self._vocab.id_to_token, dtype=object)[self.gene_ids]  # (G,) token of each model column
-        for path, (input_cols, model_cols) in zip(self._paths(), self._column_maps, strict=True):
+        for path, keep, (input_cols, model_cols) in zip(self._paths(), self._kept_rows, self._column_maps, strict=True):
             data = ad.read_h5ad(path)
+            if keep is not None:
+                data = data[keep].copy()
             rows = np.arange(offset, offset + data.n_obs)
             offset += data.n_obs
             if self.preprocess_cfg.use_raw:  # model genes were read from .raw: place them in X's columns by name

@@ -9,6 +9,7 @@ Two real datasets, joined by the union of their gene sets (as the paper joins st
 
 from __future__ import annotations
 
+import functools
 import os
 from pathlib import Path
 
@@ -18,10 +19,33 @@ import pandas as pd
 import scipy.sparse as sp
 
 from data_modules.atomic import atomic_dir, atomic_path
+from data_modules.errors import UserInputError
 from data_modules.preprocess import stratified_split
 from data_modules.store.convert import Source, convert_sources
 
 DEMO_SPLIT = {"strategy": "cell", "seed": 0, "val_fraction": 0.1}
+
+
+class DemoPathError(FileNotFoundError, UserInputError):
+    """A data path that does not exist was about to be filled with demo data (a mistyped path to one's own file)."""
+
+
+def demo_builder(build):
+    """Decorator: a demo builder writes only to its own location. The data modules call ``builder(data.path)``
+    when that file does not exist; with ``home`` (the experiment's default ``data.path``, given in the builder's
+    config) any other path is refused by name instead of being filled with demo cells. Without ``home`` (tests,
+    scripts calling the builder directly) it writes where it is told."""
+
+    @functools.wraps(build)
+    def wrapper(path, *args, home: str | os.PathLike | None = None, **kw):
+        if home is not None and Path(path).expanduser().resolve() != Path(home).expanduser().resolve():
+            raise DemoPathError(
+                f"data.path={path} does not exist. Only the demo's own file ({home}) is built from demo data: check "
+                "the path of your file, or leave data.path unset to run the demo"
+            )
+        return build(path, *args, **kw)
+
+    return wrapper
 
 
 def pbmc68k_adata() -> ad.AnnData:
@@ -88,6 +112,7 @@ def pbmc68k_log_normalized() -> ad.AnnData:
     return ad.AnnData(X=x, obs=obs, var=pd.DataFrame(index=src.raw.var_names.astype(str)))
 
 
+@demo_builder
 def build_annotation_demo(path: str | os.PathLike) -> Path:
     """pbmc68k_reduced as is (already log-normalized, like the paper's annotation files)."""
     return _atomic_write_h5ad(pbmc68k_log_normalized(), path)
@@ -131,6 +156,7 @@ def make_two_batch(
     return ad.AnnData(X=out, obs=obs, var=adata.var.copy())
 
 
+@demo_builder
 def build_integration_demo(path: str | os.PathLike) -> Path:
     """pbmc68k_reduced split into two batches with the documented batch effect (:func:`make_two_batch`)."""
     return _atomic_write_h5ad(make_two_batch(pbmc68k_log_normalized(), **BATCH_EFFECT), path)

@@ -23,6 +23,7 @@ import pandas as pd
 import scipy.sparse as sp
 
 from data_modules.config import dataclass_from_any
+from data_modules.errors import UserInputError
 from data_modules.value_types import (
     ValueTypeReport,
     apply_steps,
@@ -51,6 +52,7 @@ class PreprocessConfig:
     gene_key: str | None = None  # "symbol" | "ensembl": the key names are brought to; None = as read (set by the
     # data module from the vocabulary, or from the reference when training from scratch)
     gene_table: str | None = None  # CSV/TSV Ensembl id -> symbol; None = the shipped GENCODE v44 table
+    prefer_gene_column: bool = False  # ids + a symbol column that disagree: the column decides (default: the ids)
 
     @classmethod
     def from_any(cls, cfg) -> PreprocessConfig:
@@ -134,6 +136,7 @@ def read_input(adata: ad.AnnData, cfg: PreprocessConfig, where: str = "the AnnDa
         table=gene_table(cfg.gene_table) if cfg.gene_table else None,
         table_label=table_name(cfg.gene_table) if cfg.gene_table else None,
         where=where,
+        prefer_column=cfg.prefer_gene_column,
     )
     out.var_names = names
     out.uns["gene_ids"] = id_report.as_dict()
@@ -195,7 +198,9 @@ def select_hvg(adata: ad.AnnData, n_top: int, flavor: str, counts) -> tuple[np.n
     return np.asarray(table["highly_variable"], dtype=bool), flavor
 
 
-def map_genes(var_names, vocab: GeneVocab, x: sp.csr_matrix | None = None) -> tuple[np.ndarray, GeneReport]:
+def map_genes(
+    var_names, vocab: GeneVocab, x: sp.csr_matrix | None = None, where: str = "the input"
+) -> tuple[np.ndarray, GeneReport]:
     """(n_genes,) vocab id per gene (-1 = unknown) and the report of what was lost."""
     mapping = vocab.map_genes(list(var_names))
     lost_frac = 0.0
@@ -214,10 +219,13 @@ def map_genes(var_names, vocab: GeneVocab, x: sp.csr_matrix | None = None) -> tu
         truncated_examples=truncated[:10],
     )
     if mapping.n_known == 0:
-        raise ValueError(
-            f"none of the {len(mapping.ids)} genes is in the vocabulary (e.g. "
-            f"{', '.join(map(str, list(var_names)[:5]))}); use the checkpoint's vocab.json and a var "
-            f"column with matching gene symbols (data.preprocess.gene_column)"
+        if len(mapping.ids) == 0:
+            raise UserInputError(f"{where} has no genes (0 columns); point the data at a file with expression values")
+        raise UserInputError(
+            f"{where}: none of its {len(mapping.ids):,} genes is in the vocabulary of {len(vocab.genes):,} genes "
+            f"(the file's: {', '.join(map(str, list(var_names)[:5]))}; the vocabulary's: "
+            f"{', '.join(vocab.genes[:5])}); use the checkpoint's vocab.json and a var column with matching gene "
+            "symbols (data.preprocess.gene_column)"
         )
     return mapping.ids, report
 
@@ -236,7 +244,15 @@ def normalize_and_select(
     apply_steps(data.X, report.steps)
     flavor = None
     if genes is not None:
-        data = data[:, data.var_names.isin(genes)].copy()
+        shared = data.var_names.isin(genes)
+        if not shared.any():
+            raise UserInputError(
+                f"{where}: none of its {data.n_vars:,} genes (e.g. {', '.join(data.var_names[:5])}) is among the "
+                f"{len(genes):,} genes the model reads from the reference (e.g. {', '.join(map(str, genes[:5]))}); "
+                "the two files name their genes differently: give the query a var column with the reference's kind "
+                "of names (data.preprocess.query_gene_column)"
+            )
+        data = data[:, shared].copy()
     elif cfg.n_hvg is not None:
         mask, flavor = select_hvg(data, cfg.n_hvg, cfg.hvg_flavor, counts)
         data = data[:, mask].copy()

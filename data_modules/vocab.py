@@ -8,6 +8,7 @@ released 60,697-token whole-human vocabulary).
 from __future__ import annotations
 
 import json
+import logging
 import os
 import re
 from collections.abc import Iterable, Mapping, Sequence
@@ -18,6 +19,8 @@ import numpy as np
 
 from data_modules.atomic import write_text_atomic
 from data_modules.errors import UserInputError
+
+log = logging.getLogger(__name__)
 
 PAD_TOKEN = "<pad>"
 CLS_TOKEN = "<cls>"
@@ -297,6 +300,9 @@ class GeneIdReport:
     n_duplicates: int = 0  # columns whose final name an earlier column already has (the first one is kept)
     duplicate_examples: list[str] = field(default_factory=list)  # "CD3E <- ENSG00000198851, ENSG00000288698"
     n_version_stripped: int = 0  # Ensembl ids matched without their ".N" version
+    n_disagreements: int = 0  # genes whose symbol column and Ensembl id (through the id table) name different genes
+    disagreement_examples: list[str] = field(default_factory=list)  # "ENSG00000000971: column 'FH', id table 'CFH'"
+    authority: str = ""  # which of the two named the gene where they disagree: "ids" | "column" ("" = no check)
 
     def as_dict(self) -> dict:
         return asdict(self)
@@ -310,9 +316,23 @@ class GeneIdReport:
                 text += f", {self.n_untranslated} unknown to it (e.g. {', '.join(self.untranslated_examples[:3])})"
         if self.n_version_stripped:
             text += f", {self.n_version_stripped} Ensembl versions dropped"
+        if self.n_disagreements:
+            text += f"; {self.disagreement_warning()}"
         if self.n_duplicates:
             text += f"; {self.n_duplicates} duplicate names (first kept; e.g. {'; '.join(self.duplicate_examples[:3])})"
         return text
+
+    def disagreement_warning(self) -> str:
+        shown = "; ".join(self.disagreement_examples[:5])
+        used = (
+            "the Ensembl ids were used (data.preprocess.prefer_gene_column=true / --prefer-gene-column uses the column)"
+            if self.authority == "ids"
+            else "the column was used, as asked (prefer_gene_column)"
+        )
+        return (
+            f"{self.n_disagreements:,} of {self.n_genes:,} genes have a symbol column that disagrees with their "
+            f"Ensembl id in the {self.method.split(' checked against ')[-1]} (e.g. {shown}); {used}"
+        )
 
 
 def _column_names(var, column: str) -> list[str] | None:
@@ -339,13 +359,17 @@ def resolve_gene_names(
     table_label: str | None = None,
     vocab: GeneVocab | None = None,
     where: str = "the input",
+    prefer_column: bool = False,
 ) -> tuple[list[str], GeneIdReport]:
     """One name per column of ``var`` (a var DataFrame), in the key of ``vocab`` (or ``target_key``).
 
     Names are read from ``gene_column`` or var_names. When they are Ensembl ids and the key is symbols (or the
     reverse), a var column of the wanted kind (``SYMBOL_COLUMNS`` / ``ENSEMBL_COLUMNS``) is used when
     ``gene_column`` was not given, else ``table`` (``{Ensembl id: symbol}``; default the shipped GENCODE table)
-    translates name by name; names it lacks stay as they are (and are unknown to the vocabulary). Ensembl ids
+    translates name by name; names it lacks stay as they are (and are unknown to the vocabulary). When both an id
+    and a symbol of each gene are there (var_names + a var column), the column is checked against the id table
+    (``table``, default the shipped GENCODE table): disagreements are a warning with count and examples, and the
+    ids decide (through the table) unless ``prefer_column``; ids the table lacks keep the column's name. Ensembl ids
     lose a ``.N`` version the vocabulary does not have. Of names that end up equal, the first column keeps the
     name and later ones get their input name back when that differs (translated duplicates), else they stay
     duplicates (the caller makes them unique); both are reported with examples.
@@ -372,6 +396,11 @@ def resolve_gene_names(
             rep.method = f"var column {column!r}"
             rep.n_translated = sum(bool(v) for v in values)
             missing = [o for v, o in zip(values, original, strict=True) if not v]
+            lookup = table if table is not None else gene_table()
+            if lookup is not None:  # ids and symbols both given: check one against the other through the id table
+                names, missing = _check_column_against_ids(
+                    rep, original, values, names, missing, lookup, table_label or table_name(None), prefer_column, where
+                )
         else:
             lookup = table if table is not None else gene_table()
             if lookup is None:
@@ -417,6 +446,41 @@ def resolve_gene_names(
     rep.duplicate_examples = [f"{g} <- {', '.join(srcs[:3])}" for g, srcs in list(dup_groups.items())[:10]]
     names = [g or o or f"unnamed_{k}" for k, (g, o) in enumerate(zip(names, original, strict=True))]
     return names, rep
+
+
+def _check_column_against_ids(
+    rep: GeneIdReport,
+    original: list[str],
+    values: list[str],
+    names: list[str],
+    missing: list[str],
+    lookup: Mapping[str, str],
+    label: str,
+    prefer_column: bool,
+    where: str,
+) -> tuple[list[str], list[str]]:
+    """Compare each gene's column value with what the id table says for its Ensembl id (``rep.input_key`` says which
+    side holds the ids). Returns (names, names left untranslated); fills the report's disagreement fields."""
+    ids_in_names = rep.input_key == "ensembl"  # var_names hold the ids, the column the symbols (else the reverse)
+    disagree = []
+    id_named = []  # per gene: the symbol the id table gives its id ("" when the table lacks it)
+    for orig, value in zip(original, values, strict=True):
+        gene_id, symbol = (orig, value) if ids_in_names else (value, orig)
+        known = (lookup.get(gene_id) or lookup.get(gene_id.split(".")[0], "")) if gene_id else ""
+        id_named.append(known)
+        if known and symbol != known:
+            disagree.append(f"{gene_id}: column {symbol!r}, id table {known!r}")
+    rep.method = f"{rep.method} checked against {label}"
+    if not disagree:
+        return names, missing
+    rep.n_disagreements, rep.disagreement_examples = len(disagree), disagree[:10]
+    rep.authority = "column" if prefer_column and ids_in_names else "ids"
+    log.warning("%s: %s", where, rep.disagreement_warning())
+    if not ids_in_names or prefer_column:  # the column holds the ids (used as they are), or the user prefers it
+        return names, missing
+    names = [known or v or o for known, v, o in zip(id_named, values, original, strict=True)]
+    rep.n_translated = sum(bool(known or v) for known, v in zip(id_named, values, strict=True))
+    return names, [o for known, v, o in zip(id_named, values, original, strict=True) if not (known or v)]
 
 
 def truncated_names(unknown: Sequence[str], all_names: Sequence[str], vocab: GeneVocab) -> list[str]:

@@ -16,6 +16,7 @@ donor-wise hold-out) need no files of the user's. See ``docs/python_api.md``.
 
 from __future__ import annotations
 
+import contextlib
 import json
 import os
 import tempfile
@@ -25,16 +26,63 @@ from typing import Any
 
 import anndata as ad
 
+from scgpt_train.errors import UserInputError
+
 ROOT = Path(__file__).resolve().parents[1]
 TASKS = ("annotation", "integration")
+INPUT_ERRORS = (ValueError, KeyError, FileNotFoundError)  # what a refusal of an input raises below the API
+NOT_OVERRIDABLE = {  # overrides the API cannot honour: it composes the config itself and reads the run's outputs
+    "hydra": "the API runs without Hydra's launcher, so hydra.* settings (hydra.run.dir, ...) have no effect",
+    "paths.output_dir": "the API reads the run's outputs from the directory it chose",
+}
 
 
-def _write(adata: ad.AnnData, path: Path) -> Path:
+def _write(adata: ad.AnnData, path: Path, name: str) -> Path:
     from scgpt_train.evaluation.report import write_h5ad
 
     if not isinstance(adata, ad.AnnData):
-        raise TypeError(f"expected an AnnData, got {type(adata).__name__}")
+        raise UserInputError(f"{name}: expected an AnnData, got {type(adata).__name__}")
     return write_h5ad(adata, path)
+
+
+def _message(error: BaseException, files: Mapping[str, str]) -> str:
+    """The error's message with the API's temporary input files named as the arguments they hold."""
+    text = error.args[0] if isinstance(error, KeyError) and error.args else str(error)
+    text = str(text)
+    for path, argument in sorted(files.items(), key=lambda kv: -len(kv[0])):  # full paths before bare names
+        text = text.replace(path, f"the AnnData `{argument}`")
+    return text
+
+
+@contextlib.contextmanager
+def _user_errors(files: Mapping[str | os.PathLike, str]):
+    """Refusals of the inputs surface as :class:`UserInputError` (the project's own input errors keep their class,
+    which derives from it), naming the AnnData arguments instead of the temporary files they were written to."""
+    from hydra.errors import InstantiationException
+
+    names: dict[str, str] = {}
+    for path, argument in files.items():
+        names[str(path)] = argument
+        names[Path(path).name] = argument
+    try:
+        yield
+    except InstantiationException as e:  # a data module refusing its input while Hydra builds it
+        cause = e.__cause__
+        if isinstance(cause, INPUT_ERRORS):
+            raise _rebuilt(cause, names) from e
+        raise
+    except INPUT_ERRORS as e:
+        raise _rebuilt(e, names) from e
+
+
+def _rebuilt(error: BaseException, names: Mapping[str, str]) -> UserInputError:
+    msg = _message(error, names)
+    if isinstance(error, UserInputError):
+        try:
+            return type(error)(msg)
+        except TypeError:  # a subclass with another constructor
+            pass
+    return UserInputError(msg)
 
 
 # ---------------------------------------------------------------------------------------------------------------
@@ -59,11 +107,12 @@ def embed(
     """Cell embeddings of ``adata`` with ``checkpoint`` (official directory, imported .pt or a .ckpt of this
     project), as ``scripts/embed.py``: returns the input AnnData (same obs_names, X untouched) with
     ``obsm[key]`` (L2-normalized unless ``normalize=False``), ``obs["scgpt_pred"]`` when the checkpoint has a
-    classifier, and the gene mapping reports in ``uns``. Raises ``EmbedInputError`` for inputs it cannot embed."""
+    classifier, and the gene mapping reports in ``uns``. Raises :class:`scgpt_train.errors.UserInputError` (e.g.
+    ``EmbedInputError``) for inputs it cannot embed."""
     from scgpt_train.inference import embed_h5ad
 
-    with tempfile.TemporaryDirectory(prefix="scgpt_embed_") as tmp:
-        src = _write(adata, Path(tmp) / "input.h5ad")
+    with tempfile.TemporaryDirectory(prefix="scgpt_embed_") as tmp, _user_errors({Path(tmp) / "input.h5ad": "adata"}):
+        src = _write(adata, Path(tmp) / "input.h5ad", "adata")
         out = embed_h5ad(
             checkpoint,
             src,
@@ -113,25 +162,32 @@ def reference_map(
     from scgpt_train.tasks.reference_map import BASELINES, run_reference_map
 
     with tempfile.TemporaryDirectory(prefix="scgpt_refmap_") as tmp:
-        ref = _write(reference, Path(tmp) / "reference.h5ad") if isinstance(reference, ad.AnnData) else reference
-        summary = run_reference_map(
-            checkpoint,
-            str(ref),
-            str(_write(query, Path(tmp) / "query.h5ad")),
-            label_key,
-            Path(tmp) / "mapped.h5ad",
-            k=k,
-            batch_size=batch_size,
-            gene_column=gene_column,
-            use_raw=use_raw,
-            gene_table=None if gene_table is None else str(gene_table),
-            seed=seed,
-            device=device,
-            baselines=BASELINES if baselines is None else tuple(baselines),
-            progress=progress,
-            **options,
-        )
-        return ad.read_h5ad(Path(tmp) / "mapped.h5ad"), summary
+        tmp = Path(tmp)
+        files = {tmp / "query.h5ad": "query"} | ({tmp / "reference.h5ad": "reference"} if _is_adata(reference) else {})
+        with _user_errors(files):
+            ref = _write(reference, tmp / "reference.h5ad", "reference") if _is_adata(reference) else reference
+            summary = run_reference_map(
+                checkpoint,
+                str(ref),
+                str(_write(query, tmp / "query.h5ad", "query")),
+                label_key,
+                tmp / "mapped.h5ad",
+                k=k,
+                batch_size=batch_size,
+                gene_column=gene_column,
+                use_raw=use_raw,
+                gene_table=None if gene_table is None else str(gene_table),
+                seed=seed,
+                device=device,
+                baselines=BASELINES if baselines is None else tuple(baselines),
+                progress=progress,
+                **options,
+            )
+            return ad.read_h5ad(tmp / "mapped.h5ad"), summary
+
+
+def _is_adata(x) -> bool:
+    return isinstance(x, ad.AnnData)
 
 
 # ---------------------------------------------------------------------------------------------------------------
@@ -181,26 +237,84 @@ def finetune(
     every gene in var order, X untouched, ``obs["split"]``, predictions, ``obsm["X_scgpt"]``,
     ``layers["preprocessed"]`` (what the model and baselines read); ``uns["scgpt_checkpoint"]`` names the
     checkpoint whose weights were evaluated (embed it with :func:`embed`).
+
+    Raises :class:`scgpt_train.errors.UserInputError` (or one of the project's input errors, which derive from it)
+    for inputs it cannot use, naming the argument (``adata``, ``query``, an override); ``hydra.*`` and
+    ``paths.output_dir`` overrides are refused (``output_dir=`` chooses the run directory).
     """
+    if task not in TASKS:
+        raise UserInputError(f"task must be one of {TASKS}, got {task!r}")
+    if task == "integration" and batch_key is None:
+        raise UserInputError("task='integration' needs batch_key (the obs column holding the batches)")
+    for override in overrides:
+        key = str(override).lstrip("+~").split("=", 1)[0]
+        for prefix, why in NOT_OVERRIDABLE.items():
+            if key == prefix or key.startswith(prefix + "."):
+                raise UserInputError(
+                    f"finetune(overrides=[{override!r}]): {why}; choose the run directory with output_dir=..."
+                )
+    for name, frame in (("adata", adata), ("query", query)):
+        if frame is not None:
+            if not isinstance(frame, ad.AnnData):
+                raise UserInputError(f"{name}: expected an AnnData, got {type(frame).__name__}")
+            for key in (label_key, batch_key, query_key if name == "adata" else None):
+                if key is not None and key not in frame.obs.columns:
+                    raise UserInputError(f"{name}.obs has no column {key!r} (columns: {list(frame.obs.columns)[:15]})")
+    out = Path(output_dir) if output_dir is not None else Path(tempfile.mkdtemp(prefix=f"scgpt_{task}_"))
+    out.mkdir(parents=True, exist_ok=True)
+    inputs = out / "inputs"
+    files = {inputs / "reference.h5ad": "adata", inputs / "query.h5ad": "query"}
+    with _user_errors(files):
+        return _finetune(
+            adata,
+            task,
+            label_key,
+            checkpoint,
+            query,
+            out,
+            batch_key=batch_key,
+            query_key=query_key,
+            query_values=query_values,
+            query_fraction=query_fraction,
+            layer=layer,
+            gene_column=gene_column,
+            baselines=baselines,
+            max_epochs=max_epochs,
+            trainer=trainer,
+            seed=seed,
+            overrides=overrides,
+        )
+
+
+def _finetune(
+    adata,
+    task,
+    label_key,
+    checkpoint,
+    query,
+    out: Path,
+    *,
+    batch_key,
+    query_key,
+    query_values,
+    query_fraction,
+    layer,
+    gene_column,
+    baselines,
+    max_epochs,
+    trainer,
+    seed,
+    overrides,
+):
+    """:func:`finetune` after its arguments were checked."""
     from omegaconf import OmegaConf, open_dict
 
     from scgpt_train.checkpoints import load_checkpoint
     from scgpt_train.pipeline import run
 
-    if task not in TASKS:
-        raise ValueError(f"task must be one of {TASKS}, got {task!r}")
-    if task == "integration" and batch_key is None:
-        raise ValueError("task='integration' needs batch_key (the obs column holding the batches)")
-    for name, frame in (("adata", adata), ("query", query)):
-        if frame is not None:
-            for key in (label_key, batch_key, query_key if name == "adata" else None):
-                if key is not None and key not in frame.obs.columns:
-                    raise KeyError(f"{name}.obs has no column {key!r} (columns: {list(frame.obs.columns)[:15]})")
-    out = Path(output_dir) if output_dir is not None else Path(tempfile.mkdtemp(prefix=f"scgpt_{task}_"))
-    out.mkdir(parents=True, exist_ok=True)
     inputs = out / "inputs"
-    ref_path = _write(adata, inputs / "reference.h5ad")
-    query_path = _write(query, inputs / "query.h5ad") if query is not None else None
+    ref_path = _write(adata, inputs / "reference.h5ad", "adata")
+    query_path = _write(query, inputs / "query.h5ad", "query") if query is not None else None
 
     groups = [f"experiment=finetune_{task}", f"trainer={trainer}"]
     if checkpoint is None:  # from scratch: the small demo model, the data's own genes
@@ -265,6 +379,7 @@ def build_corpus(
     duplicate_genes: str = "error",
     overwrite: bool = False,
     quiet: bool = True,
+    prefer_gene_column: bool = False,
 ):
     """A sharded corpus at ``out`` from AnnData objects and / or h5ad paths, as ``scripts/build_corpus.py h5ad``:
     gene identifiers resolved per input (Ensembl ids vs symbols, one key for all; inputs that would never match
@@ -272,12 +387,9 @@ def build_corpus(
     ``{dataset name: AnnData or path}`` mapping. ``vocab``: a vocab.json or checkpoint whose vocabulary to use
     (default: the union of the inputs' genes). ``val_fraction=None`` makes no validation split. Returns the
     :class:`data_modules.store.reader.Corpus`; ``corpus.gene_id_reports`` says how each input's genes were mapped.
+    ``prefer_gene_column``: an input with Ensembl ids and a symbol column that disagree uses the column (default:
+    the ids, through the id table; the disagreements are a warning either way).
     """
-    from data_modules.store.cli import resolve_input_genes
-    from data_modules.store.convert import DEFAULT_OBS_COLUMNS, Source, check_out_dir, convert_sources, print_log
-    from data_modules.store.reader import Corpus
-    from data_modules.vocab import GeneVocab, load_gene_table, table_name
-
     named = (
         list(inputs.items())
         if isinstance(inputs, Mapping)
@@ -287,10 +399,60 @@ def build_corpus(
         ]
     )
     if not named:
-        raise ValueError("build_corpus needs at least one input (AnnData or h5ad path)")
+        raise UserInputError("build_corpus needs at least one input (AnnData or h5ad path)")
     names = [n for n, _ in named]
     if len(set(names)) != len(names):
-        raise ValueError(f"input names must be unique (pass a {{name: input}} mapping), got {names}")
+        raise UserInputError(f"input names must be unique (pass a {{name: input}} mapping), got {names}")
+    with _user_errors({}):
+        return _build_corpus(
+            named,
+            out,
+            vocab=vocab,
+            gene_column=gene_column,
+            gene_table=gene_table,
+            layer=layer,
+            use_raw=use_raw,
+            obs_columns=obs_columns,
+            allow_normalized=allow_normalized,
+            val_fraction=val_fraction,
+            split_seed=split_seed,
+            min_genes=min_genes,
+            shard_size=shard_size,
+            chunk_size=chunk_size,
+            duplicate_genes=duplicate_genes,
+            overwrite=overwrite,
+            quiet=quiet,
+            prefer_gene_column=prefer_gene_column,
+        )
+
+
+def _build_corpus(
+    named,
+    out,
+    *,
+    vocab,
+    gene_column,
+    gene_table,
+    layer,
+    use_raw,
+    obs_columns,
+    allow_normalized,
+    val_fraction,
+    split_seed,
+    min_genes,
+    shard_size,
+    chunk_size,
+    duplicate_genes,
+    overwrite,
+    quiet,
+    prefer_gene_column,
+):
+    """:func:`build_corpus` after its inputs were named."""
+    from data_modules.store.cli import resolve_input_genes
+    from data_modules.store.convert import DEFAULT_OBS_COLUMNS, Source, check_out_dir, convert_sources, print_log
+    from data_modules.store.reader import Corpus
+    from data_modules.vocab import GeneVocab, load_gene_table, table_name
+
     log = (lambda msg: None) if quiet else print_log
     check_out_dir(out)
     kw = dict(gene_column=gene_column, use_raw=use_raw, layer=layer)
@@ -298,7 +460,7 @@ def build_corpus(
     loaded = GeneVocab.from_checkpoint(vocab) if vocab is not None else None
     table = load_gene_table(gene_table) if gene_table is not None else None
     label = table_name(gene_table) if gene_table is not None else None
-    loaded, table, reports = resolve_input_genes(sources, loaded, table, label, log)
+    loaded, table, reports = resolve_input_genes(sources, loaded, table, label, log, prefer_column=prefer_gene_column)
     explicit = obs_columns is not None
     convert_sources(
         sources,

@@ -17,6 +17,7 @@ from torch import nn
 
 from data_modules.batch import Batch
 from data_modules.vocab import GeneVocab, guess_gene_key
+from scgpt_train.errors import UserInputError
 
 log = logging.getLogger(__name__)
 
@@ -121,7 +122,7 @@ def load_best_weights(module, trainer) -> str | None:
 # checking embed's input (errors name the file, the cell / gene and the scripts/embed.py option that fixes it)
 
 
-class EmbedInputError(ValueError):
+class EmbedInputError(UserInputError):
     """An input ``scripts/embed.py`` cannot embed; the message names the file, the cell / gene and the fix."""
 
 

@@ -62,7 +62,10 @@ def test_fine_tuning_maps_ensembl_files_onto_a_symbol_vocabulary(files, tmp_path
         out[name] = dm
     ids = {k: dm.gene_id_reports[0] for k, dm in out.items()}
     assert ids["symbols700"]["method"] == "as stored" and ids["symbols700"]["input_key"] == "symbol"
-    assert ids["ensembl_with_symbols"]["method"] == "var column 'gene_symbols'"
+    assert ids["ensembl_with_symbols"]["method"] == (
+        "var column 'gene_symbols' checked against GENCODE v44 id table (shipped with celltypist)"
+    )
+    assert ids["ensembl_with_symbols"]["n_disagreements"] == 0
     assert ids["ensembl"]["method"] == "GENCODE v44 id table (shipped with celltypist)"
     for name in ("ensembl_with_symbols", "ensembl"):
         assert ids[name]["input_key"] == "ensembl" and ids[name]["target_key"] == "symbol"

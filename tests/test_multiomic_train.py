@@ -78,14 +78,17 @@ def test_both_modality_placements_train(style):
 def test_demo_recipe_end_to_end_paired_and_mosaic(citeseq_file, tmp_path):
     """train.py experiment=finetune_multiomic_demo (shortened: 1 epoch, 3 steps) on the real cells, paired and
     mosaic: metrics for scGPT and pca_concat, embeddings in obsm['X_scgpt'], mosaic cells recorded in obs."""
+    from data_modules.multiomic.demo import build_citeseq_demo
     from scgpt_train.pipeline import run
 
     cache = citeseq_file.parents[1]
+    paired = build_citeseq_demo(tmp_path / "paired.h5ad", citeseq_file)
     for variant in ("paired", "mosaic"):
         out = tmp_path / variant
+        mosaic = ["data.withhold={modality:Protein,key:batch,values:[B]}"] if variant == "mosaic" else []
         over = [
             "experiment=finetune_multiomic_demo", f"paths.cache_dir={cache}", f"paths.output_dir={out}",
-            f"data.path={tmp_path}/{variant}.h5ad", f"data.builder.mosaic={variant == 'mosaic'}",
+            f"data.path={paired}", *mosaic,
             "data.modalities.RNA.n_top=200", "layout.max_seq_len=215", "trainer.max_epochs=1",
             "+trainer.limit_train_batches=3", "task.baselines=[pca_concat]", "task.umap=false", "logger=csv",
             "callbacks.progress_bar=null", "task.progress=false", "validate_before_fit=false",

@@ -64,6 +64,8 @@ class MultiomicDataModule(VocabSizes, pl.LightningDataModule):
     label_key / batch_key: obs columns (in a .h5mu also ``<mod>:<column>``).
     vocab: a checkpoint (official dir, .pt, .ckpt) or vocab.json whose tokens keep their ids; None = from scratch.
     unknown_genes: append | drop RNA genes the checkpoint lacks. token_rule: paper | nonzero | all.
+    withhold: {modality, key, values}: the mosaic variant of whatever file is read: cells whose obs[key] is in
+      ``values`` lose ``modality`` (as if never measured); refused when the data has no such modality / cells.
     layout: the shared TokenLayout; cls_value: input value at <cls> (official fine-tuning: 0); mask_ratio: MLM.
     """
 
@@ -88,9 +90,12 @@ class MultiomicDataModule(VocabSizes, pl.LightningDataModule):
         seed: int = 0,
         model_outputs: list[str] | tuple[str, ...] = ("num_batch_labels", "n_modalities"),
         report_path: str | None = None,
+        withhold: dict | None = None,
     ):
         super().__init__()
         self.path, self.builder = str(path), builder
+        self.withhold = dict(withhold) if withhold else None
+        self.withheld: dict | None = None  # what withhold did (data_report.json)
         recipes = {str(k): ModalityRecipe.from_any(v) for k, v in dict(modalities).items() if v is not None}
         if use_modalities is not None:
             unknown = [m for m in use_modalities if m not in recipes]
@@ -117,7 +122,6 @@ class MultiomicDataModule(VocabSizes, pl.LightningDataModule):
                 f"{self.path} does not exist: download it (python scripts/download_benchmarks.py NAME) or point "
                 "data.path at your .h5mu / .h5ad"
             )
-        Path(self.path).parent.mkdir(parents=True, exist_ok=True)
         self.builder(self.path)
 
     def setup(self, stage: str | None = None) -> None:
@@ -126,6 +130,8 @@ class MultiomicDataModule(VocabSizes, pl.LightningDataModule):
         self.prepare_data()
         inp = read_multiomic(self.path, self.recipes)
         where = Path(self.path).name
+        if self.withhold:
+            self._withhold(inp, where)
         self.mods: dict[str, ProcessedModality] = {
             name: process_modality(inp.modalities[name], rec, self.layout.n_bins, self.seed)
             for name, rec in self.recipes.items()
@@ -161,6 +167,41 @@ class MultiomicDataModule(VocabSizes, pl.LightningDataModule):
         self._encode_obs(obs, where)
         if self.report_path:
             write_text_atomic(self.report_path, json.dumps(self.report(), indent=2, default=str))
+
+    def _withhold(self, inp, where: str) -> None:
+        """The mosaic transformation on the data read: ``withhold.modality`` removed from the cells whose
+        ``obs[withhold.key]`` is in ``withhold.values`` (their rows emptied, ``present`` False)."""
+        spec = self.withhold
+        missing = [k for k in ("modality", "key", "values") if spec.get(k) in (None, "", [])]
+        if missing:
+            raise MultiomicInputError(
+                f"data.withhold needs modality, key and values (e.g. {{modality: Protein, key: batch, values: [B]}}); "
+                f"missing {missing}"
+            )
+        name, key, values = str(spec["modality"]), str(spec["key"]), [str(v) for v in spec["values"]]
+        if name not in inp.modalities:
+            raise MultiomicInputError(
+                f"{where}: data.withhold.modality={name!r} is not a modality of this run ({list(inp.modalities)}): "
+                "the mosaic variant cannot be made from this data"
+            )
+        column = self._column(inp.obs, key, "withhold.key", where)
+        hit = np.isin(column, values)
+        mod = inp.modalities[name]
+        lose = hit & mod.present
+        if not lose.any():
+            raise MultiomicInputError(
+                f"{where}: no cell with {name} has obs[{key!r}] in {values} (values there: "
+                f"{sorted(set(column))[:10]}); the mosaic variant would equal the paired one"
+            )
+        if (mod.present & ~hit).sum() == 0:
+            raise MultiomicInputError(
+                f"{where}: withholding {name} from obs[{key!r}] in {values} leaves no cell with {name}"
+            )
+        mod.present = mod.present & ~hit
+        mod.x = sp.csr_matrix(sp.diags(mod.present.astype(np.float32)) @ mod.x, dtype=np.float32)
+        mod.x.eliminate_zeros()
+        self.withheld = {"modality": name, "key": key, "values": values, "n_cells": int(lose.sum())}
+        log.info("%s: %s withheld from %d cells (obs[%r] in %s)", where, name, lose.sum(), key, values)
 
     def _keep_columns(self, name: str, keep: np.ndarray) -> None:
         m = self.mods[name]
@@ -246,6 +287,7 @@ class MultiomicDataModule(VocabSizes, pl.LightningDataModule):
             "modality_vocab": self.modality_vocab,
             "labels": self.label_names,
             "batches": self.batch_names,
+            "withheld": self.withheld,
         }
 
     # loaders --------------------------------------------------------------------------------------

@@ -24,6 +24,7 @@ import pandas as pd
 import scipy.sparse as sp
 
 from data_modules.atomic import atomic_path
+from data_modules.demo import demo_builder
 from data_modules.preprocess import stratified_split
 
 CITESEQ_FILE = "pbmc_10k_protein_v3.h5ad"
@@ -96,6 +97,7 @@ def make_citeseq_demo(source: str | os.PathLike, mosaic: bool = False, seed: int
     return out
 
 
+@demo_builder
 def build_citeseq_demo(path: str | os.PathLike, source: str | os.PathLike, mosaic: bool = False) -> Path:
     """Write the demo file to ``path`` (``source``: the fetched scvi-tools test file)."""
     if not Path(source).is_file():

@@ -23,6 +23,8 @@ import numpy as np
 import pandas as pd
 import scipy.sparse as sp
 
+from data_modules.errors import UserInputError
+
 # default keys of each modality kind per layout (a recipe's ``key`` replaces them)
 MUDATA_KEYS = {"rna": ("rna", "RNA", "gex", "GEX"), "protein": ("prot", "protein", "adt", "ADT"), "atac": ("atac",)}
 FEATURE_TYPES = {
@@ -33,7 +35,7 @@ FEATURE_TYPES = {
 PROTEIN_OBSM = "protein_expression"
 
 
-class MultiomicInputError(ValueError):
+class MultiomicInputError(UserInputError):
     """An input that cannot be read as declared; the message names the file and the modality."""
 
 

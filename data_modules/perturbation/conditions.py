@@ -10,12 +10,14 @@ from __future__ import annotations
 
 from collections.abc import Iterable
 
+from data_modules.errors import UserInputError
+
 CTRL = "ctrl"
 SEP = "+"
 MAX_GENES = 2
 
 
-class ConditionError(ValueError):
+class ConditionError(UserInputError):
     """A condition name that cannot be parsed (names the condition and why)."""
 
 

@@ -256,7 +256,6 @@ class PerturbationDataModule(VocabSizes, pl.LightningDataModule):
                 f"perturbation data {self.path} does not exist: download the GEARS file (see docs/perturbation.md) "
                 "or point data.path at a GEARS-format perturb_processed.h5ad"
             )
-        Path(self.path).parent.mkdir(parents=True, exist_ok=True)
         self.builder(self.path)
 
     def setup(self, stage: str | None = None) -> None:

@@ -34,6 +34,7 @@ from pathlib import Path
 import anndata as ad
 import numpy as np
 
+from data_modules.demo import demo_builder
 from data_modules.perturbation.conditions import CTRL, condition_genes, condition_name
 from data_modules.perturbation.gears_data import to_gears_anndata, write_h5ad_atomic
 
@@ -195,6 +196,7 @@ def demo_spec(adata: ad.AnnData) -> dict:
     return json.loads(str(sim["spec_json"]))
 
 
+@demo_builder
 def build_perturbation_demo(path: str | os.PathLike, overwrite: bool = False, **params) -> Path:
     """Write the demo to ``path`` (atomically); an existing file is kept unless ``overwrite``."""
     path = Path(path)

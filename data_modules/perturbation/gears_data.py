@@ -32,8 +32,10 @@ import pandas as pd
 import scipy.sparse as sp
 
 from data_modules.atomic import atomic_path
+from data_modules.errors import UserInputError
 from data_modules.perturbation.conditions import CTRL, ConditionError, check_genes_measured
 from data_modules.perturbation.conditions import normalize_condition as _normalize
+from data_modules.value_types import detect_value_type
 
 log = logging.getLogger(__name__)
 
@@ -41,13 +43,11 @@ RANK_KEY = "rank_genes_groups_cov_all"
 TOP20_KEY = "top_non_dropout_de_20"
 N_TOP_DE = 20
 MAX_LOG_VALUE = 20.0  # log1p of 1e8 normalized counts is 18.4: larger values are not log1p-normalized
-RAW_MAX_VALUE = 15.0  # integer data whose values exceed this (or whose rows sum high) are counts
-RAW_ROW_SUM = 500.0
 CHECK_ROWS = 2000
 DENSE_DE_LIMIT = 50_000_000  # cells x genes of one cell type below which DE runs on a dense copy
 
 
-class PerturbationDataError(ValueError):
+class PerturbationDataError(UserInputError):
     """Bad perturbation data; the message names the file and what is wrong."""
 
 
@@ -121,8 +121,9 @@ def row_mean(x, rows: np.ndarray) -> np.ndarray:
 
 # checks -------------------------------------------------------------------------------------------------------
 def check_log_normalized(x, source: str) -> None:
-    """Refuse data that is not log1p-normalized: negative values (scaled data), integer-valued data with large
-    values or row sums (raw counts), or values above ``MAX_LOG_VALUE`` (normalized but not log-transformed)."""
+    """Refuse data that is not log1p-normalized: negative values (scaled data), whole numbers only (raw counts,
+    :func:`data_modules.value_types.detect_value_type`, also at low depth), or values above ``MAX_LOG_VALUE``
+    (normalized but not log-transformed)."""
     n = x.shape[0]
     rows = np.unique(np.linspace(0, n - 1, num=min(n, CHECK_ROWS)).astype(np.int64)) if n else np.zeros(0, np.int64)
     sub = x[rows]
@@ -137,14 +138,13 @@ def check_log_normalized(x, source: str) -> None:
             f"{source}: X has negative values (min {values.min():.3g}); expected log1p-normalized expression, "
             "not scaled / centred data"
         )
-    row_sums = np.asarray(sub.sum(axis=1)).ravel()
-    nonzero = values[values != 0]
-    integer = nonzero.size > 0 and np.all(nonzero == np.round(nonzero))
-    if integer and (nonzero.max() > RAW_MAX_VALUE or np.median(row_sums) > RAW_ROW_SUM):
+    # the fine-tuning path's detection (data_modules/value_types.py): whole numbers only are counts, whatever their
+    # size (low-depth counts reach only a few units; log1p values of counts are never all whole numbers)
+    rep = detect_value_type(sub, source)
+    if rep.value_type == "counts":
         raise PerturbationDataError(
-            f"{source}: X looks like raw counts (integer values up to {nonzero.max():.0f}, median cell total "
-            f"{np.median(row_sums):.0f}); GEARS-format data must be log-normalized "
-            "(scanpy: normalize_total then log1p)"
+            f"{source}: X looks like raw counts ({rep.evidence}; median cell total {rep.row_sum_median:.0f}); "
+            "GEARS-format data must be log-normalized (scanpy: normalize_total then log1p)"
         )
     if values.max() > MAX_LOG_VALUE:
         raise PerturbationDataError(

@@ -36,6 +36,7 @@ import numpy as np
 import torch
 
 from data_modules.batch import Batch
+from data_modules.errors import UserInputError
 from data_modules.perturbation.conditions import condition_genes
 
 FLAG_NOT_PERTURBED = 0
@@ -46,7 +47,7 @@ UNKNOWN_GENE_MODES = ("pad", "mask", "new", "error")
 ZERO_GENE_MODES = ("all", "batch-wise")
 
 
-class PerturbationInputError(ValueError):
+class PerturbationInputError(UserInputError):
     """Perturbation inputs that cannot be built (names the gene / condition / source)."""
 
 

@@ -55,6 +55,7 @@ def resolve_input_genes(
     table: dict[str, str] | None = None,
     table_label: str | None = None,
     log=print_log,
+    prefer_column: bool = False,
 ) -> tuple[GeneVocab | None, dict[str, str] | None, list[dict]]:
     """Detect per input whether its genes are Ensembl ids or symbols and bring all to one key: the vocabulary's
     (``--vocab``), else symbols when any input uses them. An input in the other key is mapped through a var column
@@ -71,7 +72,14 @@ def resolve_input_genes(
         for src, reader in zip(sources, readers, strict=True):
             where = str(getattr(reader, "path", src.name))
             names, rep = resolve_gene_names(
-                reader.var, target, src.gene_column, table=table, table_label=table_label, vocab=vocab, where=where
+                reader.var,
+                target,
+                src.gene_column,
+                table=table,
+                table_label=table_label,
+                vocab=vocab,
+                where=where,
+                prefer_column=prefer_column,
             )
             if rep.input_key != target and guess_gene_key(names) != target:
                 kinds = {"ensembl": "Ensembl ids", "symbol": "gene symbols"}
@@ -204,6 +212,12 @@ def build_parser() -> argparse.ArgumentParser:
         "GENCODE v44 table shipped with celltypist)",
     )
     h.add_argument("--gene-table-columns", nargs=2, default=["feature_id", "feature_name"], metavar=("KEY", "TOKEN"))
+    h.add_argument(
+        "--prefer-gene-column",
+        action="store_true",
+        help="an input with Ensembl ids and a symbol column that disagree (checked through the id table, a warning "
+        "with examples): use the column's symbols (default: the ids decide)",
+    )
     h.add_argument("--use-raw", action="store_true", help="read .raw.X / .raw.var instead of X / var")
     h.add_argument("--layer", help="read layers[LAYER] (e.g. counts) instead of X")
     h.add_argument(
@@ -339,7 +353,9 @@ def build_main(argv: list[str] | None = None) -> int:
             for source, column in zip(sources, columns, strict=True):
                 source.gene_column = column
             label = table_name(args.gene_table) if args.gene_table else None
-            common["vocab"], table, id_reports = resolve_input_genes(sources, vocab, table, label, log)
+            common["vocab"], table, id_reports = resolve_input_genes(
+                sources, vocab, table, label, log, prefer_column=args.prefer_gene_column
+            )
             manifest = convert_sources(
                 sources,
                 args.out,

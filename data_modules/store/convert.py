@@ -518,6 +518,15 @@ def convert_sources(
     if len(set(names)) != len(names):
         raise CorpusFormatError(f"source names must be unique, got {names}")
     readers = [open_reader(s) for s in sources]
+    for s, r in zip(
+        sources, readers, strict=True
+    ):  # the corpus' dataset column names the input: a file's own one is not kept
+        if "dataset" in r.obs_columns and "dataset" not in r.obs_map.values():
+            (log or print_log)(
+                f"note: {getattr(r, 'path', s.name)}: its own obs column 'dataset' is not kept: the corpus' dataset "
+                f"column holds the input's name ({s.name!r}); keep the file's column under another name with "
+                "--obs-columns NAME=dataset"
+            )
     if vocab is None:
         vocab = GeneVocab.from_genes(sorted({g for r in readers for g in r.genes}))
     if require_obs:

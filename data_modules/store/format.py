@@ -8,6 +8,8 @@ import os
 
 import numpy as np
 
+from data_modules.errors import UserInputError
+
 FORMAT_VERSION = 1
 MANIFEST_NAME = "manifest.json"
 VOCAB_NAME = "vocab.json"
@@ -33,7 +35,7 @@ BLOCK_ELEMENTS = 1024  # a few KB: one or two blocks per loader read, so few has
 MANIFEST_DIGEST = "manifest_sha256"  # sha256 of the manifest's canonical JSON without this key
 
 
-class CorpusFormatError(ValueError):
+class CorpusFormatError(UserInputError):
     """A corpus directory, shard or input that does not follow the format."""
 
 

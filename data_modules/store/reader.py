@@ -199,7 +199,7 @@ class Corpus:
         shards = [shard for shard, _, _ in spans]
         gene_ids = np.empty(int(first_entry[-1]), dtype=np.result_type(*[self._dataset(i, INDICES)[1] for i in shards]))
         counts = np.empty(int(first_entry[-1]), dtype=np.result_type(*[self._dataset(i, DATA)[1] for i in shards]))
-        for (c0, ipx), to, n, (shard, start, stop) in zip(span_cells, first_entry, span_nnz, spans, strict=True):
+        for (c0, ipx), to, n, (shard, start, stop) in zip(span_cells, first_entry[:-1], span_nnz, spans, strict=True):
             if not n:
                 continue
             if int(ipx[-1]) > self._dataset(shard, INDICES)[2]:
@@ -212,7 +212,9 @@ class Corpus:
                 self._damaged(
                     shard, start, stop, f"gene id {int(ids.max())} is outside the vocabulary (0:{len(self.vocab)})"
                 )
-        indptr = np.concatenate([[0]] + [ip[1:] - ip[0] + to for ip, to in zip(span_indptr, first_entry, strict=True)])
+        indptr = np.concatenate(
+            [[0]] + [ip[1:] - ip[0] + to for ip, to in zip(span_indptr, first_entry[:-1], strict=True)]
+        )
         obs_keys = list(files[0][OBS_GROUP]) if OBS_GROUP in files[0] else []
         obs = {
             k: np.concatenate(

@@ -76,6 +76,15 @@ def split_cli_overrides(args: Sequence[str]) -> tuple[list[str], list[str]]:
     return own, train
 
 
+def data_source_note(bench: Mapping, overrides: Sequence[str]) -> str:
+    """The report's first line: the benchmark's own dataset, or its recipe on the data the overrides point at."""
+    own = [o.split("=", 1)[1] for o in overrides if o.split("=", 1)[0].lstrip("+") in ("data.path", "data.query_path")]
+    if own:
+        files = ", ".join(f"`{p}`" for p in own)
+        return f"Benchmark `{bench['name']}`: its recipe on {files} (not its own data: {bench.get('dataset', '')})."
+    return f"Benchmark `{bench['name']}`: {bench.get('dataset', '')}."
+
+
 def describe_data(run_dir: Path) -> list[str]:
     """Report lines on the data a fine-tune actually used, from its ``data_report.json`` (none if absent)."""
     path = Path(run_dir) / "data_report.json"
@@ -168,13 +177,40 @@ def results_table(
     def skip_reason(method: str) -> str:
         return "not installed" if installed.get(method) is False else "no result"
 
-    rows, summary = ours_rows(per_seed, ["scgpt", *baselines], cols, METHOD_NAMES, skip_reason, n_seeds)
+    methods = ["scgpt", *baselines]
+    rows, summary = ours_rows(per_seed, methods, cols, METHOD_NAMES, skip_reason, n_seeds)
+    legend = mark_collapsed(rows, per_seed, methods, summary)
     for method, numbers in (paper or {}).items():
         source = "paper" if method == "scgpt" else "paper / re-evaluation"
         rows.append(
             [METHOD_NAMES.get(method, method), source] + [f"{numbers[k]:.3f}" if k in numbers else "-" for k, _ in cols]
         )
-    return markdown_table(header, rows), summary
+    return markdown_table(header, rows) + legend, summary
+
+
+COLLAPSE_MARKS = {
+    "collapsed": ("†", "predictions collapsed to one class"),
+    "no_better_than_majority": ("‡", "no better than always predicting the majority class"),
+}
+
+
+def mark_collapsed(rows: list[list[str]], per_seed: list[dict[str, float]], methods: Sequence[str], summary: dict):
+    """Mark each metric of a method whose predictions collapsed / were no better than the majority class in some
+    seed (the task's ``<method>/collapsed`` and ``no_better_than_majority`` flags); returns the table's legend and
+    records the seeds in ``summary[method]["flags"]``."""
+    legend = []
+    for row, method in zip(rows, methods, strict=True):
+        flags = method_metrics(per_seed, method)
+        marks = []
+        for key, (mark, text) in COLLAPSE_MARKS.items():
+            hit = int(sum(v > 0 for v in flags.get(key, [])))
+            if hit:
+                marks.append(mark)
+                summary[method].setdefault("flags", {})[key] = hit
+                legend.append(f"{mark} {row[0]}: {text} in {hit} of {len(per_seed)} seeds")
+        if marks:
+            row[2:] = [f"{c} {''.join(marks)}" if c != "-" else c for c in row[2:]]
+    return "".join(f"\n{line}\n" for line in legend)
 
 
 def seed_config(

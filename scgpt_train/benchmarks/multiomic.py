@@ -9,7 +9,7 @@ import time
 from collections.abc import Mapping, Sequence
 from pathlib import Path
 
-from scgpt_train.benchmarks.harness import COLUMNS, ours_rows, run_seed, seed_config, write_report
+from scgpt_train.benchmarks.harness import COLUMNS, data_source_note, ours_rows, run_seed, seed_config, write_report
 from scgpt_train.evaluation.metrics import INTEGRATION_BACKEND
 from scgpt_train.evaluation.report import markdown_table
 
@@ -72,7 +72,7 @@ def run_multiomic_benchmark(
         sections.append(f"## {variant}\n\n{table}" + "".join(f"\n![{f}]({f})\n" for f in figures))
     minutes = (time.perf_counter() - started) / 60
     notes = [
-        f"Benchmark `{bench['name']}`: {bench.get('dataset', '')}.",
+        data_source_note(bench, extra_overrides),
         f"Fine-tune: `train.py experiment={bench['experiment']}` per variant, seeds {list(seeds)}; ours = mean ± std.",
         "RNA-only scGPT: the same recipe with `data.use_modalities=[RNA]`; the baselines read the same cells and "
         "features as the model.",
@@ -81,9 +81,28 @@ def run_multiomic_benchmark(
         f"Wall time: {minutes:.1f} min.",
     ]
     notes += [f"{n}" for n in bench.get("notes") or []]
+    notes += [_data_used(out_dir / v / f"seed_{seeds[0]}", v) for v in variants]
     result = {"benchmark": dict(bench), "seeds": list(seeds), "variants": results, "wall_minutes": minutes}
     write_report(out_dir, bench["name"], notes, "\n\n".join(sections), result)
     return result
+
+
+def _data_used(seed_dir: Path, variant: str) -> str:
+    """One line on the file a variant's first seed read and what it withheld (its data_report.json)."""
+    import json
+
+    path = seed_dir / "data_report.json"
+    if not path.exists():
+        return f"{variant}: no data_report.json"
+    rep = json.loads(path.read_text())
+    sets = ", ".join(f"{k} {v:,}" for k, v in (rep.get("cells_per_modality_set") or {}).items())
+    held = rep.get("withheld")
+    how = (
+        f"{held['modality']} withheld from the {held['n_cells']:,} cells with obs[{held['key']!r}] in {held['values']}"
+        if held
+        else "as stored"
+    )
+    return f"{variant}: data used `{rep.get('path')}`, {rep.get('n_cells', 0):,} cells ({sets}); {how}."
 
 
 def _skipped(seed_dir: Path) -> dict:

@@ -8,7 +8,7 @@ from pathlib import Path
 
 import numpy as np
 
-from scgpt_train.benchmarks.harness import demo_checkpoint, write_report
+from scgpt_train.benchmarks.harness import COLLAPSE_MARKS, demo_checkpoint, write_report
 from scgpt_train.tasks.reference_map.common import BASELINES, DEFAULT_K, METHOD_NAMES, ReferenceMapError
 from scgpt_train.tasks.reference_map.run import run_reference_map
 
@@ -21,6 +21,21 @@ def _demo_dataset(name: str):
     if name != "pbmc68k":
         raise ReferenceMapError(f"benchmark data.builder must be 'pbmc68k', got {name!r}")
     return pbmc68k_log_normalized()
+
+
+def collapse_marks(row: list, seeds: list[dict], agg: dict) -> list[str]:
+    """Mark a method's numbers † / ‡ (harness.COLLAPSE_MARKS) when its kNN / baseline predictions collapsed
+    to one class or were no better than the reference's majority class in some seed; returns the legend lines."""
+    legend, marks = [], ""
+    for key, (mark, text) in COLLAPSE_MARKS.items():
+        hit = sum(float(s.get(key, 0.0)) > 0 for s in seeds)
+        if hit:
+            marks += mark
+            agg.setdefault("flags", {})[key] = hit
+            legend.append(f"{mark} {row[0]}: {text} in {hit} of {len(seeds)} seeds")
+    if marks:
+        row[2:] = [f"{c} {marks}" for c in row[2:]]
+    return legend
 
 
 def run_zeroshot_benchmark(bench, seeds, out_dir, extra_overrides=(), compose=None) -> dict:
@@ -87,15 +102,17 @@ def run_zeroshot_benchmark(bench, seeds, out_dir, extra_overrides=(), compose=No
                 colors = {"cell type": truth, "kNN prediction": pred}
                 figures.append(plot_umap(coords, colors, out_dir / "umap.png", "scGPT zero-shot, query"))
     methods = list(per_seed[0])
-    rows = []
+    rows, legend = [], []
     agg = {}
     for m in methods:
         vals = {key: [s[m][key] for s in per_seed] for key in ("accuracy", "macro_f1", "precision", "recall")}
         agg[m] = {key: {"mean": float(np.mean(v)), "values": v} for key, v in vals.items()}
         rows.append([METHOD_NAMES.get(m, m), f"ours ({len(seeds)} seeds)"] + [mean_std(vals[c]) for c in vals])
+        legend += collapse_marks(rows[-1], [s[m] for s in per_seed], agg[m])
     for m, numbers in (bench.get("paper") or {}).items():
         rows.append([METHOD_NAMES.get(m, m), "paper / re-evaluation"] + [numbers.get(c, "-") for c in agg[methods[0]]])
     table = markdown_table(["method", "source", "accuracy", "macro F1", "macro precision", "macro recall"], rows)
+    table += "".join(f"\n{line}\n" for line in legend)
     notes = [
         f"Benchmark `{bench['name']}`: {bench.get('dataset', '')}.",
         f"Checkpoint `{checkpoint}` (zero-shot: no fine-tuning); L2-normalized cell embeddings, kNN vote k = {k}.",

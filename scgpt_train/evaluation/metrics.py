@@ -43,6 +43,44 @@ def classification_metrics(y_true, y_pred) -> dict[str, float]:
     }
 
 
+COLLAPSE_CAUSES = (
+    "too few training steps or too high a learning rate (model.lr), a small model trained from scratch, one class "
+    "dominating the training cells, labels that do not follow the expression (data.label_key), or most genes lost "
+    "in the vocabulary mapping (data_report.json: genes)"
+)
+
+
+def collapse_flags(y_true, y_pred, train_labels) -> dict[str, float]:
+    """Whether a classifier's predictions carry information: ``collapsed`` (1.0 when every cell gets one class
+    while the truth has several), ``no_better_than_majority`` (1.0 when the accuracy is at most that of always
+    predicting the training cells' most frequent class, ``majority_accuracy``)."""
+    y_true, y_pred = np.asarray(y_true).astype(str), np.asarray(y_pred).astype(str)
+    classes, counts = np.unique(np.asarray(train_labels).astype(str), return_counts=True)
+    majority = classes[np.argmax(counts)] if len(classes) else ""
+    majority_acc = float(np.mean(y_true == majority)) if len(y_true) else 0.0
+    acc = float(np.mean(y_true == y_pred)) if len(y_true) else 0.0
+    collapsed = len(set(y_pred)) == 1 and len(set(y_true)) > 1
+    return {
+        "collapsed": float(collapsed),
+        "no_better_than_majority": float(len(set(y_true)) > 1 and acc <= majority_acc),
+        "majority_accuracy": majority_acc,
+    }
+
+
+def collapse_warning(flags: dict[str, float], what: str, y_pred) -> str | None:
+    """The log line for :func:`collapse_flags` (None when neither flag is set)."""
+    if flags["collapsed"]:
+        head = f"{what}: every cell is predicted as {str(np.asarray(y_pred)[0])!r} (predictions collapsed to one class)"
+    elif flags["no_better_than_majority"]:
+        head = (
+            f"{what}: no better than always predicting the training cells' most frequent class (its accuracy "
+            f"{flags['majority_accuracy']:.3f})"
+        )
+    else:
+        return None
+    return f"{head}; the metrics carry no cell-type information. Likely causes: {COLLAPSE_CAUSES}"
+
+
 def knn_graph(x: np.ndarray, n_neighbors: int = 15):
     """scib-metrics ``NeighborsResults`` of the exact ``n_neighbors`` nearest neighbours (self excluded)."""
     from scib_metrics.nearest_neighbors import NeighborsResults

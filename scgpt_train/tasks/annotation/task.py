@@ -3,6 +3,7 @@ validation macro-F1 that selects the checkpoint (:class:`ValidationMacroF1`)."""
 
 from __future__ import annotations
 
+import logging
 from pathlib import Path
 
 import numpy as np
@@ -11,10 +12,23 @@ import torch
 
 from scgpt_train.evaluation.baselines import PAPER_C_GRID, l1_logistic_regression
 from scgpt_train.evaluation.figures import plot_confusion
-from scgpt_train.evaluation.metrics import classification_metrics, confusion_matrix
+from scgpt_train.evaluation.metrics import classification_metrics, collapse_flags, collapse_warning, confusion_matrix
 from scgpt_train.tasks.base import FineTuneTask, matrix_sha256, value_summary
 
+log = logging.getLogger(__name__)
 ANNOTATION_BASELINES = ("l1_lr",)
+
+
+def flag_collapse(metrics: dict, prefix: str, truth, pred, train_labels, what: str) -> list[str]:
+    """Add ``<prefix>collapsed`` / ``no_better_than_majority`` / ``majority_accuracy`` to ``metrics``; returns the
+    warning logged when a flag is set (none otherwise)."""
+    flags = collapse_flags(truth, pred, train_labels)
+    metrics.update({f"{prefix}{k}": v for k, v in flags.items()})
+    msg = collapse_warning(flags, what, pred)
+    if msg is None:
+        return []
+    log.warning(msg)
+    return [msg]
 
 
 class AnnotationTask(FineTuneTask):
@@ -40,6 +54,11 @@ class AnnotationTask(FineTuneTask):
         truth = dm.obs[dm.label_key].astype(str).to_numpy()
         idx = dm.indices("eval")
         metrics = {f"test/{k}": v for k, v in classification_metrics(truth[idx], pred[idx]).items()}
+        train = truth[dm.indices("train")]
+        warnings = flag_collapse(metrics, "test/", truth[idx], pred[idx], train, "scGPT on the evaluated cells")
+        val = dm.indices("val")
+        if len(val):
+            warnings += flag_collapse(metrics, "val/", truth[val], pred[val], train, "scGPT on the validation cells")
         cm, classes = confusion_matrix(truth[idx], pred[idx])
         plot_confusion(cm, classes, output_dir / "confusion_matrix.png", title="scGPT fine-tuned: query cells")
         obs = dm.obs.copy()
@@ -65,9 +84,11 @@ class AnnotationTask(FineTuneTask):
                 }
             }
             metrics.update({f"baseline/l1_lr/{k}": v for k, v in classification_metrics(truth[idx], base_pred).items()})
+            warnings += flag_collapse(metrics, "baseline/l1_lr/", truth[idx], base_pred, train, "L1-LR baseline")
             extra["l1_lr_C"] = c
             bcm, bclasses = confusion_matrix(truth[idx], base_pred)
             plot_confusion(bcm, bclasses, output_dir / "confusion_matrix_l1_lr.png", title="L1-LR baseline: query")
+        extra["quality_warnings"] = warnings
         return metrics, obs, extra
 
 

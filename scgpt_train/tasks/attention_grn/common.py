@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+from scgpt_train.errors import UserInputError
+
 SETTINGS = ("control", "perturbed", "difference")
 DEFAULT_TOP_K = 20
 DEFAULT_N_RANDOM = 1000
@@ -10,5 +12,5 @@ CONTROL = "ctrl"
 MAX_BLOCK_BYTES = 256 * 2**20  # scores.py: (heads x M x M) work per step is kept under this
 
 
-class GRNError(ValueError):
+class GRNError(UserInputError):
     """An input the attention-GRN analysis cannot use; the message names the gene, file or key and the fix."""

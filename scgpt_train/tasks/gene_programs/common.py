@@ -4,6 +4,8 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
+from scgpt_train.errors import UserInputError
+
 DEFAULT_RESOLUTIONS = (1.0, 5.0, 10.0, 20.0, 40.0)
 OFFICIAL_RESOLUTION = 40.0  # the GRN tutorial's Leiden resolution
 MIN_PROGRAM_GENES = 5
@@ -38,5 +40,5 @@ class GeneProgramParams:
     seed: int = 0
 
 
-class GeneProgramError(ValueError):
+class GeneProgramError(UserInputError):
     """An input gene-program analysis cannot use; the message names the file, gene or key and the fix."""

@@ -46,11 +46,12 @@ from data_modules.perturbation.inputs import (
 )
 from data_modules.perturbation.pairing import sample_controls
 from data_modules.vocab import GeneVocab
+from scgpt_train.errors import UserInputError
 
 log = logging.getLogger(__name__)
 
 
-class PredictionInputError(ValueError):
+class PredictionInputError(UserInputError):
     """An input the prediction cannot use; the message names the file, condition or gene."""
 
 

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import logging
 import time
 import warnings
 from collections.abc import Sequence
@@ -27,15 +28,26 @@ from scgpt_train.tasks.reference_map.common import (
 from scgpt_train.tasks.reference_map.embed import embed_adata, load_model, obs_labels
 from scgpt_train.tasks.reference_map.index import build_index, knn_vote
 
+log = logging.getLogger(__name__)
+
 # the whole run
 
 
-def _metrics(truth: np.ndarray, pred: np.ndarray) -> dict:
-    from scgpt_train.evaluation.metrics import classification_metrics
+def _metrics(truth: np.ndarray, pred: np.ndarray, ref_labels: np.ndarray | None = None, what: str = "") -> dict:
+    """Query metrics of one method; with the reference's labels also the collapse / majority flags (a warning when
+    one is set, :func:`scgpt_train.evaluation.metrics.collapse_flags`)."""
+    from scgpt_train.evaluation.metrics import classification_metrics, collapse_flags, collapse_warning
 
     has = np.array([t is not None for t in truth])
-    m = classification_metrics(truth[has].astype(str), np.asarray(pred)[has].astype(str))
-    return {"accuracy": m["accuracy"], "macro_f1": m["macro_f1"], "precision": m["precision"], "recall": m["recall"]}
+    t, p = truth[has].astype(str), np.asarray(pred)[has].astype(str)
+    m = classification_metrics(t, p)
+    out = {"accuracy": m["accuracy"], "macro_f1": m["macro_f1"], "precision": m["precision"], "recall": m["recall"]}
+    if ref_labels is not None and len(t):
+        out.update(collapse_flags(t, p, ref_labels))
+        msg = collapse_warning(out, what, p)
+        if msg:
+            log.warning(msg)
+    return out
 
 
 def default_index_dir(out) -> Path:
@@ -209,7 +221,9 @@ def run_reference_map(
         summary["baselines"] = base_info
         summary["timings_s"]["baselines"] = time.perf_counter() - t_b
     if q_truth is not None:
-        summary["metrics"] = {m: _metrics(q_truth, p) for m, p in methods.items()}
+        labels = np.asarray(index.labels)
+        known = np.asarray(index.label_names, dtype=object)[labels[labels >= 0]].astype(str)
+        summary["metrics"] = {m: _metrics(q_truth, p, known, f"{m} on the query") for m, p in methods.items()}
         ref_names = set(index.label_names)
         summary["query_only_labels"] = sorted({str(t) for t in q_truth if t is not None and str(t) not in ref_names})
     summary["timings_s"]["total"] = time.perf_counter() - t0
