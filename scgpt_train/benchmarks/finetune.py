@@ -10,6 +10,7 @@ from pathlib import Path
 
 from scgpt_train.benchmarks.harness import (
     METHOD_NAMES,
+    data_source_note,
     describe_data,
     results_table,
     run_seed,
@@ -42,14 +43,8 @@ def run_finetune_benchmark(
         bench["task"], per_seed, list(bench.get("baselines") or []), bench.get("paper"), len(seeds)
     )
     user = [o for o in extra_overrides if not o.startswith("paths.cache_dir=")]
-    own_data = any(o.split("=", 1)[0].lstrip("+") in ("data.path", "data.query_path") for o in user)
     notes = [
-        f"Benchmark `{bench['name']}`: "
-        + (
-            f"its recipe on the data given by data.path (not its own: {bench.get('dataset', '')})."
-            if own_data
-            else f"{bench.get('dataset', '')}."
-        ),
+        data_source_note(bench, user),
         f"Fine-tune: `train.py experiment={bench['experiment']}`, seeds {list(seeds)}; ours = mean ± std over seeds.",
         "Baselines run on the same preprocessed genes and the same splits as the model.",
     ]
