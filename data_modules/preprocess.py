@@ -51,6 +51,8 @@ class PreprocessConfig:
     gene_key: str | None = None  # "symbol" | "ensembl": the key names are brought to; None = as read (set by the
     # data module from the vocabulary, or from the reference when training from scratch)
     gene_table: str | None = None  # CSV/TSV Ensembl id -> symbol; None = the shipped GENCODE v44 table
+    species: str | None = None  # the input's species (data_modules/species.py); None = detected from the gene names
+    target_species: str | None = None  # the vocabulary's (set by the data module); None = no ortholog mapping
 
     @classmethod
     def from_any(cls, cfg) -> PreprocessConfig:
@@ -134,6 +136,8 @@ def read_input(adata: ad.AnnData, cfg: PreprocessConfig, where: str = "the AnnDa
         table=gene_table(cfg.gene_table) if cfg.gene_table else None,
         table_label=table_name(cfg.gene_table) if cfg.gene_table else None,
         where=where,
+        species=cfg.species,
+        target_species=cfg.target_species,
     )
     out.var_names = names
     out.uns["gene_ids"] = id_report.as_dict()

@@ -55,6 +55,7 @@ def embed(
     seed: int = 0,
     drop_unmapped_cells: bool = False,
     progress: bool = False,
+    species: str | None = None,
 ) -> ad.AnnData:
     """Cell embeddings of ``adata`` with ``checkpoint`` (official directory, imported .pt or a .ckpt of this
     project), as ``scripts/embed.py``: returns the input AnnData (same obs_names, X untouched) with
@@ -81,6 +82,7 @@ def embed(
             seed=seed,
             progress=progress,
             drop_unmapped_cells=drop_unmapped_cells,
+            species=species,
         )
         return ad.read_h5ad(out)
 

@@ -12,6 +12,7 @@ import torch
 from pytorch_lightning.utilities import rank_zero_only
 
 from data_modules.batch import Batch
+from scgpt_train.adapters import parameter_counts
 
 # Dense bf16 tensor-core peaks (FLOP/s) by device-name fragment, for the MFU estimate.
 PEAK_BF16_FLOPS = {
@@ -188,6 +189,7 @@ class RunSummary(pl.Callback):
     def write(self, trainer: pl.Trainer, path: str | Path) -> dict:
         path = Path(path)
         data = self.summary(trainer, path.parent)
+        data.update(parameter_counts(trainer.lightning_module))  # trainable_params, total_params
         path.parent.mkdir(parents=True, exist_ok=True)
         path.write_text(json.dumps(data, indent=1))
         return data
