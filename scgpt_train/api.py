@@ -60,7 +60,9 @@ def embed(
     """Cell embeddings of ``adata`` with ``checkpoint`` (official directory, imported .pt or a .ckpt of this
     project), as ``scripts/embed.py``: returns the input AnnData (same obs_names, X untouched) with
     ``obsm[key]`` (L2-normalized unless ``normalize=False``), ``obs["scgpt_pred"]`` when the checkpoint has a
-    classifier, and the gene mapping reports in ``uns``. Raises ``EmbedInputError`` for inputs it cannot embed."""
+    classifier, and the gene mapping reports in ``uns``. Raises ``EmbedInputError`` for inputs it cannot embed.
+    ``species``: the cells' species (default: detected from the gene names); another species than the checkpoint's
+    maps through one-to-one orthologs (``data_modules/species.py``). ``finetune`` takes it as ``data.species=``."""
     from scgpt_train.tasks.embedding import embed_h5ad
 
     with tempfile.TemporaryDirectory(prefix="scgpt_embed_") as tmp:
