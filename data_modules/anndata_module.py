@@ -41,6 +41,7 @@ from data_modules.preprocess import (
     read_input,
     stratified_split,
 )
+from data_modules.species import vocab_species
 from data_modules.store.reader import CellBlock
 from data_modules.tokenize import Tokenizer, TokenizerConfig, tokenize_with_zeros
 from data_modules.vocab import (
@@ -195,6 +196,7 @@ class AnnDataModule(VocabSizes, pl.LightningDataModule):
         model_outputs: list[str] | tuple[str, ...] = ("n_cls",),
         report_path: str | None = None,
         drop_unlabeled: bool = False,
+        species: str | None = None,
     ):
         super().__init__()
         if train_on not in ("reference", "all"):
@@ -204,6 +206,8 @@ class AnnDataModule(VocabSizes, pl.LightningDataModule):
         self.preprocess_cfg = PreprocessConfig.from_any(preprocess)
         if layer is not None:
             self.preprocess_cfg.layer = str(layer)
+        if species is not None:  # data.species: the input's species (data_modules/species.py); null = detected
+            self.preprocess_cfg.species = str(species)
         self.value_reports: list[dict] = []  # per file: what its values were and the steps applied
         self.gene_id_reports: list[dict] = []  # per file: how its gene names were read and mapped to the vocab's key
         self._input_columns: list[np.ndarray] = []  # per file: the input column of each gene it kept
@@ -251,6 +255,8 @@ class AnnDataModule(VocabSizes, pl.LightningDataModule):
         self._vocab = GeneVocab.from_checkpoint(self.vocab_path) if self.vocab_path else None
         if self._vocab is not None and cfg.gene_key is None:
             cfg.gene_key = self._vocab.keyed_by
+        if self._vocab is not None and cfg.target_species is None:  # other species map through orthologs
+            cfg.target_species = vocab_species(self._vocab.genes)
         ref, ref_x, ref_genes = self._load(self.path, None)
         if cfg.gene_key is None:
             cfg.gene_key = guess_gene_key(list(ref_genes))
@@ -292,6 +298,8 @@ class AnnDataModule(VocabSizes, pl.LightningDataModule):
                 table_label=table_name(cfg.gene_table) if cfg.gene_table else None,
                 where=where,
                 prefer_column=cfg.prefer_gene_column,
+                species=cfg.species,
+                target_species=cfg.target_species,
             )
             names = np.asarray(pd.Index(names).astype(str))
             self._record_genes(id_report.as_dict())

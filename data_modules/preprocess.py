@@ -53,6 +53,8 @@ class PreprocessConfig:
     # data module from the vocabulary, or from the reference when training from scratch)
     gene_table: str | None = None  # CSV/TSV Ensembl id -> symbol; None = the shipped GENCODE v44 table
     prefer_gene_column: bool = False  # ids + a symbol column that disagree: the column decides (default: the ids)
+    species: str | None = None  # the input's species (data_modules/species.py); None = detected from the gene names
+    target_species: str | None = None  # the vocabulary's (set by the data module); None = no ortholog mapping
 
     @classmethod
     def from_any(cls, cfg) -> PreprocessConfig:
@@ -137,6 +139,8 @@ def read_input(adata: ad.AnnData, cfg: PreprocessConfig, where: str = "the AnnDa
         table_label=table_name(cfg.gene_table) if cfg.gene_table else None,
         where=where,
         prefer_column=cfg.prefer_gene_column,
+        species=cfg.species,
+        target_species=cfg.target_species,
     )
     out.var_names = names
     out.uns["gene_ids"] = id_report.as_dict()

@@ -303,6 +303,7 @@ class GeneIdReport:
     n_disagreements: int = 0  # genes whose symbol column and Ensembl id (through the id table) name different genes
     disagreement_examples: list[str] = field(default_factory=list)  # "ENSG00000000971: column 'FH', id table 'CFH'"
     authority: str = ""  # which of the two named the gene where they disagree: "ids" | "column" ("" = no check)
+    species: dict | None = None  # data_modules.species.SpeciesReport: orthologs used when the species differ
 
     def as_dict(self) -> dict:
         return asdict(self)
@@ -320,6 +321,10 @@ class GeneIdReport:
             text += f"; {self.disagreement_warning()}"
         if self.n_duplicates:
             text += f"; {self.n_duplicates} duplicate names (first kept; e.g. {'; '.join(self.duplicate_examples[:3])})"
+        if self.species and self.species["species"] != self.species["target"]:
+            from data_modules.species import SpeciesReport
+
+            text += f"; {SpeciesReport(**self.species).summary()}"
         return text
 
     def disagreement_warning(self) -> str:
@@ -360,6 +365,8 @@ def resolve_gene_names(
     vocab: GeneVocab | None = None,
     where: str = "the input",
     prefer_column: bool = False,
+    species: str | None = None,
+    target_species: str | None = None,
 ) -> tuple[list[str], GeneIdReport]:
     """One name per column of ``var`` (a var DataFrame), in the key of ``vocab`` (or ``target_key``).
 
@@ -373,6 +380,10 @@ def resolve_gene_names(
     lose a ``.N`` version the vocabulary does not have. Of names that end up equal, the first column keeps the
     name and later ones get their input name back when that differs (translated duplicates), else they stay
     duplicates (the caller makes them unique); both are reported with examples.
+
+    Species (``data_modules.species``): when the input's species (``species``, else detected from the names)
+    differs from the vocabulary's (``target_species``, else detected from ``vocab``'s genes; neither: nothing is
+    translated), names first go through one-to-one orthologs; the report's ``species`` entry counts what was kept.
     """
     if gene_column is not None and gene_column not in var.columns:
         raise VocabError(
@@ -382,14 +393,19 @@ def resolve_gene_names(
     original = _column_names(var, gene_column) if gene_column else [str(g) for g in var.index]
     if original is None:
         raise VocabError(f"{where}: gene column {gene_column!r} holds no values")
+    from data_modules.species import species_names, vocab_species
+
+    target_species = target_species or (vocab_species(vocab.genes) if vocab is not None else None)
+    original, species_report, translated = species_names(var, original, gene_column, species, target_species, where)
     input_key = guess_gene_key([g for g in original if g])
     target = vocab.keyed_by if vocab is not None else (target_key or input_key)
     source = f"var[{gene_column!r}]" if gene_column else "var_names"
     rep = GeneIdReport(source, input_key, target, "as stored", len(original))
+    rep.species = species_report.as_dict() if species_report is not None else None
     names = list(original)
     if input_key != target:
         wanted = SYMBOL_COLUMNS if target == "symbol" else ENSEMBL_COLUMNS
-        column = None if gene_column is not None else _column_of_key(var, wanted, target)
+        column = None if gene_column is not None or translated else _column_of_key(var, wanted, target)
         if column is not None:
             values = _column_names(var, column)
             names = [v or o for v, o in zip(values, original, strict=True)]

@@ -103,12 +103,15 @@ def embed(
     seed: int = 0,
     drop_unmapped_cells: bool = False,
     progress: bool = False,
+    species: str | None = None,
 ) -> ad.AnnData:
     """Cell embeddings of ``adata`` with ``checkpoint`` (official directory, imported .pt or a .ckpt of this
     project), as ``scripts/embed.py``: returns the input AnnData (same obs_names, X untouched) with
     ``obsm[key]`` (L2-normalized unless ``normalize=False``), ``obs["scgpt_pred"]`` when the checkpoint has a
     classifier, and the gene mapping reports in ``uns``. Raises :class:`scgpt_train.errors.UserInputError` (e.g.
-    ``EmbedInputError``) for inputs it cannot embed."""
+    ``EmbedInputError``) for inputs it cannot embed.
+    ``species``: the cells' species (default: detected from the gene names); another species than the checkpoint's
+    maps through one-to-one orthologs (``data_modules/species.py``). ``finetune`` takes it as ``data.species=``."""
     from scgpt_train.inference import embed_h5ad
 
     with tempfile.TemporaryDirectory(prefix="scgpt_embed_") as tmp, _user_errors({Path(tmp) / "input.h5ad": "adata"}):
@@ -130,6 +133,7 @@ def embed(
             seed=seed,
             progress=progress,
             drop_unmapped_cells=drop_unmapped_cells,
+            species=species,
         )
         return ad.read_h5ad(out)
 

@@ -12,6 +12,7 @@ from pytorch_lightning.utilities import rank_zero_only
 
 from data_modules.atomic import write_json_atomic
 from data_modules.batch import Batch
+from scgpt_train.adapters import parameter_counts
 from scgpt_train.objectives.per_gene import per_gene_ratios
 
 # Dense bf16 tensor-core peaks (FLOP/s) by device-name fragment, for the MFU estimate.
@@ -209,6 +210,7 @@ class RunSummary(pl.Callback):
     def write(self, trainer: pl.Trainer, path: str | Path, stop_reason: str | None = None) -> dict:
         path = Path(path)
         data = self.summary(trainer, path.parent, stop_reason=stop_reason)
+        data.update(parameter_counts(trainer.lightning_module))  # trainable_params, total_params
         write_json_atomic(path, data)
         return data
 

@@ -163,6 +163,8 @@ def input_gene_names(
     use_raw: bool = False,
     gene_key: str | None = None,
     gene_table: str | None = None,
+    species: str | None = None,
+    target_species: str | None = None,
 ) -> list[str]:
     """The gene name of every input column as the data module matches it: read from ``gene_column`` / var_names,
     brought to ``gene_key`` (the vocabulary's "symbol" / "ensembl": a var column of that kind or the shipped
@@ -174,7 +176,9 @@ def input_gene_names(
 
     var = adata.raw.var if use_raw else adata.var
     table, label = (load_table(gene_table), table_name(gene_table)) if gene_table else (None, None)
-    names, _ = resolve_gene_names(var, gene_key, gene_column, table=table, table_label=label)
+    names, _ = resolve_gene_names(
+        var, gene_key, gene_column, table=table, table_label=label, species=species, target_species=target_species
+    )
     return list(ad.utils.make_index_unique(pd.Index(np.asarray(names).astype(str))))
 
 
@@ -186,6 +190,7 @@ def unmapped_cells(
     use_raw: bool = False,
     chunk_rows: int = 4096,
     gene_table: str | None = None,
+    species: str | None = None,
 ) -> np.ndarray:
     """(n_cells,) bool: cells with no non-zero value in a gene of ``vocab`` (nothing for the model to read).
 
@@ -194,7 +199,11 @@ def unmapped_cells(
     """
     matrix = adata.raw.X if use_raw else adata.X
     where = ".raw.X" if use_raw else "X"
-    genes = input_gene_names(adata, gene_column, use_raw, vocab.keyed_by, gene_table)
+    from data_modules.species import vocab_species
+
+    genes = input_gene_names(
+        adata, gene_column, use_raw, vocab.keyed_by, gene_table, species, vocab_species(vocab.genes)
+    )
     known = vocab.map_genes(genes).ids >= 0  # (G,)
     if not known.any():
         hint = (
@@ -255,6 +264,7 @@ def embed_h5ad(
     seed: int = 0,
     progress: bool = True,
     drop_unmapped_cells: bool = False,
+    species: str | None = None,
 ) -> Path:
     """Embed every cell of ``input_path`` with ``checkpoint``; write the input AnnData (same obs_names) +
     ``obsm[key]``.
@@ -271,7 +281,7 @@ def embed_h5ad(
     adata = read_h5ad_checked(input_path, "--input")
     check_input_layout(adata, input_path, gene_column, use_raw, batch_key)
     model, vocab = load_for_inference(checkpoint)
-    unmapped = unmapped_cells(adata, input_path, vocab, gene_column, use_raw, gene_table=gene_table)
+    unmapped = unmapped_cells(adata, input_path, vocab, gene_column, use_raw, gene_table=gene_table, species=species)
     cfg = model.config()
     if (cfg.get("dsbn") or cfg.get("use_batch_labels")) and batch_key is None:
         raise EmbedInputError(
@@ -286,7 +296,7 @@ def embed_h5ad(
         batch_key=batch_key,
         layout=layout,
         tokenizer={"cls_value": cls_value},
-        preprocess={"gene_column": gene_column, "use_raw": use_raw, "gene_table": gene_table},
+        preprocess={"gene_column": gene_column, "use_raw": use_raw, "gene_table": gene_table, "species": species},
         include_zero_genes=include_zero_genes,
         val_fraction=0.0,
         batch_size=batch_size,

@@ -16,6 +16,7 @@ import torch
 from torch import nn
 
 from data_modules.batch import Batch
+from scgpt_train import adapters
 from scgpt_train.objectives import total_loss
 from scgpt_train.objectives.per_gene import PerGeneMean, per_gene_ratios
 
@@ -53,6 +54,8 @@ def fused_optimizer_kwargs(factory: Callable, device_type: str) -> dict:
 
 
 class ScGPTLitModule(pl.LightningModule):
+    peft: dict | None = None  # set by scgpt_train.adapters.apply_peft (peft=lora / ia3)
+
     def __init__(
         self,
         net: nn.Module,
@@ -87,8 +90,11 @@ class ScGPTLitModule(pl.LightningModule):
         if self.vocab is not None:
             checkpoint["vocab"] = self.vocab
         checkpoint["per_gene_mean"] = self.per_gene.state_dict()
+        if self.peft:  # adapters + heads only, and the base checkpoint's path and sha256
+            adapters.trim_checkpoint(self, checkpoint)
 
     def on_load_checkpoint(self, checkpoint: dict) -> None:
+        adapters.check_resume(self, checkpoint)
         if self.vocab is None and checkpoint.get("vocab") is not None:
             self.vocab = dict(checkpoint["vocab"])
         if checkpoint.get("per_gene_mean") is not None:  # absent in checkpoints written before it existed

@@ -22,6 +22,7 @@ from rich.table import Table
 
 from data_modules.atomic import write_json_atomic
 from data_modules.vocab import GeneVocab, VocabError
+from scgpt_train.adapters import apply_peft
 from scgpt_train.callbacks import RunSummary
 from scgpt_train.compat import set_hydra_subprocess_cmd
 from scgpt_train.config_checks import check_config
@@ -66,6 +67,7 @@ def build_modules(cfg: DictConfig) -> tuple[pl.LightningDataModule, pl.Lightning
         cfg.model, net=model_kwargs_from_data(datamodule), objectives=objectives, vocab=datamodule.vocab.token_to_id
     )
     source = f"the checkpoint {cfg.pretrained}" if cfg.get("pretrained") else "the model config"
+    module.peft = apply_peft(module, cfg.get("peft"), cfg.get("pretrained"), cfg.model.get("freeze"))  # peft=lora|ia3
     module.model.layout.check_compatible(datamodule.layout, model_source=source)
     return datamodule, module
 

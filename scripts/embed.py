@@ -60,6 +60,12 @@ def run(argv=None) -> int:
         "input's gene ids are not the vocabulary's (default: the GENCODE v44 table shipped with celltypist)",
     )
     p.add_argument("--use-raw", action="store_true", help="read .raw instead of X")
+    p.add_argument(
+        "--species",
+        default=None,
+        help="the cells' species (human, mouse, rhesus, cynomolgus, pig; default: detected from the gene names); "
+        "another species than the checkpoint's maps through one-to-one orthologs (docs/finetuning.md)",
+    )
     p.add_argument("--batch-key", default=None, help="obs column with batches (models with DSBN / batch labels)")
     p.add_argument("--cls-value", type=float, default=None, help="value at <cls> (default: the pad value, -2)")
     p.add_argument("--no-normalize", action="store_true", help="write raw (not L2-normalized) embeddings")
@@ -91,6 +97,7 @@ def run(argv=None) -> int:
         device=args.device,
         seed=args.seed,
         drop_unmapped_cells=args.drop_unmapped_cells,
+        species=args.species,
     )
     print(f"wrote {out}")
     return 0

@@ -38,6 +38,8 @@ import pytest
 from conftest import FIXTURES, ROOT
 from helpers.mirror import write_10x_arc_h5, write_gzipped_h5ad
 
+from data_modules.species import ortholog_map
+
 DOC_FILES = [ROOT / "README.md", *sorted((ROOT / "docs").glob("*.md"))]
 PAPER_EXPERIMENTS = re.compile(
     r"experiment=finetune_\w+_(ms|myeloid|hpancreas|covid19|pbmc10k|perirhinal|adamson|norman|replogle\w*|bmmc|pbmc_multiome|asap_mosaic)\b"
@@ -196,6 +198,8 @@ def workspace(tmp_path_factory, demo_corpus) -> tuple[Path, dict]:
     for i, name in enumerate(("ref.h5ad", "query.h5ad", "in.h5ad")):
         _h5ad(ws / name, genes, counts=False, seed=10 + i)
     _h5ad(ws / "immune_human.h5ad", genes, counts=False, seed=13, label_key="final_annotation")  # the GRN dataset
+    orthologs = ortholog_map("human", "mouse").one_to_one  # mouse.h5ad: the fixture's genes as mouse symbols
+    _h5ad(ws / "mouse.h5ad", [orthologs.get(g, g.capitalize()) for g in genes], counts=True, seed=14)
     for i, name in enumerate(("atlas/a.h5ad", "atlas/b.h5ad")):
         _h5ad(ws / name, genes, counts=True, seed=20 + i)
     (ws / "genes.txt").write_text("\n".join(genes[:40]) + "\n")

@@ -229,7 +229,12 @@ def test_a_mistyped_data_path_is_refused_not_filled_with_demo_cells(tmp_path):
         with pytest.raises(DemoPathError, match=rf"data.path={typo} does not exist. Only the demo's own file"):
             run(_compose([f"experiment={experiment}", *over]))
         assert not typo.exists()
-    bench = {"name": "annotation_demo", "task": "annotation", "experiment": "finetune_annotation_demo"}
+    bench = {
+        "name": "annotation_demo",
+        "_target_": "scgpt_train.benchmarks.finetune.run_finetune_benchmark",
+        "task": "annotation",
+        "experiment": "finetune_annotation_demo",
+    }
     from hydra import initialize_config_dir
 
     with initialize_config_dir(str(ROOT / "configs"), version_base="1.3"), pytest.raises(DemoPathError, match="typo"):

@@ -56,6 +56,7 @@ def resolve_input_genes(
     table_label: str | None = None,
     log=print_log,
     prefer_column: bool = False,
+    species: str | None = None,
 ) -> tuple[GeneVocab | None, dict[str, str] | None, list[dict]]:
     """Detect per input whether its genes are Ensembl ids or symbols and bring all to one key: the vocabulary's
     (``--vocab``), else symbols when any input uses them. An input in the other key is mapped through a var column
@@ -80,6 +81,7 @@ def resolve_input_genes(
                 vocab=vocab,
                 where=where,
                 prefer_column=prefer_column,
+                species=species,  # --species; other species than the vocabulary's map through orthologs
             )
             if rep.input_key != target and guess_gene_key(names) != target:
                 kinds = {"ensembl": "Ensembl ids", "symbol": "gene symbols"}
@@ -102,6 +104,7 @@ def resolve_input_genes(
             resolved.append(names)
             reports.append({"name": src.name, "path": where, **rep.as_dict()})
             notable = rep.method != "as stored" or rep.n_duplicates or rep.n_version_stripped or len(set(keys)) > 1
+            notable = notable or (rep.species is not None and rep.species["species"] != rep.species["target"])
             if notable:
                 log(f"{src.name}: {rep.summary()}")
             if vocab is not None:
@@ -219,6 +222,11 @@ def build_parser() -> argparse.ArgumentParser:
         "with examples): use the column's symbols (default: the ids decide)",
     )
     h.add_argument("--use-raw", action="store_true", help="read .raw.X / .raw.var instead of X / var")
+    h.add_argument(
+        "--species",
+        help="the inputs' species (human, mouse, rhesus, cynomolgus, pig; default: detected per input from the gene "
+        "names); with --vocab of another species, genes map through one-to-one orthologs (docs/corpus_format.md)",
+    )
     h.add_argument("--layer", help="read layers[LAYER] (e.g. counts) instead of X")
     h.add_argument(
         "--obs-columns",
@@ -354,7 +362,7 @@ def build_main(argv: list[str] | None = None) -> int:
                 source.gene_column = column
             label = table_name(args.gene_table) if args.gene_table else None
             common["vocab"], table, id_reports = resolve_input_genes(
-                sources, vocab, table, label, log, prefer_column=args.prefer_gene_column
+                sources, vocab, table, label, log, prefer_column=args.prefer_gene_column, species=args.species
             )
             manifest = convert_sources(
                 sources,

@@ -191,6 +191,10 @@ def load_checkpoint(path, **overrides) -> tuple[ScGPT, dict | None]:
     obj = torch.load(path, map_location="cpu", weights_only=False)
     if isinstance(obj, dict) and obj.get("format") == FORMAT:
         cfg, sd, vocab = dict(obj["model_config"]), obj["state_dict"], obj.get("vocab")
+    elif isinstance(obj, dict) and "peft" in obj and "hyper_parameters" in obj:  # a peft= run: base + adapters
+        from scgpt_train.adapters import load_adapter_checkpoint
+
+        return load_adapter_checkpoint(path, obj, overrides)
     elif isinstance(obj, dict) and "state_dict" in obj and "hyper_parameters" in obj:  # Lightning
         hp = obj["hyper_parameters"]
         cfg = hp.get("model")

