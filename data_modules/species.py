@@ -21,12 +21,12 @@ from __future__ import annotations
 
 import re
 from collections import Counter
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import asdict, dataclass, field
 from functools import cache
 from pathlib import Path
 
-from data_modules.vocab import SYMBOL_COLUMNS, VocabError, _column_names, _column_of_key
+from data_modules.errors import UserInputError
 
 SPECIES = ("human", "mouse", "rhesus", "cynomolgus", "pig")
 ORTHOLOG_TABLES = {
@@ -41,7 +41,7 @@ _MOUSE_STYLE = re.compile(r"^[A-Z][a-z0-9]*[a-z][a-z0-9.\-]*$")  # Cd3e, Gm12345
 _HUMAN_STYLE = re.compile(r"^[^a-z]*[A-Z][^a-z]*$")  # CD3E, MT-CO1, RP11-34P13.7 (no lowercase letter)
 
 
-class SpeciesError(VocabError):
+class SpeciesError(UserInputError):
     """A species name or gene list that cannot be mapped (unknown species, no table between the two)."""
 
 
@@ -183,11 +183,17 @@ def vocab_species(genes: Sequence[str]) -> str:
 
 
 def species_names(
-    var, names: list[str], gene_column: str | None, species: str | None, target: str | None, where: str
+    names: list[str],
+    symbols_column: Callable[[], tuple[str, list[str]] | None],
+    species: str | None,
+    target: str | None,
+    where: str,
+    columns: Sequence[str] = (),
 ) -> tuple[list[str], SpeciesReport | None, bool]:
     """Step 0 of :func:`data_modules.vocab.resolve_gene_names`: ``names`` (read from var) brought to the ``target``
-    species through one-to-one orthologs. Ensembl ids of another species are first read as symbols from a var column
-    (``gene_symbols`` ...). Returns (names, report or None when nothing was asked or detected, translated?)."""
+    species through one-to-one orthologs. Ensembl ids of another species are first read as symbols from the var
+    column ``symbols_column()`` finds, as (name, values) or None (``columns``: every var column, for the message).
+    Returns (names, report or None when nothing was asked or detected, translated?)."""
     forced = check_species(species, "species")
     if forced is None and target is None:
         return names, None, False
@@ -197,14 +203,15 @@ def species_names(
         return names, SpeciesReport(src, target, how, n_genes=len(names), n_mapped=len(names)), False
     symbols = names
     if sum(bool(_ID_RE.match(n)) for n in names) * 2 > len(names):  # ids of another species: their symbols first
-        column = None if gene_column is not None else _column_of_key(var, SYMBOL_COLUMNS, "symbol")
-        if column is None:
+        found = symbols_column()
+        if found is None:
             raise SpeciesError(
                 f"{where}: its genes are {src} Ensembl ids (e.g. {names[:2]}) and the vocabulary is {target}; the "
-                f"ortholog tables pair gene symbols, and no var column holds symbols (columns: {list(var.columns)[:10]}"
+                f"ortholog tables pair gene symbols, and no var column holds symbols (columns: {list(columns)[:10]}"
                 f"). Add a gene_symbols column, or pass the column holding symbols as the gene column"
             )
-        symbols = [s or n for s, n in zip(_column_names(var, column), names, strict=True)]
+        column, values = found
+        symbols = [s or n for s, n in zip(values, names, strict=True)]
         how += f"; symbols from var[{column!r}]"
     report = SpeciesReport(src, target, how)
     return ortholog_map(src, target).translate(symbols, report), report, True

@@ -396,7 +396,14 @@ def resolve_gene_names(
     from data_modules.species import species_names, vocab_species
 
     target_species = target_species or (vocab_species(vocab.genes) if vocab is not None else None)
-    original, species_report, translated = species_names(var, original, gene_column, species, target_species, where)
+
+    def symbols_column():  # read only when another species' Ensembl ids need their symbols
+        at = None if gene_column is not None else _column_of_key(var, SYMBOL_COLUMNS, "symbol")
+        return (at, _column_names(var, at)) if at is not None else None
+
+    original, species_report, translated = species_names(
+        original, symbols_column, species, target_species, where, [str(c) for c in var.columns]
+    )
     input_key = guess_gene_key([g for g in original if g])
     target = vocab.keyed_by if vocab is not None else (target_key or input_key)
     source = f"var[{gene_column!r}]" if gene_column else "var_names"

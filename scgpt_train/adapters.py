@@ -206,15 +206,10 @@ def merge_adapters(net: nn.Module) -> nn.Module:
     return net
 
 
-def load_adapter_checkpoint(path, obj: dict, overrides: dict, base=None):
-    """(merged ScGPT, vocab) from a PEFT run's Lightning checkpoint ``obj`` (read from ``path``). The base comes from
-    the path recorded in the checkpoint (or ``base``) and must have the recorded sha256."""
-    from scgpt_train.checkpoints import apply_overrides, load_checkpoint, load_into
-    from scgpt_train.checkpoints.mapping import upgrade_config
-    from scgpt_train.model import ScGPT
-
-    record = obj["peft"]
-    base_path = Path(base or record["base"]["path"])
+def adapter_base(path, record: dict) -> Path:
+    """The base checkpoint a PEFT run's checkpoint (read from ``path``; ``record`` = its ``"peft"`` entry) was trained
+    on: it must exist at the recorded path and have the recorded sha256."""
+    base_path = Path(record["base"]["path"])
     if not base_path.exists():
         raise AdapterBaseError(
             f"{path}: its adapters need the base checkpoint {base_path}, which does not exist; put the base back "
@@ -227,11 +222,13 @@ def load_adapter_checkpoint(path, obj: dict, overrides: dict, base=None):
             f"one with sha256 {record['base']['sha256'][:12]}...: it is another file (retrained or replaced), so the "
             "adapters would be applied to the wrong weights. Restore the original base checkpoint"
         )
-    hp = obj.get("hyper_parameters", {})
-    cfg = apply_overrides(upgrade_config(dict(hp["model"])), overrides, path)
-    base_model, _ = load_checkpoint(base_path)
-    model = ScGPT(**cfg)
-    load_into(model, base_model.state_dict(), source=str(base_path))
+    return base_path
+
+
+def merge_adapter_state(path, model: nn.Module, obj: dict) -> nn.Module:
+    """Put the adapters of a PEFT run's checkpoint ``obj`` (read from ``path``) on ``model`` (the base weights
+    already loaded), load the trained adapter and head weights, and merge the adapters into the projections."""
+    record = obj["peft"]
     inject(model, record["config"], int(record.get("skip_layers", 0)))
     sd = {k[len("model.") :]: v for k, v in obj["state_dict"].items() if k.startswith("model.")}
     result = model.load_state_dict(sd, strict=False)
@@ -241,7 +238,4 @@ def load_adapter_checkpoint(path, obj: dict, overrides: dict, base=None):
     absent = [k for k in adapter_keys if k not in sd]
     if absent:
         raise ValueError(f"{path}: the adapter checkpoint lacks {len(absent)} adapter weights (e.g. {absent[:3]})")
-    merge_adapters(model)
-    model.load_report = getattr(base_model, "load_report", None)
-    vocab = hp.get("vocab") or obj.get("vocab")
-    return model, (dict(vocab) if vocab is not None else None)
+    return merge_adapters(model)

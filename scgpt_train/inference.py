@@ -87,18 +87,64 @@ def load_for_inference(
     return model, vocab
 
 
-def read_h5ad_checked(path, option: str, error: type[Exception] = None):
-    """The AnnData of ``path``; a missing or unreadable file raises ``error`` (default :class:`EmbedInputError`)
-    naming the command-line ``option`` that gave it."""
+def read_h5ad_checked(path, option: str, error: type[Exception] = None, use_raw: bool = False):
+    """The AnnData of ``path``, checked where it enters: a missing, non-HDF5 or unreadable (truncated) file, no cells,
+    no genes, and NaN / inf / negative values in the matrix that will be read (``.raw.X`` with ``use_raw``) raise
+    ``error`` (default :class:`EmbedInputError`) naming the command-line ``option``, the file, and the first
+    offending cell and gene; repeated gene names are a warning (:func:`check_expression`)."""
     import anndata as ad
+    import h5py
 
     error = error or EmbedInputError
     if not Path(path).is_file():
         raise error(f"{option} {path} does not exist (or is not a file); point it at an .h5ad file")
+    if not h5py.is_hdf5(path):
+        raise error(f"{option} {path} is not an HDF5 (.h5ad) file; write it with AnnData.write_h5ad")
     try:
-        return ad.read_h5ad(path)
+        adata = ad.read_h5ad(path)
     except (OSError, KeyError, ValueError) as e:
-        raise error(f"{option} {path} cannot be read as h5ad ({e}); re-export it") from None
+        raise error(
+            f"{option} {path} cannot be read as h5ad ({e}); it may be truncated: copy or export it again"
+        ) from None
+    check_expression(adata, f"{option} {path}", error, use_raw)
+    return adata
+
+
+def check_expression(adata, where: str, error: type[Exception] = None, use_raw: bool = False, chunk_rows: int = 4096):
+    """Refuse an AnnData without cells or genes, or with NaN / inf / negative values (naming the first cell by its
+    obs name and the gene), and warn about repeated gene names (only the first of each can match a vocabulary)."""
+    error = error or EmbedInputError
+    if adata.n_obs == 0:
+        raise error(f"{where}: the input has no cells (X has 0 rows); check the file")
+    if use_raw and adata.raw is None:
+        return  # the caller refuses --use-raw without .raw, naming the option
+    matrix, var_names = (adata.raw.X, adata.raw.var_names) if use_raw else (adata.X, adata.var_names)
+    if matrix is None or len(var_names) == 0:
+        raise error(f"{where}: the input has no genes ({'.raw.X' if use_raw else 'X'} has 0 columns); check the file")
+    for lo in range(0, adata.n_obs, chunk_rows):
+        block = sp.csr_matrix(matrix[lo : lo + chunk_rows])  # (m, G), dense or sparse input alike
+        for bad, what, fix in (
+            (~np.isfinite(block.data), "a NaN or infinite value", "expression values are never NaN / inf"),
+            (block.data < 0, "a negative value", "expression is counts or log-normalized values, never negative "
+             "(scaled / regressed data cannot be turned back into expression)"),
+        ):  # fmt: skip
+            if bad.any():
+                p = int(np.argmax(bad))
+                row = lo + int(np.searchsorted(block.indptr, p, side="right") - 1)
+                raise error(
+                    f"{where}: {what} ({block.data[p]!r}) at cell {str(adata.obs_names[row])!r} (row {row}), gene "
+                    f"{str(var_names[int(block.indices[p])])!r} ({int(bad.sum())} such values in rows "
+                    f"{lo}-{lo + block.shape[0] - 1}); {fix}: fix the matrix upstream or drop the affected cells"
+                )
+    repeated = pd.Index(var_names)[pd.Index(var_names).duplicated()].unique()
+    if len(repeated):
+        log.warning(
+            "%s: %d gene names occur more than once (e.g. %s); only the first column of each can match the "
+            "vocabulary, the others are left out: sum or rename them (AnnData.var_names_make_unique) to keep them",
+            where,
+            len(repeated),
+            [str(g) for g in repeated[:5]],
+        )
 
 
 def l2_normalize(x: np.ndarray) -> np.ndarray:
@@ -278,7 +324,7 @@ def embed_h5ad(
     from data_modules.anndata_module import AnnDataModule
     from scgpt_train.evaluation.report import write_h5ad
 
-    adata = read_h5ad_checked(input_path, "--input")
+    adata = read_h5ad_checked(input_path, "--input", use_raw=use_raw)
     check_input_layout(adata, input_path, gene_column, use_raw, batch_key)
     model, vocab = load_for_inference(checkpoint)
     unmapped = unmapped_cells(adata, input_path, vocab, gene_column, use_raw, gene_table=gene_table, species=species)

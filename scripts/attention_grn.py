@@ -35,13 +35,11 @@ sys.path.insert(0, str(ROOT))
 
 
 def main(argv=None) -> int:
-    from data_modules.value_types import ValueTypeError
-    from data_modules.vocab import VocabError
-    from scgpt_train.tasks.attention_grn import GRNError
+    from scgpt_train.errors import UserInputError
 
     try:
         return run(argv)
-    except (GRNError, VocabError, ValueTypeError) as e:
+    except UserInputError as e:  # every refusal of an input (scgpt_train.errors)
         print(f"error: {e}", file=sys.stderr)
         return 2
 

@@ -31,12 +31,11 @@ sys.path.insert(0, str(ROOT))
 
 def main(argv=None) -> int:
     """``run`` with input errors (no cells, NaN / inf, options that do not fit the file) as status 2."""
-    from data_modules.vocab import VocabError
-    from scgpt_train.inference import EmbedInputError
+    from scgpt_train.errors import UserInputError
 
     try:
         return run(argv)
-    except (EmbedInputError, VocabError) as e:
+    except UserInputError as e:  # every refusal of an input (scgpt_train.errors)
         print(f"error: {e}", file=sys.stderr)
         return 2
 

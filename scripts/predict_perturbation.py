@@ -67,9 +67,8 @@ def parse(argv=None) -> argparse.Namespace:
 
 def main(argv=None) -> int:
     args = parse(argv)
-    from data_modules.perturbation.inputs import PerturbationInputError
-    from data_modules.vocab import VocabError
-    from scgpt_train.tasks.perturbation.predict import PredictionInputError, predict_h5ad
+    from scgpt_train.errors import UserInputError
+    from scgpt_train.tasks.perturbation.predict import predict_h5ad
 
     try:
         pred = predict_h5ad(
@@ -77,7 +76,7 @@ def main(argv=None) -> int:
             args.include_zero_genes, not args.drop_perturbed_zero_genes, args.unknown_genes, args.gene_column,
             args.device,
         )  # fmt: skip
-    except (PredictionInputError, PerturbationInputError, VocabError, FileNotFoundError) as e:
+    except (UserInputError, FileNotFoundError) as e:  # every refusal of an input (scgpt_train.errors)
         print(f"error: {e}", file=sys.stderr)
         return 2
     info = pred.uns["perturbation_prediction"]

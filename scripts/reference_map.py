@@ -33,13 +33,11 @@ sys.path.insert(0, str(ROOT))
 
 
 def main(argv=None) -> int:
-    from data_modules.store.format import CorpusFormatError
-    from data_modules.vocab import VocabError
-    from scgpt_train.inference import EmbedInputError
+    from scgpt_train.errors import UserInputError
 
     try:
         return run(argv)
-    except (EmbedInputError, VocabError, CorpusFormatError) as e:
+    except UserInputError as e:  # every refusal of an input (scgpt_train.errors)
         print(f"error: {e}", file=sys.stderr)
         return 2
 

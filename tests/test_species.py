@@ -84,7 +84,7 @@ def mouse_h5ad(tmp_path_factory):
     import scanpy as sc
     from sklearn.cluster import KMeans
 
-    from scgpt_train.tasks.resources import fetch_mouse_demo
+    from scgpt_train.resources.pypi import fetch_mouse_demo
 
     adata = ad.read_h5ad(fetch_mouse_demo(log=lambda *_: None))
     norm = adata.copy()

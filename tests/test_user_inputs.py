@@ -260,7 +260,7 @@ def test_generic_multiomic_experiment_withholds_a_modality_from_the_file_it_read
 
     from data_modules.multiomic.inputs import MultiomicInputError
     from scgpt_train.benchmarks.harness import data_source_note
-    from scgpt_train.tasks.multiomic.benchmark import _data_used
+    from scgpt_train.benchmarks.multiomic import _data_used
 
     def data_module(withhold: str):
         over = ["experiment=finetune_multiomic", f"data.path={paired}", f"data.withhold={withhold}"]
@@ -375,7 +375,7 @@ def test_zero_shot_reference_mapping_flags_majority_predictions(cells, tmp_path,
     """The zero-shot kNN transfer (api.reference_map, the zeroshot benchmark) gets the same flags: a reference whose
     labels are 98% one class and do not follow the expression yields predictions no better than that class."""
     from scgpt_train import api
-    from scgpt_train.tasks.reference_map.benchmark import collapse_marks
+    from scgpt_train.benchmarks.zeroshot import collapse_marks
 
     skewed = cells["counts"].copy()
     skewed.obs["cell_type"] = np.where(np.random.default_rng(1).random(skewed.n_obs) < 0.02, "B", "A")

@@ -192,9 +192,17 @@ def load_checkpoint(path, **overrides) -> tuple[ScGPT, dict | None]:
     if isinstance(obj, dict) and obj.get("format") == FORMAT:
         cfg, sd, vocab = dict(obj["model_config"]), obj["state_dict"], obj.get("vocab")
     elif isinstance(obj, dict) and "peft" in obj and "hyper_parameters" in obj:  # a peft= run: base + adapters
-        from scgpt_train.adapters import load_adapter_checkpoint
+        from scgpt_train.adapters import adapter_base, merge_adapter_state
 
-        return load_adapter_checkpoint(path, obj, overrides)
+        hp = obj.get("hyper_parameters", {})
+        base_path = adapter_base(path, obj["peft"])
+        base_model, _ = load_checkpoint(base_path)
+        model = ScGPT(**apply_overrides(upgrade_config(dict(hp["model"])), overrides, path))
+        load_into(model, base_model.state_dict(), source=str(base_path))
+        merge_adapter_state(path, model, obj)
+        model.load_report = getattr(base_model, "load_report", None)
+        vocab = hp.get("vocab") or obj.get("vocab")
+        return model, (dict(vocab) if vocab is not None else None)
     elif isinstance(obj, dict) and "state_dict" in obj and "hyper_parameters" in obj:  # Lightning
         hp = obj["hyper_parameters"]
         cfg = hp.get("model")

@@ -132,14 +132,15 @@ def run_attention_grn(
 
     from scgpt_train.evaluation.baselines import log_normalized
     from scgpt_train.evaluation.report import markdown_table, write_json, write_text
+    from scgpt_train.inference import check_expression, read_h5ad_checked
 
     say = print if progress else (lambda *a, **k: None)
     t0 = time.perf_counter()
     where = "the AnnData"
     if not isinstance(adata, ad.AnnData):
-        if not Path(adata).is_file():
-            raise GRNError(f"--adata {adata} does not exist")
-        where, adata = str(adata), ad.read_h5ad(adata)
+        where, adata = str(adata), read_h5ad_checked(adata, "--adata", GRNError)
+    else:
+        check_expression(adata, where, GRNError)
     resource = read_tf_targets(tf_targets)
     model, vocab = load_grn_model(checkpoint)
     style = input_style(model, style)

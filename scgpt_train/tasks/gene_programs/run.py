@@ -92,7 +92,7 @@ def run_gene_programs(
     adata = x_log = None
     names: list[str] = []
     if adata_path is not None:
-        adata = read_h5ad_checked(adata_path, "--adata", GeneProgramError)
+        adata = read_h5ad_checked(adata_path, "--adata", GeneProgramError, use_raw)
         if label_key is not None and label_key not in adata.obs.columns:
             raise GeneProgramError(
                 f"--adata {adata_path}: --label-key {label_key!r} is not an obs column "

@@ -80,7 +80,7 @@ def embed_adata(
     from data_modules.anndata_module import AnnDataModule
 
     if adata is None:
-        adata = read_h5ad_checked(path, "--query", ReferenceMapError)
+        adata = read_h5ad_checked(path, "--query", ReferenceMapError, use_raw)
     check_input_layout(adata, path, gene_column, use_raw, None)
     unmapped = unmapped_cells(adata, path, vocab, gene_column, use_raw, gene_table=gene_table)
     layout = model.layout if max_seq_len is None else model.layout.replace(max_seq_len=max_seq_len)

@@ -97,13 +97,13 @@ def run_reference_map(
             f"--reference {reference} is neither an .h5ad file nor a corpus directory (no manifest.json)"
         )
     t0 = time.perf_counter()
-    q_adata = read_h5ad_checked(query, "--query", ReferenceMapError)
+    q_adata = read_h5ad_checked(query, "--query", ReferenceMapError, use_raw)
     q_truth = obs_labels(q_adata.obs, label_key, query, "--query") if label_key in q_adata.obs.columns else None
     ref_adata = None
     if atlas:
         check_corpus_label(reference, label_key)
     else:
-        ref_adata = read_h5ad_checked(reference, "--reference", ReferenceMapError)
+        ref_adata = read_h5ad_checked(reference, "--reference", ReferenceMapError, use_raw)
         ref_labels = obs_labels(ref_adata.obs, label_key, reference, "--reference")
     model, vocab = load_model(checkpoint)
     embed_kw = dict(
