@@ -155,21 +155,28 @@ def download_sdist(name: str, version: str, sdists_dir: Path) -> Path:
     return _pip_download(name, version, sdists_dir, pattern, "sdist", ["--no-binary", ":all:"])
 
 
-def fetch_citeseq_demo(cache_dir: str | os.PathLike | None = None, log=print) -> Path:
-    """``<cache>/resources/pbmc_10k_protein_v3.h5ad``: the CITE-seq test file of the scvi-tools 1.4.2 sdist
-    (downloaded into ``<cache>/sdists/``; scvi-tools is not installed from it), sha256 recorded in
-    ``resources.json``; a file already there with its recorded digest is not fetched again."""
+def fetch_sdist_member(
+    package: tuple[str, str], member: str, filename: str, cache_dir: str | os.PathLike | None = None, log=print
+) -> Path:
+    """``<cache>/resources/<filename>``: one ``member`` of the ``package`` (name, version) sdist, downloaded into
+    ``<cache>/sdists/`` (the package is not installed from it), sha256 recorded in ``resources.json``; a file
+    already there with its recorded digest is not fetched again."""
     cache = Path(cache_dir) if cache_dir else default_cache_dir()
     manifest = resource_manifest(cache / "resources")
-    dest = cache / "resources" / CITESEQ_FILE
+    dest = cache / "resources" / filename
     if manifest.is_current(dest):
         return dest
-    sdist = download_sdist(*SCVI_TOOLS, cache / "sdists")
-    extract_member(sdist, CITESEQ_MEMBER, dest)
-    manifest.record(dest, source=f"{sdist.name}, member {CITESEQ_MEMBER}")
+    sdist = download_sdist(*package, cache / "sdists")
+    extract_member(sdist, member, dest)
+    manifest.record(dest, source=f"{sdist.name}, member {member}")
     manifest.save()
-    log(f"extracted {CITESEQ_MEMBER} from {sdist.name} -> {dest}")
+    log(f"extracted {member} from {sdist.name} -> {dest}")
     return dest
+
+
+def fetch_citeseq_demo(cache_dir: str | os.PathLike | None = None, log=print) -> Path:
+    """The CITE-seq test file of the scvi-tools 1.4.2 sdist (the multi-omic demo cells; :func:`fetch_sdist_member`)."""
+    return fetch_sdist_member(SCVI_TOOLS, CITESEQ_MEMBER, CITESEQ_FILE, cache_dir, log)
 
 
 SCVELO = ("scvelo", "0.3.4")
@@ -178,20 +185,9 @@ MOUSE_FILE = "dentategyrus_100obs.h5ad"  # 100 mouse dentate gyrus cells x 13,91
 
 
 def fetch_mouse_demo(cache_dir: str | os.PathLike | None = None, log=print) -> Path:
-    """``<cache>/resources/dentategyrus_100obs.h5ad``: real mouse cells (cross-species mapping, data_modules/species.py)
-    from the test data of the scvelo 0.3.4 sdist (into ``<cache>/sdists/``; scvelo is not installed from it), sha256
-    recorded in ``resources.json``; a file already there with its recorded digest is not fetched again."""
-    cache = Path(cache_dir) if cache_dir else default_cache_dir()
-    manifest = resource_manifest(cache / "resources")
-    dest = cache / "resources" / MOUSE_FILE
-    if manifest.is_current(dest):
-        return dest
-    sdist = download_sdist(*SCVELO, cache / "sdists")
-    extract_member(sdist, MOUSE_MEMBER, dest)
-    manifest.record(dest, source=f"{sdist.name}, member {MOUSE_MEMBER}")
-    manifest.save()
-    log(f"extracted {MOUSE_MEMBER} from {sdist.name} -> {dest}")
-    return dest
+    """Real mouse cells from the scvelo 0.3.4 sdist's test data (cross-species mapping, data_modules/species.py;
+    :func:`fetch_sdist_member`)."""
+    return fetch_sdist_member(SCVELO, MOUSE_MEMBER, MOUSE_FILE, cache_dir, log)
 
 
 def main() -> int:
