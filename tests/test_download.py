@@ -220,12 +220,12 @@ def test_one_extract_member_reads_wheels_and_sdists_and_one_manifest_both_record
     m.record(tmp_path / "out_w.whl.txt", source="w.whl")
     m.save()
     assert set(Manifest(tmp_path, "resources.json", "files").entries) == {"a.txt", "out_w.whl.txt"}
-    shared = tmp_path / "shared"  # a cache whose files are links into a shared one (the docs-commands workspace)
-    shared.mkdir()
-    (shared / "a.txt").symlink_to(tmp_path / "a.txt")
-    linked = Manifest(shared, "resources.json", "files")
-    linked.record(shared / "a.txt", source="link")
-    assert list(linked.entries) == ["a.txt"] and linked.is_current(shared / "a.txt")
+    links = tmp_path / "links"  # a cache whose files are links into another one (the docs-commands workspace)
+    links.mkdir()
+    (links / "a.txt").symlink_to(tmp_path / "a.txt")
+    linked = Manifest(links, "resources.json", "files")
+    linked.record(links / "a.txt", source="link")
+    assert list(linked.entries) == ["a.txt"] and linked.is_current(links / "a.txt")
     (tmp_path / "a.txt").write_text("changed\n")
     with pytest.raises(KeyError, match="a.txt: sha256 .* differs from the recorded"):
         m.verify(tmp_path / "a.txt", KeyError)
