@@ -126,22 +126,47 @@ def unlabeled_mask(values: pd.Series) -> np.ndarray:
 class AnnDataModule(FineTuneDataModule):
     """Fine-tuning data from one h5ad (optionally + a query h5ad). Plain constructor values (Hydra).
 
-    Args (main ones):
-      path / query_path: reference (or all cells) and optional query h5ad.
-      builder: callable(path) that writes ``path`` when it does not exist (the demos).
-      label_key / batch_key: obs columns with cell types / batches (either may be None).
-      vocab: vocab.json, official checkpoint dir, imported .pt or Lightning .ckpt; None = the dataset's genes.
-      preprocess: PreprocessConfig fields (normalize_total, log1p, value_type, n_hvg, hvg_flavor, use_raw,
-        gene_column...). The values are inspected first (data_modules/value_types.py: counts, log1p, normalized) and
-        get the steps the recipe's normalize_total / log1p need; ``value_reports`` / data_report.json say which.
-      layer: read ``layers[layer]`` (e.g. "counts") instead of X.
-      layout: the TokenLayout (max_seq_len, n_bins, value_style, pad / mask values) shared with the model.
-      tokenizer: the other TokenizerConfig fields (cls_value, mlm_prob).
-      query_key + query_values / query_fraction: the query split when there is no query file.
-      train_on: "reference" (annotation) or "all" (integration: every cell, query included, is trained on).
-      model_outputs: which data-decided model kwargs to expose: "n_cls", "num_batch_labels".
-      drop_unlabeled: cells whose ``label_key`` is empty (NaN / None / "") are refused by default (the file, the
-        count and examples named); true leaves them out and reports how many.
+    Parameters
+    ----------
+    path, query_path : str
+        The reference (or all cells) and an optional query h5ad.
+    builder : callable, optional
+        ``builder(path)`` writes ``path`` when it does not exist (the demos).
+    label_key, batch_key : str, optional
+        obs columns with cell types / batches (either may be None).
+    vocab : str, optional
+        vocab.json, official checkpoint dir, imported .pt or Lightning .ckpt; None = the dataset's genes.
+    preprocess : dict or PreprocessConfig, optional
+        PreprocessConfig fields (normalize_total, log1p, value_type, n_hvg, hvg_flavor, use_raw, gene_column,
+        prefer_gene_column...). The values are inspected first (data_modules/value_types.py: counts, log1p,
+        normalized) and get the steps the recipe's normalize_total / log1p need; ``value_reports`` /
+        data_report.json say which.
+    layer : str, optional
+        Read ``layers[layer]`` (e.g. "counts") instead of X.
+    layout : TokenLayout or dict, optional
+        The TokenLayout (max_seq_len, n_bins, value_style, pad / mask values) shared with the model.
+    tokenizer : dict, optional
+        The other TokenizerConfig fields (cls_value, mlm_prob).
+    include_zero_genes : bool
+        Every model gene per cell, zeros as bin 0 (the official ``include_zero_gene``).
+    query_key, query_values, query_fraction
+        The query split when there is no query file: cells whose ``obs[query_key]`` is in ``query_values``, or a
+        stratified ``query_fraction`` hold-out.
+    train_on : str
+        ``reference`` (annotation) or ``all`` (integration: every cell, query included, is trained on).
+    val_fraction : float
+        The stratified validation share of the training pool.
+    batch_size, val_batch_size, num_workers, seed, report_path
+        As :class:`~data_modules.finetune.FineTuneDataModule`.
+    backed : bool
+        Read X row by row from the file (no HVG selection, no use_raw, values as stored).
+    model_outputs : sequence of str
+        Which data-decided model kwargs to expose: ``n_cls``, ``num_batch_labels``.
+    drop_unlabeled : bool
+        Cells whose ``label_key`` is empty (NaN / None / "") are refused by default (the file, the count and
+        examples named); true leaves them out and reports how many.
+    species : str, optional
+        The input's species (data_modules/species.py); None = detected.
     """
 
     def __init__(

@@ -46,16 +46,39 @@ class MultiomicCollate:
 
 
 class MultiomicDataModule(FineTuneDataModule):
-    """Args (plain values, Hydra):
-    path: .h5mu or paired .h5ad; builder: callable(path) writing it when absent (the demo).
-    modalities: {name: ModalityRecipe fields} (kind rna / protein / atac, key, layer, recipe switches).
-    use_modalities: the subset of ``modalities`` that becomes tokens (None = all; [RNA] = the RNA-only model).
-    label_key / batch_key: obs columns (in a .h5mu also ``<mod>:<column>``).
-    vocab: a checkpoint (official dir, .pt, .ckpt) or vocab.json whose tokens keep their ids; None = from scratch.
-    unknown_genes: append | drop RNA genes the checkpoint lacks. token_rule: paper | nonzero | all.
-    withhold: {modality, key, values}: the mosaic variant of whatever file is read: cells whose obs[key] is in
-      ``values`` lose ``modality`` (as if never measured); refused when the data has no such modality / cells.
-    layout: the shared TokenLayout; cls_value: input value at <cls> (official fine-tuning: 0); mask_ratio: MLM.
+    """Paired or mosaic multi-omic fine-tuning data (plain constructor values, Hydra).
+
+    Parameters
+    ----------
+    path : str
+        .h5mu or paired .h5ad; ``builder``: callable(path) writing it when absent (the demo).
+    modalities : dict
+        {name: ModalityRecipe fields} (kind rna / protein / atac, key, layer, recipe switches).
+    use_modalities : list of str, optional
+        The subset of ``modalities`` that becomes tokens (None = all; [RNA] = the RNA-only model).
+    label_key, batch_key : str, optional
+        obs columns (in a .h5mu also ``<mod>:<column>``).
+    vocab : str, optional
+        A checkpoint (official dir, .pt, .ckpt) or vocab.json whose tokens keep their ids; None = from scratch.
+    unknown_genes : str
+        ``append`` | ``drop`` RNA genes the checkpoint lacks.
+    token_rule : str
+        ``paper`` | ``nonzero`` | ``all``.
+    layout : TokenLayout or dict, optional
+        The shared TokenLayout.
+    cls_value : float
+        Input value at ``<cls>`` (official fine-tuning: 0).
+    mask_ratio : float, optional
+        MLM masking ratio (None: no masking).
+    val_fraction : float
+        The stratified validation share (checkpoint selection; metrics on all cells).
+    batch_size, val_batch_size, num_workers, seed, report_path
+        As :class:`~data_modules.finetune.FineTuneDataModule`.
+    model_outputs : sequence of str
+        Of ``num_batch_labels``, ``n_modalities`` (also gives ``modality_pad_id``).
+    withhold : dict, optional
+        {modality, key, values}: the mosaic variant of whatever file is read: cells whose obs[key] is in
+        ``values`` lose ``modality`` (as if never measured); refused when the data has no such modality / cells.
     """
 
     def __init__(

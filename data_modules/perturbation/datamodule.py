@@ -179,19 +179,31 @@ class PairCollate:
 class PerturbationDataModule(FineTuneDataModule):
     """GEARS-format perturbation data for fine-tuning (plain constructor values; Hydra-instantiable).
 
-    Args:
-      path: the GEARS ``perturb_processed.h5ad``; ``builder``: callable(path) writing it when absent (the demo).
-      vocab: vocab.json / checkpoint (official directory, imported .pt, .ckpt); None = the data's genes.
-      layout: the TokenLayout (``max_genes`` caps training sequences; ``pad_value`` at padded positions).
-      include_zero_genes: ``"all"`` (official) or ``"batch-wise"`` (genes non-zero in a control of the batch).
-      keep_perturbed_genes: training subsets always keep the flagged genes (False: the tutorial's uniform draw).
-      unknown_genes: ``"pad"`` (official ``<pad>`` id), ``"mask"``, ``"new"`` (appended to the vocabulary as new
-        tokens; the model gets their embedding rows, learned) or ``"error"`` for genes outside the vocab.
-      split_path: a split JSON to use; else the GEARS simulation split with ``split_seed``,
-        ``train_gene_set_size``, ``combo_seen2_train_frac``; written to ``split_out`` when given.
-      pairing_mode: ``"fixed"`` (official) or ``"redraw"``; ctrl_identity: ctrl -> ctrl pairs in training
-        (official); pairing_seed: the draw's seed.
-      flag_pad / n_conditions: condition id at padded positions and the number of condition ids (official 0 / 3).
+    Parameters
+    ----------
+    path : str
+        The GEARS ``perturb_processed.h5ad``; ``builder``: callable(path) writing it when absent (the demo).
+    vocab : str, optional
+        vocab.json / checkpoint (official directory, imported .pt, .ckpt); None = the data's genes.
+    layout : TokenLayout or dict, optional
+        ``max_genes`` caps training sequences; ``pad_value`` at padded positions.
+    include_zero_genes : str
+        ``"all"`` (official) or ``"batch-wise"`` (genes non-zero in a control of the batch).
+    keep_perturbed_genes : bool
+        Training subsets always keep the flagged genes (False: the tutorial's uniform draw).
+    unknown_genes : str
+        ``"pad"`` (official ``<pad>`` id), ``"mask"``, ``"new"`` (appended to the vocabulary as new tokens; the
+        model gets their embedding rows, learned) or ``"error"`` for genes outside the vocab.
+    split_path, split_seed, train_gene_set_size, combo_seen2_train_frac, split_out
+        A split JSON to use; else the GEARS simulation split with these settings; written to ``split_out``.
+    pairing_mode, ctrl_identity, pairing_seed
+        ``"fixed"`` (official) or ``"redraw"`` pairing; ctrl -> ctrl pairs in training (official); the draw's seed.
+    flag_pad, n_conditions : int
+        Condition id at padded positions and the number of condition ids (official 0 / 3).
+    batch_size, val_batch_size, num_workers, seed, report_path
+        As :class:`~data_modules.finetune.FineTuneDataModule`.
+    compute_missing_de : bool
+        Compute the top DE genes per condition when the file lacks them.
     """
 
     def __init__(
