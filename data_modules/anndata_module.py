@@ -14,9 +14,7 @@ Splits (``obs["split"]`` of :attr:`AnnDataModule.adata`): ``train`` / ``val`` (s
 from __future__ import annotations
 
 import dataclasses
-import json
 import logging
-import os
 from collections.abc import Callable
 from pathlib import Path
 from typing import Any
@@ -24,35 +22,18 @@ from typing import Any
 import anndata as ad
 import numpy as np
 import pandas as pd
-import pytorch_lightning as pl
 import scipy.sparse as sp
 import torch
 from torch.utils.data import DataLoader
 
-from data_modules.atomic import write_text_atomic
+from data_modules import preprocess as prep
 from data_modules.batch import Batch
 from data_modules.errors import UserInputError
-from data_modules.preprocess import (
-    PreprocessConfig,
-    encode_categories,
-    inspect_values,
-    map_genes,
-    normalize_and_select,
-    read_input,
-    stratified_split,
-)
+from data_modules.finetune import LABEL_OUTPUTS, FineTuneDataModule, attach_labels, batch_rng
 from data_modules.species import vocab_species
 from data_modules.store.reader import CellBlock
 from data_modules.tokenize import Tokenizer, TokenizerConfig, tokenize_with_zeros
-from data_modules.vocab import (
-    GeneIdReport,
-    GeneVocab,
-    VocabSizes,
-    gene_table,
-    guess_gene_key,
-    resolve_gene_names,
-    table_name,
-)
+from data_modules.vocab import GeneIdReport, GeneVocab, guess_gene_key
 
 log = logging.getLogger(__name__)
 SPLITS = ("train", "val", "query")
@@ -119,10 +100,7 @@ class CellCollate:
 
     def __call__(self, indices: list[int]) -> Batch:
         idx = np.sort(np.asarray(indices, dtype=np.int64))
-        if self.deterministic_seed is None:
-            rng = np.random.default_rng(int(torch.randint(0, 2**62, ()).item()))
-        else:
-            rng = np.random.default_rng([self.deterministic_seed, int(idx[0]), len(idx)])
+        rng = batch_rng(self.deterministic_seed, idx)
         x = self.store.rows(idx)  # (B, G)
         if self.include_zero_genes:
             batch = tokenize_with_zeros(x, self.gene_ids, self.cfg, self.pad_id, self.cls_id, rng)
@@ -135,11 +113,7 @@ class CellCollate:
             )
             batch = self.tokenizer(block, rng)
         batch.cell_index = torch.from_numpy(idx)
-        if self.labels is not None:
-            batch.labels = torch.from_numpy(self.labels[idx])
-        if self.batch_labels is not None:
-            batch.batch_labels = torch.from_numpy(self.batch_labels[idx])
-        return batch
+        return attach_labels(batch, idx, self.labels, self.batch_labels)
 
 
 def unlabeled_mask(values: pd.Series) -> np.ndarray:
@@ -149,25 +123,50 @@ def unlabeled_mask(values: pd.Series) -> np.ndarray:
 
 
 # the data module ---------------------------------------------------------------------------
-class AnnDataModule(VocabSizes, pl.LightningDataModule):
+class AnnDataModule(FineTuneDataModule):
     """Fine-tuning data from one h5ad (optionally + a query h5ad). Plain constructor values (Hydra).
 
-    Args (main ones):
-      path / query_path: reference (or all cells) and optional query h5ad.
-      builder: callable(path) that writes ``path`` when it does not exist (the demos).
-      label_key / batch_key: obs columns with cell types / batches (either may be None).
-      vocab: vocab.json, official checkpoint dir, imported .pt or Lightning .ckpt; None = the dataset's genes.
-      preprocess: PreprocessConfig fields (normalize_total, log1p, value_type, n_hvg, hvg_flavor, use_raw,
-        gene_column...). The values are inspected first (data_modules/value_types.py: counts, log1p, normalized) and
-        get the steps the recipe's normalize_total / log1p need; ``value_reports`` / data_report.json say which.
-      layer: read ``layers[layer]`` (e.g. "counts") instead of X.
-      layout: the TokenLayout (max_seq_len, n_bins, value_style, pad / mask values) shared with the model.
-      tokenizer: the other TokenizerConfig fields (cls_value, mlm_prob).
-      query_key + query_values / query_fraction: the query split when there is no query file.
-      train_on: "reference" (annotation) or "all" (integration: every cell, query included, is trained on).
-      model_outputs: which data-decided model kwargs to expose: "n_cls", "num_batch_labels".
-      drop_unlabeled: cells whose ``label_key`` is empty (NaN / None / "") are refused by default (the file, the
-        count and examples named); true leaves them out and reports how many.
+    Parameters
+    ----------
+    path, query_path : str
+        The reference (or all cells) and an optional query h5ad.
+    builder : callable, optional
+        ``builder(path)`` writes ``path`` when it does not exist (the demos).
+    label_key, batch_key : str, optional
+        obs columns with cell types / batches (either may be None).
+    vocab : str, optional
+        vocab.json, official checkpoint dir, imported .pt or Lightning .ckpt; None = the dataset's genes.
+    preprocess : dict or PreprocessConfig, optional
+        PreprocessConfig fields (normalize_total, log1p, value_type, n_hvg, hvg_flavor, use_raw, gene_column,
+        prefer_gene_column...). The values are inspected first (data_modules/value_types.py: counts, log1p,
+        normalized) and get the steps the recipe's normalize_total / log1p need; ``value_reports`` /
+        data_report.json say which.
+    layer : str, optional
+        Read ``layers[layer]`` (e.g. "counts") instead of X.
+    layout : TokenLayout or dict, optional
+        The TokenLayout (max_seq_len, n_bins, value_style, pad / mask values) shared with the model.
+    tokenizer : dict, optional
+        The other TokenizerConfig fields (cls_value, mlm_prob).
+    include_zero_genes : bool
+        Every model gene per cell, zeros as bin 0 (the official ``include_zero_gene``).
+    query_key, query_values, query_fraction
+        The query split when there is no query file: cells whose ``obs[query_key]`` is in ``query_values``, or a
+        stratified ``query_fraction`` hold-out.
+    train_on : str
+        ``reference`` (annotation) or ``all`` (integration: every cell, query included, is trained on).
+    val_fraction : float
+        The stratified validation share of the training pool.
+    batch_size, val_batch_size, num_workers, seed, report_path
+        As :class:`~data_modules.finetune.FineTuneDataModule`.
+    backed : bool
+        Read X row by row from the file (no HVG selection, no use_raw, values as stored).
+    model_outputs : sequence of str
+        Which data-decided model kwargs to expose: ``n_cls``, ``num_batch_labels``.
+    drop_unlabeled : bool
+        Cells whose ``label_key`` is empty (NaN / None / "") are refused by default (the file, the count and
+        examples named); true leaves them out and reports how many.
+    species : str, optional
+        The input's species (data_modules/species.py); None = detected.
     """
 
     def __init__(
@@ -198,12 +197,13 @@ class AnnDataModule(VocabSizes, pl.LightningDataModule):
         drop_unlabeled: bool = False,
         species: str | None = None,
     ):
-        super().__init__()
+        super().__init__(
+            path, builder, vocab, batch_size, val_batch_size, num_workers, seed, report_path, model_outputs
+        )
         if train_on not in ("reference", "all"):
             raise ValueError(f"train_on must be 'reference' or 'all', got {train_on!r}")
-        self.path, self.query_path, self.builder = str(path), query_path, builder
-        self.label_key, self.batch_key, self.vocab_path = label_key, batch_key, vocab
-        self.preprocess_cfg = PreprocessConfig.from_any(preprocess)
+        self.query_path, self.label_key, self.batch_key = query_path, label_key, batch_key
+        self.preprocess_cfg = prep.PreprocessConfig.from_any(preprocess)
         if layer is not None:
             self.preprocess_cfg.layer = str(layer)
         if species is not None:  # data.species: the input's species (data_modules/species.py); null = detected
@@ -217,30 +217,17 @@ class AnnDataModule(VocabSizes, pl.LightningDataModule):
         self.layout = self.tokenizer_cfg.layout
         self.include_zero_genes = bool(include_zero_genes)
         self.query_key, self.query_values, self.query_fraction = query_key, query_values, query_fraction
-        self.train_on, self.val_fraction = train_on, float(val_fraction)
-        self.batch_size, self.val_batch_size = int(batch_size), int(val_batch_size or batch_size)
-        self.num_workers, self.seed, self.backed = int(num_workers), int(seed), bool(backed)
-        self.model_outputs = tuple(model_outputs or ())
-        unknown = set(self.model_outputs) - {"n_cls", "num_batch_labels"}
+        self.train_on, self.val_fraction, self.backed = train_on, float(val_fraction), bool(backed)
+        unknown = set(self.model_outputs) - set(LABEL_OUTPUTS)
         if unknown:
             raise ValueError(f"model_outputs may hold 'n_cls' and 'num_batch_labels', got {sorted(unknown)}")
-        self.report_path = report_path
         self.drop_unlabeled = bool(drop_unlabeled)
         self._kept_rows: list[np.ndarray | None] = []  # per file: the rows kept (None = all; data.drop_unlabeled)
         self.warnings: list[str] = []
-        self._vocab: GeneVocab | None = None
         self.adata: ad.AnnData | None = None  # all cells, model genes; obs: split, label / batch codes
 
     # lifecycle ------------------------------------------------------------------------
-    def prepare_data(self) -> None:
-        if Path(self.path).exists():
-            return
-        if self.builder is None:
-            raise FileNotFoundError(
-                f"{self.path} does not exist: download it (python scripts/download_benchmarks.py "
-                f"NAME) or point data.path at your h5ad"
-            )
-        self.builder(self.path)
+    missing_hint = "download it (python scripts/download_benchmarks.py NAME) or point data.path at your h5ad"
 
     def setup(self, stage: str | None = None) -> None:
         if self.adata is not None:
@@ -252,7 +239,7 @@ class AnnDataModule(VocabSizes, pl.LightningDataModule):
                 "memory; select the genes beforehand or set data.backed=false"
             )
         # genes are brought to the vocabulary's key (symbols / Ensembl ids); from scratch, to the reference's
-        self._vocab = GeneVocab.from_checkpoint(self.vocab_path) if self.vocab_path else None
+        self._vocab = self.checkpoint_vocab()
         if self._vocab is not None and cfg.gene_key is None:
             cfg.gene_key = self._vocab.keyed_by
         if self._vocab is not None and cfg.target_species is None:  # other species map through orthologs
@@ -290,21 +277,11 @@ class AnnDataModule(VocabSizes, pl.LightningDataModule):
                     f"{where}: backed=true reads X row by row; data.layer={cfg.layer!r} needs the file in memory "
                     "(set data.backed=false)"
                 )
-            names, id_report = resolve_gene_names(
-                data.var,
-                cfg.gene_key,
-                cfg.gene_column,
-                table=gene_table(cfg.gene_table) if cfg.gene_table else None,
-                table_label=table_name(cfg.gene_table) if cfg.gene_table else None,
-                where=where,
-                prefer_column=cfg.prefer_gene_column,
-                species=cfg.species,
-                target_species=cfg.target_species,
-            )
+            names, id_report = prep.var_gene_names(data.var, cfg, where)
             names = np.asarray(pd.Index(names).astype(str))
             self._record_genes(id_report.as_dict())
-            sample = read_input(data[: min(data.n_obs, 2000)].to_memory(), cfg, where)  # the first cells
-            report = inspect_values(sample, cfg, where)
+            sample = prep.read_input(data[: min(data.n_obs, 2000)].to_memory(), cfg, where)  # the first cells
+            report = prep.inspect_values(sample, cfg, where)
             if report.steps:
                 raise ValueError(
                     f"{report.source}: backed=true reads X as stored, but it holds {report.value_type} values that "
@@ -318,7 +295,7 @@ class AnnDataModule(VocabSizes, pl.LightningDataModule):
         data = ad.read_h5ad(path)
         if keep is not None:
             data = data[keep].copy()
-        data, flavor = normalize_and_select(data, cfg, genes, where)
+        data, flavor = prep.normalize_and_select(data, cfg, genes, where)
         self.hvg_flavor = flavor if genes is None else getattr(self, "hvg_flavor", None)
         self._record_values(data.uns["value_type"])
         self._record_genes(data.uns["gene_ids"])
@@ -386,7 +363,7 @@ class AnnDataModule(VocabSizes, pl.LightningDataModule):
         pos_of_id = {int(i): p for p, i in enumerate(union_ids)}
         store_parts, reports, obs_frames = [], [], []
         for path, (x, genes, obs) in zip(self._paths(), parts, strict=True):
-            ids, report = map_genes(genes, vocab, None if self.backed else x, where=path)
+            ids, report = prep.map_genes(genes, vocab, None if self.backed else x, where=path)
             colmap = np.array([pos_of_id.get(int(i), -1) for i in ids], dtype=np.int64)
             store_parts.append((x, colmap))
             input_cols = self._input_columns[len(store_parts) - 1]
@@ -454,7 +431,7 @@ class AnnDataModule(VocabSizes, pl.LightningDataModule):
             return mask
         if self.query_fraction:
             strat = obs[self.label_key].astype(str).to_numpy() if self.label_key else np.zeros(len(obs), dtype=int)
-            _, held = stratified_split(strat, self.query_fraction, self.seed + 1)
+            _, held = prep.stratified_split(strat, self.query_fraction, self.seed + 1)
             mask = np.zeros(len(obs), dtype=bool)
             mask[held] = True
             return mask
@@ -473,18 +450,18 @@ class AnnDataModule(VocabSizes, pl.LightningDataModule):
         if self.label_key is not None:
             raw = obs[self.label_key].astype(str).to_numpy()
             pool = ~query if self.train_on == "reference" else np.ones(n, dtype=bool)
-            _, self.label_names = encode_categories(raw[pool])
-            self.labels, _ = encode_categories(raw, self.label_names)  # query-only labels -> -1
+            _, self.label_names = prep.encode_categories(raw[pool])
+            self.labels, _ = prep.encode_categories(raw, self.label_names)  # query-only labels -> -1
             self.query_only_labels = sorted(set(raw[self.labels < 0]))
             if self.query_only_labels:
                 log.warning("labels only in the query (not learnable; counted as errors): %s", self.query_only_labels)
         if self.label_key is not None and "n_cls" in self.model_outputs:
             self._check_classes(raw[~query] if self.train_on == "reference" else raw)
         if self.batch_key is not None:
-            self.batch_labels, self.batch_names = encode_categories(obs[self.batch_key].astype(str).to_numpy())
+            self.batch_labels, self.batch_names = prep.encode_categories(obs[self.batch_key].astype(str).to_numpy())
         pool_idx = np.flatnonzero(~query) if self.train_on == "reference" else np.arange(n)
         strat = self.labels[pool_idx] if self.labels is not None else np.zeros(len(pool_idx), dtype=np.int64)
-        tr, va = stratified_split(strat, self.val_fraction, self.seed)
+        tr, va = prep.stratified_split(strat, self.val_fraction, self.seed)
         split = np.full(n, "query", dtype=object)
         split[pool_idx[tr]] = "train"
         split[pool_idx[va]] = "val"
@@ -575,34 +552,7 @@ class AnnDataModule(VocabSizes, pl.LightningDataModule):
     def _paths(self) -> list[str]:
         return [self.path] + ([self.query_path] if self.query_path is not None else [])
 
-    def write_report(self, path: str | os.PathLike) -> Path:
-        return write_text_atomic(path, json.dumps(self.report(), indent=2))
-
     # what scgpt_train.pipeline reads --------------------------------------------------
-    @property
-    def vocab(self) -> GeneVocab:
-        self.setup()
-        return self._vocab
-
-    @property
-    def n_cls(self) -> int:
-        self.setup()
-        return len(self.label_names)
-
-    @property
-    def num_batch_labels(self) -> int:
-        self.setup()
-        return len(self.batch_names)
-
-    @property
-    def model_kwargs(self) -> dict:
-        kw = {}
-        if "n_cls" in self.model_outputs and self.n_cls > 0:
-            kw["n_cls"] = self.n_cls
-        if "num_batch_labels" in self.model_outputs and self.num_batch_labels > 0:
-            kw["num_batch_labels"] = self.num_batch_labels
-        return kw
-
     def indices(self, split: str) -> np.ndarray:
         """Cell indices of ``split``: train / val / query / reference (train + val) / all / eval (query, else all)."""
         self.setup()
@@ -647,20 +597,7 @@ class AnnDataModule(VocabSizes, pl.LightningDataModule):
         idx = self.indices(split)
         if len(idx) == 0:
             raise ValueError(f"split {split!r} of {self.path} has no cells")
-        return DataLoader(
-            idx.tolist(),
-            batch_size=batch_size or self.val_batch_size,
-            shuffle=shuffle,
-            collate_fn=self._collate(deterministic, masked),
-            num_workers=self.num_workers,
-            persistent_workers=self.num_workers > 0,
-        )
-
-    def train_dataloader(self) -> DataLoader:
-        return self.loader("train", shuffle=True, batch_size=self.batch_size, deterministic=False)
-
-    def val_dataloader(self) -> DataLoader:
-        return self.loader("val")
+        return self.make_loader(idx.tolist(), self._collate(deterministic, masked), batch_size, shuffle=shuffle)
 
     def predict_dataloader(self) -> DataLoader:
         return self.loader("eval", masked=False)

@@ -16,6 +16,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass, field, fields
 
+import numpy as np
 import torch
 
 
@@ -38,6 +39,20 @@ class Batch:
     cu_seqlens: torch.Tensor | None = None  # (B+1,) int32: cell c's tokens are [cu_seqlens[c], cu_seqlens[c+1])
     token_cell: torch.Tensor | None = None  # (1, T) int64: the cell (0..B-1) each token belongs to
     max_seqlen: int | None = None  # tokens of the longest cell (<cls> included), known on the host
+
+    @classmethod
+    def from_numpy(cls, *args, **kwargs) -> Batch:
+        """A Batch from numpy arrays, shared with torch (None stays None, ``obs`` codes become int64, plain ints
+        such as ``max_seqlen`` stay ints); positional arguments in field order."""
+
+        def tensor(v):
+            if isinstance(v, np.ndarray):
+                return torch.from_numpy(v)
+            if isinstance(v, dict):
+                return {k: torch.from_numpy(np.asarray(x, dtype=np.int64)) for k, x in v.items()}
+            return v
+
+        return cls(*map(tensor, args), **{k: tensor(v) for k, v in kwargs.items()})
 
     @property
     def packed(self) -> bool:

@@ -99,6 +99,22 @@ def as_csr32(x) -> sp.csr_matrix:
     return m
 
 
+def var_gene_names(var: pd.DataFrame, cfg: PreprocessConfig, where: str):
+    """(gene names in the vocabulary's key, GeneIdReport) of an AnnData's ``var`` as the recipe reads them
+    (``gene_key``, ``gene_column``, ``gene_table``, ``prefer_gene_column``, species)."""
+    return resolve_gene_names(
+        var,
+        cfg.gene_key,
+        cfg.gene_column,
+        table=gene_table(cfg.gene_table) if cfg.gene_table else None,
+        table_label=table_name(cfg.gene_table) if cfg.gene_table else None,
+        where=where,
+        prefer_column=cfg.prefer_gene_column,
+        species=cfg.species,
+        target_species=cfg.target_species,
+    )
+
+
 def read_input(adata: ad.AnnData, cfg: PreprocessConfig, where: str = "the AnnData") -> ad.AnnData:
     """In-memory copy with float32 CSR ``X`` (from ``layer`` or ``.raw`` when asked) and the gene names as
     var_names. ``var["input_column"]`` keeps each gene's column in the input (through later gene selections)."""
@@ -131,17 +147,7 @@ def read_input(adata: ad.AnnData, cfg: PreprocessConfig, where: str = "the AnnDa
             f"{where}: preprocess.gene_column={cfg.gene_column!r} is not a var column (columns: "
             f"{list(out.var.columns)}); name the column holding gene symbols / Ensembl ids, or leave it unset"
         )
-    names, id_report = resolve_gene_names(
-        out.var,
-        cfg.gene_key,
-        cfg.gene_column,
-        table=gene_table(cfg.gene_table) if cfg.gene_table else None,
-        table_label=table_name(cfg.gene_table) if cfg.gene_table else None,
-        where=where,
-        prefer_column=cfg.prefer_gene_column,
-        species=cfg.species,
-        target_species=cfg.target_species,
-    )
+    names, id_report = var_gene_names(out.var, cfg, where)
     out.var_names = names
     out.uns["gene_ids"] = id_report.as_dict()
     out.var["input_column"] = np.arange(out.n_vars, dtype=np.int64)

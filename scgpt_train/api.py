@@ -154,38 +154,65 @@ def reference_map(
     seed: int = 0,
     device: str | None = None,
     progress: bool = False,
+    prefer_gene_column: bool = False,
     **options: Any,
 ) -> tuple[ad.AnnData, dict]:
-    """Zero-shot reference mapping, as ``scripts/reference_map.py``: ``query`` and ``reference`` (an AnnData, an
-    h5ad path, or a corpus directory for atlas mode) embedded with ``checkpoint``, each query cell labelled by a
-    ``k``-nearest-neighbour vote over the reference's ``label_key``. Returns (the query with ``obsm["X_scgpt"]``,
-    the predictions / distances in ``obs`` and the neighbours in ``obsm``; the summary with the metrics when the
-    query carries ``label_key`` too). ``baselines`` defaults to the command line's (HVG+PCA kNN, L1-LR on the same
-    split); other ``run_reference_map`` options (``index_out`` to keep the kNN index, ``index_kind``, ``n_hvg``,
-    ...) pass through ``options``; without ``index_out`` the index lives in a temporary directory."""
-    from scgpt_train.tasks.reference_map import BASELINES, run_reference_map
+    """Zero-shot reference mapping, as ``scripts/reference_map.py``: each query cell labelled by a
+    ``k``-nearest-neighbour vote over the reference's ``label_key`` in ``checkpoint``'s cell-embedding space.
+
+    Parameters
+    ----------
+    query : AnnData
+        The cells to label.
+    reference : AnnData, path-like
+        The labelled reference: an AnnData, an h5ad path, or a corpus directory (atlas mode).
+    checkpoint : path-like
+        A zero-shot checkpoint (official directory, imported .pt, Lightning .ckpt).
+    label_key : str
+        The reference's obs column with the cell types (metrics when the query has it too).
+    k, batch_size, seed, device, progress
+        Neighbours per vote, cells per embedding batch, the seed, the torch device, progress bars.
+    baselines : sequence of str, optional
+        None: the command line's (HVG+PCA kNN, L1-LR on the same split); () for none.
+    gene_column, gene_table, use_raw
+        How both inputs' genes are read: a var column with the names, an Ensembl id -> symbol table, ``.raw``.
+    prefer_gene_column : bool
+        With Ensembl ids in var_names and a symbol column beside them, the column's names win over the id table
+        (``--prefer-gene-column``).
+    **options
+        Other :class:`~scgpt_train.tasks.reference_map.ReferenceMapParams` fields (``index_kind``, ``n_hvg``, ...)
+        and ``index_out`` to keep the kNN index (default: a temporary directory).
+
+    Returns
+    -------
+    (AnnData, dict)
+        The query with ``obsm["X_scgpt"]``, the predictions / distances in ``obs`` and the neighbours in ``obsm``;
+        the summary (metrics when the query carries ``label_key``).
+    """
+    from scgpt_train.tasks.reference_map import BASELINES, ReferenceMapParams, run_reference_map
 
     with tempfile.TemporaryDirectory(prefix="scgpt_refmap_") as tmp:
         tmp = Path(tmp)
         files = {tmp / "query.h5ad": "query"} | ({tmp / "reference.h5ad": "reference"} if _is_adata(reference) else {})
         with _user_errors(files):
             ref = _write(reference, tmp / "reference.h5ad", "reference") if _is_adata(reference) else reference
-            summary = run_reference_map(
-                checkpoint,
-                str(ref),
-                str(_write(query, tmp / "query.h5ad", "query")),
-                label_key,
-                tmp / "mapped.h5ad",
+            index_out = options.pop("index_out", None)
+            params = ReferenceMapParams(
                 k=k,
                 batch_size=batch_size,
                 gene_column=gene_column,
                 use_raw=use_raw,
+                prefer_gene_column=prefer_gene_column,
                 gene_table=None if gene_table is None else str(gene_table),
                 seed=seed,
                 device=device,
                 baselines=BASELINES if baselines is None else tuple(baselines),
                 progress=progress,
                 **options,
+            )
+            query_path = str(_write(query, tmp / "query.h5ad", "query"))
+            summary = run_reference_map(
+                checkpoint, str(ref), query_path, label_key, tmp / "mapped.h5ad", params, index_out=index_out
             )
             return ad.read_h5ad(tmp / "mapped.h5ad"), summary
 
@@ -223,28 +250,56 @@ def finetune(
     seed: int = 42,
     overrides: Sequence[str] = (),
 ) -> tuple[Any, ad.AnnData, dict[str, float]]:
-    """Fine-tune on ``adata`` as ``train.py experiment=finetune_<task>`` does; returns (the fine-tuned ``ScGPT``
-    with the weights the task evaluated, the predictions AnnData, the metrics).
+    """Fine-tune on ``adata`` as ``train.py experiment=finetune_<task>`` does.
 
-    task: "annotation" (needs ``label_key``; query cells from ``query``, or ``query_key`` + ``query_values``, or a
-      stratified ``query_fraction``) or "integration" (needs ``label_key`` and ``batch_key``).
-    checkpoint: the pretrained model (official directory, imported .pt, or a .ckpt of this project); None trains
-      the small ``model=demo`` scGPT from scratch on the data's genes.
-    layer: read ``adata.layers[layer]`` instead of X (values are inspected and preprocessed as the recipe says).
-    baselines: e.g. ["l1_lr"] (annotation) or ["hvg_pca", "harmony", "scvi"] (integration), on the same values.
-    trainer: "auto" (one GPU if torch sees one, else the CPU), "cpu", "gpu", ... (configs/trainer).
-    output_dir: the run directory (inputs, checkpoints, predictions.h5ad, metrics.json, figures); default a new
-      temporary directory, named in ``predictions.uns["scgpt_output_dir"]``.
-    overrides: any other ``train.py`` override, e.g. ["model.lr=3e-4", "layout.max_seq_len=1201"].
+    Parameters
+    ----------
+    adata : AnnData
+        The cells (the reference, or all cells for integration).
+    task : str
+        ``annotation`` (needs ``label_key``; query cells from ``query``, or ``query_key`` + ``query_values``, or a
+        stratified ``query_fraction``) or ``integration`` (needs ``label_key`` and ``batch_key``).
+    label_key, batch_key : str
+        obs columns with the cell types / the batches.
+    checkpoint : path-like, optional
+        The pretrained model (official directory, imported .pt, or a .ckpt of this project); None trains the small
+        ``model=demo`` scGPT from scratch on the data's genes.
+    query : AnnData, optional
+        The query cells (annotation).
+    query_key, query_values, query_fraction
+        The query split when there is no ``query``.
+    layer : str, optional
+        Read ``adata.layers[layer]`` instead of X (values are inspected and preprocessed as the recipe says).
+    gene_column : str, optional
+        The var column with the gene names.
+    baselines : sequence of str, optional
+        e.g. ["l1_lr"] (annotation) or ["hvg_pca", "harmony", "scvi"] (integration), on the same values.
+    max_epochs : int, optional
+        None: the recipe's.
+    trainer : str
+        ``auto`` (one GPU if torch sees one, else the CPU), ``cpu``, ``gpu``, ... (configs/trainer).
+    output_dir : path-like, optional
+        The run directory (inputs, checkpoints, predictions.h5ad, metrics.json, figures); default a new temporary
+        directory, named in ``predictions.uns["scgpt_output_dir"]``.
+    seed : int
+        The run's seed.
+    overrides : sequence of str
+        Any other ``train.py`` override, e.g. ["model.lr=3e-4", "layout.max_seq_len=1201"]; ``hydra.*`` and
+        ``paths.output_dir`` are refused (``output_dir=`` chooses the run directory).
 
-    The predictions AnnData is ``predictions.h5ad``: the input cells (reference then query) with their obs_names,
-    every gene in var order, X untouched, ``obs["split"]``, predictions, ``obsm["X_scgpt"]``,
-    ``layers["preprocessed"]`` (what the model and baselines read); ``uns["scgpt_checkpoint"]`` names the
-    checkpoint whose weights were evaluated (embed it with :func:`embed`).
+    Returns
+    -------
+    (ScGPT, AnnData, dict)
+        The fine-tuned model with the weights the task evaluated; the predictions (``predictions.h5ad``: the input
+        cells, reference then query, with their obs_names, every gene in var order, X untouched, ``obs["split"]``,
+        predictions, ``obsm["X_scgpt"]``, ``layers["preprocessed"]`` (what the model and baselines read),
+        ``uns["scgpt_checkpoint"]`` naming the evaluated checkpoint); the metrics.
 
-    Raises :class:`scgpt_train.errors.UserInputError` (or one of the project's input errors, which derive from it)
-    for inputs it cannot use, naming the argument (``adata``, ``query``, an override); ``hydra.*`` and
-    ``paths.output_dir`` overrides are refused (``output_dir=`` chooses the run directory).
+    Raises
+    ------
+    UserInputError
+        (or one of the project's input errors, which derive from it) for inputs it cannot use, naming the
+        argument (``adata``, ``query``, an override).
     """
     if task not in TASKS:
         raise UserInputError(f"task must be one of {TASKS}, got {task!r}")
@@ -387,12 +442,37 @@ def build_corpus(
 ):
     """A sharded corpus at ``out`` from AnnData objects and / or h5ad paths, as ``scripts/build_corpus.py h5ad``:
     gene identifiers resolved per input (Ensembl ids vs symbols, one key for all; inputs that would never match
-    are refused), values validated (raw counts unless ``allow_normalized``), resumable. ``inputs`` may be a
-    ``{dataset name: AnnData or path}`` mapping. ``vocab``: a vocab.json or checkpoint whose vocabulary to use
-    (default: the union of the inputs' genes). ``val_fraction=None`` makes no validation split. Returns the
-    :class:`data_modules.store.reader.Corpus`; ``corpus.gene_id_reports`` says how each input's genes were mapped.
-    ``prefer_gene_column``: an input with Ensembl ids and a symbol column that disagree uses the column (default:
-    the ids, through the id table; the disagreements are a warning either way).
+    are refused), values validated (raw counts unless ``allow_normalized``), resumable.
+
+    Parameters
+    ----------
+    inputs : sequence or mapping
+        AnnData objects and / or h5ad paths, or a ``{dataset name: AnnData or path}`` mapping.
+    out : path-like
+        The corpus directory.
+    vocab : path-like, optional
+        A vocab.json or checkpoint whose vocabulary to use (default: the union of the inputs' genes).
+    gene_column, gene_table, layer, use_raw
+        How each input's genes and values are read (a var column with the names, an Ensembl id -> symbol table,
+        a layer instead of X, ``.raw``).
+    prefer_gene_column : bool
+        An input with Ensembl ids and a symbol column that disagree uses the column (default: the ids, through the
+        id table; the disagreements are a warning either way).
+    obs_columns : sequence of str, optional
+        obs columns kept (``NAME=SOURCE`` maps a column).
+    allow_normalized : bool
+        Accept values that are not raw counts.
+    val_fraction, split_seed : float, int
+        The validation split's share (None: no validation split) and seed.
+    min_genes, shard_size, chunk_size, duplicate_genes, overwrite, quiet
+        Cells with fewer expressed genes are dropped; cells per shard / per written chunk; repeated gene names
+        (``error`` | ``first``); replace an existing corpus; no progress lines.
+
+    Returns
+    -------
+    Corpus
+        :class:`data_modules.store.reader.Corpus`; ``corpus.gene_id_reports`` says how each input's genes were
+        mapped.
     """
     named = (
         list(inputs.items())

@@ -35,6 +35,18 @@ sys.path.insert(0, str(ROOT))
 
 
 def main(argv=None) -> int:
+    """Run the command line ``argv`` (None: ``sys.argv``); returns the exit status.
+
+    Parameters
+    ----------
+    argv : list of str, optional
+        The options (``--checkpoint``, ``--adata``, ``--tf-targets``, ``--out``, ...; ``--help``).
+
+    Returns
+    -------
+    int
+        0, or 2 for an input the run refuses (the message on stderr names the file, gene or key and the fix).
+    """
     from scgpt_train.errors import UserInputError
 
     try:
@@ -85,11 +97,7 @@ def run(argv=None) -> int:
         genes = [g for g in genes if g]
     if args.perturbed and (not args.source or len(args.source) != 1):
         raise ag.GRNError("--perturbed names the perturbed condition of one --source; give exactly one --source")
-    summary = ag.run_attention_grn(
-        args.checkpoint,
-        args.adata,
-        args.tf_targets,
-        args.out,
+    params = ag.AttentionGRNParams(
         sources=args.source or "auto",
         condition_key=args.condition_key,
         control=args.control,
@@ -113,6 +121,7 @@ def run(argv=None) -> int:
         save_maps=args.save_maps,
         progress=not args.no_progress,
     )
+    summary = ag.run_attention_grn(args.checkpoint, args.adata, args.tf_targets, args.out, params)
     print(summary["report"].split("\n## Per source gene")[0])
     times = ", ".join(f"{k} {v:.1f} s" for k, v in summary["timings_s"].items())
     print(f"timings: {times}")

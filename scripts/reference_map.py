@@ -33,6 +33,18 @@ sys.path.insert(0, str(ROOT))
 
 
 def main(argv=None) -> int:
+    """Run the command line ``argv`` (None: ``sys.argv``); returns the exit status.
+
+    Parameters
+    ----------
+    argv : list of str, optional
+        The options (``--checkpoint``, ``--reference``, ``--query``, ``--label-key``, ``--out``, ...; ``--help``).
+
+    Returns
+    -------
+    int
+        0, or 2 for an input the run refuses (the message on stderr names the file or key and the fix).
+    """
     from scgpt_train.errors import UserInputError
 
     try:
@@ -42,7 +54,38 @@ def main(argv=None) -> int:
         return 2
 
 
-def run(argv=None) -> int:
+def params_from_args(args: argparse.Namespace):
+    """The run's ReferenceMapParams from the parsed options."""
+    from scgpt_train.tasks.reference_map import ReferenceMapParams
+
+    baselines = [] if args.baselines in ("", "none") else [b.strip() for b in args.baselines.split(",") if b.strip()]
+    return ReferenceMapParams(
+        k=args.k,
+        index_kind=args.index,
+        knn_backend=args.knn_backend,
+        flat_max=args.flat_max,
+        batch_size=args.batch_size,
+        chunk_cells=args.chunk_cells,
+        max_seq_len=args.max_seq_len,
+        gene_column=args.gene_column,
+        gene_table=args.gene_table,
+        use_raw=args.use_raw,
+        prefer_gene_column=args.prefer_gene_column,
+        cls_value=args.cls_value,
+        seed=args.seed,
+        device=args.device,
+        baselines=tuple(baselines),
+        n_hvg=args.n_hvg,
+        n_pcs=args.n_pcs,
+        l1_c_grid=tuple(float(c) for c in args.l1_c_grid.split(",")) if args.l1_c_grid else None,
+        baseline_max_cells=args.baseline_max_cells,
+        overwrite=args.overwrite,
+        progress=not args.no_progress,
+    )
+
+
+def parser() -> argparse.ArgumentParser:
+    """The command line's options."""
     from scgpt_train.tasks import reference_map as rm
 
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
@@ -66,6 +109,11 @@ def run(argv=None) -> int:
     p.add_argument("--gene-column", default=None, help="var column with gene names (both h5ad files)")
     p.add_argument("--gene-table", default=None, help="Ensembl id -> symbol table (see scripts/embed.py)")
     p.add_argument("--use-raw", action="store_true", help="read .raw of the h5ad files")
+    p.add_argument(
+        "--prefer-gene-column",
+        action="store_true",
+        help="with Ensembl ids in var_names: the --gene-column names win over the ids (see scripts/build_corpus.py)",
+    )
     p.add_argument("--cls-value", type=float, default=None)
     p.add_argument("--seed", type=int, default=0, help="seed of binning ties, gene sampling, index training")
     p.add_argument("--device", default=None)
@@ -80,38 +128,18 @@ def run(argv=None) -> int:
     p.add_argument("--baseline-max-cells", type=int, default=rm.BASELINE_MAX_CELLS)
     p.add_argument("--overwrite", action="store_true", help="replace embeddings in --index-out made otherwise")
     p.add_argument("--no-progress", action="store_true")
-    args = p.parse_args(argv)
+    return p
 
-    baselines = [] if args.baselines in ("", "none") else [b.strip() for b in args.baselines.split(",") if b.strip()]
-    grid = [float(c) for c in args.l1_c_grid.split(",")] if args.l1_c_grid else None
+
+def run(argv=None) -> int:
+    from scgpt_train.tasks import reference_map as rm
+
+    args = parser().parse_args(argv)
+
     summary = rm.run_reference_map(
-        args.checkpoint,
-        args.reference,
-        args.query,
-        args.label_key,
-        args.out,
-        k=args.k,
+        args.checkpoint, args.reference, args.query, args.label_key, args.out, params_from_args(args),
         index_out=args.index_out,
-        index_kind=args.index,
-        knn_backend=args.knn_backend,
-        flat_max=args.flat_max,
-        batch_size=args.batch_size,
-        chunk_cells=args.chunk_cells,
-        max_seq_len=args.max_seq_len,
-        gene_column=args.gene_column,
-        use_raw=args.use_raw,
-        gene_table=args.gene_table,
-        cls_value=args.cls_value,
-        seed=args.seed,
-        device=args.device,
-        baselines=baselines,
-        n_hvg=args.n_hvg,
-        n_pcs=args.n_pcs,
-        l1_c_grid=grid,
-        baseline_max_cells=args.baseline_max_cells,
-        overwrite=args.overwrite,
-        progress=not args.no_progress,
-    )
+    )  # fmt: skip
     idx = summary["index"]
     line = f"index: {idx['backend']} {idx['kind']} over {idx['ntotal']} reference cells"
     if summary.get("index_dir"):

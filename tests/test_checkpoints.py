@@ -215,3 +215,38 @@ def test_load_checkpoint_reads_a_lightning_ckpt(tmp_path):
     assert vocab is None
     assert model.config() == net.config()
     _assert_same_weights(model.state_dict(), net.state_dict())
+
+
+@pytest.mark.parametrize("version", ["as-written", "flat-layout-keys"])
+def test_a_checkpoint_written_before_scgpt_config_still_loads(tmp_path, version):
+    """tests/fixtures/checkpoint_v1/model.pt was written by the code before ScGPTConfig (commit ccd2ca8): it loads,
+    as written and with the token layout in the flat keys of the earliest configs, into the same model (config and
+    outputs on the stored inputs); saved again, it is the same file content."""
+    import numpy as np
+
+    from scgpt_train.model import ScGPTConfig
+
+    fixture = ROOT / "tests" / "fixtures" / "checkpoint_v1"
+    path = fixture / "model.pt"
+    stored = torch.load(path, map_location="cpu", weights_only=False)
+    if version == "flat-layout-keys":
+        cfg = dict(stored["model_config"])
+        layout = cfg.pop("layout")
+        cfg.update(n_bins=layout["n_bins"], input_emb_style=layout["value_style"], pad_value=layout["pad_value"])
+        cfg.update(mask_value=layout["mask_value"], layout={"max_seq_len": layout["max_seq_len"]})
+        path = tmp_path / "flat.pt"
+        torch.save({**stored, "model_config": cfg}, path)
+    model, vocab = load_checkpoint(path)
+    assert model.config() == stored["model_config"] and vocab == stored["vocab"]
+    assert model.config() == ScGPTConfig(**stored["model_config"]).to_dict()
+    x = np.load(fixture / "expected.npz")
+    with torch.no_grad():
+        out = model.eval()(
+            torch.from_numpy(x["gene_ids"]), torch.from_numpy(x["values"]), torch.from_numpy(x["pad_mask"]),
+            batch_labels=torch.from_numpy(x["batch_labels"]),
+        )  # fmt: skip
+    for key in ("cell_emb", "cls_output", "mlm_output"):
+        np.testing.assert_array_equal(out[key].numpy(), x[key])
+    again = torch.load(save_checkpoint(model, vocab, tmp_path / "again.pt"), weights_only=False)
+    assert again["model_config"] == stored["model_config"]
+    _assert_same_weights(again["state_dict"], stored["state_dict"])

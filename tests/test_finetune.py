@@ -113,3 +113,27 @@ def test_cls_finetune_is_well_above_chance_on_held_out_cells(annotation_bench):
     metrics = json.loads((annotation_bench / "seed_0" / "metrics.json").read_text())["metrics"]
     assert metrics["test/accuracy"] == pytest.approx(accuracy)
     assert metrics["baseline/l1_lr/accuracy"] > majority  # the baseline ran on the same split
+
+
+def test_the_fine_tune_data_modules_share_one_contract(tmp_path):
+    """AnnData, multi-omic and perturbation data modules are FineTuneDataModules: each implements what the
+    FineTuneData protocol asks (loader, report) and refuses a missing input without a builder by its path."""
+    from data_modules.anndata_module import AnnDataModule
+    from data_modules.finetune import FineTuneData, FineTuneDataModule
+    from data_modules.multiomic import MultiomicDataModule
+    from data_modules.perturbation.datamodule import PerturbationDataModule
+
+    missing = tmp_path / "absent.h5ad"
+    made = [
+        AnnDataModule(str(missing)),
+        MultiomicDataModule(str(missing), modalities={"RNA": {"kind": "rna"}}),
+        PerturbationDataModule(str(missing)),
+    ]
+    for dm in made:
+        cls = type(dm)
+        assert isinstance(dm, FineTuneDataModule)
+        for name in ("vocab", "model_kwargs", "report", "loader"):  # FineTuneData's members
+            assert hasattr(FineTuneData, name) and hasattr(cls, name), (cls.__name__, name)
+        assert cls.loader is not FineTuneDataModule.loader and cls.report is not FineTuneDataModule.report
+        with pytest.raises(FileNotFoundError, match=f"{missing} does not exist: .*point data.path"):
+            dm.prepare_data()

@@ -437,3 +437,47 @@ def test_zeroshot_benchmark_writes_a_table_with_baselines(toy, tmp_path):
     assert "| scGPT zero-shot kNN | ours (2 seeds) | 1.000 ± 0.000 |" in text and "HVG + PCA kNN" in text
     assert (tmp_path / "bench" / "confusion_matrix.png").exists()
     assert json.loads((tmp_path / "bench" / "results.json").read_text())["seeds"] == [0, 1]
+
+
+def test_prefer_gene_column_reaches_the_gene_names(tmp_path):
+    """A query keyed by Ensembl ids whose gene_symbols column swaps two genes against the id table: the ids decide by
+    default; ``--prefer-gene-column`` / ``prefer_gene_column=`` make the column's names win, in the script's options,
+    the embeddings (embed_adata) and the Python API alike."""
+    from scgpt_train import api
+
+    genes = vocab_genes()
+    cells = toy_cells(24, 3, prefix="p")
+    ids = [f"ENSG{i:011d}" for i in range(len(genes))]
+    table = tmp_path / "ids.csv"
+    pd.DataFrame({"feature_id": ids, "feature_name": genes}).to_csv(table, index=False)
+    column = list(genes)
+    column[0], column[BLOCK] = genes[BLOCK], genes[0]  # a T-cell gene and a B-cell gene swapped in the column
+    cells.var = pd.DataFrame({"gene_symbols": column}, index=ids)
+    query = tmp_path / "ids.h5ad"
+    cells.write_h5ad(query)
+
+    args = ["--checkpoint", "c", "--reference", "r", "--query", "q", "--label-key", "k", "--out", "o"]
+    spec = importlib.util.spec_from_file_location("reference_map_script", ROOT / "scripts" / "reference_map.py")
+    script = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(script)
+    assert not script.params_from_args(script.parser().parse_args(args)).prefer_gene_column
+    assert script.params_from_args(script.parser().parse_args([*args, "--prefer-gene-column"])).prefer_gene_column
+
+    model, vocab = rm.load_model(FIXTURES)
+    base = rm.ReferenceMapParams(gene_table=str(table), batch_size=8, device="cpu", progress=False)
+    by_ids = rm.embed_adata(model, vocab, FIXTURES, query, params=base)
+    by_column = rm.embed_adata(model, vocab, FIXTURES, query, params=base.of(base, prefer_gene_column=True))
+    x = cells.X.toarray()
+    col = {int(g): j for j, g in enumerate(by_ids.gene_ids)}
+    first = col[vocab[genes[0]]]
+    assert np.array_equal(by_ids.expression[:, first].toarray().ravel(), x[:, 0])  # the id table's GENE0
+    assert np.array_equal(by_column.expression[:, first].toarray().ravel(), x[:, BLOCK])  # the column's GENE0
+    assert not np.allclose(by_ids.emb, by_column.emb)
+
+    reference = toy_cells(40, 4, prefix="r")
+    reference.var = cells.var.copy()  # the same genes, keyed alike
+    mapped, _ = api.reference_map(
+        cells, reference, FIXTURES, baselines=(), device="cpu", batch_size=8, gene_table=table,
+        prefer_gene_column=True,
+    )  # fmt: skip
+    np.testing.assert_allclose(mapped.obsm["X_scgpt"], by_column.emb, atol=1e-6)

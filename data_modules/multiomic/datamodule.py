@@ -9,7 +9,6 @@ cells (a stratified ``val_fraction`` for checkpoint selection; metrics on all ce
 
 from __future__ import annotations
 
-import json
 import logging
 from collections.abc import Callable
 from pathlib import Path
@@ -17,19 +16,16 @@ from typing import Any
 
 import numpy as np
 import pandas as pd
-import pytorch_lightning as pl
 import scipy.sparse as sp
-import torch
 from torch.utils.data import DataLoader
 
-from data_modules.atomic import write_text_atomic
+from data_modules.finetune import FineTuneDataModule, attach_labels, batch_rng
 from data_modules.multiomic.inputs import MultiomicInputError, read_multiomic
 from data_modules.multiomic.recipes import ModalityRecipe, ProcessedModality, process_modality
 from data_modules.multiomic.tokens import TokenTable, resolve_token_rule, tokenize_cells
 from data_modules.multiomic.vocab import build_vocab, check_clashes, modality_vocab
 from data_modules.preprocess import encode_categories, stratified_split
 from data_modules.tokenize.layout import TokenLayout
-from data_modules.vocab import GeneVocab, VocabSizes
 
 log = logging.getLogger(__name__)
 
@@ -44,29 +40,45 @@ class MultiomicCollate:
 
     def __call__(self, indices) -> Any:
         idx = np.sort(np.asarray(indices, dtype=np.int64))
-        if self.seed is None:
-            rng = np.random.default_rng(int(torch.randint(0, 2**62, ()).item()))
-        else:
-            rng = np.random.default_rng([self.seed, int(idx[0]), len(idx)])
+        rng = batch_rng(self.seed, idx)
         batch = tokenize_cells(self.table, idx, self.rule, self.layout, rng, self.cls_value, self.mask_ratio)
-        if self.labels is not None:
-            batch.labels = torch.from_numpy(self.labels[idx])
-        if self.batch_labels is not None:
-            batch.batch_labels = torch.from_numpy(self.batch_labels[idx])
-        return batch
+        return attach_labels(batch, idx, self.labels, self.batch_labels)
 
 
-class MultiomicDataModule(VocabSizes, pl.LightningDataModule):
-    """Args (plain values, Hydra):
-    path: .h5mu or paired .h5ad; builder: callable(path) writing it when absent (the demo).
-    modalities: {name: ModalityRecipe fields} (kind rna / protein / atac, key, layer, recipe switches).
-    use_modalities: the subset of ``modalities`` that becomes tokens (None = all; [RNA] = the RNA-only model).
-    label_key / batch_key: obs columns (in a .h5mu also ``<mod>:<column>``).
-    vocab: a checkpoint (official dir, .pt, .ckpt) or vocab.json whose tokens keep their ids; None = from scratch.
-    unknown_genes: append | drop RNA genes the checkpoint lacks. token_rule: paper | nonzero | all.
-    withhold: {modality, key, values}: the mosaic variant of whatever file is read: cells whose obs[key] is in
-      ``values`` lose ``modality`` (as if never measured); refused when the data has no such modality / cells.
-    layout: the shared TokenLayout; cls_value: input value at <cls> (official fine-tuning: 0); mask_ratio: MLM.
+class MultiomicDataModule(FineTuneDataModule):
+    """Paired or mosaic multi-omic fine-tuning data (plain constructor values, Hydra).
+
+    Parameters
+    ----------
+    path : str
+        .h5mu or paired .h5ad; ``builder``: callable(path) writing it when absent (the demo).
+    modalities : dict
+        {name: ModalityRecipe fields} (kind rna / protein / atac, key, layer, recipe switches).
+    use_modalities : list of str, optional
+        The subset of ``modalities`` that becomes tokens (None = all; [RNA] = the RNA-only model).
+    label_key, batch_key : str, optional
+        obs columns (in a .h5mu also ``<mod>:<column>``).
+    vocab : str, optional
+        A checkpoint (official dir, .pt, .ckpt) or vocab.json whose tokens keep their ids; None = from scratch.
+    unknown_genes : str
+        ``append`` | ``drop`` RNA genes the checkpoint lacks.
+    token_rule : str
+        ``paper`` | ``nonzero`` | ``all``.
+    layout : TokenLayout or dict, optional
+        The shared TokenLayout.
+    cls_value : float
+        Input value at ``<cls>`` (official fine-tuning: 0).
+    mask_ratio : float, optional
+        MLM masking ratio (None: no masking).
+    val_fraction : float
+        The stratified validation share (checkpoint selection; metrics on all cells).
+    batch_size, val_batch_size, num_workers, seed, report_path
+        As :class:`~data_modules.finetune.FineTuneDataModule`.
+    model_outputs : sequence of str
+        Of ``num_batch_labels``, ``n_modalities`` (also gives ``modality_pad_id``).
+    withhold : dict, optional
+        {modality, key, values}: the mosaic variant of whatever file is read: cells whose obs[key] is in
+        ``values`` lose ``modality`` (as if never measured); refused when the data has no such modality / cells.
     """
 
     def __init__(
@@ -92,8 +104,9 @@ class MultiomicDataModule(VocabSizes, pl.LightningDataModule):
         report_path: str | None = None,
         withhold: dict | None = None,
     ):
-        super().__init__()
-        self.path, self.builder = str(path), builder
+        super().__init__(
+            path, builder, vocab, batch_size, val_batch_size, num_workers, seed, report_path, model_outputs
+        )
         self.withhold = dict(withhold) if withhold else None
         self.withheld: dict | None = None  # what withhold did (data_report.json)
         recipes = {str(k): ModalityRecipe.from_any(v) for k, v in dict(modalities).items() if v is not None}
@@ -104,25 +117,15 @@ class MultiomicDataModule(VocabSizes, pl.LightningDataModule):
             recipes = {k: v for k, v in recipes.items() if k in list(use_modalities)}
         # RNA first (the official concatenation order), then the others as declared
         self.recipes = dict(sorted(recipes.items(), key=lambda kv: kv[1].kind != "rna"))
-        self.label_key, self.batch_key, self.vocab_path = label_key, batch_key, vocab
+        self.label_key, self.batch_key = label_key, batch_key
         self.unknown_genes, self.token_rule_setting = unknown_genes, token_rule
         self.layout = TokenLayout.from_any(layout)
         self.cls_value, self.mask_ratio = float(cls_value), mask_ratio
-        self.val_fraction, self.seed = float(val_fraction), int(seed)
-        self.batch_size, self.val_batch_size = int(batch_size), int(val_batch_size or batch_size)
-        self.num_workers, self.model_outputs, self.report_path = int(num_workers), tuple(model_outputs), report_path
+        self.val_fraction = float(val_fraction)
         self.obs: pd.DataFrame | None = None
 
     # lifecycle -------------------------------------------------------------------------------
-    def prepare_data(self) -> None:
-        if Path(self.path).exists():
-            return
-        if self.builder is None:
-            raise FileNotFoundError(
-                f"{self.path} does not exist: download it (python scripts/download_benchmarks.py NAME) or point "
-                "data.path at your .h5mu / .h5ad"
-            )
-        self.builder(self.path)
+    missing_hint = "download it (python scripts/download_benchmarks.py NAME) or point data.path at your .h5mu / .h5ad"
 
     def setup(self, stage: str | None = None) -> None:
         if self.obs is not None:
@@ -137,7 +140,7 @@ class MultiomicDataModule(VocabSizes, pl.LightningDataModule):
             for name, rec in self.recipes.items()
         }
         kinds = {name: rec.kind for name, rec in self.recipes.items()}
-        base = GeneVocab.from_checkpoint(self.vocab_path) if self.vocab_path else None
+        base = self.checkpoint_vocab()
         tokens = {name: m.tokens for name, m in self.mods.items()}
         check_clashes(tokens, kinds, base, where, {n: r.token_prefix for n, r in self.recipes.items()})
         if base is not None and self.unknown_genes == "drop":
@@ -166,7 +169,7 @@ class MultiomicDataModule(VocabSizes, pl.LightningDataModule):
         obs["modalities"] = ["+".join(n for k, n in enumerate(names) if row[k]) or "none" for row in self.table.present]
         self._encode_obs(obs, where)
         if self.report_path:
-            write_text_atomic(self.report_path, json.dumps(self.report(), indent=2, default=str))
+            self.write_report()
 
     def _withhold(self, inp, where: str) -> None:
         """The mosaic transformation on the data read: ``withhold.modality`` removed from the cells whose
@@ -220,7 +223,6 @@ class MultiomicDataModule(VocabSizes, pl.LightningDataModule):
     def _encode_obs(self, obs: pd.DataFrame, where: str) -> None:
         n = len(obs)
         self.labels = self.batch_labels = None
-        self.label_names, self.batch_names = [], []
         if self.label_key:
             raw = self._column(obs, self.label_key, "label_key", where)
             self.labels, self.label_names = encode_categories(raw)
@@ -238,21 +240,9 @@ class MultiomicDataModule(VocabSizes, pl.LightningDataModule):
 
     # what scgpt_train reads ----------------------------------------------------------------------
     @property
-    def vocab(self) -> GeneVocab:
-        self.setup()
-        return self._vocab
-
-    @property
-    def num_batch_labels(self) -> int:
-        self.setup()
-        return len(self.batch_names)
-
-    @property
     def model_kwargs(self) -> dict:
         self.setup()
-        kw = {}
-        if "num_batch_labels" in self.model_outputs and self.num_batch_labels > 0:
-            kw["num_batch_labels"] = self.num_batch_labels
+        kw = super().model_kwargs
         if "n_modalities" in self.model_outputs:
             kw["n_modalities"] = len(self.modality_vocab)
             kw["modality_pad_id"] = self.modality_vocab["<pad>"]
@@ -305,20 +295,7 @@ class MultiomicDataModule(VocabSizes, pl.LightningDataModule):
             self.batch_labels,
             self.seed if deterministic else None,
         )
-        return DataLoader(
-            idx.tolist(),
-            batch_size=batch_size or self.val_batch_size,
-            shuffle=shuffle,
-            collate_fn=collate,
-            num_workers=self.num_workers,
-            persistent_workers=self.num_workers > 0,
-        )
-
-    def train_dataloader(self) -> DataLoader:
-        return self.loader("train", shuffle=True, batch_size=self.batch_size, deterministic=False)
-
-    def val_dataloader(self) -> DataLoader:
-        return self.loader("val")
+        return self.make_loader(idx.tolist(), collate, batch_size, shuffle=shuffle)
 
     def predict_dataloader(self) -> DataLoader:
         return self.loader("all", masked=False)

@@ -27,13 +27,7 @@ import scipy.sparse as sp
 from data_modules.config import dataclass_from_any
 from data_modules.multiomic.inputs import ModalityMatrix, MultiomicInputError
 from data_modules.tokenize.binning import bin_values
-from data_modules.value_types import (
-    ValueTypeError,
-    apply_steps,
-    check_finite,
-    detect_value_type,
-    preprocessing_steps,
-)
+from data_modules.value_types import ValueTypeError, apply_steps, check_finite, detect_value_type, preprocessing_steps
 
 log = logging.getLogger(__name__)
 KINDS = ("rna", "protein", "atac")

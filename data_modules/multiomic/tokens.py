@@ -19,11 +19,10 @@ from dataclasses import dataclass
 
 import numpy as np
 import scipy.sparse as sp
-import torch
 
 from data_modules.batch import Batch
 from data_modules.tokenize.layout import TokenLayout
-from data_modules.tokenize.tokenizer import category_values
+from data_modules.tokenize.tokenizer import masked_inputs
 
 TOKEN_RULES = ("paper", "nonzero", "all")
 
@@ -94,18 +93,6 @@ def tokenize_cells(
             k = int(n * mask_ratio)
             if k:
                 mlm[b, 1 + rng.choice(n, k, replace=False)] = True
-    if layout.value_style == "category":
-        values = category_values(target, pad_mask, None, mlm, layout)
-    else:
-        values = target.copy()
-        if mlm is not None:
-            values[mlm] = layout.mask_value
-    return Batch(
-        gene_ids=torch.from_numpy(gene_ids),
-        values=torch.from_numpy(values),
-        pad_mask=torch.from_numpy(pad_mask),
-        target_values=torch.from_numpy(target),
-        mlm_mask=None if mlm is None else torch.from_numpy(mlm),
-        cell_index=torch.from_numpy(np.asarray(cells, dtype=np.int64)),
-        modality_ids=torch.from_numpy(mod_ids),
-    )
+    values = masked_inputs(target, pad_mask, mlm, layout)
+    cell_index = np.asarray(cells, dtype=np.int64)
+    return Batch.from_numpy(gene_ids, values, pad_mask, target, None, mlm, cell_index=cell_index, modality_ids=mod_ids)

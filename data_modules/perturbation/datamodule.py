@@ -15,20 +15,16 @@ the data's genes). Every batch carries ``cell_index`` (the perturbed cell), ``ob
 
 from __future__ import annotations
 
-import json
 import logging
-import os
 from collections.abc import Callable, Sequence
-from pathlib import Path
 from typing import Any
 
 import numpy as np
-import pytorch_lightning as pl
 import scipy.sparse as sp
 import torch
 from torch.utils.data import DataLoader, Dataset, Sampler
 
-from data_modules.atomic import write_text_atomic
+from data_modules.finetune import FineTuneDataModule
 from data_modules.perturbation.conditions import CTRL
 from data_modules.perturbation.gears_data import PerturbationData, read_gears
 from data_modules.perturbation.inputs import (
@@ -47,7 +43,7 @@ from data_modules.perturbation.inputs import (
 from data_modules.perturbation.pairing import ControlPairing, Pairs
 from data_modules.perturbation.splits import PerturbationSplit, simulation_split
 from data_modules.tokenize.layout import TokenLayout
-from data_modules.vocab import GeneVocab, VocabSizes
+from data_modules.vocab import GeneVocab
 
 log = logging.getLogger(__name__)
 SPLIT_NAMES = ("train", "val", "test")
@@ -180,22 +176,34 @@ class PairCollate:
         return batch
 
 
-class PerturbationDataModule(VocabSizes, pl.LightningDataModule):
+class PerturbationDataModule(FineTuneDataModule):
     """GEARS-format perturbation data for fine-tuning (plain constructor values; Hydra-instantiable).
 
-    Args:
-      path: the GEARS ``perturb_processed.h5ad``; ``builder``: callable(path) writing it when absent (the demo).
-      vocab: vocab.json / checkpoint (official directory, imported .pt, .ckpt); None = the data's genes.
-      layout: the TokenLayout (``max_genes`` caps training sequences; ``pad_value`` at padded positions).
-      include_zero_genes: ``"all"`` (official) or ``"batch-wise"`` (genes non-zero in a control of the batch).
-      keep_perturbed_genes: training subsets always keep the flagged genes (False: the tutorial's uniform draw).
-      unknown_genes: ``"pad"`` (official ``<pad>`` id), ``"mask"``, ``"new"`` (appended to the vocabulary as new
-        tokens; the model gets their embedding rows, learned) or ``"error"`` for genes outside the vocab.
-      split_path: a split JSON to use; else the GEARS simulation split with ``split_seed``,
-        ``train_gene_set_size``, ``combo_seen2_train_frac``; written to ``split_out`` when given.
-      pairing_mode: ``"fixed"`` (official) or ``"redraw"``; ctrl_identity: ctrl -> ctrl pairs in training
-        (official); pairing_seed: the draw's seed.
-      flag_pad / n_conditions: condition id at padded positions and the number of condition ids (official 0 / 3).
+    Parameters
+    ----------
+    path : str
+        The GEARS ``perturb_processed.h5ad``; ``builder``: callable(path) writing it when absent (the demo).
+    vocab : str, optional
+        vocab.json / checkpoint (official directory, imported .pt, .ckpt); None = the data's genes.
+    layout : TokenLayout or dict, optional
+        ``max_genes`` caps training sequences; ``pad_value`` at padded positions.
+    include_zero_genes : str
+        ``"all"`` (official) or ``"batch-wise"`` (genes non-zero in a control of the batch).
+    keep_perturbed_genes : bool
+        Training subsets always keep the flagged genes (False: the tutorial's uniform draw).
+    unknown_genes : str
+        ``"pad"`` (official ``<pad>`` id), ``"mask"``, ``"new"`` (appended to the vocabulary as new tokens; the
+        model gets their embedding rows, learned) or ``"error"`` for genes outside the vocab.
+    split_path, split_seed, train_gene_set_size, combo_seen2_train_frac, split_out
+        A split JSON to use; else the GEARS simulation split with these settings; written to ``split_out``.
+    pairing_mode, ctrl_identity, pairing_seed
+        ``"fixed"`` (official) or ``"redraw"`` pairing; ctrl -> ctrl pairs in training (official); the draw's seed.
+    flag_pad, n_conditions : int
+        Condition id at padded positions and the number of condition ids (official 0 / 3).
+    batch_size, val_batch_size, num_workers, seed, report_path
+        As :class:`~data_modules.finetune.FineTuneDataModule`.
+    compute_missing_de : bool
+        Compute the top DE genes per condition when the file lacks them.
     """
 
     def __init__(
@@ -224,14 +232,13 @@ class PerturbationDataModule(VocabSizes, pl.LightningDataModule):
         compute_missing_de: bool = True,
         report_path: str | None = None,
     ):
-        super().__init__()
+        super().__init__(path, builder, vocab, batch_size, val_batch_size, num_workers, seed, report_path)
         if include_zero_genes not in ZERO_GENE_MODES:
             raise ValueError(f"include_zero_genes must be one of {ZERO_GENE_MODES}, got {include_zero_genes!r}")
         if pairing_mode not in ("fixed", "redraw"):
             raise ValueError(f"pairing_mode must be 'fixed' or 'redraw', got {pairing_mode!r}")
         if not 0 <= int(flag_pad) < int(n_conditions) or int(n_conditions) < 2:
             raise ValueError(f"flag_pad ({flag_pad}) must be a condition id below n_conditions ({n_conditions}) >= 2")
-        self.path, self.builder, self.vocab_path = str(path), builder, vocab
         self.layout = TokenLayout.from_any(layout)
         self.include_zero_genes, self.keep_perturbed_genes = include_zero_genes, bool(keep_perturbed_genes)
         self.unknown_genes = unknown_genes
@@ -240,29 +247,20 @@ class PerturbationDataModule(VocabSizes, pl.LightningDataModule):
         self.combo_seen2_train_frac = float(combo_seen2_train_frac)
         self.pairing_mode, self.ctrl_identity, self.pairing_seed = pairing_mode, bool(ctrl_identity), int(pairing_seed)
         self.flag_pad, self.n_conditions = int(flag_pad), int(n_conditions)
-        self.batch_size, self.val_batch_size = int(batch_size), int(val_batch_size or batch_size)
-        self.num_workers, self.seed = int(num_workers), int(seed)
-        self.compute_missing_de, self.report_path = bool(compute_missing_de), report_path
+        self.compute_missing_de = bool(compute_missing_de)
         self.data: PerturbationData | None = None
-        self._vocab: GeneVocab | None = None
         self.appended_genes: list[str] = []
 
     # lifecycle ------------------------------------------------------------------------------------------------
-    def prepare_data(self) -> None:
-        if Path(self.path).exists():
-            return
-        if self.builder is None:
-            raise FileNotFoundError(
-                f"perturbation data {self.path} does not exist: download the GEARS file (see docs/perturbation.md) "
-                "or point data.path at a GEARS-format perturb_processed.h5ad"
-            )
-        self.builder(self.path)
+    missing_hint = (
+        "download the GEARS file (see docs/perturbation.md) or point data.path at a GEARS-format perturb_processed.h5ad"
+    )
 
     def setup(self, stage: str | None = None) -> None:
         if self.data is not None:
             return
         data = read_gears(self.path, compute_missing_de=self.compute_missing_de)
-        self._vocab = GeneVocab.from_checkpoint(self.vocab_path) if self.vocab_path else None
+        self._vocab = self.checkpoint_vocab()
         if self._vocab is None:
             self._vocab = GeneVocab.from_genes(data.gene_names.tolist())
         self.tokens = map_data_genes(data.gene_names, self._vocab, self.unknown_genes, self.path)
@@ -295,7 +293,7 @@ class PerturbationDataModule(VocabSizes, pl.LightningDataModule):
         if self.split_out:
             self.split.save(self.split_out)
         if self.report_path:
-            write_text_atomic(self.report_path, json.dumps(self.report(), indent=2))
+            self.write_report()
 
     def _make_split(self, data: PerturbationData) -> PerturbationSplit:
         if self.split_path:
@@ -316,11 +314,6 @@ class PerturbationDataModule(VocabSizes, pl.LightningDataModule):
         )
 
     # what scgpt_train.pipeline reads -----------------------------------------------------------------------------
-    @property
-    def vocab(self) -> GeneVocab:
-        self.setup()
-        return self._vocab
-
     @property
     def model_kwargs(self) -> dict:
         """The condition embedding the flags need (official: 3 ids, padding row 0)."""
@@ -376,23 +369,14 @@ class PerturbationDataModule(VocabSizes, pl.LightningDataModule):
         if len(pairing) == 0:
             raise PerturbationInputError(f"{self.path}: the training split has no cells")
         sampler = PairSampler(pairing, shuffle=True, seed=self.seed)
-        return DataLoader(
-            _Items(len(pairing)), batch_size=self.batch_size, sampler=sampler, collate_fn=self.collate(True),
-            num_workers=self.num_workers, persistent_workers=self.num_workers > 0,
-        )  # fmt: skip
+        return self.make_loader(_Items(len(pairing)), self.collate(True), self.batch_size, sampler=sampler)
 
     def loader(self, split: str, batch_size: int | None = None) -> DataLoader:
         """Evaluation pairs of ``split`` (every perturbed cell once, seeded control), all genes, in order."""
         pairs = self.pairing(split).pairs()
         if len(pairs) == 0:
             raise PerturbationInputError(f"{self.path}: split {split!r} has no perturbed cells")
-        return DataLoader(
-            FixedPairs(pairs), batch_size=batch_size or self.val_batch_size, shuffle=False,
-            collate_fn=self.collate(False), num_workers=self.num_workers,
-        )  # fmt: skip
-
-    def val_dataloader(self) -> DataLoader:
-        return self.loader("val")
+        return self.make_loader(FixedPairs(pairs), self.collate(False), batch_size, persistent_workers=False)
 
     def test_dataloader(self) -> DataLoader:
         return self.loader("test")
@@ -426,6 +410,3 @@ class PerturbationDataModule(VocabSizes, pl.LightningDataModule):
             "de_source": self.data.de_source,
             "simulated": self.simulated,
         }
-
-    def write_report(self, path: str | os.PathLike) -> Path:
-        return write_text_atomic(path, json.dumps(self.report(), indent=2))

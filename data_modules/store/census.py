@@ -155,7 +155,7 @@ def convert_census(
     log: Callable[[str], None] | None = None,
 ) -> dict:
     """Build a corpus from the Census query (see module docstring); resumable like the h5ad path."""
-    from data_modules.store.convert import run_conversion
+    from data_modules.store.convert import BuildOptions, run_conversion
 
     label = f"census:{uri}" if uri is not None else f"census:{census_version}"
     reader = CensusReader(open_census(census_version, uri), organism, value_filter, gene_column, label=label)
@@ -174,22 +174,15 @@ def convert_census(
         "gene_column": gene_column,
         **reader.fingerprint(),
     }
+    build = BuildOptions(shard_size, chunk_size, min_genes, split, on_duplicate, overwrite, resume, log)
     return run_conversion(
         [reader],
         out,
         vocab,
         list(obs_columns),
         params,
-        shard_size=shard_size,
-        chunk_size=chunk_size,
-        allow_float=False,
-        min_genes=min_genes,
-        split=split,
+        build,
         gene_table=gene_table,
-        on_duplicate=on_duplicate,
-        overwrite=overwrite,
-        resume=resume,
-        log=log,
         extra_manifest={
             "census": {
                 "version": census_version if uri is None else None,

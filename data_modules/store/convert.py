@@ -239,22 +239,30 @@ def _swap_in(out: Path, build: Callable[[Path], dict], log: Callable[[str], None
         return build(tmp)
 
 
+@dataclass
+class BuildOptions:
+    """The options every corpus build takes, whatever its input (``convert_sources``, ``convert_census``)."""
+
+    shard_size: int = 16384
+    chunk_size: int = 2048
+    min_genes: int = 1
+    split: dict | None = None
+    on_duplicate: str = "error"
+    overwrite: bool = False
+    resume: bool = True
+    log: Callable[[str], None] | None = None
+
+
 def run_conversion(
     readers: list,
     out: str | os.PathLike,
     vocab: GeneVocab,
     obs_columns: Sequence[str],
     params: dict,
-    shard_size: int = 16384,
-    chunk_size: int = 2048,
+    build: BuildOptions,
+    *,
     allow_float: bool = False,
-    min_genes: int = 1,
-    split: dict | None = None,
     gene_table: Mapping[str, str] | None = None,
-    on_duplicate: str = "error",
-    overwrite: bool = False,
-    resume: bool = True,
-    log: Callable[[str], None] | None = None,
     extra_manifest: dict | None = None,
     allow_duplicate_cells: bool = False,
 ) -> dict:
@@ -265,7 +273,9 @@ def run_conversion(
     swapped in only when complete: a failed build leaves ``out`` as it was.
     """
     out = Path(out)
-    log = log or (lambda msg: None)
+    shard_size, chunk_size, min_genes, split = build.shard_size, build.chunk_size, build.min_genes, build.split
+    on_duplicate, overwrite, resume = build.on_duplicate, build.overwrite, build.resume
+    log = build.log or (lambda msg: None)
     obs_columns = [c for c in obs_columns if c != "dataset"]
     params = {
         **params,
@@ -551,24 +561,11 @@ def convert_sources(
         ],
         "gene_table": _table_digest(gene_table),
     }
+    build = BuildOptions(shard_size, chunk_size, min_genes, split, on_duplicate, overwrite, resume, log)
     return run_conversion(
-        readers,
-        out,
-        vocab,
-        list(obs_columns),
-        params,
-        shard_size=shard_size,
-        chunk_size=chunk_size,
-        allow_float=allow_float,
-        min_genes=min_genes,
-        split=split,
-        gene_table=gene_table,
-        on_duplicate=on_duplicate,
-        overwrite=overwrite,
-        resume=resume,
-        log=log,
-        allow_duplicate_cells=allow_duplicate_cells,
-    )
+        readers, out, vocab, list(obs_columns), params, build,
+        allow_float=allow_float, gene_table=gene_table, allow_duplicate_cells=allow_duplicate_cells,
+    )  # fmt: skip
 
 
 def print_log(msg: str) -> None:
@@ -579,6 +576,7 @@ __all__ = [
     "Source",
     "convert_sources",
     "run_conversion",
+    "BuildOptions",
     "gene_union",
     "sources_from_paths",
     "map_reader_genes",

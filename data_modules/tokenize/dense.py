@@ -9,11 +9,10 @@ from __future__ import annotations
 
 import numpy as np
 import scipy.sparse as sp
-import torch
 
 from data_modules.batch import Batch
 from data_modules.tokenize.binning import bin_values, cell_of_entry
-from data_modules.tokenize.tokenizer import TokenizerConfig, category_values
+from data_modules.tokenize.tokenizer import TokenizerConfig, masked_inputs
 
 
 def tokenize_with_zeros(
@@ -42,16 +41,6 @@ def tokenize_with_zeros(
     if cfg.mlm_prob is not None:
         mlm_mask = rng.random((n_cells, L), dtype=np.float32) < cfg.mlm_prob
         mlm_mask[:, 0] = False
-    if layout.value_style != "category":  # continuous and scaling read the bins as floats
-        values = target.copy()
-        if mlm_mask is not None:
-            values[mlm_mask] = layout.mask_value
-    else:
-        values = category_values(target, pad_mask, None, mlm_mask, layout)
-    return Batch(
-        gene_ids=torch.from_numpy(token_ids),
-        values=torch.from_numpy(values),
-        pad_mask=torch.from_numpy(pad_mask),
-        target_values=torch.from_numpy(target),
-        mlm_mask=None if mlm_mask is None else torch.from_numpy(mlm_mask),
+    return Batch.from_numpy(
+        token_ids, masked_inputs(target, pad_mask, mlm_mask, layout), pad_mask, target, None, mlm_mask
     )

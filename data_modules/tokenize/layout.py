@@ -27,6 +27,23 @@ MODEL_FIELDS = ("n_bins", "value_style", "pad_value", "mask_value")
 
 @dataclass(frozen=True)
 class TokenLayout:
+    """How a cell becomes tokens; the data modules and the model read the same one (see the module docstring).
+
+    Parameters
+    ----------
+    max_seq_len : int
+        Tokens per cell including ``<cls>`` (1,201: 1,200 genes + ``<cls>``); longer cells keep a random subset.
+    n_bins : int
+        Expression bins, bin 0 = not expressed (>= 3).
+    value_style : str
+        ``continuous`` (bin as a float through the value encoder), ``category`` (bin as an embedding id) or
+        ``scaling`` (the gene embedding scaled by the value).
+    pad_value : float
+        Input value at ``<pad>`` (and at ``<cls>`` in pretraining).
+    mask_value : float
+        Input value at MLM-masked positions.
+    """
+
     max_seq_len: int = 1201  # tokens per cell INCLUDING <cls>: 1,200 genes + <cls>
     n_bins: int = 51  # expression bins (bin 0 = not expressed)
     value_style: str = "continuous"  # continuous | category | scaling

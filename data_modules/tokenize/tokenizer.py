@@ -18,7 +18,6 @@ from dataclasses import asdict, dataclass, field
 from typing import Any
 
 import numpy as np
-import torch
 
 from data_modules.batch import Batch
 from data_modules.config import dataclass_from_any
@@ -174,39 +173,26 @@ class Tokenizer:
         pad_mask = np.empty((n_cells, L), dtype=bool)  # (B, L)
         gen_mask = np.empty((n_cells, L) if cfg.gen_ratios is not None else (0, 0), dtype=bool)  # (B, L)
         mlm_mask = np.empty((n_cells, L) if cfg.mlm_prob is not None else (0, 0), dtype=bool)  # (B, L)
+        outputs = (token_ids, values, target_values, pad_mask, gen_mask, mlm_mask)
         kernels.pad_batch(
-            enc.offsets,
-            enc.genes,
-            enc.bins,
-            enc.flags,
-            cfg.gen_ratios is not None,
-            cfg.mlm_prob is not None,
-            self.pad_id,
-            self.cls_id,
-            self.layout.pad_value,
-            self.layout.mask_value,
-            cfg.cls_value,
-            token_ids,
-            values,
-            target_values,
-            pad_mask,
-            gen_mask,
-            mlm_mask,
+            *self._kernel_inputs(enc), self.pad_id, self.cls_id, self.layout.pad_value, *self._values(), *outputs
         )
         gen = None if cfg.gen_ratios is None else gen_mask
         mlm = None if cfg.mlm_prob is None else mlm_mask
         if self.layout.value_style == "category":
             values = category_values(target_values, pad_mask, gen, mlm, self.layout)
-        return Batch(
-            gene_ids=torch.from_numpy(token_ids),
-            values=torch.from_numpy(values),
-            pad_mask=torch.from_numpy(pad_mask),
-            target_values=torch.from_numpy(target_values),
-            gen_mask=None if gen is None else torch.from_numpy(gen),
-            mlm_mask=None if mlm is None else torch.from_numpy(mlm),
-            cell_index=torch.from_numpy(enc.cell_index),
-            obs={k: torch.from_numpy(np.asarray(v, dtype=np.int64)) for k, v in enc.obs.items()},
+        return Batch.from_numpy(
+            token_ids, values, pad_mask, target_values, gen, mlm, cell_index=enc.cell_index, obs=enc.obs
         )
+
+    def _kernel_inputs(self, enc: EncodedCells) -> tuple:
+        """The arguments ``kernels.pad_batch`` and ``kernels.pack_batch`` both start with."""
+        cfg = self.config
+        return enc.offsets, enc.genes, enc.bins, enc.flags, cfg.gen_ratios is not None, cfg.mlm_prob is not None
+
+    def _values(self) -> tuple[float, float]:
+        """(mask_value, cls_value): the input values of hidden genes and of ``<cls>``."""
+        return self.layout.mask_value, self.config.cls_value
 
     def pack(self, enc: EncodedCells) -> Batch:
         """The packed layout of ``pad(enc)``: (1, T) token fields without padding, T = sum of the cells' tokens
@@ -226,42 +212,18 @@ class Tokenizer:
         token_cell = np.empty(T, dtype=np.int64)  # (T,)
         gen_mask = np.empty(T if cfg.gen_ratios is not None else 0, dtype=bool)  # (T,)
         mlm_mask = np.empty(T if cfg.mlm_prob is not None else 0, dtype=bool)  # (T,)
-        kernels.pack_batch(
-            enc.offsets,
-            enc.genes,
-            enc.bins,
-            enc.flags,
-            cfg.gen_ratios is not None,
-            cfg.mlm_prob is not None,
-            self.cls_id,
-            self.layout.mask_value,
-            cfg.cls_value,
-            token_ids,
-            values,
-            target_values,
-            token_cell,
-            gen_mask,
-            mlm_mask,
-        )
+        outputs = (token_ids, values, target_values, token_cell, gen_mask, mlm_mask)
+        kernels.pack_batch(*self._kernel_inputs(enc), self.cls_id, *self._values(), *outputs)
         gen = None if cfg.gen_ratios is None else gen_mask[None]
         mlm = None if cfg.mlm_prob is None else mlm_mask[None]
         pad_mask = np.zeros((1, T), dtype=bool)  # (1, T) no padding
         values = values[None]
         if self.layout.value_style == "category":
             values = category_values(target_values[None], pad_mask, gen, mlm, self.layout, cls_at=cu_seqlens[:-1])
-        return Batch(
-            gene_ids=torch.from_numpy(token_ids[None]),
-            values=torch.from_numpy(values),
-            pad_mask=torch.from_numpy(pad_mask),
-            target_values=torch.from_numpy(target_values[None]),
-            gen_mask=None if gen is None else torch.from_numpy(gen),
-            mlm_mask=None if mlm is None else torch.from_numpy(mlm),
-            cell_index=torch.from_numpy(enc.cell_index),
-            obs={k: torch.from_numpy(np.asarray(v, dtype=np.int64)) for k, v in enc.obs.items()},
-            cu_seqlens=torch.from_numpy(cu_seqlens),
-            token_cell=torch.from_numpy(token_cell[None]),
-            max_seqlen=int(lengths.max(initial=1)),
-        )
+        return Batch.from_numpy(
+            token_ids[None], values, pad_mask, target_values[None], gen, mlm, cell_index=enc.cell_index, obs=enc.obs,
+            cu_seqlens=cu_seqlens, token_cell=token_cell[None], max_seqlen=int(lengths.max(initial=1)),
+        )  # fmt: skip
 
 
 def category_values(
@@ -283,4 +245,15 @@ def category_values(
     for hidden in (gen_mask, mlm_mask):
         if hidden is not None:
             values[hidden] = layout.mask_category
+    return values
+
+
+def masked_inputs(target: np.ndarray, pad_mask: np.ndarray, mlm_mask: np.ndarray | None, layout: TokenLayout):
+    """(B, L) model inputs of the bins ``target``: ``mask_value`` at MLM-masked positions (continuous and scaling
+    styles read the bins as floats), or the category ids (:func:`category_values`)."""
+    if layout.value_style == "category":
+        return category_values(target, pad_mask, None, mlm_mask, layout)
+    values = target.copy()
+    if mlm_mask is not None:
+        values[mlm_mask] = layout.mask_value
     return values

@@ -19,7 +19,7 @@ from pathlib import Path
 import pandas as pd
 
 from scgpt_train.benchmarks.harness import demo_checkpoint, write_report
-from scgpt_train.tasks.attention_grn.common import GRNError
+from scgpt_train.tasks.attention_grn.common import AttentionGRNParams, GRNError
 from scgpt_train.tasks.attention_grn.run import METHOD_NAMES, run_attention_grn
 
 
@@ -172,10 +172,8 @@ def run_grn_benchmark(bench: Mapping, seeds, out_dir, extra_overrides=(), compos
         part_dir = out_dir / name
         part_dir.mkdir(parents=True, exist_ok=True)
         tf = resolve_tf_targets(part.get("tf_targets", "collectri"), adata, part_dir, cache)
-        keys = ("sources", "condition_key", "control", "settings", "max_genes", "top", "n_random", "min_targets",
-                "softmax", "rank", "direction", "style", "batch_size", "max_cells", "layer")  # fmt: skip
-        opts = {k: part[k] for k in keys if part.get(k) is not None}
-        s = run_attention_grn(checkpoint, adata, tf, part_dir, seed=seed, progress=progress, **opts)
+        params = AttentionGRNParams.from_config(part, seed=seed, progress=progress)
+        s = run_attention_grn(checkpoint, adata, tf, part_dir, params)
         agg = pd.DataFrame(s["aggregate"])
         k = s["params"]["top_k"]
         rows = [

@@ -9,7 +9,13 @@ from pathlib import Path
 import numpy as np
 
 from scgpt_train.benchmarks.harness import COLLAPSE_MARKS, demo_checkpoint, write_report
-from scgpt_train.tasks.reference_map.common import BASELINES, DEFAULT_K, METHOD_NAMES, ReferenceMapError
+from scgpt_train.tasks.reference_map.common import (
+    BASELINES,
+    DEFAULT_K,
+    METHOD_NAMES,
+    ReferenceMapError,
+    ReferenceMapParams,
+)
 from scgpt_train.tasks.reference_map.run import run_reference_map
 
 log = logging.getLogger(__name__)
@@ -73,21 +79,17 @@ def run_zeroshot_benchmark(bench, seeds, out_dir, extra_overrides=(), compose=No
                 write_h5ad(cells[tr].copy(), seed_dir / "reference.h5ad"),
                 write_h5ad(cells[te].copy(), seed_dir / "query.h5ad"),
             )
-        summary = run_reference_map(
-            checkpoint,
-            ref,
-            query,
-            label_key,
-            seed_dir / "mapped.h5ad",
+        params = ReferenceMapParams(
             k=k,
             seed=int(seed),
             batch_size=int(bench.get("batch_size", 64)),
-            baselines=list(bench.get("baselines") or BASELINES),
+            baselines=tuple(bench.get("baselines") or BASELINES),
             n_hvg=int(bench.get("n_hvg", 2000)),
             n_pcs=int(bench.get("n_pcs", 50)),
             l1_c_grid=bench.get("l1_c_grid"),
             progress=False,
         )
+        summary = run_reference_map(checkpoint, ref, query, label_key, seed_dir / "mapped.h5ad", params)
         per_seed.append(summary["metrics"])
         if i == 0:  # figures of the first seed
             import anndata as ad

@@ -15,58 +15,64 @@ from data_modules.tokenize.layout import TokenLayout
 
 ATTENTION_LAYOUTS = ("released", "impl", "torch")
 
-# (official regex, our replacement); applied first match wins. Attention keys are handled separately.
-_OFFICIAL_TO_OURS = [
-    (r"^encoder\.embedding\.weight$", "gene_encoder.embedding.weight"),
-    (r"^encoder\.enc_norm\.(weight|bias)$", r"gene_encoder.norm.\1"),
-    (r"^flag_encoder\.weight$", "flag_encoder.weight"),
-    (r"^value_encoder\.(linear1|linear2|norm)\.(weight|bias)$", r"value_encoder.\1.\2"),
-    (r"^value_encoder\.embedding\.weight$", "value_encoder.embedding.weight"),
-    (r"^value_encoder\.enc_norm\.(weight|bias)$", r"value_encoder.norm.\1"),
-    (r"^batch_encoder\.embedding\.weight$", "batch_encoder.embedding.weight"),
-    (r"^batch_encoder\.enc_norm\.(weight|bias)$", r"batch_encoder.norm.\1"),
-    (r"^mod_encoder\.embedding\.weight$", "modality_encoder.embedding.weight"),
-    (r"^mod_encoder\.enc_norm\.(weight|bias)$", r"modality_encoder.norm.\1"),
-    (r"^pert_encoder\.weight$", "condition_encoder.weight"),
-    (r"^dsbn\.bns\.(\d+)\.(weight|bias|running_mean|running_var|num_batches_tracked)$", r"dsbn.bns.\1.\2"),
-    (r"^transformer_encoder\.layers\.(\d+)\.(linear1|linear2|norm1|norm2)\.(weight|bias)$", r"layers.\1.\2.\3"),
-    (r"^transformer_encoder\.norm\.(weight|bias)$", r"final_norm.\1"),  # nn.TransformerEncoder(norm=...)
-    (r"^decoder\.(fc|zero_logit)\.(\d+)\.(weight|bias)$", r"expr_decoder.\1.\2.\3"),
-    (r"^decoder\.(coeff_decoder|bias_decoder)\.fc\.(\d+)\.(weight|bias)$", r"expr_decoder.\1.fc.\2.\3"),
-    (r"^mvc_decoder\.(gene2query|W|W_zero_logit)\.(weight|bias)$", r"mvc_decoder.\1.\2"),
-    (r"^cls_decoder\._decoder\.(\d+)\.(weight|bias)$", r"cls_decoder.hidden.\1.\2"),
-    (r"^cls_decoder\.out_layer\.(weight|bias)$", r"cls_decoder.out_layer.\1"),
-    (r"^grad_reverse_discriminator\._decoder\.(\d+)\.(weight|bias)$", r"dab_decoder.hidden.\1.\2"),
-    (r"^grad_reverse_discriminator\.out_layer\.(weight|bias)$", r"dab_decoder.out_layer.\1"),
+# (official key, our key) templates, read both ways; first match wins. ``{n}`` is a layer / block number,
+# ``{wb}`` weight or bias, ``{bn}`` a batch norm's, ``{block}`` a transformer block's weights, ``{a|b}`` one of
+# the names; the placeholders stand in the same order on both sides.
+# Attention keys are handled separately.
+_KEY_PAIRS = [
+    ("encoder.embedding.weight", "gene_encoder.embedding.weight"),
+    ("encoder.enc_norm.{wb}", "gene_encoder.norm.{wb}"),
+    ("flag_encoder.weight", "flag_encoder.weight"),
+    ("value_encoder.{linear1|linear2}.{wb}", "value_encoder.{linear1|linear2}.{wb}"),
+    ("value_encoder.embedding.weight", "value_encoder.embedding.weight"),
+    ("batch_encoder.embedding.weight", "batch_encoder.embedding.weight"),
+    ("batch_encoder.enc_norm.{wb}", "batch_encoder.norm.{wb}"),
+    ("mod_encoder.embedding.weight", "modality_encoder.embedding.weight"),
+    ("mod_encoder.enc_norm.{wb}", "modality_encoder.norm.{wb}"),
+    ("pert_encoder.weight", "condition_encoder.weight"),
+    ("dsbn.bns.{n}.{bn}", "dsbn.bns.{n}.{bn}"),
+    ("transformer_encoder.layers.{n}.{block}.{wb}", "layers.{n}.{block}.{wb}"),
+    ("transformer_encoder.norm.{wb}", "final_norm.{wb}"),  # pre-norm only: nn.TransformerEncoder(norm=...)
+    ("decoder.{fc|zero_logit}.{n}.{wb}", "expr_decoder.{fc|zero_logit}.{n}.{wb}"),
+    ("decoder.{coeff_decoder|bias_decoder}.fc.{n}.{wb}", "expr_decoder.{coeff_decoder|bias_decoder}.fc.{n}.{wb}"),
+    ("mvc_decoder.{gene2query|W|W_zero_logit}.{wb}", "mvc_decoder.{gene2query|W|W_zero_logit}.{wb}"),
+    ("cls_decoder._decoder.{n}.{wb}", "cls_decoder.hidden.{n}.{wb}"),
+    ("cls_decoder.out_layer.{wb}", "cls_decoder.out_layer.{wb}"),
+    ("grad_reverse_discriminator._decoder.{n}.{wb}", "dab_decoder.hidden.{n}.{wb}"),
+    ("grad_reverse_discriminator.out_layer.{wb}", "dab_decoder.out_layer.{wb}"),
 ]
+_PLACEHOLDERS = {
+    "n": r"(\d+)",
+    "wb": "(weight|bias)",
+    "bn": "(weight|bias|running_mean|running_var|num_batches_tracked)",
+    "block": "(linear1|linear2|norm1|norm2)",
+}
+
+
+def _rule(source: str, target: str) -> tuple[str, str]:
+    """(regex matching the key template ``source``, replacement writing ``target`` with the same captures)."""
+    pattern, repl = [], []
+    for part in re.split(r"(\{[^}]*\})", source):
+        slot = part[1:-1] if part.startswith("{") else None
+        pattern.append(re.escape(part) if slot is None else _PLACEHOLDERS.get(slot, f"({slot})"))
+    slots = iter(range(1, 100))
+    for part in re.split(r"(\{[^}]*\})", target):
+        repl.append(f"\\g<{next(slots)}>" if part.startswith("{") else part)
+    return "^" + "".join(pattern) + "$", "".join(repl)
+
+
+# the value encoder's norm: continuous models call it norm, category models enc_norm (official -> ours only;
+# ours_to_official decides from the weights)
+_OFFICIAL_TO_OURS = [(r"^value_encoder\.(?:norm|enc_norm)\.(weight|bias)$", r"value_encoder.norm.\1")] + [
+    _rule(official, ours) for official, ours in _KEY_PAIRS
+]
+_OURS_TO_OFFICIAL = [_rule(ours, official) for official, ours in _KEY_PAIRS]
 _ATTN_OFFICIAL = re.compile(
     r"^transformer_encoder\.layers\.(\d+)\.self_attn\."
     r"(?:(?:_impl\.)?Wqkv\.(?P<wqkv>weight|bias)|in_proj_(?P<inproj>weight|bias)"
     r"|(?:_impl\.)?out_proj\.(?P<out>weight|bias))$"
 )
 
-_OURS_TO_OFFICIAL = [
-    (r"^gene_encoder\.embedding\.weight$", "encoder.embedding.weight"),
-    (r"^gene_encoder\.norm\.(weight|bias)$", r"encoder.enc_norm.\1"),
-    (r"^flag_encoder\.weight$", "flag_encoder.weight"),
-    (r"^value_encoder\.(linear1|linear2)\.(weight|bias)$", r"value_encoder.\1.\2"),
-    (r"^value_encoder\.embedding\.weight$", "value_encoder.embedding.weight"),
-    (r"^batch_encoder\.embedding\.weight$", "batch_encoder.embedding.weight"),
-    (r"^batch_encoder\.norm\.(weight|bias)$", r"batch_encoder.enc_norm.\1"),
-    (r"^modality_encoder\.embedding\.weight$", "mod_encoder.embedding.weight"),
-    (r"^modality_encoder\.norm\.(weight|bias)$", r"mod_encoder.enc_norm.\1"),
-    (r"^condition_encoder\.weight$", "pert_encoder.weight"),
-    (r"^dsbn\.bns\.(\d+)\.(.+)$", r"dsbn.bns.\1.\2"),
-    (r"^layers\.(\d+)\.(linear1|linear2|norm1|norm2)\.(weight|bias)$", r"transformer_encoder.layers.\1.\2.\3"),
-    (r"^final_norm\.(weight|bias)$", r"transformer_encoder.norm.\1"),  # pre-norm only (not in official files)
-    (r"^expr_decoder\.(fc|zero_logit)\.(\d+)\.(weight|bias)$", r"decoder.\1.\2.\3"),
-    (r"^expr_decoder\.(coeff_decoder|bias_decoder)\.fc\.(\d+)\.(weight|bias)$", r"decoder.\1.fc.\2.\3"),
-    (r"^mvc_decoder\.(.+)$", r"mvc_decoder.\1"),
-    (r"^cls_decoder\.hidden\.(\d+)\.(weight|bias)$", r"cls_decoder._decoder.\1.\2"),
-    (r"^cls_decoder\.out_layer\.(weight|bias)$", r"cls_decoder.out_layer.\1"),
-    (r"^dab_decoder\.hidden\.(\d+)\.(weight|bias)$", r"grad_reverse_discriminator._decoder.\1.\2"),
-    (r"^dab_decoder\.out_layer\.(weight|bias)$", r"grad_reverse_discriminator.out_layer.\1"),
-]
 _ATTN_OURS = re.compile(r"^layers\.(\d+)\.self_attn\.(qkv|out_proj)\.(weight|bias)$")
 
 
@@ -103,55 +109,53 @@ def detect_attention_layout(sd: dict) -> str:
     raise ValueError("no attention weights found (expected transformer_encoder.layers.N.self_attn.*)")
 
 
-def official_state_dict_to_ours(sd: dict) -> tuple[dict, MappingReport]:
-    """Rename an official state dict (any attention layout) to our names. Values are not copied."""
+def _map_keys(sd: dict, rename) -> tuple[dict, MappingReport]:
+    """``sd`` with every key renamed by ``rename(key)`` (None: ignored, reported); two keys onto one are refused."""
     out, report = {}, MappingReport()
     for key, value in sd.items():
-        m = _ATTN_OFFICIAL.match(key)
-        if m:
-            layer = m.group(1)
-            if m.group("out"):
-                new = f"layers.{layer}.self_attn.out_proj.{m.group('out')}"
-            else:
-                new = f"layers.{layer}.self_attn.qkv.{m.group('wqkv') or m.group('inproj')}"
-        else:
-            new = _rename(key, _OFFICIAL_TO_OURS)
+        new = rename(key)
         if new is None:
             report.ignored.append(key)
             continue
         if new in out:
-            raise ValueError(f"official keys map twice onto {new!r} (mixed attention layouts?); last one: {key!r}")
+            raise ValueError(f"keys map twice onto {new!r} (mixed attention layouts?); last one: {key!r}")
         out[new] = value
     return out, report
+
+
+def official_state_dict_to_ours(sd: dict) -> tuple[dict, MappingReport]:
+    """Rename an official state dict (any attention layout) to our names. Values are not copied."""
+
+    def rename(key: str) -> str | None:
+        m = _ATTN_OFFICIAL.match(key)
+        if m is None:
+            return _rename(key, _OFFICIAL_TO_OURS)
+        if m.group("out"):
+            return f"layers.{m.group(1)}.self_attn.out_proj.{m.group('out')}"
+        return f"layers.{m.group(1)}.self_attn.qkv.{m.group('wqkv') or m.group('inproj')}"
+
+    return _map_keys(sd, rename)
 
 
 def ours_to_official(sd: dict, layout: str = "released") -> tuple[dict, MappingReport]:
     """Rename our state dict to an official layout ("released", "impl" or "torch")."""
     if layout not in ATTENTION_LAYOUTS:
         raise ValueError(f"layout must be one of {ATTENTION_LAYOUTS}, got {layout!r}")
-    out, report = {}, MappingReport()
-    for key, value in sd.items():
+    qkv = {"released": "Wqkv.{}", "impl": "_impl.Wqkv.{}", "torch": "in_proj_{}"}[layout]
+    out_proj = "_impl.out_proj.{}" if layout == "impl" else "out_proj.{}"
+    value_norm = "enc_norm" if "value_encoder.embedding.weight" in sd else "norm"  # category: enc_norm
+
+    def rename(key: str) -> str | None:
         m = _ATTN_OURS.match(key)
-        if m:
+        if m is not None:
             layer, part, kind = m.groups()
-            base = f"transformer_encoder.layers.{layer}.self_attn."
-            if part == "out_proj":
-                new = base + ("_impl.out_proj." if layout == "impl" else "out_proj.") + kind
-            else:
-                new = (
-                    base
-                    + {"released": f"Wqkv.{kind}", "impl": f"_impl.Wqkv.{kind}", "torch": f"in_proj_{kind}"}[layout]
-                )
-        elif key.startswith("value_encoder.norm."):  # continuous: norm; category: enc_norm
-            kind = key.rsplit(".", 1)[1]
-            new = f"value_encoder.{'enc_norm' if 'value_encoder.embedding.weight' in sd else 'norm'}.{kind}"
-        else:
-            new = _rename(key, _OURS_TO_OFFICIAL)
-        if new is None:
-            report.ignored.append(key)
-            continue
-        out[new] = value
-    return out, report
+            template = out_proj if part == "out_proj" else qkv
+            return f"transformer_encoder.layers.{layer}.self_attn." + template.format(kind)
+        if key.startswith("value_encoder.norm."):  # continuous: norm; category: enc_norm
+            return f"value_encoder.{value_norm}.{key.rsplit('.', 1)[1]}"
+        return _rename(key, _OURS_TO_OFFICIAL)
+
+    return _map_keys(sd, rename)
 
 
 # ---------------------------------------------------------------------------- args.json <-> config

@@ -7,8 +7,8 @@ import torch.nn.functional as F
 from torch import nn
 from torch.utils.checkpoint import checkpoint
 
-from data_modules.tokenize.layout import TokenLayout
 from scgpt_train.model.attention import PackedCells
+from scgpt_train.model.config import ScGPTConfig
 from scgpt_train.model.heads import AdversarialDiscriminator, AffineExprDecoder, ExprDecoder, MLPClassifier, MVCDecoder
 from scgpt_train.model.layers import (
     CategoryValueEncoder,
@@ -18,128 +18,90 @@ from scgpt_train.model.layers import (
     IdEmbedding,
 )
 
-CELL_EMB_STYLES = ("cls", "avg-pool", "w-pool")
-
 
 class ScGPT(nn.Module):
-    """scGPT encoder + heads. All constructor arguments are plain values (Hydra-instantiable).
+    """scGPT encoder + heads, built from a :class:`~scgpt_train.model.config.ScGPTConfig` (Hydra-instantiable
+    with its fields as keywords).
 
     Reads padded (B, L) batches or packed ones (one (1, T) token stream with ``cu_seqlens`` / ``token_cell``;
     ``data_modules.batch``): attention then runs per cell without a mask over the stream, and the cell-level
     outputs (cell_emb by every style, MVC, classifier, DAB, DSBN, batch labels) are computed per cell.
 
-    ``layout``: the token layout the model reads (``data_modules.tokenize.layout.TokenLayout`` or its dict:
-    value style, n_bins, pad / mask values); the pipeline refuses data whose layout differs.
-
-    Extra arguments beyond the official ones:
-      attn_dropout: dropout on attention probabilities. Default 0.0 keeps SDPA on its fused kernels (on CPU
-        any attention dropout forces the math kernel: ~2.4x slower step, ~3.4x more activation memory);
-        None = ``dropout``, exactly the official model's attention dropout.
-      decoder_style: "mlp" (official) or "affine" (perturbation: coeff(h) * value + bias(h)).
-      modality_style: "encoder" (modality embedding added to the token input) or "concat"
-        (official multi-omic model: modality + batch embedding concatenated before the decoders).
-      condition_pad_id: padding row of the condition (perturbation flag) embedding.
+    Parameters
+    ----------
+    config : ScGPTConfig or dict
+        Sizes, the token layout (``layout``: value style, n_bins, pad / mask values; the pipeline refuses data
+        whose layout differs), which inputs and heads exist. See :class:`~scgpt_train.model.config.ScGPTConfig`
+        for every field, including the ones beyond the official model (``attn_dropout``, ``decoder_style``,
+        ``modality_style``, ``condition_pad_id``).
+    **keywords
+        ScGPTConfig fields, on top of ``config``; or the fields alone, positional in the config's order and / or
+        by name: ``ScGPT(vocab_size, pad_token_id, d_model=...)``.
     """
 
-    def __init__(
-        self,
-        vocab_size: int,
-        pad_token_id: int,
-        d_model: int = 512,
-        n_heads: int = 8,
-        d_ff: int = 512,
-        n_layers: int = 12,
-        dropout: float = 0.2,
-        layout: TokenLayout | dict | None = None,
-        cell_emb_style: str = "cls",
-        norm_scheme: str = "post",
-        use_generative: bool = True,
-        use_mvc: bool = True,
-        explicit_zero_prob: bool = False,
-        n_cls: int = 0,
-        n_layers_cls: int = 3,
-        num_batch_labels: int = 0,
-        use_batch_labels: bool = False,
-        dsbn: bool = False,
-        do_dab: bool = False,
-        ecs_threshold: float = 0.8,
-        n_conditions: int = 0,
-        n_modalities: int = 0,
-        grad_checkpointing: bool = False,
-        attn_dropout: float | None = 0.0,
-        max_value: float = 512.0,
-        decoder_style: str = "mlp",
-        modality_style: str = "encoder",
-        condition_pad_id: int | None = 0,
-        modality_pad_id: int | None = None,
-        dab_lambda: float = 1.0,
-        dsbn_affine: bool = False,
-    ):
+    def __init__(self, *args, **keywords):
+        """``ScGPT(config, **keywords)`` with a :class:`~scgpt_train.model.config.ScGPTConfig` (or its dict), or
+        ``ScGPT(vocab_size, pad_token_id, ..., **keywords)``: the config's fields, positional in its field order
+        (as Hydra instantiates ``model.net``)."""
         super().__init__()
+        if len(args) == 1 and isinstance(args[0], ScGPTConfig | dict):
+            c = ScGPTConfig.of(args[0], **keywords)
+        else:
+            c = ScGPTConfig(*args, **keywords)
+        self.model_config = c
         # the token layout this model reads (value style, bins, pad / mask values); the data's must agree
-        self.layout = TokenLayout.from_any(layout)
-        self._config = {k: v for k, v in locals().items() if k not in ("self", "__class__")}
-        self._config["layout"] = self.layout.to_dict()
-        if cell_emb_style not in CELL_EMB_STYLES:
-            raise ValueError(f"cell_emb_style must be one of {CELL_EMB_STYLES}, got {cell_emb_style!r}")
-        if decoder_style not in ("mlp", "affine"):
-            raise ValueError(f"decoder_style must be 'mlp' or 'affine', got {decoder_style!r}")
-        if modality_style not in ("encoder", "concat"):
-            raise ValueError(f"modality_style must be 'encoder' or 'concat', got {modality_style!r}")
-        if (use_batch_labels or dsbn or do_dab) and num_batch_labels < 1:
-            raise ValueError("use_batch_labels / dsbn / do_dab need num_batch_labels >= 1")
-        if decoder_style == "affine" and explicit_zero_prob:
-            raise ValueError("decoder_style='affine' does not support explicit_zero_prob")
+        self.layout = c.layout
+        d_model, dropout, num_batch_labels = c.d_model, c.dropout, c.num_batch_labels
         self.d_model = d_model
-        self.pad_token_id = pad_token_id
-        self.cell_emb_style = cell_emb_style
-        self.use_batch_labels = use_batch_labels
-        self.modality_concat = n_modalities > 0 and modality_style == "concat"
-        self.ecs_threshold = ecs_threshold
-        self.explicit_zero_prob = explicit_zero_prob
-        self.grad_checkpointing = grad_checkpointing
+        self.pad_token_id = c.pad_token_id
+        self.cell_emb_style = c.cell_emb_style
+        self.use_batch_labels = c.use_batch_labels
+        self.modality_concat = c.n_modalities > 0 and c.modality_style == "concat"
+        self.ecs_threshold = c.ecs_threshold
+        self.explicit_zero_prob = c.explicit_zero_prob
+        self.grad_checkpointing = c.grad_checkpointing
 
         # ---- inputs
-        self.gene_encoder = IdEmbedding(vocab_size, d_model, padding_idx=pad_token_id)
+        self.gene_encoder = IdEmbedding(c.vocab_size, d_model, padding_idx=c.pad_token_id)
         if self.layout.value_style == "continuous":
-            self.value_encoder = ContinuousValueEncoder(d_model, dropout, max_value)
+            self.value_encoder = ContinuousValueEncoder(d_model, dropout, c.max_value)
         elif self.layout.value_style == "category":
             self.value_encoder = CategoryValueEncoder(
                 self.layout.n_categories, d_model, padding_idx=self.layout.pad_category
             )
         else:
             self.value_encoder = None
-        self.flag_encoder = nn.Embedding(2, d_model) if use_generative else None  # row 1 = "unknown"
+        self.flag_encoder = nn.Embedding(2, d_model) if c.use_generative else None  # row 1 = "unknown"
         self.condition_encoder = (
-            nn.Embedding(n_conditions, d_model, padding_idx=condition_pad_id) if n_conditions > 0 else None
+            nn.Embedding(c.n_conditions, d_model, padding_idx=c.condition_pad_id) if c.n_conditions > 0 else None
         )
-        self.modality_encoder = IdEmbedding(n_modalities, d_model, modality_pad_id) if n_modalities > 0 else None
-        self.batch_encoder = IdEmbedding(num_batch_labels, d_model) if use_batch_labels else None
-        self.dsbn = DomainSpecificBatchNorm(d_model, num_batch_labels, affine=dsbn_affine) if dsbn else None
+        self.modality_encoder = IdEmbedding(c.n_modalities, d_model, c.modality_pad_id) if c.n_modalities > 0 else None
+        self.batch_encoder = IdEmbedding(num_batch_labels, d_model) if c.use_batch_labels else None
+        self.dsbn = DomainSpecificBatchNorm(d_model, num_batch_labels, affine=c.dsbn_affine) if c.dsbn else None
 
         # ---- encoder
-        attn_p = dropout if attn_dropout is None else attn_dropout
+        attn_p = dropout if c.attn_dropout is None else c.attn_dropout
         self.layers = nn.ModuleList(
-            EncoderLayer(d_model, n_heads, d_ff, dropout, attn_p, norm_scheme) for _ in range(n_layers)
+            EncoderLayer(d_model, c.n_heads, c.d_ff, dropout, attn_p, c.norm_scheme) for _ in range(c.n_layers)
         )
-        self.final_norm = nn.LayerNorm(d_model) if norm_scheme == "pre" else None
+        self.final_norm = nn.LayerNorm(d_model) if c.norm_scheme == "pre" else None
 
         # ---- heads
-        extra = self.modality_concat or use_batch_labels  # something concatenated to each token / the cell
+        extra = self.modality_concat or c.use_batch_labels  # something concatenated to each token / the cell
         d_token = 2 * d_model if extra else d_model
-        if decoder_style == "affine":
+        if c.decoder_style == "affine":
             self.expr_decoder = AffineExprDecoder(d_token, d_model)
         else:
-            self.expr_decoder = ExprDecoder(d_token, d_model, explicit_zero_prob)
+            self.expr_decoder = ExprDecoder(d_token, d_model, c.explicit_zero_prob)
         d_gene = 2 * d_model if self.modality_concat else d_model
-        self.mvc_decoder = MVCDecoder(d_gene, d_token, explicit_zero_prob) if use_mvc else None
-        self.cls_decoder = MLPClassifier(d_model, n_cls, n_layers_cls) if n_cls > 0 else None
-        self.dab_decoder = AdversarialDiscriminator(d_model, num_batch_labels, 3, dab_lambda) if do_dab else None
+        self.mvc_decoder = MVCDecoder(d_gene, d_token, c.explicit_zero_prob) if c.use_mvc else None
+        self.cls_decoder = MLPClassifier(d_model, c.n_cls, c.n_layers_cls) if c.n_cls > 0 else None
+        self.dab_decoder = AdversarialDiscriminator(d_model, num_batch_labels, 3, c.dab_lambda) if c.do_dab else None
         self._init_weights()
 
     def config(self) -> dict:
-        """The constructor kwargs (plain values)."""
-        return dict(self._config)
+        """The constructor kwargs (plain values; ``layout`` as its dict): ``ScGPTConfig.to_dict()``."""
+        return self.model_config.to_dict()
 
     def _init_weights(self):
         nn.init.uniform_(self.gene_encoder.embedding.weight, -0.1, 0.1)  # pad row too, like the official init

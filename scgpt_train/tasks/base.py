@@ -12,6 +12,7 @@ import numpy as np
 import scipy.sparse as sp
 import torch
 
+from data_modules.finetune import FineTuneData
 from scgpt_train.evaluation.figures import plot_umap, umap_coordinates
 from scgpt_train.evaluation.report import write_h5ad, write_json
 from scgpt_train.inference import load_best_weights, predict_cells
@@ -67,7 +68,7 @@ class FineTuneTask:
         self.umap, self.write_h5ad, self.progress = umap, write_h5ad, progress
         self.seed, self.batch_size = int(seed), batch_size
 
-    def evaluate(self, trainer, module, datamodule, output_dir) -> dict[str, float]:
+    def evaluate(self, trainer, module, datamodule: FineTuneData, output_dir) -> dict[str, float]:
         """On rank zero: the best weights (``use_best``), :meth:`predict` on the trainer's device, :meth:`report`."""
         if trainer is not None and not trainer.is_global_zero:
             return {}
@@ -77,7 +78,7 @@ class FineTuneTask:
         outputs = self.predict(module, datamodule, device)
         return self.report(trainer, datamodule, outputs, Path(output_dir), best)
 
-    def predict(self, module, datamodule, device) -> dict[str, np.ndarray]:
+    def predict(self, module, datamodule: FineTuneData, device) -> dict[str, np.ndarray]:
         """The prediction hook: every cell of the data module through :func:`predict_cells` (``cell_emb``, and
         ``probs`` / ``pred`` with a classifier), rows in the data module's cell order."""
         return predict_cells(
@@ -89,7 +90,9 @@ class FineTuneTask:
             description=f"{self.name}: predicting",
         )
 
-    def report(self, trainer, datamodule, outputs: dict, output_dir: Path, best: str | None) -> dict[str, float]:
+    def report(
+        self, trainer, datamodule: FineTuneData, outputs: dict, output_dir: Path, best: str | None
+    ) -> dict[str, float]:
         """:meth:`score` the predictions; write ``metrics.json`` (and ``predictions.h5ad``); return the metrics."""
         metrics, obs, extra = self.score(datamodule, outputs, output_dir)
         metrics = {k: float(v) for k, v in metrics.items()}

@@ -7,7 +7,13 @@ means with every cell counted), :mod:`.inputs` (TF-target resource, gene panel, 
 scgpt_train/benchmarks/grn.py.
 """
 
-from scgpt_train.tasks.attention_grn.common import DEFAULT_N_RANDOM, DEFAULT_TOP_K, SETTINGS, GRNError
+from scgpt_train.tasks.attention_grn.common import (
+    DEFAULT_N_RANDOM,
+    DEFAULT_TOP_K,
+    SETTINGS,
+    AttentionGRNParams,
+    GRNError,
+)
 from scgpt_train.tasks.attention_grn.inputs import Panel, build_panel, read_tf_targets, token_batches
 from scgpt_train.tasks.attention_grn.run import load_grn_model, perturbed_condition_of, run_attention_grn
 from scgpt_train.tasks.attention_grn.scores import (
@@ -31,6 +37,7 @@ __all__ = [
     "DEFAULT_N_RANDOM",
     "DEFAULT_TOP_K",
     "SETTINGS",
+    "AttentionGRNParams",
     "ConditionMeans",
     "GRNError",
     "Panel",

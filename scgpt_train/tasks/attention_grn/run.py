@@ -5,16 +5,15 @@ from __future__ import annotations
 
 import time
 from collections.abc import Mapping, Sequence
+from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
 import pandas as pd
 
 from scgpt_train.tasks.attention_grn.common import (
-    CONTROL,
-    DEFAULT_N_RANDOM,
-    DEFAULT_TOP_K,
     SETTINGS,
+    AttentionGRNParams,
     GRNError,
 )
 from scgpt_train.tasks.attention_grn.inputs import build_panel, input_style, read_tf_targets, token_batches
@@ -96,81 +95,101 @@ def resolve_sources(sources, panel_genes, resource: Mapping[str, set], min_targe
     return out
 
 
+@dataclass
+class _Setup:
+    """What the maps and the scores read: the panel, sources, settings and the cells of each condition."""
+
+    where: str
+    model: object
+    vocab: object
+    style: str
+    panel: object
+    sources: list[str]
+    settings: list[str]
+    control: str  # the control condition's name ("all" without a condition key)
+    perturbed_of: dict  # source -> its perturbed condition (None: none)
+    rows: dict  # condition -> the cells sampled
+
+    @property
+    def offset(self) -> int:
+        return 1 if self.style == "cls" else 0
+
+    @property
+    def needed(self) -> list[str]:
+        return [self.control] + sorted({c for c in self.perturbed_of.values() if c is not None})
+
+
 def run_attention_grn(
-    checkpoint,
-    adata,
-    tf_targets,
-    out_dir,
-    *,
-    sources: Sequence[str] | str = "auto",
-    condition_key: str | None = None,
-    control: str = CONTROL,
-    perturbed: Mapping[str, str] | None = None,
-    settings: Sequence[str] | None = None,
-    genes: Sequence[str] | None = None,
-    max_genes: int = 1200,
-    gene_column: str | None = None,
-    top: int = DEFAULT_TOP_K,
-    n_random: int = DEFAULT_N_RANDOM,
-    min_targets: int = 1,
-    layer: int = -1,
-    softmax: bool = False,
-    rank: bool = True,
-    direction: str = "column",
-    style: str = "auto",
-    batch_size: int = 8,
-    max_cells: int | None = None,
-    seed: int = 0,
-    device: str = "cpu",
-    save_maps: bool = False,
-    progress: bool = True,
+    checkpoint, adata, tf_targets, out_dir, params: AttentionGRNParams | None = None, **overrides
 ) -> dict:
     """Attention GRN of ``checkpoint`` on ``adata`` (an AnnData or an h5ad path); writes ``out_dir`` (docs/grn.md)
-    and returns the summary (``summary["table"]``: one row per source x setting x method)."""
-    import anndata as ad
-    import torch
+    and returns the summary (``summary["table"]``: one row per source x setting x method).
 
-    from scgpt_train.evaluation.baselines import log_normalized
-    from scgpt_train.evaluation.report import markdown_table, write_json, write_text
+    Parameters
+    ----------
+    checkpoint : path-like
+        A checkpoint without batch labels (official directory, imported .pt, Lightning .ckpt).
+    adata : AnnData or path-like
+        The cells (log-normalized or counts); ``params.condition_key`` names their conditions.
+    tf_targets : path-like
+        The TF-target resource (TSV: source, target).
+    out_dir : path-like
+        Where summary.tsv, targets.tsv, summary.json, report.md and the figures go.
+    params : AttentionGRNParams, optional
+        The settings (``overrides`` replace single fields: ``top=10``, ``seed=1``...).
+    """
+    p = AttentionGRNParams.of(params, **overrides)
+    t0 = time.perf_counter()
+    resource = read_tf_targets(tf_targets)
+    setup = _setup(checkpoint, adata, resource, tf_targets, p)
+    t_maps = time.perf_counter()
+    means = _attention_maps(setup, p)
+    t_maps = time.perf_counter() - t_maps
+    records, target_rows = _score(setup, means, resource, p)
+    summary = _write_outputs(setup, means, records, target_rows, checkpoint, tf_targets, out_dir, p)
+    summary["timings_s"] = {"attention_maps": t_maps, "total": time.perf_counter() - t0}
+    from scgpt_train.evaluation.report import write_json
+
+    write_json({k: v for k, v in summary.items() if k not in ("table", "report")}, Path(out_dir) / "summary.json")
+    return summary
+
+
+# compute ---------------------------------------------------------------------------------------------------------
+def _setup(checkpoint, adata, resource, tf_targets, p: AttentionGRNParams) -> _Setup:
+    """The data checked, the model loaded, the gene panel built, sources / settings resolved, cells sampled."""
+    import anndata as ad
+
     from scgpt_train.inference import check_expression, read_h5ad_checked
 
-    say = print if progress else (lambda *a, **k: None)
-    t0 = time.perf_counter()
     where = "the AnnData"
     if not isinstance(adata, ad.AnnData):
         where, adata = str(adata), read_h5ad_checked(adata, "--adata", GRNError)
     else:
         check_expression(adata, where, GRNError)
-    resource = read_tf_targets(tf_targets)
     model, vocab = load_grn_model(checkpoint)
-    style = input_style(model, style)
+    style = input_style(model, p.style)
     panel = build_panel(
-        adata,
-        vocab,
-        genes=genes,
-        max_genes=max_genes,
-        gene_column=gene_column,
-        condition_key=condition_key,
-        where=where,
-    )
+        adata, vocab, genes=p.genes, max_genes=p.max_genes, gene_column=p.gene_column,
+        condition_key=p.condition_key, where=where,
+    )  # fmt: skip
     if len(panel.genes) < 3:
         raise GRNError(f"only {len(panel.genes)} genes can be tested; need at least 3")
-    srcs = resolve_sources(sources, panel.genes, resource, max(1, min_targets), tf_targets)
+    srcs = resolve_sources(p.sources, panel.genes, resource, max(1, p.min_targets), tf_targets)
     conds = panel.conditions
-    if condition_key is None:
-        ctrl_name, settings = "all", ["control"] if settings is None else list(settings)
+    if p.condition_key is None:
+        ctrl_name, settings = "all", ["control"] if p.settings is None else list(p.settings)
         if set(settings) - {"control"}:
             raise GRNError("settings perturbed / difference need --condition-key (which cells are perturbed)")
         pert_of = {}
     else:
-        ctrl_name = control
-        if not (conds == control).any():
+        ctrl_name = p.control
+        if not (conds == p.control).any():
             raise GRNError(
-                f"no cell has {condition_key} == {control!r} (values: {sorted(set(conds))[:10]}); "
+                f"no cell has {p.condition_key} == {p.control!r} (values: {sorted(set(conds))[:10]}); "
                 "name the control with --control"
             )
-        pert_of = {s: (perturbed or {}).get(s) or perturbed_condition_of(s, conds) for s in srcs}
-        settings = list(SETTINGS if settings is None else settings)
+        pert_of = {s: (p.perturbed or {}).get(s) or perturbed_condition_of(s, conds) for s in srcs}
+        settings = list(SETTINGS if p.settings is None else p.settings)
         if set(settings) - {"control"}:
             lacking = [s for s in srcs if pert_of[s] is None]
             if lacking and len(lacking) == len(srcs):
@@ -181,45 +200,64 @@ def run_attention_grn(
     unknown = set(settings) - set(SETTINGS)
     if unknown:
         raise GRNError(f"--setting must be among {SETTINGS}, got {sorted(unknown)}")
-    needed = [ctrl_name] + sorted({c for c in pert_of.values() if c is not None})
-    rows = {c: _sample(np.flatnonzero(conds == c), max_cells, seed) for c in needed}
-    cells = np.sort(np.concatenate([rows[c] for c in needed]))
-    offset = 1 if style == "cls" else 0
-    m = len(panel.genes) + offset
-    say(f"{len(panel.genes)} genes, {len(srcs)} source gene(s), {len(cells)} cells ({style} input, M = {m})")
+    setup = _Setup(where, model, vocab, style, panel, srcs, settings, ctrl_name, pert_of, {})
+    setup.rows = {c: _sample(np.flatnonzero(conds == c), p.max_cells, p.seed) for c in setup.needed}
+    return setup
 
+
+def _attention_maps(setup: _Setup, p: AttentionGRNParams):
+    """The mean attention map of every condition needed (:func:`condition_attention`)."""
+    import torch
     from tqdm.auto import tqdm
 
-    torch.manual_seed(seed)
-    bar = tqdm(total=len(cells), unit="cell", desc="attention maps", disable=not progress)
-    t_maps = time.perf_counter()
+    cells = np.sort(np.concatenate([setup.rows[c] for c in setup.needed]))
+    m = len(setup.panel.genes) + setup.offset
+    if p.progress:
+        print(
+            f"{len(setup.panel.genes)} genes, {len(setup.sources)} source gene(s), {len(cells)} cells "
+            f"({setup.style} input, M = {m})"
+        )
+    torch.manual_seed(p.seed)
+    bar = tqdm(total=len(cells), unit="cell", desc="attention maps", disable=not p.progress)
+    batches = token_batches(
+        setup.model, setup.vocab, setup.panel, cells, style=setup.style, batch_size=p.batch_size, seed=p.seed
+    )
     means = condition_attention(
-        model,
-        token_batches(model, vocab, panel, cells, style=style, batch_size=batch_size, seed=seed),
-        m,
-        layer=layer,
-        softmax=softmax,
-        rank=rank,
-        device=device,
-        progress=bar.update,
+        setup.model, batches, m, layer=p.layer, softmax=p.softmax, rank=p.rank, device=p.device, progress=bar.update
     )
     bar.close()
-    t_maps = time.perf_counter() - t_maps
+    return means
 
-    x_log = log_normalized(panel.x, where).toarray()
-    pos = {g: i for i, g in enumerate(panel.genes)}
+
+# tables ----------------------------------------------------------------------------------------------------------
+def _target_rows(source: str, setting: str, method: str, selected, known, genes) -> list[dict]:
+    """One row per selected target: its rank, gene and whether the resource knows it."""
+    return [
+        {"source": source, "setting": setting, "method": method, "rank": r + 1, "gene": genes[g],
+         "known_target": bool(known[g])}
+        for r, g in enumerate(selected)
+    ]  # fmt: skip
+
+
+def _score(setup: _Setup, means, resource, p: AttentionGRNParams) -> tuple[list[dict], list[dict]]:
+    """(records: one per source x setting x method, with the overlap statistics; target rows: the top K of each)."""
+    from scgpt_train.evaluation.baselines import log_normalized
+
+    panel, genes = setup.panel, setup.panel.genes
+    x_log = log_normalized(panel.x, setup.where).toarray()
+    pos = {g: i for i, g in enumerate(genes)}
     records, target_rows = [], []
-    ctrl_map = means.mean(ctrl_name)
-    for s in srcs:
+    ctrl_map = means.mean(setup.control)
+    for s in setup.sources:
         si = pos[s]
-        cand = np.ones(len(panel.genes), dtype=bool)
+        cand = np.ones(len(genes), dtype=bool)
         cand[si] = False
-        known = np.array([g in resource.get(s, set()) for g in panel.genes]) & cand
-        pc = pert_of.get(s)
+        known = np.array([g in resource.get(s, set()) for g in genes]) & cand
+        pc = setup.perturbed_of.get(s)
         pert_map = means.mean(pc) if pc is not None else None
-        x_ctrl = x_log[rows[ctrl_name]]
-        x_pert = x_log[rows[pc]] if pc is not None else None
-        for setting in settings:
+        x_ctrl = x_log[setup.rows[setup.control]]
+        x_pert = x_log[setup.rows[pc]] if pc is not None else None
+        for setting in setup.settings:
             if setting != "control" and pc is None:
                 continue
             cells_of = {"control": x_ctrl, "perturbed": x_pert, "difference": None}[setting]
@@ -230,11 +268,12 @@ def run_attention_grn(
                 "perturbed_condition": pc,
                 "known_targets_in_panel": int(known.sum()),
             }
-            sel = top_k(attention_scores(ctrl_map, pert_map, si, setting, offset, direction), cand, top)
+            scores = attention_scores(ctrl_map, pert_map, si, setting, setup.offset, p.direction)
+            sel = top_k(scores, cand, p.top)
             rec = {**base, "method": "attention", **overlap_stats(sel, known, cand)}
-            rnd = random_matched_overlaps(sel, known, cand, expr, n_random, seed)
+            rnd = random_matched_overlaps(sel, known, cand, expr, p.n_random, p.seed)
             rec["random_mean_overlap"] = float(rnd.mean())
-            rec["p_random"] = float((1 + (rnd >= rec["overlap"]).sum()) / (1 + n_random))
+            rec["p_random"] = float((1 + (rnd >= rec["overlap"]).sum()) / (1 + p.n_random))
             records.append(rec)
             records.append(
                 {
@@ -248,48 +287,36 @@ def run_attention_grn(
                     "expected": rec["expected"],
                 }
             )
-            target_rows += [
-                {
-                    "source": s,
-                    "setting": setting,
-                    "method": "attention",
-                    "rank": r + 1,
-                    "gene": panel.genes[g],
-                    "known_target": bool(known[g]),
-                }
-                for r, g in enumerate(sel)
-            ]
+            target_rows += _target_rows(s, setting, "attention", sel, known, genes)
             scorers = {"coexpression": coexpression_scores(x_ctrl, x_pert, si, setting)}
             if setting != "control":
                 scorers["de"] = de_scores(x_ctrl, x_pert)
             for name, sc in scorers.items():
-                bsel = top_k(sc, cand, top)
+                bsel = top_k(sc, cand, p.top)
                 records.append({**base, "method": name, **overlap_stats(bsel, known, cand)})
-                target_rows += [
-                    {
-                        "source": s,
-                        "setting": setting,
-                        "method": name,
-                        "rank": r + 1,
-                        "gene": panel.genes[g],
-                        "known_target": bool(known[g]),
-                    }
-                    for r, g in enumerate(bsel)
-                ]
+                target_rows += _target_rows(s, setting, name, bsel, known, genes)
+    return records, target_rows
+
+
+# report ----------------------------------------------------------------------------------------------------------
+def _write_outputs(setup: _Setup, means, records, target_rows, checkpoint, tf_targets, out_dir, p) -> dict:
+    """summary.tsv, targets.tsv (attention_maps.npz), the figures and report.md; returns the summary."""
+    from scgpt_train.evaluation.report import markdown_table, write_text
+
     table = pd.DataFrame(records)
     out_dir = Path(out_dir)
     out_dir.mkdir(parents=True, exist_ok=True)
     table.to_csv(out_dir / "summary.tsv", sep="\t", index=False)
     pd.DataFrame(target_rows).to_csv(out_dir / "targets.tsv", sep="\t", index=False)
-    if save_maps:
+    if p.save_maps:
         np.savez_compressed(
             out_dir / "attention_maps.npz",
-            genes=np.asarray(panel.genes),
-            offset=offset,
-            **{f"mean__{c}": means.mean(c) for c in needed},
+            genes=np.asarray(setup.panel.genes),
+            offset=setup.offset,
+            **{f"mean__{c}": means.mean(c) for c in setup.needed},
         )
     agg = aggregate(table)
-    figures = [plot_precision(agg, out_dir / "grn_precision.png", top)]
+    figures = [plot_precision(agg, out_dir / "grn_precision.png", p.top)]
     att_records = [r for r in records if r["method"] == "attention"]
     # the network figure: the source with most known targets in its top K (the difference setting first)
     first = max(att_records, key=lambda r: (r["setting"] == "difference", r["overlap"])) if att_records else None
@@ -299,32 +326,31 @@ def run_attention_grn(
         figures.append(plot_targets(first["source"], sub, out_dir / "grn_network.png", first["setting"]))
     summary = {
         "checkpoint": str(checkpoint),
-        "data": where,
+        "data": setup.where,
         "tf_targets": str(tf_targets),
-        "input_style": style,
-        "n_genes": len(panel.genes),
-        "genes_left_out": panel.left_out,
-        "sources": srcs,
-        "perturbed_conditions": {s: c for s, c in pert_of.items() if c is not None},
-        "settings": settings,
-        "cells_per_condition": {c: int(len(r)) for c, r in rows.items()},
-        "scored_cells_per_condition": {c: int(means.counts.get(c, 0)) for c in needed},
+        "input_style": setup.style,
+        "n_genes": len(setup.panel.genes),
+        "genes_left_out": setup.panel.left_out,
+        "sources": setup.sources,
+        "perturbed_conditions": {s: c for s, c in setup.perturbed_of.items() if c is not None},
+        "settings": setup.settings,
+        "cells_per_condition": {c: int(len(r)) for c, r in setup.rows.items()},
+        "scored_cells_per_condition": {c: int(means.counts.get(c, 0)) for c in setup.needed},
         "params": {
-            "top_k": top,
-            "n_random": n_random,
-            "layer": layer,
-            "softmax": softmax,
-            "rank_normalize": rank,
-            "direction": direction,
-            "batch_size": batch_size,
-            "max_cells": max_cells,
-            "seed": seed,
+            "top_k": p.top,
+            "n_random": p.n_random,
+            "layer": p.layer,
+            "softmax": p.softmax,
+            "rank_normalize": p.rank,
+            "direction": p.direction,
+            "batch_size": p.batch_size,
+            "max_cells": p.max_cells,
+            "seed": p.seed,
         },
-        "timings_s": {"attention_maps": t_maps, "total": time.perf_counter() - t0},
+        "timings_s": {},
         "aggregate": agg.to_dict(orient="records"),
         "figures": [str(f) for f in figures],
     }
-    write_json(summary, out_dir / "summary.json")
     text = report_text(summary, agg, table, markdown_table)
     write_text(text, out_dir / "report.md")
     summary["table"] = table

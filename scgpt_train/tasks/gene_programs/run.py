@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import re
 from collections.abc import Mapping, Sequence
-from dataclasses import replace
+from dataclasses import dataclass, field, replace
 from pathlib import Path
 
 import pandas as pd
@@ -47,6 +47,23 @@ def _significant_terms(table: pd.DataFrame, alpha: float) -> set[str]:
     return set(table.loc[table["p_bonferroni"] < alpha, "term"])
 
 
+@dataclass
+class _Inputs:
+    """What the programs are computed from: the gene sets, the model's gene embeddings and the cells, if any."""
+
+    gmts: list
+    gene_sets: dict[str, list[str]]
+    where: str  # which genes were tested, in words
+    ge: object  # GeneEmbeddings of the tested genes
+    adata: object | None = None
+    x_log: object | None = None  # (cells, names) log-normalized expression of ``adata``
+    names: list[str] = field(default_factory=list)  # the AnnData's gene names
+
+    @property
+    def genes(self) -> list[str]:
+        return self.ge.genes
+
+
 def run_gene_programs(
     checkpoint,
     gmt: Sequence | str,
@@ -66,20 +83,76 @@ def run_gene_programs(
 
     Parameters
     ----------
-    checkpoint, gmt, out_dir: the model, the gene-set file(s) and the output directory.
-    params: the analysis settings (:class:`GeneProgramParams`); ``settings`` (its field names) override fields.
-    genes_file / adata_path: the genes tested (a list, or the HVGs of an AnnData; neither: the whole vocabulary);
-    gene_column / use_raw / label_key: how the AnnData is read (label_key: cell types of the heatmap)."""
+    checkpoint, gmt, out_dir
+        The model, the gene-set file(s) and the output directory.
+    params : GeneProgramParams, optional
+        The analysis settings; ``settings`` (its field names) override fields.
+    genes_file, adata_path
+        The genes tested (a list, or the HVGs of an AnnData; neither: the whole vocabulary).
+    gene_column, use_raw, label_key
+        How the AnnData is read (label_key: cell types of the heatmap).
+    progress : bool
+        Print notes on left-out genes.
+    """
     p = replace(params or GeneProgramParams(), **settings)
-    n_hvg, resolutions, resolution, n_neighbors, metric = p.n_hvg, p.resolutions, p.resolution, p.n_neighbors, p.metric
-    min_genes, min_term_genes, alpha, family = p.min_genes, p.min_term_genes, p.alpha, p.family
-    network_threshold, seed = p.network_threshold, p.seed
-    from scgpt_train.evaluation.report import markdown_table, write_h5ad, write_json
-    from scgpt_train.inference import load_for_inference, read_h5ad_checked
-
     say = print if progress else (lambda *a, **k: None)
     out_dir = Path(out_dir)
-    resolutions = sorted({float(r) for r in resolutions} | {float(resolution)})
+    resolutions = sorted({float(r) for r in p.resolutions} | {float(p.resolution)})
+    inputs = _read_inputs(checkpoint, gmt, p, genes_file, adata_path, gene_column, use_raw, label_key, say)
+    results, coexpr_note = _programs(inputs, p, resolutions)
+    out_dir.mkdir(parents=True, exist_ok=True)
+    per_res = _write_tables(inputs, results, resolutions, p, out_dir)
+    table_rows, terms = _main_resolution_table(results, p)
+    figures, fam_genes = _scores_and_figures(inputs, results, p, label_key, out_dir)
+    enr = results["scgpt"][1][float(p.resolution)]
+    shared, only_e, only_c = terms
+    genes = inputs.genes
+    summary = {
+        "checkpoint": str(checkpoint),
+        "gmt": [str(g) for g in inputs.gmts],
+        "genes_from": inputs.where,
+        "n_genes_tested": len(genes),
+        "n_genes_missing_from_vocab": len(inputs.ge.missing),
+        "background": "the tested genes (background_genes.txt)",
+        "n_background": len(genes),
+        "graph": {"n_neighbors": p.n_neighbors, "metric": p.metric, "connectivities": "scanpy (UMAP)"},
+        "leiden": {
+            "resolutions": resolutions,
+            "main_resolution": float(p.resolution),
+            "seed": p.seed,
+            "flavor": "leidenalg",
+        },
+        "min_program_genes": p.min_genes,
+        "enrichment": {
+            "test": "hypergeometric, one-sided (over-representation), scipy.stats.hypergeom",
+            "correction": "Bonferroni over programs x tested terms, per resolution (n_tests in per_resolution)",
+            "alpha": p.alpha,
+            "min_term_genes": p.min_term_genes,
+            "n_terms": len(inputs.gene_sets),
+            "n_terms_tested": enr.n_terms_tested,
+        },
+        "per_resolution": per_res,
+        "terms_shared": shared,
+        "terms_only_scgpt": only_e,
+        "terms_only_coexpression": only_c,
+        "coexpression_note": coexpr_note,
+        "family": {"regex": p.family, "genes": fam_genes},
+        "figures": [str(f) for f in figures],
+    }
+    from scgpt_train.evaluation.report import write_json
+
+    write_json(summary, out_dir / "summary.json")
+    write_text_atomic(out_dir / "report.md", _report(summary, inputs, per_res, table_rows, p))
+    summary["out_dir"] = str(out_dir)
+    return summary
+
+
+# compute ---------------------------------------------------------------------------------------------------------
+def _read_inputs(checkpoint, gmt, p: GeneProgramParams, genes_file, adata_path, gene_column, use_raw, label_key, say):
+    """The gene sets, the model's embeddings of the tested genes (a list, the AnnData's HVGs or the vocabulary) and
+    the AnnData's log expression; genes the AnnData or the vocabulary lack are left out with a note."""
+    from scgpt_train.inference import load_for_inference, read_h5ad_checked
+
     gmts = [gmt] if isinstance(gmt, str | Path) else list(gmt)
     gene_sets: dict[str, list[str]] = {}
     for path in gmts:
@@ -102,8 +175,8 @@ def run_gene_programs(
     if genes_file is not None:
         requested, where = read_gene_list(genes_file), f"--genes {genes_file}"
     elif adata is not None:
-        requested = select_hvgs(adata, names, vocab, n_hvg, gene_column, use_raw, adata_path)
-        where = f"the {len(requested)} most variable vocabulary genes of {adata_path} (--n-hvg {n_hvg})"
+        requested = select_hvgs(adata, names, vocab, p.n_hvg, gene_column, use_raw, adata_path)
+        where = f"the {len(requested)} most variable vocabulary genes of {adata_path} (--n-hvg {p.n_hvg})"
     else:
         requested, where = vocab.genes, "the vocabulary"
     if adata is not None:  # genes the AnnData lacks cannot be scored nor co-expressed
@@ -116,65 +189,63 @@ def run_gene_programs(
     if ge.missing:
         say(f"note: {len(ge.missing)} genes of {where} are not in the checkpoint's vocabulary (e.g. {ge.missing[:5]})")
     genes = ge.genes
-    if len(genes) < max(min_genes, 3):
-        raise GeneProgramError(f"only {len(genes)} genes of {where} can be tested; need at least {max(min_genes, 3)}")
-    check_gene_sets(gene_sets, vocab.genes, genes, ", ".join(str(p) for p in gmts))
+    if len(genes) < max(p.min_genes, 3):
+        raise GeneProgramError(f"only {len(genes)} genes of {where} can be tested; need at least {max(p.min_genes, 3)}")
+    check_gene_sets(gene_sets, vocab.genes, genes, ", ".join(str(g) for g in gmts))
     say(f"{len(genes)} genes tested ({where}); {len(gene_sets)} gene sets")
+    return _Inputs(gmts, gene_sets, where, ge, adata, x_log, names)
 
-    # gene-embedding programs
-    programs, labels = leiden_programs(ge.emb, genes, resolutions, n_neighbors, metric, min_genes, seed)
-    all_programs = {name: g for r in resolutions for name, g in programs[r].items()}
+
+def _programs(inputs: _Inputs, p: GeneProgramParams, resolutions: list[float]) -> tuple[dict, str | None]:
+    """({method: (programs per resolution, enrichment per resolution)}, a note on the co-expression baseline):
+    Leiden programs of the gene embeddings and, with an AnnData, of the genes' co-expression."""
+    genes = inputs.genes
 
     def enrich(progs):  # one analysis per resolution: Bonferroni over that resolution's programs x terms
-        return {r: enrichment(progs[r], gene_sets, genes, min_term_genes) for r in resolutions}
+        return {r: enrichment(progs[r], inputs.gene_sets, genes, p.min_term_genes) for r in resolutions}
 
+    args = (p.n_neighbors, p.metric, p.min_genes, p.seed)
+    programs, _ = leiden_programs(inputs.ge.emb, genes, resolutions, *args)
     results = {"scgpt": (programs, enrich(programs))}
     # co-expression baseline on the same genes and background
-    coexpr_note = None
-    if x_log is not None:
-        col = {g: i for i, g in enumerate(names)}
-        xg = x_log[:, [col[g] for g in genes]]
-        feats, ok = coexpression_features(xg, COEXPR_PCS, seed)
-        c_genes = [g for g, k in zip(genes, ok, strict=True) if k]
-        c_programs, _ = leiden_programs(feats, c_genes, resolutions, n_neighbors, "euclidean", min_genes, seed)
-        c_programs = {r: {f"coexpr_{n}": g for n, g in p.items()} for r, p in c_programs.items()}
-        results["coexpression"] = (c_programs, enrich(c_programs))
-        if not ok.all():
-            coexpr_note = (
-                f"{int((~ok).sum())} genes without variance over the cells left out of the co-expression graph"
-            )
-    else:
-        coexpr_note = "no --adata: the co-expression baseline needs expression values"
+    if inputs.x_log is None:
+        return results, "no --adata: the co-expression baseline needs expression values"
+    col = {g: i for i, g in enumerate(inputs.names)}
+    feats, ok = coexpression_features(inputs.x_log[:, [col[g] for g in genes]], COEXPR_PCS, p.seed)
+    c_genes = [g for g, k in zip(genes, ok, strict=True) if k]
+    c_programs, _ = leiden_programs(feats, c_genes, resolutions, p.n_neighbors, "euclidean", p.min_genes, p.seed)
+    c_programs = {r: {f"coexpr_{n}": g for n, g in progs.items()} for r, progs in c_programs.items()}
+    results["coexpression"] = (c_programs, enrich(c_programs))
+    note = None
+    if not ok.all():
+        note = f"{int((~ok).sum())} genes without variance over the cells left out of the co-expression graph"
+    return results, note
 
-    # tables
-    out_dir.mkdir(parents=True, exist_ok=True)
+
+# tables ----------------------------------------------------------------------------------------------------------
+def _write_tables(inputs: _Inputs, results: dict, resolutions, p: GeneProgramParams, out_dir: Path) -> list[dict]:
+    """programs.tsv, enrichment.tsv, networks.tsv, background_genes.txt; returns the per-resolution rows."""
     prog_rows, per_res = [], []
     for method, (progs, enr_by_res) in results.items():
         for r in resolutions:
-            names_r = list(progs[r])
             table = enr_by_res[r].table
-            enriched = table[table["p_bonferroni"] < alpha]
+            enriched = table[table["p_bonferroni"] < p.alpha]
             per_res.append(
                 {
                     "method": method,
                     "resolution": r,
                     "n_tests": enr_by_res[r].n_tests,
-                    "n_programs": len(names_r),
+                    "n_programs": len(progs[r]),
                     "n_genes_in_programs": int(sum(len(v) for v in progs[r].values())),
                     "n_programs_enriched": int(enriched["program"].nunique()),
                     "n_terms_enriched": int(enriched["term"].nunique()),
                 }
             )
-            for name, members in progs[r].items():
-                prog_rows.append(
-                    {
-                        "method": method,
-                        "resolution": r,
-                        "program": name,
-                        "n_genes": len(members),
-                        "genes": ",".join(members),
-                    }
-                )
+            prog_rows += [
+                {"method": method, "resolution": r, "program": name, "n_genes": len(members),
+                 "genes": ",".join(members)}
+                for name, members in progs[r].items()
+            ]  # fmt: skip
     programs_df = pd.DataFrame(prog_rows, columns=["method", "resolution", "program", "n_genes", "genes"])
     enrich_df = pd.concat(
         [e.table.assign(method=m, resolution=r) for m, (_, by_res) in results.items() for r, e in by_res.items()],
@@ -183,17 +254,22 @@ def run_gene_programs(
     enrich_df = enrich_df[
         ["method", "resolution", *[c for c in enrich_df.columns if c not in ("method", "resolution")]]
     ]
-    network_df = cosine_network(ge.emb, genes, all_programs)
+    all_programs = {name: g for r in resolutions for name, g in results["scgpt"][0][r].items()}
+    network_df = cosine_network(inputs.ge.emb, inputs.genes, all_programs)
     write_text_atomic(out_dir / "programs.tsv", programs_df.to_csv(sep="\t", index=False))
     write_text_atomic(out_dir / "enrichment.tsv", enrich_df.to_csv(sep="\t", index=False))
     write_text_atomic(out_dir / "networks.tsv", network_df.to_csv(sep="\t", index=False))
-    write_text_atomic(out_dir / "background_genes.txt", "\n".join(genes) + "\n")
+    write_text_atomic(out_dir / "background_genes.txt", "\n".join(inputs.genes) + "\n")
+    return per_res
 
-    # the main resolution: table with enrichment and co-expression match, shared / unique terms
-    main = programs[float(resolution)]
-    c_main = results["coexpression"][0][float(resolution)] if "coexpression" in results else {}
-    enr = results["scgpt"][1][float(resolution)]
-    sig_e = enr.table[(enr.table["p_bonferroni"] < alpha)]
+
+def _main_resolution_table(results: dict, p: GeneProgramParams) -> tuple[list[list], tuple[list, list, list]]:
+    """(the main resolution's programs with their top enriched term and best co-expression match; the enriched
+    terms shared by both methods, only the gene embeddings', only co-expression's, over all resolutions)."""
+    main = results["scgpt"][0][float(p.resolution)]
+    c_main = results["coexpression"][0][float(p.resolution)] if "coexpression" in results else {}
+    enr = results["scgpt"][1][float(p.resolution)]
+    sig_e = enr.table[(enr.table["p_bonferroni"] < p.alpha)]
     table_rows = []
     for name, members in main.items():
         hits = sig_e[sig_e["program"] == name]
@@ -211,28 +287,36 @@ def run_gene_programs(
                 "-" if match is None else f"{match} (J {jac:.2f})",
             ]
         )
-    terms_e = set().union(*(_significant_terms(e.table, alpha) for e in results["scgpt"][1].values()))
+    terms_e = set().union(*(_significant_terms(e.table, p.alpha) for e in results["scgpt"][1].values()))
     terms_c = (
-        set().union(*(_significant_terms(e.table, alpha) for e in results["coexpression"][1].values()))
+        set().union(*(_significant_terms(e.table, p.alpha) for e in results["coexpression"][1].values()))
         if "coexpression" in results
         else set()
     )
-    shared, only_e, only_c = sorted(terms_e & terms_c), sorted(terms_e - terms_c), sorted(terms_c - terms_e)
+    return table_rows, (sorted(terms_e & terms_c), sorted(terms_e - terms_c), sorted(terms_c - terms_e))
 
-    # scores and figures
+
+# report ----------------------------------------------------------------------------------------------------------
+def _scores_and_figures(inputs: _Inputs, results: dict, p: GeneProgramParams, label_key, out_dir: Path):
+    """(figures, the family's genes): the gene family's cosine network; with an AnnData the main programs' scores
+    per cell (scores.h5ad) and, with ``label_key``, their heatmap over the cell types."""
+    from scgpt_train.evaluation.report import write_h5ad
+
+    genes, main = inputs.genes, results["scgpt"][0][float(p.resolution)]
     figures = []
-    fam_re = re.compile(family)
+    fam_re = re.compile(p.family)
     fam_genes = [g for g in genes if fam_re.search(g)]
     if len(fam_genes) >= 2:
         figures.append(
             plot_family_network(
-                ge.emb, genes, fam_genes, _program_of(main), network_threshold, out_dir / "family_network.png",
-                f"gene embeddings: {family}",
+                inputs.ge.emb, genes, fam_genes, _program_of(main), p.network_threshold,
+                out_dir / "family_network.png", f"gene embeddings: {p.family}",
             )
         )  # fmt: skip
+    adata = inputs.adata
     if adata is not None and main:
-        col = {g: i for i, g in enumerate(names)}
-        scores = program_scores(x_log[:, [col[g] for g in genes]], genes, main, seed)
+        col = {g: i for i, g in enumerate(inputs.names)}
+        scores = program_scores(inputs.x_log[:, [col[g] for g in genes]], genes, main, p.seed)
         for name in main:
             adata.obs[f"gp_{name}"] = scores[name].to_numpy()
         write_h5ad(adata, out_dir / "scores.h5ad")
@@ -240,51 +324,26 @@ def run_gene_programs(
             figures.append(
                 plot_program_heatmap(
                     scores, adata.obs[label_key], out_dir / "program_heatmap.png",
-                    f"gene-embedding programs (resolution {resolution:g}) over {label_key}",
+                    f"gene-embedding programs (resolution {p.resolution:g}) over {label_key}",
                 )
             )  # fmt: skip
+    return figures, fam_genes
 
-    summary = {
-        "checkpoint": str(checkpoint),
-        "gmt": [str(p) for p in gmts],
-        "genes_from": where,
-        "n_genes_tested": len(genes),
-        "n_genes_missing_from_vocab": len(ge.missing),
-        "background": "the tested genes (background_genes.txt)",
-        "n_background": len(genes),
-        "graph": {"n_neighbors": n_neighbors, "metric": metric, "connectivities": "scanpy (UMAP)"},
-        "leiden": {
-            "resolutions": resolutions,
-            "main_resolution": float(resolution),
-            "seed": seed,
-            "flavor": "leidenalg",
-        },
-        "min_program_genes": min_genes,
-        "enrichment": {
-            "test": "hypergeometric, one-sided (over-representation), scipy.stats.hypergeom",
-            "correction": "Bonferroni over programs x tested terms, per resolution (n_tests in per_resolution)",
-            "alpha": alpha,
-            "min_term_genes": min_term_genes,
-            "n_terms": len(gene_sets),
-            "n_terms_tested": enr.n_terms_tested,
-        },
-        "per_resolution": per_res,
-        "terms_shared": shared,
-        "terms_only_scgpt": only_e,
-        "terms_only_coexpression": only_c,
-        "coexpression_note": coexpr_note,
-        "family": {"regex": family, "genes": fam_genes},
-        "figures": [str(p) for p in figures],
-    }
-    write_json(summary, out_dir / "summary.json")
+
+def _report(summary: dict, inputs: _Inputs, per_res: list[dict], table_rows: list, p: GeneProgramParams) -> str:
+    """report.md: the settings, the per-resolution table, the main resolution's programs, the shared terms."""
+    from scgpt_train.evaluation.report import markdown_table
+
+    genes, enr_tested = inputs.genes, summary["enrichment"]["n_terms_tested"]
+    shared, only_e, only_c = summary["terms_shared"], summary["terms_only_scgpt"], summary["terms_only_coexpression"]
     report = [
         "# Gene programs from gene embeddings\n",
-        f"Checkpoint `{checkpoint}`; {len(genes)} genes tested ({where}); gene sets: "
-        + ", ".join(f"`{Path(p).name}`" for p in gmts)
-        + f" ({len(gene_sets)} sets, {enr.n_terms_tested} with >= {min_term_genes} tested genes). kNN graph k "
-        f"{n_neighbors} ({metric}), Leiden (seed {seed}), programs >= {min_genes} genes; hypergeometric test, "
-        f"background = the {len(genes)} tested genes, Bonferroni over programs x terms of each resolution, alpha "
-        f"{alpha}.\n",
+        f"Checkpoint `{summary['checkpoint']}`; {len(genes)} genes tested ({inputs.where}); gene sets: "
+        + ", ".join(f"`{Path(g).name}`" for g in inputs.gmts)
+        + f" ({len(inputs.gene_sets)} sets, {enr_tested} with >= {p.min_term_genes} tested genes). kNN graph k "
+        f"{p.n_neighbors} ({p.metric}), Leiden (seed {p.seed}), programs >= {p.min_genes} genes; hypergeometric "
+        f"test, background = the {len(genes)} tested genes, Bonferroni over programs x terms of each resolution, "
+        f"alpha {p.alpha}.\n",
         "## Per resolution\n",
         markdown_table(
             ["method", "resolution", "programs", "genes in programs", "tests", "programs enriched", "terms enriched"],
@@ -300,23 +359,22 @@ def run_gene_programs(
                 ]
                 for r in per_res
             ],
-        ),
-        f"\n## Programs at resolution {resolution:g}\n",
+        ),  # fmt: skip
+        f"\n## Programs at resolution {p.resolution:g}\n",
         markdown_table(
             ["program", "genes", "members", "top enriched term", "terms enriched", "best co-expression match"],
             table_rows,
         )
         if table_rows
-        else f"No program of >= {min_genes} genes at this resolution.\n",
+        else f"No program of >= {p.min_genes} genes at this resolution.\n",
         "\n## Enriched terms: gene embeddings vs co-expression (all resolutions)\n",
         f"- shared ({len(shared)}): {', '.join(shared[:30]) or '-'}\n",
         f"- only gene embeddings ({len(only_e)}): {', '.join(only_e[:30]) or '-'}\n",
         f"- only co-expression ({len(only_c)}): {', '.join(only_c[:30]) or '-'}\n",
     ]
-    if coexpr_note:
-        report.append(f"\nNote: {coexpr_note}.\n")
-    if figures:
-        report.append("\n## Figures\n\n" + "".join(f"![{p.stem}]({p.name})\n" for p in figures))
-    write_text_atomic(out_dir / "report.md", "\n".join(report))
-    summary["out_dir"] = str(out_dir)
-    return summary
+    if summary["coexpression_note"]:
+        report.append(f"\nNote: {summary['coexpression_note']}.\n")
+    if summary["figures"]:
+        figures = [Path(f) for f in summary["figures"]]
+        report.append("\n## Figures\n\n" + "".join(f"![{f.stem}]({f.name})\n" for f in figures))
+    return "\n".join(report)

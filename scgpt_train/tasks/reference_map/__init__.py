@@ -28,6 +28,7 @@ from scgpt_train.tasks.reference_map.common import (
     READ_BLOCK_CELLS,
     UNASSIGNED,
     ReferenceMapError,
+    ReferenceMapParams,
     peak_rss_mib,
 )
 from scgpt_train.tasks.reference_map.embed import (
@@ -63,6 +64,7 @@ __all__ = [
     "IndexSpec",
     "KnnIndex",
     "ReferenceMapError",
+    "ReferenceMapParams",
     "align_genes",
     "build_index",
     "check_corpus_label",

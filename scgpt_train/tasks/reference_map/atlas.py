@@ -25,11 +25,11 @@ from data_modules.vocab import GeneVocab
 from scgpt_train.inference import l2_normalize, predict_cells
 from scgpt_train.tasks.reference_map.common import (
     CORPUS_UNKNOWN,
-    DEFAULT_CHUNK_CELLS,
     FLAT_MAX_CELLS,
     IVF_TRAIN_MAX,
     READ_BLOCK_CELLS,
     ReferenceMapError,
+    ReferenceMapParams,
 )
 from scgpt_train.tasks.reference_map.index import KnnIndex, choose_index
 
@@ -100,33 +100,29 @@ class CorpusEmbedder:
         corpus_path,
         work_dir,
         label_key: str,
-        *,
-        batch_size: int = 64,
-        chunk_cells: int = DEFAULT_CHUNK_CELLS,
-        max_seq_len: int | None = None,
-        cls_value: float | None = None,
-        seed: int = 0,
-        device: str | None = None,
-        progress: bool = True,
-        overwrite: bool = False,
+        params: ReferenceMapParams | None = None,
+        **overrides,
     ):
+        """``params``: batch_size, chunk_cells, max_seq_len, cls_value, seed, device, progress, overwrite
+        (``overrides`` replace single fields)."""
         from data_modules.store.reader import Corpus
         from data_modules.tokenize import Tokenizer, TokenizerConfig
 
+        p = ReferenceMapParams.of(params, **overrides)
         self.model, self.vocab, self.checkpoint = model, vocab, checkpoint
         self.corpus = Corpus(corpus_path)
         self.corpus_path = Path(corpus_path)
         self.work_dir = Path(work_dir)
         self.label_key = label_key
         self.label_names = check_corpus_label(corpus_path, label_key)
-        self.batch_size = int(batch_size)
+        self.batch_size = int(p.batch_size)
         # chunks hold whole batches, so a batch (and its seed) never depends on where a run stopped
-        self.chunk_cells = max(self.batch_size, (int(chunk_cells) // self.batch_size) * self.batch_size)
-        self.seed, self.progress = int(seed), progress
-        self.device = device or ("cuda" if torch.cuda.is_available() else "cpu")
-        layout = model.layout if max_seq_len is None else model.layout.replace(max_seq_len=max_seq_len)
+        self.chunk_cells = max(self.batch_size, (int(p.chunk_cells) // self.batch_size) * self.batch_size)
+        self.seed, self.progress = int(p.seed), p.progress
+        self.device = p.device or ("cuda" if torch.cuda.is_available() else "cpu")
+        layout = model.layout if p.max_seq_len is None else model.layout.replace(max_seq_len=p.max_seq_len)
         self.tokenizer = Tokenizer(
-            TokenizerConfig(layout=layout, cls_value=cls_value, gen_ratios=None, mlm_prob=None),
+            TokenizerConfig(layout=layout, cls_value=p.cls_value, gen_ratios=None, mlm_prob=None),
             vocab.pad_id,
             vocab.cls_id,
         )
@@ -147,7 +143,7 @@ class CorpusEmbedder:
             "layout": layout.to_dict(),
             "cls_value": self.tokenizer.config.cls_value,
         }
-        self.done = self._open_journal(overwrite)
+        self.done = self._open_journal(p.overwrite)
 
     def _gene_lut(self) -> np.ndarray | None:
         """None when the corpus uses the checkpoint's vocabulary; else corpus id -> model id (-1 unknown)."""

@@ -2,6 +2,9 @@
 
 from __future__ import annotations
 
+import dataclasses
+from dataclasses import dataclass
+
 from scgpt_train.inference import EmbedInputError
 
 DEFAULT_K = 10
@@ -20,6 +23,77 @@ ZERO_SHOT_ONLY = (
     "uses batch labels (DSBN / batch embedding), so its embeddings depend on a batch id the reference and query do "
     "not share; map with a pretrained (zero-shot) checkpoint instead"
 )
+
+
+@dataclass(frozen=True)
+class ReferenceMapParams:
+    """The settings of :func:`~scgpt_train.tasks.reference_map.run.run_reference_map`, built alike by
+    ``scripts/reference_map.py`` (its options), ``scgpt_train.api.reference_map`` and ``benchmark=zeroshot_*``.
+
+    Parameters
+    ----------
+    k : int
+        Neighbours per vote.
+    index_kind, knn_backend : str
+        ``auto`` / ``flat`` / ``ivfpq``; ``auto`` / ``faiss`` / ``sklearn``.
+    flat_max : int
+        The largest reference searched with a flat (exact) index under ``index_kind="auto"``.
+    batch_size, chunk_cells : int
+        Cells per embedding batch; atlas mode: cells per journalled chunk.
+    max_seq_len : int, optional
+        Genes per cell + ``<cls>`` (None: the checkpoint's).
+    gene_column, gene_table, use_raw, prefer_gene_column
+        How both files' genes are read: the var column with the names, an Ensembl id -> symbol table, ``.raw``,
+        and whether the column's names win over Ensembl ids in the index (``resolve_gene_names(prefer_column=)``).
+    cls_value : float, optional
+        The input value at ``<cls>`` (None: the layout's pad value).
+    seed : int
+        Binning ties, gene sampling, index training, baseline subsampling.
+    device : str, optional
+        None: CUDA when available.
+    baselines : tuple of str
+        Of :data:`BASELINES`; () for none.
+    n_hvg, n_pcs, l1_c_grid, baseline_max_cells
+        The baselines' HVGs, PCs, L1-LR C grid (None: the paper's) and reference-cell cap.
+    overwrite : bool
+        Atlas mode: replace embeddings in the index directory made with other settings.
+    progress : bool
+        Progress bars and printed notes.
+    """
+
+    k: int = DEFAULT_K
+    index_kind: str = "auto"
+    knn_backend: str = "auto"
+    flat_max: int = FLAT_MAX_CELLS
+    batch_size: int = 64
+    chunk_cells: int = DEFAULT_CHUNK_CELLS
+    max_seq_len: int | None = None
+    gene_column: str | None = None
+    gene_table: str | None = None
+    use_raw: bool = False
+    prefer_gene_column: bool = False
+    cls_value: float | None = None
+    seed: int = 0
+    device: str | None = None
+    baselines: tuple[str, ...] = BASELINES
+    n_hvg: int = 2000
+    n_pcs: int = 50
+    l1_c_grid: tuple[float, ...] | None = None
+    baseline_max_cells: int = BASELINE_MAX_CELLS
+    overwrite: bool = False
+    progress: bool = True
+
+    def __post_init__(self):
+        if self.k < 1:
+            raise ReferenceMapError(f"--k must be >= 1, got {self.k}")
+        object.__setattr__(self, "baselines", tuple(self.baselines or ()))
+        if self.l1_c_grid is not None:
+            object.__setattr__(self, "l1_c_grid", tuple(float(c) for c in self.l1_c_grid))
+
+    @classmethod
+    def of(cls, params: ReferenceMapParams | None = None, **overrides) -> ReferenceMapParams:
+        """``params`` (default: the defaults) with ``overrides`` (keyword callers: tests, the Python API)."""
+        return dataclasses.replace(params or cls(), **overrides)
 
 
 class ReferenceMapError(EmbedInputError):

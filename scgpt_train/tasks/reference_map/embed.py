@@ -28,7 +28,7 @@ from scgpt_train.inference import (
     read_h5ad_checked,
     unmapped_cells,
 )
-from scgpt_train.tasks.reference_map.common import ZERO_SHOT_ONLY, ReferenceMapError
+from scgpt_train.tasks.reference_map.common import ZERO_SHOT_ONLY, ReferenceMapError, ReferenceMapParams
 
 log = logging.getLogger(__name__)
 
@@ -61,45 +61,53 @@ def embed_adata(
     checkpoint,
     path,
     adata=None,
+    params: ReferenceMapParams | None = None,
     *,
-    batch_size: int = 64,
-    max_seq_len: int | None = None,
-    gene_column: str | None = None,
-    use_raw: bool = False,
-    gene_table: str | None = None,
-    cls_value: float | None = None,
-    seed: int = 0,
-    device: str | None = None,
-    progress: bool = True,
     description: str = "embedding",
+    **overrides,
 ) -> EmbeddedCells:
     """Embed every cell of the h5ad ``path`` as ``embed_h5ad`` does (same checks, data module, seeds and
-    normalization), returning the embeddings in memory instead of writing a file."""
+    normalization), returning the embeddings in memory instead of writing a file.
+
+    Parameters
+    ----------
+    model, vocab, checkpoint
+        The loaded model (:func:`load_model`), its vocabulary, and the checkpoint path (the data module's vocab).
+    path : path-like
+        The h5ad; ``adata`` its contents when already read (:func:`read_h5ad_checked`).
+    params : ReferenceMapParams, optional
+        batch_size, max_seq_len, gene_column, gene_table, use_raw, prefer_gene_column, cls_value, seed, device,
+        progress (``overrides`` replace single fields).
+    """
     from torch.utils.data import DataLoader
 
     from data_modules.anndata_module import AnnDataModule
 
+    p = ReferenceMapParams.of(params, **overrides)
     if adata is None:
-        adata = read_h5ad_checked(path, "--query", ReferenceMapError, use_raw)
-    check_input_layout(adata, path, gene_column, use_raw, None)
-    unmapped = unmapped_cells(adata, path, vocab, gene_column, use_raw, gene_table=gene_table)
-    layout = model.layout if max_seq_len is None else model.layout.replace(max_seq_len=max_seq_len)
+        adata = read_h5ad_checked(path, "--query", ReferenceMapError, p.use_raw)
+    check_input_layout(adata, path, p.gene_column, p.use_raw, None)
+    unmapped = unmapped_cells(adata, path, vocab, p.gene_column, p.use_raw, gene_table=p.gene_table)
+    layout = model.layout if p.max_seq_len is None else model.layout.replace(max_seq_len=p.max_seq_len)
+    preprocess = {"gene_column": p.gene_column, "use_raw": p.use_raw, "gene_table": p.gene_table}
     dm = AnnDataModule(
         str(path),
         vocab=str(checkpoint),
         layout=layout,
-        tokenizer={"cls_value": cls_value},
-        preprocess={"gene_column": gene_column, "use_raw": use_raw, "gene_table": gene_table},
+        tokenizer={"cls_value": p.cls_value},
+        preprocess=preprocess | {"prefer_gene_column": p.prefer_gene_column},
         val_fraction=0.0,
-        batch_size=batch_size,
-        seed=seed,
+        batch_size=p.batch_size,
+        seed=p.seed,
         model_outputs=(),
     )
     dm.setup()
     n_cells = len(dm.split)
     if n_cells != adata.n_obs:
         raise RuntimeError(f"{path}: the data module holds {n_cells} cells, the file {adata.n_obs}")
-    if progress:
+    if p.prefer_gene_column:  # unmapped_cells reads the genes the ids name: the cells' rows as the model reads them
+        unmapped = np.diff(dm.expression("all").indptr) == 0
+    if p.progress:
         print(f"{Path(path).name}: genes: {dm.gene_report.summary()}")
     mapped = np.flatnonzero(~unmapped)
     if len(mapped) < n_cells:
@@ -108,14 +116,14 @@ def embed_adata(
             f"(e.g. {[str(c) for c in adata.obs_names[unmapped][:5]]}); they get no embedding"
         )
         log.warning(msg)
-        if progress:
+        if p.progress:
             print(f"warning: {msg}")
-    device = device or ("cuda" if torch.cuda.is_available() else "cpu")
+    device = p.device or ("cuda" if torch.cuda.is_available() else "cpu")
     model.to(device)
-    loader = dm.loader("all", masked=False, batch_size=batch_size)
+    loader = dm.loader("all", masked=False, batch_size=p.batch_size)
     if len(mapped) < n_cells:
-        loader = DataLoader(mapped.tolist(), batch_size=batch_size, collate_fn=loader.collate_fn)
-    out = predict_cells(model, loader, n_cells, device=device, progress=progress, description=description)
+        loader = DataLoader(mapped.tolist(), batch_size=p.batch_size, collate_fn=loader.collate_fn)
+    out = predict_cells(model, loader, n_cells, device=device, progress=p.progress, description=description)
     emb = l2_normalize(out["cell_emb"])
     return EmbeddedCells(
         path=str(path),
