@@ -19,14 +19,16 @@ from pathlib import Path
 
 import torch
 
+from data_modules.errors import UserInputError
+
 log = logging.getLogger(__name__)
 
 PRECISIONS = ("auto", "fp32", "bf16")
 NATIVE_BF16_X86 = ("amx_bf16", "avx512_bf16")
 
 
-class PrecisionError(ValueError):
-    """A precision setting that is not one of ``PRECISIONS``."""
+class PrecisionError(UserInputError):
+    """A precision setting that is not one of ``PRECISIONS`` (a refusal of user input: exit 2 in the scripts)."""
 
 
 def cpu_bf16_flags(cpuinfo: str | Path = "/proc/cpuinfo", machine: str | None = None) -> list[str]:

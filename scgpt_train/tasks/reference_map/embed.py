@@ -2,10 +2,9 @@
 
 Embeddings go through the embedding code path of ``scripts/embed.py`` (:mod:`scgpt_train.inference`):
 the same input checks (:func:`check_input_layout`, :func:`unmapped_cells`), the same
-:class:`~data_modules.anndata_module.AnnDataModule` (values as stored, the checkpoint's token layout, seeded
-tie-breaking in binning and seeded gene sampling: ``default_rng([seed, first cell, batch size])`` per batch),
-:func:`predict_cells`, then L2 normalization. A query embedded here equals ``embed.py --seed S`` on the same
-file with the same ``--batch-size``.
+:class:`~data_modules.anndata_module.AnnDataModule` (values as stored, the checkpoint's token layout), the same
+batched pass (:func:`embed_cells`: seeded tokens per group of 64 cells, sorted, packed, token budget, precision),
+then L2 normalization. A query embedded here equals ``embed.py --seed S --precision P`` on the same file.
 """
 
 from __future__ import annotations
@@ -21,10 +20,12 @@ import torch
 
 from data_modules.vocab import GeneVocab
 from scgpt_train.inference import (
+    BatchOptions,
+    anndata_cells,
     check_input_layout,
+    embed_cells,
     l2_normalize,
     load_for_inference,
-    predict_cells,
     read_h5ad_checked,
     unmapped_cells,
 )
@@ -62,7 +63,7 @@ def embed_adata(
     path,
     adata=None,
     *,
-    batch_size: int = 64,
+    batch_size: int | None = None,
     max_seq_len: int | None = None,
     gene_column: str | None = None,
     use_raw: bool = False,
@@ -72,11 +73,11 @@ def embed_adata(
     device: str | None = None,
     progress: bool = True,
     description: str = "embedding",
+    precision: str = "auto",
 ) -> EmbeddedCells:
-    """Embed every cell of the h5ad ``path`` as ``embed_h5ad`` does (same checks, data module, seeds and
-    normalization), returning the embeddings in memory instead of writing a file."""
-    from torch.utils.data import DataLoader
-
+    """Embed every cell of the h5ad ``path`` as ``embed_h5ad`` does (same checks, data module, seeds, batched pass
+    and normalization; ``batch_size``: most cells per batch beside the token budget), returning the embeddings in
+    memory instead of writing a file."""
     from data_modules.anndata_module import AnnDataModule
 
     if adata is None:
@@ -91,7 +92,6 @@ def embed_adata(
         tokenizer={"cls_value": cls_value},
         preprocess={"gene_column": gene_column, "use_raw": use_raw, "gene_table": gene_table},
         val_fraction=0.0,
-        batch_size=batch_size,
         seed=seed,
         model_outputs=(),
     )
@@ -112,10 +112,16 @@ def embed_adata(
             print(f"warning: {msg}")
     device = device or ("cuda" if torch.cuda.is_available() else "cpu")
     model.to(device)
-    loader = dm.loader("all", masked=False, batch_size=batch_size)
-    if len(mapped) < n_cells:
-        loader = DataLoader(mapped.tolist(), batch_size=batch_size, collate_fn=loader.collate_fn)
-    out = predict_cells(model, loader, n_cells, device=device, progress=progress, description=description)
+    out = embed_cells(
+        model,
+        anndata_cells(dm, seed),
+        options=BatchOptions(max_cells=batch_size),
+        precision=precision,
+        device=device,
+        wanted=~unmapped,
+        progress=progress,
+        description=description,
+    )
     emb = l2_normalize(out["cell_emb"])
     return EmbeddedCells(
         path=str(path),
