@@ -288,13 +288,12 @@ def embed_h5ad(
     precision: str = "auto",
     max_tokens: int | None = DEFAULT_MAX_TOKENS,
     prefer_gene_column: bool = False,
-    layout: str = "packed",
 ) -> Path:
     """Embed every cell of ``input_path`` with ``checkpoint``; write the input AnnData (same obs_names, same order) +
     ``obsm[key]``.
 
     Cells go through :func:`embed_cells`: sorted by length into batches of at most ``max_tokens`` tokens (and
-    ``batch_size`` cells, when given), packed (``layout="padded"``: each batch padded to its longest cell), at
+    ``batch_size`` cells, when given), packed, at
     ``precision`` (auto / fp32 / bf16, ``scgpt_train/precision.py``; what auto chose is printed). Refuses
     (:class:`EmbedInputError`) an input without cells, NaN / inf values and options that do not fit the file. Cells
     with no expressed gene in the checkpoint's vocabulary are reported; their ``obsm[key]`` rows are NaN
@@ -304,7 +303,7 @@ def embed_h5ad(
     from scgpt_train.evaluation.report import write_h5ad
 
     # settings are checked before anything is read
-    options = BatchOptions(max_tokens=max_tokens, max_cells=batch_size, layout=layout)
+    options = BatchOptions(max_tokens=max_tokens, max_cells=batch_size)
     if device is None:
         device = "cuda" if torch.cuda.is_available() else "cpu"
     chosen = resolve_precision(precision, device)

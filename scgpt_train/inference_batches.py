@@ -10,8 +10,8 @@ tokens depend on the seed and its group, never on the batch size, the sorting or
 Batches. ``SORT_WINDOW`` cells at a time are tokenized, ordered by length (longest first) and cut into batches of at
 most ``max_tokens`` tokens (packed: the cells' tokens; padded: cells x the batch's longest) and at most ``max_cells``
 cells. ``layout="packed"`` (the default) runs each batch as one (1, T) stream (``Tokenizer.pack`` /
-``PackedCells``: no cell is padded); ``"padded"`` pads each batch to its longest cell (the reference the packed path
-is tested against, and the official way with ``sort=False``). A ScGPT runs its encoder and cell pooling only (the
+``PackedCells``: no cell is padded); ``"padded"`` pads each batch to its longest cell (with ``sort=False`` and
+``max_cells=64``: the official ``get_batch_cell_embeddings`` way, ``scripts/bench_embed.py``'s reference). A ScGPT runs its encoder and cell pooling only (the
 expression / MVC decoders are not needed for an embedding), plus the classifier when it has one.
 """
 

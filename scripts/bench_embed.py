@@ -22,10 +22,11 @@ tokens (seeded groups of 64 cells):
 One warm-up pass of each variant over 32 cells, then ``--repeats`` rounds, the variants interleaved within each
 round; a variant's time is the median of its rounds. Reported per variant: cells/s, tokens/s (the cells' tokens,
 ``<cls>`` included, padding not counted), peak memory during a pass (CPU: the growth of the process' peak RSS,
-VmHWM, reset before each pass through ``/proc/self/clear_refs``; CUDA: ``max_memory_allocated``), speed-up over
-the reference and the cosine of each cell's embedding to the reference's (min and mean). Also the time to make the
-batches alone (tokenization, sorting, packing; no model): the share a loader worker could take off the main
-process. ``--quick``: a 2 x 32 model on 48 cells over 300 genes, one round (seconds; for tests).
+VmHWM, reset through ``/proc/self/clear_refs`` after ``malloc_trim`` before each pass; CUDA:
+``max_memory_allocated``), speed-up over the reference and the cosine of each cell's embedding to the reference's
+(min and mean). Also the time to make the batches alone (tokenization, sorting, packing; no model): the share a
+loader worker could take off the main process. ``--quick``: a 2 x 32 model on 48 cells over 300 genes, one round
+(seconds; for tests).
 
 Index: ``--n-ref`` L2-normalized 512-d vectors drawn around 64 random centres of a 16-d latent space lifted to
 512 dimensions, plus small isotropic noise (clustered and of low intrinsic dimension, like cell embeddings), and
@@ -121,6 +122,14 @@ class PeakMemory:
             torch.cuda.reset_peak_memory_stats(self.device)
             self.base = torch.cuda.memory_allocated(self.device) / 2**20
         else:
+            import ctypes
+            import gc
+
+            gc.collect()
+            try:  # give freed heap memory back first, so the previous pass' leftovers do not hide this one's peak
+                ctypes.CDLL("libc.so.6").malloc_trim(0)
+            except (OSError, AttributeError):
+                pass
             try:
                 Path("/proc/self/clear_refs").write_text("5")  # resets VmHWM to the current RSS
             except OSError:
@@ -135,7 +144,7 @@ class PeakMemory:
             self.peak_mib = torch.cuda.max_memory_allocated(self.device) / 2**20 - self.base
         else:
             peak = self._status("VmHWM:")
-            self.peak_mib = None if peak is None or self.base is None else peak - self.base
+            self.peak_mib = None if peak is None or self.base is None else max(0.0, peak - self.base)
 
 
 def variants(batch_size: int) -> dict:
