@@ -11,8 +11,9 @@ Batches. ``SORT_WINDOW`` cells at a time are tokenized, ordered by length (longe
 most ``max_tokens`` tokens (packed: the cells' tokens; padded: cells x the batch's longest) and at most ``max_cells``
 cells. ``layout="packed"`` (the default) runs each batch as one (1, T) stream (``Tokenizer.pack`` /
 ``PackedCells``: no cell is padded); ``"padded"`` pads each batch to its longest cell (with ``sort=False`` and
-``max_cells=64``: the official ``get_batch_cell_embeddings`` way, ``scripts/bench_embed.py``'s reference). A ScGPT runs its encoder and cell pooling only (the
-expression / MVC decoders are not needed for an embedding), plus the classifier when it has one.
+``max_cells=64``: the official ``get_batch_cell_embeddings`` way, ``scripts/bench_embed.py``'s reference). A ScGPT
+runs its encoder and cell pooling only (the expression / MVC decoders are not needed for an embedding), plus the
+classifier when it has one.
 
 Tokenization runs in the calling process, not in loader workers: making all batches of 559 real cells took 0.13 s
 against 70-84 s for the demo model's pass over them (``scripts/bench_embed.py``, one thread, measured under load),
