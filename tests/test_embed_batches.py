@@ -75,11 +75,11 @@ def loader_path_embeddings(ckpt, h5ad, max_seq_len=None, include_zero_genes=Fals
     return l2_normalize(emb)
 
 
-@pytest.mark.parametrize("max_seq_len, include_zero_genes", [(None, False), (121, False), (None, True)])
+@pytest.mark.parametrize("max_seq_len, include_zero_genes", [(None, False), (121, False), (121, True)])
 def test_sorted_packed_embedding_equals_the_padded_path_in_input_order(real, tmp_path, max_seq_len, include_zero_genes):
     """Sorted by length, packed, cut by a token budget, fp32: the embeddings of the padded fixed-order path (the
     one embed.py ran before) within 1e-5, row for row in the input's order, obs_names kept. ``max_seq_len`` 121
-    samples 120 of each cell's genes (seeded per group of 64 cells); ``include_zero_genes`` feeds every gene."""
+    samples 120 of each cell's genes (seeded per group of 64 cells); ``include_zero_genes`` feeds zeros too (bin 0)."""
     from scgpt_train.inference import embed_h5ad
 
     lengths = np.diff(real["adata"].X.indptr)

@@ -71,8 +71,9 @@ def test_trainer_cpu_bf16_fits_a_step_in_bf16_mixed_precision(demo_corpus, tmp_p
     from hydra import compose, initialize_config_dir
 
     overrides = demo_overrides(
-        demo_corpus, "trainer=cpu_bf16", "trainer.max_steps=1", "trainer.limit_val_batches=1", "data.num_workers=0"
-    )
+        demo_corpus, "trainer=cpu_bf16", "model=demo_tiny", "layout.max_seq_len=65", "data.batch_size=8",
+        "data.val_batch_size=8", "trainer.max_steps=1", "trainer.limit_val_batches=1", "data.num_workers=0",
+    )  # fmt: skip
     with initialize_config_dir(str(ROOT / "configs"), version_base="1.3"):
         cfg = compose("train", overrides=overrides)
     assert cfg.trainer.accelerator == "cpu" and cfg.trainer.precision == "bf16-mixed"
