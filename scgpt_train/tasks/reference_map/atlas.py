@@ -129,6 +129,9 @@ class CorpusEmbedder:
         self.seed, self.progress = int(seed), progress
         self.device = device or ("cuda" if torch.cuda.is_available() else "cpu")
         self.precision = resolve_precision(precision, self.device)
+        log.info("%s: precision: %s", corpus_path, self.precision.reason)
+        if progress:
+            print(f"{Path(corpus_path).name}: precision: {self.precision.reason}")
         layout = model.layout if max_seq_len is None else model.layout.replace(max_seq_len=max_seq_len)
         self.tokenizer = Tokenizer(
             TokenizerConfig(layout=layout, cls_value=cls_value, gen_ratios=None, mlm_prob=None),

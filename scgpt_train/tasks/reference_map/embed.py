@@ -29,6 +29,7 @@ from scgpt_train.inference import (
     read_h5ad_checked,
     unmapped_cells,
 )
+from scgpt_train.precision import resolve_precision
 from scgpt_train.tasks.reference_map.common import ZERO_SHOT_ONLY, ReferenceMapError
 
 log = logging.getLogger(__name__)
@@ -111,12 +112,16 @@ def embed_adata(
         if progress:
             print(f"warning: {msg}")
     device = device or ("cuda" if torch.cuda.is_available() else "cpu")
+    chosen = resolve_precision(precision, device)
+    log.info("%s: precision: %s", path, chosen.reason)
+    if progress:
+        print(f"{Path(path).name}: precision: {chosen.reason}")
     model.to(device)
     out = embed_cells(
         model,
         anndata_cells(dm, seed),
         options=BatchOptions(max_cells=batch_size),
-        precision=precision,
+        precision=chosen,
         device=device,
         wanted=~unmapped,
         progress=progress,
