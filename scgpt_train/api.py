@@ -95,7 +95,7 @@ def embed(
     gene_column: str | None = None,
     gene_table: str | os.PathLike | None = None,
     use_raw: bool = False,
-    batch_size: int = 64,
+    batch_size: int | None = None,
     max_seq_len: int | None = None,
     include_zero_genes: bool = False,
     normalize: bool = True,
@@ -104,6 +104,9 @@ def embed(
     drop_unmapped_cells: bool = False,
     progress: bool = False,
     species: str | None = None,
+    precision: str = "auto",
+    max_tokens: int | None = None,
+    prefer_gene_column: bool = False,
 ) -> ad.AnnData:
     """Cell embeddings of ``adata`` with ``checkpoint`` (official directory, imported .pt or a .ckpt of this
     project), as ``scripts/embed.py``: returns the input AnnData (same obs_names, X untouched) with
@@ -111,8 +114,13 @@ def embed(
     classifier, and the gene mapping reports in ``uns``. Raises :class:`scgpt_train.errors.UserInputError` (e.g.
     ``EmbedInputError``) for inputs it cannot embed.
     ``species``: the cells' species (default: detected from the gene names); another species than the checkpoint's
-    maps through one-to-one orthologs (``data_modules/species.py``). ``finetune`` takes it as ``data.species=``."""
-    from scgpt_train.inference import embed_h5ad
+    maps through one-to-one orthologs (``data_modules/species.py``). ``finetune`` takes it as ``data.species=``.
+    ``precision``: ``auto`` (bf16 autocast where the hardware computes bf16 natively, else fp32; the choice is logged,
+    and recorded in ``uns[f"{key}_precision"]``), ``fp32`` or ``bf16``. Cells are sorted by length and packed into
+    batches of at most ``max_tokens`` tokens (default ``inference_batches.DEFAULT_MAX_TOKENS``) and ``batch_size``
+    cells (default: no cap). ``prefer_gene_column``: an input with Ensembl ids and a symbol column that disagree
+    uses the column (default: the ids decide), as ``--prefer-gene-column``."""
+    from scgpt_train.inference import DEFAULT_MAX_TOKENS, embed_h5ad
 
     with tempfile.TemporaryDirectory(prefix="scgpt_embed_") as tmp, _user_errors({Path(tmp) / "input.h5ad": "adata"}):
         src = _write(adata, Path(tmp) / "input.h5ad", "adata")
@@ -134,6 +142,9 @@ def embed(
             progress=progress,
             drop_unmapped_cells=drop_unmapped_cells,
             species=species,
+            precision=precision,
+            max_tokens=DEFAULT_MAX_TOKENS if max_tokens is None else max_tokens,
+            prefer_gene_column=prefer_gene_column,
         )
         return ad.read_h5ad(out)
 
@@ -150,9 +161,10 @@ def reference_map(
     gene_column: str | None = None,
     gene_table: str | os.PathLike | None = None,
     use_raw: bool = False,
-    batch_size: int = 64,
+    batch_size: int | None = None,
     seed: int = 0,
     device: str | None = None,
+    precision: str = "auto",
     progress: bool = False,
     prefer_gene_column: bool = False,
     **options: Any,
@@ -171,7 +183,10 @@ def reference_map(
     label_key : str
         The reference's obs column with the cell types (metrics when the query has it too).
     k, batch_size, seed, device, progress
-        Neighbours per vote, cells per embedding batch, the seed, the torch device, progress bars.
+        Neighbours per vote, the most cells per embedding batch (None: only the token budget), the seed, the torch
+        device, progress bars.
+    precision : str
+        ``auto`` (bf16 autocast where the hardware computes bf16 natively, else fp32; logged), ``fp32`` or ``bf16``.
     baselines : sequence of str, optional
         None: the command line's (HVG+PCA kNN, L1-LR on the same split); () for none.
     gene_column, gene_table, use_raw
@@ -206,6 +221,7 @@ def reference_map(
                 gene_table=None if gene_table is None else str(gene_table),
                 seed=seed,
                 device=device,
+                precision=precision,
                 baselines=BASELINES if baselines is None else tuple(baselines),
                 progress=progress,
                 **options,

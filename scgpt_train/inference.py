@@ -1,7 +1,8 @@
 """Inference: the one way every CLI, the API and the tasks load a checkpoint for inference
-(:func:`load_for_inference`) and read an h5ad (:func:`read_h5ad_checked`); batched cell embeddings and class
-predictions for every cell a loader yields (:func:`predict_cells`); the embedding of an h5ad file
-(:func:`embed_h5ad`, ``scripts/embed.py``)."""
+(:func:`load_for_inference`) and read an h5ad (:func:`read_h5ad_checked`); the embedding of an h5ad file
+(:func:`embed_h5ad`, ``scripts/embed.py``, ``api.embed``). The batched pass itself (cells sorted by length, packed,
+token budget, precision: :func:`embed_cells`; any loader's batches: :func:`predict_cells`) is
+``scgpt_train/inference_batches.py``, imported from here."""
 
 from __future__ import annotations
 
@@ -15,55 +16,18 @@ import scipy.sparse as sp
 import torch
 from torch import nn
 
-from data_modules.batch import Batch
 from data_modules.vocab import GeneVocab, guess_gene_key
 from scgpt_train.errors import UserInputError
+from scgpt_train.inference_batches import (  # noqa: F401  (re-exported: the one import of every caller)
+    DEFAULT_MAX_TOKENS,
+    BatchOptions,
+    anndata_cells,
+    embed_cells,
+    predict_cells,
+)
+from scgpt_train.precision import resolve_precision
 
 log = logging.getLogger(__name__)
-
-
-def _forward(model: nn.Module, batch: Batch) -> dict[str, torch.Tensor]:
-    if hasattr(model, "predict_step"):  # the Lightning module
-        return model.predict_step(batch)
-    out = model(**batch.model_inputs())
-    res = {"cell_emb": out["cell_emb"].float(), "cell_index": batch.cell_index}
-    if "cls_output" in out:
-        probs = out["cls_output"].float().softmax(-1)
-        res["probs"], res["pred"] = probs, probs.argmax(-1)
-    return res
-
-
-@torch.no_grad()
-def predict_cells(
-    model: nn.Module,
-    loader,
-    n_cells: int,
-    device: torch.device | str | None = None,
-    progress: bool = True,
-    description: str = "embedding",
-) -> dict[str, np.ndarray]:
-    """Run ``model`` (a ScGPT or the Lightning module) in eval mode over ``loader``; rows ordered by
-    ``batch.cell_index`` into arrays of ``n_cells``: ``cell_emb`` (N, d), and ``probs`` / ``pred`` with a
-    classifier. Cells the loader never yields stay NaN / -1."""
-    from tqdm.auto import tqdm
-
-    device = torch.device(device) if device is not None else next(model.parameters()).device
-    was_training = model.training
-    model.eval()
-    result: dict[str, np.ndarray] = {}
-    try:
-        for batch in tqdm(loader, desc=description, disable=not progress, unit="batch"):
-            out = _forward(model, batch.to(device))
-            rows = out.pop("cell_index").cpu().numpy()
-            for key, value in out.items():
-                v = value.float().cpu().numpy() if value.is_floating_point() else value.cpu().numpy()
-                if key not in result:
-                    fill = np.nan if v.dtype.kind == "f" else -1
-                    result[key] = np.full((n_cells, *v.shape[1:]), fill, dtype=v.dtype)
-                result[key][rows] = v
-    finally:
-        model.train(was_training)
-    return result
 
 
 def load_for_inference(
@@ -211,10 +175,12 @@ def input_gene_names(
     gene_table: str | None = None,
     species: str | None = None,
     target_species: str | None = None,
+    prefer_gene_column: bool = False,
 ) -> list[str]:
     """The gene name of every input column as the data module matches it: read from ``gene_column`` / var_names,
     brought to ``gene_key`` (the vocabulary's "symbol" / "ensembl": a var column of that kind or the shipped
-    GENCODE id table, :func:`data_modules.vocab.resolve_gene_names`), duplicates made unique like AnnData."""
+    GENCODE id table, :func:`data_modules.vocab.resolve_gene_names`; ``prefer_gene_column``: ids and a symbol
+    column that disagree use the column), duplicates made unique like AnnData."""
     import anndata as ad
 
     from data_modules.vocab import gene_table as load_table
@@ -223,7 +189,14 @@ def input_gene_names(
     var = adata.raw.var if use_raw else adata.var
     table, label = (load_table(gene_table), table_name(gene_table)) if gene_table else (None, None)
     names, _ = resolve_gene_names(
-        var, gene_key, gene_column, table=table, table_label=label, species=species, target_species=target_species
+        var,
+        gene_key,
+        gene_column,
+        table=table,
+        table_label=label,
+        prefer_column=prefer_gene_column,
+        species=species,
+        target_species=target_species,
     )
     return list(ad.utils.make_index_unique(pd.Index(np.asarray(names).astype(str))))
 
@@ -237,6 +210,7 @@ def unmapped_cells(
     chunk_rows: int = 4096,
     gene_table: str | None = None,
     species: str | None = None,
+    prefer_gene_column: bool = False,
 ) -> np.ndarray:
     """(n_cells,) bool: cells with no non-zero value in a gene of ``vocab`` (nothing for the model to read).
 
@@ -248,7 +222,7 @@ def unmapped_cells(
     from data_modules.species import vocab_species
 
     genes = input_gene_names(
-        adata, gene_column, use_raw, vocab.keyed_by, gene_table, species, vocab_species(vocab.genes)
+        adata, gene_column, use_raw, vocab.keyed_by, gene_table, species, vocab_species(vocab.genes), prefer_gene_column
     )
     known = vocab.map_genes(genes).ids >= 0  # (G,)
     if not known.any():
@@ -297,7 +271,7 @@ def embed_h5ad(
     input_path,
     output_path,
     key: str = "X_scgpt",
-    batch_size: int = 64,
+    batch_size: int | None = None,
     max_seq_len: int | None = None,
     include_zero_genes: bool = False,
     gene_column: str | None = None,
@@ -311,23 +285,41 @@ def embed_h5ad(
     progress: bool = True,
     drop_unmapped_cells: bool = False,
     species: str | None = None,
+    precision: str = "auto",
+    max_tokens: int | None = DEFAULT_MAX_TOKENS,
+    prefer_gene_column: bool = False,
 ) -> Path:
-    """Embed every cell of ``input_path`` with ``checkpoint``; write the input AnnData (same obs_names) +
+    """Embed every cell of ``input_path`` with ``checkpoint``; write the input AnnData (same obs_names, same order) +
     ``obsm[key]``.
 
-    Refuses (:class:`EmbedInputError`) an input without cells, NaN / inf values and options that do not fit the
-    file. Cells with no expressed gene in the checkpoint's vocabulary are reported; their ``obsm[key]`` rows are
-    NaN (predictions -1 / NaN), or, with ``drop_unmapped_cells``, they are left out of the output.
+    Cells go through :func:`embed_cells`: sorted by length into batches of at most ``max_tokens`` tokens (and
+    ``batch_size`` cells, when given), packed, at
+    ``precision`` (auto / fp32 / bf16, ``scgpt_train/precision.py``; what auto chose is printed). Refuses
+    (:class:`EmbedInputError`) an input without cells, NaN / inf values and options that do not fit the file. Cells
+    with no expressed gene in the checkpoint's vocabulary are reported; their ``obsm[key]`` rows are NaN
+    (predictions -1 / NaN), or, with ``drop_unmapped_cells``, they are left out of the output.
     """
-    from torch.utils.data import DataLoader
-
     from data_modules.anndata_module import AnnDataModule
     from scgpt_train.evaluation.report import write_h5ad
 
+    # settings are checked before anything is read
+    options = BatchOptions(max_tokens=max_tokens, max_cells=batch_size)
+    if device is None:
+        device = "cuda" if torch.cuda.is_available() else "cpu"
+    chosen = resolve_precision(precision, device)
     adata = read_h5ad_checked(input_path, "--input", use_raw=use_raw)
     check_input_layout(adata, input_path, gene_column, use_raw, batch_key)
     model, vocab = load_for_inference(checkpoint)
-    unmapped = unmapped_cells(adata, input_path, vocab, gene_column, use_raw, gene_table=gene_table, species=species)
+    unmapped = unmapped_cells(
+        adata,
+        input_path,
+        vocab,
+        gene_column,
+        use_raw,
+        gene_table=gene_table,
+        species=species,
+        prefer_gene_column=prefer_gene_column,
+    )
     cfg = model.config()
     if (cfg.get("dsbn") or cfg.get("use_batch_labels")) and batch_key is None:
         raise EmbedInputError(
@@ -335,28 +327,35 @@ def embed_h5ad(
             f"{input_path} holding the batches (columns: {_columns(adata.obs)})"
         )
     # the checkpoint's token layout; --max-seq-len changes only how many genes a cell keeps
-    layout = model.layout if max_seq_len is None else model.layout.replace(max_seq_len=max_seq_len)
+    token_layout = model.layout if max_seq_len is None else model.layout.replace(max_seq_len=max_seq_len)
     dm = AnnDataModule(
         str(input_path),
         vocab=str(checkpoint),
         batch_key=batch_key,
-        layout=layout,
+        layout=token_layout,
         tokenizer={"cls_value": cls_value},
-        preprocess={"gene_column": gene_column, "use_raw": use_raw, "gene_table": gene_table, "species": species},
+        preprocess={
+            "gene_column": gene_column,
+            "use_raw": use_raw,
+            "gene_table": gene_table,
+            "species": species,
+            "prefer_gene_column": prefer_gene_column,
+        },
         include_zero_genes=include_zero_genes,
         val_fraction=0.0,
-        batch_size=batch_size,
         seed=seed,
         model_outputs=(),
     )
     dm.setup()
     log.info("genes: %s", dm.gene_report.summary())
+    log.info("precision: %s", chosen.reason)
     if progress:
         from data_modules.vocab import GeneIdReport
 
         for report in dm.gene_id_reports:
             print(f"gene names: {GeneIdReport(**report).summary()}")
         print(f"genes: {dm.gene_report.summary()}")
+        print(f"precision: {chosen.reason}")
     n_cells = len(dm.split)
     if n_cells != adata.n_obs:
         raise RuntimeError(f"{input_path}: the data module holds {n_cells} cells, the file {adata.n_obs}")
@@ -375,13 +374,17 @@ def embed_h5ad(
         log.warning(msg)
         if progress:
             print(f"warning: {msg}")
-    if device is None:
-        device = "cuda" if torch.cuda.is_available() else "cpu"
     model.to(device)
-    loader = dm.loader("all", masked=False, batch_size=batch_size)
-    if len(mapped) < n_cells:  # only cells the model can read; the others keep predict_cells' NaN / -1
-        loader = DataLoader(mapped.tolist(), batch_size=batch_size, collate_fn=loader.collate_fn)
-    out = predict_cells(model, loader, n_cells, device=device, progress=progress)
+    out = embed_cells(
+        model,
+        anndata_cells(dm, seed),
+        options=options,
+        precision=chosen,
+        device=device,
+        wanted=~unmapped,  # the others keep embed_cells' NaN / -1
+        batch_labels=dm.batch_labels,
+        progress=progress,
+    )
     emb = l2_normalize(out["cell_emb"]) if normalize else out["cell_emb"]
     keep = mapped if drop_unmapped_cells else np.arange(n_cells)
     if len(keep) < n_cells:
@@ -398,4 +401,5 @@ def embed_h5ad(
         "examples": examples,
         "handling": "dropped" if drop_unmapped_cells else "nan",
     }
+    adata.uns[f"{key}_precision"] = {"requested": chosen.requested, "used": chosen.name, "reason": chosen.reason}
     return write_h5ad(adata, output_path)

@@ -1,15 +1,32 @@
 #!/usr/bin/env python
-"""Embedding throughput of the 51M architecture and kNN index build / query rates for reference mapping.
+"""Embedding throughput against the official embedding's way of running, and kNN index rates for reference mapping.
 
-    python scripts/bench_embed.py [--json PATH] [--batches N] [--batch-size 32] [--n-ref 100000] [--n-query 10000]
-                                  [--model 51m|demo] [--threads N] [--skip-embed] [--skip-index]
+    python scripts/bench_embed.py [--model demo|51m|both] [--repeats 3] [--cells N] [--batch-size 64] [--threads N]
+                                  [--device cpu|cuda] [--quick] [--json PATH] [--markdown PATH]
+                                  [--n-ref 100000] [--n-query 10000] [--skip-embed] [--skip-index]
 
-Embedding: the paper's whole-human architecture (12 layers, 8 heads, d 512, FFN 512, vocabulary 60,697,
-randomly initialized: the cost does not depend on the weights) in eval mode, cells of the real celltypist sample
-(559 cells, their real non-zero genes and counts; genes as distinct vocabulary ids) tokenized by the project's
-Tokenizer with L = 1,201 (1,200 genes + <cls>, the checkpoint layout), ``--batch-size`` cells a batch, through
-``scgpt_train.inference.predict_cells`` (the embed.py / reference-mapping path: tokenization, forward,
-gathering). One warm-up batch, then ``--batches`` timed batches; cells/s is the median over them.
+Embedding. Real cells: celltypist's raw-count sample (559 cells) over its 1,200 most expressed genes (each a distinct
+id of the 60,697-gene whole-human vocabulary), so cell lengths vary as in real data (no cell exceeds the layout's
+1,200 genes + ``<cls>``). Models with random weights (the cost does not depend on them): ``demo`` (4 x 128, the
+``make train`` architecture) and ``51m`` (12 layers, 8 heads, d 512, FFN 512: the paper's whole-human model), in
+eval mode. Every variant runs every cell through :func:`scgpt_train.inference_batches.embed_cells` with the same
+tokens (seeded groups of 64 cells):
+
+- ``reference``: the way the official ``get_batch_cell_embeddings`` runs: non-zero genes, ``<cls>`` first, batches
+  of ``--batch-size`` (64) cells in the input's order, each padded to its longest cell, fp32;
+- ``padded, bf16``: the same batches under bf16 autocast;
+- ``sorted-packed, fp32`` / ``sorted-packed, bf16``: cells sorted by length, packed (1, T) streams of at most
+  ``DEFAULT_MAX_TOKENS`` tokens (the project's batching; ``--precision auto`` picks bf16 where the hardware has
+  native bf16: the row marked *default*).
+
+One warm-up pass of each variant over 32 cells, then ``--repeats`` rounds, the variants interleaved within each
+round; a variant's time is the median of its rounds. Reported per variant: cells/s, tokens/s (the cells' tokens,
+``<cls>`` included, padding not counted), peak memory during a pass (CPU: the growth of the process' peak RSS,
+VmHWM, reset through ``/proc/self/clear_refs`` after ``malloc_trim`` before each pass; CUDA:
+``max_memory_allocated``), speed-up over the reference and the cosine of each cell's embedding to the reference's
+(min and mean). Also the time to make the batches alone (tokenization, sorting, packing; no model): the share a
+loader worker could take off the main process. ``--quick``: a 2 x 32 model on 48 cells over 300 genes, one round
+(seconds; for tests).
 
 Index: ``--n-ref`` L2-normalized 512-d vectors drawn around 64 random centres of a 16-d latent space lifted to
 512 dimensions, plus small isotropic noise (clustered and of low intrinsic dimension, like cell embeddings), and
@@ -22,6 +39,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import platform
 import sys
 import time
 from pathlib import Path
@@ -37,14 +55,18 @@ from data_modules.tokenize.layout import TokenLayout  # noqa: E402
 MODELS = {  # name: ScGPT kwargs
     "51m": dict(d_model=512, n_heads=8, d_ff=512, n_layers=12, dropout=0.2),
     "demo": dict(d_model=128, n_heads=4, d_ff=256, n_layers=4, dropout=0.1),
+    "quick": dict(d_model=32, n_heads=2, d_ff=64, n_layers=2, dropout=0.0),
 }
 VOCAB = 60697  # whole-human vocabulary (pad = 60694, cls = 60695)
 PAD_ID, CLS_ID = 60694, 60695
 LATENT = 16  # intrinsic dimension of the synthetic reference embeddings
+N_GENES = 1200  # the sample's most expressed genes kept (the layout's 1,200 genes: no cell is sampled)
+WARMUP_CELLS = 32
 
 
-def real_cells():
-    """CellBlock of celltypist's sample (559 real cells): each gene a distinct vocabulary id, real counts."""
+def real_cells(n_genes: int = N_GENES, n_cells: int | None = None):
+    """CellBlock of celltypist's sample (559 real cells, raw counts) over its ``n_genes`` most expressed genes, each
+    a distinct vocabulary id; the first ``n_cells`` cells."""
     import celltypist
     import pandas as pd
     import scipy.sparse as sp
@@ -52,7 +74,9 @@ def real_cells():
     from data_modules.store.reader import CellBlock
 
     csv = Path(celltypist.__file__).parent / "data" / "samples" / "sample_cell_by_gene.csv"
-    x = sp.csr_matrix(pd.read_csv(csv, index_col=0).to_numpy(dtype=np.float32))
+    x = pd.read_csv(csv, index_col=0).to_numpy(dtype=np.float32)
+    top = np.sort(np.argsort(-x.sum(0), kind="stable")[:n_genes])
+    x = sp.csr_matrix(x[: n_cells or len(x), top])
     ids = np.random.default_rng(0).choice(PAD_ID, size=x.shape[1], replace=False).astype(np.int32)
     return CellBlock(
         indptr=x.indptr.astype(np.int64),
@@ -62,54 +86,191 @@ def real_cells():
     )
 
 
-def bench_embedding(model_name: str, batch_size: int, n_batches: int, device: torch.device) -> dict:
-    from data_modules.tokenize import Tokenizer, TokenizerConfig
-    from scgpt_train.inference import predict_cells
-    from scgpt_train.model import ScGPT
+def processor() -> dict:
+    """The CPU's model name and its native-bf16 flags (what ``--precision auto`` reads)."""
+    from scgpt_train.precision import cpu_bf16_flags
 
+    name = platform.processor()
+    try:
+        for line in Path("/proc/cpuinfo").read_text().splitlines():
+            if line.startswith("model name"):
+                name = line.split(":", 1)[1].strip()
+                break
+    except OSError:
+        pass
+    return {"cpu": name, "bf16_flags": cpu_bf16_flags(), "threads": torch.get_num_threads()}
+
+
+class PeakMemory:
+    """Peak memory of one pass: CUDA's max_memory_allocated, or on CPU the growth of VmHWM (reset before)."""
+
+    def __init__(self, device: torch.device):
+        self.device = device
+
+    @staticmethod
+    def _status(key: str) -> float | None:
+        try:
+            for line in Path("/proc/self/status").read_text().splitlines():
+                if line.startswith(key):
+                    return int(line.split()[1]) / 1024  # MiB
+        except OSError:
+            return None
+        return None
+
+    def __enter__(self):
+        if self.device.type == "cuda":
+            torch.cuda.reset_peak_memory_stats(self.device)
+            self.base = torch.cuda.memory_allocated(self.device) / 2**20
+        else:
+            import ctypes
+            import gc
+
+            gc.collect()
+            try:  # give freed heap memory back first, so the previous pass' leftovers do not hide this one's peak
+                ctypes.CDLL("libc.so.6").malloc_trim(0)
+            except (OSError, AttributeError):
+                pass
+            try:
+                Path("/proc/self/clear_refs").write_text("5")  # resets VmHWM to the current RSS
+            except OSError:
+                pass
+            self.base = self._status("VmRSS:")
+        self.peak_mib = None
+        return self
+
+    def __exit__(self, *exc):
+        if self.device.type == "cuda":
+            torch.cuda.synchronize(self.device)
+            self.peak_mib = torch.cuda.max_memory_allocated(self.device) / 2**20 - self.base
+        else:
+            peak = self._status("VmHWM:")
+            self.peak_mib = None if peak is None or self.base is None else max(0.0, peak - self.base)
+
+
+def variants(batch_size: int) -> dict:
+    """name -> (BatchOptions, precision); the first is the official-style reference."""
+    from scgpt_train.inference_batches import BatchOptions
+
+    fixed = BatchOptions(max_tokens=None, max_cells=batch_size, layout="padded", sort=False)
+    packed = BatchOptions()  # the project's batching
+    return {
+        "reference (official way: padded, fixed order, fp32)": (fixed, "fp32"),
+        "padded, fixed order, bf16": (fixed, "bf16"),
+        "sorted-packed, fp32": (packed, "fp32"),
+        "sorted-packed, bf16": (packed, "bf16"),
+    }
+
+
+def bench_embedding(model_name: str, repeats: int, batch_size: int, device: torch.device, n_cells=None) -> dict:
+    from data_modules.tokenize import Tokenizer, TokenizerConfig
+    from scgpt_train.inference_batches import BatchOptions, CellTokens, batches_of, embed_cells
+    from scgpt_train.model import ScGPT
+    from scgpt_train.precision import resolve_precision
+
+    quick = model_name == "quick"
+    block = real_cells(300 if quick else N_GENES, 48 if quick else n_cells)
     layout = TokenLayout()  # L = 1,201
     torch.manual_seed(0)
     model = ScGPT(vocab_size=VOCAB, pad_token_id=PAD_ID, layout=layout, **MODELS[model_name]).to(device).eval()
     n_params = sum(p.numel() for p in model.parameters())
-    block = real_cells()
     tokenizer = Tokenizer(TokenizerConfig(layout=layout, gen_ratios=None, mlm_prob=None), PAD_ID, CLS_ID)
-    n_cells = len(block)
-    rng = np.random.default_rng(0)
 
-    def batches(k: int):  # k batches of batch_size cells, cycling through the sample
-        for b in range(k):
-            rows = (np.arange(batch_size) + b * batch_size) % n_cells
-            batch = tokenizer.pad(tokenizer.encode(block, rng, rows=rows))
-            batch.cell_index = torch.arange(batch_size)
-            yield batch
+    def cells(n: int) -> CellTokens:
+        return CellTokens(lambda lo, hi: block.take(np.arange(lo, hi)), n, tokenizer, seed=0)
 
-    times, tokens, lengths = [], [], []
-    for i, batch in enumerate(batches(n_batches + 1)):
-        t0 = time.perf_counter()
-        out = predict_cells(model, [batch], batch_size, device=device, progress=False)
-        if device.type == "cuda":
-            torch.cuda.synchronize()
-        dt = time.perf_counter() - t0
-        assert np.isfinite(out["cell_emb"]).all()
-        if i == 0:
-            continue  # warm-up
-        times.append(dt)
-        tokens.append(int((~batch.pad_mask).sum()))
-        lengths.append(int(batch.gene_ids.shape[1]))
-        print(f"  batch {i}: {dt:.2f} s, {batch_size / dt:.1f} cells/s, padded L {lengths[-1]}", flush=True)
-    step = float(np.median(times))
+    n = len(block)
+    lengths = np.minimum(np.diff(block.indptr), layout.max_genes) + 1
+    tokens = int(lengths.sum())
+    auto = resolve_precision("auto", device)
+    runs = variants(batch_size)
+    print(
+        f"{model_name}: {n_params / 1e6:.1f}M parameters, {n} cells, {tokens / n:.0f} tokens per cell on average "
+        f"(min {lengths.min()}, max {lengths.max()}); auto precision here: {auto.reason}",
+        flush=True,
+    )
+    for options, precision in runs.values():  # warm-up (kernels, allocator, numba)
+        embed_cells(model, cells(min(WARMUP_CELLS, n)), options=options, precision=precision, device=device,
+                    progress=False)  # fmt: skip
+    times = {name: [] for name in runs}
+    memory = {name: [] for name in runs}
+    embeddings = {}
+    for r in range(repeats):
+        for name, (options, precision) in runs.items():
+            with PeakMemory(device) as mem:
+                t0 = time.perf_counter()
+                out = embed_cells(model, cells(n), options=options, precision=precision, device=device,
+                                  progress=False)  # fmt: skip
+                if device.type == "cuda":
+                    torch.cuda.synchronize(device)
+                dt = time.perf_counter() - t0
+            times[name].append(dt)
+            memory[name].append(mem.peak_mib)
+            embeddings[name] = out["cell_emb"]
+            print(f"  round {r + 1}: {name}: {dt:.2f} s ({n / dt:.1f} cells/s)", flush=True)
+    t0 = time.perf_counter()
+    n_batches = sum(1 for _ in batches_of(cells(n), BatchOptions()))
+    batching_s = time.perf_counter() - t0
+    ref_name = next(iter(runs))
+    ref = embeddings[ref_name] / np.linalg.norm(embeddings[ref_name], axis=1, keepdims=True)
+    ref_s = float(np.median(times[ref_name]))
+    rows = []
+    for name, (options, precision) in runs.items():
+        emb = embeddings[name] / np.linalg.norm(embeddings[name], axis=1, keepdims=True)
+        cosine = np.sum(emb * ref, axis=1)
+        step = float(np.median(times[name]))
+        peaks = [m for m in memory[name] if m is not None]
+        rows.append(
+            {
+                "variant": name,
+                "default": options.layout == "packed" and precision == auto.name,
+                "seconds": times[name],
+                "median_s": step,
+                "cells_per_s": n / step,
+                "tokens_per_s": tokens / step,
+                "peak_mib": max(peaks) if peaks else None,
+                "speedup": ref_s / step,
+                "cosine_min": float(cosine.min()),
+                "cosine_mean": float(cosine.mean()),
+            }
+        )
     return {
         "model": model_name,
         "params_millions": round(n_params / 1e6, 1),
-        "max_seq_len": layout.max_seq_len,
-        "batch_size": batch_size,
-        "batches_timed": n_batches,
-        "padded_L": lengths,
-        "batch_s": times,
-        "batch_s_median": step,
-        "cells_per_s": batch_size / step,
-        "tokens_per_s": float(np.median(tokens)) / step,
+        "n_cells": n,
+        "tokens_per_cell_mean": tokens / n,
+        "reference_batch_size": batch_size,
+        "repeats": repeats,
+        "auto_precision": auto.reason,
+        "batching_only_s": batching_s,
+        "batches": n_batches,
+        "rows": rows,
     }
+
+
+def markdown(result: dict) -> str:
+    """The embedding tables of ``result`` as markdown."""
+    out = []
+    for emb in result.get("embedding", []):
+        out.append(
+            f"\n{emb['model']} ({emb['params_millions']}M parameters), {emb['n_cells']} cells, "
+            f"{emb['tokens_per_cell_mean']:.0f} tokens per cell on average; median of {emb['repeats']} interleaved "
+            f"rounds; {result['device']}, {result['processor']['cpu']}, {result['processor']['threads']} threads, "
+            f"bf16 flags {result['processor']['bf16_flags'] or 'none'}; auto: {emb['auto_precision']}\n"
+        )
+        out.append("| variant | s / pass | cells/s | tokens/s | peak memory | vs reference | cosine to reference |")
+        out.append("|---|---|---|---|---|---|---|")
+        for r in emb["rows"]:
+            mem = "n/a" if r["peak_mib"] is None else f"{r['peak_mib']:.0f} MiB"
+            name = r["variant"] + (" (default)" if r["default"] else "")
+            out.append(
+                f"| {name} | {r['median_s']:.2f} | {r['cells_per_s']:.1f} | {r['tokens_per_s']:,.0f} | {mem} | "
+                f"{r['speedup']:.2f}x | min {r['cosine_min']:.6f}, mean {r['cosine_mean']:.6f} |"
+            )
+        out.append(
+            f"\nMaking the batches alone (tokenization, sorting, packing; no model): {emb['batching_only_s']:.2f} s "
+            f"for {emb['batches']} packed batches."
+        )
+    return "\n".join(out) + "\n"
 
 
 def bench_index(n_ref: int, n_query: int, d: int = 512, k: int = 10, seed: int = 0) -> list[dict]:
@@ -172,9 +333,12 @@ def bench_index(n_ref: int, n_query: int, d: int = 512, k: int = 10, seed: int =
 def main(argv=None) -> int:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--json", type=Path, default=None)
-    p.add_argument("--model", default="51m", choices=sorted(MODELS))
-    p.add_argument("--batch-size", type=int, default=32)
-    p.add_argument("--batches", type=int, default=3, help="timed batches after one warm-up")
+    p.add_argument("--markdown", type=Path, default=None, help="also write the embedding tables here")
+    p.add_argument("--model", default="both", choices=["demo", "51m", "both"])
+    p.add_argument("--repeats", type=int, default=3, help="interleaved rounds of every variant (median)")
+    p.add_argument("--cells", type=int, default=None, help="embed only the sample's first N cells (default all 559)")
+    p.add_argument("--batch-size", type=int, default=64, help="the reference's cells per batch (official default 64)")
+    p.add_argument("--quick", action="store_true", help="a 2 x 32 model on 48 cells, one round (for tests)")
     p.add_argument("--n-ref", type=int, default=100_000)
     p.add_argument("--n-query", type=int, default=10_000)
     p.add_argument("--threads", type=int, default=None, help="torch (and faiss) CPU threads")
@@ -191,22 +355,22 @@ def main(argv=None) -> int:
         except ImportError:
             pass
     device = torch.device(args.device)
-    result = {"device": str(device), "torch": torch.__version__, "threads": torch.get_num_threads()}
+    result = {"device": str(device), "torch": torch.__version__, "processor": processor()}
     try:
         import faiss
 
         result["faiss"] = faiss.__version__
     except ImportError:
         result["faiss"] = None
-    print(f"device {device}, torch {torch.__version__}, threads {torch.get_num_threads()}, faiss {result['faiss']}")
+    print(f"device {device}, torch {torch.__version__}, {result['processor']}, faiss {result['faiss']}")
     if not args.skip_embed:
-        print(f"embedding: {args.model}, L = {TokenLayout().max_seq_len}, batch {args.batch_size}")
-        emb = bench_embedding(args.model, args.batch_size, args.batches, device)
-        result["embedding"] = emb
-        print(
-            f"embedding throughput: {emb['cells_per_s']:.2f} cells/s ({emb['tokens_per_s']:.0f} tokens/s), "
-            f"median of {args.batches} batches of {args.batch_size}"
-        )
+        models = ["quick"] if args.quick else (["demo", "51m"] if args.model == "both" else [args.model])
+        repeats = 1 if args.quick else args.repeats
+        result["embedding"] = [bench_embedding(m, repeats, args.batch_size, device, args.cells) for m in models]
+        table = markdown(result)
+        print(table)
+        if args.markdown:
+            write_text_atomic(args.markdown, table)
     if not args.skip_index:
         print(f"index: {args.n_ref} reference vectors, {args.n_query} queries, d 512, k 10")
         result["index"] = bench_index(args.n_ref, args.n_query)

@@ -13,6 +13,11 @@ feature_name / gene_ids, feature_id) or, without one, the GENCODE v44 id table s
 --no-normalize keeps them raw) and, when the checkpoint has a classifier, obs["scgpt_pred"] (class index)
 and obs["scgpt_pred_prob"].
 
+Cells are sorted by length into batches of at most --max-tokens tokens and run packed (no cell padded to another's
+length), the model in inference mode at --precision: auto runs bf16 autocast where the processor computes bf16
+natively (a CUDA GPU that supports it; a CPU with AMX or AVX-512 BF16, read from /proc/cpuinfo) and fp32 elsewhere,
+and prints what it chose and why. The output keeps the input's cell order and obs_names.
+
 Cells that express no gene of the checkpoint's vocabulary have nothing for the model to read: they are
 reported (count and a few obs names) and get NaN embeddings (prediction -1), or are left out of the output
 with --drop-unmapped-cells. An input with no cells, NaN / inf values (the error names the cell and gene),
@@ -41,12 +46,27 @@ def main(argv=None) -> int:
 
 
 def run(argv=None) -> int:
+    from scgpt_train.inference_batches import DEFAULT_MAX_TOKENS
+    from scgpt_train.precision import PRECISIONS
+
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--checkpoint", required=True, type=Path)
     p.add_argument("--input", required=True, type=Path)
     p.add_argument("--output", required=True, type=Path)
     p.add_argument("--key", default="X_scgpt", help="obsm key of the embedding (default X_scgpt)")
-    p.add_argument("--batch-size", type=int, default=64)
+    p.add_argument(
+        "--max-tokens",
+        type=int,
+        default=DEFAULT_MAX_TOKENS,
+        help=f"tokens per batch (cells sorted by length, packed; default {DEFAULT_MAX_TOKENS:,})",
+    )
+    p.add_argument("--batch-size", type=int, default=None, help="at most this many cells per batch (default: no cap)")
+    p.add_argument(
+        "--precision",
+        default="auto",
+        choices=PRECISIONS,
+        help="auto (bf16 autocast where the hardware has native bf16, else fp32), fp32, or bf16 (default auto)",
+    )
     p.add_argument(
         "--max-seq-len", type=int, default=None, help="genes per cell + <cls> (default: the checkpoint's layout)"
     )
@@ -57,6 +77,12 @@ def run(argv=None) -> int:
         default=None,
         help="CSV/TSV Ensembl id -> symbol (feature_id, feature_name columns, or headerless id,name) used when the "
         "input's gene ids are not the vocabulary's (default: the GENCODE v44 table shipped with celltypist)",
+    )
+    p.add_argument(
+        "--prefer-gene-column",
+        action="store_true",
+        help="an input with Ensembl ids and a symbol column that disagree (checked against the id table) uses the "
+        "column's symbols (default: the ids decide)",
     )
     p.add_argument("--use-raw", action="store_true", help="read .raw instead of X")
     p.add_argument(
@@ -76,6 +102,10 @@ def run(argv=None) -> int:
         help="leave cells with no gene in the checkpoint's vocabulary out of the output (default: NaN embeddings)",
     )
     args = p.parse_args(argv)
+    for name in ("max_tokens", "batch_size"):
+        value = getattr(args, name)
+        if value is not None and value < 1:
+            p.error(f"--{name.replace('_', '-')} must be a positive number, got {value}")
 
     from scgpt_train.inference import embed_h5ad
 
@@ -97,6 +127,9 @@ def run(argv=None) -> int:
         seed=args.seed,
         drop_unmapped_cells=args.drop_unmapped_cells,
         species=args.species,
+        precision=args.precision,
+        max_tokens=args.max_tokens,
+        prefer_gene_column=args.prefer_gene_column,
     )
     print(f"wrote {out}")
     return 0

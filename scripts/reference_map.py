@@ -74,6 +74,7 @@ def params_from_args(args: argparse.Namespace):
         cls_value=args.cls_value,
         seed=args.seed,
         device=args.device,
+        precision=args.precision,
         baselines=tuple(baselines),
         n_hvg=args.n_hvg,
         n_pcs=args.n_pcs,
@@ -103,7 +104,15 @@ def parser() -> argparse.ArgumentParser:
     p.add_argument(
         "--flat-max", type=int, default=rm.FLAT_MAX_CELLS, help="largest reference searched with a flat index"
     )
-    p.add_argument("--batch-size", type=int, default=64)
+    p.add_argument(
+        "--batch-size", type=int, default=None, help="at most this many cells per embedding batch (default: no cap)"
+    )
+    p.add_argument(
+        "--precision",
+        default="auto",
+        choices=("auto", "fp32", "bf16"),
+        help="auto (bf16 autocast where the hardware has native bf16, else fp32; printed), fp32 or bf16",
+    )
     p.add_argument("--chunk-cells", type=int, default=rm.DEFAULT_CHUNK_CELLS, help="atlas mode: cells per chunk")
     p.add_argument("--max-seq-len", type=int, default=None, help="genes per cell + <cls> (default: the checkpoint's)")
     p.add_argument("--gene-column", default=None, help="var column with gene names (both h5ad files)")

@@ -16,7 +16,7 @@ one workspace directory laid out as a user's would be
 - ``download_benchmarks.py`` fetches from a local mirror (``--mirror``) holding the official tiny checkpoint
   as ``scgpt_human``; the Census converter, which needs the internet, and commands with ``<placeholders>``
   run with ``--help``; ``make`` targets are CI's own commands and are not rerun here;
-- ``bench_embed.py`` measures the demo-sized model (batches of 8) on a 2,000-cell synthetic reference;
+- ``bench_embed.py`` runs with ``--quick`` (a tiny model on 48 cells) and a 2,000-cell synthetic reference;
 - ``[optional arguments]`` are left out, and illustrative names (``CKPT``, ``DIR``, ``immune_human.h5ad``,
   ``atlas/*.h5ad``, ``genes.txt``, ``sets.gmt``) are files of the workspace made for them.
 """
@@ -150,10 +150,11 @@ def runnable(cmd: str) -> str | None:
         return _join([*tokens, *extra])
     if script.endswith("benchmark.py"):  # multi-seed benchmarks: tests/test_tasks.py and others run them
         return _join([*tokens, "--cfg", "job"])
-    if script.endswith("bench_embed.py"):  # the demo-sized model on a small synthetic reference
-        sizes = {"--n-ref": "2000", "--n-query": "200", "--batches": "1", "--model": "demo", "--batch-size": "8"}
+    if script.endswith("bench_embed.py"):  # --quick embedding (a tiny model, 48 cells) and a small reference
+        sizes = {"--n-ref": "2000", "--n-query": "200"}
         tokens = [sizes.get(tokens[i - 1], t) if i else t for i, t in enumerate(tokens)]
         tokens += [a for key, value in sizes.items() if key not in tokens for a in (key, value)]
+        tokens += [] if "--quick" in tokens else ["--quick"]
     return _join(tokens)
 
 

@@ -3,6 +3,7 @@ natively, detected from cpuinfo flags (real parsing of written cpuinfo files) or
 
 from __future__ import annotations
 
+import json
 import logging
 
 import pytest
@@ -62,3 +63,20 @@ def test_autocast_runs_the_forward_in_the_chosen_dtype(cpuinfo):
         assert layer(x).dtype == torch.bfloat16
     with resolve_precision("auto", "cpu", cpuinfo(X86_PLAIN)).autocast("cpu"):
         assert layer(x).dtype == torch.float32
+
+
+def test_trainer_cpu_bf16_fits_a_step_in_bf16_mixed_precision(demo_corpus, tmp_path):
+    """trainer=cpu_bf16 composes to a CPU trainer with precision bf16-mixed, and Lightning fits a step with it."""
+    from conftest import ROOT, demo_overrides, train_in_process
+    from hydra import compose, initialize_config_dir
+
+    overrides = demo_overrides(
+        demo_corpus, "trainer=cpu_bf16", "model=demo_tiny", "layout.max_seq_len=65", "data.batch_size=8",
+        "data.val_batch_size=8", "trainer.max_steps=1", "trainer.limit_val_batches=1", "data.num_workers=0",
+    )  # fmt: skip
+    with initialize_config_dir(str(ROOT / "configs"), version_base="1.3"):
+        cfg = compose("train", overrides=overrides)
+    assert cfg.trainer.accelerator == "cpu" and cfg.trainer.precision == "bf16-mixed"
+    train_in_process(overrides, tmp_path)
+    summary = json.loads((tmp_path / "summary.json").read_text())
+    assert summary["steps"] == 1

@@ -22,7 +22,9 @@ import torch
 
 from data_modules.atomic import atomic_path, write_json_atomic
 from data_modules.vocab import GeneVocab
-from scgpt_train.inference import l2_normalize, predict_cells
+from scgpt_train.inference import BatchOptions, embed_cells, l2_normalize
+from scgpt_train.inference_batches import SEED_GROUP, CellTokens
+from scgpt_train.precision import resolve_precision
 from scgpt_train.tasks.reference_map.common import (
     CORPUS_UNKNOWN,
     FLAT_MAX_CELLS,
@@ -84,9 +86,10 @@ def check_corpus_label(corpus_path, label_key: str) -> list[str]:
 class CorpusEmbedder:
     """Embeds the cells of a corpus with a model, chunk by chunk, into ``work_dir`` (journalled, resumable).
 
-    Batches are cells ``[lo, lo + batch_size)`` of the corpus, tokenized with the checkpoint's layout
-    (no generative split, no masking, ``cls_value``), float32 values and ``default_rng([seed, lo, n])``: the
-    same tokens an :class:`AnnDataModule` makes of the same cells in the same batches.
+    Cells are tokenized with the checkpoint's layout (no generative split, no masking, ``cls_value``), float32
+    values, in seed groups of 64 corpus cells (``default_rng([seed, 64 k, n])``) and embedded by
+    :func:`~scgpt_train.inference.embed_cells` (sorted, packed, token budget, ``precision``): the same embeddings
+    ``embed.py`` gives the same cells from an h5ad.
     """
 
     JOURNAL = "journal.json"
@@ -103,7 +106,7 @@ class CorpusEmbedder:
         params: ReferenceMapParams | None = None,
         **overrides,
     ):
-        """``params``: batch_size, chunk_cells, max_seq_len, cls_value, seed, device, progress, overwrite
+        """``params``: batch_size, chunk_cells, max_seq_len, cls_value, seed, device, precision, progress, overwrite
         (``overrides`` replace single fields)."""
         from data_modules.store.reader import Corpus
         from data_modules.tokenize import Tokenizer, TokenizerConfig
@@ -115,11 +118,15 @@ class CorpusEmbedder:
         self.work_dir = Path(work_dir)
         self.label_key = label_key
         self.label_names = check_corpus_label(corpus_path, label_key)
-        self.batch_size = int(p.batch_size)
-        # chunks hold whole batches, so a batch (and its seed) never depends on where a run stopped
-        self.chunk_cells = max(self.batch_size, (int(p.chunk_cells) // self.batch_size) * self.batch_size)
+        self.batch_size = p.batch_size
+        # chunks hold whole seed groups, so a cell's tokens never depend on where a run stopped
+        self.chunk_cells = max(SEED_GROUP, (int(p.chunk_cells) // SEED_GROUP) * SEED_GROUP)
         self.seed, self.progress = int(p.seed), p.progress
         self.device = p.device or ("cuda" if torch.cuda.is_available() else "cpu")
+        self.precision = resolve_precision(p.precision, self.device)
+        log.info("%s: precision: %s", corpus_path, self.precision.reason)
+        if p.progress:
+            print(f"{Path(corpus_path).name}: precision: {self.precision.reason}")
         layout = model.layout if p.max_seq_len is None else model.layout.replace(max_seq_len=p.max_seq_len)
         self.tokenizer = Tokenizer(
             TokenizerConfig(layout=layout, cls_value=p.cls_value, gen_ratios=None, mlm_prob=None),
@@ -138,7 +145,8 @@ class CorpusEmbedder:
             "nnz": self.corpus.manifest.get("nnz"),
             "label_key": label_key,
             "seed": self.seed,
-            "batch_size": self.batch_size,
+            "tokens": f"seed groups of {SEED_GROUP} cells",
+            "precision": self.precision.name,
             "chunk_cells": self.chunk_cells,
             "layout": layout.to_dict(),
             "cls_value": self.tokenizer.config.cls_value,
@@ -216,9 +224,12 @@ class CorpusEmbedder:
         labels = np.empty(hi - lo, dtype=np.int32)
         empty = np.zeros(hi - lo, dtype=bool)
 
-        def batches():  # cells lo:hi as Batches (cell_index relative to lo), read READ_BLOCK_CELLS at a time
-            for b0 in range(lo, hi, READ_BLOCK_CELLS):
-                block = self.corpus.read_cells(b0, min(b0 + READ_BLOCK_CELLS, hi))
+        def read(a: int, b: int):  # cells lo + a .. lo + b of the corpus, read READ_BLOCK_CELLS at a time
+            from data_modules.store.reader import CellBlock
+
+            parts = []
+            for b0 in range(lo + a, lo + b, READ_BLOCK_CELLS):
+                block = self.corpus.read_cells(b0, min(b0 + READ_BLOCK_CELLS, lo + b))
                 labels[b0 - lo : b0 - lo + len(block)] = block.obs[self.label_key]
                 block.gene_ids = block.gene_ids.astype(np.int32, copy=False)
                 # float32 like the AnnDataModule's rows: the binning kernels draw tie-breaks differently for
@@ -227,15 +238,24 @@ class CorpusEmbedder:
                 if self.lut is not None:
                     block = _remap_block(block, self.lut)
                 empty[b0 - lo : b0 - lo + len(block)] = np.diff(block.indptr) == 0
-                for s in range(0, len(block), self.batch_size):
-                    rows = np.arange(s, min(s + self.batch_size, len(block)))
-                    first = b0 + s
-                    rng = np.random.default_rng([self.seed, int(first), len(rows)])
-                    batch = self.tokenizer.pad(self.tokenizer.encode(block, rng, rows=rows))
-                    batch.cell_index = torch.from_numpy(np.arange(first - lo, first - lo + len(rows), dtype=np.int64))
-                    yield batch
+                parts.append(block)
+            shifts = np.cumsum([0] + [int(p.indptr[-1]) for p in parts[:-1]])
+            return CellBlock(
+                indptr=np.concatenate([[0]] + [p.indptr[1:] + s for p, s in zip(parts, shifts, strict=True)]),
+                gene_ids=np.concatenate([p.gene_ids for p in parts]),
+                counts=np.concatenate([p.counts for p in parts]),
+                cell_index=np.arange(a, b, dtype=np.int64),
+            )
 
-        out = predict_cells(self.model, batches(), hi - lo, device=self.device, progress=False)
+        cells = CellTokens(read, hi - lo, self.tokenizer, seed=self.seed, first_cell=lo)
+        out = embed_cells(
+            self.model,
+            cells,
+            options=BatchOptions(max_cells=self.batch_size),
+            precision=self.precision,
+            device=self.device,
+            progress=False,
+        )
         emb = l2_normalize(out["cell_emb"])
         emb[empty] = np.nan
         return emb, self._known(labels)

@@ -38,8 +38,11 @@ class ReferenceMapParams:
         ``auto`` / ``flat`` / ``ivfpq``; ``auto`` / ``faiss`` / ``sklearn``.
     flat_max : int
         The largest reference searched with a flat (exact) index under ``index_kind="auto"``.
-    batch_size, chunk_cells : int
-        Cells per embedding batch; atlas mode: cells per journalled chunk.
+    batch_size : int, optional
+        The most cells per embedding batch beside the token budget (None: no cap; batches are sorted by length and
+        packed, :func:`~scgpt_train.inference.embed_cells`).
+    chunk_cells : int
+        Atlas mode: cells per journalled chunk (whole groups of 64 cells).
     max_seq_len : int, optional
         Genes per cell + ``<cls>`` (None: the checkpoint's).
     gene_column, gene_table, use_raw, prefer_gene_column
@@ -51,6 +54,8 @@ class ReferenceMapParams:
         Binning ties, gene sampling, index training, baseline subsampling.
     device : str, optional
         None: CUDA when available.
+    precision : str
+        ``auto`` / ``fp32`` / ``bf16`` (:func:`~scgpt_train.precision.resolve_precision`; the choice is printed).
     baselines : tuple of str
         Of :data:`BASELINES`; () for none.
     n_hvg, n_pcs, l1_c_grid, baseline_max_cells
@@ -65,7 +70,7 @@ class ReferenceMapParams:
     index_kind: str = "auto"
     knn_backend: str = "auto"
     flat_max: int = FLAT_MAX_CELLS
-    batch_size: int = 64
+    batch_size: int | None = None
     chunk_cells: int = DEFAULT_CHUNK_CELLS
     max_seq_len: int | None = None
     gene_column: str | None = None
@@ -75,6 +80,7 @@ class ReferenceMapParams:
     cls_value: float | None = None
     seed: int = 0
     device: str | None = None
+    precision: str = "auto"
     baselines: tuple[str, ...] = BASELINES
     n_hvg: int = 2000
     n_pcs: int = 50

@@ -2,10 +2,9 @@
 
 Embeddings go through the embedding code path of ``scripts/embed.py`` (:mod:`scgpt_train.inference`):
 the same input checks (:func:`check_input_layout`, :func:`unmapped_cells`), the same
-:class:`~data_modules.anndata_module.AnnDataModule` (values as stored, the checkpoint's token layout, seeded
-tie-breaking in binning and seeded gene sampling: ``default_rng([seed, first cell, batch size])`` per batch),
-:func:`predict_cells`, then L2 normalization. A query embedded here equals ``embed.py --seed S`` on the same
-file with the same ``--batch-size``.
+:class:`~data_modules.anndata_module.AnnDataModule` (values as stored, the checkpoint's token layout), the same
+batched pass (:func:`embed_cells`: seeded tokens per group of 64 cells, sorted, packed, token budget, precision),
+then L2 normalization. A query embedded here equals ``embed.py --seed S --precision P`` on the same file.
 """
 
 from __future__ import annotations
@@ -21,13 +20,16 @@ import torch
 
 from data_modules.vocab import GeneVocab
 from scgpt_train.inference import (
+    BatchOptions,
+    anndata_cells,
     check_input_layout,
+    embed_cells,
     l2_normalize,
     load_for_inference,
-    predict_cells,
     read_h5ad_checked,
     unmapped_cells,
 )
+from scgpt_train.precision import resolve_precision
 from scgpt_train.tasks.reference_map.common import ZERO_SHOT_ONLY, ReferenceMapError, ReferenceMapParams
 
 log = logging.getLogger(__name__)
@@ -66,8 +68,8 @@ def embed_adata(
     description: str = "embedding",
     **overrides,
 ) -> EmbeddedCells:
-    """Embed every cell of the h5ad ``path`` as ``embed_h5ad`` does (same checks, data module, seeds and
-    normalization), returning the embeddings in memory instead of writing a file.
+    """Embed every cell of the h5ad ``path`` as ``embed_h5ad`` does (same checks, data module, seeds, batched pass
+    and normalization), returning the embeddings in memory instead of writing a file.
 
     Parameters
     ----------
@@ -76,18 +78,19 @@ def embed_adata(
     path : path-like
         The h5ad; ``adata`` its contents when already read (:func:`read_h5ad_checked`).
     params : ReferenceMapParams, optional
-        batch_size, max_seq_len, gene_column, gene_table, use_raw, prefer_gene_column, cls_value, seed, device,
-        progress (``overrides`` replace single fields).
+        batch_size (most cells per batch beside the token budget; None: no cap), max_seq_len, gene_column,
+        gene_table, use_raw, prefer_gene_column, cls_value, seed, device, precision, progress (``overrides``
+        replace single fields).
     """
-    from torch.utils.data import DataLoader
-
     from data_modules.anndata_module import AnnDataModule
 
     p = ReferenceMapParams.of(params, **overrides)
     if adata is None:
         adata = read_h5ad_checked(path, "--query", ReferenceMapError, p.use_raw)
     check_input_layout(adata, path, p.gene_column, p.use_raw, None)
-    unmapped = unmapped_cells(adata, path, vocab, p.gene_column, p.use_raw, gene_table=p.gene_table)
+    unmapped = unmapped_cells(
+        adata, path, vocab, p.gene_column, p.use_raw, gene_table=p.gene_table, prefer_gene_column=p.prefer_gene_column
+    )
     layout = model.layout if p.max_seq_len is None else model.layout.replace(max_seq_len=p.max_seq_len)
     preprocess = {"gene_column": p.gene_column, "use_raw": p.use_raw, "gene_table": p.gene_table}
     dm = AnnDataModule(
@@ -97,7 +100,6 @@ def embed_adata(
         tokenizer={"cls_value": p.cls_value},
         preprocess=preprocess | {"prefer_gene_column": p.prefer_gene_column},
         val_fraction=0.0,
-        batch_size=p.batch_size,
         seed=p.seed,
         model_outputs=(),
     )
@@ -105,8 +107,6 @@ def embed_adata(
     n_cells = len(dm.split)
     if n_cells != adata.n_obs:
         raise RuntimeError(f"{path}: the data module holds {n_cells} cells, the file {adata.n_obs}")
-    if p.prefer_gene_column:  # unmapped_cells reads the genes the ids name: the cells' rows as the model reads them
-        unmapped = np.diff(dm.expression("all").indptr) == 0
     if p.progress:
         print(f"{Path(path).name}: genes: {dm.gene_report.summary()}")
     mapped = np.flatnonzero(~unmapped)
@@ -119,11 +119,21 @@ def embed_adata(
         if p.progress:
             print(f"warning: {msg}")
     device = p.device or ("cuda" if torch.cuda.is_available() else "cpu")
+    chosen = resolve_precision(p.precision, device)
+    log.info("%s: precision: %s", path, chosen.reason)
+    if p.progress:
+        print(f"{Path(path).name}: precision: {chosen.reason}")
     model.to(device)
-    loader = dm.loader("all", masked=False, batch_size=p.batch_size)
-    if len(mapped) < n_cells:
-        loader = DataLoader(mapped.tolist(), batch_size=p.batch_size, collate_fn=loader.collate_fn)
-    out = predict_cells(model, loader, n_cells, device=device, progress=p.progress, description=description)
+    out = embed_cells(
+        model,
+        anndata_cells(dm, p.seed),
+        options=BatchOptions(max_cells=p.batch_size),
+        precision=chosen,
+        device=device,
+        wanted=~unmapped,
+        progress=p.progress,
+        description=description,
+    )
     emb = l2_normalize(out["cell_emb"])
     return EmbeddedCells(
         path=str(path),

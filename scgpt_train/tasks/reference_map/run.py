@@ -129,7 +129,8 @@ def run_reference_map(
     summary["params"] = {
         "checkpoint": str(checkpoint),
         "seed": int(p.seed),
-        "batch_size": int(p.batch_size),
+        "batch_size": p.batch_size,
+        "precision": p.precision,
         "max_seq_len": int(p.max_seq_len or model.layout.max_seq_len),
         "embedding": "L2-normalized cell embeddings (embed.py path)",
         "vote": "majority of k nearest (Euclidean on L2-normalized); ties: smaller summed distance",
