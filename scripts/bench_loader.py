@@ -317,6 +317,10 @@ def main(argv: list[str] | None = None) -> dict:
     return result
 
 
+def _wall_cpu(row: dict, key: str) -> str:
+    return f"{row[key + '_s']:.2f} s ({row[key + '_cpu_s']:.2f} s CPU)"
+
+
 def simulate(args: argparse.Namespace) -> dict:
     """--simulate-cells: the stream of ``--ranks`` x ``--workers`` processes over a simulated corpus."""
     cache = Path(args.cache)
@@ -364,14 +368,14 @@ def simulate(args: argparse.Namespace) -> dict:
     }
     rows = [
         ("corpus", f"{c.n_cells:,} cells in {c.n_shards:,} shards (links to {base_cells:,} written cells)"),
-        ("rank start-up: corpus, block table + split, kernels (max)", f"{worst['rank_startup_s']:.2f} s"),
-        ("  of which the block table + split", f"{worst['block_table_s']:.2f} s"),
-        ("worker start-up: plan + schedule + first batch (max)", f"{worst['worker_startup_max_s']:.2f} s"),
+        ("rank start-up: corpus, block table + split, kernels (max)", _wall_cpu(worst, "rank_startup")),
+        ("  of which the block table + split", _wall_cpu(worst, "block_table")),
+        ("worker start-up: plan + schedule + first batch (max)", _wall_cpu(worst, "worker_startup_max")),
         ("  of which the epoch plan + rank schedule", f"{worst['schedule_max_s']:.3f} s"),
         ("plan memory per worker: block table + plan + schedule", f"{worst['plan_mb']:.1f} MB"),
         ("  peak while building the plan + schedule", f"{worst['plan_peak_mb']:.1f} MB"),
         ("resume state in a checkpoint (pickled)", f"{worst['resume_state_bytes']:,} bytes"),
-        ("resume at a random position: first batch", f"{worst['resume_first_batch_s']:.2f} s"),
+        ("resume at a random position: first batch", _wall_cpu(worst, "resume_first_batch")),
         ("resumed batch equals the uninterrupted one", str(result["resume_exact"])),
         (f"forked worker, private memory (max of {args.workers})", f"{forked['worker_private_max_mb']:.0f} MB"),
         (f"forked worker, RSS incl. shared (max of {args.workers})", f"{forked['worker_rss_max_mb']:.0f} MB"),

@@ -30,8 +30,10 @@ MB = 1 << 20
 
 
 def timed(fn: Callable):
-    t = time.perf_counter()
+    """(fn(), wall seconds); the CPU seconds of this process during the call go to ``timed.cpu``."""
+    t, c = time.perf_counter(), time.process_time()
     out = fn()
+    timed.cpu = time.process_time() - c
     return out, time.perf_counter() - t
 
 
@@ -58,16 +60,26 @@ def measure_rank(corpus_dir: str, rank: int, ranks: int, workers: int, opts: dic
     """Start-up of one rank and of each of its ``workers``, plan memory, resume state and resume time."""
     corpus = Corpus(corpus_dir)
     (_, t_table) = timed(lambda: build_block_table(corpus, "train", opts["block_size"]))
+    cpu_table = timed.cpu
     stream, t_stream = timed(lambda: stream_for(corpus_dir, rank, ranks, opts))
+    cpu_stream = timed.cpu
     table_bytes = sum(a.nbytes for a in (stream.table.shard, stream.table.start, stream.table.stop))
     table_bytes += stream.table.n_selected.nbytes
     workers_out = []
     for w in range(workers):
         stream.cursor = Cursor(epoch=0)
         sched, t_sched = timed(stream.schedule)
+        cpu_sched = timed.cpu
         first, t_first = timed(lambda w=w: next(stream.worker_batches(w, workers)))
         cells = len(first.cell_index)
-        workers_out.append({"schedule_s": t_sched, "first_batch_s": t_first, "first_batch_cells": cells})
+        workers_out.append(
+            {
+                "schedule_s": t_sched,
+                "first_batch_s": t_first,
+                "startup_cpu_s": cpu_sched + timed.cpu,
+                "first_batch_cells": cells,
+            }
+        )
     stream.cursor = Cursor(epoch=0)
     sched, plan_peak, plan_held = traced(stream.schedule)
     n_steps = len(sched)
@@ -79,6 +91,7 @@ def measure_rank(corpus_dir: str, rank: int, ranks: int, workers: int, opts: dic
     fresh = stream_for(corpus_dir, rank, ranks, opts)
     fresh.load_state_dict(pickle.loads(pickle.dumps(state)))
     first, t_resume = timed(lambda: next(fresh.worker_batches(0, workers)))
+    cpu_resume = timed.cpu
     stream.cursor = Cursor(epoch=0)
     whole = stream.schedule()  # the uninterrupted epoch: its batch `consumed` is the resumed run's first
     expected = stream.encode_batch(whole, stream.lane_reader(whole), consumed)
@@ -87,7 +100,10 @@ def measure_rank(corpus_dir: str, rank: int, ranks: int, workers: int, opts: dic
     return {
         "rank": rank,
         "block_table_s": t_table,
+        "block_table_cpu_s": cpu_table,
         "rank_startup_s": t_stream,
+        "rank_startup_cpu_s": cpu_stream,
+        "worker_startup_max_cpu_s": max(w["startup_cpu_s"] for w in workers_out),
         "workers": workers_out,
         "worker_startup_max_s": max(w["schedule_s"] + w["first_batch_s"] for w in workers_out),
         "schedule_max_s": max(w["schedule_s"] for w in workers_out),
@@ -99,6 +115,7 @@ def measure_rank(corpus_dir: str, rank: int, ranks: int, workers: int, opts: dic
         "resume_state_bytes": state_bytes,
         "resume_position": consumed,
         "resume_first_batch_s": t_resume,
+        "resume_first_batch_cpu_s": cpu_resume,
         "resume_exact": exact,
     }
 
