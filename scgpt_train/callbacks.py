@@ -137,8 +137,9 @@ class EpochTimeEstimate(pl.Callback):
     Measured, not guessed: one forward + backward (the run's own objectives, eval mode so no dropout draw or
     batch-norm statistic changes, gradients cleared after) of the first ``sample_cells`` training cells, tokenized
     as in training; the epoch (training cells + validation forward passes at a third of the cost) is that time
-    scaled by the FLOPs of every cell at its real length (``train_flops``), and so are the shorter layouts. Needs a
-    data module with ``sample_batch`` / ``cell_lengths`` (the AnnData fine-tuning one); silent elsewhere and on GPUs.
+    scaled by FLOPs (``train_flops``) over every cell at its real length padded to the longest of a random batch of
+    ``batch_size`` (``val_batch_size``), and so are the shorter layouts. Needs a data module with ``sample_batch``
+    / ``cell_lengths`` (the AnnData fine-tuning one); silent elsewhere and on GPUs.
     """
 
     SHORTER_LAYOUTS = (1201, 601)
@@ -193,13 +194,22 @@ def estimate_epoch(pl_module: pl.LightningModule, dm, sample_cells: int) -> dict
         for p in pl_module.parameters():
             p.grad = None
         pl_module.train(was_training)
-    sample = _step_flops(pl_module, cell_lengths(batch).numpy())
+    sample = _step_flops(pl_module, np.full(batch.n_cells, batch.pad_mask.shape[1]))  # padded, as it ran
     max_len = int(dm.layout.max_seq_len)
     train = dm.cell_lengths("train")
-    val = dm.cell_lengths("val") if len(dm.indices("val")) else np.zeros(0)
+    val = dm.cell_lengths("val") if len(dm.indices("val")) else np.zeros(0, dtype=np.int64)
+
+    def padded(lengths: np.ndarray, batch_size: int, cap: int) -> np.ndarray:
+        """Every cell's length once padded to the longest of its batch (batches drawn at random, seeded)."""
+        lengths = np.random.default_rng(0).permutation(np.minimum(lengths, cap))
+        starts = np.arange(0, len(lengths), batch_size)
+        if not len(starts):
+            return lengths
+        return np.repeat(np.maximum.reduceat(lengths, starts), np.diff(np.append(starts, len(lengths))))
 
     def seconds(cap: int) -> float:  # validation: a forward only, a third of a training step's FLOPs
-        cost = _step_flops(pl_module, np.minimum(train, cap)) + _step_flops(pl_module, np.minimum(val, cap)) / 3
+        cost = _step_flops(pl_module, padded(train, dm.batch_size, cap))
+        cost += _step_flops(pl_module, padded(val, dm.val_batch_size, cap)) / 3
         return measured * cost / max(sample, 1.0)
 
     return {
@@ -218,7 +228,7 @@ def estimate_line(est: dict, suggest_above_minutes: float = 15.0) -> str:
         f"epoch time estimate on this CPU: ~{format_duration(est['seconds'])} per epoch "
         f"({est['train_cells']:,} training + {est['val_cells']:,} validation cells at "
         f"layout.max_seq_len={est['max_seq_len']}; measured: {est['sample_cells']} training cells forward + backward "
-        f"in {est['measured_s']:.2f} s, scaled by FLOPs over every cell's length)"
+        f"in {est['measured_s']:.2f} s, scaled by FLOPs over every cell's padded length)"
     )
     if est["seconds"] > 60 * suggest_above_minutes and est["shorter"]:
         options = ", ".join(f"layout.max_seq_len={cap} ~{format_duration(s)}" for cap, s in est["shorter"].items())
