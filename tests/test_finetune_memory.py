@@ -15,7 +15,7 @@ import torch
 from hydra import compose, initialize_config_dir
 
 from data_modules.anndata_module import AnnDataModule
-from scgpt_train.callbacks import EpochTimeEstimate, estimate_epoch, estimate_line
+from scgpt_train.epoch_estimate import EpochTimeEstimate, estimate_epoch, estimate_line
 from scgpt_train.model import ScGPT
 from scgpt_train.module import ScGPTLitModule
 from scgpt_train.objectives import CLSObjective
