@@ -570,6 +570,20 @@ class AnnDataModule(FineTuneDataModule):
         """(cells, model genes) preprocessed expression of ``split`` (for baselines and outputs)."""
         return self.store.rows(self.indices(split))
 
+    def cell_lengths(self, split: str) -> np.ndarray:
+        """(cells of ``split``,) tokens each cell takes at this layout: ``<cls>`` + its non-zero genes (every gene
+        with ``include_zero_genes``), capped at ``max_seq_len`` (from the CSR row lengths; nothing is densified)."""
+        idx = self.indices(split)
+        if self.include_zero_genes:
+            return np.full(len(idx), min(self.store.n_genes + 1, self.layout.max_seq_len))
+        genes = np.diff(self.store.rows(idx).indptr)
+        return np.minimum(genes + 1, self.layout.max_seq_len)
+
+    def sample_batch(self, split: str, n: int) -> Batch:
+        """The first ``n`` cells of ``split`` as one training-style ``Batch``, tokenized deterministically in this
+        process (no loader workers, no global random state touched): what the CPU epoch-time estimate times."""
+        return self._collate(deterministic=True, masked=True)(self.indices(split)[:n].tolist())
+
     # loaders --------------------------------------------------------------------------
     def _collate(self, deterministic: bool, masked: bool) -> CellCollate:
         cfg = self.tokenizer_cfg if masked else self.tokenizer_cfg.replace(mlm_prob=None)

@@ -13,6 +13,18 @@ checksums checked on every read: the same corpus rewritten without them (``corpu
 tokenized with 2 workers (wall clock) and with 0 workers (cells per CPU-second of the one process, which a busy
 machine disturbs less), alternating on / off ``--checksum-repeats`` times in the same run (best of each).
 ``on`` / ``off`` measure one layout only. Prints a table; ``--json`` writes the numbers.
+
+    python scripts/bench_loader.py --simulate-cells 33000000 [--ranks 16 --workers 8] [--base-cells 2000000]
+
+The loader at the paper's scale, simulated (docs/data_pipeline.md, "At 33M cells"): ``--base-cells`` tiny cells
+(4-12 genes each) written in the corpus format by the real writer, and a corpus of ``--simulate-cells`` cells whose
+shards are hard links to those, repeated (real files, real reads; the cells' contents repeat). Measures, for rank 0,
+the middle rank and the last rank of ``--ranks`` with ``--workers`` workers each and the pretrain_33m stream layout
+(batch 32, blocks of 512, 64 blocks a window, lanes = ranks x workers): start-up (corpus, block table and split,
+kernels; each worker's plan, schedule and first batch), plan memory (tracemalloc), the resume state a checkpoint
+stores and the time to resume at a random position (checked against the uninterrupted batch), the memory of real
+forked workers, and ``--stream-cells`` cells streamed end to end (a whole epoch of the base corpus by default,
+checked exactly once).
 """
 
 from __future__ import annotations
@@ -35,14 +47,12 @@ import torch.utils.data  # noqa: E402
 
 from data_modules.store.checksums import set_checksums  # noqa: E402
 from data_modules.store.convert import Source, convert_sources  # noqa: E402
-from data_modules.store.reader import Corpus  # noqa: E402
+from data_modules.store.probe import open_every_shard_fresh  # noqa: E402
+from data_modules.store.reader import MAX_OPEN_SHARDS, Corpus  # noqa: E402
+from data_modules.store.synthetic import make_synthetic_h5ad, simulate_corpus, write_tiny_corpus  # noqa: E402
 from data_modules.stream import CellStream, Cursor, LaneReader, StreamLoader  # noqa: E402
+from data_modules.stream.scale import measure_forked_workers, measure_rank, stream_end_to_end  # noqa: E402
 from data_modules.tokenize import pad_fraction  # noqa: E402
-
-try:  # the store's generator (bounded memory); the benchmark needs nothing else from it
-    from data_modules.store.synthetic import make_synthetic_h5ad
-except ImportError:  # pragma: no cover
-    make_synthetic_h5ad = None
 
 
 def drop_page_cache(paths: list[Path]) -> None:
@@ -200,10 +210,21 @@ def main(argv: list[str] | None = None) -> dict:
     )
     ap.add_argument("--checksum-repeats", type=int, default=2, help="on/off alternations for --checksums both")
     ap.add_argument("--json", default=None)
+    sim = ap.add_argument_group("the loader at scale, simulated (--simulate-cells)")
+    sim.add_argument("--simulate-cells", type=int, default=None, help="simulated corpus size, e.g. 33000000")
+    sim.add_argument("--ranks", type=int, default=16, help="simulated world size")
+    sim.add_argument("--workers", type=int, default=8, help="simulated dataloader workers per rank")
+    sim.add_argument("--base-cells", type=int, default=2_000_000, help="distinct tiny cells written for real")
+    sim.add_argument("--stream-cells", type=int, default=None, help="cells streamed end to end (default: base)")
+    sim.add_argument("--stream-workers", type=int, default=2, help="real workers for the end-to-end stream")
+    sim.add_argument("--forked-batches", type=int, default=3, help="batches read before measuring forked workers")
     args = ap.parse_args(argv)
-    if make_synthetic_h5ad is None:
-        raise SystemExit("data_modules.store.synthetic.make_synthetic_h5ad is missing")
-
+    for name in ("simulate_cells", "ranks", "workers", "base_cells", "stream_cells"):
+        value = getattr(args, name)
+        if value is not None and value < 1:
+            ap.error(f"--{name.replace('_', '-')} {value}: must be a whole number >= 1")
+    if args.simulate_cells is not None:
+        return simulate(args)
     corpus, parts = build(Path(args.cache), args.cells, args.datasets, args.nnz, args.genes)
     if args.checksums != "on":
         plain = without_checksums(corpus)
@@ -286,6 +307,94 @@ def main(argv: list[str] | None = None) -> dict:
     width = max(len(r[0]) for r in rows)
     print(
         f"corpus: {result['n_cells']:,} cells x ~{args.nnz:,} nnz, {os.cpu_count()} CPU cores, cold page cache, "
+        f"1-min load average {load_before:.2f} before / {load_after:.2f} after"
+    )
+    print(f"{'measurement':<{width}} | value\n{'-' * width}-|-{'-' * 16}")
+    for name, value in rows:
+        print(f"{name:<{width}} | {value}")
+    if args.json:
+        Path(args.json).write_text(json.dumps(result, indent=2))
+    return result
+
+
+def _wall_cpu(row: dict, key: str) -> str:
+    return f"{row[key + '_s']:.2f} s ({row[key + '_cpu_s']:.2f} s CPU)"
+
+
+def simulate(args: argparse.Namespace) -> dict:
+    """--simulate-cells: the stream of ``--ranks`` x ``--workers`` processes over a simulated corpus."""
+    cache = Path(args.cache)
+    base_cells = min(args.base_cells, args.simulate_cells)
+    t = time.perf_counter()
+    base = write_tiny_corpus(cache / f"tiny_{base_cells}", base_cells)
+    t_base = time.perf_counter() - t
+    t = time.perf_counter()
+    corpus = simulate_corpus(cache / f"sim_{args.simulate_cells}_from_{base_cells}", base, args.simulate_cells)
+    t_sim = time.perf_counter() - t
+    c = Corpus(corpus)
+    opts = dict(batch_size=32, block_size=512, buffer_blocks=64, lanes=args.ranks * args.workers, seed=0)
+    load_before = os.getloadavg()[0]
+    ranks = sorted({0, args.ranks // 2, args.ranks - 1})
+    per_rank = [measure_rank(str(corpus), r, args.ranks, args.workers, opts) for r in ranks]
+    forked = measure_forked_workers(str(corpus), args.ranks, args.workers, opts, args.forked_batches)
+    # open shard handles: the cost of one on distinct files (the base's shards), and how many a reader that visits
+    # every shard of the simulated corpus keeps, bounded (the default) and unbounded (the code before the bound)
+    handles = {
+        "distinct_unbounded": open_every_shard_fresh(str(base), 1 << 30),
+        "simulated_bounded": open_every_shard_fresh(str(corpus), MAX_OPEN_SHARDS),
+        "simulated_unbounded": open_every_shard_fresh(str(corpus), 1 << 30),
+    }
+    per_shard_mb = handles["distinct_unbounded"]["rss_growth_mb"] / handles["distinct_unbounded"]["shards"]
+    e2e = stream_end_to_end(str(base), args.stream_cells or base_cells, args.stream_workers, opts)
+    load_after = os.getloadavg()[0]
+    worst = {k: max(r[k] for r in per_rank) for k in per_rank[0] if isinstance(per_rank[0][k], float | int)}
+    result = {
+        "simulated_cells": c.n_cells,
+        "shards": c.n_shards,
+        "base_cells": base_cells,
+        "base_write_s": t_base,
+        "simulate_s": t_sim,
+        "ranks": args.ranks,
+        "workers": args.workers,
+        "stream_options": opts,
+        "per_rank": per_rank,
+        "forked_workers": forked,
+        "open_shards": handles,
+        "mb_per_open_shard": per_shard_mb,
+        "end_to_end": e2e,
+        "resume_exact": all(r["resume_exact"] for r in per_rank),
+        "load_avg_1min_before": load_before,
+        "load_avg_1min_after": load_after,
+    }
+    rows = [
+        ("corpus", f"{c.n_cells:,} cells in {c.n_shards:,} shards (links to {base_cells:,} written cells)"),
+        ("rank start-up: corpus, block table + split, kernels (max)", _wall_cpu(worst, "rank_startup")),
+        ("  of which the block table + split", _wall_cpu(worst, "block_table")),
+        ("worker start-up: plan + schedule + first batch (max)", _wall_cpu(worst, "worker_startup_max")),
+        ("  of which the epoch plan + rank schedule", f"{worst['schedule_max_s']:.3f} s"),
+        ("plan memory per worker: block table + plan + schedule", f"{worst['plan_mb']:.1f} MB"),
+        ("  peak while building the plan + schedule", f"{worst['plan_peak_mb']:.1f} MB"),
+        ("resume state in a checkpoint (pickled)", f"{worst['resume_state_bytes']:,} bytes"),
+        ("resume at a random position: first batch", _wall_cpu(worst, "resume_first_batch")),
+        ("resumed batch equals the uninterrupted one", str(result["resume_exact"])),
+        (f"forked worker, private memory (max of {args.workers})", f"{forked['worker_private_max_mb']:.0f} MB"),
+        (f"forked worker, RSS incl. shared (max of {args.workers})", f"{forked['worker_rss_max_mb']:.0f} MB"),
+        ("memory per open shard file (distinct files)", f"{per_shard_mb:.2f} MB"),
+        (
+            f"shards open after reading all {c.n_shards:,}: bounded / unbounded",
+            f"{handles['simulated_bounded']['open_shards']:,} / {handles['simulated_unbounded']['open_shards']:,}"
+            f" (~{handles['simulated_bounded']['open_shards'] * per_shard_mb:.0f} MB / "
+            f"~{handles['simulated_unbounded']['open_shards'] * per_shard_mb:.0f} MB)",
+        ),
+        (
+            f"end to end: {e2e['cells']:,} cells, {args.stream_workers} workers",
+            f"{e2e['cells_per_s']:,.0f} cells/s"
+            + (f", exactly once: {e2e['exactly_once']}" if "exactly_once" in e2e else ""),
+        ),
+    ]
+    width = max(len(r[0]) for r in rows)
+    print(
+        f"simulated {args.ranks} ranks x {args.workers} workers; ranks measured: {ranks}; {os.cpu_count()} CPU cores, "
         f"1-min load average {load_before:.2f} before / {load_after:.2f} after"
     )
     print(f"{'measurement':<{width}} | value\n{'-' * width}-|-{'-' * 16}")

@@ -5,6 +5,7 @@ from __future__ import annotations
 import json
 import logging
 import os
+from collections import OrderedDict
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -30,6 +31,10 @@ from data_modules.vocab import GeneVocab
 
 log = logging.getLogger(__name__)
 _TOLD_UNCHECKED: set[str] = set()  # corpora without per-block checksums already reported in this process
+# HDF5 files a reading process keeps open, least recently used closed first: each open shard holds ~0.9 MB (HDF5's
+# metadata, h5py objects, its checksum tables) and a file descriptor, so a loader worker that visits every shard of
+# a 33M-cell corpus (~2,000 shards) would otherwise hold ~1.8 GB and ~2,000 descriptors (docs/data_pipeline.md)
+MAX_OPEN_SHARDS = 128
 
 
 @dataclass
@@ -90,10 +95,14 @@ class Corpus:
     """A corpus directory opened for reading.
 
     HDF5 handles are opened lazily in the process that reads (and reopened after a
-    fork), so one ``Corpus`` can be handed to DataLoader workers.
+    fork), so one ``Corpus`` can be handed to DataLoader workers; at most ``max_open_shards`` stay open (least
+    recently used closed first), so a reader's memory and descriptors do not grow with the number of shards.
     """
 
-    def __init__(self, root: str | os.PathLike):
+    def __init__(self, root: str | os.PathLike, max_open_shards: int = MAX_OPEN_SHARDS):
+        if max_open_shards < 1:
+            raise ValueError(f"max_open_shards must be >= 1, got {max_open_shards}")
+        self.max_open_shards = int(max_open_shards)
         self.root = Path(root)
         manifest_path = self.root / MANIFEST_NAME
         if not manifest_path.exists():
@@ -113,7 +122,7 @@ class Corpus:
         self.shard_offsets = np.zeros(len(counts) + 1, dtype=np.int64)  # (n_shards+1,) first global id per shard
         np.cumsum(counts, out=self.shard_offsets[1:])
         self.obs_columns: dict[str, list[str]] = self.manifest.get("obs_columns", {})
-        self._handles: dict[int, h5py.File] = {}
+        self._handles: OrderedDict[int, h5py.File] = OrderedDict()  # least recently used first
         self._digests: dict[tuple[int, str], tuple] = {}  # (shard, dataset) -> Corpus._dataset
         self._pid = os.getpid()
         unchecked = sum(1 for s in self.shards if s.get("checksums") != CHECKSUM)
@@ -148,22 +157,42 @@ class Corpus:
     # reading --------------------------------------------------------------------------
     def _own_handles(self) -> None:
         if os.getpid() != self._pid:  # forked into a worker: never share HDF5 handles (nor datasets opened on them)
-            self._handles, self._digests = {}, {}
+            self._handles, self._digests = OrderedDict(), {}
             self._pid = os.getpid()
 
     def _file(self, shard: int) -> h5py.File:
         self._own_handles()
         f = self._handles.get(shard)
-        if f is None:
-            path = self.shard_path(shard)
-            try:
-                f = h5py.File(path, "r")
-            except (OSError, FileNotFoundError) as e:
-                raise CorpusFormatError(
-                    f"cannot open shard {path} ({e}); run `python scripts/corpus.py verify {self.root}`"
-                ) from None
-            self._handles[shard] = f
+        if f is not None:
+            self._handles.move_to_end(shard)
+            return f
+        path = self.shard_path(shard)
+        try:
+            f = h5py.File(path, "r")
+        except (OSError, FileNotFoundError) as e:
+            raise CorpusFormatError(
+                f"cannot open shard {path} ({e}); run `python scripts/corpus.py verify {self.root}`"
+            ) from None
+        self._handles[shard] = f
+        while len(self._handles) > self.max_open_shards:
+            self._close_shard(next(iter(self._handles)))
         return f
+
+    def _close_shard(self, shard: int) -> None:
+        """Close one shard's file and forget what was looked up in it (datasets, checksum tables)."""
+        f = self._handles.pop(shard)
+        for key in [k for k in self._digests if k[0] == shard]:
+            del self._digests[key]
+        try:
+            f.close()
+        except Exception:
+            pass
+
+    @property
+    def n_open_shards(self) -> int:
+        """Shard files this process holds open now (at most ``max_open_shards``)."""
+        self._own_handles()
+        return len(self._handles)
 
     def read_block(self, shard: int, start: int, stop: int) -> CellBlock:
         """Cells ``start:stop`` (shard-local rows) of one shard: one contiguous read per array."""
@@ -185,7 +214,6 @@ class Corpus:
         inside the vocabulary): a damaged shard raises :class:`CorpusFormatError` naming the shard and rows,
         never a bare ``IndexError`` or a silently wrong count later.
         """
-        files = [self._file(shard) for shard, _, _ in spans]  # this process's handles
         span_indptr, span_cells = [], []  # indptr of each span's rows, and of the whole checksum blocks they touch
         for shard, start, stop in spans:
             c0, c1 = self._cell_blocks(shard, start, stop)
@@ -215,7 +243,8 @@ class Corpus:
         indptr = np.concatenate(
             [[0]] + [ip[1:] - ip[0] + to for ip, to in zip(span_indptr, first_entry[:-1], strict=True)]
         )
-        obs_keys = list(files[0][OBS_GROUP]) if OBS_GROUP in files[0] else []
+        first_file = self._file(spans[0][0]) if spans else None  # (re)opened: other spans may have closed it
+        obs_keys = list(first_file[OBS_GROUP]) if first_file is not None and OBS_GROUP in first_file else []
         obs = {
             k: np.concatenate(
                 [self._read(shard, f"{OBS_GROUP}/{k}", start, stop, (start, stop)) for shard, start, stop in spans]
@@ -366,16 +395,13 @@ class Corpus:
         return split_membership(self.split, block.cell_index, block.obs.get("dataset"))
 
     def close(self) -> None:
-        for f in self._handles.values():
-            try:
-                f.close()
-            except Exception:
-                pass
-        self._handles = {}
+        self._own_handles()
+        for shard in list(self._handles):
+            self._close_shard(shard)
 
     def __getstate__(self):  # picklable for spawn-started workers: handles are reopened there
         state = self.__dict__.copy()
-        state["_handles"], state["_digests"] = {}, {}
+        state["_handles"], state["_digests"] = OrderedDict(), {}
         return state
 
     def __enter__(self) -> Corpus:

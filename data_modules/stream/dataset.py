@@ -205,17 +205,29 @@ class CellStream(torch.utils.data.IterableDataset):
     def __iter__(self):
         info = torch.utils.data.get_worker_info()
         worker, n_workers = (0, 1) if info is None else (info.id, info.num_workers)
+        yield from self.worker_batches(worker, n_workers)
+
+    def worker_batches(self, worker: int, n_workers: int):
+        """The batches dataloader worker ``worker`` of ``n_workers`` yields from the cursor (what ``__iter__``
+        runs in each worker; ``scripts/bench_loader.py --simulate-cells`` calls it for one worker at a time)."""
         sched = self.schedule()
-        reader = LaneReader(
-            self.corpus, sched.plan, self.split, self.bucket_batches, self.tokenizer_config.layout.max_genes
-        )
+        reader = self.lane_reader(sched)
         for i in range(worker, len(sched), n_workers):
-            parts, rng = self._batch_cells(sched, reader, i)
-            # a batch inside one window (every round-robin batch) is encoded in place, others gathered first
-            block, rows = parts[0] if len(parts) == 1 else (gather_parts(parts), None)
-            encoded = self.tokenizer.encode(block, rng, rows)
+            encoded = self.encode_batch(sched, reader, i)
             yield encoded if self.loader_options.emit_encoded else self.to_batch(encoded)
         reader.release()
+
+    def lane_reader(self, sched: RankSchedule) -> LaneReader:
+        return LaneReader(
+            self.corpus, sched.plan, self.split, self.bucket_batches, self.tokenizer_config.layout.max_genes
+        )
+
+    def encode_batch(self, sched: RankSchedule, reader: LaneReader, i: int) -> EncodedCells:
+        """The rank's ``i``-th batch of ``sched``, tokenized (a pure function of the plan and ``i``)."""
+        parts, rng = self._batch_cells(sched, reader, i)
+        # a batch inside one window (every round-robin batch) is encoded in place, others gathered first
+        block, rows = parts[0] if len(parts) == 1 else (gather_parts(parts), None)
+        return self.tokenizer.encode(block, rng, rows)
 
     def _batch_cells(
         self, sched: RankSchedule, reader: LaneReader, i: int

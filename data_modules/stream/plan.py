@@ -47,7 +47,7 @@ def build_block_table(corpus: Corpus, split: str, block_size: int, max_cells: in
             gene_ids=np.zeros(0, np.int32),
             counts=np.zeros(0, np.uint16),
             cell_index=ids,
-            obs={"dataset": corpus.read_obs_codes(shard)} if needs_dataset else {},
+            obs={"dataset": corpus.read_obs_codes(shard, "dataset")} if needs_dataset else {},
         )
         in_val = corpus.in_validation(probe)
         selected = in_val if split == "val" else ~in_val
