@@ -79,6 +79,7 @@ def pretrain(bench: Mapping, corpus: Path, run_dir: Path, extra: Sequence[str], 
             f"paths.corpus={corpus}",
             f"paths.output_dir={run_dir}",
             f"trainer.max_steps={int(bench['pretrain_steps'])}",
+            f"trainer.val_check_interval={int(bench['pretrain_steps'])}",  # validated before and after: the ratio
             f"seed={int(bench.get('pretrain_seed', 0))}",
             "logger=csv",
             *[str(o) for o in bench.get("pretrain_overrides") or []],
