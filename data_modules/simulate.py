@@ -363,7 +363,8 @@ def stats_table(stats: dict[str, dict[str, float]]) -> str:
 
 
 def main(argv=None) -> None:
-    """``python -m data_modules.simulate stats``: the marginal statistics of simulated vs real cells."""
+    """``python -m data_modules.simulate stats`` (or ``main(["stats"])``): the marginal statistics of simulated vs
+    real cells, as a markdown table (docs/simulation.md)."""
     import argparse
 
     parser = argparse.ArgumentParser(prog="python -m data_modules.simulate", description=__doc__.split("\n")[0])

@@ -68,7 +68,7 @@ def test_marginals_match_the_real_cells_and_the_docs_table_is_current(sim_model,
     assert abs(sim["mean_variance_slope"] - real["mean_variance_slope"]) < 0.3
     assert abs(sim["zero_fraction"] - real["zero_fraction"]) < 0.1
     assert stats_table(stats) in (ROOT / "docs" / "simulation.md").read_text(), (
-        "docs/simulation.md's table is stale: paste `python -m data_modules.simulate stats` into it"
+        "docs/simulation.md's table is stale: paste the output of its documented command into it"
     )
 
 

@@ -86,8 +86,15 @@ def pretrain(bench: Mapping, corpus: Path, run_dir: Path, extra: Sequence[str], 
             *[o for o in extra if o.startswith("paths.")],
         ]
         run_seed((compose or compose_train)(over))
-    per_gene = json.loads(summary.read_text()).get("val_per_gene") or {}
-    return run_dir / "checkpoints" / "last.ckpt", {k.split("/")[-1]: float(v) for k, v in per_gene.items()}
+    return run_dir / "checkpoints" / "last.ckpt", summary_ratios(summary)
+
+
+def summary_ratios(summary: Path) -> dict[str, float]:
+    """The validation per-gene ratios of a run's ``summary.json`` ({} when it has none)."""
+    import json
+
+    per_gene = (json.loads(summary.read_text()).get("val_per_gene") or {}) if summary.is_file() else {}
+    return {k.split("/")[-1]: float(v) for k, v in per_gene.items()}
 
 
 def _log_norm(x):
@@ -207,23 +214,21 @@ def run_transfer_benchmark(
     model = fit_model(params, _cache_dir(extra_overrides, out_dir))
     scales = [int(n) for n in bench["scales"]]
     checkpoints, per_gene, timings = {}, {}, {}
+    given = {int(n): Path(c) for n, c in (bench.get("checkpoints") or {}).items()}  # pretrained elsewhere
+    own = {int(n): Path(c) for n, c in (bench.get("corpora") or {}).items()}  # corpora written elsewhere
+    corpora = {n: own.get(n, out_dir / "corpora" / f"n{n}") for n in scales}
     for n in scales:
         t = time.perf_counter()
-        corpus = out_dir / "corpora" / f"n{n}"
-        if not (corpus / "manifest.json").is_file():
-            write_corpus(
-                model,
-                corpus,
-                n,
-                TISSUES[:-1],
-                seed=int(bench.get("corpus_seed", 0)),
-                chunk_cells=int(bench.get("chunk_cells", 4096)),
-            )
-        checkpoints[n], per_gene[n] = pretrain(bench, corpus, out_dir / "pretrain" / f"n{n}", extra_overrides, compose)
+        if not (corpora[n] / "manifest.json").is_file():
+            seed, chunk = int(bench.get("corpus_seed", 0)), int(bench.get("chunk_cells", 4096))
+            write_corpus(model, corpora[n], n, TISSUES[:-1], seed=seed, chunk_cells=chunk)
+        if n in given:
+            checkpoints[n], per_gene[n] = given[n], summary_ratios(given[n].parent.parent / "summary.json")
+        else:
+            run_dir = out_dir / "pretrain" / f"n{n}"
+            checkpoints[n], per_gene[n] = pretrain(bench, corpora[n], run_dir, extra_overrides, compose)
         timings[n] = time.perf_counter() - t
-    corpus_x = corpus_sample(
-        out_dir / "corpora" / f"n{max(scales)}", model.genes, int(bench.get("pca_corpus_cells", 5000))
-    )
+    corpus_x = corpus_sample(corpora[max(scales)], model.genes, int(bench.get("pca_corpus_cells", 5000)))
     runs: dict[str, list[float]] = {}
     per_seed = []
     for seed in seeds:
@@ -231,7 +236,7 @@ def run_transfer_benchmark(
         path = finetune_file(model, bench, int(seed), seed_dir / "tissue_F.h5ad")
         adata = ad.read_h5ad(path)
         row = {"seed": int(seed)}
-        more = [f"data.path={path}"]
+        more = [f"data.path={path}", "data.query_fraction=null", "data.query_key=role", "data.query_values=[query]"]
         row["scratch"] = run_seed(seed_config(bench, seed, seed_dir / "scratch", extra_overrides, compose, more))[
             "test/macro_f1"
         ]
@@ -273,7 +278,8 @@ def run_transfer_benchmark(
         f"Simulation (data_modules/simulate.py, docs/simulation.md): {params}.",
         f"Pretraining: `train.py experiment={PRETRAIN_EXPERIMENT}`, {bench['pretrain_steps']} steps for every N "
         f"(same compute; more N = more distinct cells), overrides {list(bench.get('pretrain_overrides') or [])}; "
-        "GEP / per-gene = its validation GEP loss over the per-gene-mean predictor's (1.0 = gene identity only).",
+        "GEP / per-gene = its validation GEP loss over the per-gene-mean predictor's (1.0 = gene identity only)."
+        + ("".join(f" N = {n:,}: checkpoint given, `{c}` (not pretrained here)." for n, c in given.items())),
         f"Fine-tuning: `train.py experiment={bench['experiment']}` {list(bench.get('train_overrides') or [])}, "
         f"the same budget from scratch and from every checkpoint; {bench['labelled_per_type']} labelled cells per "
         f"type of tissue F, {bench['n_query']} query cells; seeds {list(seeds)} (each: its own tissue-F cells and "
