@@ -133,14 +133,13 @@ def linear_baselines(adata, corpus_x, bench: Mapping, seed: int) -> dict[str, di
     y = adata.obs["cell_type"].astype(str).to_numpy()
     x = _log_norm(adata.X)
     xc = _log_norm(corpus_x)
-    n_hvg = int(bench.get("n_hvg", 500))
-    var = np.asarray(xc.power(2).mean(0)).ravel() - np.asarray(xc.mean(0)).ravel() ** 2
-    hvg = np.sort(np.argsort(-var)[:n_hvg])  # the corpus' most variable genes (log scale)
-    n_pcs = int(bench.get("n_pcs", 20))
+    n_hvg, n_pcs = int(bench.get("n_hvg", 500)), int(bench.get("n_pcs", 20))
     out = {}
-    for name, fit_on in (("hvg_pca_lr_labelled", x[lab][:, hvg]), ("hvg_pca_lr_corpus", xc[:, hvg])):
+    for name, fit_on in (("hvg_pca_lr_labelled", x[lab]), ("hvg_pca_lr_corpus", xc)):
+        var = np.asarray(fit_on.power(2).mean(0)).ravel() - np.asarray(fit_on.mean(0)).ravel() ** 2
+        hvg = np.sort(np.argsort(-var)[:n_hvg])  # the most variable genes (log scale) of the cells PCA is fitted on
         k = int(min(n_pcs, fit_on.shape[0] - 1))
-        pca = PCA(k, random_state=seed).fit(fit_on.toarray())
+        pca = PCA(k, random_state=seed).fit(fit_on[:, hvg].toarray())
         z = pca.transform(x[:, hvg].toarray())
         clf = LogisticRegression(max_iter=2000, random_state=seed).fit(z[lab], y[lab])
         out[name] = classification_metrics(y[~lab], clf.predict(z[~lab]))
