@@ -23,7 +23,7 @@ from omegaconf import DictConfig  # noqa: E402
 
 from scgpt_train.errors import RunInterrupted, find_user_input_error  # noqa: E402
 from scgpt_train.pipeline import run  # noqa: E402
-from scgpt_train.run_lock import refuse_if_held  # noqa: E402
+from scgpt_train.run_lock import check_run_dir  # noqa: E402
 
 
 def refuse(error: BaseException) -> None:
@@ -50,8 +50,8 @@ def main(cfg: DictConfig) -> float | None:
 
 
 if __name__ == "__main__":
-    try:  # before Hydra writes its records into a run dir another job is using
-        refuse_if_held(sys.argv[1:])
+    try:  # before Hydra writes its records into a run dir it cannot write or another job is using
+        check_run_dir(sys.argv[1:])
     except Exception as e:
         refuse(e)
     main()

@@ -1,12 +1,74 @@
-"""The one base class of every refusal of a user's input (a file, a config value, a checkpoint to resume from).
+"""The one base class of every refusal of a user's input (a file, a config value, a checkpoint to resume from, an
+output location), and the refusals of where a run writes.
 
 It lives in the lowest layer so that ``data_modules``' own errors can derive from it (``data_modules`` never imports
-``scgpt_train``); ``scgpt_train.errors`` re-exports it for the API and the entry points. ``train.py`` prints such an
-error as one message and exits 2; the Python API raises it (catch ``scgpt_train.errors.UserInputError``).
+``scgpt_train``); ``scgpt_train.errors`` re-exports it for the API and the entry points. ``train.py`` and every
+script print such an error as one message and exit 2; the Python API raises it (catch
+``scgpt_train.errors.UserInputError``).
 """
 
 from __future__ import annotations
 
+import errno
+import os
+from pathlib import Path
+
 
 class UserInputError(ValueError):
     """A refusal of something the user gave: the message names the file, cell, gene or key and what to do."""
+
+
+class LockHeldError(UserInputError):
+    """Another job holds (or may hold) the lock of the directory this one would write (``data_modules.store.lock``)."""
+
+
+class OutputPathError(UserInputError):
+    """An output location that cannot be created or written (a read-only or someone else's directory)."""
+
+
+_NOT_WRITABLE = (errno.EACCES, errno.EPERM, errno.EROFS)
+
+
+def ensure_writable_dir(directory: str | os.PathLike, option: str) -> Path:
+    """Create ``directory`` (and its parents) when missing and check that this process can write in it; otherwise
+    raise :class:`OutputPathError` naming it and ``option`` (``--out``, ``hydra.run.dir``), instead of the bare
+    ``PermissionError`` a write would raise later."""
+    directory = Path(directory)
+    try:
+        directory.mkdir(parents=True, exist_ok=True)
+    except OSError as e:
+        if e.errno not in _NOT_WRITABLE and not isinstance(e, (FileExistsError, NotADirectoryError)):
+            raise
+        raise OutputPathError(_message(directory, option, e.strerror or str(e))) from None
+    if not os.access(directory, os.W_OK | os.X_OK):
+        reason = "read-only file system" if _read_only(directory) else "permission denied"
+        raise OutputPathError(_message(directory, option, reason))
+    return directory
+
+
+def check_writable(path: str | os.PathLike, option: str) -> None:
+    """Without creating anything: raise :class:`OutputPathError` when ``path`` could not be created or written (its
+    nearest existing ancestor is not a directory this process can write in)."""
+    path = Path(os.path.abspath(path))
+    target = path if path.is_dir() else path.parent
+    while not target.exists() and target != target.parent:
+        target = target.parent
+    if not target.is_dir():
+        raise OutputPathError(_message(target, option, "not a directory"))
+    if not os.access(target, os.W_OK | os.X_OK):
+        raise OutputPathError(_message(target, option, "read-only file system" if _read_only(target) else
+                                       "permission denied"))  # fmt: skip
+
+
+def _read_only(directory: Path) -> bool:
+    try:
+        return bool(os.statvfs(directory).f_flag & os.ST_RDONLY)
+    except OSError:
+        return False
+
+
+def _message(directory: Path, option: str, reason: str) -> str:
+    return (
+        f"{option}: cannot write in {directory} ({reason}): nothing was written; choose a {option} in a directory "
+        "you can write to, or fix its permissions"
+    )
