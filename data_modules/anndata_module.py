@@ -31,7 +31,7 @@ from torch.utils.data import DataLoader
 
 from data_modules.atomic import write_text_atomic
 from data_modules.batch import Batch
-from data_modules.errors import UserInputError
+from data_modules.errors import UserInputError, check_h5ad_file
 from data_modules.preprocess import (
     PreprocessConfig,
     encode_categories,
@@ -270,8 +270,8 @@ class AnnDataModule(VocabSizes, pl.LightningDataModule):
 
     def _load(self, path: str, genes: list[str] | None):
         """(obs-carrying AnnData, row-indexable X, gene names) of one file, preprocessed."""
-        if not Path(path).exists():
-            raise FileNotFoundError(f"h5ad {path} does not exist")
+        option = "data.query_path" if path == self.query_path else "data.path"
+        check_h5ad_file(path, option)  # missing, not HDF5, truncated: named before anything reads it
         where = Path(path).name
         cfg = self.preprocess_cfg
         keep = self._labelled_rows(path)
@@ -316,6 +316,9 @@ class AnnDataModule(VocabSizes, pl.LightningDataModule):
             self._input_columns.append(np.arange(data.n_vars, dtype=np.int64))
             return data, data.X, names
         data = ad.read_h5ad(path)
+        for n, what in ((data.n_obs, "cells"), (data.n_vars, "genes")):
+            if n == 0:
+                raise UserInputError(f"{option} {path} holds 0 {what}: nothing to train or evaluate on; check the file")
         if keep is not None:
             data = data[keep].copy()
         data, flavor = normalize_and_select(data, cfg, genes, where)

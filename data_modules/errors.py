@@ -1,5 +1,5 @@
 """The one base class of every refusal of a user's input (a file, a config value, a checkpoint to resume from, an
-output location), and the refusals of where a run writes.
+output location), and the checks of the files a run reads and the places it writes.
 
 It lives in the lowest layer so that ``data_modules``' own errors can derive from it (``data_modules`` never imports
 ``scgpt_train``); ``scgpt_train.errors`` re-exports it for the API and the entry points. ``train.py`` and every
@@ -24,6 +24,25 @@ class LockHeldError(UserInputError):
 
 class OutputPathError(UserInputError):
     """An output location that cannot be created or written (a read-only or someone else's directory)."""
+
+
+def check_h5ad_file(path: str | os.PathLike, option: str, error: type[Exception] = UserInputError) -> None:
+    """Refuse an input ``path`` given as ``option`` (``--input``, ``data.path``) that is missing, not HDF5, or that
+    HDF5 cannot open (a truncated copy: HDF5 compares the file's size with the size its superblock records), with one
+    ``error`` naming both, before anything reads it."""
+    import h5py
+
+    if not Path(path).is_file():
+        raise error(f"{option} {path} does not exist (or is not a file); point it at an .h5ad file")
+    if not h5py.is_hdf5(path):
+        raise error(f"{option} {path} is not an HDF5 (.h5ad) file; write it with AnnData.write_h5ad")
+    try:
+        with h5py.File(path, "r"):
+            pass
+    except OSError as e:
+        raise error(
+            f"{option} {path} cannot be read as h5ad ({e}); it may be truncated: copy or export it again"
+        ) from None
 
 
 _NOT_WRITABLE = (errno.EACCES, errno.EPERM, errno.EROFS)
