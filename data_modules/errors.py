@@ -79,6 +79,17 @@ def check_writable(path: str | os.PathLike, option: str) -> None:
                                        "permission denied"))  # fmt: skip
 
 
+def refuse_unwritable(error: BaseException, path: str | os.PathLike) -> None:
+    """Raise :class:`OutputPathError` naming ``path`` when ``error`` is a permission / read-only refusal of a write
+    (``data_modules.atomic`` turns its writers' bare ``PermissionError`` into this); else return."""
+    if isinstance(error, OSError) and error.errno in _NOT_WRITABLE:
+        where = Path(error.filename) if getattr(error, "filename", None) else Path(path).parent
+        raise OutputPathError(
+            f"cannot write {path}: {where} is not writable ({error.strerror}); nothing was written: choose an output "
+            "location you can write to, or fix its permissions"
+        ) from None
+
+
 def _read_only(directory: Path) -> bool:
     try:
         return bool(os.statvfs(directory).f_flag & os.ST_RDONLY)

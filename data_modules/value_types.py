@@ -112,6 +112,15 @@ def check_finite(
     )
 
 
+def _first_at(x: sp.csr_matrix, where: np.ndarray, cell_names, gene_names) -> str:
+    """``VALUE at cell 'NAME', gene 'NAME'`` of the first stored value of ``x`` that ``where`` marks."""
+    p = int(np.argmax(where))
+    row = int(np.searchsorted(x.indptr, p, side="right") - 1)
+    cell = repr(str(cell_names[row])) if cell_names is not None else f"row {row}"
+    gene = repr(str(gene_names[x.indices[p]])) if gene_names is not None else f"column {int(x.indices[p])}"
+    return f"{float(x.data[p]):.4g} at cell {cell}, gene {gene}"
+
+
 def detect_value_type(
     x,
     source: str = "X",
@@ -134,20 +143,19 @@ def detect_value_type(
     rep.row_sum_median, rep.row_sum_spread = _spread(sums)
     if rep.min_value < 0:
         rep.value_type = "scaled"
-        rep.evidence = f"{int((data < 0).sum())} negative values, min {rep.min_value:.3g}"
+        rep.evidence = f"{int((data < 0).sum())} negative values, min {rep.min_value:.3g}, e.g. " + _first_at(
+            x, x.data < 0, cell_names, gene_names
+        )
     elif rep.integer_fraction == 1.0:
         rep.value_type = "counts"
         rep.evidence = f"all {rep.n_values} non-zero values are whole numbers, max {rep.max_value:.0f}"
     elif rep.integer_fraction >= MOSTLY_WHOLE:
         rep.value_type = "mixed"
-        frac = np.flatnonzero(np.mod(x.data, 1) != 0)
-        p = int(frac[0])
-        row = int(np.searchsorted(x.indptr, p, side="right") - 1)
-        cell = repr(str(cell_names[row])) if cell_names is not None else f"row {row}"
-        gene = repr(str(gene_names[x.indices[p]])) if gene_names is not None else f"column {int(x.indices[p])}"
+        fractional = np.mod(x.data, 1) != 0
+        n_frac = int(fractional.sum())
         rep.evidence = (
-            f"{rep.n_values - frac.size} of {rep.n_values} non-zero values are whole numbers (raw counts?) but "
-            f"{frac.size} are not, e.g. {float(x.data[p]):.4g} at cell {cell}, gene {gene}"
+            f"{rep.n_values - n_frac} of {rep.n_values} non-zero values are whole numbers (raw counts?) but {n_frac} "
+            f"are not, e.g. {_first_at(x, fractional, cell_names, gene_names)}"
         )
     elif rep.row_sum_spread < CONSTANT_SPREAD:
         rep.value_type = "normalized"

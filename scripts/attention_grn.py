@@ -45,6 +45,7 @@ def main(argv=None) -> int:
 
 
 def run(argv=None) -> int:
+    from data_modules.atomic import output_or_nothing
     from scgpt_train.tasks import attention_grn as ag
     from scgpt_train.tasks.reference_map import peak_rss_mib
 
@@ -85,34 +86,35 @@ def run(argv=None) -> int:
         genes = [g for g in genes if g]
     if args.perturbed and (not args.source or len(args.source) != 1):
         raise ag.GRNError("--perturbed names the perturbed condition of one --source; give exactly one --source")
-    summary = ag.run_attention_grn(
-        args.checkpoint,
-        args.adata,
-        args.tf_targets,
-        args.out,
-        sources=args.source or "auto",
-        condition_key=args.condition_key,
-        control=args.control,
-        perturbed={args.source[0]: args.perturbed} if args.perturbed else None,
-        settings=args.setting,
-        genes=genes,
-        max_genes=args.max_genes,
-        gene_column=args.gene_column,
-        top=args.top_k,
-        n_random=args.n_random,
-        min_targets=args.min_targets if not args.source else 1,
-        layer=args.layer,
-        softmax=args.softmax,
-        rank=not args.no_rank,
-        direction=args.direction,
-        style=args.input_style,
-        batch_size=args.batch_size,
-        max_cells=args.max_cells,
-        seed=args.seed,
-        device=args.device,
-        save_maps=args.save_maps,
-        progress=not args.no_progress,
-    )
+    with output_or_nothing(args.out):  # a refused or failed run leaves no half-written --out
+        summary = ag.run_attention_grn(
+            args.checkpoint,
+            args.adata,
+            args.tf_targets,
+            args.out,
+            sources=args.source or "auto",
+            condition_key=args.condition_key,
+            control=args.control,
+            perturbed={args.source[0]: args.perturbed} if args.perturbed else None,
+            settings=args.setting,
+            genes=genes,
+            max_genes=args.max_genes,
+            gene_column=args.gene_column,
+            top=args.top_k,
+            n_random=args.n_random,
+            min_targets=args.min_targets if not args.source else 1,
+            layer=args.layer,
+            softmax=args.softmax,
+            rank=not args.no_rank,
+            direction=args.direction,
+            style=args.input_style,
+            batch_size=args.batch_size,
+            max_cells=args.max_cells,
+            seed=args.seed,
+            device=args.device,
+            save_maps=args.save_maps,
+            progress=not args.no_progress,
+        )
     print(summary["report"].split("\n## Per source gene")[0])
     times = ", ".join(f"{k} {v:.1f} s" for k, v in summary["timings_s"].items())
     print(f"timings: {times}")
@@ -122,4 +124,6 @@ def run(argv=None) -> int:
 
 
 if __name__ == "__main__":
-    sys.exit(main())
+    from data_modules.atomic import exit_with
+
+    exit_with(main())  # sys.exit, without HDF5's crash at exit after a full disk

@@ -385,13 +385,16 @@ def build_main(argv: list[str] | None = None) -> int:
                 obs_columns=args.obs_columns,
                 **common,
             )
-    except UserInputError as e:  # CorpusFormatError, VocabError, LockHeldError, OutputPathError, ...
-        print(f"error: {e}", file=sys.stderr)
-        return EXIT_BAD_INPUT
-    except OSError as e:
+    except OSError as e:  # a full disk first: DiskFullError is a UserInputError too, with a generic message
         if not is_disk_full(e):
+            if isinstance(e, UserInputError):
+                print(f"error: {e}", file=sys.stderr)
+                return EXIT_BAD_INPUT
             raise
         print(f"error: {disk_full_message(e, args.out, staged)}", file=sys.stderr)
+        return EXIT_BAD_INPUT
+    except UserInputError as e:  # CorpusFormatError, VocabError, LockHeldError, OutputPathError, ...
+        print(f"error: {e}", file=sys.stderr)
         return EXIT_BAD_INPUT
     if not args.quiet:
         print_build_report(manifest, args.out)
