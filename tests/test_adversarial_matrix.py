@@ -91,6 +91,7 @@ def cells() -> list:
         pytest.param(e, f, outcome, id=f"{e.name.strip('`')}-{f}".replace(" ", "_").replace("`", ""))
         for e in ENTRY_POINTS
         for f, outcome in e.faults.items()
+        if outcome != "shared"
     ]
 
 

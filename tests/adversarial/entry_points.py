@@ -53,7 +53,8 @@ OUTPUTS = {"disk_full": R, "out_unwritable": R}
 # A full disk while an h5ad is written: embed.py's cell checks the one h5ad writer (scgpt_train.evaluation.report.
 # write_h5ad -> data_modules.atomic.atomic_path) in a fresh interpreter; reference_map.py, predict_perturbation.py,
 # gene_programs.py and api.finetune write through the same writer (each such cell would cost an interpreter start).
-UNWRITABLE = {"out_unwritable": R}
+SHARED = "shared"  # not run in this row: the same writer's cell in embed.py's row checks it
+UNWRITABLE = {"disk_full": SHARED, "out_unwritable": R}
 
 _MAINS: dict[str, Callable] = {}
 

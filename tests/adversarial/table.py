@@ -12,7 +12,7 @@ from adversarial.faults import CORPUS_FAULTS, FAULTS
 
 DOC = ROOT / "docs" / "reliability.md"
 BEGIN, END = "<!-- adversarial-matrix:begin -->", "<!-- adversarial-matrix:end -->"
-MARKS = {"refused": "2", "warned": "w", "ok": "ok"}
+MARKS = {"refused": "2", "warned": "w", "ok": "ok", "shared": "(2)"}
 TEST = "tests/test_adversarial_matrix.py"
 
 # Faults of a process, not of an input: each cell names the test that produces it (run here, or a test elsewhere
@@ -38,7 +38,7 @@ PROCESS = {
             "tests/test_fault_tolerance.py::test_kill9_while_a_checkpoint_is_written_keeps_the_finished_work",
         ),  # fmt: skip
         "disk_full": (
-            "2, resumes",
+            "2, nothing kept",
             "tests/test_reliability_checkpoints.py::test_disk_full_while_saving_a_checkpoint_says_so_and_keeps_nothing",
         ),  # fmt: skip
     },
@@ -70,8 +70,10 @@ def render() -> str:
         "",
         "`2` = refused: exit status 2 (the Python API: a `scgpt_train.errors.UserInputError`), one message naming the "
         "file (the API: the argument, never its temporary file) and the cell, gene, obs key or option at fault, "
-        "nothing written at the output path; `w` = runs, with a warning naming the gene / cell; `ok` = runs; `n/a` = "
-        f"the fault does not apply. Each cell is one case of `{TEST}::test_matrix_cell` (the corpus table: "
+        "nothing written at the output path; `w` = runs, with a warning naming the gene / cell; `ok` = runs; `(2)` = "
+        "refused by the same writer whose cell another row runs (a full disk while an h5ad is written: `embed.py`'s "
+        "cell, in a fresh interpreter), not run again; `n/a` = the fault does not apply or is not run for this row. "
+        f"Each cell is one case of `{TEST}::test_matrix_cell` (the corpus table: "
         "`test_corpus_cell`).",
         "",
         *main,
