@@ -23,7 +23,8 @@ from pathlib import Path
 from data_modules.errors import UserInputError, refuse_unwritable
 
 DISK_FULL_ERRNOS = (errno.ENOSPC, errno.EDQUOT)
-_HDF5_FAILED_WRITE = False  # set when a write hit a full disk while h5py was loaded (see exit_with)
+_HDF5_FAILED_WRITE = False  # set when an HDF5 file's write hit a full disk (see exit_with)
+_HDF5_SIGNATURE = b"\x89HDF\r\n\x1a\n"
 
 
 class DiskFullError(OSError, UserInputError):
@@ -118,7 +119,7 @@ def atomic_path(path: str | os.PathLike, suffix: str = "") -> Iterator[Path]:
         except Exception as e:
             if is_disk_full(e):
                 global _HDF5_FAILED_WRITE
-                _HDF5_FAILED_WRITE = _HDF5_FAILED_WRITE or "h5py" in sys.modules
+                _HDF5_FAILED_WRITE = _HDF5_FAILED_WRITE or (tmp is not None and _is_hdf5(tmp))
                 raise DiskFullError(path, e) from e
             refuse_unwritable(e, path)
             raise
@@ -181,9 +182,17 @@ def output_or_nothing(path: str | os.PathLike) -> Iterator[Path]:
         raise
 
 
+def _is_hdf5(path: Path) -> bool:
+    try:
+        with open(path, "rb") as f:
+            return f.read(8) == _HDF5_SIGNATURE
+    except OSError:
+        return False
+
+
 def exit_with(status: int) -> None:
-    """``sys.exit(status)`` for a script's ``__main__``, except after a write that hit a full disk while h5py was
-    loaded: HDF5 keeps objects of the file it could not write and crashes when it tears down at interpreter exit
+    """``sys.exit(status)`` for a script's ``__main__``, except after an HDF5 file's write hit a full disk in this
+    process: HDF5 keeps objects of the file it could not write and crashes when it tears down at interpreter exit
     (a segmentation fault, exit status 139, after the refusal was printed). Then the streams are flushed and the
     process ends at once with ``status``: nothing is left to save, the partial file was removed."""
     if _HDF5_FAILED_WRITE:

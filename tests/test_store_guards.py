@@ -111,6 +111,12 @@ def test_a_lock_recorded_by_another_host_is_reported_not_broken(inputs, tmp_path
     err = capsys.readouterr().err
     assert "another host (host node-17.cluster, PID 4242" in err and "not broken" in err and f"delete {holder}" in err
     assert json.loads(holder.read_text()) == record and not out.exists()
+    from data_modules.errors import LockHeldError, UserInputError
+    from scgpt_train import api
+
+    with pytest.raises(LockHeldError) as refused:  # the API: the one family of refusals (was a RuntimeError)
+        api.build_corpus([inputs[0]], out)
+    assert isinstance(refused.value, UserInputError) and json.loads(holder.read_text()) == record
 
 
 def test_overwrite_staging_is_covered_by_the_lock(inputs, built, tmp_path, capsys):

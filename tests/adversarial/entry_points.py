@@ -50,10 +50,12 @@ R, W, OK = "refused", "warned", "ok"
 # checkpoint's symbols (embed, reference mapping) the ids decide through the id table and the disagreement is warned.
 COMMON = dict.fromkeys(("missing_path", "not_hdf5", "truncated", "empty", "zero_genes", "nan", "inf", "negative"), R)
 OUTPUTS = {"disk_full": R, "out_unwritable": R}
-# A full disk while an h5ad is written: embed.py's cell checks the one h5ad writer (scgpt_train.evaluation.report.
-# write_h5ad -> data_modules.atomic.atomic_path) in a fresh interpreter; reference_map.py, predict_perturbation.py,
-# gene_programs.py and api.finetune write through the same writer (each such cell would cost an interpreter start).
-SHARED = "shared"  # not run in this row: the same writer's cell in embed.py's row checks it
+# A full disk while HDF5 writes leaves HDF5 unusable in that process (it may crash at any later close), so those cells
+# run in a fresh interpreter: embed.py's checks the one h5ad writer (scgpt_train.evaluation.report.write_h5ad ->
+# data_modules.atomic.atomic_path), which reference_map.py, predict_perturbation.py, gene_programs.py and api.finetune
+# write through too; build_corpus.py's checks the shard writer api.build_corpus uses (each more such cell would cost an
+# interpreter start).
+SHARED = "shared"  # not run in this row: the same writer's cell in another row checks it (see OUTPUTS)
 UNWRITABLE = {"disk_full": SHARED, "out_unwritable": R}
 
 _MAINS: dict[str, Callable] = {}
@@ -152,6 +154,7 @@ SCRIPT_ROWS = [
         script(
             "build_corpus.py",
             lambda inp, out, ctx: ["h5ad", inp, *([inp] if ctx["fault"] == "duplicate_files" else []), "--out", out],
+            fresh=("disk_full",),
         ),  # fmt: skip
         {
             **COMMON,
@@ -361,7 +364,8 @@ API_ROWS = [
             "non_integer": R,
             "duplicate_genes": R,
             "duplicate_files": R,
-            **OUTPUTS,
+            "disk_full": SHARED,
+            "out_unwritable": R,
         },  # fmt: skip
         out_is_dir=True,
         argument="adata_0|inputs[0]",

@@ -71,8 +71,9 @@ def render() -> str:
         "`2` = refused: exit status 2 (the Python API: a `scgpt_train.errors.UserInputError`), one message naming the "
         "file (the API: the argument, never its temporary file) and the cell, gene, obs key or option at fault, "
         "nothing written at the output path; `w` = runs, with a warning naming the gene / cell; `ok` = runs; `(2)` = "
-        "refused by the same writer whose cell another row runs (a full disk while an h5ad is written: `embed.py`'s "
-        "cell, in a fresh interpreter), not run again; `n/a` = the fault does not apply or is not run for this row. "
+        "refused by the same writer whose cell another row runs in a fresh interpreter (a full disk while an h5ad is "
+        "written: `embed.py`'s cell; while corpus shards are: `build_corpus.py`'s), not run again; "
+        "`n/a` = the fault does not apply or is not run for this row. "
         f"Each cell is one case of `{TEST}::test_matrix_cell` (the corpus table: "
         "`test_corpus_cell`).",
         "",
