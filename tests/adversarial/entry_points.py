@@ -104,15 +104,18 @@ def refusal(call: Callable[[], Any]) -> tuple[int, str]:
 
 
 def _train_main(argv: list[str]) -> tuple[int, str]:
-    """``python train.py ARGV`` in this process, for refusals that come before Hydra starts."""
-    saved = sys.argv
-    sys.argv = ["train.py", *argv]
+    """``python train.py ARGV`` in this process, for refusals that come before Hydra starts. ``exit_with`` must raise
+    ``SystemExit`` here, never end the process, even after an earlier test's HDF5 write hit a full disk."""
+    from data_modules import atomic
+
+    saved, hdf5_failed = sys.argv, atomic._HDF5_FAILED_WRITE
+    sys.argv, atomic._HDF5_FAILED_WRITE = ["train.py", *argv], False
     try:
         runpy.run_path(str(ROOT / "train.py"), run_name="__main__")
     except SystemExit as e:
         return e.code, ""
     finally:
-        sys.argv = saved
+        sys.argv, atomic._HDF5_FAILED_WRITE = saved, hdf5_failed
     return 0, ""
 
 
