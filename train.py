@@ -21,9 +21,10 @@ os.environ.setdefault("PROJECT_ROOT", str(Path(__file__).resolve().parent))
 import hydra  # noqa: E402
 from omegaconf import DictConfig  # noqa: E402
 
+from data_modules.atomic import exit_with  # noqa: E402
 from scgpt_train.errors import RunInterrupted, find_user_input_error  # noqa: E402
 from scgpt_train.pipeline import run  # noqa: E402
-from scgpt_train.run_lock import refuse_if_held  # noqa: E402
+from scgpt_train.run_lock import check_run_dir  # noqa: E402
 
 
 def refuse(error: BaseException) -> None:
@@ -31,7 +32,7 @@ def refuse(error: BaseException) -> None:
     if os.environ.get("HYDRA_FULL_ERROR") == "1":
         traceback.print_exception(error)
     print(f"error: {error}", file=sys.stderr)
-    sys.exit(2)
+    exit_with(2)  # sys.exit(2), without HDF5's crash at exit after a full disk (data_modules.atomic.exit_with)
 
 
 @hydra.main(config_path="configs", config_name="train", version_base="1.3")
@@ -50,8 +51,8 @@ def main(cfg: DictConfig) -> float | None:
 
 
 if __name__ == "__main__":
-    try:  # before Hydra writes its records into a run dir another job is using
-        refuse_if_held(sys.argv[1:])
+    try:  # before Hydra writes its records into a run dir it cannot write or another job is using
+        check_run_dir(sys.argv[1:])
     except Exception as e:
         refuse(e)
     main()

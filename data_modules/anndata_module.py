@@ -28,7 +28,7 @@ from torch.utils.data import DataLoader
 
 from data_modules import preprocess as prep
 from data_modules.batch import Batch
-from data_modules.errors import UserInputError
+from data_modules.errors import UserInputError, check_h5ad_file
 from data_modules.finetune import LABEL_OUTPUTS, FineTuneDataModule, attach_labels, batch_rng
 from data_modules.species import vocab_species
 from data_modules.store.reader import CellBlock
@@ -244,6 +244,12 @@ class AnnDataModule(FineTuneDataModule):
             cfg.gene_key = self._vocab.keyed_by
         if self._vocab is not None and cfg.target_species is None:  # other species map through orthologs
             cfg.target_species = vocab_species(self._vocab.genes)
+        if self.query_path is not None and Path(self.query_path).resolve() == Path(self.path).resolve():
+            raise UserInputError(
+                f"data.query_path={self.query_path} is the same file as data.path: the query cells would be the cells "
+                "the model trains on, and their metrics would measure memorisation. Give a separate query file, or "
+                "leave data.query_path unset and hold cells out with data.query_fraction / data.query_key"
+            )
         ref, ref_x, ref_genes = self._load(self.path, None)
         if cfg.gene_key is None:
             cfg.gene_key = guess_gene_key(list(ref_genes))
@@ -257,8 +263,8 @@ class AnnDataModule(FineTuneDataModule):
 
     def _load(self, path: str, genes: list[str] | None):
         """(obs-carrying AnnData, row-indexable X, gene names) of one file, preprocessed."""
-        if not Path(path).exists():
-            raise FileNotFoundError(f"h5ad {path} does not exist")
+        option = "data.query_path" if path == self.query_path else "data.path"
+        check_h5ad_file(path, option)  # missing, not HDF5, truncated: named before anything reads it
         where = Path(path).name
         cfg = self.preprocess_cfg
         keep = self._labelled_rows(path)
@@ -279,7 +285,7 @@ class AnnDataModule(FineTuneDataModule):
                 )
             names, id_report = prep.var_gene_names(data.var, cfg, where)
             names = np.asarray(pd.Index(names).astype(str))
-            self._record_genes(id_report.as_dict())
+            self._record_genes(id_report.as_dict(), path)
             sample = prep.read_input(data[: min(data.n_obs, 2000)].to_memory(), cfg, where)  # the first cells
             report = prep.inspect_values(sample, cfg, where)
             if report.steps:
@@ -293,12 +299,15 @@ class AnnDataModule(FineTuneDataModule):
             self._input_columns.append(np.arange(data.n_vars, dtype=np.int64))
             return data, data.X, names
         data = ad.read_h5ad(path)
+        for n, what in ((data.n_obs, "cells"), (data.n_vars, "genes")):
+            if n == 0:
+                raise UserInputError(f"{option} {path} holds 0 {what}: nothing to train or evaluate on; check the file")
         if keep is not None:
             data = data[keep].copy()
         data, flavor = prep.normalize_and_select(data, cfg, genes, where)
         self.hvg_flavor = flavor if genes is None else getattr(self, "hvg_flavor", None)
         self._record_values(data.uns["value_type"])
-        self._record_genes(data.uns["gene_ids"])
+        self._record_genes(data.uns["gene_ids"], path)
         self._input_columns.append(data.var["input_column"].to_numpy(np.int64))  # kept genes' input columns
         return data, data.X, data.var_names.to_numpy()
 
@@ -339,9 +348,17 @@ class AnnDataModule(FineTuneDataModule):
         self.warnings.append(msg)
         return ~missing
 
-    def _record_genes(self, report: dict) -> None:
+    def _record_genes(self, report: dict, path: str | None = None) -> None:
         self.gene_id_reports.append(report)
         log.info("genes: %s", GeneIdReport(**report).summary())
+        if report.get("n_duplicates"):  # only the first column of a repeated name is read: say so, not just log it
+            msg = (
+                f"{path or 'the input'} ({report.get('source')}): {report['n_duplicates']} gene name(s) occur in more "
+                f"than one column (e.g. {'; '.join(report['duplicate_examples'][:3])}); only the first column of each "
+                "is read: sum or rename them (AnnData.var_names_make_unique) to keep the others"
+            )
+            log.warning(msg)
+            self.warnings.append(msg)
 
     def _record_values(self, report: dict) -> None:
         from data_modules.value_types import ValueTypeReport

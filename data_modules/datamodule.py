@@ -9,7 +9,7 @@ from typing import Any
 
 import pytorch_lightning as pl
 
-from data_modules.store.format import MANIFEST_NAME
+from data_modules.store.format import MANIFEST_NAME, CorpusFormatError
 from data_modules.store.integrity import check_shard_files, verify_checksums
 from data_modules.store.reader import Corpus
 from data_modules.stream import CellStream, StreamLoader
@@ -82,9 +82,11 @@ class CorpusDataModule(VocabSizes, pl.LightningDataModule):
         if (Path(self.corpus_dir) / MANIFEST_NAME).exists():
             return
         if self.builder is None:
-            raise FileNotFoundError(
-                f"{self.corpus_dir} has no {MANIFEST_NAME}: build the corpus first "
-                "(`python scripts/build_corpus.py ... --out DIR`) or give the data module a `builder`"
+            where = Path(self.corpus_dir)
+            what = "does not exist" if not where.exists() else f"is not a corpus (it holds no {MANIFEST_NAME})"
+            raise CorpusFormatError(
+                f"data.corpus_dir={self.corpus_dir} {what}: point data.corpus_dir (paths.corpus) at a corpus, "
+                "or build one first (`python scripts/build_corpus.py ... --out DIR`); nothing was trained"
             )
         self.builder(self.corpus_dir)
 

@@ -7,6 +7,10 @@ An h5ad's X (or the layer a user picks, ``data.layer=counts``) holds one of:
   ``LOG1P_MAX`` (log1p(1e13));
 - ``normalized``: other non-negative non-integer values: rows that all sum to one constant (CPM / TPM-like rows
   summing to ~1e4, 1e5, 1e6), or values too large to be log1p values;
+- ``mixed``: whole numbers but for a few values (at least ``MOSTLY_WHOLE`` of the non-zero values are whole numbers):
+  raw counts with damaged entries, or counts pasted beside other values. Log1p or normalized values are whole
+  numbers only by coincidence, so these are not read as log values (a silent wrong result): refused naming the
+  first such cell and gene, unless a user declares ``data.preprocess.value_type``;
 - ``scaled``: negative values (z-scored, regressed or batch-corrected data): no recipe can turn them back into
   expression, so they are refused;
 - ``empty``: no non-zero value at all.
@@ -28,6 +32,7 @@ from data_modules.errors import UserInputError
 
 VALUE_TYPES = ("counts", "log1p", "normalized")  # what a user may declare with data.preprocess.value_type
 LOG1P_MAX = 30.0  # log1p values above this would come from values > 1e13: not log data
+MOSTLY_WHOLE = 0.95  # this share of whole-number non-zero values (but not all): counts with a few damaged values
 CONSTANT_SPREAD = 0.01  # rows "sum to one constant" when their 5th-95th percentile spread is < 1% of the median
 
 
@@ -39,7 +44,7 @@ class ValueTypeError(UserInputError):
 class ValueTypeReport:
     """What a matrix holds and how it was told apart (written into data_report.json under ``values``)."""
 
-    value_type: str  # counts | log1p | normalized | scaled | empty
+    value_type: str  # counts | log1p | normalized | mixed | scaled | empty
     source: str  # which matrix of which file: "ref.h5ad: X", "q.h5ad: layers['counts']"
     declared: bool = False  # given by data.preprocess.value_type, not detected
     n_cells: int = 0
@@ -107,6 +112,15 @@ def check_finite(
     )
 
 
+def _first_at(x: sp.csr_matrix, where: np.ndarray, cell_names, gene_names) -> str:
+    """``VALUE at cell 'NAME', gene 'NAME'`` of the first stored value of ``x`` that ``where`` marks."""
+    p = int(np.argmax(where))
+    row = int(np.searchsorted(x.indptr, p, side="right") - 1)
+    cell = repr(str(cell_names[row])) if cell_names is not None else f"row {row}"
+    gene = repr(str(gene_names[x.indices[p]])) if gene_names is not None else f"column {int(x.indices[p])}"
+    return f"{float(x.data[p]):.4g} at cell {cell}, gene {gene}"
+
+
 def detect_value_type(
     x,
     source: str = "X",
@@ -129,10 +143,20 @@ def detect_value_type(
     rep.row_sum_median, rep.row_sum_spread = _spread(sums)
     if rep.min_value < 0:
         rep.value_type = "scaled"
-        rep.evidence = f"{int((data < 0).sum())} negative values, min {rep.min_value:.3g}"
+        rep.evidence = f"{int((data < 0).sum())} negative values, min {rep.min_value:.3g}, e.g. " + _first_at(
+            x, x.data < 0, cell_names, gene_names
+        )
     elif rep.integer_fraction == 1.0:
         rep.value_type = "counts"
         rep.evidence = f"all {rep.n_values} non-zero values are whole numbers, max {rep.max_value:.0f}"
+    elif rep.integer_fraction >= MOSTLY_WHOLE:
+        rep.value_type = "mixed"
+        fractional = np.mod(x.data, 1) != 0
+        n_frac = int(fractional.sum())
+        rep.evidence = (
+            f"{rep.n_values - n_frac} of {rep.n_values} non-zero values are whole numbers (raw counts?) but {n_frac} "
+            f"are not, e.g. {_first_at(x, fractional, cell_names, gene_names)}"
+        )
     elif rep.row_sum_spread < CONSTANT_SPREAD:
         rep.value_type = "normalized"
         rep.normalized_to = _round_constant(rep.row_sum_median)
@@ -200,6 +224,13 @@ def preprocessing_steps(rep: ValueTypeReport, normalize_total: float | None, log
             "batch-corrected data; they cannot be turned back into expression. Point the data at counts or "
             "log-normalized values: data.layer=counts (a layer holding counts), data.preprocess.use_raw=true (.raw), "
             "or write them into X"
+        )
+    if kind == "mixed":
+        raise ValueTypeError(
+            f"{rep.source}: looks like raw counts with values that are not whole numbers ({rep.evidence}); read as "
+            "log-normalized values they would be a silent wrong input. Fix those values (re-export the counts), "
+            "point data.layer at the counts, or declare data.preprocess.value_type=log1p / normalized if that is "
+            "what the values are"
         )
     if kind == "empty":
         return []

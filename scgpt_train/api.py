@@ -19,6 +19,7 @@ from __future__ import annotations
 import contextlib
 import json
 import os
+import shutil
 import tempfile
 from collections.abc import Mapping, Sequence
 from pathlib import Path
@@ -48,7 +49,10 @@ def _write(adata: ad.AnnData, path: Path, name: str) -> Path:
 def _message(error: BaseException, files: Mapping[str, str]) -> str:
     """The error's message with the API's temporary input files named as the arguments they hold."""
     text = error.args[0] if isinstance(error, KeyError) and error.args else str(error)
-    text = str(text)
+    return _named(str(text), files)
+
+
+def _named(text: str, files: Mapping[str, str]) -> str:
     for path, argument in sorted(files.items(), key=lambda kv: -len(kv[0])):  # full paths before bare names
         text = text.replace(path, f"the AnnData `{argument}`")
     return text
@@ -76,6 +80,10 @@ def _user_errors(files: Mapping[str | os.PathLike, str]):
 
 
 def _rebuilt(error: BaseException, names: Mapping[str, str]) -> UserInputError:
+    from data_modules.atomic import DiskFullError
+
+    if isinstance(error, DiskFullError):  # its constructor takes the path, not a message
+        return DiskFullError(_named(str(error.path), names), error)
     msg = _message(error, names)
     if isinstance(error, UserInputError):
         try:
@@ -335,30 +343,38 @@ def finetune(
             for key in (label_key, batch_key, query_key if name == "adata" else None):
                 if key is not None and key not in frame.obs.columns:
                     raise UserInputError(f"{name}.obs has no column {key!r} (columns: {list(frame.obs.columns)[:15]})")
+    from data_modules.errors import ensure_writable_dir
+
+    created = output_dir is None or not Path(output_dir).exists()
     out = Path(output_dir) if output_dir is not None else Path(tempfile.mkdtemp(prefix=f"scgpt_{task}_"))
-    out.mkdir(parents=True, exist_ok=True)
+    ensure_writable_dir(out, "output_dir")
     inputs = out / "inputs"
     files = {inputs / "reference.h5ad": "adata", inputs / "query.h5ad": "query"}
-    with _user_errors(files):
-        return _finetune(
-            adata,
-            task,
-            label_key,
-            checkpoint,
-            query,
-            out,
-            batch_key=batch_key,
-            query_key=query_key,
-            query_values=query_values,
-            query_fraction=query_fraction,
-            layer=layer,
-            gene_column=gene_column,
-            baselines=baselines,
-            max_epochs=max_epochs,
-            trainer=trainer,
-            seed=seed,
-            overrides=overrides,
-        )
+    try:
+        with _user_errors(files):
+            return _finetune(
+                adata,
+                task,
+                label_key,
+                checkpoint,
+                query,
+                out,
+                batch_key=batch_key,
+                query_key=query_key,
+                query_values=query_values,
+                query_fraction=query_fraction,
+                layer=layer,
+                gene_column=gene_column,
+                baselines=baselines,
+                max_epochs=max_epochs,
+                trainer=trainer,
+                seed=seed,
+                overrides=overrides,
+            )
+    except UserInputError:
+        if created:  # a refused run leaves no output directory of its own behind
+            shutil.rmtree(out, ignore_errors=True)
+        raise
 
 
 def _finetune(
@@ -490,6 +506,9 @@ def build_corpus(
         :class:`data_modules.store.reader.Corpus`; ``corpus.gene_id_reports`` says how each input's genes were
         mapped.
     """
+    for i, x in enumerate(inputs.values() if isinstance(inputs, Mapping) else inputs):
+        if not isinstance(x, (ad.AnnData, str, os.PathLike)):
+            raise UserInputError(f"inputs[{i}]: expected an AnnData or an h5ad path, got {type(x).__name__}")
     named = (
         list(inputs.items())
         if isinstance(inputs, Mapping)
@@ -500,6 +519,16 @@ def build_corpus(
     )
     if not named:
         raise UserInputError("build_corpus needs at least one input (AnnData or h5ad path)")
+    seen: dict[str, str] = {}
+    for name, x in named:
+        if not isinstance(x, ad.AnnData):
+            key = os.path.realpath(x)
+            if key in seen:
+                raise UserInputError(
+                    f"inputs: {x} is given twice (as {seen[key]!r} and {name!r}): every cell would be in the corpus "
+                    "twice; give each input once"
+                )
+            seen[key] = name
     names = [n for n, _ in named]
     if len(set(names)) != len(names):
         raise UserInputError(f"input names must be unique (pass a {{name: input}} mapping), got {names}")

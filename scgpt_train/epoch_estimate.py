@@ -115,7 +115,7 @@ def estimate_line(est: dict, suggest_above_minutes: float = 15.0) -> str:
         f"epoch time estimate on this CPU: ~{format_duration(est['seconds'])} per epoch "
         f"({est['train_cells']:,} training + {est['val_cells']:,} validation cells at "
         f"layout.max_seq_len={est['max_seq_len']}; measured: {est['sample_cells']} training cells forward + backward "
-        f"in {est['measured_s']:.2f} s, scaled by FLOPs over every cell's padded length)"
+        f"in {est['measured_s']:.2f} s, scaled by the compute of every cell's padded length)"
     )
     if est["seconds"] > 60 * suggest_above_minutes and est["shorter"]:
         options = ", ".join(f"layout.max_seq_len={cap} ~{format_duration(s)}" for cap, s in est["shorter"].items())

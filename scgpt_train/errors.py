@@ -3,19 +3,22 @@
 - ``UserInputError`` (defined in ``data_modules.errors`` so the data layer's errors derive from it too): a refusal of
   something the user gave (a config value, a file, a checkpoint, a run dir). ``train.py`` prints its message alone
   and exits 2; nothing half-written stays behind.
-- ``ConfigValueError``, ``CheckpointPathError``, ``RunDirInUseError``, ``NoSpaceLeftError``: the refusals of the
-  training entry point, each a ``UserInputError``.
+- ``ConfigValueError``, ``CheckpointPathError``, ``RunDirInUseError`` (a ``LockHeldError``, as a corpus build's
+  refusal of a locked ``--out``), ``OutputPathError`` (an output location that cannot be written),
+  ``NoSpaceLeftError``: the refusals of the training entry point, each a ``UserInputError``.
 - ``RunInterrupted``: the run was stopped by a preemption signal after saving its checkpoint; ``exit_code`` is what
   ``train.py`` exits with (128 + the signal number, as a shell reports a process that signal ended).
 """
 
 from __future__ import annotations
 
-from data_modules.errors import UserInputError
+from data_modules.errors import LockHeldError, OutputPathError, UserInputError
 
 __all__ = [
     "CheckpointPathError",
     "ConfigValueError",
+    "LockHeldError",
+    "OutputPathError",
     "NoSpaceLeftError",
     "RunDirInUseError",
     "RunInterrupted",
@@ -32,7 +35,7 @@ class CheckpointPathError(UserInputError):
     """``ckpt_path=`` names no file, or a file that is not a training checkpoint of this project."""
 
 
-class RunDirInUseError(UserInputError):
+class RunDirInUseError(LockHeldError):
     """Another job holds the run dir's lock (``scgpt_train.run_lock``)."""
 
 

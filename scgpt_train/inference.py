@@ -16,6 +16,7 @@ import scipy.sparse as sp
 import torch
 from torch import nn
 
+from data_modules.errors import check_h5ad_file
 from data_modules.vocab import GeneVocab, guess_gene_key
 from scgpt_train.errors import UserInputError
 from scgpt_train.inference_batches import (  # noqa: F401  (re-exported: the one import of every caller)
@@ -57,13 +58,9 @@ def read_h5ad_checked(path, option: str, error: type[Exception] = None, use_raw:
     ``error`` (default :class:`EmbedInputError`) naming the command-line ``option``, the file, and the first
     offending cell and gene; repeated gene names are a warning (:func:`check_expression`)."""
     import anndata as ad
-    import h5py
 
     error = error or EmbedInputError
-    if not Path(path).is_file():
-        raise error(f"{option} {path} does not exist (or is not a file); point it at an .h5ad file")
-    if not h5py.is_hdf5(path):
-        raise error(f"{option} {path} is not an HDF5 (.h5ad) file; write it with AnnData.write_h5ad")
+    check_h5ad_file(path, option, error)
     try:
         adata = ad.read_h5ad(path)
     except (OSError, KeyError, ValueError) as e:

@@ -20,13 +20,19 @@ from pytorch_lightning.utilities.exceptions import SIGTERMException
 from rich.console import Console
 from rich.table import Table
 
-from data_modules.atomic import write_json_atomic
+from data_modules.atomic import is_disk_full, write_json_atomic
 from data_modules.vocab import GeneVocab, VocabError
 from scgpt_train.adapters import apply_peft
 from scgpt_train.callbacks import RunSummary
 from scgpt_train.compat import set_hydra_subprocess_cmd
 from scgpt_train.config_checks import check_config
-from scgpt_train.errors import CheckpointPathError, RunInterrupted, find_user_input_error
+from scgpt_train.errors import (
+    CheckpointPathError,
+    NoSpaceLeftError,
+    RunInterrupted,
+    UserInputError,
+    find_user_input_error,
+)
 from scgpt_train.fault_tolerance import (
     AtomicCheckpointIO,
     PreemptionCheckpoint,
@@ -291,10 +297,15 @@ def _run_locked(cfg: DictConfig, output_dir: Path) -> dict[str, float]:
             if new_dir and find_user_input_error(e) is not None:
                 shutil.rmtree(output_dir, ignore_errors=True)  # a refused run leaves no run dir behind
             raise
-        if leader:
-            OmegaConf.save(cfg, output_dir / "config.yaml", resolve=True)
-            keep_previous_metrics(output_dir)  # the earlier attempt's csv/metrics.csv -> csv/metrics.<n>.csv
-        return _fit_and_report(cfg, output_dir, datamodule, module, trainer, ckpt_path)
+        try:
+            if leader:
+                OmegaConf.save(cfg, output_dir / "config.yaml", resolve=True)
+                keep_previous_metrics(output_dir)  # the earlier attempt's csv/metrics.csv -> csv/metrics.<n>.csv
+            return _fit_and_report(cfg, output_dir, datamodule, module, trainer, ckpt_path)
+        except (OSError, RuntimeError) as e:  # a full disk met by a writer outside our atomic writes (logger, yaml)
+            if isinstance(e, UserInputError) or not is_disk_full(e):
+                raise
+            raise NoSpaceLeftError(getattr(e, "filename", None) or output_dir, f"{type(e).__name__}: {e}") from e
     finally:
         # A sweep runs several jobs in one process: each job's DDP group, and the environment that
         # Lightning's launcher set for it (which would make the next job think its ranks exist), go with it.

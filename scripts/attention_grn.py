@@ -57,6 +57,7 @@ def main(argv=None) -> int:
 
 
 def run(argv=None) -> int:
+    from data_modules.atomic import output_or_nothing
     from scgpt_train.tasks import attention_grn as ag
     from scgpt_train.tasks.reference_map import peak_rss_mib
 
@@ -121,7 +122,8 @@ def run(argv=None) -> int:
         save_maps=args.save_maps,
         progress=not args.no_progress,
     )
-    summary = ag.run_attention_grn(args.checkpoint, args.adata, args.tf_targets, args.out, params)
+    with output_or_nothing(args.out):  # a refused or failed run leaves no half-written --out
+        summary = ag.run_attention_grn(args.checkpoint, args.adata, args.tf_targets, args.out, params)
     print(summary["report"].split("\n## Per source gene")[0])
     times = ", ".join(f"{k} {v:.1f} s" for k, v in summary["timings_s"].items())
     print(f"timings: {times}")
@@ -131,4 +133,6 @@ def run(argv=None) -> int:
 
 
 if __name__ == "__main__":
-    sys.exit(main())
+    from data_modules.atomic import exit_with
+
+    exit_with(main())  # sys.exit, without HDF5's crash at exit after a full disk

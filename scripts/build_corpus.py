@@ -11,4 +11,6 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 from data_modules.store.cli import build_main  # noqa: E402
 
 if __name__ == "__main__":
-    sys.exit(build_main())
+    from data_modules.atomic import exit_with
+
+    exit_with(build_main())  # sys.exit, without HDF5's crash at exit after a full disk

@@ -39,6 +39,7 @@ def main(argv=None) -> int:
 
 
 def run(argv=None) -> int:
+    from data_modules.atomic import output_or_nothing
     from scgpt_train.tasks import gene_programs as gp
 
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
@@ -77,17 +78,18 @@ def run(argv=None) -> int:
         network_threshold=args.network_threshold,
         seed=args.seed,
     )
-    summary = gp.run_gene_programs(
-        args.checkpoint,
-        args.gmt,
-        args.out,
-        params,
-        genes_file=args.genes,
-        adata_path=args.adata,
-        gene_column=args.gene_column,
-        use_raw=args.use_raw,
-        label_key=args.label_key,
-    )
+    with output_or_nothing(args.out):  # a refused or failed run leaves no half-written --out
+        summary = gp.run_gene_programs(
+            args.checkpoint,
+            args.gmt,
+            args.out,
+            params,
+            genes_file=args.genes,
+            adata_path=args.adata,
+            gene_column=args.gene_column,
+            use_raw=args.use_raw,
+            label_key=args.label_key,
+        )
     for r in summary["per_resolution"]:
         print(
             f"{r['method']:>12} resolution {r['resolution']:>5g}: {r['n_programs']:3d} programs, "
@@ -102,4 +104,6 @@ def run(argv=None) -> int:
 
 
 if __name__ == "__main__":
-    sys.exit(main())
+    from data_modules.atomic import exit_with
+
+    exit_with(main())  # sys.exit, without HDF5's crash at exit after a full disk

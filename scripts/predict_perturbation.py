@@ -88,4 +88,6 @@ def main(argv=None) -> int:
 
 
 if __name__ == "__main__":
-    sys.exit(main())
+    from data_modules.atomic import exit_with
+
+    exit_with(main())  # sys.exit, without HDF5's crash at exit after a full disk

@@ -1,288 +1,48 @@
-"""The adversarial test matrix (issue #25): every entry point x every input fault that applies to it.
+"""The adversarial test matrix (issue #25): every entry point x every fault that applies to it.
 
-Each cell states its outcome: ``refused`` = exit 2 with one message naming the file (and the cell, gene or key
-where one is at fault) and nothing written at the output path; ``ok`` = the run succeeds. Entry points run in
-this process through their scripts' ``main`` (what ``python scripts/X.py ARGS`` runs), on tiny real-format inputs
-built once per module: the official tiny checkpoint (tests/fixtures/official), real gene symbols, counts or
-log-normalized values as each entry point expects.
-
-The table in docs/reliability.md ("The adversarial matrix") is generated from ``ENTRY_POINTS`` and ``FAULTS``:
-``python tests/test_adversarial_matrix.py --write-docs`` rewrites it, and
-``test_docs_table_is_current`` fails when it is stale. Adding an entry point = one ``EntryPoint`` row.
+The rows and their expected outcomes are ``tests/adversarial/entry_points.py``, the faults
+``tests/adversarial/faults.py``; each cell runs the entry point in this process on tiny real-format inputs built
+once per module (the official tiny checkpoint in tests/fixtures/official, real gene symbols, counts or
+log-normalized values as each entry point expects; runs stop after one training step). The tables in
+docs/reliability.md ("The adversarial matrix") are generated from the same rows
+(``python tests/test_adversarial_matrix.py --write-docs``; ``test_docs_table_is_current`` fails when they are stale).
+Adding an entry point = one ``EntryPoint`` row.
 """
 
 from __future__ import annotations
 
-import json
-import runpy
+import os
+import re
+import shutil
+import subprocess
 import sys
-from collections.abc import Callable
-from dataclasses import dataclass, field
 from pathlib import Path
 
-import anndata as ad
-import numpy as np
 import pandas as pd
 import pytest
-import scipy.sparse as sp
 
 ROOT = Path(__file__).resolve().parents[1]
 if str(ROOT / "tests") not in sys.path:  # run as a program (--write-docs)
     sys.path.insert(0, str(ROOT / "tests"))
-from conftest import FIXTURES  # noqa: E402
+from adversarial import table  # noqa: E402
+from adversarial.entry_points import ENTRY_POINTS, PRETRAIN_ROW, _train_main, as_input, pretrain_run  # noqa: E402
+from adversarial.faults import (  # noqa: E402
+    CORPUS_FAULTS,
+    FAULTS,
+    FILE_FAULTS,
+    N_GENES,
+    base_adata,
+    vocab_genes,
+    write_fault,
+)
 
-DOC = ROOT / "docs" / "reliability.md"
-BEGIN, END = "<!-- adversarial-matrix:begin -->", "<!-- adversarial-matrix:end -->"
-N_CELLS, N_GENES = 40, 60
-BAD_CELL, BAD_GENE = 17, 11  # where a planted bad value sits (not the first cell, not the first gene)
-
-
-# ---------------------------------------------------------------------------------------------------------------
-# inputs
-
-
-def vocab_genes(vocab_dir: Path = FIXTURES) -> list[str]:
-    return [g for g in json.loads((vocab_dir / "vocab.json").read_text()) if not g.startswith("<")]
-
-
-def base_adata(kind: str) -> ad.AnnData:
-    """A valid input: ``N_CELLS`` cells x ``N_GENES`` genes of the tiny checkpoint's vocabulary, 2 groups.
-    ``kind``: ``counts`` (Poisson integers) or ``log`` (log1p of counts normalized to 1e4 per cell)."""
-    rng = np.random.default_rng(0)
-    x = rng.poisson(2.0, (N_CELLS, N_GENES)).astype(np.float32)
-    x[:, 0] += 1  # no empty cell
-    if kind == "log":
-        x = np.log1p(x / x.sum(1, keepdims=True) * 1e4).astype(np.float32)
-    genes = vocab_genes()[:N_GENES]
-    obs = pd.DataFrame(
-        {"group": pd.Categorical(["a", "b"] * (N_CELLS // 2)), "condition": ["ctrl"] * N_CELLS},
-        index=[f"cell-{i}" for i in range(N_CELLS)],
-    )
-    return ad.AnnData(X=sp.csr_matrix(x), obs=obs, var=pd.DataFrame({"gene_name": genes}, index=genes))
-
-
-def _with_value(value: float) -> Callable[[ad.AnnData], ad.AnnData]:
-    def plant(a: ad.AnnData) -> ad.AnnData:
-        x = a.X.toarray()
-        x[BAD_CELL, BAD_GENE] = value
-        a.X = sp.csr_matrix(x)
-        return a
-
-    return plant
-
-
-def _low_depth_counts(a: ad.AnnData) -> ad.AnnData:
-    a.X = sp.csr_matrix(np.random.default_rng(1).poisson(1.0, a.shape).clip(0, 7).astype(np.float32))
-    return a
-
-
-def _duplicate_gene(a: ad.AnnData) -> ad.AnnData:
-    names = list(a.var_names)
-    names[BAD_GENE] = names[BAD_GENE - 1]
-    a.var_names = names
-    a.var["gene_name"] = names
-    return a
-
-
-def _drop_obs(a: ad.AnnData) -> ad.AnnData:
-    a.obs = a.obs.drop(columns=["group", "condition"])
-    return a
-
-
-@dataclass(frozen=True)
-class Fault:
-    """One way an input can be wrong. ``make`` turns a valid AnnData into the faulty one (``None``: the fault is
-    about the file, see ``write``); ``names`` says what the refusal must name besides the file."""
-
-    name: str
-    description: str
-    make: Callable[[ad.AnnData], ad.AnnData] | None = None
-    names: tuple[str, ...] = ()
-
-
-FAULTS = {
-    f.name: f
-    for f in [
-        Fault("missing_path", "the input path does not exist (a typo)"),
-        Fault("not_hdf5", "a text file named .h5ad"),
-        Fault("truncated", "an .h5ad cut to half its bytes (an interrupted copy)"),
-        Fault("empty", "0 cells", lambda a: a[:0].copy()),
-        Fault("zero_genes", "0 genes", lambda a: a[:, :0].copy()),
-        Fault("nan", "a NaN value", _with_value(np.nan), (f"cell-{BAD_CELL}",)),
-        Fault("inf", "an infinite value", _with_value(np.inf), (f"cell-{BAD_CELL}",)),
-        Fault("negative", "a negative value", _with_value(-1.0), (f"cell-{BAD_CELL}",)),
-        Fault("non_integer", "a fractional value where raw counts are required", _with_value(0.5)),
-        Fault(
-            "counts_for_log",
-            "low-depth integer counts (max 7) where log-normalized values are required",
-            _low_depth_counts,
-        ),  # fmt: skip
-        Fault(
-            "duplicate_genes", "two columns with the same gene name", _duplicate_gene, (vocab_genes()[BAD_GENE - 1],)
-        ),
-        Fault("missing_column", "the obs column the run needs is absent", _drop_obs),
-    ]
-}
-
-
-def write_fault(fault: Fault, kind: str, path: Path) -> Path:
-    """The faulty input file for ``fault`` at ``path`` (``missing_path``: nothing is written)."""
-    if fault.name == "missing_path":
-        return path
-    if fault.name == "not_hdf5":
-        path.write_text("cell,gene,count\nc1,CD3E,4\n")
-        return path
-    a = base_adata(kind)
-    if fault.make is not None:
-        a = fault.make(a)
-    a.write_h5ad(path)
-    if fault.name == "truncated":
-        data = path.read_bytes()
-        path.write_bytes(data[: len(data) // 2])
-    return path
-
-
-# ---------------------------------------------------------------------------------------------------------------
-# entry points
-
-
-@dataclass(frozen=True)
-class EntryPoint:
-    """An entry point run on one input file. ``argv(input, out, aux)`` builds its arguments; ``kind`` the values
-    it reads; ``faults`` maps each fault that applies to ``refused`` / ``ok``; ``key`` the obs column or option
-    that ``missing_column`` must name."""
-
-    name: str
-    script: str
-    kind: str
-    argv: Callable[[Path, Path, dict], list[str]]
-    faults: dict[str, str]
-    key: str | None = None
-    out_is_dir: bool = False
-    notes: dict[str, str] = field(default_factory=dict)
-
-
-COMMON = {f: "refused" for f in ("missing_path", "not_hdf5", "truncated", "empty", "zero_genes", "nan", "inf")}
-
-ENTRY_POINTS = [
-    EntryPoint(
-        "build_corpus",
-        "build_corpus.py",
-        "counts",
-        lambda inp, out, aux: ["h5ad", str(inp), "--out", str(out)],
-        {**COMMON, "negative": "refused", "non_integer": "refused", "duplicate_genes": "refused"},
-        out_is_dir=True,
-    ),
-    EntryPoint(
-        "embed",
-        "embed.py",
-        "counts",
-        lambda inp, out, aux: [
-            "--checkpoint",
-            str(FIXTURES),
-            "--input",
-            str(inp),
-            "--output",
-            str(out),
-            "--device",
-            "cpu",
-        ],  # fmt: skip
-        {**COMMON, "negative": "refused", "duplicate_genes": "warned"},
-    ),
-    EntryPoint(
-        "reference_map (query)",
-        "reference_map.py",
-        "counts",
-        lambda inp, out, aux: [
-            "--checkpoint",
-            str(FIXTURES),
-            "--reference",
-            str(aux["reference"]),
-            "--query",
-            str(inp),
-            "--label-key",
-            "group",
-            "--out",
-            str(out),
-            "--device",
-            "cpu",
-            "--no-progress",
-        ],  # fmt: skip
-        {**COMMON, "negative": "refused", "duplicate_genes": "warned"},
-    ),
-    EntryPoint(
-        "reference_map (reference)",
-        "reference_map.py",
-        "counts",
-        lambda inp, out, aux: [
-            "--checkpoint",
-            str(FIXTURES),
-            "--reference",
-            str(inp),
-            "--query",
-            str(aux["reference"]),
-            "--label-key",
-            "group",
-            "--out",
-            str(out),
-            "--device",
-            "cpu",
-            "--no-progress",
-        ],  # fmt: skip
-        {**COMMON, "negative": "refused", "duplicate_genes": "warned", "missing_column": "refused"},
-        key="group",
-    ),
-    EntryPoint(
-        "gene_programs",
-        "gene_programs.py",
-        "log",
-        lambda inp, out, aux: [
-            "--checkpoint",
-            str(FIXTURES),
-            "--adata",
-            str(inp),
-            "--gmt",
-            str(aux["gmt"]),
-            "--out",
-            str(out),
-            "--label-key",
-            "group",
-        ],  # fmt: skip
-        {**COMMON, "negative": "refused", "duplicate_genes": "warned", "missing_column": "refused"},
-        key="group",
-        out_is_dir=True,
-    ),
-    EntryPoint(
-        "attention_grn",
-        "attention_grn.py",
-        "log",
-        lambda inp, out, aux: [
-            "--checkpoint",
-            str(FIXTURES),
-            "--adata",
-            str(inp),
-            "--tf-targets",
-            str(aux["tf_targets"]),
-            "--out",
-            str(out),
-            "--condition-key",
-            "condition",
-            "--setting",
-            "control",
-            "--n-random",
-            "10",
-            "--no-progress",
-        ],  # fmt: skip
-        {**COMMON, "negative": "refused", "duplicate_genes": "warned", "missing_column": "refused"},
-        key="condition",
-        out_is_dir=True,
-    ),
-]
+# what the Python API writes its arguments to (a message naming these names a temporary file, not the argument)
+API_TEMP_NAMES = re.compile(r"scgpt_(embed|refmap|annotation|integration)_|[/ ](input|query|reference)\.h5ad")
 
 
 @pytest.fixture(scope="module")
 def aux(tmp_path_factory) -> dict:
-    """Valid companion inputs: a labelled reference, a GMT, a TF-target table, all over the vocabulary's genes."""
+    """Valid companion inputs: a labelled reference (file and AnnData), a GMT, a TF-target table."""
     d = tmp_path_factory.mktemp("aux")
     genes = vocab_genes()[:N_GENES]
     reference = d / "reference.h5ad"
@@ -292,94 +52,180 @@ def aux(tmp_path_factory) -> dict:
     tf_targets = d / "tf.tsv"
     edges = [(genes[0], genes[j]) for j in range(1, 8)] + [(genes[1], genes[j]) for j in range(8, 14)]
     pd.DataFrame(edges, columns=["source", "target"]).to_csv(tf_targets, sep="\t", index=False)
-    return {"reference": reference, "gmt": gmt, "tf_targets": tf_targets}
+    return {"reference": reference, "reference_adata": base_adata("counts"), "gmt": gmt, "tf_targets": tf_targets}
 
 
-_MAINS: dict[str, Callable] = {}
+def _mount(where: Path, options: str) -> None:
+    if os.geteuid() != 0 or shutil.which("mount") is None:
+        pytest.skip("mounting a tmpfs needs root (id -u is not 0)")
+    done = subprocess.run(["mount", "-t", "tmpfs", "-o", options, "tmpfs", str(where)], capture_output=True)
+    if done.returncode != 0:
+        pytest.skip(f"mount not permitted here: {done.stderr.decode().strip()}")
 
 
-def script_main(script: str) -> Callable:
-    if script not in _MAINS:
-        _MAINS[script] = runpy.run_path(str(ROOT / "scripts" / script))["main" if script != "build_corpus.py" else
-                                                                           "build_main"]  # fmt: skip
-    return _MAINS[script]
+@pytest.fixture(scope="module")
+def full_disk(tmp_path_factory):
+    """A 16 kB tmpfs: room for a lock and a small record, not for an output file."""
+    mnt = tmp_path_factory.mktemp("full_disk")
+    _mount(mnt, "size=16k")
+    yield mnt
+    subprocess.run(["umount", "-l", str(mnt)], check=False)
 
 
-def cells() -> list[tuple[EntryPoint, str, str]]:
-    return [(e, f, outcome) for e in ENTRY_POINTS for f, outcome in e.faults.items()]
+@pytest.fixture(scope="module")
+def read_only(tmp_path_factory):
+    """A directory nobody can write in: a read-only tmpfs as root (who ignores permission bits), else mode 555."""
+    d = tmp_path_factory.mktemp("read_only")
+    if os.geteuid() == 0:
+        _mount(d, "ro,size=64k")
+        yield d
+        subprocess.run(["umount", "-l", str(d)], check=False)
+    else:
+        d.chmod(0o555)
+        yield d
+        d.chmod(0o755)
 
 
-@pytest.mark.parametrize(
-    "entry, fault_name, outcome", cells(), ids=[f"{e.name}-{f}".replace(" ", "_") for e, f, _ in cells()]
-)
-def test_matrix_cell(entry: EntryPoint, fault_name: str, outcome: str, aux, tmp_path, capsys, caplog):
+def cells() -> list:
+    return [
+        pytest.param(e, f, outcome, id=f"{e.name.strip('`')}-{f}".replace(" ", "_").replace("`", ""))
+        for e in ENTRY_POINTS
+        for f, outcome in e.faults.items()
+        if outcome != "shared"
+    ]
+
+
+@pytest.mark.parametrize("entry, fault_name, outcome", cells())
+def test_matrix_cell(entry, fault_name, outcome, aux, request, tmp_path, capsys, caplog):
     fault = FAULTS[fault_name]
-    inp = write_fault(fault, entry.kind, tmp_path / f"input_{fault_name}.h5ad")
-    out = tmp_path / ("out_dir" if entry.out_is_dir else "out.h5ad")
+    out_parent = tmp_path
+    if fault_name == "disk_full":
+        out_parent = request.getfixturevalue("full_disk") / tmp_path.name
+        out_parent.mkdir()
+    elif fault_name == "out_unwritable":
+        out_parent = request.getfixturevalue("read_only") / "sub"
+    out = out_parent / ("out_dir" if entry.out_is_dir else "out.h5ad")
+    path = write_fault(fault, entry.kind, tmp_path / f"input_{fault_name}.h5ad")
     try:
-        code = script_main(entry.script)(entry.argv(inp, out, aux))
-    except SystemExit as e:  # argparse and sys.exit inside main
-        code = e.code
-    err = capsys.readouterr().err + caplog.text
-    if outcome in ("ok", "warned"):
-        assert code == 0, err[-3000:]
-        missing = [n for n in fault.names if n not in err] if outcome == "warned" else []
-        assert not missing, f"{entry.name} on {fault.description}: no warning naming {missing}:\n{err[-3000:]}"
-        return
-    assert code == 2, f"{entry.name} on {fault.description}: exit {code}, expected 2\n{err[-3000:]}"
-    assert "Traceback" not in err, err[-3000:]
-    named = [inp.name] + list(fault.names) + ([entry.key] if fault_name == "missing_column" and entry.key else [])
-    missing = [n for n in named if n not in err]
-    assert not missing, f"{entry.name} on {fault.description}: the message does not name {missing}:\n{err[-3000:]}"
-    half_written = out.exists() and (not entry.out_is_dir or any(out.iterdir()))
-    assert not half_written, f"{entry.name} on {fault.description} left {out} behind"
+        code, message = entry.run(as_input(fault_name, path, entry), out, {**aux, "fault": fault_name})
+        err = message + "\n" + capsys.readouterr().err + caplog.text
+        what = f"{entry.name} on {fault.description}"
+        if outcome in ("ok", "warned"):
+            assert code == 0, f"{what}: exit {code}\n{err[-3000:]}"
+            missing = [n for n in fault.names() if n not in err] if outcome == "warned" else []
+            assert not missing, f"{what}: no warning naming {missing}:\n{err[-3000:]}"
+            return
+        assert code == 2, f"{what}: exit {code}, expected 2\n{err[-3000:]}"
+        assert "Traceback" not in err, err[-3000:]
+        if fault_name == "disk_full":
+            named = ["no space left on device", str(out_parent)]
+        elif fault_name == "out_unwritable":
+            named = ["cannot write", str(out_parent.parent)]
+        else:
+            names_file = entry.argument is None or fault_name in FILE_FAULTS or fault_name == "duplicate_files"
+            named = [path.name if names_file else entry.argument, *fault.names()]
+            named += [entry.key] if fault_name == "missing_column" and entry.key else []
+        missing = [n for n in named if not any(alternative in err for alternative in n.split("|"))]
+        assert not missing, f"{what}: the message does not name {missing}:\n{err[-3000:]}"
+        if entry.argument is not None:
+            assert not API_TEMP_NAMES.search(message), f"{what}: names the API's temporary file:\n{message}"
+        # a build's finished shards stay, as does the run dir of a run that had started (the rerun resumes)
+        resumable = fault_name == "disk_full" and ((out / ".journal").is_dir() or (out / "config.yaml").is_file())
+        half_written = out.exists() and (not entry.out_is_dir or any(out.iterdir())) and not resumable
+        assert not half_written, f"{what} left {out} behind"
+        if fault_name == "disk_full":
+            assert [p for p in out_parent.rglob("*") if p.suffix == ".tmp"] == [], "a temporary file stayed"
+    finally:
+        if fault_name == "disk_full":
+            shutil.rmtree(out_parent, ignore_errors=True)  # the next cell gets the space back
 
 
 # ---------------------------------------------------------------------------------------------------------------
-# the table in docs/reliability.md
+# pretraining on a corpus
 
 
-def render_table() -> str:
-    faults = list(FAULTS)
-    head = "| entry point | " + " | ".join(f"`{f}`" for f in faults) + " |"
-    rows = [head, "|---|" + "---|" * len(faults)]
-    for e in ENTRY_POINTS:
-        marks = {"refused": "2", "ok": "ok", "warned": "w"}
-        rows.append(f"| `{e.script}` {e.name} | " + " | ".join(marks.get(e.faults.get(f, ""), "n/a") for f in faults)
-                    + " |")  # fmt: skip
-    legend = "\n".join(f"- `{f.name}`: {f.description}" for f in FAULTS.values())
-    return (
-        f"{BEGIN}\n<!-- generated by `python tests/test_adversarial_matrix.py --write-docs`; do not edit -->\n\n"
-        "`2` = refused: exit status 2, one message naming the file (and the cell, gene or obs key at fault), "
-        "nothing written at the output path; `w` = runs, with a warning naming the gene; `ok` = runs; `n/a` = the "
-        "fault does not apply. Each cell is one "
-        "case of `tests/test_adversarial_matrix.py::test_matrix_cell`.\n\n"
-        + "\n".join(rows)
-        + "\n\n"
-        + legend
-        + f"\n{END}"
-    )
+@pytest.fixture(scope="module")
+def tiny_corpus(tmp_path_factory) -> Path:
+    from data_modules.store.cli import build_main
+
+    d = tmp_path_factory.mktemp("tiny_corpus")
+    base_adata("counts").write_h5ad(d / "cells.h5ad")
+    assert build_main(["h5ad", str(d / "cells.h5ad"), "--out", str(d / "corpus"), "--val-fraction", "0.25",
+                       "--quiet"]) == 0  # fmt: skip
+    return d / "corpus"
 
 
-def current_doc_table() -> str | None:
-    text = DOC.read_text()
-    if BEGIN not in text or END not in text:
-        return None
-    return text[text.index(BEGIN) : text.index(END) + len(END)]
+@pytest.mark.parametrize("fault_name", list(PRETRAIN_ROW.faults))
+def test_corpus_cell(fault_name, tiny_corpus, tmp_path):
+    fault = CORPUS_FAULTS[fault_name]
+    corpus = fault.make(tiny_corpus, tmp_path / "corpus")
+    out = tmp_path / "run"
+    code, message = PRETRAIN_ROW.run(corpus, out, {"fault": fault_name})
+    assert code == 2, f"pretraining on {fault.description}: exit {code}"
+    missing = [n for n in fault.names(corpus) if n not in message]
+    assert not missing, f"pretraining on {fault.description}: the message does not name {missing}:\n{message}"
+    assert not out.exists(), "a refused run left its run dir behind"
 
 
-def write_docs() -> None:
-    text, table = DOC.read_text(), render_table()
-    old = current_doc_table()
-    DOC.write_text(text.replace(old, table) if old else text.rstrip("\n") + "\n\n## The adversarial matrix\n\n"
-                   + table + "\n")  # fmt: skip
+# ---------------------------------------------------------------------------------------------------------------
+# faults of the process: a second writer (the other rows of the process table run in the tests they name)
+
+HOLD = (
+    "import sys, time\n"
+    "from data_modules.store.lock import exclusive_lock\n"
+    "from scgpt_train.run_lock import RunDirLock\n"
+    "held = exclusive_lock(sys.argv[2]) if sys.argv[1] == 'build' else RunDirLock(sys.argv[2])\n"
+    "held.__enter__()\n"
+    "print('held', flush=True)\n"
+    "time.sleep(600)\n"
+)
+
+
+@pytest.mark.parametrize("what", ["build_corpus", "train"])
+def test_concurrent_writer_is_refused(what, aux, tiny_corpus, tmp_path, capsys):
+    """Another process holds the output (a corpus build its --out, a job its run dir): exit 2 naming its PID; the
+    holder's lock and record stay as they were."""
+    out = tmp_path / "out"
+    env = {**os.environ, "PYTHONPATH": str(ROOT)}
+    holder = subprocess.Popen([sys.executable, "-c", HOLD, "build" if what == "build_corpus" else "run", str(out)],
+                              cwd=ROOT, stdout=subprocess.PIPE, text=True, env=env)  # fmt: skip
+    try:
+        assert holder.stdout.readline().strip() == "held"
+        before = sorted((p.name, p.read_bytes()) for p in tmp_path.rglob("*.json"))
+        if what == "build_corpus":
+            from data_modules.store.cli import build_main
+
+            assert build_main(["h5ad", str(aux["reference"]), "--out", str(out), "--quiet"]) == 2
+            err = capsys.readouterr().err
+            assert not out.exists()
+        else:
+            code, _ = _train_main([f"hydra.run.dir={out}", "data=corpus", f"data.corpus_dir={tiny_corpus}"])
+            assert code == 2  # before Hydra writes its records into the holder's run dir
+            err = capsys.readouterr().err
+            code, message = pretrain_run(tiny_corpus, out, {"fault": "concurrent_writer"})  # the pipeline's own lock
+            assert code == 2 and f"PID {holder.pid}" in message
+            assert not (out / ".hydra").exists() and not (out / "config.yaml").exists()
+        assert f"PID {holder.pid}" in err and "in use by another job" in err and "Traceback" not in err
+        assert sorted((p.name, p.read_bytes()) for p in tmp_path.rglob("*.json")) == before
+        assert holder.poll() is None
+    finally:
+        holder.kill()
+        holder.wait()
+
+
+def test_process_table_names_tests_that_exist():
+    for cells_ in table.PROCESS.values():
+        for _, test in cells_.values():
+            file, name = test.split("::")
+            name = name.split("[")[0]
+            assert f"def {name}(" in (ROOT / file).read_text(), f"docs/reliability.md names {test}, which is missing"
 
 
 def test_docs_table_is_current():
-    assert current_doc_table() == render_table(), "run: python tests/test_adversarial_matrix.py --write-docs"
+    assert table.current() == table.render(), "run: python tests/test_adversarial_matrix.py --write-docs"
 
 
 if __name__ == "__main__":
     if "--write-docs" in sys.argv:
-        write_docs()
-        print(f"wrote the matrix into {DOC}")
+        table.write()
+        print(f"wrote the matrix into {table.DOC}")

@@ -14,6 +14,7 @@ from pytorch_lightning.callbacks import ModelCheckpoint
 
 from data_modules.batch import Batch
 from data_modules.datamodule import CorpusDataModule
+from data_modules.store.format import CorpusFormatError
 from data_modules.stream import StreamLoader
 
 
@@ -126,5 +127,5 @@ def test_properties_builder_and_loaders(corpus, tmp_path):
 
 def test_missing_corpus_without_builder_says_what_to_do(tmp_path):
     dm = CorpusDataModule(str(tmp_path / "nothing"), TOK)
-    with pytest.raises(FileNotFoundError, match="build_corpus"):
+    with pytest.raises(CorpusFormatError, match=r"data.corpus_dir=.*nothing does not exist.*build_corpus"):
         dm.prepare_data()

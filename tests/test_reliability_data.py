@@ -208,3 +208,25 @@ def test_check_run_reports_checkpoints_and_vocabulary(corpus_dir, tmp_path, caps
     code, stdout = check()
     assert code == 1 and "CORRUPT" in stdout
     assert (out / "checkpoints" / "broken.ckpt").exists()  # read-only: nothing moved
+
+
+def test_counts_with_a_few_fractional_values_are_refused_unless_declared():
+    """Raw counts with one fractional value were read as log1p values (a silent wrong input): now type ``mixed``,
+    refused naming the first such cell and gene, unless the user declares what the values are."""
+    import scipy.sparse as sp
+
+    from data_modules.value_types import ValueTypeError, declared_value_type, detect_value_type, preprocessing_steps
+
+    x = np.random.default_rng(0).poisson(2.0, (40, 60)).astype(np.float32)
+    x[:, 0] += 1
+    x[17, 11] = 0.5
+    cells, genes = [f"cell-{i}" for i in range(40)], [f"G{j}" for j in range(60)]
+    rep = detect_value_type(sp.csr_matrix(x), "f.h5ad: X", cells, genes)
+    assert rep.value_type == "mixed" and "0.5 at cell 'cell-17', gene 'G11'" in rep.evidence
+    with pytest.raises(ValueTypeError, match=r"f.h5ad: X: looks like raw counts with values that are not whole"):
+        preprocessing_steps(rep, 1e4, True)
+    assert declared_value_type(sp.csr_matrix(x), "log1p", "f.h5ad: X").value_type == "log1p"  # the user says so
+    with pytest.raises(ValueTypeError, match="value_type=counts but the values say otherwise"):
+        declared_value_type(sp.csr_matrix(x), "counts", "f.h5ad: X")
+    x[17, 11] = 1.0  # all whole numbers again: counts
+    assert detect_value_type(sp.csr_matrix(x)).value_type == "counts"

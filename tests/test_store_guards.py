@@ -86,7 +86,7 @@ def test_second_writer_is_refused_and_a_dead_holder_is_taken_over(inputs, tmp_pa
         # another writer, other inputs, same --out (this pytest process is the second real process)
         assert build_main([*_args(inputs[:1], out), "--quiet"]) == 2
         err = capsys.readouterr().err
-        assert f"PID {first.pid} on host {socket.gethostname()}" in err and "being written by another process" in err
+        assert f"host {socket.gethostname()}, PID {first.pid}, started " in err and "in use by another job" in err
         assert str(lock) in err and "delete" in err
         assert first.poll() is None  # the holder was not disturbed
     finally:
@@ -95,7 +95,8 @@ def test_second_writer_is_refused_and_a_dead_holder_is_taken_over(inputs, tmp_pa
     assert holder.exists()  # a killed holder leaves its record: the next build finds it stale and takes over
     assert build_main(_args(inputs, out)) == 0
     err = capsys.readouterr().err
-    assert f"taking over the stale lock left by PID {first.pid}" in err and "resuming at input" in err
+    assert f"taking over the stale lock left by host {socket.gethostname()}, PID {first.pid}" in err
+    assert "no longer running" in err and "resuming at input" in err
     assert not lock.exists() and not holder.exists()
     assert Corpus(out).n_cells == 1000
     assert corpus_main(["verify", str(out)]) == 0
@@ -108,8 +109,14 @@ def test_a_lock_recorded_by_another_host_is_reported_not_broken(inputs, tmp_path
     write_json_atomic(holder, record)
     assert build_main([*_args(inputs, out), "--quiet"]) == 2
     err = capsys.readouterr().err
-    assert "PID 4242 on host node-17.cluster" in err and "not broken" in err and f"delete {holder}" in err
+    assert "another host (host node-17.cluster, PID 4242" in err and "not broken" in err and f"delete {holder}" in err
     assert json.loads(holder.read_text()) == record and not out.exists()
+    from data_modules.errors import LockHeldError, UserInputError
+    from scgpt_train import api
+
+    with pytest.raises(LockHeldError) as refused:  # the API: the one family of refusals (was a RuntimeError)
+        api.build_corpus([inputs[0]], out)
+    assert isinstance(refused.value, UserInputError) and json.loads(holder.read_text()) == record
 
 
 def test_overwrite_staging_is_covered_by_the_lock(inputs, built, tmp_path, capsys):

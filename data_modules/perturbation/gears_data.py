@@ -141,7 +141,7 @@ def check_log_normalized(x, source: str) -> None:
     # the fine-tuning path's detection (data_modules/value_types.py): whole numbers only are counts, whatever their
     # size (low-depth counts reach only a few units; log1p values of counts are never all whole numbers)
     rep = detect_value_type(sub, source)
-    if rep.value_type == "counts":
+    if rep.value_type in ("counts", "mixed"):  # mixed: counts with a few values that are not whole numbers
         raise PerturbationDataError(
             f"{source}: X looks like raw counts ({rep.evidence}; median cell total {rep.row_sum_median:.0f}); "
             "GEARS-format data must be log-normalized (scanpy: normalize_total then log1p)"

@@ -8,6 +8,7 @@ import sys
 from pathlib import Path
 
 from data_modules.atomic import DiskFullError, atomic_path, is_disk_full
+from data_modules.errors import UserInputError
 from data_modules.store.census import CENSUS_OBS_COLUMNS, PAPER_CENSUS_VERSION, PAPER_FILTER, convert_census
 from data_modules.store.checksums import set_checksums
 from data_modules.store.convert import (
@@ -28,12 +29,10 @@ from data_modules.store.inspect import (
     unfinished_conversion,
     verify_corpus,
 )
-from data_modules.store.lock import LockHeldError
 from data_modules.store.reader import Corpus
 from data_modules.vocab import (
     GeneIdReport,
     GeneVocab,
-    VocabError,
     guess_gene_key,
     load_gene_table,
     resolve_gene_names,
@@ -386,13 +385,16 @@ def build_main(argv: list[str] | None = None) -> int:
                 obs_columns=args.obs_columns,
                 **common,
             )
-    except (CorpusFormatError, VocabError, LockHeldError) as e:
-        print(f"error: {e}", file=sys.stderr)
-        return EXIT_BAD_INPUT
-    except OSError as e:
+    except OSError as e:  # a full disk first: DiskFullError is a UserInputError too, with a generic message
         if not is_disk_full(e):
+            if isinstance(e, UserInputError):
+                print(f"error: {e}", file=sys.stderr)
+                return EXIT_BAD_INPUT
             raise
         print(f"error: {disk_full_message(e, args.out, staged)}", file=sys.stderr)
+        return EXIT_BAD_INPUT
+    except UserInputError as e:  # CorpusFormatError, VocabError, LockHeldError, OutputPathError, ...
+        print(f"error: {e}", file=sys.stderr)
         return EXIT_BAD_INPUT
     if not args.quiet:
         print_build_report(manifest, args.out)
@@ -549,6 +551,6 @@ def corpus_main(argv: list[str] | None = None) -> int:
             adata.write_h5ad(tmp)
         print(f"wrote {args.out}: {adata.n_obs} cells x {adata.n_vars} genes")
         return 0
-    except (CorpusFormatError, VocabError, LockHeldError) as e:
+    except UserInputError as e:  # CorpusFormatError, VocabError, LockHeldError, OutputPathError, ...
         print(f"error: {e}", file=sys.stderr)
         return EXIT_BAD_INPUT

@@ -26,6 +26,7 @@ import numpy as np
 import pandas as pd
 
 from data_modules.atomic import atomic_dir
+from data_modules.errors import check_writable
 from data_modules.store.chunks import (
     STAT_KEYS,
     GeneReport,
@@ -128,6 +129,7 @@ def check_out_dir(out: str | os.PathLike) -> None:
                     f"--out {out}: {parent} is a file, so no directory can be created below it; choose another --out"
                 )
             break
+    check_writable(out, "--out")  # a read-only or someone else's parent: named, not a bare PermissionError later
 
 
 def check_build_options(shard_size: int, chunk_size: int, min_genes: int, split: dict | None) -> None:

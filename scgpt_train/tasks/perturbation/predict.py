@@ -177,13 +177,12 @@ def read_controls(path: str | os.PathLike, gene_column: str | None = "gene_name"
     """Control cells of a GEARS-layout h5ad: the ``ctrl`` cells when ``obs["condition"]`` exists (other cells are
     left out and counted), else every cell. Genes from ``var[gene_column]`` (default ``gene_name``; the
     ``var_names`` when that column is absent). X must be log1p-normalized."""
+    from scgpt_train.inference import read_h5ad_checked
+
     path = Path(path)
-    if not path.exists():
-        raise FileNotFoundError(f"controls file {path} does not exist")
-    adata = ad.read_h5ad(path)
+    # missing / not HDF5 / truncated, no cells or genes, NaN / inf / negative values named by cell and gene
+    adata = read_h5ad_checked(path, "--controls", PredictionInputError)
     source = str(path)
-    if adata.n_obs == 0:
-        raise PredictionInputError(f"{source}: the file has no cells")
     dropped = 0
     if "condition" in adata.obs:
         conds = adata.obs["condition"].astype(str).to_numpy()
