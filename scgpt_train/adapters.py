@@ -112,6 +112,15 @@ def parameter_counts(module: nn.Module) -> dict[str, int]:
     }
 
 
+def not_loaded(net: nn.Module) -> set[str]:
+    """Weights of ``net`` that its checkpoint did not provide: ``load_report.missing`` of ``checkpoints.load_model``,
+    or the ``"fresh"`` list of ``tasks.perturbation.model.perturbation_model`` (a new flag encoder, the decoder)."""
+    report = getattr(net, "load_report", None)
+    if isinstance(report, dict):
+        return set(report.get("fresh") or [])
+    return set(getattr(report, "missing", None) or [])
+
+
 def apply_peft(module, peft_cfg, pretrained, freeze=None) -> dict | None:
     """Adapters on the Lightning module's model (``pipeline.build_modules`` calls this after the pretrained weights
     loaded). Returns the PEFT record stored in every checkpoint (None for ``peft=none``)."""
@@ -128,7 +137,7 @@ def apply_peft(module, peft_cfg, pretrained, freeze=None) -> dict | None:
     freeze = dict(freeze or {})
     skip = int(freeze.get("layers", 0) or 0)
     net = module.model
-    provided = set(net.state_dict()) - set(getattr(getattr(net, "load_report", None), "missing", []) or [])
+    provided = set(net.state_dict()) - not_loaded(net)
     targets = inject(net, cfg, skip)
     for name, p in net.named_parameters():
         base_name = name.replace(".base_layer.", ".")
