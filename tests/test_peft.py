@@ -34,7 +34,7 @@ def run_bench(name: str, seeds: list[int], out, extra: list[str], **pretrained_r
     """``scripts/benchmark.py benchmark=<name>`` in this process without baselines, with ``pretrained_rows``
     fields set (as ``benchmark.pretrained_rows.<field>=`` would)."""
     with initialize_config_dir(str(ROOT / "configs"), version_base="1.3"):
-        bench = OmegaConf.to_container(compose("benchmark", overrides=[f"benchmark={name}"]).benchmark)
+        bench = OmegaConf.to_container(compose("benchmark", overrides=[f"benchmark={name}"]).benchmark, resolve=True)
         bench["baselines"] = []
         bench["pretrained_rows"].update(pretrained_rows)
         return run_benchmark(bench, seeds, out, extra)
@@ -236,3 +236,19 @@ def test_perturbation_lora_row_trains_the_fresh_perturbation_parts(small_pretrai
     assert fresh, sorted(stored)  # weights the base has no module for (the flag encoder) are stored: they trained
     assert any(".lora_B." in k for k in stored) and not any(k.startswith("gene_encoder.") for k in stored)
     assert 0 < result["pretrained_rows"][0]["runs"][0]["trainable_params"]
+
+
+def test_lr_scale_multiplies_the_optimizer_learning_rate_or_is_refused():
+    import functools
+
+    class M:
+        optimizer_factory = functools.partial(torch.optim.Adam, lr=2e-3, weight_decay=0.0)
+        lr = 2e-3
+
+    m = M()
+    adapters.scale_lr(m, {"style": "lora", "lr_scale": 2.5})
+    opt = m.optimizer_factory(params=[torch.nn.Parameter(torch.zeros(1))])
+    assert opt.param_groups[0]["lr"] == pytest.approx(5e-3) and m.lr == pytest.approx(5e-3)
+    for bad in (0, -1, "fast"):
+        with pytest.raises(adapters.PeftConfigError, match="lr_scale"):
+            adapters.scale_lr(M(), {"style": "lora", "lr_scale": bad})
