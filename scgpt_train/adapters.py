@@ -16,6 +16,7 @@ checks its sha256, applies the adapters and merges them into plain ``nn.Linear``
 
 from __future__ import annotations
 
+import functools
 import hashlib
 import logging
 from pathlib import Path
@@ -73,7 +74,7 @@ def make_peft_config(cfg: dict, targets: list[str]):
     from peft import IA3Config, LoraConfig
 
     style = _style(cfg)
-    known = {"lora": {"style", "r", "alpha", "dropout"}, "ia3": {"style"}}[style]
+    known = {"lora": {"style", "r", "alpha", "dropout", "lr_scale"}, "ia3": {"style", "lr_scale"}}[style]
     unknown = sorted(set(cfg) - known)
     if unknown:
         raise PeftConfigError(f"peft={style}: unknown field(s) {unknown}; {style} takes {sorted(known)}")
@@ -112,6 +113,34 @@ def parameter_counts(module: nn.Module) -> dict[str, int]:
     }
 
 
+def not_loaded(net: nn.Module) -> set[str]:
+    """Weights of ``net`` that its checkpoint did not provide: ``load_report.missing`` of ``checkpoints.load_model``,
+    or the ``"fresh"`` list of ``tasks.perturbation.model.perturbation_model`` (a new flag encoder, the decoder)."""
+    report = getattr(net, "load_report", None)
+    if isinstance(report, dict):
+        return set(report.get("fresh") or [])
+    return set(getattr(report, "missing", None) or [])
+
+
+def scale_lr(module, cfg: dict) -> None:
+    """``peft.lr_scale``: the run's learning rate (``model.lr``, the optimizer's ``lr``) times this factor for the
+    adapters and heads (LoRA usually wants a higher learning rate than full fine-tuning of the same recipe)."""
+    scale = cfg.get("lr_scale", 1.0)
+    try:
+        scale = float(1.0 if scale is None else scale)
+    except (TypeError, ValueError):
+        scale = -1.0
+    if not scale > 0:
+        raise PeftConfigError(f"peft.lr_scale={cfg.get('lr_scale')!r} must be a number > 0 (1 = model.lr as is)")
+    factory = module.optimizer_factory
+    if scale == 1.0 or not isinstance(factory, functools.partial) or "lr" not in factory.keywords:
+        return
+    lr = float(factory.keywords["lr"]) * scale
+    module.optimizer_factory = functools.partial(factory, lr=lr)
+    module.lr = lr
+    log.info("peft=%s: learning rate %g = model.lr %g x peft.lr_scale %g", cfg["style"], lr, lr / scale, scale)
+
+
 def apply_peft(module, peft_cfg, pretrained, freeze=None) -> dict | None:
     """Adapters on the Lightning module's model (``pipeline.build_modules`` calls this after the pretrained weights
     loaded). Returns the PEFT record stored in every checkpoint (None for ``peft=none``)."""
@@ -128,13 +157,14 @@ def apply_peft(module, peft_cfg, pretrained, freeze=None) -> dict | None:
     freeze = dict(freeze or {})
     skip = int(freeze.get("layers", 0) or 0)
     net = module.model
-    provided = set(net.state_dict()) - set(getattr(getattr(net, "load_report", None), "missing", []) or [])
+    provided = set(net.state_dict()) - not_loaded(net)
     targets = inject(net, cfg, skip)
     for name, p in net.named_parameters():
         base_name = name.replace(".base_layer.", ".")
         if name.startswith(HEADS) or (base_name == name and name not in provided):
             p.requires_grad_(True)  # task heads and weights the checkpoint did not hold (e.g. a new batch encoder)
     module.strict_loading = False  # its checkpoints hold the trainable weights only
+    scale_lr(module, cfg)
     record = {
         "format": FORMAT,
         "config": {k: (v if isinstance(v, int | float | str) else str(v)) for k, v in cfg.items()},

@@ -83,6 +83,18 @@ def small_corpus(tmp_path_factory) -> Path:
 
 
 @pytest.fixture(scope="session")
+def small_pretrained(small_corpus, tmp_path_factory) -> Path:
+    """A pretrained checkpoint to fine-tune from where what is tested is the fine-tuning machinery (adapters,
+    DDP / DeepSpeed with adapters), not the weights: 2 generative steps of the tiny demo model (model=demo_tiny:
+    d 64, 2 layers) on small_corpus, whose vocabulary (pbmc68k_reduced's 256 most detected genes) the annotation
+    and perturbation demos' cells map into."""
+    run = tmp_path_factory.mktemp("small_pretrained")
+    overrides = [f"data.corpus_dir={small_corpus}", "model=demo_tiny", "trainer.max_steps=2"]
+    train_in_process([*overrides, "trainer.val_check_interval=2", "logger=none", "callbacks.progress_bar=null"], run)
+    return run / "checkpoints" / "last.ckpt"
+
+
+@pytest.fixture(scope="session")
 def demo_run(demo_corpus, tmp_path_factory) -> Path:
     """One finished ``python train.py`` demo run (``DEMO_RUN``), trained once per session. Tests only read it;
     a test that trains on from it works on a copy (``copy_run``). It is trained the way the zero-shot and GRN demos

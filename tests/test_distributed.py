@@ -124,3 +124,47 @@ def test_consolidate_refuses_a_plain_file(tmp_path):
     with pytest.raises(AssertionError, match="already a single-file checkpoint"):
         run_cmd(["scripts/consolidate_checkpoint.py", str(plain), "--out", str(tmp_path / "y")])
     assert ROOT.exists()
+
+
+@pytest.mark.parametrize("trainer", ["ddp_cpu", "deepspeed_cpu"])
+def test_lora_under_ddp_and_deepspeed_on_cpu_trains_and_its_adapter_checkpoint_loads(
+    trainer, small_pretrained, small_corpus, tmp_path, monkeypatch
+):
+    """peft=lora over 2 gloo ranks, under DDP and under DeepSpeed ZeRO-2 (CPUDeepSpeedStrategy): continued
+    generative training of conftest's small pretrained checkpoint for 2 steps. The adapters all-reduce like any
+    weight (replicas identical), and the adapter checkpoint (DeepSpeed's consolidated first) loads through
+    load_checkpoint: base read back by path + sha256, adapters merged, LoRA's B moved from its zero start."""
+    from scgpt_train.checkpoints import load_checkpoint
+    from scgpt_train.checkpoints.consolidate import consolidate_checkpoint
+
+    run_cmd(
+        [
+            "train.py",
+            f"trainer={trainer}",
+            "model=from_official",
+            f"pretrained={small_pretrained}",
+            "peft=lora",
+            "trainer.max_steps=2",
+            "trainer.val_check_interval=2",
+            "+trainer.limit_val_batches=1",
+            "validate_before_fit=false",
+            "logger=none",
+            "callbacks.progress_bar=null",
+            f"data.corpus_dir={small_corpus}",
+            f"hydra.run.dir={tmp_path}",
+            *REPLICA_CHECK,
+        ],
+        env={"DS_ACCELERATOR": "cpu"},
+    )
+    assert json.loads((tmp_path / "replica_check.json").read_text())["identical"] is True
+    last = tmp_path / "checkpoints" / "last.ckpt"
+    if trainer == "deepspeed_cpu":
+        assert last.is_dir()  # ZeRO shards
+        monkeypatch.setenv("DS_ACCELERATOR", "cpu")
+        last = consolidate_checkpoint(last, tmp_path / "consolidated.ckpt")
+    ckpt = torch.load(last, map_location="cpu", weights_only=False)
+    assert ckpt["peft"]["config"]["style"] == "lora" and ckpt["global_step"] == 2
+    lora_b = [v for k, v in ckpt["state_dict"].items() if ".lora_B." in k]
+    assert lora_b and any(float(v.abs().max()) > 0 for v in lora_b)  # LoRA's B starts at zero: it trained
+    model, vocab = load_checkpoint(last)
+    assert not any(".lora_" in k or "base_layer" in k for k in model.state_dict()) and len(vocab) > 250

@@ -12,7 +12,11 @@ from scgpt_train.benchmarks.harness import (
     METHOD_NAMES,
     data_source_note,
     describe_data,
+    pretrained_rows_notes,
+    pretrained_rows_table,
+    pretrained_variants,
     results_table,
+    run_pretrained_rows,
     run_seed,
     seed_config,
     write_report,
@@ -20,6 +24,11 @@ from scgpt_train.benchmarks.harness import (
 from scgpt_train.evaluation.metrics import INTEGRATION_BACKEND
 
 FIGURES = ("confusion_matrix.png", "confusion_matrix_l1_lr.png", "umap.png", "umap_hvg_pca.png")
+# the columns of the pretrained rows (full fine-tune / LoRA / frozen encoder from one checkpoint)
+PRETRAINED_COLUMNS = {
+    "annotation": [("accuracy", "accuracy"), ("macro_f1", "macro F1")],
+    "integration": [("avg_bio", "AvgBIO"), ("avg_batch", "AvgBATCH"), ("overall", "overall")],
+}
 
 
 def run_finetune_benchmark(
@@ -28,6 +37,7 @@ def run_finetune_benchmark(
     """Fine-tune + baselines for every seed, then ``benchmark.md`` / ``results.json`` / figures in ``out_dir``.
 
     ``compose(overrides) -> DictConfig`` composes configs/train.yaml (Hydra's compose API by default)."""
+    pretrained_variants(bench)  # a wrong variant name is refused before any run
     out_dir = Path(out_dir)
     out_dir.mkdir(parents=True, exist_ok=True)
     per_seed = []
@@ -42,6 +52,11 @@ def run_finetune_benchmark(
     table, summary = results_table(
         bench["task"], per_seed, list(bench.get("baselines") or []), bench.get("paper"), len(seeds)
     )
+    pretrained = run_pretrained_rows(bench, seeds, out_dir / "pretrained", extra_overrides, compose)
+    if pretrained:
+        table += "\n## From a pretrained checkpoint\n\n" + pretrained_rows_table(
+            pretrained, PRETRAINED_COLUMNS[bench["task"]]
+        )
     user = [o for o in extra_overrides if not o.startswith("paths.cache_dir=")]
     notes = [
         data_source_note(bench, user),
@@ -58,6 +73,7 @@ def run_finetune_benchmark(
         )
     else:
         notes.append("Metrics on the query cells; macro averages over the classes present in truth or prediction.")
+    notes += pretrained_rows_notes(pretrained, len(seeds))
     skipped = [METHOD_NAMES.get(m, m) for m, s in summary.items() if "skipped" in s]
     if skipped:
         notes.append(f"Not run here: {', '.join(skipped)} (package not installed).")
@@ -68,6 +84,7 @@ def run_finetune_benchmark(
         "summary": summary,
         "figures": figures,
         "table": table,
+        "pretrained_rows": pretrained,
     }
     write_report(out_dir, bench["name"], notes, table, result, figures)
     return result

@@ -5,7 +5,8 @@
 ``runner(bench, seeds, out_dir, extra_overrides, compose)``. The harness imports no runner; runners import the
 harness: the seed configs (:func:`seed_config`, :func:`run_seed`), torch thread pinning (:func:`pinned_threads`),
 the method rows (:func:`method_metrics`, :func:`ours_rows`, :func:`results_table`), the demo checkpoint
-(:func:`demo_checkpoint`) and the report tail (:func:`write_report`)."""
+(:func:`demo_checkpoint`), the rows from a pretrained checkpoint (full fine-tune / LoRA / frozen encoder:
+:func:`run_pretrained_rows`, :func:`pretrained_rows_table`) and the report tail (:func:`write_report`)."""
 
 from __future__ import annotations
 
@@ -302,3 +303,141 @@ def run_benchmark(
     ``extra_overrides`` are train.py overrides for every seed; ``compose(overrides) -> DictConfig`` composes
     configs/train.yaml (Hydra's compose API by default)."""
     return runner_of(bench)(bench, list(seeds), Path(out_dir), list(extra_overrides), compose)
+
+
+# rows from a pretrained checkpoint: full fine-tune, LoRA, frozen encoder ------------------------------------------
+PRETRAINED_VARIANTS = {
+    "full": ("full fine-tune", ["peft=none"]),
+    "lora": ("LoRA (peft=lora)", ["peft=lora"]),
+    "frozen": ("frozen encoder (heads only)", ["peft=none", "++model.freeze.embeddings=true"]),
+}
+
+
+def _base_n_layers(checkpoint) -> int:
+    from scgpt_train.checkpoints import load_checkpoint
+
+    return int(load_checkpoint(Path(checkpoint))[0].config()["n_layers"])
+
+
+def pretrained_variants(bench: Mapping) -> list[str]:
+    """The variants ``bench["pretrained_rows"]["variants"]`` lists, checked (runners call this before any run)."""
+    names = list((bench.get("pretrained_rows") or {}).get("variants") or [])
+    for name in names:
+        if name not in PRETRAINED_VARIANTS:
+            raise BenchmarkConfigError(
+                f"benchmark {bench.get('name')!r}: pretrained_rows.variants: {name!r} is not one of "
+                f"{sorted(PRETRAINED_VARIANTS)} (full fine-tune, LoRA, frozen encoder)"
+            )
+    return names
+
+
+def pretrained_variant_overrides(name: str, checkpoint, spec: Mapping) -> list[str]:
+    """train.py overrides of one ``pretrained_rows`` variant: the family's way to start from ``checkpoint``
+    (``spec["overrides"]``), the variant's own setting, then ``spec["extra"][name]`` (e.g. a LoRA learning rate)."""
+    own = list(PRETRAINED_VARIANTS[name][1])
+    if name == "frozen":  # every transformer layer and the embeddings frozen: only the task heads train
+        own.append(f"++model.freeze.layers={_base_n_layers(checkpoint)}")
+    base = [*(spec.get("overrides") or []), f"pretrained={checkpoint}", f"data.vocab={checkpoint}"]
+    return base + own + list((spec.get("extra") or {}).get(name) or [])
+
+
+@contextlib.contextmanager
+def peak_memory() -> Iterator[dict]:
+    """Peak memory of the block, in the yielded dict after it: ``peak_memory_mb`` and what was measured
+    (``peak_memory_kind``): the CUDA caching allocator's peak when a GPU is used, else the process' peak resident
+    set (Linux ``VmHWM``, reset at the start through ``/proc/self/clear_refs``; elsewhere the process' lifetime
+    peak ``ru_maxrss``, which an earlier, larger run in the same process would hide)."""
+    import re
+
+    import torch
+
+    out: dict = {}
+    cuda = torch.cuda.is_available()
+    if cuda:
+        torch.cuda.reset_peak_memory_stats()
+    reset = False
+    if not cuda:
+        try:
+            Path("/proc/self/clear_refs").write_text("5")
+            reset = True
+        except OSError:
+            pass
+    try:
+        yield out
+    finally:
+        if cuda:
+            out.update(peak_memory_mb=torch.cuda.max_memory_allocated() / 2**20, peak_memory_kind="CUDA allocated")
+        elif reset:
+            hwm = re.search(r"VmHWM:\s+(\d+)\s*kB", Path("/proc/self/status").read_text())
+            out.update(peak_memory_mb=int(hwm.group(1)) / 1024, peak_memory_kind="peak RSS of the run")
+        else:
+            import resource
+
+            kb = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
+            out.update(peak_memory_mb=kb / 1024, peak_memory_kind="peak RSS of the process (not reset)")
+
+
+def run_pretrained_rows(
+    bench: Mapping, seeds: Sequence[int], out_dir: Path, extra: Sequence[str] = (), compose=None
+) -> list[dict]:
+    """The ``pretrained_rows`` of ``bench``: for each variant in ``pretrained_rows.variants`` (full, lora, frozen)
+    and each seed, the benchmark's fine-tune from ``pretrained_rows.checkpoint`` (null: the demo pretraining
+    checkpoint, :func:`demo_checkpoint`) without baselines, into ``out_dir/<variant>/seed_<n>``. Per variant:
+    name, checkpoint, per-seed metrics and, from each run's summary.json and checkpoint, trainable / total
+    parameters, peak memory, fit seconds per step and the size of ``last.ckpt``. [] when no variant is listed."""
+    spec = dict(bench.get("pretrained_rows") or {})
+    names = pretrained_variants(bench)
+    if not names:
+        return []
+    checkpoint = Path(spec["checkpoint"]) if spec.get("checkpoint") else demo_checkpoint()
+    rows = []
+    for name in names:
+        more = [*pretrained_variant_overrides(name, checkpoint, spec), "task.baselines=[]"]
+        row = {"variant": name, "checkpoint": str(checkpoint), "per_seed": [], "runs": []}
+        for seed in seeds:
+            seed_dir = Path(out_dir) / name / f"seed_{seed}"
+            with peak_memory() as mem:
+                row["per_seed"].append(run_seed(seed_config(bench, seed, seed_dir, extra, compose, more)))
+            summary = json.loads((seed_dir / "summary.json").read_text())
+            last = Path(summary.get("last_checkpoint") or seed_dir / "checkpoints" / "last.ckpt")
+            files = [p for p in last.rglob("*") if p.is_file()] if last.is_dir() else [last]  # DeepSpeed: a dir
+            size = sum(p.stat().st_size for p in files)
+            row["runs"].append({
+                "seed": seed, "trainable_params": summary.get("trainable_params"),
+                "total_params": summary.get("total_params"), "checkpoint_mb": size / 2**20,
+                "fit_s_per_step": summary["fit_seconds"] / max(int(summary.get("steps") or 0), 1), **mem,
+            })  # fmt: skip
+        rows.append(row)
+    return rows
+
+
+def pretrained_rows_table(rows: Sequence[Mapping], cols: Sequence[tuple[str, str]]) -> str:
+    """Markdown table of :func:`run_pretrained_rows`: per variant the metrics ``cols`` (``test/<key>``, mean ± std
+    over seeds), trainable / total parameters, ``last.ckpt`` size, peak memory and fit seconds per step (mean)."""
+    header = ["variant", "trainable / total params", "checkpoint (MB)", "peak memory (MB)", "fit s / step"]
+    header += [title for _, title in cols]
+    body = []
+    for row in rows:
+        runs = row["runs"]
+        trainable, total = runs[0]["trainable_params"], runs[0]["total_params"]
+        share = f" ({100 * trainable / total:.1f}%)" if trainable and total else ""
+        values = method_metrics(row["per_seed"], "scgpt")
+        body.append(
+            [PRETRAINED_VARIANTS[row["variant"]][0], f"{trainable:,} / {total:,}{share}"]
+            + [mean_std([r[k] for r in runs]) for k in ("checkpoint_mb", "peak_memory_mb", "fit_s_per_step")]
+            + [mean_std(values.get(k, [])) for k, _ in cols]
+        )
+    return markdown_table(header, body)
+
+
+def pretrained_rows_notes(rows: Sequence[Mapping], n_seeds: int) -> list[str]:
+    """The report lines that say what the pretrained rows are."""
+    if not rows:
+        return []
+    kind = rows[0]["runs"][0].get("peak_memory_kind", "")
+    return [
+        f"Pretrained rows: the same fine-tune from `{rows[0]['checkpoint']}` (model=from_official), {n_seeds} seeds "
+        "each (mean ± std): every weight trained (full), LoRA adapters on every layer's attention and feed-forward "
+        "projections + the task heads (peft=lora, configs/peft/lora.yaml), or only the task heads (frozen "
+        f"encoder). Peak memory: {kind}; fit s / step: the fit's wall time (validation included) / its steps."
+    ]

@@ -27,7 +27,17 @@ import pandas as pd
 import torch
 
 from data_modules.perturbation.splits import SUBGROUPS
-from scgpt_train.benchmarks.harness import method_metrics, pinned_threads, run_seed, seed_config, write_report
+from scgpt_train.benchmarks.harness import (
+    method_metrics,
+    pinned_threads,
+    pretrained_rows_notes,
+    pretrained_rows_table,
+    pretrained_variants,
+    run_pretrained_rows,
+    run_seed,
+    seed_config,
+    write_report,
+)
 from scgpt_train.evaluation.report import markdown_table, mean_std, write_text
 from scgpt_train.tasks.perturbation.task import METHOD_NAMES, plot_subgroups
 
@@ -43,6 +53,8 @@ TABLE_METRICS = (
     ("pearson", "Pearson (raw)"),
 )
 SUBGROUP_METRICS = (("pearson_de_delta", "Pearson-delta DE-20"), ("mse_de", "MSE DE-20"))
+PRETRAINED_COLUMNS = (("pearson_de_delta", "Pearson-delta DE-20"), ("pearson_delta", "Pearson-delta"),
+                      ("mse_de", "MSE DE-20 (lower better)"))  # fmt: skip
 
 
 def _stats(values: Sequence[float]) -> tuple[float, float, int]:
@@ -132,6 +144,7 @@ def run_perturbation_benchmark(
     bench: Mapping, seeds: Sequence[int], out_dir: Path, extra_overrides: Sequence[str] = (), compose=None
 ) -> dict:
     """Fine-tune + baselines for every seed, then report.md / results.csv / results.json / figures."""
+    pretrained_variants(bench)  # a wrong variant name is refused before any run
     out_dir = Path(out_dir)
     out_dir.mkdir(parents=True, exist_ok=True)
     baselines = list(bench.get("baselines") or [])
@@ -147,7 +160,8 @@ def run_perturbation_benchmark(
             seconds.append(time.perf_counter() - t0)
             if simulated is None and (seed_dir / "metrics.json").exists():
                 simulated = json.loads((seed_dir / "metrics.json").read_text()).get("simulated")
-    total = time.perf_counter() - start
+        total = time.perf_counter() - start
+        pretrained = run_pretrained_rows(bench, seeds, out_dir / "pretrained", extra_overrides, compose)
 
     frame = results_frame(per_seed, methods, seeds)
     write_text(frame.to_csv(index=False), out_dir / "results.csv")
@@ -177,6 +191,7 @@ def run_perturbation_benchmark(
         "Baselines are fitted on the training conditions only (scgpt_train/tasks/perturbation/baselines.py).",
         f"Runtime: {total:.0f} s for {len(seeds)} seeds ({', '.join(f'{s:.0f}' for s in seconds)} s each; "
         f"torch threads: {bench.get('torch_threads') or threads}).",
+        *pretrained_rows_notes(pretrained, len(seeds)),
     ]
     checks = [beats(per_seed, "mse_de", False), beats(per_seed, "direction_de", True),
               beats(per_seed, "pearson_de_delta", True, other="additive"),
@@ -195,6 +210,8 @@ def run_perturbation_benchmark(
     body = (
         "## All test conditions\n\n"
         + overall_table(per_seed, methods, bench.get("paper"), len(seeds))
+        + ("\n## From a pretrained checkpoint\n\n" + pretrained_rows_table(pretrained, PRETRAINED_COLUMNS)
+           if pretrained else "")
         + "".join(f"\n## Per subgroup: {title}\n\n" + subgroup_table(per_seed, methods, metric)
                   for metric, title in SUBGROUP_METRICS)
         + ("\n## Against the simplest baselines\n\n" + "\n".join(f"- {c}" for c in checks) + "\n" if checks else "")
@@ -207,6 +224,7 @@ def run_perturbation_benchmark(
         "seconds": seconds,
         "figures": figures,
         "simulated": simulated,
+        "pretrained_rows": pretrained,
     }
     write_report(out_dir, bench["name"], notes, body, result, figures, file="report.md")
     return result
