@@ -276,19 +276,24 @@ def embed_cells(
     try:
         with torch.inference_mode(), prec.autocast(device):
             for batch in batches_of(cells, options, wanted, batch_labels):
-                out = cell_outputs(model, batch.to(device))
                 rows = batch.cell_index.numpy()
-                for key, value in out.items():
-                    v = value.float().cpu().numpy() if value.is_floating_point() else value.cpu().numpy()
-                    if key not in result:
-                        fill = np.nan if v.dtype.kind == "f" else -1
-                        result[key] = np.full((n_cells, *v.shape[1:]), fill, dtype=v.dtype)
-                    result[key][rows] = v
+                store_rows(result, cell_outputs(model, batch.to(device)), rows, n_cells)
                 bar.update(len(rows))
     finally:
         bar.close()
         model.train(was_training)
     return result
+
+
+def store_rows(result: dict[str, np.ndarray], out: dict[str, torch.Tensor], rows: np.ndarray, n_cells: int) -> None:
+    """Write one batch's outputs (``out``: name -> (b, ...) tensor) into ``result``'s arrays of ``n_cells`` rows at
+    ``rows``; an array is made on its first batch, NaN (floats) / -1 (integers) where no batch writes."""
+    for key, value in out.items():
+        v = value.float().cpu().numpy() if value.is_floating_point() else value.cpu().numpy()
+        if key not in result:
+            fill = np.nan if v.dtype.kind == "f" else -1
+            result[key] = np.full((n_cells, *v.shape[1:]), fill, dtype=v.dtype)
+        result[key][rows] = v
 
 
 def predict_cells(
@@ -313,13 +318,7 @@ def predict_cells(
         with torch.inference_mode():
             for batch in tqdm(loader, desc=description, disable=not progress, unit="batch"):
                 rows = batch.cell_index.cpu().numpy()
-                out = cell_outputs(model, batch.to(device))
-                for key, value in out.items():
-                    v = value.float().cpu().numpy() if value.is_floating_point() else value.cpu().numpy()
-                    if key not in result:
-                        fill = np.nan if v.dtype.kind == "f" else -1
-                        result[key] = np.full((n_cells, *v.shape[1:]), fill, dtype=v.dtype)
-                    result[key][rows] = v
+                store_rows(result, cell_outputs(model, batch.to(device)), rows, n_cells)
     finally:
         model.train(was_training)
     return result

@@ -220,8 +220,8 @@ def test_load_checkpoint_reads_a_lightning_ckpt(tmp_path):
 @pytest.mark.parametrize("version", ["as-written", "flat-layout-keys"])
 def test_a_checkpoint_written_before_scgpt_config_still_loads(tmp_path, version):
     """tests/fixtures/checkpoint_v1/model.pt was written by the code before ScGPTConfig (commit ccd2ca8): it loads,
-    as written and with the token layout in the flat keys of the earliest configs, into the same model (config and
-    outputs on the stored inputs); saved again, it is the same file content."""
+    as written and with the token layout in the flat keys of the earliest configs, into the same model (config, and
+    outputs on the stored inputs within 1e-5); saved again, it is the same file content."""
     import numpy as np
 
     from scgpt_train.model import ScGPTConfig
@@ -245,8 +245,8 @@ def test_a_checkpoint_written_before_scgpt_config_still_loads(tmp_path, version)
             torch.from_numpy(x["gene_ids"]), torch.from_numpy(x["values"]), torch.from_numpy(x["pad_mask"]),
             batch_labels=torch.from_numpy(x["batch_labels"]),
         )  # fmt: skip
-    for key in ("cell_emb", "cls_output", "mlm_output"):
-        np.testing.assert_array_equal(out[key].numpy(), x[key])
+    for key in ("cell_emb", "cls_output", "mlm_output"):  # float32 sums differ by ~1e-7 with torch's thread count
+        np.testing.assert_allclose(out[key].numpy(), x[key], rtol=0, atol=1e-5)
     again = torch.load(save_checkpoint(model, vocab, tmp_path / "again.pt"), weights_only=False)
     assert again["model_config"] == stored["model_config"]
     _assert_same_weights(again["state_dict"], stored["state_dict"])

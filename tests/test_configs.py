@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import shutil
 from pathlib import Path
 
 import pytest
@@ -148,7 +149,10 @@ def test_every_experiment_instantiates_its_data_module_and_model(experiment, tin
     if uses_anndata:
         overrides += [f"data.path={tiny_h5ad}", "data.label_key=cell_type", "data.num_workers=0"]
         overrides += ["data.batch_key=batch"] if cfg.data.batch_key else []
-        overrides += [f"data.query_path={tiny_h5ad}"] if cfg.data.query_path else []
+        if cfg.data.query_path:  # a separate file: the query may not be the training file itself
+            query = tmp_path / "query.h5ad"
+            shutil.copyfile(tiny_h5ad, query)
+            overrides += [f"data.query_path={query}"]
         overrides += ["data.preprocess.n_hvg=40"] if cfg.data.preprocess.n_hvg else []
     else:
         # 4 cells: the 51M model's forward on a 32-cell batch at L 1,201 held ~8 GB and 27 s of this test

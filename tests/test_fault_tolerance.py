@@ -113,7 +113,7 @@ def test_kill9_while_a_checkpoint_is_written_keeps_the_finished_work(
     log = rerun.stderr + rerun.stdout
     assert f"auto-resume: continuing from {ckpts / 'periodic-step0000020.ckpt'}" in log
     assert f"removed {leftover}" in log and not leftover.exists()
-    assert "taking over the lock left by" in log and "no longer running" in log
+    assert "taking over the stale lock left by" in log and "no longer running" in log
     resumed = json.loads((run_dir / "summary.json").read_text())
     assert resumed["finished"] is True and resumed["steps"] == DEMO_RUN_STEPS
     # the loss of every step equals the uninterrupted run's, bit for bit (CPU)

@@ -83,6 +83,7 @@ def run_zeroshot_benchmark(bench, seeds, out_dir, extra_overrides=(), compose=No
             k=k,
             seed=int(seed),
             batch_size=int(bench.get("batch_size", 64)),
+            precision=str(bench.get("precision", "auto")),
             baselines=tuple(bench.get("baselines") or BASELINES),
             n_hvg=int(bench.get("n_hvg", 2000)),
             n_pcs=int(bench.get("n_pcs", 50)),
