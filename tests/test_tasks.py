@@ -44,7 +44,8 @@ def test_finetune_experiments_compose_and_instantiate_their_task(experiment):
     if "demo" not in experiment:  # the paper's hyperparameters
         assert cfg.model.lr == 1e-4 and cfg.data.vocab == cfg.pretrained
         if "annotation" in experiment:
-            assert (cfg.trainer.max_epochs, cfg.data.batch_size, cfg.layout.max_seq_len) == (10, 32, 3001)
+            cells_per_step = cfg.data.batch_size * cfg.trainer.get("accumulate_grad_batches", 1)  # micro-batches
+            assert (cfg.trainer.max_epochs, cells_per_step, cfg.layout.max_seq_len) == (10, 32, 3001)
         else:
             assert (cfg.trainer.max_epochs, cfg.data.batch_size, cfg.data.preprocess.n_hvg) == (15, 64, 1200)
 
