@@ -223,3 +223,23 @@ def test_scvi_baselines_run_on_rna_protein_and_rna_atac(tmp_path):
     dm = _dm(tmp_path / "p.h5ad", {"RNA": RNA, "Protein": PROT}, batch_key="batch")
     emb, rep = task.baseline_embeddings(dm, dm.obs["batch"].to_numpy())
     assert set(emb) == {"pca_concat", "totalvi"} and emb["totalvi"].shape[0] == 24
+
+
+def test_the_rna_only_row_of_the_mosaic_variant_builds_its_data(citeseq_file, tmp_path):
+    """benchmark=multiomic_demo's RNA-only scGPT row of the mosaic variant: the seed config drops the variant's
+    data.withhold (the data module refused to withhold proteins from a run that reads only RNA, and the benchmark
+    stopped there); the data module of that config sets up on the real cells with RNA only."""
+    from data_modules.multiomic.demo import build_citeseq_demo
+    from scgpt_train.benchmarks.multiomic import rna_only_config
+    from scgpt_train.pipeline import build_modules
+
+    paired = build_citeseq_demo(tmp_path / "paired.h5ad", citeseq_file)
+    bench = {"name": "multiomic_demo", "task": "multiomic", "experiment": "finetune_multiomic_demo"}
+    extra = [
+        "data.withhold={modality:Protein,key:batch,values:[B]}", f"data.path={paired}",
+        f"paths.cache_dir={citeseq_file.parents[1]}", "data.modalities.RNA.n_top=200", "layout.max_seq_len=215",
+    ]  # fmt: skip
+    cfg = rna_only_config({**bench, "baselines": ["pca_concat"]}, 0, tmp_path / "seed_0_rna_only", extra, _compose)
+    assert cfg.data.withhold is None and list(cfg.data.use_modalities) == ["RNA"] and list(cfg.task.baselines) == []
+    datamodule, _ = build_modules(cfg)  # the benchmark's run stopped here with MultiomicInputError
+    assert list(datamodule.mods) == ["RNA"]
