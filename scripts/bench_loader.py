@@ -304,16 +304,22 @@ def main(argv: list[str] | None = None) -> dict:
             ("tokenized, 0 workers, checksums off (best)", f"{cost['off_cpu']:,.0f} cells per CPU-second"),
             ("cost of the checksums, 0 workers (CPU time)", f"{cost['cost_cpu_pct']:.1f}%"),
         ]
-    width = max(len(r[0]) for r in rows)
-    print(
+    header = (
         f"corpus: {result['n_cells']:,} cells x ~{args.nnz:,} nnz, {os.cpu_count()} CPU cores, cold page cache, "
         f"1-min load average {load_before:.2f} before / {load_after:.2f} after"
     )
+    return report(header, rows, result, args.json)
+
+
+def report(header: str, rows: list[tuple[str, str]], result: dict, json_path: str | None) -> dict:
+    """Print the header line and the (measurement, value) table; write ``result`` to ``json_path`` when given."""
+    width = max(len(r[0]) for r in rows)
+    print(header)
     print(f"{'measurement':<{width}} | value\n{'-' * width}-|-{'-' * 16}")
     for name, value in rows:
         print(f"{name:<{width}} | {value}")
-    if args.json:
-        Path(args.json).write_text(json.dumps(result, indent=2))
+    if json_path:
+        Path(json_path).write_text(json.dumps(result, indent=2))
     return result
 
 
@@ -392,17 +398,11 @@ def simulate(args: argparse.Namespace) -> dict:
             + (f", exactly once: {e2e['exactly_once']}" if "exactly_once" in e2e else ""),
         ),
     ]
-    width = max(len(r[0]) for r in rows)
-    print(
+    header = (
         f"simulated {args.ranks} ranks x {args.workers} workers; ranks measured: {ranks}; {os.cpu_count()} CPU cores, "
         f"1-min load average {load_before:.2f} before / {load_after:.2f} after"
     )
-    print(f"{'measurement':<{width}} | value\n{'-' * width}-|-{'-' * 16}")
-    for name, value in rows:
-        print(f"{name:<{width}} | {value}")
-    if args.json:
-        Path(args.json).write_text(json.dumps(result, indent=2))
-    return result
+    return report(header, rows, result, args.json)
 
 
 if __name__ == "__main__":

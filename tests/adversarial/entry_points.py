@@ -89,6 +89,14 @@ def script(
     return run
 
 
+def _reference_map_argv(reference, query, out) -> list:
+    """``scripts/reference_map.py``'s arguments: the fault goes into the query or the reference, the other is clean."""
+    return [
+        *("--checkpoint", FIXTURES, "--reference", reference, "--query", query, "--label-key", LABEL),
+        *("--out", out, "--device", "cpu", "--no-progress"),
+    ]
+
+
 def refusal(call: Callable[[], Any]) -> tuple[int, str]:
     """(0, "") when ``call`` returns, (2, message) when it raises a ``UserInputError`` (what train.py prints
     before exiting 2, what the API raises); anything else propagates."""
@@ -185,21 +193,7 @@ SCRIPT_ROWS = [
         "counts",
         script(
             "reference_map.py",
-            lambda inp, out, ctx: [
-                "--checkpoint",
-                FIXTURES,
-                "--reference",
-                ctx["reference"],
-                "--query",
-                inp,
-                "--label-key",
-                LABEL,
-                "--out",
-                out,
-                "--device",
-                "cpu",
-                "--no-progress",
-            ],
+            lambda inp, out, ctx: _reference_map_argv(ctx["reference"], inp, out),
         ),  # fmt: skip
         {**COMMON, "duplicate_genes": W, "duplicate_cells": OK, "ids_symbols_disagree": W, **UNWRITABLE},
     ),
@@ -208,21 +202,7 @@ SCRIPT_ROWS = [
         "counts",
         script(
             "reference_map.py",
-            lambda inp, out, ctx: [
-                "--checkpoint",
-                FIXTURES,
-                "--reference",
-                inp,
-                "--query",
-                ctx["reference"],
-                "--label-key",
-                LABEL,
-                "--out",
-                out,
-                "--device",
-                "cpu",
-                "--no-progress",
-            ],
+            lambda inp, out, ctx: _reference_map_argv(inp, ctx["reference"], out),
         ),  # fmt: skip
         {**COMMON, "duplicate_genes": W, "duplicate_cells": OK, "ids_symbols_disagree": W, "missing_column": R},
         key=LABEL,
