@@ -30,7 +30,8 @@ def train_on_two_ranks(
 ) -> subprocess.CompletedProcess:
     """``python train.py trainer=TRAINER`` (2 CPU ranks) on ``corpus`` with the replica check, in run dir ``out``
     (with ``sweep``: a ``--multirun`` whose jobs are ``out/0``, ``out/1``, ...); every job's two ranks must end
-    with identical weights. Returns the finished process."""
+    with identical weights. Returns the finished process. Torch's C++ extensions are built, if at all, into an
+    empty ``OUT-torch_extensions`` (see ``extensions_built``), not into ~/.cache/torch_extensions."""
     where = "hydra.sweep.dir" if sweep else "hydra.run.dir"
     proc = run_cmd(
         [
@@ -42,12 +43,21 @@ def train_on_two_ranks(
             f"{where}={out}",
             *REPLICA_CHECK,
         ],
-        env={"DS_ACCELERATOR": "cpu"},
+        env={"DS_ACCELERATOR": "cpu", "TORCH_EXTENSIONS_DIR": str(extensions_dir(out))},
     )
     for job in sorted(p for p in out.iterdir() if p.is_dir() and p.name.isdigit()) if sweep else [out]:
         check = json.loads((job / "replica_check.json").read_text())
         assert check == {"world_size": 2, "identical": True, "digests": check["digests"]}, job
     return proc
+
+
+def extensions_dir(out: Path) -> Path:
+    return out.with_name(f"{out.name}-torch_extensions")
+
+
+def extensions_built(out: Path) -> list[str]:
+    """The C++ extensions (shared libraries) that the run in ``out`` compiled."""
+    return sorted(p.name for p in extensions_dir(out).rglob("*.so"))
 
 
 def consolidated(run_dir: Path, monkeypatch) -> Path:
@@ -81,8 +91,11 @@ def test_deepspeed_zero2_on_cpu_trains_and_consolidates(small_corpus, tmp_path, 
     """Lightning + DeepSpeed ZeRO-2 on 2 CPU ranks (scgpt_train.strategies.CPUDeepSpeedStrategy: Lightning's
     own DeepSpeedStrategy refuses CPU); the sharded checkpoint consolidates into one loadable file. The
     consolidation runs in this process (scripts/consolidate_checkpoint.py, a thin wrapper around the same
-    function, runs on the FSDP checkpoint below and refuses a plain file in the last test)."""
+    function, runs on the FSDP checkpoint below and refuses a plain file in the last test). DeepSpeed compiles
+    nothing (CPUDeepSpeedStrategy skips the shared-memory all-reduce op that only tensor-parallel inference uses):
+    no ~30 s build of deepspeed_shm_comm on a fresh machine, no build lock to be left behind by a kill."""
     train_on_two_ranks("deepspeed_cpu", tmp_path, small_corpus, "trainer.max_steps=4", "trainer.val_check_interval=4")
+    assert extensions_built(tmp_path) == []
     sharded = tmp_path / "checkpoints" / "last.ckpt"
     assert sharded.is_dir() and len(list((sharded / "checkpoint").glob("*optim_states.pt"))) == 2  # ZeRO shards
     from scgpt_train.checkpoints import load_checkpoint
