@@ -12,16 +12,19 @@ from __future__ import annotations
 import functools
 import os
 from pathlib import Path
+from typing import TYPE_CHECKING
 
-import anndata as ad
 import numpy as np
-import pandas as pd
-import scipy.sparse as sp
 
 from data_modules.atomic import atomic_dir, atomic_path
 from data_modules.errors import UserInputError
-from data_modules.preprocess import stratified_split
-from data_modules.store.convert import Source, convert_sources
+
+if TYPE_CHECKING:
+    import anndata as ad
+
+# anndata, pandas, scipy.sparse and the corpus writer are imported where the cells are built: every run on the demo
+# data imports this module (Hydra resolves data.builder's _target_) but builds nothing once the data exist, and
+# those imports cost each such process ~1 s of CPU.
 
 DEMO_SPLIT = {"strategy": "cell", "seed": 0, "val_fraction": 0.1}
 
@@ -50,6 +53,7 @@ def demo_builder(build):
 
 def pbmc68k_adata() -> ad.AnnData:
     import scanpy as sc
+    import scipy.sparse as sp
 
     adata = sc.datasets.pbmc68k_reduced()
     raw = adata.raw.to_adata()
@@ -68,6 +72,10 @@ def celltypist_sample_path() -> Path:
 
 
 def celltypist_adata() -> ad.AnnData:
+    import anndata as ad
+    import pandas as pd
+    import scipy.sparse as sp
+
     table = pd.read_csv(celltypist_sample_path(), index_col=0)
     adata = ad.AnnData(
         X=sp.csr_matrix(table.to_numpy(dtype=np.float32)),
@@ -80,6 +88,8 @@ def celltypist_adata() -> ad.AnnData:
 
 def build_demo_corpus(out: str | os.PathLike, shard_size: int = 256) -> Path:
     """Build the demo corpus at ``out`` (atomically: built in a temp dir, then renamed)."""
+    from data_modules.store.convert import Source, convert_sources
+
     out = Path(out)
     if (out / "manifest.json").exists():
         return out
@@ -104,7 +114,10 @@ def _atomic_write_h5ad(adata: ad.AnnData, path: str | os.PathLike) -> Path:
 
 def pbmc68k_log_normalized() -> ad.AnnData:
     """scanpy's pbmc68k_reduced: 700 PBMCs x 765 genes, log-normalized (``.raw``), obs ``cell_type``."""
+    import anndata as ad
+    import pandas as pd
     import scanpy as sc
+    import scipy.sparse as sp
 
     src = sc.datasets.pbmc68k_reduced()
     x = sp.csr_matrix(src.raw.X, dtype=np.float32)
@@ -137,6 +150,12 @@ def make_two_batch(
     (3) ``depth_factor`` x sequencing depth (rounding to counts is not applied: values stay continuous).
     Both batches keep their cell types, so a good integration mixes A and B within each cell type.
     """
+    import anndata as ad
+    import pandas as pd
+    import scipy.sparse as sp
+
+    from data_modules.preprocess import stratified_split
+
     rng = np.random.default_rng(seed)
     x = sp.csr_matrix(adata.X, dtype=np.float64)
     x.data = np.expm1(x.data)

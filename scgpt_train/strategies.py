@@ -22,6 +22,7 @@ class CPUDeepSpeedStrategy(DeepSpeedStrategy):
     def setup_distributed(self) -> None:
         reset_seed()  # the parent also validates CUDA device indices, which CPU devices lack
         self.set_world_ranks()
+        skip_shm_comm_op()
         self._init_deepspeed_distributed()
 
     def init_deepspeed(self) -> None:
@@ -42,3 +43,21 @@ class CPUDeepSpeedStrategy(DeepSpeedStrategy):
             super().init_deepspeed()
         finally:
             deepspeed.initialize = original
+
+
+SHM_COMM_OP = "deepspeed_shm_comm"
+
+
+def skip_shm_comm_op() -> None:
+    """Keep DeepSpeed's communication backend from building its shared-memory all-reduce op in this process.
+
+    On the CPU accelerator, DeepSpeed's TorchBackend JIT-compiles ``deepspeed_shm_comm`` (a C++ extension, ~30 s on
+    2 cores, once per machine into ~/.cache/torch_extensions) whenever the op counts as compatible. The op serves
+    only ``inference_all_reduce`` (tensor-parallel inference); ZeRO training reduces over the gloo process group
+    with or without it. Marked incompatible, nothing is compiled: no compiler is needed, and no lock file is left
+    in ~/.cache/torch_extensions by a rank killed while compiling (which made every later DeepSpeed start wait on
+    it forever). ``deepspeed.ops.__compatible_ops__`` is the one dict DeepSpeed consults (probed on first access).
+    """
+    import deepspeed.ops
+
+    deepspeed.ops.__compatible_ops__[SHM_COMM_OP] = False

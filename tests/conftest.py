@@ -107,6 +107,25 @@ def demo_run(demo_corpus, tmp_path_factory) -> Path:
     return checkpoint.parent.parent
 
 
+DOCS_TEST = "test_docs_commands.py::test_every_documented_command_runs"
+
+
+@pytest.fixture(scope="session", autouse=True)
+def docs_commands_job(request, tmp_path_factory):
+    """The documented commands (tests/helpers/docs_commands.py: ~2 minutes in one interpreter of their own),
+    started at the session's first test when DOCS_TEST is selected, so that they run beside the other tests;
+    DOCS_TEST waits for their results. None when DOCS_TEST is not selected or the official fixtures are missing."""
+    selected = any(item.nodeid.endswith(DOCS_TEST) for item in request.session.items)
+    if not selected or not (FIXTURES / "best_model.pt").is_file():
+        yield None
+        return
+    from helpers.docs_commands import CommandsJob
+
+    job = CommandsJob(tmp_path_factory.mktemp("user"), request.getfixturevalue("demo_corpus"))
+    yield job
+    job.stop()
+
+
 def copy_run(run_dir: Path, dest: Path) -> Path:
     """A copy of a run dir to train on without changing the shared one."""
     shutil.copytree(run_dir, dest)

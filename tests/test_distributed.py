@@ -6,6 +6,8 @@ from __future__ import annotations
 
 import json
 import socket
+import subprocess
+from pathlib import Path
 
 import pytest
 import torch
@@ -23,28 +25,61 @@ def free_port() -> str:
         return str(s.getsockname()[1])
 
 
-def test_ddp_sweep_two_jobs_two_ranks_identical_weights(small_corpus, tmp_path):
-    """2 sweep jobs x 2 DDP ranks (gloo) with Hydra's basic launcher: the known trap (child ranks
-    re-executing the whole sweep) must not happen, and both ranks end with identical weights."""
+def train_on_two_ranks(
+    trainer: str, out: Path, corpus: Path, *overrides: str, sweep: bool = False
+) -> subprocess.CompletedProcess:
+    """``python train.py trainer=TRAINER`` (2 CPU ranks) on ``corpus`` with the replica check, in run dir ``out``
+    (with ``sweep``: a ``--multirun`` whose jobs are ``out/0``, ``out/1``, ...); every job's two ranks must end
+    with identical weights. Returns the finished process. Torch's C++ extensions are built, if at all, into an
+    empty ``OUT-torch_extensions`` (see ``extensions_built``), not into ~/.cache/torch_extensions."""
+    where = "hydra.sweep.dir" if sweep else "hydra.run.dir"
     proc = run_cmd(
         [
             "train.py",
-            "--multirun",
-            "trainer=ddp_cpu",
-            "trainer.max_steps=3",
-            "trainer.val_check_interval=3",
-            "seed=1,2",
-            f"data.corpus_dir={small_corpus}",
-            f"hydra.sweep.dir={tmp_path}",
+            *(["--multirun"] if sweep else []),
+            f"trainer={trainer}",
+            *overrides,
+            f"data.corpus_dir={corpus}",
+            f"{where}={out}",
             *REPLICA_CHECK,
-        ]
+        ],
+        env={"DS_ACCELERATOR": "cpu", "TORCH_EXTENSIONS_DIR": str(extensions_dir(out))},
     )
+    for job in sorted(p for p in out.iterdir() if p.is_dir() and p.name.isdigit()) if sweep else [out]:
+        check = json.loads((job / "replica_check.json").read_text())
+        assert check == {"world_size": 2, "identical": True, "digests": check["digests"]}, job
+    return proc
+
+
+def extensions_dir(out: Path) -> Path:
+    return out.with_name(f"{out.name}-torch_extensions")
+
+
+def extensions_built(out: Path) -> list[str]:
+    """The C++ extensions (shared libraries) that the run in ``out`` compiled."""
+    return sorted(p.name for p in extensions_dir(out).rglob("*.so"))
+
+
+def consolidated(run_dir: Path, monkeypatch) -> Path:
+    """A DeepSpeed run's sharded last.ckpt consolidated into one file, in this process (scripts/
+    consolidate_checkpoint.py, a thin wrapper around the same function, runs on the FSDP checkpoint below)."""
+    from scgpt_train.checkpoints.consolidate import consolidate_checkpoint
+
+    sharded = run_dir / "checkpoints" / "last.ckpt"
+    assert sharded.is_dir()  # ZeRO shards
+    monkeypatch.setenv("DS_ACCELERATOR", "cpu")
+    return consolidate_checkpoint(sharded, run_dir / "consolidated.ckpt")
+
+
+def test_ddp_sweep_two_jobs_two_ranks_identical_weights(small_corpus, tmp_path):
+    """2 sweep jobs x 2 DDP ranks (gloo) with Hydra's basic launcher: the known trap (child ranks
+    re-executing the whole sweep) must not happen, and both ranks end with identical weights."""
+    overrides = ["trainer.max_steps=3", "trainer.val_check_interval=3", "seed=1,2"]
+    proc = train_on_two_ranks("ddp_cpu", tmp_path, small_corpus, *overrides, sweep=True)  # replicas identical
     output = proc.stdout + proc.stderr
     assert output.count("Launching 2 jobs locally") == 1, "a child rank re-executed the sweep"
     assert sorted(p.name for p in tmp_path.iterdir() if p.is_dir()) == ["0", "1"]
     for job in ("0", "1"):
-        check = json.loads((tmp_path / job / "replica_check.json").read_text())
-        assert check == {"world_size": 2, "identical": True, "digests": check["digests"]}
         summary = json.loads((tmp_path / job / "summary.json").read_text())
         assert summary["steps"] == 3 and summary["cells_seen"] == 3 * 16 * 2
     run_cmd(["scripts/collect_sweep.py", str(tmp_path)])
@@ -56,27 +91,16 @@ def test_deepspeed_zero2_on_cpu_trains_and_consolidates(small_corpus, tmp_path, 
     """Lightning + DeepSpeed ZeRO-2 on 2 CPU ranks (scgpt_train.strategies.CPUDeepSpeedStrategy: Lightning's
     own DeepSpeedStrategy refuses CPU); the sharded checkpoint consolidates into one loadable file. The
     consolidation runs in this process (scripts/consolidate_checkpoint.py, a thin wrapper around the same
-    function, runs on the FSDP checkpoint below and refuses a plain file in the last test)."""
-    run_cmd(
-        [
-            "train.py",
-            "trainer=deepspeed_cpu",
-            "trainer.max_steps=4",
-            "trainer.val_check_interval=4",
-            f"data.corpus_dir={small_corpus}",
-            f"hydra.run.dir={tmp_path}",
-            *REPLICA_CHECK,
-        ],
-        env={"DS_ACCELERATOR": "cpu"},
-    )
-    assert json.loads((tmp_path / "replica_check.json").read_text())["identical"] is True
+    function, runs on the FSDP checkpoint below and refuses a plain file in the last test). DeepSpeed compiles
+    nothing (CPUDeepSpeedStrategy skips the shared-memory all-reduce op that only tensor-parallel inference uses):
+    no ~30 s build of deepspeed_shm_comm on a fresh machine, no build lock to be left behind by a kill."""
+    train_on_two_ranks("deepspeed_cpu", tmp_path, small_corpus, "trainer.max_steps=4", "trainer.val_check_interval=4")
+    assert extensions_built(tmp_path) == []
     sharded = tmp_path / "checkpoints" / "last.ckpt"
     assert sharded.is_dir() and len(list((sharded / "checkpoint").glob("*optim_states.pt"))) == 2  # ZeRO shards
     from scgpt_train.checkpoints import load_checkpoint
-    from scgpt_train.checkpoints.consolidate import consolidate_checkpoint
 
-    monkeypatch.setenv("DS_ACCELERATOR", "cpu")
-    out = consolidate_checkpoint(sharded, tmp_path / "consolidated.ckpt")
+    out = consolidated(tmp_path, monkeypatch)
 
     model, vocab = load_checkpoint(out)
     assert model.load_report.missing == [] and len(vocab) == model.config()["vocab_size"]
@@ -135,33 +159,24 @@ def test_lora_under_ddp_and_deepspeed_on_cpu_trains_and_its_adapter_checkpoint_l
     weight (replicas identical), and the adapter checkpoint (DeepSpeed's consolidated first) loads through
     load_checkpoint: base read back by path + sha256, adapters merged, LoRA's B moved from its zero start."""
     from scgpt_train.checkpoints import load_checkpoint
-    from scgpt_train.checkpoints.consolidate import consolidate_checkpoint
 
-    run_cmd(
-        [
-            "train.py",
-            f"trainer={trainer}",
-            "model=from_official",
-            f"pretrained={small_pretrained}",
-            "peft=lora",
-            "trainer.max_steps=2",
-            "trainer.val_check_interval=2",
-            "+trainer.limit_val_batches=1",
-            "validate_before_fit=false",
-            "logger=none",
-            "callbacks.progress_bar=null",
-            f"data.corpus_dir={small_corpus}",
-            f"hydra.run.dir={tmp_path}",
-            *REPLICA_CHECK,
-        ],
-        env={"DS_ACCELERATOR": "cpu"},
-    )
-    assert json.loads((tmp_path / "replica_check.json").read_text())["identical"] is True
+    train_on_two_ranks(
+        trainer,
+        tmp_path,
+        small_corpus,
+        "model=from_official",
+        f"pretrained={small_pretrained}",
+        "peft=lora",
+        "trainer.max_steps=2",
+        "trainer.val_check_interval=2",
+        "+trainer.limit_val_batches=1",
+        "validate_before_fit=false",
+        "logger=none",
+        "callbacks.progress_bar=null",
+    )  # replicas identical
     last = tmp_path / "checkpoints" / "last.ckpt"
     if trainer == "deepspeed_cpu":
-        assert last.is_dir()  # ZeRO shards
-        monkeypatch.setenv("DS_ACCELERATOR", "cpu")
-        last = consolidate_checkpoint(last, tmp_path / "consolidated.ckpt")
+        last = consolidated(tmp_path, monkeypatch)
     ckpt = torch.load(last, map_location="cpu", weights_only=False)
     assert ckpt["peft"]["config"]["style"] == "lora" and ckpt["global_step"] == 2
     lora_b = [v for k, v in ckpt["state_dict"].items() if ".lora_B." in k]

@@ -399,9 +399,11 @@ def run_cli(*args) -> subprocess.CompletedProcess:
     )  # fmt: skip
 
 
-def test_predict_cli_pool_mean_equals_official_predict(fixture_h5ad, tmp_path):
+def test_predict_cli_pool_mean_equals_official_predict(fixture_h5ad, tmp_path, capsys):
     """scripts/predict_perturbation.py with the official checkpoint and --pool-size all: per-condition means equal
-    the tutorial's predict() (fixture predict_pool_mean) within 1e-5; one row per (condition, pool cell)."""
+    the tutorial's predict() (fixture predict_pool_mean) within 1e-5; one row per (condition, pool cell). The
+    seeded pool of 2 runs the script's main() in this process (``cli_main``: the same code without a second
+    interpreter start)."""
     exp = _npz(FIXTURES / "expected.npz")
     out = tmp_path / "pred.h5ad"
     proc = run_cli("--checkpoint", FIXTURES, "--controls", fixture_h5ad, "--conditions", "AADACL2-AS1", "ABHD2+ABCF2",
@@ -418,9 +420,9 @@ def test_predict_cli_pool_mean_equals_official_predict(fixture_h5ad, tmp_path):
     for i, cond in enumerate(["AADACL2-AS1+ctrl", "ABCF2+ABHD2"]):
         assert np.abs(means[cond] - exp["predict_pool_mean"][i]).max() < TOL
     # a seeded pool of 2: the same seed, the same pool
-    proc = run_cli("--checkpoint", FIXTURES, "--controls", fixture_h5ad, "--conditions", "ABAT+ctrl",
-                   "--pool-size", 2, "--seed", 1, "--out", tmp_path / "two.h5ad")  # fmt: skip
-    assert proc.returncode == 0, proc.stderr
+    code, err = cli_main(capsys, "--checkpoint", FIXTURES, "--controls", fixture_h5ad, "--conditions", "ABAT+ctrl",
+                         "--pool-size", 2, "--seed", 1, "--out", tmp_path / "two.h5ad")  # fmt: skip
+    assert code == 0, err
     two = ad.read_h5ad(tmp_path / "two.h5ad")
     assert two.n_obs == 2 and two.uns["perturbation_prediction"]["pool_size"] == 2
 

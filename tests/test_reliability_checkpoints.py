@@ -148,9 +148,9 @@ def test_a_best_checkpoint_that_is_gone_is_forgotten_at_resume(tmp_path):
     assert callback.state_key.startswith("ModelCheckpoint{")  # checkpoints of earlier versions resume unchanged
 
 
-def test_restart_from_scratch_keeps_the_earlier_metrics(demo_corpus, tmp_path, caplog):
+def test_restart_from_scratch_keeps_the_earlier_metrics(small_corpus, tmp_path, caplog):
     """Every checkpoint corrupt: the run starts from scratch and the earlier attempt's metrics.csv is kept as
-    metrics.1.csv, as for a resumed run."""
+    metrics.1.csv, as for a resumed run. (conftest's small corpus: what is tested is the run dir, not the data.)"""
     run_dir = tmp_path / "run"
     (run_dir / "csv").mkdir(parents=True)
     (run_dir / "checkpoints").mkdir()
@@ -159,13 +159,14 @@ def test_restart_from_scratch_keeps_the_earlier_metrics(demo_corpus, tmp_path, c
     (run_dir / "checkpoints" / "last.ckpt").write_bytes(b"truncated by a crash")
     with caplog.at_level(logging.WARNING):
         train_in_process(
-            demo_overrides(
-                demo_corpus,
+            [
+                f"data.corpus_dir={small_corpus}",
                 "trainer.max_steps=2",
                 "trainer.val_check_interval=2",
+                "trainer.log_every_n_steps=1",
                 "validate_before_fit=false",
                 "callbacks.periodic_checkpoint.every_n_train_steps=null",
-            ),
+            ],
             run_dir,
         )
     assert "starting from scratch" in caplog.text

@@ -7,8 +7,9 @@ COMMANDS.json is a list of command lines (``python script args...``), run in the
 pytest process never runs them itself: Hydra binds logging handlers to the streams of the moment, and a run
 inside pytest's capture left them pointing at a closed stream. Between commands the logging handlers, Hydra's
 global state and ``sys.argv`` are reset. A command whose line has ``trainer=ddp`` starts its ranks from the
-command line, so it runs in a subprocess. RESULTS.json gets, per command, the seconds it took and ``null`` or
-what went wrong; it is rewritten after every command, so a crash still leaves the finished results.
+command line, so it runs in a subprocess (unless it only composes its config: ``--cfg``). RESULTS.json gets, per
+command, the seconds it took and ``null`` or what went wrong; it is rewritten after every command, so a crash still
+leaves the finished results.
 """
 
 from __future__ import annotations
@@ -70,7 +71,7 @@ def argv_of(run: str, ws: Path) -> list[str]:
 
 def execute(run: str, ws: Path) -> str | None:
     """Run one command; None on success, else what went wrong."""
-    if "trainer=ddp" in run:
+    if "trainer=ddp" in run and "--cfg" not in shlex.split(run):  # with --cfg no rank starts
         proc = subprocess.run(["bash", "-c", run], cwd=ws, capture_output=True, text=True, timeout=900)
         return None if proc.returncode == 0 else f"exit {proc.returncode}\n{proc.stderr[-2500:]}"
     argv = argv_of(run, ws)
