@@ -102,3 +102,20 @@ def test_the_estimate_line_is_printed_before_training_on_a_cpu(setup, capsys, tm
     )
     trainer.fit(module, datamodule=dm)
     assert LINE.search(capsys.readouterr().out)
+
+
+def test_the_memory_benchmark_runs_the_recipe_and_reports_the_child_peak(small_pretrained, tmp_path, capsys):
+    """``scripts/bench_finetune_memory.py`` end to end, at its smallest: the recipe's fine-tune in its own process
+    on 60 of celltypist's real cells (the tiny pretrained model: short cells), its peak RSS from ``os.wait4`` and a
+    finished run (the figures themselves: docs/benchmarks.md)."""
+    import json
+    import runpy
+
+    main = runpy.run_path(str(ROOT / "scripts" / "bench_finetune_memory.py"))["main"]
+    out = tmp_path / "bench"
+    argv = ["--cells", "60", "--variants", "recipe", "--train-cells", "8", "--checkpoint", str(small_pretrained)]
+    assert main([*argv, "--out", str(out), "--json", str(tmp_path / "m.json")]) == 0
+    (row,) = json.loads((tmp_path / "m.json").read_text())["rows"]
+    assert row["variant"] == "recipe" and 100 < row["peak_rss_mb"] < 8192
+    assert json.loads((out / "recipe" / "summary.json").read_text())["finished"] is True
+    assert "| recipe | (the recipe) |" in capsys.readouterr().out
