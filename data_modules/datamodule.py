@@ -35,6 +35,39 @@ class CorpusDataModule(VocabSizes, pl.LightningDataModule):
     ``data_modules.batch``), train and validation alike. ``max_tokens``: a token budget per training batch
     instead of ``batch_size`` (the cell count whose expected tokens fit it; see ``CellStream``); validation
     keeps ``val_batch_size``.
+
+    Parameters
+    ----------
+    corpus_dir : str
+        The corpus directory (``scripts/build_corpus.py --out``).
+    tokenizer : TokenizerConfig or dict, optional
+        The TokenizerConfig fields beside the layout (``cls_value``, ``gen_ratios``, ``mlm_prob``).
+    layout : TokenLayout or dict, optional
+        The TokenLayout shared with the model (max_seq_len, n_bins, value style, pad / mask values).
+    batch_size, val_batch_size : int
+        Cells per training batch (unless ``max_tokens``) and per validation batch (None: ``batch_size``).
+    num_workers : int
+        Loader worker processes (0: read in the training process).
+    block_size, buffer_blocks : int
+        Rows per shuffled block of a shard, and blocks per lane window (the shuffle buffer; ``data_modules.stream``).
+    seed : int
+        Seed of the epoch plans (block order, lanes, shuffles, tokenization draws).
+    builder : callable, optional
+        ``builder(corpus_dir)`` builds the corpus when the directory holds none (the demo).
+    max_val_cells : int, optional
+        Validate on at most this many cells of the validation split (None: all).
+    lanes, bucket_batches : int
+        Contiguous lanes the split is cut into (read round robin), and batches a window groups by length.
+    pin_memory : bool
+        Page-locked batches (faster copies to a GPU).
+    prefetch_factor : int, optional
+        Batches each worker prepares ahead (None: torch's default).
+    verify : bool
+        sha256 of every shard against the manifest before training (cached per shard).
+    packing : bool
+        Batches in the packed layout (see above).
+    max_tokens : int, optional
+        A token budget per training batch instead of ``batch_size``.
     """
 
     def __init__(

@@ -116,18 +116,59 @@ def embed(
     max_tokens: int | None = None,
     prefer_gene_column: bool = False,
 ) -> ad.AnnData:
-    """Cell embeddings of ``adata`` with ``checkpoint`` (official directory, imported .pt or a .ckpt of this
-    project), as ``scripts/embed.py``: returns the input AnnData (same obs_names, X untouched) with
-    ``obsm[key]`` (L2-normalized unless ``normalize=False``), ``obs["scgpt_pred"]`` when the checkpoint has a
-    classifier, and the gene mapping reports in ``uns``. Raises :class:`scgpt_train.errors.UserInputError` (e.g.
-    ``EmbedInputError``) for inputs it cannot embed.
-    ``species``: the cells' species (default: detected from the gene names); another species than the checkpoint's
-    maps through one-to-one orthologs (``data_modules/species.py``). ``finetune`` takes it as ``data.species=``.
-    ``precision``: ``auto`` (bf16 autocast where the hardware computes bf16 natively, else fp32; the choice is logged,
-    and recorded in ``uns[f"{key}_precision"]``), ``fp32`` or ``bf16``. Cells are sorted by length and packed into
-    batches of at most ``max_tokens`` tokens (default ``inference_batches.DEFAULT_MAX_TOKENS``) and ``batch_size``
-    cells (default: no cap). ``prefer_gene_column``: an input with Ensembl ids and a symbol column that disagree
-    uses the column (default: the ids decide), as ``--prefer-gene-column``."""
+    """Cell embeddings of ``adata`` with ``checkpoint``, as ``scripts/embed.py``.
+
+    Parameters
+    ----------
+    adata : AnnData
+        The cells (X or ``.raw``: raw counts or log-normalized values; genes by symbol or Ensembl id).
+    checkpoint : path-like
+        An official scGPT directory, a file from ``scripts/import_scgpt.py`` or a Lightning .ckpt of this project.
+    key : str
+        The ``obsm`` key of the embeddings.
+    batch_key : str, optional
+        obs column with batch labels, for a checkpoint trained with batch labels (DSBN / batch embedding).
+    gene_column, gene_table, use_raw
+        How the genes are read: a var column with the names, an Ensembl id -> symbol table (default: the GENCODE
+        v44 table shipped with celltypist), ``.raw`` instead of X.
+    prefer_gene_column : bool
+        An input with Ensembl ids and a symbol column that disagree uses the column (default: the ids decide), as
+        ``--prefer-gene-column``.
+    batch_size, max_tokens : int, optional
+        Cells are sorted by length and packed into batches of at most ``max_tokens`` tokens (default
+        ``inference_batches.DEFAULT_MAX_TOKENS``) and ``batch_size`` cells (default: no cap).
+    max_seq_len : int, optional
+        Genes per cell + ``<cls>`` (default: the checkpoint's layout).
+    include_zero_genes : bool
+        Every mapped gene per cell, zeros included (the official ``include_zero_gene``).
+    normalize : bool
+        L2-normalize the embeddings (as the official tutorials use them).
+    device : str, optional
+        The torch device (default: CUDA when there is one).
+    seed : int
+        Seed of the tokenization draws (binning ties, gene sampling of longer cells).
+    drop_unmapped_cells : bool
+        Leave out cells that express no gene of the vocabulary (default: kept, with NaN embeddings).
+    progress : bool
+        Progress bars.
+    species : str, optional
+        The cells' species (default: detected from the gene names); another species than the checkpoint's maps
+        through one-to-one orthologs (``data_modules/species.py``). ``finetune`` takes it as ``data.species=``.
+    precision : str
+        ``auto`` (bf16 autocast where the hardware computes bf16 natively, else fp32; the choice is logged and
+        recorded in ``uns[f"{key}_precision"]``), ``fp32`` or ``bf16``.
+
+    Returns
+    -------
+    AnnData
+        The input (same obs_names, X untouched) with ``obsm[key]``, ``obs["scgpt_pred"]`` when the checkpoint has a
+        classifier, and the gene mapping reports in ``uns``.
+
+    Raises
+    ------
+    scgpt_train.errors.UserInputError
+        (e.g. ``EmbedInputError``) for inputs it cannot embed.
+    """
     from scgpt_train.inference import DEFAULT_MAX_TOKENS, embed_h5ad
 
     with tempfile.TemporaryDirectory(prefix="scgpt_embed_") as tmp, _user_errors({Path(tmp) / "input.h5ad": "adata"}):

@@ -37,6 +37,16 @@ sys.argv[1:], TRAIN_OVERRIDES = split_cli_overrides(sys.argv[1:])
 
 @hydra.main(config_path=str(ROOT / "configs"), config_name="benchmark", version_base="1.3")
 def main(cfg: DictConfig) -> None:
+    """Run the benchmark ``cfg.benchmark`` names over ``cfg.seeds`` into the Hydra run dir (report.md,
+    results.json); exits with status 2 when the benchmark's config is refused.
+
+    Parameters
+    ----------
+    cfg : DictConfig
+        ``configs/benchmark.yaml`` as composed by Hydra from the command line: ``benchmark`` (the YAML of
+        ``configs/benchmark/``, whose ``_target_`` is the runner), ``seeds``, ``overrides`` (train.py overrides for
+        every run) and ``paths``.
+    """
     out_dir = Path(HydraConfig.get().runtime.output_dir)
     bench = OmegaConf.to_container(cfg.benchmark, resolve=True)
     extra = list(cfg.overrides) + TRAIN_OVERRIDES + [f"paths.cache_dir={cfg.paths.cache_dir}"]

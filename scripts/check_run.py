@@ -23,6 +23,19 @@ sys.path.insert(0, str(ROOT))
 
 
 def main(argv=None) -> int:
+    """Check the run dir the command line ``argv`` (None: ``sys.argv``) names; returns the exit status.
+
+    Parameters
+    ----------
+    argv : list of str, optional
+        The run dir and the options (``--corpus``; ``--help``).
+
+    Returns
+    -------
+    int
+        0 when the run finished and nothing is wrong; 1 when it did not finish or something is wrong (corrupt
+        checkpoints, a vocabulary that differs from ``--corpus``).
+    """
     from data_modules.store.reader import Corpus
     from scgpt_train.fault_tolerance import leftover_temp_files, scan_checkpoints
     from scgpt_train.pipeline import checkpoint_vocab

@@ -25,6 +25,19 @@ from scgpt_train.resources.download import REGISTRY, DownloadError, download  # 
 
 
 def main(argv=None) -> int:
+    """Download the datasets the command line ``argv`` (None: ``sys.argv``) names; returns the exit status.
+
+    Parameters
+    ----------
+    argv : list of str, optional
+        The dataset names (``all``; none: the list of known ones) and the options (``--root``, ``--mirror``,
+        ``--verify``, ...; ``--help``).
+
+    Returns
+    -------
+    int
+        0, or 1 when a name is unknown or a download or checksum failed (the message on stderr says which).
+    """
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("names", nargs="*", help=f"datasets: {', '.join(REGISTRY)} (or 'all')")
     default_root = Path(os.environ.get("SCGPT_CACHE", ROOT / ".cache")) / "benchmarks"

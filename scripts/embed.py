@@ -35,7 +35,19 @@ sys.path.insert(0, str(ROOT))
 
 
 def main(argv=None) -> int:
-    """``run`` with input errors (no cells, NaN / inf, options that do not fit the file) as status 2."""
+    """Run the command line ``argv`` (None: ``sys.argv``); returns the exit status.
+
+    Parameters
+    ----------
+    argv : list of str, optional
+        The options (``--checkpoint``, ``--input``, ``--output``, ``--precision``, ...; ``--help``).
+
+    Returns
+    -------
+    int
+        0, or 2 for an input the run refuses (no cells, NaN / inf, options that do not fit the file; the message on
+        stderr names the file, cell or gene and the fix).
+    """
     from scgpt_train.errors import UserInputError
 
     try:

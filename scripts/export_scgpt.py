@@ -20,6 +20,18 @@ from scgpt_train.checkpoints import ATTENTION_LAYOUTS, export_official, load_che
 
 
 def main(argv=None) -> int:
+    """Export the checkpoint the command line ``argv`` (None: ``sys.argv``) names; returns the exit status.
+
+    Parameters
+    ----------
+    argv : list of str, optional
+        The checkpoint and the options (``--out``, ``--layout``, ``--vocab``; ``--help``).
+
+    Returns
+    -------
+    int
+        0 (a checkpoint without a vocabulary and no ``--vocab``: argparse's usage error, status 2).
+    """
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("checkpoint", type=Path, help="scgpt_train .pt file or Lightning .ckpt")
     parser.add_argument("--out", type=Path, required=True, help="output directory")

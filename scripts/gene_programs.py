@@ -29,6 +29,18 @@ sys.path.insert(0, str(ROOT))
 
 
 def main(argv=None) -> int:
+    """Run the command line ``argv`` (None: ``sys.argv``); returns the exit status.
+
+    Parameters
+    ----------
+    argv : list of str, optional
+        The options (``--checkpoint``, ``--adata`` or ``--genes``, ``--gmt``, ``--out``, ...; ``--help``).
+
+    Returns
+    -------
+    int
+        0, or 2 for an input the run refuses (the message on stderr names the file, gene or key and the fix).
+    """
     from scgpt_train.errors import UserInputError
 
     try:

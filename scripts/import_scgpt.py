@@ -20,6 +20,18 @@ from scgpt_train.checkpoints import detect_attention_layout, load_official, read
 
 
 def main(argv=None) -> int:
+    """Import the official checkpoint directory the command line ``argv`` (None: ``sys.argv``) names.
+
+    Parameters
+    ----------
+    argv : list of str, optional
+        The official directory (best_model.pt, args.json, vocab.json) and ``--out`` (``--help``).
+
+    Returns
+    -------
+    int
+        0 (the exit status).
+    """
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("checkpoint_dir", type=Path, help="official directory: best_model.pt, args.json, vocab.json")
     parser.add_argument("--out", type=Path, required=True, help="output checkpoint file (e.g. scgpt_human.pt)")

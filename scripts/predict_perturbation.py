@@ -66,6 +66,19 @@ def parse(argv=None) -> argparse.Namespace:
 
 
 def main(argv=None) -> int:
+    """Run the command line ``argv`` (None: ``sys.argv``); returns the exit status.
+
+    Parameters
+    ----------
+    argv : list of str, optional
+        The options (``--checkpoint``, ``--controls``, ``--conditions``, ``--out``, ...; ``--help``).
+
+    Returns
+    -------
+    int
+        0, or 2 for an input the run refuses (an unknown condition gene, no control cells, non-log data; the
+        message on stderr names the condition, gene or file).
+    """
     args = parse(argv)
     from scgpt_train.errors import UserInputError
     from scgpt_train.tasks.perturbation.predict import predict_h5ad

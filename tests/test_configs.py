@@ -45,6 +45,24 @@ def test_every_experiment_composes_and_resolves(experiment):
         assert cb is None or "_target_" in cb, f"{experiment}: callback {name} has no _target_"  # null = disabled
 
 
+DEMOS = [e for e in EXPERIMENTS if e.startswith("finetune_") and e.endswith("_demo")]
+
+
+@pytest.mark.parametrize("demo", DEMOS)
+def test_each_demo_experiment_takes_its_recipe_through_the_defaults_list(demo):
+    """finetune_<task>_demo is its recipe finetune_<task> at CPU size: the recipe is the first entry of its defaults
+    list, so the task, objective, callbacks and model selection come from the recipe, not from a copy of it."""
+    recipe = demo.removesuffix("_demo")
+    defaults = list(OmegaConf.load(CONFIGS / "experiment" / f"{demo}.yaml").get("defaults") or [])
+    assert defaults[:1] == [recipe], f"{demo}.yaml: defaults {defaults} do not start with its recipe {recipe}"
+    ours, theirs = (resolved(compose_cfg([f"experiment={name}"])) for name in (demo, recipe))
+    for key in ("objective", "callbacks", "optimized_metric"):
+        assert ours[key] == theirs[key], key
+    assert ours["task"]["_target_"] == theirs["task"]["_target_"]
+    assert ours["data"]["_target_"] == theirs["data"]["_target_"]
+    assert len(DEMOS) >= 4  # annotation, integration, perturbation, multiomic
+
+
 @pytest.mark.parametrize("trainer", sorted(p.stem for p in (CONFIGS / "trainer").glob("*.yaml")))
 def test_every_trainer_preset_composes(trainer):
     cfg = resolved(compose_cfg([f"trainer={trainer}"]))
@@ -172,9 +190,10 @@ def test_layout_is_one_node_read_by_data_and_model():
 
 
 def test_finetune_demo_from_a_checkpoint_takes_its_architecture_and_layout(tiny_h5ad, tmp_path):
-    """The recipe comment of finetune_annotation_demo ("From a checkpoint: model=from_official pretrained=CKPT
-    data.vocab=CKPT") builds with the checkpoint's architecture; an architecture override that fights the
-    checkpoint, or data tokenized with another layout (21 bins against the official 51), is refused by name."""
+    """The recipe comment of finetune_annotation_demo ("From a checkpoint: model=from_official pretrained=CKPT"; the
+    vocabulary follows through its recipe's data.vocab: ${pretrained}) builds with the checkpoint's architecture; an
+    architecture override that fights the checkpoint, or data tokenized with another layout (21 bins against the
+    official 51), is refused by name."""
     from hydra.errors import InstantiationException
 
     from scgpt_train.pipeline import build_modules
@@ -183,7 +202,6 @@ def test_finetune_demo_from_a_checkpoint_takes_its_architecture_and_layout(tiny_
         "experiment=finetune_annotation_demo",
         "model=from_official",
         f"pretrained={FIXTURES}",
-        f"data.vocab={FIXTURES}",
         f"data.path={tiny_h5ad}",
         f"paths.output_dir={tmp_path}",
     ]

@@ -51,7 +51,9 @@ class MultiomicDataModule(FineTuneDataModule):
     Parameters
     ----------
     path : str
-        .h5mu or paired .h5ad; ``builder``: callable(path) writing it when absent (the demo).
+        .h5mu or paired .h5ad.
+    builder : callable, optional
+        ``builder(path)`` writes ``path`` when it does not exist (the demo).
     modalities : dict
         {name: ModalityRecipe fields} (kind rna / protein / atac, key, layer, recipe switches).
     use_modalities : list of str, optional

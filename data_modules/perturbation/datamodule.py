@@ -182,7 +182,9 @@ class PerturbationDataModule(FineTuneDataModule):
     Parameters
     ----------
     path : str
-        The GEARS ``perturb_processed.h5ad``; ``builder``: callable(path) writing it when absent (the demo).
+        The GEARS ``perturb_processed.h5ad``.
+    builder : callable, optional
+        ``builder(path)`` writes ``path`` when it does not exist (the demo).
     vocab : str, optional
         vocab.json / checkpoint (official directory, imported .pt, .ckpt); None = the data's genes.
     layout : TokenLayout or dict, optional

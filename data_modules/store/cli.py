@@ -333,6 +333,20 @@ def disk_full_message(e: OSError, out: Path, staged: bool = False) -> str:
 
 
 def build_main(argv: list[str] | None = None) -> int:
+    """Run the command line of ``scripts/build_corpus.py`` (``h5ad INPUT... --out DIR`` or ``census --out DIR``).
+
+    Parameters
+    ----------
+    argv : list of str, optional
+        The command (``h5ad`` or ``census``), its inputs and options (``--out``, ``--vocab``, ``--obs-columns``, ...;
+        ``--help``); None: ``sys.argv``.
+
+    Returns
+    -------
+    int
+        0, or 2 (``EXIT_BAD_INPUT``) for an input the build refuses or a full disk (the message on stderr names the
+        file, gene or key and the fix; a resumable build keeps its finished shards).
+    """
     args = build_parser().parse_args(argv)
     log = _warnings_only if args.quiet else print_log
     staged = False
@@ -510,6 +524,20 @@ def corpus_parser() -> argparse.ArgumentParser:
 
 
 def corpus_main(argv: list[str] | None = None) -> int:
+    """Run the command line of ``scripts/corpus.py`` (``info``, ``verify`` or ``export`` of a corpus DIR).
+
+    Parameters
+    ----------
+    argv : list of str, optional
+        The command, the corpus directory and its options (``--json``, ``--write-checksums``, ``--cells``, ``--out``,
+        ...; ``--help``); None: ``sys.argv``.
+
+    Returns
+    -------
+    int
+        0; 1 (``EXIT_VERIFY_FAILED``) when ``verify`` finds the corpus damaged or unfinished; 2 (``EXIT_BAD_INPUT``)
+        for an input refused (the message on stderr names the file and the fix).
+    """
     args = corpus_parser().parse_args(argv)
     try:
         if args.command == "verify":

@@ -29,14 +29,14 @@ class ScGPT(nn.Module):
 
     Parameters
     ----------
-    config : ScGPTConfig or dict
-        Sizes, the token layout (``layout``: value style, n_bins, pad / mask values; the pipeline refuses data
-        whose layout differs), which inputs and heads exist. See :class:`~scgpt_train.model.config.ScGPTConfig`
-        for every field, including the ones beyond the official model (``attn_dropout``, ``decoder_style``,
-        ``modality_style``, ``condition_pad_id``).
+    *args : ScGPTConfig or dict, or its fields
+        One config: sizes, the token layout (``layout``: value style, n_bins, pad / mask values; the pipeline
+        refuses data whose layout differs), which inputs and heads exist. See
+        :class:`~scgpt_train.model.config.ScGPTConfig` for every field, including the ones beyond the official model
+        (``attn_dropout``, ``decoder_style``, ``modality_style``, ``condition_pad_id``). Or the config's fields,
+        positional in its field order: ``ScGPT(vocab_size, pad_token_id, d_model=...)``.
     **keywords
-        ScGPTConfig fields, on top of ``config``; or the fields alone, positional in the config's order and / or
-        by name: ``ScGPT(vocab_size, pad_token_id, d_model=...)``.
+        ScGPTConfig fields, on top of the config (or of the positional fields).
     """
 
     def __init__(self, *args, **keywords):
