@@ -62,6 +62,10 @@ def test_predict_step_returns_embeddings_and_classes():
         out = module.predict_step(batch, 0)
     assert out["cell_emb"].shape == (5, 16) and out["probs"].shape == (5, 3)
     assert torch.allclose(out["probs"].sum(1), torch.ones(5)) and out["cell_index"].tolist() == list(range(10, 15))
+    # Lightning keeps every batch's predictions: a cell embedding that viewed the (B, L, d) encoder output (<cls>
+    # pooling) kept all of it alive; each returned tensor owns just its own elements
+    for name, tensor in out.items():
+        assert tensor.untyped_storage().nbytes() == tensor.numel() * tensor.element_size(), name
 
 
 @pytest.fixture(scope="module")
