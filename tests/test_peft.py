@@ -209,7 +209,7 @@ def test_peft_without_pretrained_exits_2_with_one_message(small_corpus, tmp_path
 def test_ia3_fine_tune_trains_scales_only_and_freeze_layers_skips_the_first(small_pretrained, tmp_path):
     base = small_pretrained
     overrides = ["experiment=finetune_annotation_demo", "model=from_official", f"pretrained={base}"]
-    train_in_process([*overrides, f"data.vocab={base}", "peft=ia3", "+model.freeze.layers=1", "logger=none", *SHORT,
+    train_in_process([*overrides, f"data.vocab={base}", "peft=ia3", "++model.freeze.layers=1", "logger=none", *SHORT,
                       "task.umap=false", "task.write_h5ad=false"], tmp_path)  # fmt: skip
     ckpt = torch.load(tmp_path / "checkpoints" / "last.ckpt", map_location="cpu", weights_only=False)
     ia3 = [k for k in ckpt["state_dict"] if ".ia3_l." in k]
