@@ -147,9 +147,8 @@ class ScGPTLitModule(pl.LightningModule):
     def predict_step(self, batch: Batch, batch_idx: int = 0, dataloader_idx: int = 0) -> dict[str, torch.Tensor]:
         """Per cell: ``cell_index``, ``cell_emb`` (B, d); with a classifier also ``probs`` (B, C), ``pred`` (B,)."""
         outputs = self(batch)
-        # a copy: with <cls> pooling cell_emb is a view of the (B, L, d) encoder output, and Lightning keeps every
-        # batch's predictions, so a view kept each batch's whole encoder output alive (~1.2 GB more peak RSS for
-        # 1,000 cells at 3,001 tokens, scripts/bench_finetune_memory.py)
+        # a copy: with <cls> pooling cell_emb is a view of the (B, L, d) encoder output; a caller that keeps every
+        # batch's predictions (Lightning's trainer.predict) would keep each batch's whole encoder output alive
         out = {"cell_emb": outputs["cell_emb"].float().clone()}
         if batch.cell_index is not None:
             out["cell_index"] = batch.cell_index
