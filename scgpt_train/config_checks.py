@@ -65,6 +65,9 @@ def batches_or_fraction(positive: bool = False, nullable: bool = True) -> Rule:
 
 RULES: dict[str, Rule] = {
     "seed": whole(0),
+    "malloc_mmap_threshold": Rule(
+        lambda v: _is_int(v) and 0 <= v <= 32 << 20, "a whole number of bytes from 0 to 33554432 (32 MiB)", True
+    ),
     "trainer.max_steps": whole(-1),
     "trainer.max_epochs": whole(-1, nullable=True),
     "trainer.min_steps": whole(0, nullable=True),

@@ -40,6 +40,7 @@ from scgpt_train.fault_tolerance import (
     find_resume_checkpoint,
     remove_leftover_temp_files,
 )
+from scgpt_train.heap import set_mmap_threshold
 from scgpt_train.run_lock import HOLDER_NAME, LOCK_NAME, RunDirLock, is_job_leader
 
 log = logging.getLogger(__name__)
@@ -286,6 +287,7 @@ def _run_locked(cfg: DictConfig, output_dir: Path) -> dict[str, float]:
     try:
         try:  # every refusal of the user's input comes before training starts
             check_config(cfg)
+            log.info("glibc's mmap threshold: %s", set_mmap_threshold(cfg.get("malloc_mmap_threshold")))
             if leader:
                 remove_leftover_temp_files(output_dir)
             ckpt_path = resolve_ckpt_path(cfg.get("ckpt_path"), str(output_dir), bool(cfg.get("auto_resume", False)))

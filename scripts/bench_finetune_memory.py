@@ -20,7 +20,9 @@ and its report. The figure is the process' peak resident memory (``ru_maxrss`` o
   prediction batches of 16);
 - ``one_pass_32``: the layout before issue 27 (32 cells in one pass, validation batches of 64): what the issue
   measured at 5-6 GB;
-- ``recipe_bf16``: the recipe with ``trainer=cpu_bf16``.
+- ``recipe_bf16``: the recipe with ``trainer=cpu_bf16``;
+- ``recipe_glibc_dynamic``: the recipe with glibc's dynamic mmap threshold (``malloc_mmap_threshold=null``), as
+  before the framework fixed it at 1 MiB (scgpt_train/heap.py).
 
 Prints a table (peak RSS, wall time, the ratio to the ``recipe`` row); ``--json`` writes the numbers. Wall times
 depend on the load; the memory does not.
@@ -45,6 +47,7 @@ VARIANTS = {  # name -> (overrides, cells a training micro-batch holds)
     "recipe": ([], 4),
     "one_pass_32": (["data.batch_size=32", "data.val_batch_size=64", "trainer.accumulate_grad_batches=1"], 32),
     "recipe_bf16": (["trainer=cpu_bf16"], 4),
+    "recipe_glibc_dynamic": (["malloc_mmap_threshold=null"], 4),
 }
 
 

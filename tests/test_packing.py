@@ -329,14 +329,14 @@ def cpu_varlen_kernel(q, k, v, cu_q, cu_k, max_q, max_k, scale):
     return torch.cat(outs)
 
 
-ATTENTION_PATHS = {
-    "buckets (default ratio)": lambda q, k, v, p, g: packed_attention_buckets(q, k, v, p, g),
-    "buckets (one per length)": lambda q, k, v, p, g: packed_attention_buckets(q, k, v, p, g, ratio=1.0),
-    "buckets (one padded bucket)": lambda q, k, v, p, g: packed_attention_buckets(q, k, v, p, g, ratio=0.0),
-    "varlen stream arithmetic (CPU kernel)": lambda q, k, v, p, g: packed_attention_varlen(
-        q, k, v, p, g, kernel=cpu_varlen_kernel
+ATTENTION_PATHS = {  # each takes qkv (T, 3, H, Dh)
+    "buckets (default ratio)": lambda qkv, p, g: packed_attention_buckets(qkv, p, g),
+    "buckets (one per length)": lambda qkv, p, g: packed_attention_buckets(qkv, p, g, ratio=1.0),
+    "buckets (one padded bucket)": lambda qkv, p, g: packed_attention_buckets(qkv, p, g, ratio=0.0),
+    "varlen stream arithmetic (CPU kernel)": lambda qkv, p, g: packed_attention_varlen(
+        qkv, p, g, kernel=cpu_varlen_kernel
     ),
-    "dispatch": lambda q, k, v, p, g: packed_attention(q, k, v, p, g),
+    "dispatch": lambda qkv, p, g: packed_attention(qkv, p, g),
 }
 
 
@@ -358,7 +358,7 @@ def test_packed_attention_paths_equal_the_explicit_mask_reference(path, generati
     q, k, v = _qkv(T, dtype=dtype)
     packed = PackedCells(cu, token_cell, max(lengths))
     upstream = torch.randn(T, 4, 16, generator=g, dtype=dtype)
-    out = ATTENTION_PATHS[path](q, k, v, packed, gen)
+    out = ATTENTION_PATHS[path](torch.stack((q, k, v), 1), packed, gen)
     grads = torch.autograd.grad((out * upstream).sum(), (q, k, v))
     pad = torch.zeros(1, T, dtype=torch.bool)
     allowed = reference_attention_mask(pad, None if gen is None else gen[None], token_cell[None])  # (1, T, T)
@@ -433,7 +433,7 @@ def test_cuda_varlen_flash_equals_the_reference(generative, dtype, tol):
     q, k, v = (torch.randn(T, 8, 64, generator=g, device="cuda").to(dtype).requires_grad_() for _ in range(3))
     packed = PackedCells(cu, token_cell, max(lengths))
     upstream = torch.randn(T, 8, 64, generator=g, device="cuda").to(dtype)
-    out = packed_attention(q, k, v, packed, gen)
+    out = packed_attention(torch.stack((q, k, v), 1), packed, gen)
     grads = torch.autograd.grad((out.float() * upstream.float()).sum(), (q, k, v))
     q32, k32, v32 = (t.detach().float().requires_grad_() for t in (q, k, v))
     pad = torch.zeros(1, T, dtype=torch.bool, device="cuda")

@@ -32,6 +32,8 @@ def test_demo_trains_validates_checkpoints_and_summarizes(demo_run):
         assert column in metrics, column
     cfg = yaml.safe_load((demo_run / "config.yaml").read_text())
     assert cfg["task_name"] == "demo"
+    if __import__("platform").libc_ver()[0] == "glibc":  # scgpt_train/heap.py, configs/train.yaml's default
+        assert "glibc's mmap threshold: fixed at 1048576 bytes" in (demo_run / "demo.log").read_text()
 
 
 def test_resume_from_checkpoint_continues_the_step_count(demo_run, demo_corpus, tmp_path):
@@ -121,14 +123,15 @@ def test_tensorboard_logger_writes_events(demo_corpus, tmp_path):
 def test_bad_config_values_are_refused_by_key_before_anything_is_built(tmp_path):
     """One message naming every bad key, exit 2, no traceback, and no run dir left behind (Hydra had made it)."""
     run_dir = tmp_path / "run"
-    bad = ["trainer.max_steps=abc", "model.net.d_model=-1", "data.batch_size=-4"]
+    bad = ["trainer.max_steps=abc", "model.net.d_model=-1", "data.batch_size=-4", "malloc_mmap_threshold=-1"]
     done = subprocess.run(
         [sys.executable, "train.py", f"hydra.run.dir={run_dir}", *bad], cwd=ROOT, capture_output=True, text=True
     )
     assert done.returncode == 2, done.stderr[-3000:]
     errors = [line for line in done.stderr.splitlines() if line.startswith("error:")]
     assert len(errors) == 1 and "Traceback" not in done.stderr, done.stderr[-3000:]
-    for named in ("trainer.max_steps='abc' (str) must be a whole number", "model.net.d_model=-1", "data.batch_size=-4"):
+    named_keys = ("trainer.max_steps='abc' (str) must be a whole number", "model.net.d_model=-1", "data.batch_size=-4")
+    for named in (*named_keys, "malloc_mmap_threshold=-1 must be a whole number of bytes from 0 to 33554432"):
         assert named in errors[0]
     assert not run_dir.exists()
     # the API gets the same refusal as a typed exception

@@ -212,8 +212,8 @@ class PackedCells:
         """Length buckets of the cells (computed once per ratio, on the host).
 
         Returns ``[(index (n, L_b) int64 stream positions (padding slots repeat the cell's <cls>), valid (n, L_b)
-        bool, padded: bool), ...]`` and ``order`` (T,) int64: for every stream token, its row in the concatenation
-        of the buckets' valid slots.
+        bool, padded: bool), ...]`` and ``source`` (T,) int64: for every stream token, its row in the concatenation
+        of the buckets' (n * L_b) slots, padding included.
         """
         if ratio not in self._buckets:
             cu = self.cu_seqlens.cpu().numpy().astype(np.int64)
@@ -225,7 +225,7 @@ class PackedCells:
                     groups.append(np.sort(by_length[start:i]))
                     start = i
             device = self.token_cell.device
-            buckets, positions = [], []
+            buckets, source, first_slot = [], np.zeros(int(cu[-1]), np.int64), 0
             for cells in groups:
                 L_b = int(lengths[cells].max())
                 offset = np.arange(L_b)[None, :]
@@ -234,57 +234,55 @@ class PackedCells:
                 buckets.append(
                     (torch.from_numpy(index).to(device), torch.from_numpy(valid).to(device), not bool(valid.all()))
                 )
-                positions.append(index[valid])
-            flat = np.concatenate(positions) if positions else np.zeros(0, np.int64)
-            order = np.empty_like(flat)
-            order[flat] = np.arange(len(flat))
-            self._buckets[ratio] = (buckets, torch.from_numpy(order).to(device))
+                source[index[valid]] = first_slot + np.flatnonzero(valid)  # row-major: the same order as index[valid]
+                first_slot += valid.size
+            self._buckets[ratio] = (buckets, torch.from_numpy(source).to(device))
         return self._buckets[ratio]
 
 
-def packed_attention_buckets(q, k, v, packed: PackedCells, gen_mask=None, dropout_p: float = 0.0, ratio=None):
+def packed_attention_buckets(qkv, packed: PackedCells, gen_mask=None, dropout_p: float = 0.0, ratio=None):
     """Per-cell attention over a packed stream by length buckets (any device, dropout allowed).
 
-    q, k, v: (T, H, Dh); gen_mask: (T,) bool True = unknown token, or None (plain attention). Returns (T, H, Dh).
+    qkv: (T, 3, H, Dh) (q; k; v of each token); gen_mask: (T,) bool True = unknown token, or None (plain
+    attention). Returns (T, H, Dh). Tokens move as whole rows: one row gather of qkv and one permuting copy into
+    each bucket's (3, n, H, L_b, Dh) block (the padded path's layout), one row gather of the outputs back into
+    stream order.
     """
-    buckets, order = packed.buckets(BUCKET_RATIO if ratio is None else ratio)
-    if len(buckets) == 1 and not buckets[0][2]:  # every cell equally long: the stream is already (n, L, H, Dh)
-        n, L_b = buckets[0][0].shape
-        qb, kb, vb = (t.reshape(n, L_b, *t.shape[1:]).transpose(1, 2).contiguous() for t in (q, k, v))
-        if gen_mask is None:
-            ob = F.scaled_dot_product_attention(qb, kb, vb, dropout_p=dropout_p)
-        else:
-            unknown = gen_mask.reshape(n, L_b)
-            ob = generative_sdpa(qb, kb, vb, ~unknown, unknown, dropout_p)
-        return ob.transpose(1, 2).reshape(q.shape)
+    T, _, H, Dh = qkv.shape
+    buckets, source = packed.buckets(BUCKET_RATIO if ratio is None else ratio)
+    rows = qkv.reshape(T, 3 * H * Dh)  # (T, 3d)
     outs = []
     for index, valid, padded in buckets:
-        qb, kb, vb = (t[index].transpose(1, 2).contiguous() for t in (q, k, v))  # (n, H, L_b, Dh)
+        n, L_b = index.shape
+        block = rows if len(buckets) == 1 and not padded else rows.index_select(0, index.reshape(-1))  # (n L_b, 3d)
+        qb, kb, vb = block.view(n, L_b, 3, H, Dh).permute(2, 0, 3, 1, 4).contiguous().unbind(0)  # (n, H, L_b, Dh)
         if gen_mask is None:
             mask = valid[:, None, None, :] if padded else None
             ob = F.scaled_dot_product_attention(qb, kb, vb, attn_mask=mask, dropout_p=dropout_p)
         else:
             unknown = gen_mask[index] & valid  # (n, L_b)
             ob = generative_sdpa(qb, kb, vb, valid & ~unknown, unknown, dropout_p)
-        outs.append(ob.transpose(1, 2)[valid])  # (N_b, H, Dh): the bucket's tokens, cell by cell
-    return torch.cat(outs)[order]
+        outs.append(ob.transpose(1, 2).reshape(n * L_b, H, Dh))  # the bucket's slots, padding included
+    if len(buckets) == 1 and not buckets[0][2]:  # every cell equally long: the slots are the stream
+        return outs[0]
+    return torch.cat(outs).index_select(0, source)  # (T, H, Dh)
 
 
 def _cuda_varlen_kernel(q, k, v, cu_q, cu_k, max_q, max_k, scale):
     return _varlen_attn(q, k, v, cu_q, cu_k, max_q, max_k, scale=scale)
 
 
-def packed_attention_varlen(q, k, v, packed: PackedCells, gen_mask=None, kernel=None):
+def packed_attention_varlen(qkv, packed: PackedCells, gen_mask=None, kernel=None):
     """Per-cell attention over a packed stream with a varlen kernel (default: the CUDA flash varlen kernel).
 
-    q, k, v: (T, H, Dh); gen_mask (T,) bool or None. ``kernel(q, k, v, cu_q, cu_k, max_q, max_k, scale)`` is
+    qkv: (T, 3, H, Dh); gen_mask (T,) bool or None. ``kernel(q, k, v, cu_q, cu_k, max_q, max_k, scale)`` is
     swappable so the stream arithmetic is tested on CPU against the reference. Returns (T, H, Dh).
     """
     kernel = _cuda_varlen_kernel if kernel is None else kernel
-    T, H, Dh = q.shape
+    T, _, H, Dh = qkv.shape
     scale = Dh**-0.5
     cu, max_len = packed.cu_seqlens, packed.max_seqlen
-    q, k, v = q.contiguous(), k.contiguous(), v.contiguous()
+    q, k, v = (t.contiguous() for t in qkv.unbind(1))
     if gen_mask is None:
         return kernel(q, k, v, cu, cu, max_len, max_len, scale)
     # generative: per cell, keys = its tokens + one sink; two extra channels (module doc), padded to Dh + 8
@@ -310,19 +308,20 @@ def packed_attention_varlen(q, k, v, packed: PackedCells, gen_mask=None, kernel=
     return out[..., :Dh] + out[..., Dh : Dh + 1] * v
 
 
-def packed_attention(q, k, v, packed: PackedCells, gen_mask=None, dropout_p: float = 0.0):
-    """Per-cell attention over a packed stream: the CUDA varlen kernel where it applies, else length buckets."""
+def packed_attention(qkv, packed: PackedCells, gen_mask=None, dropout_p: float = 0.0):
+    """Per-cell attention over a packed stream (qkv (T, 3, H, Dh) -> (T, H, Dh)): the CUDA varlen kernel where it
+    applies, else length buckets."""
     varlen_ok = (
         _varlen_attn is not None
-        and q.is_cuda
-        and q.dtype in (torch.float16, torch.bfloat16)
+        and qkv.is_cuda
+        and qkv.dtype in (torch.float16, torch.bfloat16)
         and dropout_p == 0.0
-        and q.shape[-1] % 8 == 0
-        and q.shape[-1] + _EXTRA_DIMS <= 256
+        and qkv.shape[-1] % 8 == 0
+        and qkv.shape[-1] + _EXTRA_DIMS <= 256
     )
     if varlen_ok:
-        return packed_attention_varlen(q, k, v, packed, gen_mask)
-    return packed_attention_buckets(q, k, v, packed, gen_mask, dropout_p)
+        return packed_attention_varlen(qkv, packed, gen_mask)
+    return packed_attention_buckets(qkv, packed, gen_mask, dropout_p)
 
 
 class SelfAttention(nn.Module):
@@ -354,8 +353,8 @@ class SelfAttention(nn.Module):
         if packed is not None:
             if B != 1:
                 raise ValueError(f"a packed batch is one (1, T) stream, got x of shape {tuple(x.shape)}")
-            q, k, v = self.qkv(x).view(L, 3, self.n_heads, d // self.n_heads).unbind(1)  # (T, H, Dh) each
-            out = packed_attention(q, k, v, packed, None if gen_mask is None else gen_mask[0], p)
+            qkv = self.qkv(x).view(L, 3, self.n_heads, d // self.n_heads)  # (T, 3, H, Dh)
+            out = packed_attention(qkv, packed, None if gen_mask is None else gen_mask[0], p)
             return self.out_proj(out.reshape(1, L, d))
         # one copy into (3, B, H, L, Dh): SDPA's CPU math kernel is many times slower on strided q/k/v
         q, k, v = (
