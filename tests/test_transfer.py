@@ -18,7 +18,7 @@ from scgpt_train.benchmarks.transfer import BASELINE_NAMES, run_transfer_benchma
 # 1.5x away from the mean usage, cells close to their type's usage (Dirichlet precision 100 instead of the fitted
 # 16). On it the tiny model (model/demo_tiny) leaves the gene-identity plateau after ~400-500 steps of 16 cells x
 # 64 genes with a category value encoding, lr 3e-3 and no dropout (with the default world it stays on the plateau
-# for 800 steps of this recipe; with the continuous value encoding it leaves ~150 steps later).
+# for 800 steps of this recipe; with the continuous value encoding it leaves ~150-200 steps later).
 PRETRAIN = [
     "layout.max_seq_len=65",
     "data.batch_size=16",
@@ -78,8 +78,8 @@ def test_pretraining_learns_and_transfers_to_the_held_out_tissue(tmp_path, sim_c
     0.92-0.96, L1-LR 0.82-0.88: none saturates. The thresholds below sit well inside every measured value."""
     from hydra import initialize_config_dir
 
-    # one torch thread: the figures above are one thread's (two threads round differently), and two threads on two
-    # shared cores ran this test 5x slower (measured: >300 s under load 3-4)
+    # one torch thread: the figures above are one thread's (two threads round differently), and with two threads on
+    # two loaded cores this test had not finished after 300 s (62 s with one, under load average 3-4)
     with initialize_config_dir(str(ROOT / "configs"), version_base="1.3"), pinned_threads(1):
         result = run_transfer_benchmark(SMALL, SEEDS, tmp_path, [f"paths.cache_dir={sim_cache}"])
     block = json.loads((tmp_path / "results.json").read_text())["transfer"]
