@@ -17,15 +17,11 @@ from scgpt_train.benchmarks.transfer import BASELINE_NAMES, run_transfer_benchma
 # An easier world than the benchmark's default (docs/simulation.md): a 300-gene panel, the type centroids pushed
 # 1.5x away from the mean usage, cells close to their type's usage (Dirichlet precision 100 instead of the fitted
 # 16). On it the tiny model (model/demo_tiny) leaves the gene-identity plateau after ~400-500 steps of 16 cells x
-# 64 genes with a category value encoding, lr 3e-3 and no dropout (with the default world it stays on the plateau
-# for 800 steps of this recipe; with the continuous value encoding it leaves ~150-200 steps later).
-PRETRAIN = [
-    "layout.max_seq_len=65",
-    "data.batch_size=16",
-    "layout.value_style=category",
-    "model.lr=3e-3",
-    "model.net.dropout=0.0",
-]
+# 64 genes with a category value encoding and lr 3e-3 (with the default world it stays on the plateau for 800 steps
+# of this recipe; with the continuous value encoding it leaves ~150-200 steps later). Dropout stays at the model's
+# 0.1: the fine-tune from the checkpoint gets the checkpoint's network, dropout included, and the one from scratch
+# must differ from it in the weights only.
+PRETRAIN = ["layout.max_seq_len=65", "data.batch_size=16", "layout.value_style=category", "model.lr=3e-3"]
 SMALL = {
     "name": "transfer_sim_small",
     "task": "annotation",
@@ -62,17 +58,17 @@ def test_pretraining_learns_and_transfers_to_the_held_out_tissue(tmp_path, sim_c
     Measured (this SMALL, one torch thread, which reproduces every figure exactly; macro F1 on the query cells for
     fine-tuning seeds 0 / 1 / 2; "gain" = pretrained - scratch per seed):
 
-    - pretraining seed 0 (the test's): GEP ratio 0.694; scratch 0.496 / 0.314 / 0.357; pretrained 0.635 / 0.627 /
-      0.637 (gain +0.14 / +0.31 / +0.28); zero-shot kNN 0.483 / 0.463 / 0.471.
-    - pretraining and corpus seed 1: ratio 0.707; pretrained 0.597 / 0.581 / 0.517 (gain +0.10 / +0.27 / +0.16);
-      kNN 0.576 / 0.475 / 0.497.
-    - pretraining and corpus seed 2: ratio 0.735; pretrained 0.580 / 0.490 / 0.447 (gain +0.08 / +0.18 / +0.09);
-      kNN 0.371 / 0.506 / 0.459.
-    - another world (``SimParams.seed=1``: its own fit, types, tissues): ratio 0.777; scratch 0.438 / 0.322 /
-      0.325, pretrained 0.686 / 0.618 / 0.708 (gain +0.25 / +0.30 / +0.38); kNN 0.567 / 0.498 / 0.524.
+    - pretraining seed 0 (the test's): GEP ratio 0.691; scratch 0.496 / 0.314 / 0.357; pretrained 0.634 / 0.507 /
+      0.540 (gain +0.14 / +0.19 / +0.18); zero-shot kNN 0.434 / 0.412 / 0.463.
+    - pretraining and corpus seed 1: ratio 0.734; pretrained 0.628 / 0.590 / 0.553 (gain +0.13 / +0.28 / +0.20);
+      kNN 0.426 / 0.410 / 0.495.
+    - pretraining and corpus seed 2: ratio 0.736; pretrained 0.588 / 0.436 / 0.414 (gain +0.09 / +0.12 / +0.06);
+      kNN 0.348 / 0.341 / 0.380.
+    - another world (``SimParams.seed=1``: its own fit, types, tissues): ratio 0.764; scratch 0.438 / 0.322 /
+      0.325, pretrained 0.707 / 0.550 / 0.614 (gain +0.27 / +0.23 / +0.29); kNN 0.588 / 0.480 / 0.455.
 
     (The scratch fine-tunes depend on the world and the fine-tuning seed only.) Smallest measured: mean gain over
-    seeds 0-1 +0.13, gain of one seed +0.08, kNN mean over seeds 0-1 0.44, ratio at most 0.78. On the plateau
+    seeds 0-1 +0.11, gain of one seed +0.06, kNN mean over seeds 0-1 0.34, ratio at most 0.76. On the plateau
     (ratio ~1.0: 300 steps with the continuous value encoding, or the default world) zero-shot kNN is at chance
     (0.11-0.16) and the pretrained fine-tune no better than scratch. Baselines (means over seeds 0-2): HVG+PCA+LR
     0.92-0.96, L1-LR 0.82-0.88: none saturates. The thresholds below sit well inside every measured value."""
@@ -93,9 +89,9 @@ def test_pretraining_learns_and_transfers_to_the_held_out_tissue(tmp_path, sim_c
 
     summary = result["summary"]
     ratio = summary["per_gene_ratio"]["2000"]["gep_vs_per_gene"]
-    assert ratio < 0.85, ratio  # off the gene-identity plateau (measured 0.69-0.78; on it ~0.98-1.0)
-    assert summary["zero_shot_knn"]["2000"]["mean"] > 0.3, summary["zero_shot_knn"]  # chance ~0.12; measured >= 0.44
+    assert ratio < 0.85, ratio  # off the gene-identity plateau (measured 0.69-0.76; on it ~0.98-1.0)
+    assert summary["zero_shot_knn"]["2000"]["mean"] > 0.25, summary["zero_shot_knn"]  # chance ~0.13; measured >= 0.34
     scratch, pretrained = summary["scratch"]["values"], summary["pretrained"]["2000"]["values"]
     gain = [p - s for p, s in zip(pretrained, scratch, strict=True)]
-    assert sum(gain) / len(gain) >= 0.05, (scratch, pretrained)  # measured mean gain over seeds 0-1 >= 0.13
-    assert min(gain) > 0.0, (scratch, pretrained)  # every seed (measured >= 0.08)
+    assert sum(gain) / len(gain) >= 0.05, (scratch, pretrained)  # measured mean gain over seeds 0-1 >= 0.11
+    assert min(gain) > 0.0, (scratch, pretrained)  # every seed (measured >= 0.06)
