@@ -8,7 +8,8 @@ ship inside the celltypist package; ``data_modules.demo.celltypist_adata``):
    ``x_c / L_c ~ f_c @ H``: ``H`` (K, G) rows sum to 1 (a program = a distribution over genes), ``f_c`` (K,) the
    cell's program usage (sums to 1).
 3. **Cell types**: k-means clusters of the real usages ``f_c``; a type's usage centroid ``u_t``, pulled towards the
-   mean usage by ``type_separation`` (1 = the fitted centroids, 0 = all types alike). Types differ in their mix of
+   mean usage by ``type_separation`` (1 = the fitted centroids, 0 = all types alike; above 1 pushed away from it,
+   an easier world: tests/test_transfer.py uses 1.5). Types differ in their mix of
    programs (hundreds of genes each), not in a marker gene. A cell of type t draws ``f ~ Dirichlet(precision * u_t)``;
    ``precision`` is fitted to the real clusters by moments (the within-type variability of usage).
 4. **Tissues**: a tissue is a composition over types (Dirichlet(``composition_alpha``)) and a gene-wise shift,
@@ -53,7 +54,7 @@ class SimParams:
     n_programs: int = 12  # K of the factorization
     n_types: int = 8  # k-means clusters of the real usages
     n_novel_types: int = 1  # types only in the held-out tissue (the last of TISSUES)
-    type_separation: float = 1.0  # 1: fitted centroids; towards 0: every type has the mean usage
+    type_separation: float = 1.0  # 1: fitted centroids; towards 0: every type has the mean usage; > 1: further apart
     precision: float | None = None  # Dirichlet precision of a cell's usage around its type's; None = fitted
     composition_alpha: float = 1.0  # Dirichlet concentration of a tissue's type composition
     tissue_shift_sd: float = 0.5
