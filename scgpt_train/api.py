@@ -135,8 +135,8 @@ def embed(
         An input with Ensembl ids and a symbol column that disagree uses the column (default: the ids decide), as
         ``--prefer-gene-column``.
     batch_size, max_tokens : int, optional
-        Cells are sorted by length and packed into batches of at most ``max_tokens`` tokens (default
-        ``inference_batches.DEFAULT_MAX_TOKENS``) and ``batch_size`` cells (default: no cap).
+        Cells are sorted by length and packed into batches of at most ``max_tokens`` tokens (default: 4,096 on a CPU,
+        16,384 on a GPU; ``inference_batches.default_max_tokens``) and ``batch_size`` cells (default: no cap).
     max_seq_len : int, optional
         Genes per cell + ``<cls>`` (default: the checkpoint's layout).
     include_zero_genes : bool
@@ -169,7 +169,7 @@ def embed(
     scgpt_train.errors.UserInputError
         (e.g. ``EmbedInputError``) for inputs it cannot embed.
     """
-    from scgpt_train.inference import DEFAULT_MAX_TOKENS, embed_h5ad
+    from scgpt_train.inference import embed_h5ad
 
     with tempfile.TemporaryDirectory(prefix="scgpt_embed_") as tmp, _user_errors({Path(tmp) / "input.h5ad": "adata"}):
         src = _write(adata, Path(tmp) / "input.h5ad", "adata")
@@ -192,7 +192,7 @@ def embed(
             drop_unmapped_cells=drop_unmapped_cells,
             species=species,
             precision=precision,
-            max_tokens=DEFAULT_MAX_TOKENS if max_tokens is None else max_tokens,
+            max_tokens="auto" if max_tokens is None else max_tokens,
             prefer_gene_column=prefer_gene_column,
         )
         return ad.read_h5ad(out)

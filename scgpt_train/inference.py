@@ -20,6 +20,7 @@ from data_modules.errors import check_h5ad_file
 from data_modules.vocab import GeneVocab, guess_gene_key
 from scgpt_train.errors import UserInputError
 from scgpt_train.inference_batches import (  # noqa: F401  (re-exported: the one import of every caller)
+    CPU_MAX_TOKENS,
     DEFAULT_MAX_TOKENS,
     BatchOptions,
     anndata_cells,
@@ -283,13 +284,14 @@ def embed_h5ad(
     drop_unmapped_cells: bool = False,
     species: str | None = None,
     precision: str = "auto",
-    max_tokens: int | None = DEFAULT_MAX_TOKENS,
+    max_tokens: int | str | None = "auto",
     prefer_gene_column: bool = False,
 ) -> Path:
     """Embed every cell of ``input_path`` with ``checkpoint``; write the input AnnData (same obs_names, same order) +
     ``obsm[key]``.
 
-    Cells go through :func:`embed_cells`: sorted by length into batches of at most ``max_tokens`` tokens (and
+    Cells go through :func:`embed_cells`: sorted by length into batches of at most ``max_tokens`` tokens ("auto":
+    4,096 on a CPU, 16,384 on a GPU; ``inference_batches.default_max_tokens``) (and
     ``batch_size`` cells, when given), packed, at
     ``precision`` (auto / fp32 / bf16, ``scgpt_train/precision.py``; what auto chose is printed). Refuses
     (:class:`EmbedInputError`) an input without cells, NaN / inf values and options that do not fit the file. Cells
@@ -300,9 +302,9 @@ def embed_h5ad(
     from scgpt_train.evaluation.report import write_h5ad
 
     # settings are checked before anything is read
-    options = BatchOptions(max_tokens=max_tokens, max_cells=batch_size)
     if device is None:
         device = "cuda" if torch.cuda.is_available() else "cpu"
+    options = BatchOptions(max_tokens=max_tokens, max_cells=batch_size).on(device)
     chosen = resolve_precision(precision, device)
     adata = read_h5ad_checked(input_path, "--input", use_raw=use_raw)
     check_input_layout(adata, input_path, gene_column, use_raw, batch_key)

@@ -58,7 +58,7 @@ def main(argv=None) -> int:
 
 
 def run(argv=None) -> int:
-    from scgpt_train.inference_batches import DEFAULT_MAX_TOKENS
+    from scgpt_train.inference_batches import CPU_MAX_TOKENS, DEFAULT_MAX_TOKENS
     from scgpt_train.precision import PRECISIONS
 
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
@@ -69,8 +69,9 @@ def run(argv=None) -> int:
     p.add_argument(
         "--max-tokens",
         type=int,
-        default=DEFAULT_MAX_TOKENS,
-        help=f"tokens per batch (cells sorted by length, packed; default {DEFAULT_MAX_TOKENS:,})",
+        default=None,
+        help=f"tokens per batch (cells sorted by length, packed; default {CPU_MAX_TOKENS:,} on a CPU, "
+        f"{DEFAULT_MAX_TOKENS:,} on a GPU)",
     )
     p.add_argument("--batch-size", type=int, default=None, help="at most this many cells per batch (default: no cap)")
     p.add_argument(
@@ -140,7 +141,7 @@ def run(argv=None) -> int:
         drop_unmapped_cells=args.drop_unmapped_cells,
         species=args.species,
         precision=args.precision,
-        max_tokens=args.max_tokens,
+        max_tokens="auto" if args.max_tokens is None else args.max_tokens,
         prefer_gene_column=args.prefer_gene_column,
     )
     print(f"wrote {out}")

@@ -125,6 +125,16 @@ def test_batches_are_sorted_packed_within_the_budget_and_cover_every_cell_once(r
     assert [p.tolist() for p in plan] == [[1], [2, 0], [3]]
     with pytest.raises(ValueError, match="max_tokens must be a positive number"):
         BatchOptions(max_tokens=0)
+    # the default budget depends on the device (inference_batches' doc: smaller streams are faster on a CPU)
+    from scgpt_train.inference_batches import CPU_MAX_TOKENS, DEFAULT_MAX_TOKENS
+
+    assert (BatchOptions().on("cpu").max_tokens, BatchOptions().on("cuda").max_tokens) == (4096, 16384)
+    assert (CPU_MAX_TOKENS, DEFAULT_MAX_TOKENS) == (4096, 16384)
+    assert BatchOptions(max_tokens=2000).on("cpu").max_tokens == 2000
+    with pytest.raises(ValueError, match="depends on the device"):
+        plan_batches(np.array([5, 50]), BatchOptions())
+    with pytest.raises(ValueError, match="'auto' or None"):
+        BatchOptions(max_tokens="many")
 
 
 # precision as a setting (scgpt_train/precision.py through embed.py) -----------------------------------------------
