@@ -5,8 +5,9 @@ threshold is dynamic by default: each time a mapped block is freed, the threshol
 32 MiB). A CPU fine-tune at the paper's 3,001-token layout allocates activations of many sizes (cells of different
 lengths, training micro-batches, validation and prediction batches); after the first few, they all come from the
 heap, and the heap's free pieces are too scattered to be returned, so the process' resident memory keeps the high
-mark of every batch shape it met. Measured (``scripts/bench_finetune_memory.py --cells 1000``, docs/benchmarks.md):
-a peak RSS of 2,962 MB with glibc's default, 1,247 MB with a fixed threshold of 1 MiB.
+mark of every batch shape it met. Measured (``scripts/bench_finetune_memory.py --cells 1000``, docs/benchmarks.md,
+idle): a peak RSS of 1,683 MB with glibc's default, 1,247 MB with a fixed threshold of 1 MiB, at ~11% more wall time
+(286 s vs 258 s: freed blocks are unmapped, new ones page-faulted in).
 
 ``set_mmap_threshold`` fixes the threshold (``mallopt(M_MMAP_THRESHOLD, n)``, which also turns the dynamic
 adjustment off) for the allocations that follow; processes forked from this one (dataloader workers) inherit it.
