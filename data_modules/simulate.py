@@ -30,8 +30,10 @@ mean-variance)."""
 
 from __future__ import annotations
 
+import math
 import os
-from dataclasses import asdict, dataclass
+from collections.abc import Mapping
+from dataclasses import asdict, dataclass, fields
 from pathlib import Path
 
 import numpy as np
@@ -39,6 +41,7 @@ import pandas as pd
 import scipy.sparse as sp
 
 from data_modules.atomic import atomic_dir, atomic_path
+from data_modules.errors import UserInputError
 from data_modules.store.writer import CorpusWriter
 from data_modules.vocab import GeneVocab
 
@@ -46,9 +49,14 @@ TISSUES = ("A", "B", "C", "D", "E", "F")
 OBS_COLUMNS = ["cell_type", "tissue", "batch"]
 
 
+class SimParamsError(UserInputError):
+    """A simulation parameter out of its range, or a name ``SimParams`` does not have."""
+
+
 @dataclass(frozen=True)
 class SimParams:
-    """Everything the simulation depends on (the fit and the world drawn from it); one seed for both."""
+    """Everything the simulation depends on (the fit and the world drawn from it); one seed for both. Every field
+    is checked on construction (:class:`SimParamsError` names it)."""
 
     n_genes: int = 1000  # the most often detected real genes
     n_programs: int = 12  # K of the factorization
@@ -64,6 +72,46 @@ class SimParams:
     batch_depth_sd: float = 0.3
     depth_scale: float = 1.0
     seed: int = 0
+
+    def __post_init__(self):
+        def whole(v, low):
+            return isinstance(v, int) and not isinstance(v, bool) and v >= low
+
+        def number(v, low, strict=False, high=None):
+            if isinstance(v, bool) or not isinstance(v, int | float) or not math.isfinite(v):
+                return False
+            return (v > low if strict else v >= low) and (high is None or v <= high)
+
+        rules = {
+            "n_genes": (whole(self.n_genes, 2), "a whole number >= 2"),
+            "n_programs": (whole(self.n_programs, 1), "a whole number >= 1"),
+            "n_types": (whole(self.n_types, 2), "a whole number >= 2"),
+            "n_novel_types": (
+                whole(self.n_novel_types, 0) and (not whole(self.n_types, 2) or self.n_novel_types < self.n_types),
+                "a whole number >= 0 and below n_types",
+            ),
+            "type_separation": (number(self.type_separation, 0.0), "a number >= 0"),
+            "precision": (self.precision is None or number(self.precision, 0.0, strict=True), "a number > 0 or null"),
+            "composition_alpha": (number(self.composition_alpha, 0.0, strict=True), "a number > 0"),
+            "tissue_shift_sd": (number(self.tissue_shift_sd, 0.0), "a number >= 0"),
+            "tissue_shift_fraction": (number(self.tissue_shift_fraction, 0.0, high=1.0), "a number from 0 to 1"),
+            "batches_per_tissue": (whole(self.batches_per_tissue, 1), "a whole number >= 1"),
+            "batch_sd": (number(self.batch_sd, 0.0), "a number >= 0"),
+            "batch_depth_sd": (number(self.batch_depth_sd, 0.0), "a number >= 0"),
+            "depth_scale": (number(self.depth_scale, 0.0, strict=True), "a number > 0"),
+            "seed": (whole(self.seed, 0), "a whole number >= 0"),
+        }
+        bad = [f"{name}={getattr(self, name)!r} must be {expected}" for name, (ok, expected) in rules.items() if not ok]
+        if bad:
+            raise SimParamsError("simulation parameters refused: " + "; ".join(bad))
+
+    @classmethod
+    def from_mapping(cls, values: Mapping, where: str = "simulation") -> SimParams:
+        """``SimParams(**values)``, refusing a name it does not have with one message naming ``where``."""
+        unknown = sorted(set(values) - {f.name for f in fields(cls)})
+        if unknown:
+            raise SimParamsError(f"{where} has no parameter(s) {unknown}; known: {[f.name for f in fields(cls)]}")
+        return cls(**dict(values))
 
 
 @dataclass

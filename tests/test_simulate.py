@@ -89,3 +89,24 @@ def test_cell_types_differ_in_programs_not_in_one_gene(sim_model):
     )
     every = cross_val_score(LogisticRegression(max_iter=300), x, y, cv=3).mean()
     assert single < 0.6 and every > 0.85 and every - single > 0.3, (single, every)
+
+
+def test_simulation_parameters_are_checked_where_they_enter(tmp_path):
+    """A parameter out of range or a name SimParams lacks is refused with one message naming it, before any fit
+    (a negative type_separation used to be accepted and silently mirror the types through the mean usage)."""
+    from data_modules.errors import UserInputError
+    from data_modules.simulate import SimParamsError
+    from scgpt_train.benchmarks.transfer import sim_params
+
+    with pytest.raises(SimParamsError, match=r"type_separation=-0\.5 must be a number >= 0") as info:
+        SimParams(type_separation=-0.5)
+    assert isinstance(info.value, UserInputError)
+    with pytest.raises(SimParamsError, match=r"n_novel_types=8 must be a whole number >= 0 and below n_types"):
+        SimParams(n_novel_types=8)
+    with pytest.raises(SimParamsError, match=r"precision=0\.0 must be a number > 0 or null; depth_scale=nan"):
+        SimParams(precision=0.0, depth_scale=float("nan"))
+    with pytest.raises(SimParamsError, match=r"benchmark.simulation has no parameter\(s\) \['type_seperation'\]"):
+        sim_params({"simulation": {"type_seperation": 1.5}})
+    assert sim_params({"simulation": {"n_genes": 300, "type_separation": 1.5}}) == SimParams(
+        n_genes=300, type_separation=1.5
+    )

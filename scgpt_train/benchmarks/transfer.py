@@ -41,7 +41,7 @@ def _cache_dir(extra: Sequence[str], out_dir: Path) -> Path:
 def sim_params(bench: Mapping):
     from data_modules.simulate import SimParams
 
-    return SimParams(**dict(bench.get("simulation") or {}))
+    return SimParams.from_mapping(bench.get("simulation") or {}, "benchmark.simulation")
 
 
 def finetune_file(model, bench: Mapping, seed: int, path: Path) -> Path:
