@@ -6,6 +6,7 @@ it stays; with the threshold fixed at 1 MiB the next one is mapped again and unm
 
 from __future__ import annotations
 
+import ctypes
 import platform
 import subprocess
 import sys
@@ -46,7 +47,10 @@ def probe(threshold: str, env: dict | None = None) -> tuple[int, str]:
     return int(mapped), said
 
 
-@pytest.mark.skipif(platform.libc_ver()[0] != "glibc", reason="glibc's malloc only")
+@pytest.mark.skipif(
+    platform.libc_ver()[0] != "glibc" or not hasattr(ctypes.CDLL(None), "mallinfo2"),
+    reason="glibc's malloc with mallinfo2 (glibc >= 2.33) only",
+)
 def test_a_fixed_threshold_maps_large_blocks_where_glibcs_default_reuses_the_heap():
     import os
 
