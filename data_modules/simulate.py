@@ -30,7 +30,6 @@ mean-variance)."""
 
 from __future__ import annotations
 
-import math
 import os
 from collections.abc import Mapping
 from dataclasses import asdict, dataclass, fields
@@ -43,6 +42,7 @@ import scipy.sparse as sp
 from data_modules.atomic import atomic_dir, atomic_path
 from data_modules.errors import UserInputError
 from data_modules.store.writer import CorpusWriter
+from data_modules.value_rules import Rule, is_int, number, whole
 from data_modules.vocab import GeneVocab
 
 TISSUES = ("A", "B", "C", "D", "E", "F")
@@ -74,34 +74,26 @@ class SimParams:
     seed: int = 0
 
     def __post_init__(self):
-        def whole(v, low):
-            return isinstance(v, int) and not isinstance(v, bool) and v >= low
-
-        def number(v, low, strict=False, high=None):
-            if isinstance(v, bool) or not isinstance(v, int | float) or not math.isfinite(v):
-                return False
-            return (v > low if strict else v >= low) and (high is None or v <= high)
-
         rules = {
-            "n_genes": (whole(self.n_genes, 2), "a whole number >= 2"),
-            "n_programs": (whole(self.n_programs, 1), "a whole number >= 1"),
-            "n_types": (whole(self.n_types, 2), "a whole number >= 2"),
-            "n_novel_types": (
-                whole(self.n_novel_types, 0) and (not whole(self.n_types, 2) or self.n_novel_types < self.n_types),
+            "n_genes": whole(2),
+            "n_programs": whole(1),
+            "n_types": whole(2),
+            "n_novel_types": Rule(
+                lambda v: is_int(v) and v >= 0 and (not is_int(self.n_types) or v < self.n_types),
                 "a whole number >= 0 and below n_types",
             ),
-            "type_separation": (number(self.type_separation, 0.0), "a number >= 0"),
-            "precision": (self.precision is None or number(self.precision, 0.0, strict=True), "a number > 0 or null"),
-            "composition_alpha": (number(self.composition_alpha, 0.0, strict=True), "a number > 0"),
-            "tissue_shift_sd": (number(self.tissue_shift_sd, 0.0), "a number >= 0"),
-            "tissue_shift_fraction": (number(self.tissue_shift_fraction, 0.0, high=1.0), "a number from 0 to 1"),
-            "batches_per_tissue": (whole(self.batches_per_tissue, 1), "a whole number >= 1"),
-            "batch_sd": (number(self.batch_sd, 0.0), "a number >= 0"),
-            "batch_depth_sd": (number(self.batch_depth_sd, 0.0), "a number >= 0"),
-            "depth_scale": (number(self.depth_scale, 0.0, strict=True), "a number > 0"),
-            "seed": (whole(self.seed, 0), "a whole number >= 0"),
+            "type_separation": number(0),
+            "precision": number(0, strict=True, nullable=True),
+            "composition_alpha": number(0, strict=True),
+            "tissue_shift_sd": number(0),
+            "tissue_shift_fraction": number(0, maximum=1, inclusive_maximum=True),
+            "batches_per_tissue": whole(1),
+            "batch_sd": number(0),
+            "batch_depth_sd": number(0),
+            "depth_scale": number(0, strict=True),
+            "seed": whole(0),
         }
-        bad = [f"{name}={getattr(self, name)!r} must be {expected}" for name, (ok, expected) in rules.items() if not ok]
+        bad = [r for name, rule in rules.items() if (r := rule.refusal(name, getattr(self, name))) is not None]
         if bad:
             raise SimParamsError("simulation parameters refused: " + "; ".join(bad))
 

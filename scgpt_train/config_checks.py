@@ -8,46 +8,13 @@ rule names a dotted key; a key the composed config does not have is skipped (a d
 
 from __future__ import annotations
 
-import math
-from collections.abc import Callable
-from dataclasses import dataclass
-
 from omegaconf import DictConfig, OmegaConf
 
+from data_modules.value_rules import Rule, is_int, number, whole
 from scgpt_train.errors import ConfigValueError
+from scgpt_train.heap import MAX_THRESHOLD
 
 _MISSING = object()
-
-
-@dataclass(frozen=True)
-class Rule:
-    check: Callable[[object], bool]
-    expected: str
-    nullable: bool = False
-
-
-def _is_int(v) -> bool:
-    return isinstance(v, int) and not isinstance(v, bool)
-
-
-def _is_number(v) -> bool:
-    return (_is_int(v) or isinstance(v, float)) and math.isfinite(v)
-
-
-def whole(minimum: int, nullable: bool = False) -> Rule:
-    return Rule(lambda v: _is_int(v) and v >= minimum, f"a whole number >= {minimum}", nullable)
-
-
-def number(minimum: float, strict: bool = False, maximum: float | None = None, nullable: bool = False) -> Rule:
-    def check(v) -> bool:
-        if not _is_number(v) or (v <= minimum if strict else v < minimum):
-            return False
-        return maximum is None or v < maximum
-
-    bounds = f"> {minimum}" if strict else f">= {minimum}"
-    if maximum is not None:
-        bounds += f" and < {maximum}"
-    return Rule(check, f"a number {bounds}", nullable)
 
 
 def batches_or_fraction(positive: bool = False, nullable: bool = True) -> Rule:
@@ -55,7 +22,7 @@ def batches_or_fraction(positive: bool = False, nullable: bool = True) -> Rule:
     (``positive``: 0 is not allowed either way)."""
 
     def check(v) -> bool:
-        if _is_int(v):
+        if is_int(v):
             return v >= (1 if positive else 0)
         return isinstance(v, float) and (0.0 < v if positive else 0.0 <= v) and v <= 1.0
 
@@ -66,7 +33,9 @@ def batches_or_fraction(positive: bool = False, nullable: bool = True) -> Rule:
 RULES: dict[str, Rule] = {
     "seed": whole(0),
     "malloc_mmap_threshold": Rule(
-        lambda v: _is_int(v) and 0 <= v <= 32 << 20, "a whole number of bytes from 0 to 33554432 (32 MiB)", True
+        lambda v: is_int(v) and 0 <= v <= MAX_THRESHOLD,
+        f"a whole number of bytes from 0 to {MAX_THRESHOLD} (32 MiB)",
+        nullable=True,
     ),
     "trainer.max_steps": whole(-1),
     "trainer.max_epochs": whole(-1, nullable=True),
@@ -113,14 +82,11 @@ def check_config(cfg: DictConfig) -> None:
     problems = []
     for key, rule in RULES.items():
         value = _value(cfg, key)
-        if value is _MISSING or (value is None and rule.nullable):
-            continue
-        if value is None or not rule.check(value):
-            shown = f"{value!r} ({type(value).__name__})" if isinstance(value, str) else repr(value)
-            problems.append(f"{key}={shown} must be {rule.expected}{' or null' if rule.nullable else ''}")
+        if value is not _MISSING and (refusal := rule.refusal(key, value)) is not None:
+            problems.append(refusal)
     net = cfg.get("model", {}).get("net", {}) if isinstance(cfg.get("model"), DictConfig) else {}
     d_model, n_heads = _value(cfg, "model.net.d_model"), _value(cfg, "model.net.n_heads")
-    if net and _is_int(d_model) and _is_int(n_heads) and d_model > 0 and n_heads > 0 and d_model % n_heads:
+    if net and is_int(d_model) and is_int(n_heads) and d_model > 0 and n_heads > 0 and d_model % n_heads:
         problems.append(f"model.net.d_model={d_model} must be divisible by model.net.n_heads={n_heads}")
     if problems:
         raise ConfigValueError(

@@ -22,7 +22,6 @@ import os
 import platform
 
 M_MMAP_THRESHOLD = -3  # glibc's malloc.h
-DEFAULT_THRESHOLD = 1 << 20  # bytes: configs/train.yaml's malloc_mmap_threshold
 MAX_THRESHOLD = 32 << 20  # glibc refuses a fixed threshold above HEAP_MAX / 2 on 64-bit: 32 MiB
 
 

@@ -73,7 +73,7 @@ class BatchOptions:
             raise ValueError(f"max_tokens must be a positive number, 'auto' or None, got {self.max_tokens!r}")
         for name in ("max_tokens", "max_cells"):
             value = getattr(self, name)
-            if value is not None and value != "auto" and int(value) < 1:
+            if value is not None and not (name == "max_tokens" and value == "auto") and int(value) < 1:
                 raise ValueError(f"{name} must be a positive number, got {value}")
         if self.max_tokens is None and self.max_cells is None:
             raise ValueError("give max_tokens, max_cells or both: a batch needs a limit")

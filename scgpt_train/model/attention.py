@@ -251,10 +251,11 @@ def packed_attention_buckets(qkv, packed: PackedCells, gen_mask=None, dropout_p:
     T, _, H, Dh = qkv.shape
     buckets, source = packed.buckets(BUCKET_RATIO if ratio is None else ratio)
     rows = qkv.reshape(T, 3 * H * Dh)  # (T, 3d)
+    whole_stream = len(buckets) == 1 and not buckets[0][2]  # every cell equally long: the slots are the stream
     outs = []
     for index, valid, padded in buckets:
         n, L_b = index.shape
-        block = rows if len(buckets) == 1 and not padded else rows.index_select(0, index.reshape(-1))  # (n L_b, 3d)
+        block = rows if whole_stream else rows.index_select(0, index.reshape(-1))  # (n L_b, 3d)
         qb, kb, vb = block.view(n, L_b, 3, H, Dh).permute(2, 0, 3, 1, 4).contiguous().unbind(0)  # (n, H, L_b, Dh)
         if gen_mask is None:
             mask = valid[:, None, None, :] if padded else None
@@ -263,9 +264,7 @@ def packed_attention_buckets(qkv, packed: PackedCells, gen_mask=None, dropout_p:
             unknown = gen_mask[index] & valid  # (n, L_b)
             ob = generative_sdpa(qb, kb, vb, valid & ~unknown, unknown, dropout_p)
         outs.append(ob.transpose(1, 2).reshape(n * L_b, H, Dh))  # the bucket's slots, padding included
-    if len(buckets) == 1 and not buckets[0][2]:  # every cell equally long: the slots are the stream
-        return outs[0]
-    return torch.cat(outs).index_select(0, source)  # (T, H, Dh)
+    return outs[0] if whole_stream else torch.cat(outs).index_select(0, source)  # (T, H, Dh)
 
 
 def _cuda_varlen_kernel(q, k, v, cu_q, cu_k, max_q, max_k, scale):
