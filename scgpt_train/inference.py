@@ -20,7 +20,6 @@ from data_modules.errors import check_h5ad_file
 from data_modules.vocab import GeneVocab, guess_gene_key
 from scgpt_train.errors import UserInputError
 from scgpt_train.inference_batches import (  # noqa: F401  (re-exported: the one import of every caller)
-    DEFAULT_MAX_TOKENS,
     BatchOptions,
     anndata_cells,
     embed_cells,

@@ -71,9 +71,9 @@ class BatchOptions:
             raise ValueError(f"layout must be one of {LAYOUTS}, got {self.layout!r}")
         if isinstance(self.max_tokens, str) and self.max_tokens != "auto":
             raise ValueError(f"max_tokens must be a positive number, 'auto' or None, got {self.max_tokens!r}")
-        for name in ("max_tokens", "max_cells"):
-            value = getattr(self, name)
-            if value is not None and not (name == "max_tokens" and value == "auto") and int(value) < 1:
+        token_cap = None if self.max_tokens == "auto" else self.max_tokens
+        for name, value in (("max_tokens", token_cap), ("max_cells", self.max_cells)):
+            if value is not None and int(value) < 1:
                 raise ValueError(f"{name} must be a positive number, got {value}")
         if self.max_tokens is None and self.max_cells is None:
             raise ValueError("give max_tokens, max_cells or both: a batch needs a limit")
