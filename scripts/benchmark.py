@@ -30,7 +30,8 @@ import hydra  # noqa: E402
 from hydra.core.hydra_config import HydraConfig  # noqa: E402
 from omegaconf import DictConfig, OmegaConf  # noqa: E402
 
-from scgpt_train.benchmarks.harness import BenchmarkConfigError, run_benchmark, split_cli_overrides  # noqa: E402
+from scgpt_train.benchmarks.harness import run_benchmark, split_cli_overrides  # noqa: E402
+from scgpt_train.errors import find_user_input_error  # noqa: E402
 
 sys.argv[1:], TRAIN_OVERRIDES = split_cli_overrides(sys.argv[1:])
 
@@ -38,7 +39,8 @@ sys.argv[1:], TRAIN_OVERRIDES = split_cli_overrides(sys.argv[1:])
 @hydra.main(config_path=str(ROOT / "configs"), config_name="benchmark", version_base="1.3")
 def main(cfg: DictConfig) -> None:
     """Run the benchmark ``cfg.benchmark`` names over ``cfg.seeds`` into the Hydra run dir (report.md,
-    results.json); exits with status 2 when the benchmark's config is refused.
+    results.json); exits with status 2 and one message when the benchmark's config or a user input is refused
+    (a ``UserInputError``, also one raised inside a seed's train.py run).
 
     Parameters
     ----------
@@ -52,8 +54,10 @@ def main(cfg: DictConfig) -> None:
     extra = list(cfg.overrides) + TRAIN_OVERRIDES + [f"paths.cache_dir={cfg.paths.cache_dir}"]
     try:
         run_benchmark(bench, list(cfg.seeds), out_dir, extra)
-    except BenchmarkConfigError as e:
-        print(f"error: {e}", file=sys.stderr)
+    except Exception as e:
+        if (refusal := find_user_input_error(e)) is None:
+            raise
+        print(f"error: {refusal}", file=sys.stderr)
         raise SystemExit(2) from None
 
 

@@ -70,3 +70,17 @@ def test_a_benchmark_without_a_runner_is_refused_with_the_key_to_add(tmp_path):
     with pytest.raises(BenchmarkConfigError, match="'toy': _target_ 'no_such_module.run' cannot be loaded"):
         run_benchmark({"name": "toy", "_target_": "no_such_module.run"}, [0], tmp_path)
     assert not any(Path(tmp_path).iterdir())
+
+
+def test_a_refused_input_inside_a_runner_exits_2_with_one_message(tmp_path):
+    """A UserInputError raised by a runner (here transfer_sim's simulation parameters, checked before anything is
+    fitted or written) ends scripts/benchmark.py with exit 2 and one message naming the key, not a traceback."""
+    out = tmp_path / "out"
+    args = ["benchmark=transfer_sim", "+benchmark.simulation.type_seperation=2", f"hydra.run.dir={out}"]
+    proc = subprocess.run(
+        [sys.executable, str(ROOT / "scripts" / "benchmark.py"), *args], capture_output=True, text=True
+    )
+    assert proc.returncode == 2, proc.stderr[-3000:]
+    assert "error: benchmark.simulation has no parameter(s) ['type_seperation']" in proc.stderr
+    assert "Traceback" not in proc.stderr
+    assert not (out / "results.json").exists() and not (out / "corpora").exists()

@@ -19,6 +19,7 @@ from pathlib import Path
 import numpy as np
 
 from scgpt_train.demo_run import demo_checkpoint  # noqa: F401  (re-exported: runners import only the harness)
+from scgpt_train.errors import UserInputError
 from scgpt_train.evaluation.baselines import available_baselines
 from scgpt_train.evaluation.report import markdown_table, mean_std, write_json, write_text
 
@@ -271,7 +272,7 @@ def write_report(
     return text
 
 
-class BenchmarkConfigError(ValueError):
+class BenchmarkConfigError(UserInputError):
     """A benchmark config that names no runner, or one that cannot be imported; the message names the key."""
 
 
